@@ -1,0 +1,47 @@
+# Two commands on a fresh machine with Python 3.11, pip and make:  `make run`  and  `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# Run history lives inside the project so `make dev` shows the runs of `make run` and survives restarts.
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export DO_NOT_TRACK := 1
+
+.PHONY: setup run test test-slow test-all dev lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+
+run: setup ## materialize the whole asset graph on the embedded data and print a summary
+	$(BIN)/ml-assets run
+
+test: setup ## the default test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+test-slow: setup ## only the tests marked slow
+	$(BIN)/python -m pytest -m slow
+
+test-all: setup
+	$(BIN)/python -m pytest -m ''
+
+dev: setup ## the Dagster UI on http://127.0.0.1:3000
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+lint: setup
+	$(BIN)/ruff check ml_assets ml_assets_tests bench
+	$(BIN)/ruff format --check ml_assets ml_assets_tests bench
+
+bench: setup ## Dagster vs plain-Python end-to-end timing
+	$(BIN)/python bench/e2e.py
+
+clean:
+	rm -rf data .dagster_home

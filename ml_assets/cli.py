@@ -1,0 +1,109 @@
+"""`ml-assets` command line: run the whole asset graph headless and print what it produced."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from ml_assets.config import Project, default_pipelines_dir, load_project
+from ml_assets.resources import PIPELINES_DIR_ENV, connect, data_dir, warehouse_path
+from ml_assets.validate import q
+
+
+def _project() -> Project:
+    return load_project(Path(os.environ.get(PIPELINES_DIR_ENV) or default_pipelines_dir()))
+
+
+def _instance() -> dg.DagsterInstance:
+    # With DAGSTER_HOME set (as `make` does) runs land in the same history `dagster dev` shows.
+    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+
+
+def run(time_budget_s: float | None, max_trials: int | None) -> int:
+    from ml_assets.definitions import defs
+
+    project = _project()
+    train_config = {k: v for k, v in {"time_budget_s": time_budget_s, "max_trials": max_trials}.items() if v}
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    if train_config:
+        run_config["ops"] = {f"{p}__model": {"config": train_config} for p in project.pipelines}
+    job = defs.resolve_implicit_global_asset_job_def()
+    started = time.monotonic()
+    with _instance() as instance:
+        result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+    elapsed = time.monotonic() - started
+    print(f"\nml_assets run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'} in {elapsed:.1f} s")
+    if not result.success:
+        for event in result.all_events:
+            if event.is_step_failure:
+                print(f"  step {event.step_key} failed: {event.step_failure_data.error.message.strip()}")
+        for event in result.get_asset_check_evaluations():
+            if not event.passed:
+                print(f"  check {event.asset_key.to_user_string()}:{event.check_name} failed: {event.description}")
+    summary(project)
+    return 0 if result.success else 1
+
+
+def summary(project: Project) -> None:
+    root = data_dir()
+    with connect(warehouse_path(root)) as conn:
+        print(f"\nData directory: {root}\n\n{'source':<12}{'raw':>10}{'validated':>11}{'quarantined':>13}  reasons")
+        for name in project.sources:
+            try:
+                raw, valid, bad = conn.execute(
+                    f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM validated.{q(name)}), "
+                    f"(SELECT count(*) FROM quarantine.{q(name)})").fetchone()
+            except Exception:  # noqa: BLE001 - a table not built yet is reported, not fatal
+                print(f"{name:<12}{'(not materialized)':>34}")
+                continue
+            reasons = conn.execute(f"SELECT string_agg(_rule || ' on ' || _column || ': ' || n, ', ') FROM "
+                                   f"(SELECT _rule, _column, count(*) n FROM quarantine.{q(name)} GROUP BY ALL)"
+                                   ).fetchone()[0]
+            print(f"{name:<12}{raw:>10}{valid:>11}{bad:>13}  {reasons or ''}")
+        for name, pipeline in project.pipelines.items():
+            rows = conn.execute(
+                "SELECT version, path, manifest FROM registry.model_versions WHERE pipeline = ? "
+                "ORDER BY created_at DESC, version DESC", [name]).fetchall() if _has_registry(conn) else []
+            print(f"\n{name} ({pipeline.task}, target '{pipeline.target.name}')")
+            if not rows:
+                print("  no model version registered")
+                continue
+            version, path, manifest = rows[0][0], rows[0][1], json.loads(rows[0][2])
+            metric = manifest["metric"]
+            ours, base = manifest["test_metrics"][metric], manifest["baseline_test_metrics"][metric]
+            print(f"  model {version} ({len(rows)} version(s) registered), rows train/valid/test "
+                  f"{manifest['rows']['train']}/{manifest['rows']['valid']}/{manifest['rows']['test']}")
+            print(f"  test {metric}: model {ours:.4f} vs {manifest['baseline']} {base:.4f} ({ours - base:+.4f})")
+            others = ", ".join(f"{m} {v:.4f}" for m, v in manifest["test_metrics"].items() if m != metric)
+            print(f"  other test metrics: {others}")
+            report = root / "reports" / name / version / "report.html"
+            print(f"  model: {path}\n  report: {report if report.exists() else '(not built)'}")
+
+
+def _has_registry(conn) -> bool:  # noqa: ANN001
+    return bool(conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'registry' "
+                             "AND table_name = 'model_versions'").fetchone()[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ml-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="materialize every asset of every pipeline, then print a summary")
+    run_p.add_argument("--time-budget", type=float, help="seconds of hyper-parameter search per model")
+    run_p.add_argument("--max-trials", type=int, help="at most this many search trials per model")
+    sub.add_parser("summary", help="print row counts, model versions and metrics from the data directory")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args.time_budget, args.max_trials)
+    summary(_project())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Pipeline configuration: the YAML schema, loading, and the errors users see when a file is wrong.
+
+A pipeline is one YAML file in the pipelines directory. It declares the sources it defines (or names
+sources defined by another file), how the modelling table is assembled from them, the target, the
+features, the split and the model settings. Everything is validated when the definitions load, so a bad
+file fails `dagster dev` / `dagster definitions validate` with a message naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+IDENTIFIER = r"^[a-z_][a-z0-9_]*$"
+# Leading underscores are reserved for the columns the platform adds (_split, _key, _source_file, ...).
+FEATURE_NAME = r"^[a-z][a-z0-9_]*$"
+
+ColumnType = Literal["int", "float", "str", "bool", "datetime", "date"]
+Task = Literal["binary", "multiclass", "regression"]
+
+# Metric to optimise, per task, with the direction that counts as better.
+METRICS: dict[str, dict[str, bool]] = {
+    "binary": {"roc_auc": True, "pr_auc": True, "log_loss": False, "f1": True, "accuracy": True},
+    "multiclass": {"log_loss": False, "accuracy": True, "f1_macro": True, "roc_auc_ovr": True},
+    "regression": {"rmse": False, "mae": False, "r2": True},
+}
+DEFAULT_METRIC = {"binary": "roc_auc", "multiclass": "log_loss", "regression": "rmse"}
+
+
+class ConfigError(ValueError):
+    """A pipeline file is invalid. The message names the file, the field and what was expected."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are almost always typos; silently ignoring them hides mistakes.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnSpec(_Strict):
+    type: ColumnType
+    not_null: bool = False
+    min: float | None = None
+    max: float | None = None
+    allowed: list[str | int | float] | None = None
+    pattern: str | None = Field(None, description="Regular expression the whole value must match (str columns)")
+
+    @model_validator(mode="after")
+    def _range_is_ordered(self) -> ColumnSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        if (self.min is not None or self.max is not None) and self.type not in ("int", "float"):
+            raise ValueError(f"min/max need an int or float column, not type '{self.type}'")
+        if self.pattern is not None:
+            re.compile(self.pattern)
+        return self
+
+
+class SourceSpec(_Strict):
+    description: str = ""
+    path: str = Field(
+        description="File, glob, or pkg://<package>/<file> for data shipped inside an installed package. "
+        "Relative paths are relative to the pipeline file."
+    )
+    format: Literal["csv", "parquet"] | None = None
+    id: list[str] = Field(default_factory=list, description="Columns that identify a row (must be unique)")
+    timestamp: str | None = None
+    null_values: list[str] = Field(default_factory=lambda: ["", "NA"])
+    columns: dict[str, ColumnSpec]
+    max_quarantine_share: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _keys_are_columns(self) -> SourceSpec:
+        for name in [*self.id, *([self.timestamp] if self.timestamp else [])]:
+            if name not in self.columns:
+                raise ValueError(f"'{name}' is used as id/timestamp but is not listed under columns")
+        if self.timestamp and self.columns[self.timestamp].type not in ("datetime", "date"):
+            raise ValueError(f"timestamp column '{self.timestamp}' must have type datetime or date")
+        return self
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        return "parquet" if ".parquet" in self.path.lower() else "csv"
+
+
+class AsofSpec(_Strict):
+    left: str = Field(description="Time column of the base table")
+    right: str = Field(description="Time column of the joined source; the latest row at or before left is taken")
+
+
+class JoinSpec(_Strict):
+    source: str
+    keys: list[str] = Field(min_length=1)
+    asof: AsofSpec | None = None
+    columns: list[str] | None = Field(None, description="Columns to bring in (default: all but the keys)")
+    prefix: str = ""
+
+
+class TargetSpec(_Strict):
+    name: str = Field(pattern=IDENTIFIER)
+    expr: str | None = Field(None, description="SQL expression over the modelling table (default: column `name`)")
+    source_columns: list[str] = Field(
+        default_factory=list, description="Columns the target is computed from: never allowed as features"
+    )
+    missing: Literal["drop", "fail"] = "drop"
+    missing_reason: str = ""
+
+
+class FeatureSpec(_Strict):
+    name: str = Field(pattern=FEATURE_NAME)
+    type: Literal["numeric", "categorical", "datetime", "boolean"]
+    column: str | None = Field(None, description="Input column (default: name)")
+    function: str | None = Field(None, description="Dotted path 'package.module:function' of a custom feature")
+    impute: Literal["median", "mean", "zero", "none"] = "median"
+    parts: list[Literal["year", "month", "day", "dayofweek", "dayofyear", "hour", "minute"]] = Field(
+        default_factory=lambda: ["month", "dayofweek", "hour"]
+    )
+    timezone: str | None = Field(None, description="Convert datetimes (stored as UTC) to this zone first")
+    max_categories: int = Field(50, ge=1)
+    min_frequency: int = Field(20, ge=1)
+
+    @property
+    def input_column(self) -> str:
+        return self.column or self.name
+
+    @model_validator(mode="after")
+    def _function_or_column(self) -> FeatureSpec:
+        if self.function and self.column:
+            raise ValueError("give either 'function' or 'column', not both")
+        if self.function:
+            resolve_function(self.function)
+        return self
+
+
+class SplitSpec(_Strict):
+    method: Literal["time", "random"] = "time"
+    valid_start: dt.date | None = None
+    test_start: dt.date | None = None
+    valid_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _dates_are_ordered(self) -> SplitSpec:
+        if (self.valid_start is None) != (self.test_start is None):
+            raise ValueError("give both valid_start and test_start, or neither (then fractions are used)")
+        if self.valid_start and self.test_start and self.valid_start >= self.test_start:
+            raise ValueError(f"valid_start ({self.valid_start}) must be before test_start ({self.test_start})")
+        if self.method == "random" and self.valid_start:
+            raise ValueError("dates only apply to method: time")
+        if self.valid_fraction + self.test_fraction >= 0.9:
+            raise ValueError("valid_fraction + test_fraction leave less than 10% for training")
+        return self
+
+
+class ParamRange(_Strict):
+    low: float
+    high: float
+    log: bool = False
+    type: Literal["float", "int"] = "float"
+
+    @model_validator(mode="after")
+    def _is_range(self) -> ParamRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is greater than high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled range needs low > 0")
+        return self
+
+
+def _default_search_space() -> dict[str, ParamRange]:
+    return {
+        "num_leaves": ParamRange(low=15, high=255, log=True, type="int"),
+        "learning_rate": ParamRange(low=0.02, high=0.2, log=True),
+        "min_child_samples": ParamRange(low=10, high=300, log=True, type="int"),
+        "feature_fraction": ParamRange(low=0.5, high=1.0),
+        "lambda_l2": ParamRange(low=1e-3, high=10.0, log=True),
+    }
+
+
+class ModelSpec(_Strict):
+    metric: str | None = None
+    time_budget_s: float = Field(60.0, gt=0)
+    max_trials: int = Field(20, ge=1)
+    cv_folds: int = Field(3, ge=2)
+    seed: int = 42
+    max_rounds: int = Field(1000, ge=10)
+    early_stopping_rounds: int = Field(50, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict, description="Fixed LightGBM parameters")
+    search_space: dict[str, ParamRange] = Field(default_factory=_default_search_space)
+
+
+class PipelineSpec(_Strict):
+    name: str = Field(pattern=IDENTIFIER)
+    description: str = ""
+    task: Task
+    sources: dict[str, SourceSpec] = Field(default_factory=dict)
+    shared_sources: list[str] = Field(
+        default_factory=list, description="Sources this pipeline uses but another pipeline file defines"
+    )
+    base: str = Field(description="Source whose rows become the modelling table's rows")
+    joins: list[JoinSpec] = Field(default_factory=list)
+    derived: dict[str, str] = Field(default_factory=dict, description="New columns: name -> SQL expression")
+    id: list[str] = Field(min_length=1)
+    timestamp: str | None = None
+    target: TargetSpec
+    features: list[FeatureSpec] = Field(min_length=1)
+    leakage: list[str] = Field(
+        default_factory=list, description="Columns not known at prediction time: never allowed as features"
+    )
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+
+    @property
+    def metric(self) -> str:
+        return self.model.metric or DEFAULT_METRIC[self.task]
+
+    @property
+    def greater_is_better(self) -> bool:
+        return METRICS[self.task][self.metric]
+
+
+@dataclass(frozen=True)
+class Project:
+    """All pipelines of a pipelines directory, with every source resolved to the file that defines it."""
+
+    directory: Path
+    pipelines: dict[str, PipelineSpec]
+    sources: dict[str, SourceSpec]
+    source_files: dict[str, Path] = field(default_factory=dict)
+    pipeline_files: dict[str, Path] = field(default_factory=dict)
+
+    def sources_of(self, pipeline: PipelineSpec) -> dict[str, SourceSpec]:
+        return {name: self.sources[name] for name in [*pipeline.sources, *pipeline.shared_sources]}
+
+
+def resolve_function(dotted: str) -> Callable[..., Any]:
+    """Import 'package.module:function' (or 'package.module.function')."""
+    module_name, _, attr = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"'{dotted}' is not a dotted path like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module '{module_name}' for '{dotted}': {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"module '{module_name}' has no function '{attr}'")
+    return fn
+
+
+def _format_pydantic(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        got = err.get("input")
+        suffix = f" (got {got!r})" if got is not None and err["type"] not in ("missing", "extra_forbidden") else ""
+        if isinstance(got, dict):
+            suffix = ""
+        lines.append(f"{path}: {where}: {msg}{suffix}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of pipeline fields at the top level")
+    return raw
+
+
+def _with_parent(raw: dict[str, Any], path: Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Resolve `extends: <pipeline>`: the parent's fields, each top-level field the child gives replacing
+    the parent's; the parent's own sources become shared sources (defined once, ingested once)."""
+    parent_name = raw.get("extends")
+    if parent_name is None:
+        return raw
+    parent_path = path.parent / f"{parent_name}.yaml"
+    if parent_name in chain or not parent_path.exists():
+        problem = "circular extends" if parent_name in chain else f"no pipeline file {parent_path.name} beside it"
+        raise ConfigError(f"{path}: extends: {problem} (got {parent_name!r})")
+    parent = _with_parent(_read_yaml(parent_path), parent_path, (*chain, path.stem))
+    inherited = {k: v for k, v in parent.items() if k not in ("sources", "name", "extends")}
+    inherited["shared_sources"] = [*parent.get("shared_sources", []), *parent.get("sources", {})]
+    return inherited | {k: v for k, v in raw.items() if k != "extends"}
+
+
+def load_pipeline_file(path: Path) -> PipelineSpec:
+    raw = _with_parent(_read_yaml(path), path)
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_pydantic(path, exc)) from exc
+    if spec.name != path.stem:
+        raise ConfigError(f"{path}: name: must match the file name '{path.stem}' (got {spec.name!r})")
+    return spec
+
+
+def modelling_columns(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> dict[str, str]:
+    """Columns of the modelling table mapped to where they come from, for error messages."""
+    columns = {c: f"source '{pipeline.base}'" for c in sources[pipeline.base].columns}
+    for join in pipeline.joins:
+        spec = sources[join.source]
+        right_keys = {*join.keys, *([join.asof.right] if join.asof else [])}
+        for col in join.columns or [c for c in spec.columns if c not in right_keys]:
+            out = join.prefix + col
+            if out in columns:
+                raise ValueError(
+                    f"joins: column '{out}' from source '{join.source}' clashes with {columns[out]}; set a prefix"
+                )
+            columns[out] = f"join with '{join.source}'"
+    for name in pipeline.derived:
+        columns[name] = "derived"
+    return columns
+
+
+def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> None:
+    """Cross-field rules that need the sources: every name a pipeline uses must exist."""
+    metrics = METRICS[pipeline.task]
+    if pipeline.model.metric and pipeline.model.metric not in metrics:
+        raise ValueError(
+            f"model.metric: expected one of {sorted(metrics)} for task '{pipeline.task}', "
+            f"got {pipeline.model.metric!r}"
+        )
+    if pipeline.base not in sources:
+        raise ValueError(f"base: unknown source {pipeline.base!r}; known: {sorted(sources)}")
+    base_columns = sources[pipeline.base].columns
+    for i, join in enumerate(pipeline.joins):
+        if join.source not in sources:
+            raise ValueError(f"joins.{i}.source: unknown source {join.source!r}; known: {sorted(sources)}")
+        right = sources[join.source].columns
+        for key in join.keys:
+            if key not in base_columns or key not in right:
+                raise ValueError(f"joins.{i}.keys: key '{key}' must be a column of both '{pipeline.base}' "
+                                 f"and '{join.source}'")
+        if join.asof and (join.asof.left not in base_columns or join.asof.right not in right):
+            raise ValueError(f"joins.{i}.asof: '{join.asof.left}' must be a column of '{pipeline.base}' and "
+                             f"'{join.asof.right}' a column of '{join.source}'")
+        for col in join.columns or []:
+            if col not in right:
+                raise ValueError(f"joins.{i}.columns: '{col}' is not a column of source '{join.source}'")
+    columns = modelling_columns(pipeline, sources)
+    for key in pipeline.id:
+        if key not in columns:
+            raise ValueError(f"id: '{key}' is not a column of the modelling table")
+    if pipeline.timestamp and pipeline.timestamp not in columns:
+        raise ValueError(f"timestamp: '{pipeline.timestamp}' is not a column of the modelling table")
+    if pipeline.split.method == "time" and not pipeline.timestamp:
+        raise ValueError("split.method: 'time' needs a pipeline timestamp column")
+    if pipeline.target.expr is None and pipeline.target.name not in columns:
+        raise ValueError(f"target.name: '{pipeline.target.name}' is not a column of the modelling table; "
+                         "give target.expr to compute it")
+    forbidden = {*pipeline.leakage, *pipeline.target.source_columns, pipeline.target.name}
+    seen: set[str] = set()
+    for i, feat in enumerate(pipeline.features):
+        if feat.name in seen:
+            raise ValueError(f"features.{i}.name: duplicate feature '{feat.name}'")
+        seen.add(feat.name)
+        if feat.function:
+            continue
+        if feat.input_column not in columns:
+            raise ValueError(f"features.{i} ('{feat.name}'): column '{feat.input_column}' is not a column of "
+                             f"the modelling table; available: {sorted(columns)}")
+        if feat.input_column in forbidden:
+            raise ValueError(f"features.{i} ('{feat.name}'): column '{feat.input_column}' is the target or "
+                             "listed under leakage (not known at prediction time)")
+
+
+def load_project(directory: Path) -> Project:
+    """Load and cross-check every `*.yaml` pipeline file of a directory."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.yaml"))
+    if not files:
+        raise ConfigError(f"{directory}: no pipeline files (*.yaml) found")
+    pipelines: dict[str, PipelineSpec] = {}
+    sources: dict[str, SourceSpec] = {}
+    source_files: dict[str, Path] = {}
+    pipeline_files: dict[str, Path] = {}
+    for path in files:
+        spec = load_pipeline_file(path)
+        if spec.name in pipelines:
+            raise ConfigError(f"{path}: name: pipeline '{spec.name}' is also defined in {pipeline_files[spec.name]}")
+        pipelines[spec.name] = spec
+        pipeline_files[spec.name] = path
+        for name, source in spec.sources.items():
+            if name in source_files:
+                raise ConfigError(f"{path}: sources.{name}: source already defined in {source_files[name]}; "
+                                  "list it under shared_sources instead")
+            sources[name] = source
+            source_files[name] = path
+    for name, spec in pipelines.items():
+        path = pipeline_files[name]
+        for shared in spec.shared_sources:
+            if shared not in sources:
+                raise ConfigError(f"{path}: shared_sources: no pipeline file defines source {shared!r}")
+        try:
+            _check_pipeline(spec, {s: sources[s] for s in [*spec.sources, *spec.shared_sources]})
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    return Project(directory, pipelines, sources, source_files, pipeline_files)
+
+
+def default_pipelines_dir() -> Path:
+    return Path(__file__).parent / "pipelines"

@@ -1,0 +1,119 @@
+"""The modelling table of a pipeline: validated sources joined (key and as-of joins), derived columns and
+the target, built in DuckDB as `<pipeline>.modelling_table`, with a `_split` column for the time split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+from ml_assets.config import PipelineSpec, SourceSpec
+from ml_assets.validate import CheckOutcome, lit, q
+
+
+class DatasetError(RuntimeError):
+    """The modelling table cannot be built as configured."""
+
+
+@dataclass(frozen=True)
+class DatasetResult:
+    rows: int
+    base_rows: int
+    dropped_missing_target: int
+    split_rows: dict[str, int]
+
+
+def table_name(pipeline: PipelineSpec) -> str:
+    return f"{q(pipeline.name)}.modelling_table"
+
+
+def _joined_select(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> str:
+    select = [f"b.{q(c)}" for c in sources[pipeline.base].columns]
+    clauses = [f"FROM validated.{q(pipeline.base)} b"]
+    for i, join in enumerate(pipeline.joins):
+        alias = f"j{i}"
+        spec = sources[join.source]
+        right_keys = {*join.keys, *([join.asof.right] if join.asof else [])}
+        for col in join.columns or [c for c in spec.columns if c not in right_keys]:
+            select.append(f"{alias}.{q(col)} AS {q(join.prefix + col)}")
+        condition = " AND ".join(f"b.{q(k)} = {alias}.{q(k)}" for k in join.keys)
+        if join.asof:
+            # Latest row of the joined source at or before the base row's time: no look-ahead.
+            condition += f" AND b.{q(join.asof.left)} >= {alias}.{q(join.asof.right)}"
+            clauses.append(f"ASOF LEFT JOIN validated.{q(join.source)} {alias} ON {condition}")
+        else:
+            clauses.append(f"LEFT JOIN validated.{q(join.source)} {alias} ON {condition}")
+    return f"SELECT {', '.join(select)} {' '.join(clauses)}"
+
+
+def _split_expr(pipeline: PipelineSpec) -> str:
+    split = pipeline.split
+    if split.method == "random":
+        # md5 of the id is stable across DuckDB versions and machines, unlike hash().
+        key = "concat_ws('|', " + ", ".join(f"CAST({q(c)} AS VARCHAR)" for c in pipeline.id) + ")"
+        u = f"(CAST(('0x' || md5({key})[1:8]) AS UBIGINT) / 4294967296.0 + {split.seed % 997} / 997.0) % 1"
+        return (f"CASE WHEN {u} < {split.test_fraction} THEN 'test' "
+                f"WHEN {u} < {split.test_fraction + split.valid_fraction} THEN 'valid' ELSE 'train' END")
+    ts = q(pipeline.timestamp)
+    if split.valid_start:
+        valid, test = lit(str(split.valid_start)), lit(str(split.test_start))
+    else:
+        # The latest test_fraction of the time range is the test set, the valid_fraction before it validation.
+        valid = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction - split.valid_fraction}) FROM __t)"
+        test = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction}) FROM __t)"
+    return (f"CASE WHEN {ts} >= CAST({test} AS TIMESTAMP) THEN 'test' "
+            f"WHEN {ts} >= CAST({valid} AS TIMESTAMP) THEN 'valid' ELSE 'train' END")
+
+
+def build_modelling_table(
+    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: dict[str, SourceSpec]
+) -> DatasetResult:
+    base_rows = conn.execute(f"SELECT count(*) FROM validated.{q(pipeline.base)}").fetchone()[0]
+    derived = "".join(f", {expr} AS {q(name)}" for name, expr in pipeline.derived.items())
+    target = pipeline.target
+    target_col = f", {target.expr} AS {q(target.name)}" if target.expr else ""
+    try:
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {_joined_select(pipeline, sources)}")
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE __t AS SELECT *{derived}{target_col} FROM __j")
+    except duckdb.Error as exc:
+        raise DatasetError(f"pipeline '{pipeline.name}': building the modelling table failed (check joins, "
+                           f"derived and target.expr): {exc}") from exc
+    try:
+        joined = conn.execute("SELECT count(*) FROM __t").fetchone()[0]
+        if joined != base_rows:
+            raise DatasetError(
+                f"pipeline '{pipeline.name}': the joins turned {base_rows} rows of '{pipeline.base}' into {joined}; "
+                "a joined source has duplicate keys (give it an id on the join keys)")
+        missing = conn.execute(f"SELECT count(*) FROM __t WHERE {q(target.name)} IS NULL").fetchone()[0]
+        if missing and target.missing == "fail":
+            raise DatasetError(f"pipeline '{pipeline.name}': {missing} rows have no target '{target.name}' "
+                               "(target.missing: fail)")
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(pipeline.name)}")
+        order = q(pipeline.timestamp) if pipeline.timestamp else ", ".join(q(c) for c in pipeline.id)
+        conn.execute(f"""CREATE OR REPLACE TABLE {table_name(pipeline)} AS
+            SELECT *, {_split_expr(pipeline)} AS _split FROM __t
+            WHERE {q(target.name)} IS NOT NULL ORDER BY {order}""")
+    finally:
+        conn.execute("DROP TABLE IF EXISTS __j")
+        conn.execute("DROP TABLE IF EXISTS __t")
+    split_rows = dict(conn.execute(f"SELECT _split, count(*) FROM {table_name(pipeline)} GROUP BY 1").fetchall())
+    return DatasetResult(
+        rows=sum(split_rows.values()), base_rows=base_rows, dropped_missing_target=missing,
+        split_rows={s: split_rows.get(s, 0) for s in ("train", "valid", "test")},
+    )
+
+
+def check_target_not_null(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> CheckOutcome:
+    nulls, rows = conn.execute(
+        f"SELECT count(*) FILTER (WHERE {q(pipeline.target.name)} IS NULL), count(*) FROM {table_name(pipeline)}"
+    ).fetchone()
+    return CheckOutcome(nulls == 0, f"{nulls} of {rows} rows have no target '{pipeline.target.name}'",
+                        {"null_targets": nulls, "rows": rows})
+
+
+def check_splits_populated(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> CheckOutcome:
+    counts = dict(conn.execute(f"SELECT _split, count(*) FROM {table_name(pipeline)} GROUP BY 1").fetchall())
+    empty = [s for s in ("train", "valid", "test") if not counts.get(s)]
+    return CheckOutcome(not empty, f"empty split(s): {empty}" if empty else f"split sizes {counts}",
+                        {"split_rows": counts})

@@ -1,0 +1,224 @@
+"""Config -> Dagster assets and checks. Thin on purpose: each asset calls one function of the modules
+below (ingest, validate, dataset, features, train, evaluate) and turns its result into metadata.
+
+Asset keys mirror where things live: `raw/<source>`, `validated/<source>`, `quarantine/<source>` are
+DuckDB tables shared by every pipeline that uses the source; `<pipeline>/modelling_table`,
+`<pipeline>/features`, `<pipeline>/model` and `<pipeline>/evaluation` belong to one pipeline's group.
+"""
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import polars as pl
+from pydantic import Field
+
+from ml_assets import dataset, ingest, validate
+from ml_assets.config import PipelineSpec, Project, SourceSpec
+from ml_assets.evaluate import evaluate_version, markdown_summary
+from ml_assets.features import build_features
+from ml_assets.registry import latest_version_dir, versions
+from ml_assets.resources import ArtifactStore, Warehouse
+from ml_assets.train import train_and_register
+from ml_assets.validate import CheckOutcome, q
+
+SOURCES_GROUP = "sources"
+USER_ERRORS = (ingest.SourceError, validate.ValidationFailure, dataset.DatasetError, ValueError)
+
+
+def md_table(frame: pl.DataFrame, limit: int = 10) -> dg.MetadataValue:
+    head = frame.head(limit)
+    lines = ["| " + " | ".join(head.columns) + " |", "|" + "---|" * len(head.columns)]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in head.iter_rows()]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def table_metadata(conn: duckdb.DuckDBPyConnection, table: str) -> dict[str, Any]:
+    schema, name = (part.strip('"') for part in table.split(".", 1))
+    columns = conn.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
+        "ORDER BY ordinal_position", [schema, name]).fetchall()
+    return {
+        "table": table,
+        "dagster/row_count": conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0],
+        "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(c, t) for c, t in columns]),
+        "preview": md_table(conn.execute(f"SELECT * FROM {table} LIMIT 5").pl()),
+    }
+
+
+def _user_errors_as_failures(fn: Callable[[], Any]) -> Any:
+    """Show a user's data or config problem as a clean Dagster failure, not a stack trace."""
+    try:
+        return fn()
+    except USER_ERRORS as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+
+
+def _check(key: dg.AssetKey, name: str, description: str,
+           outcome: Callable[[duckdb.DuckDBPyConnection], CheckOutcome]) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=key, name=name, description=description, blocking=True)
+    def _run(warehouse: Warehouse) -> dg.AssetCheckResult:
+        with warehouse.get_connection() as conn:
+            result = outcome(conn)
+        return dg.AssetCheckResult(
+            passed=result.passed, description=result.description,
+            metadata={k: dg.MetadataValue.json(v) if isinstance(v, dict | list) else v
+                      for k, v in result.metadata.items()},
+        )
+    return _run
+
+
+def source_assets(name: str, spec: SourceSpec, base_dir: Path) -> list[Any]:
+    raw_key, valid_key, quarantine_key = (dg.AssetKey([layer, name]) for layer in ("raw", "validated", "quarantine"))
+
+    @dg.asset(key=raw_key, group_name=SOURCES_GROUP, kinds={"duckdb", spec.resolved_format},
+              description=f"Source '{name}' loaded unchanged into DuckDB (raw.{name}), every value as in the "
+                          f"file, plus _source_file/_source_row. {spec.description}")
+    def raw(warehouse: Warehouse) -> dg.MaterializeResult:
+        files = _user_errors_as_failures(lambda: ingest.resolve_files(name, spec, base_dir))
+        with warehouse.get_connection() as conn:
+            result = _user_errors_as_failures(lambda: ingest.ingest_source(conn, name, spec, files))
+            meta = table_metadata(conn, f"raw.{q(name)}")
+        return dg.MaterializeResult(metadata={
+            **meta,
+            "files": md_table(pl.DataFrame(result.files), limit=50),
+            "sha256": ",".join(str(f["sha256"]) for f in result.files),
+            "ingested_at": result.ingested_at,
+        })
+
+    @dg.multi_asset(
+        specs=[
+            dg.AssetSpec(valid_key, deps=[raw_key], group_name=SOURCES_GROUP, kinds={"duckdb"},
+                         description=f"Source '{name}' typed and checked against its config rules."),
+            dg.AssetSpec(quarantine_key, deps=[raw_key], group_name=SOURCES_GROUP, kinds={"duckdb"},
+                         description=f"Rows of '{name}' rejected by validation, with rule, column and reasons."),
+        ],
+        name=f"validate_{name}",
+    )
+    def validated(warehouse: Warehouse) -> Iterable[dg.MaterializeResult]:
+        with warehouse.get_connection() as conn:
+            result = _user_errors_as_failures(lambda: validate.validate_source(conn, name, spec))
+            valid_meta = table_metadata(conn, f"validated.{q(name)}")
+            quarantine_meta = table_metadata(conn, f"quarantine.{q(name)}")
+        share = result.quarantined_rows / result.raw_rows if result.raw_rows else 0.0
+        yield dg.MaterializeResult(asset_key=valid_key, metadata={
+            **valid_meta, "raw_rows": result.raw_rows, "quarantined_rows": result.quarantined_rows,
+            "quarantine_share": share,
+        })
+        yield dg.MaterializeResult(asset_key=quarantine_key, metadata={
+            **quarantine_meta,
+            "by_rule": md_table(pl.DataFrame(result.by_rule, schema={"rule": pl.String, "column": pl.String,
+                                                                     "rows": pl.Int64})),
+            "examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in result.examples) or "none"),
+        })
+
+    checks = [
+        _check(valid_key, "schema_matches_config", "Columns and types equal the config.",
+               lambda c: validate.check_schema(c, name, spec)),
+        _check(valid_key, "row_conservation", "raw rows = validated + quarantined rows.",
+               lambda c: validate.check_row_conservation(c, name)),
+        _check(valid_key, "unique_ids", f"No two rows share the id {spec.id}.",
+               lambda c: validate.check_unique_ids(c, name, spec)),
+        _check(valid_key, "value_rules_hold", "Ranges, allowed values, not-null and patterns hold on every row.",
+               lambda c: validate.check_rules(c, name, spec)),
+        _check(valid_key, "quarantine_share", f"At most {spec.max_quarantine_share:.1%} of rows quarantined: "
+               "more means a broken batch, which must not reach training.",
+               lambda c: validate.check_quarantine_share(c, name, spec)),
+    ]
+    return [raw, validated, *checks]
+
+
+class TrainConfig(dg.Config):
+    time_budget_s: float | None = Field(None, description="Override the pipeline's model.time_budget_s")
+    max_trials: int | None = Field(None, description="Override the pipeline's model.max_trials")
+
+
+def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
+    p = pipeline.name
+    sources = project.sources_of(pipeline)
+    table_key, features_key, model_key, eval_key = (
+        dg.AssetKey([p, n]) for n in ("modelling_table", "features", "model", "evaluation"))
+    source_keys = [dg.AssetKey(["validated", s]) for s in {pipeline.base, *(j.source for j in pipeline.joins)}]
+    common = {"group_name": p, "tags": {"pipeline": p, "task": pipeline.task}}
+
+    @dg.asset(key=table_key, deps=source_keys, kinds={"duckdb"}, **common,
+              description=f"Rows of '{pipeline.base}' joined with {[j.source for j in pipeline.joins]}, derived "
+                          f"columns, the target '{pipeline.target.name}' and the time split (_split).")
+    def modelling_table(warehouse: Warehouse) -> dg.MaterializeResult:
+        with warehouse.get_connection() as conn:
+            result = _user_errors_as_failures(lambda: dataset.build_modelling_table(conn, pipeline, sources))
+            meta = table_metadata(conn, dataset.table_name(pipeline))
+        return dg.MaterializeResult(metadata={
+            **meta, "base_rows": result.base_rows, "dropped_missing_target": result.dropped_missing_target,
+            "missing_target_reason": pipeline.target.missing_reason or "(not given)",
+            "split_rows": dg.MetadataValue.json(result.split_rows),
+        })
+
+    @dg.asset(key=features_key, deps=[table_key], kinds={"polars", "duckdb"}, **common,
+              description="Features declared in the config, fitted on the training split only; the fitted "
+                          "transform is saved as JSON for batch and online scoring.")
+    def features(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
+        path = artifacts.path("features", p, "transform.json")
+        with warehouse.get_connection() as conn:
+            result = _user_errors_as_failures(lambda: build_features(conn, pipeline, path))
+            meta = table_metadata(conn, f"{q(p)}.features")
+        return dg.MaterializeResult(metadata={
+            **meta, "transform": dg.MetadataValue.path(str(path)), "transform_sha256": result.transform_sha256,
+            "features": dg.MetadataValue.json(result.columns),
+            "categorical_vocabulary_sizes": dg.MetadataValue.json(result.vocabulary_sizes),
+        })
+
+    @dg.asset(key=model_key, deps=[features_key], kinds={"lightgbm", "scikit-learn"}, **common,
+              description=f"LightGBM tuned by {'time-series' if pipeline.split.method == 'time' else 'k-fold'} "
+                          f"CV on {pipeline.metric} within a time budget, and a linear baseline; registered "
+                          "as a new model version (text model + JSON manifest).")
+    def model(config: TrainConfig, warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
+        version_dir, manifest = _user_errors_as_failures(lambda: train_and_register(
+            warehouse.get_connection, pipeline, artifacts.path("features", p, "transform.json"),
+            Path(artifacts.root) / "models", config.time_budget_s, config.max_trials))
+        metric = manifest["metric"]
+        return dg.MaterializeResult(metadata={
+            "version": manifest["version"], "path": dg.MetadataValue.path(str(version_dir)),
+            f"cv_{metric}": manifest["cv"]["score"], f"test_{metric}": manifest["test_metrics"][metric],
+            f"baseline_test_{metric}": manifest["baseline_test_metrics"][metric],
+            "trials": len(manifest["cv"]["trials"]), "best_iteration": manifest["best_iteration"],
+            "params": dg.MetadataValue.json(manifest["params"]),
+            "train_window": dg.MetadataValue.json(manifest["train_window"]),
+            "data_fingerprint": manifest["data_fingerprint"], "code_version": manifest["code_version"],
+        })
+
+    @dg.asset(key=eval_key, deps=[model_key], kinds={"html", "matplotlib"}, **common,
+              description="Test metrics of the latest model version next to the baseline, plots and an HTML report.")
+    def evaluation(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
+        with warehouse.get_connection() as conn:
+            version_dir = _user_errors_as_failures(lambda: latest_version_dir(conn, p))
+            history = versions(conn, p)
+        ev = evaluate_version(version_dir, Path(artifacts.root) / "reports")
+        headline = {f"model_{m}": float(v) for m, v in ev.model.items()}
+        headline |= {f"baseline_{m}": float(v) for m, v in ev.baseline.items()}
+        return dg.MaterializeResult(metadata={
+            **headline, "version": ev.version, "beats_baseline": ev.beats_baseline,
+            "report": dg.MetadataValue.path(str(ev.report_path)),
+            "summary": dg.MetadataValue.md(markdown_summary(ev, p)),
+            "plots": dg.MetadataValue.json({k: str(v) for k, v in ev.plots.items()}),
+            "model_versions": md_table(history.sort("created_at", descending=True), limit=20),
+        })
+
+    checks = [
+        _check(table_key, "target_not_null", f"Every row has a target '{pipeline.target.name}'.",
+               lambda c: dataset.check_target_not_null(c, pipeline)),
+        _check(table_key, "splits_populated", "Train, validation and test splits all have rows.",
+               lambda c: dataset.check_splits_populated(c, pipeline)),
+    ]
+    return [modelling_table, features, model, evaluation, *checks]
+
+
+def build_assets(project: Project) -> list[Any]:
+    out: list[Any] = []
+    for name, spec in project.sources.items():
+        out += source_assets(name, spec, project.source_files[name].parent)
+    for pipeline in project.pipelines.values():
+        out += pipeline_assets(pipeline, project)
+    return out

@@ -1,0 +1,185 @@
+"""Feature transform: declared in the pipeline config, fitted on the training split, saved as JSON.
+
+`FeatureTransform.fit` learns what must come from training data only (imputation values, category
+vocabularies); `apply` is a pure polars function of a frame of modelling-table rows, so training, batch
+scoring and online serving compute exactly the same features from the same saved JSON (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from ml_assets.config import FeatureSpec, PipelineSpec, resolve_function
+from ml_assets.dataset import table_name
+from ml_assets.validate import q
+
+MISSING = "__missing__"
+FORMAT_VERSION = 1
+PART_EXPR = {
+    "year": lambda e: e.dt.year(),
+    "month": lambda e: e.dt.month(),
+    "day": lambda e: e.dt.day(),
+    "dayofweek": lambda e: e.dt.weekday(),
+    "dayofyear": lambda e: e.dt.ordinal_day(),
+    "hour": lambda e: e.dt.hour(),
+    "minute": lambda e: e.dt.minute(),
+}
+
+
+def _input(spec: dict[str, Any], frame: pl.DataFrame) -> pl.Series:
+    if spec.get("function"):
+        values = resolve_function(spec["function"])(frame)
+        series = values if isinstance(values, pl.Series) else pl.Series(values)
+        if series.len() != frame.height:
+            raise ValueError(f"feature '{spec['name']}': {spec['function']} returned {series.len()} values "
+                             f"for {frame.height} rows")
+        return series.alias(spec["name"])
+    column = spec["column"]
+    if column not in frame.columns:
+        raise ValueError(f"feature '{spec['name']}' needs input column '{column}', which is not in the data")
+    return frame.get_column(column)
+
+
+def _impute_value(series: pl.Series, how: str) -> float | None:
+    if how == "none":
+        return None
+    if how == "zero":
+        return 0.0
+    value = series.median() if how == "median" else series.mean()
+    return float(value) if value is not None else 0.0
+
+
+def _fit_one(feature: FeatureSpec, frame: pl.DataFrame) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": feature.name, "type": feature.type, "column": feature.input_column,
+                            "function": feature.function}
+    values = _input(spec, frame)
+    if feature.type in ("numeric", "boolean"):
+        spec["impute"] = _impute_value(values.cast(pl.Float64, strict=False), feature.impute)
+    elif feature.type == "categorical":
+        counts = (values.cast(pl.String).fill_null(MISSING).value_counts(name="n")
+                  .filter(pl.col("n") >= feature.min_frequency)
+                  .sort(["n", values.name], descending=[True, False]).head(feature.max_categories))
+        # Codes follow sorted category names, so the vocabulary is independent of row order.
+        spec["categories"] = sorted(counts.get_column(values.name).to_list())
+    else:
+        spec["parts"] = list(feature.parts)
+        spec["timezone"] = feature.timezone
+    return spec
+
+
+def _apply_one(spec: dict[str, Any], frame: pl.DataFrame) -> list[pl.Series]:
+    values = _input(spec, frame)
+    name = spec["name"]
+    if spec["type"] in ("numeric", "boolean"):
+        out = values.cast(pl.Float64, strict=False)
+        if spec["impute"] is not None:
+            out = out.fill_null(spec["impute"]).fill_nan(spec["impute"])
+        return [out.alias(name)]
+    if spec["type"] == "categorical":
+        categories = spec["categories"]
+        mapping = {c: i for i, c in enumerate(categories)}
+        # Unseen and rare categories share the code len(categories) ("other").
+        codes = (values.cast(pl.String).fill_null(MISSING)
+                 .replace_strict(mapping, default=len(categories), return_dtype=pl.Int32))
+        return [codes.alias(name)]
+    stamps = values.cast(pl.Datetime("us"), strict=False)
+    if spec["timezone"]:
+        stamps = stamps.dt.replace_time_zone("UTC").dt.convert_time_zone(spec["timezone"])
+    return [PART_EXPR[part](stamps).cast(pl.Float64).alias(f"{name}_{part}") for part in spec["parts"]]
+
+
+@dataclass(frozen=True)
+class FeatureTransform:
+    features: list[dict[str, Any]]
+
+    @classmethod
+    def fit(cls, pipeline: PipelineSpec, train: pl.DataFrame) -> FeatureTransform:
+        if train.height == 0:
+            raise ValueError(f"pipeline '{pipeline.name}': the training split is empty; check split settings")
+        return cls([_fit_one(f, train) for f in pipeline.features])
+
+    def apply(self, frame: pl.DataFrame) -> pl.DataFrame:
+        return pl.DataFrame([s for spec in self.features for s in _apply_one(spec, frame)])
+
+    @property
+    def input_columns(self) -> list[str]:
+        return sorted({f["column"] for f in self.features if not f.get("function")})
+
+    @property
+    def output_columns(self) -> list[str]:
+        return [f"{f['name']}_{p}" if f["type"] == "datetime" else f["name"]
+                for f in self.features for p in (f.get("parts") or [None])]
+
+    @property
+    def categorical_columns(self) -> list[str]:
+        return [f["name"] for f in self.features if f["type"] == "categorical"]
+
+    def to_json(self) -> str:
+        return json.dumps({"format_version": FORMAT_VERSION, "features": self.features}, indent=2, sort_keys=True)
+
+    def save(self, path: Path) -> str:
+        """Write the transform atomically (readers never see half a file); returns its sha256."""
+        text = self.to_json()
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureTransform:
+        data = json.loads(Path(path).read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported feature transform format {data.get('format_version')!r}")
+        return cls(data["features"])
+
+
+TARGET = "_target"
+META_COLUMNS = ("_key", "_ts", "_split", TARGET)
+
+
+def feature_table(pipeline: PipelineSpec, frame: pl.DataFrame, transform: FeatureTransform) -> pl.DataFrame:
+    """Features of every modelling-table row, with the platform's meta columns in front.
+
+    `_key` joins predictions back to source rows, `_ts` orders rows in time, `_split` and `_target`
+    come from the modelling table.
+    """
+    key = pl.concat_str([pl.col(c).cast(pl.String) for c in pipeline.id], separator="|", ignore_nulls=False)
+    ts = pl.col(pipeline.timestamp) if pipeline.timestamp else pl.lit(None, dtype=pl.Datetime("us"))
+    meta = frame.select(key.alias("_key"), ts.alias("_ts"), pl.col("_split"),
+                        pl.col(pipeline.target.name).alias(TARGET))
+    return pl.concat([meta, transform.apply(frame)], how="horizontal")
+
+
+def features_table_name(pipeline: PipelineSpec) -> str:
+    return f"{q(pipeline.name)}.features"
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    rows: int
+    columns: list[str]
+    transform_sha256: str
+    vocabulary_sizes: dict[str, int]
+
+
+def build_features(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, transform_path: Path) -> FeaturesResult:
+    """Fit the transform on the training split of the modelling table, apply it to every row, and write
+    `<pipeline>.features` and the transform file."""
+    frame = conn.execute(f"SELECT * FROM {table_name(pipeline)}").pl()
+    transform = FeatureTransform.fit(pipeline, frame.filter(pl.col("_split") == "train"))
+    table = feature_table(pipeline, frame, transform)
+    conn.register("_features", table.to_arrow())
+    try:
+        conn.execute(f"CREATE OR REPLACE TABLE {features_table_name(pipeline)} AS SELECT * FROM _features")
+    finally:
+        conn.unregister("_features")
+    sha = transform.save(transform_path)
+    return FeaturesResult(table.height, transform.output_columns, sha,
+                          {f["name"]: len(f["categories"]) for f in transform.features if "categories" in f})

@@ -1,0 +1,74 @@
+"""Metrics per task, shared by tuning (CV scores), training (manifest) and the evaluation report.
+
+Predictions are: binary, P(class 1) as a vector; multiclass, an (n, k) probability matrix;
+regression, the predicted values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def _labels(task: str, pred: np.ndarray, threshold: float) -> np.ndarray:
+    return (pred >= threshold).astype(int) if task == "binary" else pred.argmax(axis=1)
+
+
+def score(task: str, metric: str, y: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> float:
+    """One metric, as the config names it."""
+    if task == "regression":
+        return {
+            "rmse": lambda: float(np.sqrt(skm.mean_squared_error(y, pred))),
+            "mae": lambda: float(skm.mean_absolute_error(y, pred)),
+            "r2": lambda: float(skm.r2_score(y, pred)),
+            # Percentage errors are undefined at a zero actual; those rows are left out of MAPE (WAPE keeps them).
+            "mape": lambda: float(skm.mean_absolute_percentage_error(y[y != 0], pred[y != 0])),
+            "wape": lambda: float(np.abs(y - pred).sum() / max(np.abs(y).sum(), 1e-12)),
+        }[metric]()
+    if metric == "log_loss":
+        labels = None if task == "binary" else list(range(pred.shape[1]))
+        return float(skm.log_loss(y, pred, labels=labels))
+    if metric == "roc_auc":
+        return float(skm.roc_auc_score(y, pred))
+    if metric == "roc_auc_ovr":
+        return float(skm.roc_auc_score(y, pred, multi_class="ovr", labels=list(range(pred.shape[1]))))
+    if metric == "pr_auc":
+        return float(skm.average_precision_score(y, pred))
+    labels = _labels(task, pred, threshold)
+    return {
+        "accuracy": lambda: float(skm.accuracy_score(y, labels)),
+        "f1": lambda: float(skm.f1_score(y, labels, zero_division=0)),
+        "f1_macro": lambda: float(skm.f1_score(y, labels, average="macro", zero_division=0)),
+        "precision": lambda: float(skm.precision_score(y, labels, zero_division=0)),
+        "recall": lambda: float(skm.recall_score(y, labels, zero_division=0)),
+        "brier": lambda: float(skm.brier_score_loss(y, pred)),
+    }[metric]()
+
+
+REPORTED = {
+    "binary": ["roc_auc", "pr_auc", "log_loss", "accuracy", "precision", "recall", "f1", "brier"],
+    "multiclass": ["log_loss", "accuracy", "f1_macro", "roc_auc_ovr"],
+    "regression": ["rmse", "mae", "r2", "mape", "wape"],
+}
+
+
+def all_metrics(task: str, y: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    return {m: score(task, m, y, pred, threshold) for m in REPORTED[task]}
+
+
+def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """Decision threshold that maximises F1 (chosen on validation data, never on test)."""
+    precision, recall, thresholds = skm.precision_recall_curve(y, p)
+    f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
+    return float(thresholds[int(np.argmax(f1[:-1]))]) if len(thresholds) else 0.5
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            total += mask.mean() * abs(p[mask].mean() - y[mask].mean())
+    return float(total)

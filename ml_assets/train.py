@@ -1,0 +1,286 @@
+"""Training: LightGBM tuned by time-aware cross-validation within a time budget, and a linear baseline.
+
+Tuning is a seeded random search over the config's search space. Each trial is scored by k-fold CV on
+the training split only: expanding-window folds in time order for time splits (no fold sees its
+future), shuffled k-fold for random splits. The best parameters are refitted on the whole training
+split with early stopping on the validation split; the test split is touched once, for the final metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import polars as pl
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import KFold, TimeSeriesSplit
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from ml_assets.config import ParamRange, PipelineSpec
+from ml_assets import registry
+from ml_assets.features import TARGET, FeatureTransform, features_table_name
+from ml_assets.metrics import all_metrics, best_f1_threshold, score
+
+LGB_METRIC = {"roc_auc": "auc", "pr_auc": "average_precision", "rmse": "rmse", "mae": "l1", "r2": "l2"}
+
+
+@dataclass
+class Split:
+    X: pd.DataFrame
+    y: np.ndarray
+    key: np.ndarray
+
+
+@dataclass
+class TrainingData:
+    train: Split
+    valid: Split
+    test: Split
+    features: list[str]
+    categorical: list[str]
+    classes: list[Any] | None
+    time_window: dict[str, str | None]
+
+
+def training_data(pipeline: PipelineSpec, frame: pl.DataFrame, transform: FeatureTransform) -> TrainingData:
+    """Split the feature table into pandas frames for LightGBM / scikit-learn (their boundary)."""
+    frame = frame.sort(["_ts", "_key"])
+    classes = None
+    target = frame.get_column(TARGET)
+    if pipeline.task == "regression":
+        y_all = target.cast(pl.Float64).to_numpy()
+    else:
+        classes = sorted(target.unique().drop_nulls().to_list())
+        if pipeline.task == "binary" and len(classes) != 2:
+            raise ValueError(f"pipeline '{pipeline.name}': a binary target needs exactly 2 classes, got {classes}")
+        y_all = target.replace_strict({c: i for i, c in enumerate(classes)}, return_dtype=pl.Int32).to_numpy()
+    features = transform.output_columns
+
+    def part(name: str) -> Split:
+        mask = (frame.get_column("_split") == name).to_numpy()
+        X = frame.filter(pl.Series(mask)).select(features).to_pandas()
+        return Split(X, y_all[mask], frame.get_column("_key").to_numpy()[mask])
+
+    train_ts = frame.filter(pl.col("_split") == "train").get_column("_ts")
+    window = {"start": None, "end": None}
+    if train_ts.null_count() < train_ts.len():
+        window = {"start": str(train_ts.min()), "end": str(train_ts.max())}
+    return TrainingData(part("train"), part("valid"), part("test"), features, transform.categorical_columns,
+                        classes, window)
+
+
+def base_params(pipeline: PipelineSpec, n_classes: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "verbosity": -1,
+        "seed": pipeline.model.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": os.cpu_count() or 1,
+    }
+    if pipeline.task == "binary":
+        params |= {"objective": "binary", "metric": LGB_METRIC.get(pipeline.metric, "binary_logloss")}
+    elif pipeline.task == "multiclass":
+        params |= {"objective": "multiclass", "num_class": n_classes, "metric": "multi_logloss"}
+    else:
+        params |= {"objective": "regression", "metric": LGB_METRIC.get(pipeline.metric, "l2")}
+    return params | pipeline.model.params
+
+
+def _sample(space: dict[str, ParamRange], rng: np.random.Generator | None) -> dict[str, Any]:
+    """A random point of the space, or its centre (geometric for log ranges) when rng is None."""
+    out: dict[str, Any] = {}
+    for name, r in space.items():
+        lo, hi = (math.log(r.low), math.log(r.high)) if r.log else (r.low, r.high)
+        u = (lo + hi) / 2 if rng is None else rng.uniform(lo, hi)
+        value = math.exp(u) if r.log else u
+        out[name] = int(round(value)) if r.type == "int" else float(value)
+    return out
+
+
+def predict(booster: lgb.Booster, X: pd.DataFrame, num_iteration: int | None = None) -> np.ndarray:
+    return booster.predict(X, num_iteration=num_iteration)
+
+
+def _fit(params: dict[str, Any], pipeline: PipelineSpec, train: tuple[pd.DataFrame, np.ndarray],
+         valid: tuple[pd.DataFrame, np.ndarray], categorical: list[str]) -> lgb.Booster:
+    dtrain = lgb.Dataset(train[0], train[1], categorical_feature=categorical, free_raw_data=False)
+    dvalid = lgb.Dataset(valid[0], valid[1], reference=dtrain, categorical_feature=categorical)
+    return lgb.train(
+        params, dtrain, num_boost_round=pipeline.model.max_rounds, valid_sets=[dvalid],
+        callbacks=[lgb.early_stopping(pipeline.model.early_stopping_rounds, verbose=False)],
+    )
+
+
+@dataclass
+class Tuning:
+    best_params: dict[str, Any]
+    best_cv_score: float
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+def tune(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_trials: int) -> Tuning:
+    X, y = data.train.X, data.train.y
+    folds = pipeline.model.cv_folds
+    splitter = (TimeSeriesSplit(n_splits=folds) if pipeline.split.method == "time"
+                else KFold(n_splits=folds, shuffle=True, random_state=pipeline.model.seed))
+    fold_indices = list(splitter.split(X))
+    rng = np.random.default_rng(pipeline.model.seed)
+    base = base_params(pipeline, len(data.classes) if data.classes else None)
+    sign = 1 if pipeline.greater_is_better else -1
+    started = time.monotonic()
+    trials: list[dict[str, Any]] = []
+    while len(trials) < max_trials:
+        elapsed = time.monotonic() - started
+        mean_trial = elapsed / len(trials) if trials else 0.0
+        # Never start a trial that is expected to overrun the budget (the first one always runs).
+        if trials and elapsed + mean_trial > time_budget_s:
+            break
+        sampled = _sample(pipeline.model.search_space, None if not trials else rng)
+        params = base | sampled
+        fold_scores, rounds = [], []
+        for tr, va in fold_indices:
+            booster = _fit(params, pipeline, (X.iloc[tr], y[tr]), (X.iloc[va], y[va]), data.categorical)
+            pred = predict(booster, X.iloc[va], booster.best_iteration)
+            fold_scores.append(score(pipeline.task, pipeline.metric, y[va], pred))
+            rounds.append(booster.best_iteration)
+        trials.append({"params": sampled, "cv_score": float(np.mean(fold_scores)),
+                       "cv_std": float(np.std(fold_scores)), "rounds": rounds})
+    best = max(trials, key=lambda t: sign * t["cv_score"])
+    return Tuning(base | best["params"], best["cv_score"], trials, time.monotonic() - started)
+
+
+def fit_final(pipeline: PipelineSpec, data: TrainingData, params: dict[str, Any]) -> lgb.Booster:
+    return _fit(params, pipeline, (data.train.X, data.train.y), (data.valid.X, data.valid.y), data.categorical)
+
+
+def baseline_predictions(pipeline: PipelineSpec, data: TrainingData) -> dict[str, np.ndarray]:
+    """A scikit-learn linear baseline on the same features and split: the bar the model must clear."""
+    numeric = [c for c in data.features if c not in data.categorical]
+    prep = ColumnTransformer([
+        ("num", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numeric),
+        ("cat", OneHotEncoder(handle_unknown="ignore"), data.categorical),
+    ])
+    if pipeline.task == "regression":
+        model = make_pipeline(prep, Ridge(alpha=1.0))
+        model.fit(data.train.X, data.train.y)
+        return {s: model.predict(getattr(data, s).X) for s in ("valid", "test")}
+    model = make_pipeline(prep, LogisticRegression(max_iter=1000))
+    model.fit(data.train.X, data.train.y)
+    proba = {s: model.predict_proba(getattr(data, s).X) for s in ("valid", "test")}
+    return {s: p[:, 1] if pipeline.task == "binary" else p for s, p in proba.items()}
+
+
+@dataclass
+class TrainedModel:
+    booster: lgb.Booster
+    tuning: Tuning
+    threshold: float
+    test_metrics: dict[str, float]
+    baseline_test_metrics: dict[str, float]
+    test_predictions: pl.DataFrame
+
+
+def _as_columns(task: str, pred: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
+    if task == "multiclass":
+        return {f"{prefix}_p{i}": pred[:, i] for i in range(pred.shape[1])}
+    return {prefix: pred}
+
+
+def train_model(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_trials: int) -> TrainedModel:
+    for name in ("train", "valid", "test"):
+        if len(getattr(data, name).y) == 0:
+            raise ValueError(f"pipeline '{pipeline.name}': the {name} split is empty; check the split settings")
+    tuning = tune(pipeline, data, time_budget_s, max_trials)
+    booster = fit_final(pipeline, data, tuning.best_params)
+    best_iteration = booster.best_iteration or booster.current_iteration()
+    valid_pred = predict(booster, data.valid.X, best_iteration)
+    test_pred = predict(booster, data.test.X, best_iteration)
+    threshold = best_f1_threshold(data.valid.y, valid_pred) if pipeline.task == "binary" else 0.5
+    baseline = baseline_predictions(pipeline, data)
+    base_threshold = best_f1_threshold(data.valid.y, baseline["valid"]) if pipeline.task == "binary" else 0.5
+    predictions = pl.DataFrame({
+        "_key": data.test.key, "y_true": data.test.y,
+        **_as_columns(pipeline.task, test_pred, "model"), **_as_columns(pipeline.task, baseline["test"], "baseline"),
+    })
+    return TrainedModel(
+        booster=booster, tuning=tuning, threshold=threshold,
+        test_metrics=all_metrics(pipeline.task, data.test.y, test_pred, threshold),
+        baseline_test_metrics=all_metrics(pipeline.task, data.test.y, baseline["test"], base_threshold),
+        test_predictions=predictions,
+    )
+
+
+Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
+
+
+def train_and_register(
+    connect: Connect, pipeline: PipelineSpec, transform_path: Path, models_root: Path,
+    time_budget_s: float | None = None, max_trials: int | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Train on `<pipeline>.features`, write a new model version folder and register it.
+
+    The warehouse connection is held only to read features and to register, not while training, so
+    other steps and runs can write to DuckDB meanwhile.
+    """
+    with connect() as conn:
+        frame = conn.execute(f"SELECT * FROM {features_table_name(pipeline)}").pl()
+    transform = FeatureTransform.load(transform_path)
+    data = training_data(pipeline, frame, transform)
+    budget = time_budget_s if time_budget_s is not None else pipeline.model.time_budget_s
+    trained = train_model(pipeline, data, budget, max_trials or pipeline.model.max_trials)
+    created = dt.datetime.now(dt.UTC)
+    version = registry.new_version_id(created)
+    best_iteration = trained.booster.best_iteration or trained.booster.current_iteration()
+    manifest = {
+        "version": version,
+        "pipeline": pipeline.name,
+        "task": pipeline.task,
+        "created_at": created.replace(tzinfo=None).isoformat(timespec="seconds"),
+        "metric": pipeline.metric,
+        "greater_is_better": pipeline.greater_is_better,
+        "params": trained.tuning.best_params,
+        "best_iteration": best_iteration,
+        "features": data.features,
+        "categorical_features": data.categorical,
+        "input_columns": transform.input_columns,
+        "classes": data.classes,
+        "decision_threshold": trained.threshold,
+        "rows": {s: len(getattr(data, s).y) for s in ("train", "valid", "test")},
+        "train_window": data.time_window,
+        "data_fingerprint": registry.frame_fingerprint(frame.filter(pl.col("_split") == "train")),
+        "code_version": registry.code_version(),
+        "cv": {"score": trained.tuning.best_cv_score, "folds": pipeline.model.cv_folds,
+               "trials": trained.tuning.trials, "elapsed_s": round(trained.tuning.elapsed_s, 2),
+               "time_budget_s": budget},
+        "test_metrics": trained.test_metrics,
+        "baseline": "logistic regression" if pipeline.task != "regression" else "ridge regression",
+        "baseline_test_metrics": trained.baseline_test_metrics,
+    }
+    predictions = io.BytesIO()
+    trained.test_predictions.write_parquet(predictions)
+    version_dir = registry.write_version(models_root, pipeline.name, version, {
+        registry.MODEL_FILE: trained.booster.model_to_string(num_iteration=best_iteration).encode(),
+        registry.TRANSFORM_FILE: transform_path,
+        registry.PREDICTIONS_FILE: predictions.getvalue(),
+    }, manifest)
+    manifest = registry.read_manifest(version_dir)
+    with connect() as conn:
+        registry.register(conn, version_dir, manifest)
+    return version_dir, manifest

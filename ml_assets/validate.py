@@ -1,0 +1,240 @@
+"""Validation: `raw.<source>` -> typed `validated.<source>` + `quarantine.<source>`, and the data checks.
+
+Every configured column is coerced to its type; a row that fails any rule (wrong type, not-null, range,
+allowed values, pattern, duplicate id) goes to quarantine with the first failing rule and column, a
+readable reason for every failure, and its file and line. Both tables are replaced in one transaction,
+so a failed validation never leaves a half-written pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import duckdb
+
+from ml_assets.config import ColumnSpec, SourceSpec
+
+DUCKDB_TYPES = {
+    "int": "BIGINT",
+    "float": "DOUBLE",
+    "str": "VARCHAR",
+    "bool": "BOOLEAN",
+    "datetime": "TIMESTAMP",
+    "date": "DATE",
+}
+LINEAGE = ("_source_file", "_source_row")
+
+
+class ValidationFailure(RuntimeError):
+    """The raw data cannot be validated at all (e.g. a required column is missing)."""
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    passed: bool
+    description: str
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+def q(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def lit(value: object) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
+
+
+def cast_expr(column: str, ctype: str) -> str:
+    ref = q(column)
+    if ctype == "str":
+        return f"CAST({ref} AS VARCHAR)"
+    if ctype == "datetime":
+        # Parse with or without an offset; store as naive UTC (the session zone is UTC).
+        return f"CAST(TRY_CAST({ref} AS TIMESTAMPTZ) AS TIMESTAMP)"
+    return f"TRY_CAST({ref} AS {DUCKDB_TYPES[ctype]})"
+
+
+def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str, str, str]]:
+    """(rule, SQL condition that is true when the rule is broken, reason SQL) for a typed expression."""
+    shown = f"coalesce(CAST({typed} AS VARCHAR), 'NULL')"
+    out = []
+    if spec.not_null:
+        out.append(("not_null", f"{typed} IS NULL", f"'{column}: value is missing (rule not_null)'"))
+    if spec.min is not None:
+        out.append(("min", f"{typed} < {spec.min}", f"'{column}: ' || {shown} || ' is below min {spec.min}'"))
+    if spec.max is not None:
+        out.append(("max", f"{typed} > {spec.max}", f"'{column}: ' || {shown} || ' is above max {spec.max}'"))
+    if spec.allowed is not None:
+        values = ", ".join(lit(v) for v in spec.allowed)
+        out.append(("allowed", f"{typed} NOT IN ({values})",
+                    f"'{column}: ' || {shown} || ' is not one of the allowed values'"))
+    if spec.pattern is not None:
+        out.append(("pattern", f"NOT regexp_full_match({typed}, {lit(spec.pattern)})",
+                    f"'{column}: ' || {shown} || ' does not match pattern ' || {lit(spec.pattern)}"))
+    return out
+
+
+def _failure(rule: str, column: str, condition: str, reason: str) -> str:
+    return (f"CASE WHEN {condition} THEN {{'rule': {lit(rule)}, 'column': {lit(column)}, "
+            f"'reason': {reason}}} END")
+
+
+def raw_columns(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
+        "ORDER BY ordinal_position",
+        [schema, table],
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    raw_rows: int
+    valid_rows: int
+    quarantined_rows: int
+    by_rule: list[dict[str, object]]
+    examples: list[str]
+
+
+def validate_source(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> ValidationResult:
+    present = raw_columns(conn, "raw", name)
+    files = [r[0] for r in conn.execute(f"SELECT DISTINCT _source_file FROM raw.{q(name)}").fetchall()]
+    missing = [c for c in spec.columns if c not in present]
+    if missing:
+        raise ValidationFailure(
+            f"source '{name}': required column(s) {missing} missing (rule: schema) in file(s) {files}; "
+            f"columns found: {[c for c in present if c not in LINEAGE]}. The previous validated table is kept."
+        )
+
+    typed_cols = [f"{cast_expr(c, s.type)} AS {q('__t_' + c)}" for c, s in spec.columns.items()]
+    failures = []
+    for column, cspec in spec.columns.items():
+        typed = q("__t_" + column)
+        failures.append(_failure(
+            "type", column, f"{q(column)} IS NOT NULL AND {typed} IS NULL",
+            f"'{column}: ' || {lit(chr(39))} || CAST({q(column)} AS VARCHAR) || {lit(chr(39))} || "
+            f"' is not a valid {cspec.type}'",
+        ))
+        failures += [_failure(rule, column, cond, reason) for rule, cond, reason in rule_conditions(column, cspec, typed)]
+    failure_list = f"list_filter([{', '.join(failures)}], x -> x IS NOT NULL)"
+    id_cols = ", ".join(q("__t_" + c) for c in spec.id)
+    duplicate_of_earlier = (
+        f"len(__f) = 0 AND row_number() OVER (PARTITION BY len(__f) = 0, {id_cols} "
+        f"ORDER BY _source_file, _source_row) > 1"
+        if spec.id else "false"
+    )
+    id_reason = lit(f"duplicate id ({', '.join(spec.id)}): an earlier row has the same values")
+    conn.execute(f"""
+        CREATE OR REPLACE TEMP TABLE __typed AS
+        SELECT *, {failure_list} AS __f FROM (SELECT *, {', '.join(typed_cols)} FROM raw.{q(name)})
+    """)
+    conn.execute(f"""
+        CREATE OR REPLACE TEMP TABLE __checked AS
+        SELECT * REPLACE (CASE WHEN {duplicate_of_earlier}
+                          THEN [{{'rule': 'unique', 'column': {lit(','.join(spec.id))}, 'reason': {id_reason}}}]
+                          ELSE __f END AS __f)
+        FROM __typed
+    """)
+    out_cols = ", ".join(f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns)
+    raw_cols = ", ".join(q(c) for c in present)
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
+        conn.execute(f"""CREATE OR REPLACE TABLE validated.{q(name)} AS
+            SELECT {out_cols} FROM __checked WHERE len(__f) = 0 ORDER BY _source_file, _source_row""")
+        conn.execute(f"""CREATE OR REPLACE TABLE quarantine.{q(name)} AS
+            SELECT {raw_cols}, __f[1].rule AS _rule, __f[1].column AS _column,
+                   array_to_string(list_transform(__f, x -> x.reason), '; ') AS _reasons
+            FROM __checked WHERE len(__f) > 0 ORDER BY _source_file, _source_row""")
+        conn.execute("COMMIT")
+    except Exception:
+        conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.execute("DROP TABLE IF EXISTS __typed")
+        conn.execute("DROP TABLE IF EXISTS __checked")
+
+    raw_rows = conn.execute(f"SELECT count(*) FROM raw.{q(name)}").fetchone()[0]
+    valid_rows = conn.execute(f"SELECT count(*) FROM validated.{q(name)}").fetchone()[0]
+    by_rule = [
+        {"rule": r, "column": c, "rows": n}
+        for r, c, n in conn.execute(
+            f"SELECT _rule, _column, count(*) n FROM quarantine.{q(name)} GROUP BY ALL ORDER BY n DESC, _rule"
+        ).fetchall()
+    ]
+    examples = [
+        f"{f} row {row}: {reason}"
+        for f, row, reason in conn.execute(
+            f"SELECT _source_file, _source_row, _reasons FROM quarantine.{q(name)} LIMIT 5"
+        ).fetchall()
+    ]
+    return ValidationResult(raw_rows, valid_rows, raw_rows - valid_rows, by_rule, examples)
+
+
+# --- checks: re-verify what validation promised, on the tables as they are now -------------------------
+
+
+def check_schema(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
+    actual = dict(conn.execute(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'validated' AND table_name = ?", [name]).fetchall())
+    expected = {c: DUCKDB_TYPES[s.type] for c, s in spec.columns.items()}
+    problems = [f"{c}: expected {t}, found {actual.get(c, 'missing')}" for c, t in expected.items() if actual.get(c) != t]
+    problems += [f"{c}: not in config" for c in actual if c not in expected]
+    return CheckOutcome(not problems, "; ".join(problems) or "columns and types match the config",
+                        {"expected": expected, "problems": problems})
+
+
+def check_row_conservation(conn: duckdb.DuckDBPyConnection, name: str) -> CheckOutcome:
+    raw, valid, quarantined = conn.execute(
+        f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM validated.{q(name)}), "
+        f"(SELECT count(*) FROM quarantine.{q(name)})").fetchone()
+    ok = raw == valid + quarantined
+    return CheckOutcome(ok, f"raw {raw} {'=' if ok else '!='} validated {valid} + quarantined {quarantined}",
+                        {"raw": raw, "validated": valid, "quarantined": quarantined})
+
+
+def check_unique_ids(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
+    if not spec.id:
+        return CheckOutcome(True, "no id configured")
+    cols = ", ".join(q(c) for c in spec.id)
+    dupes = conn.execute(
+        f"SELECT count(*) FROM (SELECT {cols} FROM validated.{q(name)} GROUP BY ALL HAVING count(*) > 1)"
+    ).fetchone()[0]
+    return CheckOutcome(dupes == 0, f"{dupes} duplicated id value(s) on {spec.id}", {"duplicated_ids": dupes})
+
+
+def check_rules(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
+    """Ranges, allowed values, not-null and patterns hold on every validated row."""
+    counts = [
+        f"count(*) FILTER (WHERE {cond}) AS {q(rule + ':' + column)}"
+        for column, cspec in spec.columns.items()
+        for rule, cond, _ in rule_conditions(column, cspec, q(column))
+    ]
+    if not counts:
+        return CheckOutcome(True, "no value rules configured")
+    row = conn.execute(f"SELECT {', '.join(counts)} FROM validated.{q(name)}").fetchone()
+    names = [c.rsplit(" AS ", 1)[1].strip('"') for c in counts]
+    broken = {n: v for n, v in zip(names, row, strict=True) if v}
+    return CheckOutcome(not broken, f"rule violations: {broken}" if broken else f"{len(names)} rules hold",
+                        {"violations": broken, "rules_checked": len(names)})
+
+
+def check_quarantine_share(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
+    raw, quarantined = conn.execute(
+        f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM quarantine.{q(name)})").fetchone()
+    share = quarantined / raw if raw else 1.0
+    ok = share <= spec.max_quarantine_share
+    top = conn.execute(
+        f"SELECT _rule, _column, count(*) n, min(_source_file), min(_reasons) FROM quarantine.{q(name)} "
+        "GROUP BY _rule, _column ORDER BY n DESC LIMIT 3").fetchall()
+    reasons = "; ".join(f"{r} on {c}: {n} rows (e.g. {f}: {why})" for r, c, n, f, why in top)
+    return CheckOutcome(
+        ok,
+        f"{share:.2%} of rows quarantined (max {spec.max_quarantine_share:.2%})" + (f"; top: {reasons}" if top else ""),
+        {"quarantine_share": share, "max_quarantine_share": spec.max_quarantine_share},
+    )
