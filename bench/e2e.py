@@ -30,8 +30,12 @@ from ml_assets.resources import connect, warehouse_path
 from ml_assets.train import train_and_register
 
 PIPELINE = "flight_delay"
-SOURCE_CHECKS = (validate.check_schema, validate.check_unique_ids, validate.check_rules,
-                 validate.check_quarantine_share)
+SOURCE_CHECKS = (
+    validate.check_schema,
+    validate.check_unique_ids,
+    validate.check_rules,
+    validate.check_quarantine_share,
+)
 
 
 def pipelines_with(max_trials: int, dest: Path) -> Path:
@@ -46,8 +50,10 @@ def pipelines_with(max_trials: int, dest: Path) -> Path:
 def run_dagster(pipelines: Path, root: Path) -> None:
     defs = build_definitions(pipelines, root)
     job = defs.resolve_job_def(f"{PIPELINE}_job")
-    result = job.execute_in_process(run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
-                                    instance=dg.DagsterInstance.ephemeral())
+    result = job.execute_in_process(
+        run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
     assert result.success
 
 
@@ -76,7 +82,9 @@ def run_plain(pipelines: Path, root: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-trials", type=int, default=3)
     args = parser.parse_args()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 
 from ml_assets.config import Project, default_pipelines_dir, load_project
 from ml_assets.resources import PIPELINES_DIR_ENV, connect, data_dir, warehouse_path
@@ -45,7 +46,9 @@ def run(time_budget_s: float | None, max_trials: int | None) -> int:
                 print(f"  step {event.step_key} failed: {event.step_failure_data.error.message.strip()}")
         for event in result.get_asset_check_evaluations():
             if not event.passed:
-                print(f"  check {event.asset_key.to_user_string()}:{event.check_name} failed: {event.description}")
+                print(
+                    f"  check {event.asset_key.to_user_string()}:{event.check_name} failed: {event.description}"
+                )
     summary(project)
     return 0 if result.success else 1
 
@@ -53,23 +56,33 @@ def run(time_budget_s: float | None, max_trials: int | None) -> int:
 def summary(project: Project) -> None:
     root = data_dir()
     with connect(warehouse_path(root)) as conn:
-        print(f"\nData directory: {root}\n\n{'source':<12}{'raw':>10}{'validated':>11}{'quarantined':>13}  reasons")
+        print(
+            f"\nData directory: {root}\n\n{'source':<12}{'raw':>10}{'validated':>11}{'quarantined':>13}  reasons"
+        )
         for name in project.sources:
             try:
                 raw, valid, bad = conn.execute(
                     f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM validated.{q(name)}), "
-                    f"(SELECT count(*) FROM quarantine.{q(name)})").fetchone()
-            except Exception:  # noqa: BLE001 - a table not built yet is reported, not fatal
+                    f"(SELECT count(*) FROM quarantine.{q(name)})"
+                ).fetchone()
+            except duckdb.CatalogException:  # a source not materialized yet is reported, not fatal
                 print(f"{name:<12}{'(not materialized)':>34}")
                 continue
-            reasons = conn.execute(f"SELECT string_agg(_rule || ' on ' || _column || ': ' || n, ', ') FROM "
-                                   f"(SELECT _rule, _column, count(*) n FROM quarantine.{q(name)} GROUP BY ALL)"
-                                   ).fetchone()[0]
+            reasons = conn.execute(
+                f"SELECT string_agg(_rule || ' on ' || _column || ': ' || n, ', ') FROM "
+                f"(SELECT _rule, _column, count(*) n FROM quarantine.{q(name)} GROUP BY ALL)"
+            ).fetchone()[0]
             print(f"{name:<12}{raw:>10}{valid:>11}{bad:>13}  {reasons or ''}")
         for name, pipeline in project.pipelines.items():
-            rows = conn.execute(
-                "SELECT version, path, manifest FROM registry.model_versions WHERE pipeline = ? "
-                "ORDER BY created_at DESC, version DESC", [name]).fetchall() if _has_registry(conn) else []
+            rows = (
+                conn.execute(
+                    "SELECT version, path, manifest FROM registry.model_versions WHERE pipeline = ? "
+                    "ORDER BY created_at DESC, version DESC",
+                    [name],
+                ).fetchall()
+                if _has_registry(conn)
+                else []
+            )
             print(f"\n{name} ({pipeline.task}, target '{pipeline.target.name}')")
             if not rows:
                 print("  no model version registered")
@@ -77,18 +90,26 @@ def summary(project: Project) -> None:
             version, path, manifest = rows[0][0], rows[0][1], json.loads(rows[0][2])
             metric = manifest["metric"]
             ours, base = manifest["test_metrics"][metric], manifest["baseline_test_metrics"][metric]
-            print(f"  model {version} ({len(rows)} version(s) registered), rows train/valid/test "
-                  f"{manifest['rows']['train']}/{manifest['rows']['valid']}/{manifest['rows']['test']}")
-            print(f"  test {metric}: model {ours:.4f} vs {manifest['baseline']} {base:.4f} ({ours - base:+.4f})")
+            print(
+                f"  model {version} ({len(rows)} version(s) registered), rows train/valid/test "
+                f"{manifest['rows']['train']}/{manifest['rows']['valid']}/{manifest['rows']['test']}"
+            )
+            print(
+                f"  test {metric}: model {ours:.4f} vs {manifest['baseline']} {base:.4f} ({ours - base:+.4f})"
+            )
             others = ", ".join(f"{m} {v:.4f}" for m, v in manifest["test_metrics"].items() if m != metric)
             print(f"  other test metrics: {others}")
             report = root / "reports" / name / version / "report.html"
             print(f"  model: {path}\n  report: {report if report.exists() else '(not built)'}")
 
 
-def _has_registry(conn) -> bool:  # noqa: ANN001
-    return bool(conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'registry' "
-                             "AND table_name = 'model_versions'").fetchone()[0])
+def _has_registry(conn: duckdb.DuckDBPyConnection) -> bool:
+    return bool(
+        conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'registry' "
+            "AND table_name = 'model_versions'"
+        ).fetchone()[0]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,9 @@ class ColumnSpec(_Strict):
     min: float | None = None
     max: float | None = None
     allowed: list[str | int | float] | None = None
-    pattern: str | None = Field(None, description="Regular expression the whole value must match (str columns)")
+    pattern: str | None = Field(
+        None, description="Regular expression the whole value must match (str columns)"
+    )
 
     @model_validator(mode="after")
     def _range_is_ordered(self) -> ColumnSpec:
@@ -94,7 +96,9 @@ class SourceSpec(_Strict):
 
 class AsofSpec(_Strict):
     left: str = Field(description="Time column of the base table")
-    right: str = Field(description="Time column of the joined source; the latest row at or before left is taken")
+    right: str = Field(
+        description="Time column of the joined source; the latest row at or before left is taken"
+    )
 
 
 class JoinSpec(_Strict):
@@ -107,7 +111,9 @@ class JoinSpec(_Strict):
 
 class TargetSpec(_Strict):
     name: str = Field(pattern=IDENTIFIER)
-    expr: str | None = Field(None, description="SQL expression over the modelling table (default: column `name`)")
+    expr: str | None = Field(
+        None, description="SQL expression over the modelling table (default: column `name`)"
+    )
     source_columns: list[str] = Field(
         default_factory=list, description="Columns the target is computed from: never allowed as features"
     )
@@ -119,7 +125,9 @@ class FeatureSpec(_Strict):
     name: str = Field(pattern=FEATURE_NAME)
     type: Literal["numeric", "categorical", "datetime", "boolean"]
     column: str | None = Field(None, description="Input column (default: name)")
-    function: str | None = Field(None, description="Dotted path 'package.module:function' of a custom feature")
+    function: str | None = Field(
+        None, description="Dotted path 'package.module:function' of a custom feature"
+    )
     impute: Literal["median", "mean", "zero", "none"] = "median"
     parts: list[Literal["year", "month", "day", "dayofweek", "dayofyear", "hour", "minute"]] = Field(
         default_factory=lambda: ["month", "dayofweek", "hour"]
@@ -154,7 +162,9 @@ class SplitSpec(_Strict):
         if (self.valid_start is None) != (self.test_start is None):
             raise ValueError("give both valid_start and test_start, or neither (then fractions are used)")
         if self.valid_start and self.test_start and self.valid_start >= self.test_start:
-            raise ValueError(f"valid_start ({self.valid_start}) must be before test_start ({self.test_start})")
+            raise ValueError(
+                f"valid_start ({self.valid_start}) must be before test_start ({self.test_start})"
+            )
         if self.method == "random" and self.valid_start:
             raise ValueError("dates only apply to method: time")
         if self.valid_fraction + self.test_fraction >= 0.9:
@@ -268,7 +278,9 @@ def _format_pydantic(path: Path, exc: ValidationError) -> str:
         elif err["type"] == "missing":
             msg = "required field is missing"
         got = err.get("input")
-        suffix = f" (got {got!r})" if got is not None and err["type"] not in ("missing", "extra_forbidden") else ""
+        suffix = (
+            f" (got {got!r})" if got is not None and err["type"] not in ("missing", "extra_forbidden") else ""
+        )
         if isinstance(got, dict):
             suffix = ""
         lines.append(f"{path}: {where}: {msg}{suffix}")
@@ -293,7 +305,9 @@ def _with_parent(raw: dict[str, Any], path: Path, chain: tuple[str, ...] = ()) -
         return raw
     parent_path = path.parent / f"{parent_name}.yaml"
     if parent_name in chain or not parent_path.exists():
-        problem = "circular extends" if parent_name in chain else f"no pipeline file {parent_path.name} beside it"
+        problem = (
+            "circular extends" if parent_name in chain else f"no pipeline file {parent_path.name} beside it"
+        )
         raise ConfigError(f"{path}: extends: {problem} (got {parent_name!r})")
     parent = _with_parent(_read_yaml(parent_path), parent_path, (*chain, path.stem))
     inherited = {k: v for k, v in parent.items() if k not in ("sources", "name", "extends")}
@@ -347,11 +361,15 @@ def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> N
         right = sources[join.source].columns
         for key in join.keys:
             if key not in base_columns or key not in right:
-                raise ValueError(f"joins.{i}.keys: key '{key}' must be a column of both '{pipeline.base}' "
-                                 f"and '{join.source}'")
+                raise ValueError(
+                    f"joins.{i}.keys: key '{key}' must be a column of both '{pipeline.base}' "
+                    f"and '{join.source}'"
+                )
         if join.asof and (join.asof.left not in base_columns or join.asof.right not in right):
-            raise ValueError(f"joins.{i}.asof: '{join.asof.left}' must be a column of '{pipeline.base}' and "
-                             f"'{join.asof.right}' a column of '{join.source}'")
+            raise ValueError(
+                f"joins.{i}.asof: '{join.asof.left}' must be a column of '{pipeline.base}' and "
+                f"'{join.asof.right}' a column of '{join.source}'"
+            )
         for col in join.columns or []:
             if col not in right:
                 raise ValueError(f"joins.{i}.columns: '{col}' is not a column of source '{join.source}'")
@@ -364,8 +382,10 @@ def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> N
     if pipeline.split.method == "time" and not pipeline.timestamp:
         raise ValueError("split.method: 'time' needs a pipeline timestamp column")
     if pipeline.target.expr is None and pipeline.target.name not in columns:
-        raise ValueError(f"target.name: '{pipeline.target.name}' is not a column of the modelling table; "
-                         "give target.expr to compute it")
+        raise ValueError(
+            f"target.name: '{pipeline.target.name}' is not a column of the modelling table; "
+            "give target.expr to compute it"
+        )
     forbidden = {*pipeline.leakage, *pipeline.target.source_columns, pipeline.target.name}
     seen: set[str] = set()
     for i, feat in enumerate(pipeline.features):
@@ -375,11 +395,15 @@ def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> N
         if feat.function:
             continue
         if feat.input_column not in columns:
-            raise ValueError(f"features.{i} ('{feat.name}'): column '{feat.input_column}' is not a column of "
-                             f"the modelling table; available: {sorted(columns)}")
+            raise ValueError(
+                f"features.{i} ('{feat.name}'): column '{feat.input_column}' is not a column of "
+                f"the modelling table; available: {sorted(columns)}"
+            )
         if feat.input_column in forbidden:
-            raise ValueError(f"features.{i} ('{feat.name}'): column '{feat.input_column}' is the target or "
-                             "listed under leakage (not known at prediction time)")
+            raise ValueError(
+                f"features.{i} ('{feat.name}'): column '{feat.input_column}' is the target or "
+                "listed under leakage (not known at prediction time)"
+            )
 
 
 def load_project(directory: Path) -> Project:
@@ -395,13 +419,17 @@ def load_project(directory: Path) -> Project:
     for path in files:
         spec = load_pipeline_file(path)
         if spec.name in pipelines:
-            raise ConfigError(f"{path}: name: pipeline '{spec.name}' is also defined in {pipeline_files[spec.name]}")
+            raise ConfigError(
+                f"{path}: name: pipeline '{spec.name}' is also defined in {pipeline_files[spec.name]}"
+            )
         pipelines[spec.name] = spec
         pipeline_files[spec.name] = path
         for name, source in spec.sources.items():
             if name in source_files:
-                raise ConfigError(f"{path}: sources.{name}: source already defined in {source_files[name]}; "
-                                  "list it under shared_sources instead")
+                raise ConfigError(
+                    f"{path}: sources.{name}: source already defined in {source_files[name]}; "
+                    "list it under shared_sources instead"
+                )
             sources[name] = source
             source_files[name] = path
     for name, spec in pipelines.items():

@@ -53,8 +53,10 @@ def _split_expr(pipeline: PipelineSpec) -> str:
         # md5 of the id is stable across DuckDB versions and machines, unlike hash().
         key = "concat_ws('|', " + ", ".join(f"CAST({q(c)} AS VARCHAR)" for c in pipeline.id) + ")"
         u = f"(CAST(('0x' || md5({key})[1:8]) AS UBIGINT) / 4294967296.0 + {split.seed % 997} / 997.0) % 1"
-        return (f"CASE WHEN {u} < {split.test_fraction} THEN 'test' "
-                f"WHEN {u} < {split.test_fraction + split.valid_fraction} THEN 'valid' ELSE 'train' END")
+        return (
+            f"CASE WHEN {u} < {split.test_fraction} THEN 'test' "
+            f"WHEN {u} < {split.test_fraction + split.valid_fraction} THEN 'valid' ELSE 'train' END"
+        )
     ts = q(pipeline.timestamp)
     if split.valid_start:
         valid, test = lit(str(split.valid_start)), lit(str(split.test_start))
@@ -62,8 +64,10 @@ def _split_expr(pipeline: PipelineSpec) -> str:
         # The latest test_fraction of the time range is the test set, the valid_fraction before it validation.
         valid = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction - split.valid_fraction}) FROM __t)"
         test = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction}) FROM __t)"
-    return (f"CASE WHEN {ts} >= CAST({test} AS TIMESTAMP) THEN 'test' "
-            f"WHEN {ts} >= CAST({valid} AS TIMESTAMP) THEN 'valid' ELSE 'train' END")
+    return (
+        f"CASE WHEN {ts} >= CAST({test} AS TIMESTAMP) THEN 'test' "
+        f"WHEN {ts} >= CAST({valid} AS TIMESTAMP) THEN 'valid' ELSE 'train' END"
+    )
 
 
 def build_modelling_table(
@@ -77,18 +81,23 @@ def build_modelling_table(
         conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {_joined_select(pipeline, sources)}")
         conn.execute(f"CREATE OR REPLACE TEMP TABLE __t AS SELECT *{derived}{target_col} FROM __j")
     except duckdb.Error as exc:
-        raise DatasetError(f"pipeline '{pipeline.name}': building the modelling table failed (check joins, "
-                           f"derived and target.expr): {exc}") from exc
+        raise DatasetError(
+            f"pipeline '{pipeline.name}': building the modelling table failed (check joins, "
+            f"derived and target.expr): {exc}"
+        ) from exc
     try:
         joined = conn.execute("SELECT count(*) FROM __t").fetchone()[0]
         if joined != base_rows:
             raise DatasetError(
                 f"pipeline '{pipeline.name}': the joins turned {base_rows} rows of '{pipeline.base}' into {joined}; "
-                "a joined source has duplicate keys (give it an id on the join keys)")
+                "a joined source has duplicate keys (give it an id on the join keys)"
+            )
         missing = conn.execute(f"SELECT count(*) FROM __t WHERE {q(target.name)} IS NULL").fetchone()[0]
         if missing and target.missing == "fail":
-            raise DatasetError(f"pipeline '{pipeline.name}': {missing} rows have no target '{target.name}' "
-                               "(target.missing: fail)")
+            raise DatasetError(
+                f"pipeline '{pipeline.name}': {missing} rows have no target '{target.name}' "
+                "(target.missing: fail)"
+            )
         conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(pipeline.name)}")
         order = q(pipeline.timestamp) if pipeline.timestamp else ", ".join(q(c) for c in pipeline.id)
         conn.execute(f"""CREATE OR REPLACE TABLE {table_name(pipeline)} AS
@@ -97,9 +106,13 @@ def build_modelling_table(
     finally:
         conn.execute("DROP TABLE IF EXISTS __j")
         conn.execute("DROP TABLE IF EXISTS __t")
-    split_rows = dict(conn.execute(f"SELECT _split, count(*) FROM {table_name(pipeline)} GROUP BY 1").fetchall())
+    split_rows = dict(
+        conn.execute(f"SELECT _split, count(*) FROM {table_name(pipeline)} GROUP BY 1").fetchall()
+    )
     return DatasetResult(
-        rows=sum(split_rows.values()), base_rows=base_rows, dropped_missing_target=missing,
+        rows=sum(split_rows.values()),
+        base_rows=base_rows,
+        dropped_missing_target=missing,
         split_rows={s: split_rows.get(s, 0) for s in ("train", "valid", "test")},
     )
 
@@ -108,12 +121,16 @@ def check_target_not_null(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpe
     nulls, rows = conn.execute(
         f"SELECT count(*) FILTER (WHERE {q(pipeline.target.name)} IS NULL), count(*) FROM {table_name(pipeline)}"
     ).fetchone()
-    return CheckOutcome(nulls == 0, f"{nulls} of {rows} rows have no target '{pipeline.target.name}'",
-                        {"null_targets": nulls, "rows": rows})
+    return CheckOutcome(
+        nulls == 0,
+        f"{nulls} of {rows} rows have no target '{pipeline.target.name}'",
+        {"null_targets": nulls, "rows": rows},
+    )
 
 
 def check_splits_populated(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> CheckOutcome:
     counts = dict(conn.execute(f"SELECT _split, count(*) FROM {table_name(pipeline)} GROUP BY 1").fetchall())
     empty = [s for s in ("train", "valid", "test") if not counts.get(s)]
-    return CheckOutcome(not empty, f"empty split(s): {empty}" if empty else f"split sizes {counts}",
-                        {"split_rows": counts})
+    return CheckOutcome(
+        not empty, f"empty split(s): {empty}" if empty else f"split sizes {counts}", {"split_rows": counts}
+    )

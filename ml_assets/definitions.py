@@ -20,8 +20,11 @@ from ml_assets.resources import PIPELINES_DIR_ENV, ArtifactStore, Warehouse, dat
 def build_definitions(pipelines_dir: Path, root: Path) -> dg.Definitions:
     project = load_project(pipelines_dir)
     jobs = [
-        dg.define_asset_job(f"{name}_job", selection=dg.AssetSelection.groups(name).upstream().required_multi_asset_neighbors(),
-                            description=f"Everything pipeline '{name}' needs, from raw sources to its evaluation.")
+        dg.define_asset_job(
+            f"{name}_job",
+            selection=dg.AssetSelection.groups(name).upstream().required_multi_asset_neighbors(),
+            description=f"Everything pipeline '{name}' needs, from raw sources to its evaluation.",
+        )
         for name in project.pipelines
     ]
     return dg.Definitions(

@@ -71,7 +71,9 @@ def _importance_plot(booster: lgb.Booster, out: Path) -> tuple[Path, list[tuple[
     return _save(fig, out / "feature_importance.png"), ranked
 
 
-def _classification_plots(y: np.ndarray, model: np.ndarray, baseline: np.ndarray, out: Path) -> dict[str, Path]:
+def _classification_plots(
+    y: np.ndarray, model: np.ndarray, baseline: np.ndarray, out: Path
+) -> dict[str, Path]:
     plots = {}
     fig, ax = _axes()
     for name, p in (("model", model), ("baseline", baseline)):
@@ -106,7 +108,9 @@ def _regression_plots(y: np.ndarray, model: np.ndarray, out: Path) -> dict[str, 
     axes[0].scatter(y[sample], model[sample], s=3, alpha=0.3)
     lo, hi = np.percentile(y, [0.5, 99.5])
     axes[0].plot([lo, hi], [lo, hi], "k:", lw=1)
-    axes[0].set(xlim=(lo, hi), ylim=(lo, hi), xlabel="actual", ylabel="predicted", title="Predicted vs actual (test)")
+    axes[0].set(
+        xlim=(lo, hi), ylim=(lo, hi), xlabel="actual", ylabel="predicted", title="Predicted vs actual (test)"
+    )
     residuals = y - model
     axes[1].hist(np.clip(residuals, *np.percentile(residuals, [0.5, 99.5])), bins=60, color="#4c72b0")
     axes[1].set(xlabel="residual (actual - predicted)", ylabel="rows", title="Residuals (test)")
@@ -123,28 +127,37 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _write_html(path: Path, manifest: dict[str, Any], ev_rows: list[list[Any]], extra: dict[str, Any],
-                plots: dict[str, Path]) -> None:
+def _write_html(
+    path: Path,
+    manifest: dict[str, Any],
+    ev_rows: list[list[Any]],
+    extra: dict[str, Any],
+    plots: dict[str, Path],
+) -> None:
     images = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{name}</figcaption></figure>" for name, p in plots.items()
+        f"<figcaption>{name}</figcaption></figure>"
+        for name, p in plots.items()
     )
-    extras = "".join(f"<h3>{html.escape(k)}</h3><pre>{html.escape(json.dumps(v, indent=1))}</pre>"
-                     for k, v in extra.items() if k in ("confusion_matrix", "calibration", "decision_threshold"))
+    extras = "".join(
+        f"<h3>{html.escape(k)}</h3><pre>{html.escape(json.dumps(v, indent=1))}</pre>"
+        for k, v in extra.items()
+        if k in ("confusion_matrix", "calibration", "decision_threshold")
+    )
     params = _table([[k, v] for k, v in sorted(manifest["params"].items())], ["parameter", "value"])
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8">
-<title>{html.escape(manifest['pipeline'])} {html.escape(manifest['version'])}</title>
+<title>{html.escape(manifest["pipeline"])} {html.escape(manifest["version"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:8px}}</style>
 </head><body>
-<h1>{html.escape(manifest['pipeline'])}: evaluation of {html.escape(manifest['version'])}</h1>
-<p>Task: {manifest['task']}. Primary metric: <b>{manifest['metric']}</b>. Test rows: {manifest['rows']['test']}
-(train {manifest['rows']['train']}, validation {manifest['rows']['valid']}). Training window:
-{manifest['train_window']['start']} to {manifest['train_window']['end']}. Code: {html.escape(manifest['code_version'])}.</p>
-<h2>Test metrics</h2>{_table(ev_rows, ["metric", "model", manifest['baseline'], "difference"])}
+<h1>{html.escape(manifest["pipeline"])}: evaluation of {html.escape(manifest["version"])}</h1>
+<p>Task: {manifest["task"]}. Primary metric: <b>{manifest["metric"]}</b>. Test rows: {manifest["rows"]["test"]}
+(train {manifest["rows"]["train"]}, validation {manifest["rows"]["valid"]}). Training window:
+{manifest["train_window"]["start"]} to {manifest["train_window"]["end"]}. Code: {html.escape(manifest["code_version"])}.</p>
+<h2>Test metrics</h2>{_table(ev_rows, ["metric", "model", manifest["baseline"], "difference"])}
 {extras}<h2>Plots</h2>{images}
-<h2>Parameters (best of {len(manifest['cv']['trials'])} CV trials, CV {manifest['metric']}
-{manifest['cv']['score']:.4f})</h2>{params}
+<h2>Parameters (best of {len(manifest["cv"]["trials"])} CV trials, CV {manifest["metric"]}
+{manifest["cv"]["score"]:.4f})</h2>{params}
 </body></html>""")
 
 
@@ -167,33 +180,50 @@ def evaluate_version(version_dir: Path, reports_root: Path) -> Evaluation:
         plots = _classification_plots(y, model, baseline, out)
         labels = (model >= threshold).astype(int)
         extra["decision_threshold"] = threshold
-        extra["confusion_matrix"] = {"labels": manifest["classes"], "rows_actual_cols_predicted":
-                                     skm.confusion_matrix(y, labels).tolist()}
+        extra["confusion_matrix"] = {
+            "labels": manifest["classes"],
+            "rows_actual_cols_predicted": skm.confusion_matrix(y, labels).tolist(),
+        }
         model_metrics["ece"] = expected_calibration_error(y, model)
         baseline_metrics = baseline_metrics | {"ece": expected_calibration_error(y, baseline)}
         frac, mean_pred = calibration_curve(y, model, n_bins=10, strategy="quantile")
-        extra["calibration"] = {"mean_predicted": mean_pred.round(4).tolist(), "observed": frac.round(4).tolist()}
+        extra["calibration"] = {
+            "mean_predicted": mean_pred.round(4).tolist(),
+            "observed": frac.round(4).tolist(),
+        }
     elif task == "multiclass":
         plots = {}
-        extra["confusion_matrix"] = {"labels": manifest["classes"], "rows_actual_cols_predicted":
-                                     skm.confusion_matrix(y, model.argmax(axis=1)).tolist()}
+        extra["confusion_matrix"] = {
+            "labels": manifest["classes"],
+            "rows_actual_cols_predicted": skm.confusion_matrix(y, model.argmax(axis=1)).tolist(),
+        }
     else:
         plots = _regression_plots(y, model, out)
     plots["feature_importance"] = importance_plot
-    rows = [[m, v, baseline_metrics.get(m, float("nan")), v - baseline_metrics.get(m, float("nan"))]
-            for m, v in model_metrics.items()]
+    rows = [
+        [m, v, baseline_metrics.get(m, float("nan")), v - baseline_metrics.get(m, float("nan"))]
+        for m, v in model_metrics.items()
+    ]
     report = out / "report.html"
     _write_html(report, manifest, rows, extra, plots)
-    (out / "metrics.json").write_text(json.dumps({"model": model_metrics, "baseline": baseline_metrics,
-                                                   **extra}, indent=2))
-    return Evaluation(manifest["version"], manifest["metric"], model_metrics, baseline_metrics, extra, report, plots)
+    (out / "metrics.json").write_text(
+        json.dumps({"model": model_metrics, "baseline": baseline_metrics, **extra}, indent=2)
+    )
+    return Evaluation(
+        manifest["version"], manifest["metric"], model_metrics, baseline_metrics, extra, report, plots
+    )
 
 
 def markdown_summary(ev: Evaluation, pipeline: str) -> str:
     lines = [f"### {pipeline} — {ev.version}", "", "| metric | model | baseline |", "|---|---|---|"]
-    lines += [f"| {m}{' **(primary)**' if m == ev.metric else ''} | {v:.4f} | {ev.baseline.get(m, float('nan')):.4f} |"
-              for m, v in ev.model.items()]
+    lines += [
+        f"| {m}{' **(primary)**' if m == ev.metric else ''} | {v:.4f} | {ev.baseline.get(m, float('nan')):.4f} |"
+        for m, v in ev.model.items()
+    ]
     verdict = "beats" if ev.beats_baseline else "does NOT beat"
-    lines += ["", f"The model {verdict} the baseline on {ev.metric}. Top features: {', '.join(ev.extra['top_features'][:5])}.",
-              f"Report: `{ev.report_path}`"]
+    lines += [
+        "",
+        f"The model {verdict} the baseline on {ev.metric}. Top features: {', '.join(ev.extra['top_features'][:5])}.",
+        f"Report: `{ev.report_path}`",
+    ]
     return "\n".join(lines)

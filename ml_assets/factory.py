@@ -39,7 +39,9 @@ def table_metadata(conn: duckdb.DuckDBPyConnection, table: str) -> dict[str, Any
     schema, name = (part.strip('"') for part in table.split(".", 1))
     columns = conn.execute(
         "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
-        "ORDER BY ordinal_position", [schema, name]).fetchall()
+        "ORDER BY ordinal_position",
+        [schema, name],
+    ).fetchall()
     return {
         "table": table,
         "dagster/row_count": conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0],
@@ -56,44 +58,70 @@ def _user_errors_as_failures(fn: Callable[[], Any]) -> Any:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
 
 
-def _check(key: dg.AssetKey, name: str, description: str,
-           outcome: Callable[[duckdb.DuckDBPyConnection], CheckOutcome]) -> dg.AssetChecksDefinition:
+def _check(
+    key: dg.AssetKey,
+    name: str,
+    description: str,
+    outcome: Callable[[duckdb.DuckDBPyConnection], CheckOutcome],
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=key, name=name, description=description, blocking=True)
     def _run(warehouse: Warehouse) -> dg.AssetCheckResult:
         with warehouse.get_connection() as conn:
             result = outcome(conn)
         return dg.AssetCheckResult(
-            passed=result.passed, description=result.description,
-            metadata={k: dg.MetadataValue.json(v) if isinstance(v, dict | list) else v
-                      for k, v in result.metadata.items()},
+            passed=result.passed,
+            description=result.description,
+            metadata={
+                k: dg.MetadataValue.json(v) if isinstance(v, dict | list) else v
+                for k, v in result.metadata.items()
+            },
         )
+
     return _run
 
 
 def source_assets(name: str, spec: SourceSpec, base_dir: Path) -> list[Any]:
-    raw_key, valid_key, quarantine_key = (dg.AssetKey([layer, name]) for layer in ("raw", "validated", "quarantine"))
+    raw_key, valid_key, quarantine_key = (
+        dg.AssetKey([layer, name]) for layer in ("raw", "validated", "quarantine")
+    )
 
-    @dg.asset(key=raw_key, group_name=SOURCES_GROUP, kinds={"duckdb", spec.resolved_format},
-              description=f"Source '{name}' loaded unchanged into DuckDB (raw.{name}), every value as in the "
-                          f"file, plus _source_file/_source_row. {spec.description}")
+    @dg.asset(
+        key=raw_key,
+        group_name=SOURCES_GROUP,
+        kinds={"duckdb", spec.resolved_format},
+        description=f"Source '{name}' loaded unchanged into DuckDB (raw.{name}), every value as in the "
+        f"file, plus _source_file/_source_row. {spec.description}",
+    )
     def raw(warehouse: Warehouse) -> dg.MaterializeResult:
         files = _user_errors_as_failures(lambda: ingest.resolve_files(name, spec, base_dir))
         with warehouse.get_connection() as conn:
             result = _user_errors_as_failures(lambda: ingest.ingest_source(conn, name, spec, files))
             meta = table_metadata(conn, f"raw.{q(name)}")
-        return dg.MaterializeResult(metadata={
-            **meta,
-            "files": md_table(pl.DataFrame(result.files), limit=50),
-            "sha256": ",".join(str(f["sha256"]) for f in result.files),
-            "ingested_at": result.ingested_at,
-        })
+        return dg.MaterializeResult(
+            metadata={
+                **meta,
+                "files": md_table(pl.DataFrame(result.files), limit=50),
+                "sha256": ",".join(str(f["sha256"]) for f in result.files),
+                "ingested_at": result.ingested_at,
+            }
+        )
 
     @dg.multi_asset(
         specs=[
-            dg.AssetSpec(valid_key, deps=[raw_key], group_name=SOURCES_GROUP, kinds={"duckdb"},
-                         description=f"Source '{name}' typed and checked against its config rules."),
-            dg.AssetSpec(quarantine_key, deps=[raw_key], group_name=SOURCES_GROUP, kinds={"duckdb"},
-                         description=f"Rows of '{name}' rejected by validation, with rule, column and reasons."),
+            dg.AssetSpec(
+                valid_key,
+                deps=[raw_key],
+                group_name=SOURCES_GROUP,
+                kinds={"duckdb"},
+                description=f"Source '{name}' typed and checked against its config rules.",
+            ),
+            dg.AssetSpec(
+                quarantine_key,
+                deps=[raw_key],
+                group_name=SOURCES_GROUP,
+                kinds={"duckdb"},
+                description=f"Rows of '{name}' rejected by validation, with rule, column and reasons.",
+            ),
         ],
         name=f"validate_{name}",
     )
@@ -103,29 +131,60 @@ def source_assets(name: str, spec: SourceSpec, base_dir: Path) -> list[Any]:
             valid_meta = table_metadata(conn, f"validated.{q(name)}")
             quarantine_meta = table_metadata(conn, f"quarantine.{q(name)}")
         share = result.quarantined_rows / result.raw_rows if result.raw_rows else 0.0
-        yield dg.MaterializeResult(asset_key=valid_key, metadata={
-            **valid_meta, "raw_rows": result.raw_rows, "quarantined_rows": result.quarantined_rows,
-            "quarantine_share": share,
-        })
-        yield dg.MaterializeResult(asset_key=quarantine_key, metadata={
-            **quarantine_meta,
-            "by_rule": md_table(pl.DataFrame(result.by_rule, schema={"rule": pl.String, "column": pl.String,
-                                                                     "rows": pl.Int64})),
-            "examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in result.examples) or "none"),
-        })
+        yield dg.MaterializeResult(
+            asset_key=valid_key,
+            metadata={
+                **valid_meta,
+                "raw_rows": result.raw_rows,
+                "quarantined_rows": result.quarantined_rows,
+                "quarantine_share": share,
+            },
+        )
+        yield dg.MaterializeResult(
+            asset_key=quarantine_key,
+            metadata={
+                **quarantine_meta,
+                "by_rule": md_table(
+                    pl.DataFrame(
+                        result.by_rule, schema={"rule": pl.String, "column": pl.String, "rows": pl.Int64}
+                    )
+                ),
+                "examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in result.examples) or "none"),
+            },
+        )
 
     checks = [
-        _check(valid_key, "schema_matches_config", "Columns and types equal the config.",
-               lambda c: validate.check_schema(c, name, spec)),
-        _check(valid_key, "row_conservation", "raw rows = validated + quarantined rows.",
-               lambda c: validate.check_row_conservation(c, name)),
-        _check(valid_key, "unique_ids", f"No two rows share the id {spec.id}.",
-               lambda c: validate.check_unique_ids(c, name, spec)),
-        _check(valid_key, "value_rules_hold", "Ranges, allowed values, not-null and patterns hold on every row.",
-               lambda c: validate.check_rules(c, name, spec)),
-        _check(valid_key, "quarantine_share", f"At most {spec.max_quarantine_share:.1%} of rows quarantined: "
-               "more means a broken batch, which must not reach training.",
-               lambda c: validate.check_quarantine_share(c, name, spec)),
+        _check(
+            valid_key,
+            "schema_matches_config",
+            "Columns and types equal the config.",
+            lambda c: validate.check_schema(c, name, spec),
+        ),
+        _check(
+            valid_key,
+            "row_conservation",
+            "raw rows = validated + quarantined rows.",
+            lambda c: validate.check_row_conservation(c, name),
+        ),
+        _check(
+            valid_key,
+            "unique_ids",
+            f"No two rows share the id {spec.id}.",
+            lambda c: validate.check_unique_ids(c, name, spec),
+        ),
+        _check(
+            valid_key,
+            "value_rules_hold",
+            "Ranges, allowed values, not-null and patterns hold on every row.",
+            lambda c: validate.check_rules(c, name, spec),
+        ),
+        _check(
+            valid_key,
+            "quarantine_share",
+            f"At most {spec.max_quarantine_share:.1%} of rows quarantined: "
+            "more means a broken batch, which must not reach training.",
+            lambda c: validate.check_quarantine_share(c, name, spec),
+        ),
     ]
     return [raw, validated, *checks]
 
@@ -139,58 +198,102 @@ def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
     p = pipeline.name
     sources = project.sources_of(pipeline)
     table_key, features_key, model_key, eval_key = (
-        dg.AssetKey([p, n]) for n in ("modelling_table", "features", "model", "evaluation"))
-    source_keys = [dg.AssetKey(["validated", s]) for s in {pipeline.base, *(j.source for j in pipeline.joins)}]
+        dg.AssetKey([p, n]) for n in ("modelling_table", "features", "model", "evaluation")
+    )
+    source_keys = [
+        dg.AssetKey(["validated", s]) for s in {pipeline.base, *(j.source for j in pipeline.joins)}
+    ]
     common = {"group_name": p, "tags": {"pipeline": p, "task": pipeline.task}}
 
-    @dg.asset(key=table_key, deps=source_keys, kinds={"duckdb"}, **common,
-              description=f"Rows of '{pipeline.base}' joined with {[j.source for j in pipeline.joins]}, derived "
-                          f"columns, the target '{pipeline.target.name}' and the time split (_split).")
+    @dg.asset(
+        key=table_key,
+        deps=source_keys,
+        kinds={"duckdb"},
+        **common,
+        description=f"Rows of '{pipeline.base}' joined with {[j.source for j in pipeline.joins]}, derived "
+        f"columns, the target '{pipeline.target.name}' and the time split (_split).",
+    )
     def modelling_table(warehouse: Warehouse) -> dg.MaterializeResult:
         with warehouse.get_connection() as conn:
             result = _user_errors_as_failures(lambda: dataset.build_modelling_table(conn, pipeline, sources))
             meta = table_metadata(conn, dataset.table_name(pipeline))
-        return dg.MaterializeResult(metadata={
-            **meta, "base_rows": result.base_rows, "dropped_missing_target": result.dropped_missing_target,
-            "missing_target_reason": pipeline.target.missing_reason or "(not given)",
-            "split_rows": dg.MetadataValue.json(result.split_rows),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                **meta,
+                "base_rows": result.base_rows,
+                "dropped_missing_target": result.dropped_missing_target,
+                "missing_target_reason": pipeline.target.missing_reason or "(not given)",
+                "split_rows": dg.MetadataValue.json(result.split_rows),
+            }
+        )
 
-    @dg.asset(key=features_key, deps=[table_key], kinds={"polars", "duckdb"}, **common,
-              description="Features declared in the config, fitted on the training split only; the fitted "
-                          "transform is saved as JSON for batch and online scoring.")
+    @dg.asset(
+        key=features_key,
+        deps=[table_key],
+        kinds={"polars", "duckdb"},
+        **common,
+        description="Features declared in the config, fitted on the training split only; the fitted "
+        "transform is saved as JSON for batch and online scoring.",
+    )
     def features(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
         path = artifacts.path("features", p, "transform.json")
         with warehouse.get_connection() as conn:
             result = _user_errors_as_failures(lambda: build_features(conn, pipeline, path))
             meta = table_metadata(conn, f"{q(p)}.features")
-        return dg.MaterializeResult(metadata={
-            **meta, "transform": dg.MetadataValue.path(str(path)), "transform_sha256": result.transform_sha256,
-            "features": dg.MetadataValue.json(result.columns),
-            "categorical_vocabulary_sizes": dg.MetadataValue.json(result.vocabulary_sizes),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                **meta,
+                "transform": dg.MetadataValue.path(str(path)),
+                "transform_sha256": result.transform_sha256,
+                "features": dg.MetadataValue.json(result.columns),
+                "categorical_vocabulary_sizes": dg.MetadataValue.json(result.vocabulary_sizes),
+            }
+        )
 
-    @dg.asset(key=model_key, deps=[features_key], kinds={"lightgbm", "scikit-learn"}, **common,
-              description=f"LightGBM tuned by {'time-series' if pipeline.split.method == 'time' else 'k-fold'} "
-                          f"CV on {pipeline.metric} within a time budget, and a linear baseline; registered "
-                          "as a new model version (text model + JSON manifest).")
+    @dg.asset(
+        key=model_key,
+        deps=[features_key],
+        kinds={"lightgbm", "scikit-learn"},
+        **common,
+        description=f"LightGBM tuned by {'time-series' if pipeline.split.method == 'time' else 'k-fold'} "
+        f"CV on {pipeline.metric} within a time budget, and a linear baseline; registered "
+        "as a new model version (text model + JSON manifest).",
+    )
     def model(config: TrainConfig, warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
-        version_dir, manifest = _user_errors_as_failures(lambda: train_and_register(
-            warehouse.get_connection, pipeline, artifacts.path("features", p, "transform.json"),
-            Path(artifacts.root) / "models", config.time_budget_s, config.max_trials))
+        version_dir, manifest = _user_errors_as_failures(
+            lambda: train_and_register(
+                warehouse.get_connection,
+                pipeline,
+                artifacts.path("features", p, "transform.json"),
+                Path(artifacts.root) / "models",
+                config.time_budget_s,
+                config.max_trials,
+            )
+        )
         metric = manifest["metric"]
-        return dg.MaterializeResult(metadata={
-            "version": manifest["version"], "path": dg.MetadataValue.path(str(version_dir)),
-            f"cv_{metric}": manifest["cv"]["score"], f"test_{metric}": manifest["test_metrics"][metric],
-            f"baseline_test_{metric}": manifest["baseline_test_metrics"][metric],
-            "trials": len(manifest["cv"]["trials"]), "best_iteration": manifest["best_iteration"],
-            "params": dg.MetadataValue.json(manifest["params"]),
-            "train_window": dg.MetadataValue.json(manifest["train_window"]),
-            "data_fingerprint": manifest["data_fingerprint"], "code_version": manifest["code_version"],
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "version": manifest["version"],
+                "path": dg.MetadataValue.path(str(version_dir)),
+                f"cv_{metric}": manifest["cv"]["score"],
+                f"test_{metric}": manifest["test_metrics"][metric],
+                f"baseline_test_{metric}": manifest["baseline_test_metrics"][metric],
+                "trials": len(manifest["cv"]["trials"]),
+                "best_iteration": manifest["best_iteration"],
+                "params": dg.MetadataValue.json(manifest["params"]),
+                "train_window": dg.MetadataValue.json(manifest["train_window"]),
+                "data_fingerprint": manifest["data_fingerprint"],
+                "code_version": manifest["code_version"],
+            }
+        )
 
-    @dg.asset(key=eval_key, deps=[model_key], kinds={"html", "matplotlib"}, **common,
-              description="Test metrics of the latest model version next to the baseline, plots and an HTML report.")
+    @dg.asset(
+        key=eval_key,
+        deps=[model_key],
+        kinds={"html", "matplotlib"},
+        **common,
+        description="Test metrics of the latest model version next to the baseline, plots and an HTML report.",
+    )
     def evaluation(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
         with warehouse.get_connection() as conn:
             version_dir = _user_errors_as_failures(lambda: latest_version_dir(conn, p))
@@ -198,19 +301,31 @@ def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
         ev = evaluate_version(version_dir, Path(artifacts.root) / "reports")
         headline = {f"model_{m}": float(v) for m, v in ev.model.items()}
         headline |= {f"baseline_{m}": float(v) for m, v in ev.baseline.items()}
-        return dg.MaterializeResult(metadata={
-            **headline, "version": ev.version, "beats_baseline": ev.beats_baseline,
-            "report": dg.MetadataValue.path(str(ev.report_path)),
-            "summary": dg.MetadataValue.md(markdown_summary(ev, p)),
-            "plots": dg.MetadataValue.json({k: str(v) for k, v in ev.plots.items()}),
-            "model_versions": md_table(history.sort("created_at", descending=True), limit=20),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                **headline,
+                "version": ev.version,
+                "beats_baseline": ev.beats_baseline,
+                "report": dg.MetadataValue.path(str(ev.report_path)),
+                "summary": dg.MetadataValue.md(markdown_summary(ev, p)),
+                "plots": dg.MetadataValue.json({k: str(v) for k, v in ev.plots.items()}),
+                "model_versions": md_table(history.sort("created_at", descending=True), limit=20),
+            }
+        )
 
     checks = [
-        _check(table_key, "target_not_null", f"Every row has a target '{pipeline.target.name}'.",
-               lambda c: dataset.check_target_not_null(c, pipeline)),
-        _check(table_key, "splits_populated", "Train, validation and test splits all have rows.",
-               lambda c: dataset.check_splits_populated(c, pipeline)),
+        _check(
+            table_key,
+            "target_not_null",
+            f"Every row has a target '{pipeline.target.name}'.",
+            lambda c: dataset.check_target_not_null(c, pipeline),
+        ),
+        _check(
+            table_key,
+            "splits_populated",
+            "Train, validation and test splits all have rows.",
+            lambda c: dataset.check_splits_populated(c, pipeline),
+        ),
     ]
     return [modelling_table, features, model, evaluation, *checks]
 

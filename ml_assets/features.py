@@ -38,8 +38,10 @@ def _input(spec: dict[str, Any], frame: pl.DataFrame) -> pl.Series:
         values = resolve_function(spec["function"])(frame)
         series = values if isinstance(values, pl.Series) else pl.Series(values)
         if series.len() != frame.height:
-            raise ValueError(f"feature '{spec['name']}': {spec['function']} returned {series.len()} values "
-                             f"for {frame.height} rows")
+            raise ValueError(
+                f"feature '{spec['name']}': {spec['function']} returned {series.len()} values "
+                f"for {frame.height} rows"
+            )
         return series.alias(spec["name"])
     column = spec["column"]
     if column not in frame.columns:
@@ -57,15 +59,24 @@ def _impute_value(series: pl.Series, how: str) -> float | None:
 
 
 def _fit_one(feature: FeatureSpec, frame: pl.DataFrame) -> dict[str, Any]:
-    spec: dict[str, Any] = {"name": feature.name, "type": feature.type, "column": feature.input_column,
-                            "function": feature.function}
+    spec: dict[str, Any] = {
+        "name": feature.name,
+        "type": feature.type,
+        "column": feature.input_column,
+        "function": feature.function,
+    }
     values = _input(spec, frame)
     if feature.type in ("numeric", "boolean"):
         spec["impute"] = _impute_value(values.cast(pl.Float64, strict=False), feature.impute)
     elif feature.type == "categorical":
-        counts = (values.cast(pl.String).fill_null(MISSING).value_counts(name="n")
-                  .filter(pl.col("n") >= feature.min_frequency)
-                  .sort(["n", values.name], descending=[True, False]).head(feature.max_categories))
+        counts = (
+            values.cast(pl.String)
+            .fill_null(MISSING)
+            .value_counts(name="n")
+            .filter(pl.col("n") >= feature.min_frequency)
+            .sort(["n", values.name], descending=[True, False])
+            .head(feature.max_categories)
+        )
         # Codes follow sorted category names, so the vocabulary is independent of row order.
         spec["categories"] = sorted(counts.get_column(values.name).to_list())
     else:
@@ -86,8 +97,11 @@ def _apply_one(spec: dict[str, Any], frame: pl.DataFrame) -> list[pl.Series]:
         categories = spec["categories"]
         mapping = {c: i for i, c in enumerate(categories)}
         # Unseen and rare categories share the code len(categories) ("other").
-        codes = (values.cast(pl.String).fill_null(MISSING)
-                 .replace_strict(mapping, default=len(categories), return_dtype=pl.Int32))
+        codes = (
+            values.cast(pl.String)
+            .fill_null(MISSING)
+            .replace_strict(mapping, default=len(categories), return_dtype=pl.Int32)
+        )
         return [codes.alias(name)]
     stamps = values.cast(pl.Datetime("us"), strict=False)
     if spec["timezone"]:
@@ -114,15 +128,20 @@ class FeatureTransform:
 
     @property
     def output_columns(self) -> list[str]:
-        return [f"{f['name']}_{p}" if f["type"] == "datetime" else f["name"]
-                for f in self.features for p in (f.get("parts") or [None])]
+        return [
+            f"{f['name']}_{p}" if f["type"] == "datetime" else f["name"]
+            for f in self.features
+            for p in (f.get("parts") or [None])
+        ]
 
     @property
     def categorical_columns(self) -> list[str]:
         return [f["name"] for f in self.features if f["type"] == "categorical"]
 
     def to_json(self) -> str:
-        return json.dumps({"format_version": FORMAT_VERSION, "features": self.features}, indent=2, sort_keys=True)
+        return json.dumps(
+            {"format_version": FORMAT_VERSION, "features": self.features}, indent=2, sort_keys=True
+        )
 
     def save(self, path: Path) -> str:
         """Write the transform atomically (readers never see half a file); returns its sha256."""
@@ -152,8 +171,9 @@ def feature_table(pipeline: PipelineSpec, frame: pl.DataFrame, transform: Featur
     """
     key = pl.concat_str([pl.col(c).cast(pl.String) for c in pipeline.id], separator="|", ignore_nulls=False)
     ts = pl.col(pipeline.timestamp) if pipeline.timestamp else pl.lit(None, dtype=pl.Datetime("us"))
-    meta = frame.select(key.alias("_key"), ts.alias("_ts"), pl.col("_split"),
-                        pl.col(pipeline.target.name).alias(TARGET))
+    meta = frame.select(
+        key.alias("_key"), ts.alias("_ts"), pl.col("_split"), pl.col(pipeline.target.name).alias(TARGET)
+    )
     return pl.concat([meta, transform.apply(frame)], how="horizontal")
 
 
@@ -169,7 +189,9 @@ class FeaturesResult:
     vocabulary_sizes: dict[str, int]
 
 
-def build_features(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, transform_path: Path) -> FeaturesResult:
+def build_features(
+    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, transform_path: Path
+) -> FeaturesResult:
     """Fit the transform on the training split of the modelling table, apply it to every row, and write
     `<pipeline>.features` and the transform file."""
     frame = conn.execute(f"SELECT * FROM {table_name(pipeline)}").pl()
@@ -181,5 +203,9 @@ def build_features(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, tran
     finally:
         conn.unregister("_features")
     sha = transform.save(transform_path)
-    return FeaturesResult(table.height, transform.output_columns, sha,
-                          {f["name"]: len(f["categories"]) for f in transform.features if "categories" in f})
+    return FeaturesResult(
+        table.height,
+        transform.output_columns,
+        sha,
+        {f["name"]: len(f["categories"]) for f in transform.features if "categories" in f},
+    )

@@ -96,22 +96,28 @@ def _read_file(name: str, path: Path, spec: SourceSpec) -> list[tuple[str, pl.Da
         raise SourceError(f"source '{name}': cannot read file {path}: {first_line}") from exc
 
 
-def read_source(name: str, spec: SourceSpec, files: list[Path]) -> tuple[pl.DataFrame, list[dict[str, object]]]:
+def read_source(
+    name: str, spec: SourceSpec, files: list[Path]
+) -> tuple[pl.DataFrame, list[dict[str, object]]]:
     frames: list[pl.DataFrame] = []
     records: list[dict[str, object]] = []
     for path in files:
         sha = sha256_file(path)
         for label, frame in _read_file(name, path, spec):
             if frame.height == 0:
-                raise SourceError(f"source '{name}': file {label} has no data rows (empty batch); nothing was "
-                                  "loaded and the previous raw table is unchanged")
+                raise SourceError(
+                    f"source '{name}': file {label} has no data rows (empty batch); nothing was "
+                    "loaded and the previous raw table is unchanged"
+                )
             frames.append(frame.with_columns(pl.lit(label).alias("_source_file")))
             records.append({"file": label, "sha256": sha, "rows": frame.height})
     # Files of one source may differ in columns (schema evolution): keep the union, missing values null.
     return pl.concat(frames, how="diagonal_relaxed"), records
 
 
-def ingest_source(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec, files: list[Path]) -> IngestResult:
+def ingest_source(
+    conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec, files: list[Path]
+) -> IngestResult:
     frame, records = read_source(name, spec, files)
     lineage = ["_source_file", "_source_row"]
     frame = frame.select([c for c in frame.columns if c not in lineage] + lineage)

@@ -43,8 +43,14 @@ def new_version_id(now: dt.datetime | None = None) -> str:
 
 def code_version() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"
     return f"ml_assets {ml_assets.__version__} ({sha})"
@@ -56,8 +62,9 @@ def frame_fingerprint(frame: pl.DataFrame) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
-def write_version(root: Path, pipeline: str, version: str, files: dict[str, bytes | Path],
-                  manifest: dict[str, Any]) -> Path:
+def write_version(
+    root: Path, pipeline: str, version: str, files: dict[str, bytes | Path], manifest: dict[str, Any]
+) -> Path:
     """Write a version folder atomically; returns its final path. `files` maps artifact names to content."""
     final = root / pipeline / version
     tmp = root / pipeline / f".tmp-{version}-{os.getpid()}"
@@ -89,8 +96,10 @@ def read_manifest(version_dir: Path, verify: bool = True) -> dict[str, Any]:
                 raise ArtifactError(f"{file}: artifact is missing")
             actual = sha256_file(file)
             if actual != expected:
-                raise ArtifactError(f"{file}: sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…; "
-                                    "the artifact was modified after training and will not be loaded")
+                raise ArtifactError(
+                    f"{file}: sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…; "
+                    "the artifact was modified after training and will not be loaded"
+                )
     return manifest
 
 
@@ -120,11 +129,23 @@ def register(conn: duckdb.DuckDBPyConnection, version_dir: Path, manifest: dict[
     conn.execute(SCHEMA)
     conn.execute(
         "INSERT INTO registry.model_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [manifest["version"], manifest["pipeline"], manifest["created_at"], manifest["task"], manifest["metric"],
-         manifest["cv"]["score"], manifest["test_metrics"][manifest["metric"]],
-         manifest["baseline_test_metrics"][manifest["metric"]], manifest["train_window"]["start"],
-         manifest["train_window"]["end"], manifest["data_fingerprint"], manifest["code_version"],
-         manifest["files"][MODEL_FILE], str(version_dir), json.dumps(manifest, default=str)],
+        [
+            manifest["version"],
+            manifest["pipeline"],
+            manifest["created_at"],
+            manifest["task"],
+            manifest["metric"],
+            manifest["cv"]["score"],
+            manifest["test_metrics"][manifest["metric"]],
+            manifest["baseline_test_metrics"][manifest["metric"]],
+            manifest["train_window"]["start"],
+            manifest["train_window"]["end"],
+            manifest["data_fingerprint"],
+            manifest["code_version"],
+            manifest["files"][MODEL_FILE],
+            str(version_dir),
+            json.dumps(manifest, default=str),
+        ],
     )
 
 
@@ -132,13 +153,20 @@ def versions(conn: duckdb.DuckDBPyConnection, pipeline: str) -> pl.DataFrame:
     conn.execute(SCHEMA)
     return conn.execute(
         "SELECT version, created_at, metric, cv_score, test_score, baseline_test_score, path "
-        "FROM registry.model_versions WHERE pipeline = ? ORDER BY created_at, version", [pipeline]).pl()
+        "FROM registry.model_versions WHERE pipeline = ? ORDER BY created_at, version",
+        [pipeline],
+    ).pl()
 
 
 def latest_version_dir(conn: duckdb.DuckDBPyConnection, pipeline: str) -> Path:
     conn.execute(SCHEMA)
-    row = conn.execute("SELECT path FROM registry.model_versions WHERE pipeline = ? "
-                       "ORDER BY created_at DESC, version DESC LIMIT 1", [pipeline]).fetchone()
+    row = conn.execute(
+        "SELECT path FROM registry.model_versions WHERE pipeline = ? "
+        "ORDER BY created_at DESC, version DESC LIMIT 1",
+        [pipeline],
+    ).fetchone()
     if row is None:
-        raise ArtifactError(f"pipeline '{pipeline}': no model version is registered yet; materialize its model")
+        raise ArtifactError(
+            f"pipeline '{pipeline}': no model version is registered yet; materialize its model"
+        )
     return Path(row[0])

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
@@ -32,8 +31,8 @@ from sklearn.model_selection import KFold, TimeSeriesSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from ml_assets.config import ParamRange, PipelineSpec
 from ml_assets import registry
+from ml_assets.config import ParamRange, PipelineSpec
 from ml_assets.features import TARGET, FeatureTransform, features_table_name
 from ml_assets.metrics import all_metrics, best_f1_threshold, score
 
@@ -68,7 +67,9 @@ def training_data(pipeline: PipelineSpec, frame: pl.DataFrame, transform: Featur
     else:
         classes = sorted(target.unique().drop_nulls().to_list())
         if pipeline.task == "binary" and len(classes) != 2:
-            raise ValueError(f"pipeline '{pipeline.name}': a binary target needs exactly 2 classes, got {classes}")
+            raise ValueError(
+                f"pipeline '{pipeline.name}': a binary target needs exactly 2 classes, got {classes}"
+            )
         y_all = target.replace_strict({c: i for i, c in enumerate(classes)}, return_dtype=pl.Int32).to_numpy()
     features = transform.output_columns
 
@@ -81,8 +82,9 @@ def training_data(pipeline: PipelineSpec, frame: pl.DataFrame, transform: Featur
     window = {"start": None, "end": None}
     if train_ts.null_count() < train_ts.len():
         window = {"start": str(train_ts.min()), "end": str(train_ts.max())}
-    return TrainingData(part("train"), part("valid"), part("test"), features, transform.categorical_columns,
-                        classes, window)
+    return TrainingData(
+        part("train"), part("valid"), part("test"), features, transform.categorical_columns, classes, window
+    )
 
 
 def base_params(pipeline: PipelineSpec, n_classes: int | None) -> dict[str, Any]:
@@ -117,12 +119,20 @@ def predict(booster: lgb.Booster, X: pd.DataFrame, num_iteration: int | None = N
     return booster.predict(X, num_iteration=num_iteration)
 
 
-def _fit(params: dict[str, Any], pipeline: PipelineSpec, train: tuple[pd.DataFrame, np.ndarray],
-         valid: tuple[pd.DataFrame, np.ndarray], categorical: list[str]) -> lgb.Booster:
+def _fit(
+    params: dict[str, Any],
+    pipeline: PipelineSpec,
+    train: tuple[pd.DataFrame, np.ndarray],
+    valid: tuple[pd.DataFrame, np.ndarray],
+    categorical: list[str],
+) -> lgb.Booster:
     dtrain = lgb.Dataset(train[0], train[1], categorical_feature=categorical, free_raw_data=False)
     dvalid = lgb.Dataset(valid[0], valid[1], reference=dtrain, categorical_feature=categorical)
     return lgb.train(
-        params, dtrain, num_boost_round=pipeline.model.max_rounds, valid_sets=[dvalid],
+        params,
+        dtrain,
+        num_boost_round=pipeline.model.max_rounds,
+        valid_sets=[dvalid],
         callbacks=[lgb.early_stopping(pipeline.model.early_stopping_rounds, verbose=False)],
     )
 
@@ -138,8 +148,11 @@ class Tuning:
 def tune(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_trials: int) -> Tuning:
     X, y = data.train.X, data.train.y
     folds = pipeline.model.cv_folds
-    splitter = (TimeSeriesSplit(n_splits=folds) if pipeline.split.method == "time"
-                else KFold(n_splits=folds, shuffle=True, random_state=pipeline.model.seed))
+    splitter = (
+        TimeSeriesSplit(n_splits=folds)
+        if pipeline.split.method == "time"
+        else KFold(n_splits=folds, shuffle=True, random_state=pipeline.model.seed)
+    )
     fold_indices = list(splitter.split(X))
     rng = np.random.default_rng(pipeline.model.seed)
     base = base_params(pipeline, len(data.classes) if data.classes else None)
@@ -160,23 +173,33 @@ def tune(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_t
             pred = predict(booster, X.iloc[va], booster.best_iteration)
             fold_scores.append(score(pipeline.task, pipeline.metric, y[va], pred))
             rounds.append(booster.best_iteration)
-        trials.append({"params": sampled, "cv_score": float(np.mean(fold_scores)),
-                       "cv_std": float(np.std(fold_scores)), "rounds": rounds})
+        trials.append(
+            {
+                "params": sampled,
+                "cv_score": float(np.mean(fold_scores)),
+                "cv_std": float(np.std(fold_scores)),
+                "rounds": rounds,
+            }
+        )
     best = max(trials, key=lambda t: sign * t["cv_score"])
     return Tuning(base | best["params"], best["cv_score"], trials, time.monotonic() - started)
 
 
 def fit_final(pipeline: PipelineSpec, data: TrainingData, params: dict[str, Any]) -> lgb.Booster:
-    return _fit(params, pipeline, (data.train.X, data.train.y), (data.valid.X, data.valid.y), data.categorical)
+    return _fit(
+        params, pipeline, (data.train.X, data.train.y), (data.valid.X, data.valid.y), data.categorical
+    )
 
 
 def baseline_predictions(pipeline: PipelineSpec, data: TrainingData) -> dict[str, np.ndarray]:
     """A scikit-learn linear baseline on the same features and split: the bar the model must clear."""
     numeric = [c for c in data.features if c not in data.categorical]
-    prep = ColumnTransformer([
-        ("num", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numeric),
-        ("cat", OneHotEncoder(handle_unknown="ignore"), data.categorical),
-    ])
+    prep = ColumnTransformer(
+        [
+            ("num", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numeric),
+            ("cat", OneHotEncoder(handle_unknown="ignore"), data.categorical),
+        ]
+    )
     if pipeline.task == "regression":
         model = make_pipeline(prep, Ridge(alpha=1.0))
         model.fit(data.train.X, data.train.y)
@@ -203,10 +226,14 @@ def _as_columns(task: str, pred: np.ndarray, prefix: str) -> dict[str, np.ndarra
     return {prefix: pred}
 
 
-def train_model(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_trials: int) -> TrainedModel:
+def train_model(
+    pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_trials: int
+) -> TrainedModel:
     for name in ("train", "valid", "test"):
         if len(getattr(data, name).y) == 0:
-            raise ValueError(f"pipeline '{pipeline.name}': the {name} split is empty; check the split settings")
+            raise ValueError(
+                f"pipeline '{pipeline.name}': the {name} split is empty; check the split settings"
+            )
     tuning = tune(pipeline, data, time_budget_s, max_trials)
     booster = fit_final(pipeline, data, tuning.best_params)
     best_iteration = booster.best_iteration or booster.current_iteration()
@@ -215,12 +242,18 @@ def train_model(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float
     threshold = best_f1_threshold(data.valid.y, valid_pred) if pipeline.task == "binary" else 0.5
     baseline = baseline_predictions(pipeline, data)
     base_threshold = best_f1_threshold(data.valid.y, baseline["valid"]) if pipeline.task == "binary" else 0.5
-    predictions = pl.DataFrame({
-        "_key": data.test.key, "y_true": data.test.y,
-        **_as_columns(pipeline.task, test_pred, "model"), **_as_columns(pipeline.task, baseline["test"], "baseline"),
-    })
+    predictions = pl.DataFrame(
+        {
+            "_key": data.test.key,
+            "y_true": data.test.y,
+            **_as_columns(pipeline.task, test_pred, "model"),
+            **_as_columns(pipeline.task, baseline["test"], "baseline"),
+        }
+    )
     return TrainedModel(
-        booster=booster, tuning=tuning, threshold=threshold,
+        booster=booster,
+        tuning=tuning,
+        threshold=threshold,
         test_metrics=all_metrics(pipeline.task, data.test.y, test_pred, threshold),
         baseline_test_metrics=all_metrics(pipeline.task, data.test.y, baseline["test"], base_threshold),
         test_predictions=predictions,
@@ -231,8 +264,12 @@ Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 
 def train_and_register(
-    connect: Connect, pipeline: PipelineSpec, transform_path: Path, models_root: Path,
-    time_budget_s: float | None = None, max_trials: int | None = None,
+    connect: Connect,
+    pipeline: PipelineSpec,
+    transform_path: Path,
+    models_root: Path,
+    time_budget_s: float | None = None,
+    max_trials: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train on `<pipeline>.features`, write a new model version folder and register it.
 
@@ -266,20 +303,30 @@ def train_and_register(
         "train_window": data.time_window,
         "data_fingerprint": registry.frame_fingerprint(frame.filter(pl.col("_split") == "train")),
         "code_version": registry.code_version(),
-        "cv": {"score": trained.tuning.best_cv_score, "folds": pipeline.model.cv_folds,
-               "trials": trained.tuning.trials, "elapsed_s": round(trained.tuning.elapsed_s, 2),
-               "time_budget_s": budget},
+        "cv": {
+            "score": trained.tuning.best_cv_score,
+            "folds": pipeline.model.cv_folds,
+            "trials": trained.tuning.trials,
+            "elapsed_s": round(trained.tuning.elapsed_s, 2),
+            "time_budget_s": budget,
+        },
         "test_metrics": trained.test_metrics,
         "baseline": "logistic regression" if pipeline.task != "regression" else "ridge regression",
         "baseline_test_metrics": trained.baseline_test_metrics,
     }
     predictions = io.BytesIO()
     trained.test_predictions.write_parquet(predictions)
-    version_dir = registry.write_version(models_root, pipeline.name, version, {
-        registry.MODEL_FILE: trained.booster.model_to_string(num_iteration=best_iteration).encode(),
-        registry.TRANSFORM_FILE: transform_path,
-        registry.PREDICTIONS_FILE: predictions.getvalue(),
-    }, manifest)
+    version_dir = registry.write_version(
+        models_root,
+        pipeline.name,
+        version,
+        {
+            registry.MODEL_FILE: trained.booster.model_to_string(num_iteration=best_iteration).encode(),
+            registry.TRANSFORM_FILE: transform_path,
+            registry.PREDICTIONS_FILE: predictions.getvalue(),
+        },
+        manifest,
+    )
     manifest = registry.read_manifest(version_dir)
     with connect() as conn:
         registry.register(conn, version_dir, manifest)

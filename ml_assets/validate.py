@@ -68,17 +68,28 @@ def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str
         out.append(("max", f"{typed} > {spec.max}", f"'{column}: ' || {shown} || ' is above max {spec.max}'"))
     if spec.allowed is not None:
         values = ", ".join(lit(v) for v in spec.allowed)
-        out.append(("allowed", f"{typed} NOT IN ({values})",
-                    f"'{column}: ' || {shown} || ' is not one of the allowed values'"))
+        out.append(
+            (
+                "allowed",
+                f"{typed} NOT IN ({values})",
+                f"'{column}: ' || {shown} || ' is not one of the allowed values'",
+            )
+        )
     if spec.pattern is not None:
-        out.append(("pattern", f"NOT regexp_full_match({typed}, {lit(spec.pattern)})",
-                    f"'{column}: ' || {shown} || ' does not match pattern ' || {lit(spec.pattern)}"))
+        out.append(
+            (
+                "pattern",
+                f"NOT regexp_full_match({typed}, {lit(spec.pattern)})",
+                f"'{column}: ' || {shown} || ' does not match pattern ' || {lit(spec.pattern)}",
+            )
+        )
     return out
 
 
 def _failure(rule: str, column: str, condition: str, reason: str) -> str:
-    return (f"CASE WHEN {condition} THEN {{'rule': {lit(rule)}, 'column': {lit(column)}, "
-            f"'reason': {reason}}} END")
+    return (
+        f"CASE WHEN {condition} THEN {{'rule': {lit(rule)}, 'column': {lit(column)}, 'reason': {reason}}} END"
+    )
 
 
 def raw_columns(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> list[str]:
@@ -113,28 +124,36 @@ def validate_source(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec
     failures = []
     for column, cspec in spec.columns.items():
         typed = q("__t_" + column)
-        failures.append(_failure(
-            "type", column, f"{q(column)} IS NOT NULL AND {typed} IS NULL",
-            f"'{column}: ' || {lit(chr(39))} || CAST({q(column)} AS VARCHAR) || {lit(chr(39))} || "
-            f"' is not a valid {cspec.type}'",
-        ))
-        failures += [_failure(rule, column, cond, reason) for rule, cond, reason in rule_conditions(column, cspec, typed)]
+        failures.append(
+            _failure(
+                "type",
+                column,
+                f"{q(column)} IS NOT NULL AND {typed} IS NULL",
+                f"'{column}: ' || {lit(chr(39))} || CAST({q(column)} AS VARCHAR) || {lit(chr(39))} || "
+                f"' is not a valid {cspec.type}'",
+            )
+        )
+        failures += [
+            _failure(rule, column, cond, reason)
+            for rule, cond, reason in rule_conditions(column, cspec, typed)
+        ]
     failure_list = f"list_filter([{', '.join(failures)}], x -> x IS NOT NULL)"
     id_cols = ", ".join(q("__t_" + c) for c in spec.id)
     duplicate_of_earlier = (
         f"len(__f) = 0 AND row_number() OVER (PARTITION BY len(__f) = 0, {id_cols} "
         f"ORDER BY _source_file, _source_row) > 1"
-        if spec.id else "false"
+        if spec.id
+        else "false"
     )
     id_reason = lit(f"duplicate id ({', '.join(spec.id)}): an earlier row has the same values")
     conn.execute(f"""
         CREATE OR REPLACE TEMP TABLE __typed AS
-        SELECT *, {failure_list} AS __f FROM (SELECT *, {', '.join(typed_cols)} FROM raw.{q(name)})
+        SELECT *, {failure_list} AS __f FROM (SELECT *, {", ".join(typed_cols)} FROM raw.{q(name)})
     """)
     conn.execute(f"""
         CREATE OR REPLACE TEMP TABLE __checked AS
         SELECT * REPLACE (CASE WHEN {duplicate_of_earlier}
-                          THEN [{{'rule': 'unique', 'column': {lit(','.join(spec.id))}, 'reason': {id_reason}}}]
+                          THEN [{{'rule': 'unique', 'column': {lit(",".join(spec.id))}, 'reason': {id_reason}}}]
                           ELSE __f END AS __f)
         FROM __typed
     """)
@@ -179,23 +198,38 @@ def validate_source(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec
 
 
 def check_schema(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
-    actual = dict(conn.execute(
-        "SELECT column_name, data_type FROM information_schema.columns "
-        "WHERE table_schema = 'validated' AND table_name = ?", [name]).fetchall())
+    actual = dict(
+        conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'validated' AND table_name = ?",
+            [name],
+        ).fetchall()
+    )
     expected = {c: DUCKDB_TYPES[s.type] for c, s in spec.columns.items()}
-    problems = [f"{c}: expected {t}, found {actual.get(c, 'missing')}" for c, t in expected.items() if actual.get(c) != t]
+    problems = [
+        f"{c}: expected {t}, found {actual.get(c, 'missing')}"
+        for c, t in expected.items()
+        if actual.get(c) != t
+    ]
     problems += [f"{c}: not in config" for c in actual if c not in expected]
-    return CheckOutcome(not problems, "; ".join(problems) or "columns and types match the config",
-                        {"expected": expected, "problems": problems})
+    return CheckOutcome(
+        not problems,
+        "; ".join(problems) or "columns and types match the config",
+        {"expected": expected, "problems": problems},
+    )
 
 
 def check_row_conservation(conn: duckdb.DuckDBPyConnection, name: str) -> CheckOutcome:
     raw, valid, quarantined = conn.execute(
         f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM validated.{q(name)}), "
-        f"(SELECT count(*) FROM quarantine.{q(name)})").fetchone()
+        f"(SELECT count(*) FROM quarantine.{q(name)})"
+    ).fetchone()
     ok = raw == valid + quarantined
-    return CheckOutcome(ok, f"raw {raw} {'=' if ok else '!='} validated {valid} + quarantined {quarantined}",
-                        {"raw": raw, "validated": valid, "quarantined": quarantined})
+    return CheckOutcome(
+        ok,
+        f"raw {raw} {'=' if ok else '!='} validated {valid} + quarantined {quarantined}",
+        {"raw": raw, "validated": valid, "quarantined": quarantined},
+    )
 
 
 def check_unique_ids(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
@@ -220,21 +254,27 @@ def check_rules(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) ->
     row = conn.execute(f"SELECT {', '.join(counts)} FROM validated.{q(name)}").fetchone()
     names = [c.rsplit(" AS ", 1)[1].strip('"') for c in counts]
     broken = {n: v for n, v in zip(names, row, strict=True) if v}
-    return CheckOutcome(not broken, f"rule violations: {broken}" if broken else f"{len(names)} rules hold",
-                        {"violations": broken, "rules_checked": len(names)})
+    return CheckOutcome(
+        not broken,
+        f"rule violations: {broken}" if broken else f"{len(names)} rules hold",
+        {"violations": broken, "rules_checked": len(names)},
+    )
 
 
 def check_quarantine_share(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
     raw, quarantined = conn.execute(
-        f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM quarantine.{q(name)})").fetchone()
+        f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM quarantine.{q(name)})"
+    ).fetchone()
     share = quarantined / raw if raw else 1.0
     ok = share <= spec.max_quarantine_share
     top = conn.execute(
         f"SELECT _rule, _column, count(*) n, min(_source_file), min(_reasons) FROM quarantine.{q(name)} "
-        "GROUP BY _rule, _column ORDER BY n DESC LIMIT 3").fetchall()
+        "GROUP BY _rule, _column ORDER BY n DESC LIMIT 3"
+    ).fetchall()
     reasons = "; ".join(f"{r} on {c}: {n} rows (e.g. {f}: {why})" for r, c, n, f, why in top)
     return CheckOutcome(
         ok,
-        f"{share:.2%} of rows quarantined (max {spec.max_quarantine_share:.2%})" + (f"; top: {reasons}" if top else ""),
+        f"{share:.2%} of rows quarantined (max {spec.max_quarantine_share:.2%})"
+        + (f"; top: {reasons}" if top else ""),
         {"quarantine_share": share, "max_quarantine_share": spec.max_quarantine_share},
     )

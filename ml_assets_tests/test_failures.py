@@ -3,30 +3,44 @@ batches and blocking checks, run through Dagster on a small sample of the real d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 
-from ml_assets.registry import ArtifactError, MODEL_FILE, read_manifest
+from ml_assets.registry import MODEL_FILE, ArtifactError, read_manifest
 from ml_assets.resources import connect, warehouse_path
 from ml_assets.serve import ServableModel
 from ml_assets_tests.conftest import materialize_all
 
-DOWNSTREAM = [dg.AssetKey([p, a]) for p in ("flight_delay", "flight_arr_delay")
-              for a in ("modelling_table", "features", "model", "evaluation")]
+DOWNSTREAM = [
+    dg.AssetKey([p, a])
+    for p in ("flight_delay", "flight_arr_delay")
+    for a in ("modelling_table", "features", "model", "evaluation")
+]
 
 
 def _counts(root: Path) -> dict[str, int]:
     with connect(warehouse_path(root)) as conn:
-        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                for t in ("raw.flights", "validated.flights", "quarantine.flights", "flight_delay.modelling_table")}
+        return {
+            t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in (
+                "raw.flights",
+                "validated.flights",
+                "quarantine.flights",
+                "flight_delay.modelling_table",
+            )
+        }
 
 
 def _versions(root: Path) -> list[str]:
     with connect(warehouse_path(root)) as conn:
-        return [r[0] for r in conn.execute("SELECT path FROM registry.model_versions ORDER BY created_at").fetchall()]
+        return [
+            r[0]
+            for r in conn.execute("SELECT path FROM registry.model_versions ORDER BY created_at").fetchall()
+        ]
 
 
 def _failure_messages(result: dg.ExecuteInProcessResult) -> str:
@@ -37,7 +51,7 @@ def _materialized(result: dg.ExecuteInProcessResult) -> set[dg.AssetKey]:
     return {e.asset_key for e in result.get_asset_materialization_events()}
 
 
-def _edit_flights(sources: Path, edit) -> Path:  # noqa: ANN001 - a polars frame -> frame function
+def _edit_flights(sources: Path, edit: Callable[[pl.DataFrame], pl.DataFrame]) -> Path:
     path = sources / "flights.csv"
     edit(pl.read_csv(path, infer_schema=False)).write_csv(path)
     return path
@@ -62,7 +76,7 @@ def test_corrupt_file_fails_the_run_naming_the_file_and_keeps_previous_tables(go
     pipelines, root, sources = good_run
     before, versions = _counts(root), _versions(root)
     path = sources / "flights.csv"
-    path.write_text(path.read_text().replace("\n", "\n\"unterminated,quote\n", 1)[:200_000])
+    path.write_text(path.read_text().replace("\n", '\n"unterminated,quote\n', 1)[:200_000])
     result = materialize_all(pipelines, root, raise_on_error=False)
     assert not result.success
     message = _failure_messages(result)
@@ -100,13 +114,21 @@ def test_wrong_types_are_quarantined_with_file_row_column_and_rule(sample_projec
     pipelines, root = sample_project
     sources = pipelines.parent / "sources"
     # Three rows get a non-numeric delay: few enough to stay under the quarantine threshold.
-    _edit_flights(sources, lambda f: f.with_columns(
-        pl.when(pl.int_range(pl.len()).is_in([3, 10, 50])).then(pl.lit("abc")).otherwise(pl.col("dep_delay"))
-        .alias("dep_delay")))
+    _edit_flights(
+        sources,
+        lambda f: f.with_columns(
+            pl.when(pl.int_range(pl.len()).is_in([3, 10, 50]))
+            .then(pl.lit("abc"))
+            .otherwise(pl.col("dep_delay"))
+            .alias("dep_delay")
+        ),
+    )
     assert materialize_all(pipelines, root).success
     with connect(warehouse_path(root)) as conn:
-        rows = conn.execute("SELECT _source_file, _source_row, _rule, _column, _reasons, dep_delay "
-                            "FROM quarantine.flights WHERE _rule = 'type'").fetchall()
+        rows = conn.execute(
+            "SELECT _source_file, _source_row, _rule, _column, _reasons, dep_delay "
+            "FROM quarantine.flights WHERE _rule = 'type'"
+        ).fetchall()
     assert sorted(r[1] for r in rows) == [4, 11, 51]  # 1-based data rows
     for file, _, rule, column, reasons, value in rows:
         assert file.endswith("flights.csv") and rule == "type" and column == "dep_delay" and value == "abc"
@@ -118,12 +140,21 @@ def test_failed_blocking_check_stops_everything_downstream(sample_project):
     sources = pipelines.parent / "sources"
     # 10% of flights with an impossible distance: validation quarantines them, then the quarantine-share
     # check (max 1%) must stop both pipelines before any training.
-    _edit_flights(sources, lambda f: f.with_columns(
-        pl.when(pl.int_range(pl.len()) % 10 == 0).then(pl.lit("-5")).otherwise(pl.col("distance")).alias("distance")))
+    _edit_flights(
+        sources,
+        lambda f: f.with_columns(
+            pl.when(pl.int_range(pl.len()) % 10 == 0)
+            .then(pl.lit("-5"))
+            .otherwise(pl.col("distance"))
+            .alias("distance")
+        ),
+    )
     result = materialize_all(pipelines, root, raise_on_error=False)
     assert not result.success
     failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
-    assert [(c.asset_key.to_user_string(), c.check_name) for c in failed] == [("validated/flights", "quarantine_share")]
+    assert [(c.asset_key.to_user_string(), c.check_name) for c in failed] == [
+        ("validated/flights", "quarantine_share")
+    ]
     assert "min on distance" in failed[0].description
     assert dg.AssetKey(["validated", "flights"]) in _materialized(result)
     assert not _materialized(result) & set(DOWNSTREAM)

@@ -21,10 +21,12 @@ def test_a_yaml_file_is_a_whole_new_pipeline(tmp_path):
     score = x1 + 0.8 * (shade == "red") - 0.8 * (shade == "blue")
     label = np.where(score > 0.6, "high", np.where(score < -0.6, "low", "mid"))
     pl.DataFrame({"item": np.arange(n), "x1": x1, "x2": x2, "shade": shade, "label": label}).write_parquet(
-        tmp_path / "items.parquet")
+        tmp_path / "items.parquet"
+    )
     pipelines = tmp_path / "pipelines"
     pipelines.mkdir()
-    (pipelines / "items.yaml").write_text(textwrap.dedent("""
+    (pipelines / "items.yaml").write_text(
+        textwrap.dedent("""
         name: items
         task: multiclass
         sources:
@@ -46,13 +48,16 @@ def test_a_yaml_file_is_a_whole_new_pipeline(tmp_path):
           - {name: shade, type: categorical}
         split: {method: random, valid_fraction: 0.15, test_fraction: 0.2}
         model: {time_budget_s: 2, max_trials: 2, cv_folds: 2, max_rounds: 200}
-    """))
+    """)
+    )
     root = tmp_path / "data"
     result = materialize_all(pipelines, root)
     assert result.success
     with connect(warehouse_path(root)) as conn:
         (path,) = conn.execute("SELECT path FROM registry.model_versions WHERE pipeline = 'items'").fetchone()
-        splits = dict(conn.execute("SELECT _split, count(*) FROM items.modelling_table GROUP BY 1").fetchall())
+        splits = dict(
+            conn.execute("SELECT _split, count(*) FROM items.modelling_table GROUP BY 1").fetchall()
+        )
     manifest = read_manifest(path)
     assert manifest["classes"] == ["high", "low", "mid"]
     assert abs(splits["test"] / n - 0.2) < 0.03

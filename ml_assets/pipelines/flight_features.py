@@ -24,9 +24,15 @@ def _nth_weekday(year: int, month: int, weekday: int, n: int) -> dt.date:
 def us_holidays(year: int) -> list[dt.date]:
     """US federal holidays with the busiest travel around them."""
     return [
-        dt.date(year, 1, 1), _nth_weekday(year, 1, 0, 3), _nth_weekday(year, 2, 0, 3),
-        _nth_weekday(year, 5, 0, -1), dt.date(year, 7, 4), _nth_weekday(year, 9, 0, 1),
-        _nth_weekday(year, 10, 0, 2), dt.date(year, 11, 11), _nth_weekday(year, 11, 3, 4),
+        dt.date(year, 1, 1),
+        _nth_weekday(year, 1, 0, 3),
+        _nth_weekday(year, 2, 0, 3),
+        _nth_weekday(year, 5, 0, -1),
+        dt.date(year, 7, 4),
+        _nth_weekday(year, 9, 0, 1),
+        _nth_weekday(year, 10, 0, 2),
+        dt.date(year, 11, 11),
+        _nth_weekday(year, 11, 3, 4),
         dt.date(year, 12, 25),
     ]
 
@@ -36,9 +42,11 @@ def days_to_us_holiday(frame: pl.DataFrame) -> pl.Series:
     local = frame.get_column("time_hour").dt.replace_time_zone("UTC").dt.convert_time_zone("America/New_York")
     days = local.dt.date().cast(pl.Int32).to_numpy()
     years = {d.year for d in local.dt.date().drop_nulls().unique().to_list()}
-    holidays = np.array(sorted(
-        (h - dt.date(1970, 1, 1)).days for y in years for yy in (y - 1, y, y + 1) for h in us_holidays(yy)
-    ))
+    holidays = np.array(
+        sorted(
+            (h - dt.date(1970, 1, 1)).days for y in years for yy in (y - 1, y, y + 1) for h in us_holidays(yy)
+        )
+    )
     after = np.clip(np.searchsorted(holidays, days), 0, len(holidays) - 1)
     before = np.clip(after - 1, 0, len(holidays) - 1)
     nearest = np.minimum(np.abs(holidays[after] - days), np.abs(days - holidays[before]))
