@@ -58,6 +58,26 @@ def _user_errors_as_failures(fn: Callable[[], Any]) -> Any:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
 
 
+def require_passing_checks(context: dg.AssetExecutionContext, check_keys: list[dg.AssetCheckKey]) -> None:
+    """Refuse to build on data whose latest blocking check failed.
+
+    A failed blocking check stops downstream steps only inside its own run; a later run that selects just
+    this asset would otherwise read the rejected upstream table, so the consumer checks too.
+    """
+    latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
+    failed = sorted(
+        f"{key.asset_key.to_user_string()}:{key.name}"
+        for key, record in latest.items()
+        if record.status.value == "FAILED"
+    )
+    if failed:
+        raise dg.Failure(
+            description=f"upstream check(s) failed: {', '.join(failed)}; fix the data and re-materialize "
+            "the upstream asset(s) before this one",
+            allow_retries=False,
+        )
+
+
 def _check(
     key: dg.AssetKey,
     name: str,
@@ -194,7 +214,9 @@ class TrainConfig(dg.Config):
     max_trials: int | None = Field(None, description="Override the pipeline's model.max_trials")
 
 
-def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
+def pipeline_assets(
+    pipeline: PipelineSpec, project: Project, source_checks: list[dg.AssetCheckKey]
+) -> list[Any]:
     p = pipeline.name
     sources = project.sources_of(pipeline)
     table_key, features_key, model_key, eval_key = (
@@ -213,7 +235,8 @@ def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
         description=f"Rows of '{pipeline.base}' joined with {[j.source for j in pipeline.joins]}, derived "
         f"columns, the target '{pipeline.target.name}' and the time split (_split).",
     )
-    def modelling_table(warehouse: Warehouse) -> dg.MaterializeResult:
+    def modelling_table(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+        require_passing_checks(context, [k for k in source_checks if k.asset_key in source_keys])
         with warehouse.get_connection() as conn:
             result = _user_errors_as_failures(lambda: dataset.build_modelling_table(conn, pipeline, sources))
             meta = table_metadata(conn, dataset.table_name(pipeline))
@@ -235,7 +258,10 @@ def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
         description="Features declared in the config, fitted on the training split only; the fitted "
         "transform is saved as JSON for batch and online scoring.",
     )
-    def features(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
+    def features(
+        context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
+    ) -> dg.MaterializeResult:
+        require_passing_checks(context, [k for c in checks for k in c.check_keys])
         path = artifacts.path("features", p, "transform.json")
         with warehouse.get_connection() as conn:
             result = _user_errors_as_failures(lambda: build_features(conn, pipeline, path))
@@ -334,6 +360,7 @@ def build_assets(project: Project) -> list[Any]:
     out: list[Any] = []
     for name, spec in project.sources.items():
         out += source_assets(name, spec, project.source_files[name].parent)
+    source_checks = [k for d in out if isinstance(d, dg.AssetChecksDefinition) for k in d.check_keys]
     for pipeline in project.pipelines.values():
-        out += pipeline_assets(pipeline, project)
+        out += pipeline_assets(pipeline, project, source_checks)
     return out

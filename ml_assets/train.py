@@ -119,21 +119,33 @@ def predict(booster: lgb.Booster, X: pd.DataFrame, num_iteration: int | None = N
     return booster.predict(X, num_iteration=num_iteration)
 
 
+class _OverBudget(Exception):
+    """Raised from inside LightGBM's boosting loop when the tuning deadline has passed."""
+
+
+def _stop_at(deadline: float) -> Callable[[Any], None]:
+    def callback(env: Any) -> None:
+        if time.monotonic() > deadline:
+            raise _OverBudget
+
+    return callback
+
+
 def _fit(
     params: dict[str, Any],
     pipeline: PipelineSpec,
     train: tuple[pd.DataFrame, np.ndarray],
     valid: tuple[pd.DataFrame, np.ndarray],
     categorical: list[str],
+    deadline: float | None = None,
 ) -> lgb.Booster:
     dtrain = lgb.Dataset(train[0], train[1], categorical_feature=categorical, free_raw_data=False)
     dvalid = lgb.Dataset(valid[0], valid[1], reference=dtrain, categorical_feature=categorical)
+    callbacks = [lgb.early_stopping(pipeline.model.early_stopping_rounds, verbose=False)]
+    if deadline is not None:
+        callbacks.append(_stop_at(deadline))
     return lgb.train(
-        params,
-        dtrain,
-        num_boost_round=pipeline.model.max_rounds,
-        valid_sets=[dvalid],
-        callbacks=[lgb.early_stopping(pipeline.model.early_stopping_rounds, verbose=False)],
+        params, dtrain, num_boost_round=pipeline.model.max_rounds, valid_sets=[dvalid], callbacks=callbacks
     )
 
 
@@ -158,21 +170,34 @@ def tune(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_t
     base = base_params(pipeline, len(data.classes) if data.classes else None)
     sign = 1 if pipeline.greater_is_better else -1
     started = time.monotonic()
+    deadline = started + time_budget_s
     trials: list[dict[str, Any]] = []
     while len(trials) < max_trials:
         elapsed = time.monotonic() - started
         mean_trial = elapsed / len(trials) if trials else 0.0
-        # Never start a trial that is expected to overrun the budget (the first one always runs).
+        # Never start a trial that is expected to overrun the budget.
         if trials and elapsed + mean_trial > time_budget_s:
             break
+        # The first trial (the centre of the search space) always completes, so there is a model; later
+        # ones are cut off at the deadline and discarded, so one slow trial cannot blow the budget.
         sampled = _sample(pipeline.model.search_space, None if not trials else rng)
         params = base | sampled
         fold_scores, rounds = [], []
-        for tr, va in fold_indices:
-            booster = _fit(params, pipeline, (X.iloc[tr], y[tr]), (X.iloc[va], y[va]), data.categorical)
-            pred = predict(booster, X.iloc[va], booster.best_iteration)
-            fold_scores.append(score(pipeline.task, pipeline.metric, y[va], pred))
-            rounds.append(booster.best_iteration)
+        try:
+            for tr, va in fold_indices:
+                booster = _fit(
+                    params,
+                    pipeline,
+                    (X.iloc[tr], y[tr]),
+                    (X.iloc[va], y[va]),
+                    data.categorical,
+                    deadline if trials else None,
+                )
+                pred = predict(booster, X.iloc[va], booster.best_iteration)
+                fold_scores.append(score(pipeline.task, pipeline.metric, y[va], pred))
+                rounds.append(booster.best_iteration)
+        except _OverBudget:
+            break
         trials.append(
             {
                 "params": sampled,

@@ -65,9 +65,17 @@ def sample_project(tmp_path: Path, sample_sources: Path) -> tuple[Path, Path]:
 
 
 def materialize_all(
-    pipelines_dir: Path, root: Path, raise_on_error: bool = True, selection: Any = None
+    pipelines_dir: Path,
+    root: Path,
+    raise_on_error: bool = True,
+    selection: Any = None,
+    instance: dg.DagsterInstance | None = None,
 ) -> dg.ExecuteInProcessResult:
     defs = build_definitions(pipelines_dir, root)
     return dg.materialize(
-        list(defs.assets), resources=defs.resources, raise_on_error=raise_on_error, selection=selection
+        list(defs.assets),
+        resources=defs.resources,
+        raise_on_error=raise_on_error,
+        selection=selection,
+        instance=instance,
     )

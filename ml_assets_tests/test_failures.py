@@ -160,6 +160,30 @@ def test_failed_blocking_check_stops_everything_downstream(sample_project):
     assert not _materialized(result) & set(DOWNSTREAM)
 
 
+def test_a_later_run_does_not_build_on_data_whose_check_failed(sample_project):
+    pipelines, root = sample_project
+    sources = pipelines.parent / "sources"
+    original = (sources / "flights.csv").read_bytes()
+    _edit_flights(
+        sources,
+        lambda f: f.with_columns(
+            pl.when(pl.int_range(pl.len()) % 10 == 0)
+            .then(pl.lit("-5"))
+            .otherwise(pl.col("distance"))
+            .alias("distance")
+        ),
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    assert not materialize_all(pipelines, root, raise_on_error=False, instance=instance).success
+    # Blocking checks only stop steps of their own run: a run of just the modelling table must refuse too.
+    table = dg.AssetKey(["flight_delay", "modelling_table"])
+    result = materialize_all(pipelines, root, raise_on_error=False, selection=[table], instance=instance)
+    assert not result.success
+    assert "validated/flights:quarantine_share" in _failure_messages(result)
+    (sources / "flights.csv").write_bytes(original)
+    assert materialize_all(pipelines, root, instance=instance).success
+
+
 def test_tampered_model_artifact_is_refused(good_run):
     _, root, _ = good_run
     version_dir = Path(_versions(root)[-1])
