@@ -61,9 +61,11 @@ def _split_expr(pipeline: PipelineSpec) -> str:
     if split.valid_start:
         valid, test = lit(str(split.valid_start)), lit(str(split.test_start))
     else:
-        # The latest test_fraction of the time range is the test set, the valid_fraction before it validation.
-        valid = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction - split.valid_fraction}) FROM __t)"
-        test = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction}) FROM __t)"
+        # The latest test_fraction of the labelled rows is the test set, the valid_fraction before it
+        # validation (rows without a target are dropped, so they must not count).
+        labelled = f"FROM __t WHERE {q(pipeline.target.name)} IS NOT NULL"
+        valid = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction - split.valid_fraction}) {labelled})"
+        test = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction}) {labelled})"
     return (
         f"CASE WHEN {ts} >= CAST({test} AS TIMESTAMP) THEN 'test' "
         f"WHEN {ts} >= CAST({valid} AS TIMESTAMP) THEN 'valid' ELSE 'train' END"
@@ -78,14 +80,14 @@ def build_modelling_table(
     target = pipeline.target
     target_col = f", {target.expr} AS {q(target.name)}" if target.expr else ""
     try:
-        conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {_joined_select(pipeline, sources)}")
-        conn.execute(f"CREATE OR REPLACE TEMP TABLE __t AS SELECT *{derived}{target_col} FROM __j")
-    except duckdb.Error as exc:
-        raise DatasetError(
-            f"pipeline '{pipeline.name}': building the modelling table failed (check joins, "
-            f"derived and target.expr): {exc}"
-        ) from exc
-    try:
+        try:
+            conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {_joined_select(pipeline, sources)}")
+            conn.execute(f"CREATE OR REPLACE TEMP TABLE __t AS SELECT *{derived}{target_col} FROM __j")
+        except duckdb.Error as exc:
+            raise DatasetError(
+                f"pipeline '{pipeline.name}': building the modelling table failed (check joins, "
+                f"derived and target.expr): {exc}"
+            ) from exc
         joined = conn.execute("SELECT count(*) FROM __t").fetchone()[0]
         if joined != base_rows:
             raise DatasetError(

@@ -69,12 +69,13 @@ def _fit_one(feature: FeatureSpec, frame: pl.DataFrame) -> dict[str, Any]:
     if feature.type in ("numeric", "boolean"):
         spec["impute"] = _impute_value(values.cast(pl.Float64, strict=False), feature.impute)
     elif feature.type == "categorical":
+        # The count column's name is one no user column can have (feature names cannot start with "_").
         counts = (
             values.cast(pl.String)
             .fill_null(MISSING)
-            .value_counts(name="n")
-            .filter(pl.col("n") >= feature.min_frequency)
-            .sort(["n", values.name], descending=[True, False])
+            .value_counts(name="__count")
+            .filter(pl.col("__count") >= feature.min_frequency)
+            .sort(["__count", values.name], descending=[True, False])
             .head(feature.max_categories)
         )
         # Codes follow sorted category names, so the vocabulary is independent of row order.
@@ -163,13 +164,18 @@ TARGET = "_target"
 META_COLUMNS = ("_key", "_ts", "_split", TARGET)
 
 
+def row_key(id_columns: list[str]) -> pl.Expr:
+    """One string per row from its id columns: joins predictions back to source rows."""
+    return pl.concat_str([pl.col(c).cast(pl.String) for c in id_columns], separator="|", ignore_nulls=False)
+
+
 def feature_table(pipeline: PipelineSpec, frame: pl.DataFrame, transform: FeatureTransform) -> pl.DataFrame:
     """Features of every modelling-table row, with the platform's meta columns in front.
 
     `_key` joins predictions back to source rows, `_ts` orders rows in time, `_split` and `_target`
     come from the modelling table.
     """
-    key = pl.concat_str([pl.col(c).cast(pl.String) for c in pipeline.id], separator="|", ignore_nulls=False)
+    key = row_key(pipeline.id)
     ts = pl.col(pipeline.timestamp) if pipeline.timestamp else pl.lit(None, dtype=pl.Datetime("us"))
     meta = frame.select(
         key.alias("_key"), ts.alias("_ts"), pl.col("_split"), pl.col(pipeline.target.name).alias(TARGET)

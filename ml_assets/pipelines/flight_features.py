@@ -42,6 +42,8 @@ def days_to_us_holiday(frame: pl.DataFrame) -> pl.Series:
     local = frame.get_column("time_hour").dt.replace_time_zone("UTC").dt.convert_time_zone("America/New_York")
     days = local.dt.date().cast(pl.Int32).to_numpy()
     years = {d.year for d in local.dt.date().drop_nulls().unique().to_list()}
+    if not years:  # no timestamps at all (e.g. one online request without one): no answer, not a crash
+        return pl.Series("days_to_holiday", [None] * frame.height, dtype=pl.Float64)
     holidays = np.array(
         sorted(
             (h - dt.date(1970, 1, 1)).days for y in years for yy in (y - 1, y, y + 1) for h in us_holidays(yy)

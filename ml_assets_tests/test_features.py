@@ -1,0 +1,356 @@
+"""Feature transform behaviour on small hand-made frames: fit on train only, encode, save/load, meta columns."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import polars as pl
+import pytest
+
+from ml_assets.config import PipelineSpec
+from ml_assets.features import META_COLUMNS, MISSING, FeatureTransform, feature_table
+
+HOLIDAY_FN = "ml_assets.pipelines.flight_features:days_to_us_holiday"
+
+
+def make_pipeline(features: list[dict[str, Any]], **overrides: Any) -> PipelineSpec:
+    raw: dict[str, Any] = {
+        "name": "demo",
+        "task": "binary",
+        "base": "rows",
+        "id": ["row_id"],
+        "target": {"name": "label"},
+        "features": features,
+    }
+    return PipelineSpec.model_validate(raw | overrides)
+
+
+def fit_apply(feature: dict[str, Any], train: pl.DataFrame, frame: pl.DataFrame) -> pl.Series:
+    transform = FeatureTransform.fit(make_pipeline([feature]), train)
+    out = transform.apply(frame)
+    assert out.columns == [feature["name"]]
+    return out.get_column(feature["name"])
+
+
+# --- imputation --------------------------------------------------------------------------------------
+
+
+def test_median_imputation_uses_training_statistics_only() -> None:
+    train_values = [1.0, 2.0, None, 10.0, 7.0, None, 3.0]
+    other_values = [None, 100.0, None, 200.0, float("nan")]
+    train_median = statistics.median(v for v in train_values if v is not None)
+    other_median = statistics.median(v for v in other_values if v is not None and v == v)
+    assert train_median != other_median  # the test would not tell the two apart otherwise
+
+    out = fit_apply(
+        {"name": "x", "type": "numeric"}, pl.DataFrame({"x": train_values}), pl.DataFrame({"x": other_values})
+    )
+
+    expected = [train_median if v is None or v != v else v for v in other_values]
+    assert out.dtype == pl.Float64
+    assert out.to_list() == expected
+    assert out.null_count() == 0
+
+
+def test_mean_and_zero_imputation_and_none_keeps_nulls() -> None:
+    train = pl.DataFrame({"x": [1.0, 2.0, 6.0, None]})
+    frame = pl.DataFrame({"x": [None, 5.0]})
+    train_mean = statistics.fmean(v for v in train.get_column("x").to_list() if v is not None)
+
+    assert fit_apply({"name": "x", "type": "numeric", "impute": "mean"}, train, frame).to_list() == [
+        train_mean,
+        5.0,
+    ]
+    assert fit_apply({"name": "x", "type": "numeric", "impute": "zero"}, train, frame).to_list() == [0.0, 5.0]
+    assert fit_apply({"name": "x", "type": "numeric", "impute": "none"}, train, frame).to_list() == [
+        None,
+        5.0,
+    ]
+
+
+# --- categorical encoding ----------------------------------------------------------------------------
+
+
+def _kept(values: list[str | None], min_frequency: int, max_categories: int = 50) -> list[str]:
+    """Reference vocabulary: frequent categories (null counted as MISSING), most frequent first, sorted."""
+    counts = Counter(MISSING if v is None else v for v in values)
+    frequent = sorted((c for c in counts.items() if c[1] >= min_frequency), key=lambda c: (-c[1], c[0]))
+    return sorted(name for name, _ in frequent[:max_categories])
+
+
+def test_rare_and_unseen_categories_share_the_other_code_and_null_is_a_category() -> None:
+    train_values = ["a"] * 5 + ["b"] * 3 + ["rare"] * 2 + [None] * 4
+    kept = _kept(train_values, min_frequency=3)
+    assert set(kept) == {"a", "b", MISSING}
+    other = len(kept)
+
+    frame = pl.DataFrame({"cat": ["a", "b", "rare", "never_seen", None]})
+    out = fit_apply(
+        {"name": "cat", "type": "categorical", "min_frequency": 3}, pl.DataFrame({"cat": train_values}), frame
+    )
+
+    codes = dict(zip(frame.get_column("cat").to_list(), out.to_list(), strict=True))
+    assert codes["rare"] == other
+    assert codes["never_seen"] == other
+    assert codes[None] == kept.index(MISSING) != other
+    assert codes["a"] == kept.index("a")
+    assert codes["b"] == kept.index("b")
+    # Kept categories get distinct codes below the "other" code.
+    assert len({codes["a"], codes["b"], codes[None]}) == 3
+    assert out.dtype == pl.Int32
+
+
+def test_null_is_other_when_missing_was_rare_in_training() -> None:
+    train_values = ["a"] * 5 + ["b"] * 5 + [None]
+    kept = _kept(train_values, min_frequency=3)
+    assert MISSING not in kept
+
+    out = fit_apply(
+        {"name": "cat", "type": "categorical", "min_frequency": 3},
+        pl.DataFrame({"cat": train_values}),
+        pl.DataFrame({"cat": [None, "zzz", "a"]}),
+    )
+
+    assert out.to_list() == [len(kept), len(kept), kept.index("a")]
+
+
+def test_max_categories_keeps_the_most_frequent() -> None:
+    counts = {"d": 10, "a": 7, "c": 5, "b": 4, "e": 1}
+    train_values = [name for name, n in counts.items() for _ in range(n)]
+    kept = sorted(name for name, _ in Counter(train_values).most_common(2))
+    assert kept == ["a", "d"]
+
+    transform = FeatureTransform.fit(
+        make_pipeline([{"name": "cat", "type": "categorical", "min_frequency": 1, "max_categories": 2}]),
+        pl.DataFrame({"cat": train_values}),
+    )
+    names = sorted(counts)
+    out = transform.apply(pl.DataFrame({"cat": names})).get_column("cat").to_list()
+
+    assert transform.features[0]["categories"] == kept
+    assert dict(zip(names, out, strict=True)) == {
+        name: kept.index(name) if name in kept else len(kept) for name in names
+    }
+
+
+def test_category_codes_do_not_depend_on_row_order() -> None:
+    # A tie at the max_categories cut-off ("b" and "c" both 4) must be broken the same way whatever the order.
+    values = ["a"] * 6 + ["b"] * 4 + ["c"] * 4 + [None] * 4 + ["z"]
+    pipeline = make_pipeline(
+        [{"name": "cat", "type": "categorical", "min_frequency": 2, "max_categories": 3}]
+    )
+    frame = pl.DataFrame({"cat": values})
+
+    reference = FeatureTransform.fit(pipeline, frame).to_json()
+    orders = [frame.reverse(), *(frame.sample(fraction=1.0, shuffle=True, seed=s) for s in range(5))]
+    assert any(o.get_column("cat").to_list() != values for o in orders)
+    for reordered in orders:
+        assert FeatureTransform.fit(pipeline, reordered).to_json() == reference
+
+
+# --- datetime parts ----------------------------------------------------------------------------------
+
+
+def test_datetime_parts_are_taken_in_the_configured_timezone() -> None:
+    utc = dt.datetime(2013, 7, 1, 3, 0)
+    local = utc.replace(tzinfo=dt.UTC).astimezone(ZoneInfo("America/New_York"))
+    assert (local.month, local.day, local.hour) == (6, 30, 23)
+
+    parts = ["dayofweek", "day", "hour", "month"]
+    frame = pl.DataFrame({"ts": [utc]}, schema={"ts": pl.Datetime("us")})
+    feature = {"name": "dep", "column": "ts", "type": "datetime", "parts": parts}
+    local_out = FeatureTransform.fit(
+        make_pipeline([feature | {"timezone": "America/New_York"}]), frame
+    ).apply(frame)
+    utc_out = FeatureTransform.fit(make_pipeline([feature]), frame).apply(frame)
+
+    assert local_out.columns == [f"dep_{p}" for p in parts]
+    # polars weekdays are ISO: Monday = 1 ... Sunday = 7 (30 June 2013 was a Sunday).
+    assert local_out.row(0, named=True) == {
+        "dep_dayofweek": float(local.isoweekday()),
+        "dep_day": 30.0,
+        "dep_hour": 23.0,
+        "dep_month": 6.0,
+    }
+    # Without a timezone the stored (UTC) wall clock is used.
+    assert utc_out.row(0, named=True) == {
+        "dep_dayofweek": float(utc.isoweekday()),
+        "dep_day": 1.0,
+        "dep_hour": 3.0,
+        "dep_month": 7.0,
+    }
+
+
+# --- save / load -------------------------------------------------------------------------------------
+
+
+def _mixed_frame() -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "row_id": list(range(8)),
+            "num": [1.5, None, 3.0, 4.0, None, 6.0, 7.5, 2.0],
+            "cat": ["x", "y", "x", None, "x", "y", "w", None],
+            "flag": [True, False, None, True, True, False, True, None],
+            "time_hour": [dt.datetime(2013, 1, 1 + i, 5 * i % 24) for i in range(8)],
+        },
+        schema_overrides={"time_hour": pl.Datetime("us")},
+    )
+
+
+MIXED_FEATURES = [
+    {"name": "num", "type": "numeric"},
+    {"name": "cat", "type": "categorical", "min_frequency": 2},
+    {"name": "flag", "type": "boolean", "impute": "mean"},
+    {"name": "dep", "column": "time_hour", "type": "datetime", "parts": ["month", "dayofweek", "hour"]},
+    {"name": "holiday", "type": "numeric", "function": HOLIDAY_FN},
+]
+
+
+def test_save_load_round_trip_applies_identically(tmp_path: Path) -> None:
+    frame = _mixed_frame()
+    transform = FeatureTransform.fit(make_pipeline(MIXED_FEATURES), frame.head(5))
+    path = tmp_path / "transform.json"
+
+    sha = transform.save(path)
+    loaded = FeatureTransform.load(path)
+
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not path.with_suffix(".json.tmp").exists()
+    expected = transform.apply(frame)
+    actual = loaded.apply(frame)
+    assert actual.equals(expected)
+    assert actual.schema == expected.schema
+    assert actual.columns == transform.output_columns == loaded.output_columns
+    assert loaded.to_json() == transform.to_json()
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_load_rejects_a_wrong_format_version(tmp_path: Path, version: object) -> None:
+    transform = FeatureTransform.fit(make_pipeline(MIXED_FEATURES), _mixed_frame())
+    path = tmp_path / "transform.json"
+    transform.save(path)
+    data = json.loads(path.read_text())
+    if version is None:
+        del data["format_version"]
+    else:
+        data["format_version"] = version
+    path.write_text(json.dumps(data))
+
+    with pytest.raises(ValueError, match=r"unsupported feature transform format") as info:
+        FeatureTransform.load(path)
+    assert str(path) in str(info.value)
+    assert repr(version) in str(info.value)
+
+
+# --- custom function feature -------------------------------------------------------------------------
+
+
+def test_days_to_us_holiday_function_feature() -> None:
+    cases = {
+        dt.datetime(2013, 7, 4, 16, 0): 0.0,  # Independence Day, noon in New York
+        dt.datetime(2013, 7, 6, 16, 0): 2.0,  # two days after July 4th
+        dt.datetime(2013, 12, 24, 16, 0): 1.0,  # Christmas Eve
+        dt.datetime(2013, 11, 28, 16, 0): 0.0,  # Thanksgiving 2013: fourth Thursday of November
+        dt.datetime(2013, 11, 30, 16, 0): 2.0,  # two days after Thanksgiving
+        # 02:00 UTC on 5 July is still 4 July (22:00) in New York: the local date counts.
+        dt.datetime(2013, 7, 5, 2, 0): 0.0,
+        # 31 December local time is one day before New Year's Day of the next year.
+        dt.datetime(2014, 1, 1, 3, 0): 1.0,
+    }
+    # Thanksgiving really is the fourth Thursday of November 2013 (independent of the code under test).
+    thursdays = [d for d in range(1, 31) if dt.date(2013, 11, d).weekday() == 3]
+    assert dt.date(2013, 11, thursdays[3]) == dt.date(2013, 11, 28)
+
+    frame = pl.DataFrame(
+        {"row_id": list(range(len(cases))), "time_hour": list(cases)},
+        schema_overrides={"time_hour": pl.Datetime("us")},
+    )
+    transform = FeatureTransform.fit(
+        make_pipeline([{"name": "days_to_holiday", "type": "numeric", "function": HOLIDAY_FN}]), frame
+    )
+    out = transform.apply(frame).get_column("days_to_holiday")
+
+    assert dict(zip(cases, out.to_list(), strict=True)) == cases
+    assert transform.input_columns == []
+
+
+# --- feature table -----------------------------------------------------------------------------------
+
+
+def test_feature_table_puts_meta_columns_first_and_joins_ids() -> None:
+    frame = pl.DataFrame(
+        {
+            "carrier": ["AA", "B6", "AA", "UA"],
+            "flight": [1, 22, 333, 4],
+            "time_hour": [dt.datetime(2013, 3, d, 8) for d in range(1, 5)],
+            "distance": [100.0, None, 300.0, 400.0],
+            "_split": ["train", "train", "valid", "test"],
+            "late": [True, False, True, False],
+        },
+        schema_overrides={"time_hour": pl.Datetime("us")},
+    )
+    pipeline = make_pipeline(
+        [
+            {"name": "distance", "type": "numeric"},
+            {"name": "carrier", "type": "categorical", "min_frequency": 1},
+        ],
+        id=["carrier", "flight"],
+        timestamp="time_hour",
+        target={"name": "late"},
+    )
+    transform = FeatureTransform.fit(pipeline, frame.filter(pl.col("_split") == "train"))
+
+    table = feature_table(pipeline, frame, transform)
+
+    assert tuple(table.columns[:4]) == META_COLUMNS == ("_key", "_ts", "_split", "_target")
+    assert table.columns[4:] == transform.output_columns
+    assert table.height == frame.height
+    assert table.get_column("_key").to_list() == [
+        f"{c}|{f}" for c, f in zip(frame["carrier"], frame["flight"], strict=True)
+    ]
+    assert table.get_column("_ts").to_list() == frame.get_column("time_hour").to_list()
+    assert table.get_column("_split").to_list() == frame.get_column("_split").to_list()
+    assert table.get_column("_target").to_list() == frame.get_column("late").to_list()
+    assert table.select(transform.output_columns).equals(transform.apply(frame))
+
+
+# --- regressions of fixed bugs --------------------------------------------------------------------------------------
+
+
+def test_function_feature_on_a_null_only_frame_matches_batch_scoring() -> None:
+    train = pl.DataFrame(
+        {
+            "time_hour": [
+                dt.datetime(2013, 7, 4, 16),
+                dt.datetime(2013, 7, 6, 16),
+                dt.datetime(2013, 7, 9, 16),
+            ]
+        },
+        schema={"time_hour": pl.Datetime("us")},
+    )
+    transform = FeatureTransform.fit(
+        make_pipeline([{"name": "days_to_holiday", "type": "numeric", "function": HOLIDAY_FN}]), train
+    )
+    batch = pl.DataFrame(
+        {"time_hour": [dt.datetime(2013, 7, 4, 16), None]}, schema={"time_hour": pl.Datetime("us")}
+    )
+    batch_value = transform.apply(batch).get_column("days_to_holiday")[1]
+
+    single = transform.apply(batch.tail(1)).get_column("days_to_holiday")[0]
+
+    assert single == batch_value
+
+
+def test_categorical_input_column_named_n() -> None:
+    train = pl.DataFrame({"n": ["a", "a", "b"]})
+    transform = FeatureTransform.fit(
+        make_pipeline([{"name": "n", "type": "categorical", "min_frequency": 1}]), train
+    )
+    assert transform.apply(pl.DataFrame({"n": ["b", "a", "c"]})).get_column("n").to_list() == [1, 0, 2]
