@@ -7,11 +7,14 @@ import json
 import os
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import dagster as dg
 import duckdb
+import polars as pl
 
+from ml_assets import gate, registry
 from ml_assets.config import Project, default_pipelines_dir, load_project
 from ml_assets.resources import PIPELINES_DIR_ENV, connect, data_dir, warehouse_path
 from ml_assets.validate import q
@@ -99,6 +102,11 @@ def summary(project: Project) -> None:
             )
             others = ", ".join(f"{m} {v:.4f}" for m, v in manifest["test_metrics"].items() if m != metric)
             print(f"  other test metrics: {others}")
+            champion = registry.alias_version(conn, name, registry.CHAMPION)
+            log = registry.decisions(conn, name)
+            if log.height:
+                last = log.row(-1, named=True)
+                print(f"  champion: {champion}; last gate decision: {last['action']}: {last['reason']}")
             report = root / "reports" / name / version / "report.html"
             print(f"  model: {path}\n  report: {report if report.exists() else '(not built)'}")
 
@@ -112,6 +120,18 @@ def _has_registry(conn: duckdb.DuckDBPyConnection) -> bool:
     )
 
 
+def _connect() -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+    return connect(warehouse_path(data_dir()))
+
+
+def show_versions(pipeline: str) -> None:
+    with _connect() as conn:
+        history = registry.versions(conn, pipeline)
+        log = registry.decisions(conn, pipeline)
+    with pl.Config(tbl_rows=100, tbl_width_chars=200, fmt_str_lengths=120, tbl_hide_dataframe_shape=True):
+        print(f"Model versions of {pipeline}:\n{history.drop('path')}\n\nDecision log:\n{log}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ml-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,10 +139,27 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--time-budget", type=float, help="seconds of hyper-parameter search per model")
     run_p.add_argument("--max-trials", type=int, help="at most this many search trials per model")
     sub.add_parser("summary", help="print row counts, model versions and metrics from the data directory")
+    versions_p = sub.add_parser("versions", help="model versions, their status and the decision log")
+    versions_p.add_argument("pipeline")
+    rollback_p = sub.add_parser(
+        "rollback", help="move the champion back (to the previous champion by default)"
+    )
+    rollback_p.add_argument("pipeline")
+    rollback_p.add_argument("--to", help="version to make champion")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.time_budget, args.max_trials)
-    summary(_project())
+    if args.command == "versions":
+        show_versions(args.pipeline)
+    elif args.command == "rollback":
+        try:
+            decision = gate.rollback(_connect, args.pipeline, args.to)
+        except registry.ArtifactError as exc:
+            print(f"rollback refused: {exc}", file=sys.stderr)
+            return 1
+        print(decision.reason)
+    else:
+        summary(_project())
     return 0
 
 

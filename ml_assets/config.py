@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ml_assets.metrics import GREATER_IS_BETTER, REPORTED
+
 IDENTIFIER = r"^[a-z_][a-z0-9_]*$"
 # Leading underscores are reserved for the columns the platform adds (_split, _key, _source_file, ...).
 FEATURE_NAME = r"^[a-z][a-z0-9_]*$"
@@ -26,11 +28,14 @@ FEATURE_NAME = r"^[a-z][a-z0-9_]*$"
 ColumnType = Literal["int", "float", "str", "bool", "datetime", "date"]
 Task = Literal["binary", "multiclass", "regression"]
 
-# Metric to optimise, per task, with the direction that counts as better.
+# Metrics a model may be tuned on, per task (the threshold-dependent ones are only reported).
+OPTIMISABLE = {
+    "binary": ["roc_auc", "pr_auc", "log_loss", "f1", "accuracy"],
+    "multiclass": ["log_loss", "accuracy", "f1_macro", "roc_auc_ovr"],
+    "regression": ["rmse", "mae", "r2"],
+}
 METRICS: dict[str, dict[str, bool]] = {
-    "binary": {"roc_auc": True, "pr_auc": True, "log_loss": False, "f1": True, "accuracy": True},
-    "multiclass": {"log_loss": False, "accuracy": True, "f1_macro": True, "roc_auc_ovr": True},
-    "regression": {"rmse": False, "mae": False, "r2": True},
+    task: {m: GREATER_IS_BETTER[m] for m in names} for task, names in OPTIMISABLE.items()
 }
 DEFAULT_METRIC = {"binary": "roc_auc", "multiclass": "log_loss", "regression": "rmse"}
 
@@ -209,6 +214,26 @@ class ModelSpec(_Strict):
     search_space: dict[str, ParamRange] = Field(default_factory=_default_search_space)
 
 
+class GateSpec(_Strict):
+    """When a newly trained model (challenger) may replace the champion, and when to roll back."""
+
+    margin: float = Field(0.0, ge=0, description="Least improvement of the primary metric, in its own units")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the paired bootstrap interval")
+    bootstrap_samples: int = Field(200, ge=50)
+    guarded_metrics: dict[str, float] = Field(
+        default_factory=dict, description="Metric -> largest tolerated regression (in its units)"
+    )
+    slices: list[str] = Field(default_factory=list, description="Columns whose groups must not regress")
+    slice_tolerance: float = Field(0.02, ge=0, description="Largest tolerated primary-metric loss per slice")
+    min_slice_rows: int = Field(500, ge=1, description="Smaller slices are too noisy to judge")
+    rollback_margin: float = Field(
+        0.01, ge=0, description="Roll back when the champion trails the previous champion by more than this"
+    )
+    monitor_days: int = Field(
+        30, ge=1, description="Window of recent labelled data the champion is judged on"
+    )
+
+
 class PipelineSpec(_Strict):
     name: str = Field(pattern=IDENTIFIER)
     description: str = ""
@@ -229,6 +254,7 @@ class PipelineSpec(_Strict):
     )
     split: SplitSpec = Field(default_factory=SplitSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
+    gate: GateSpec = Field(default_factory=GateSpec)
 
     @property
     def metric(self) -> str:
@@ -352,6 +378,12 @@ def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> N
             f"model.metric: expected one of {sorted(metrics)} for task '{pipeline.task}', "
             f"got {pipeline.model.metric!r}"
         )
+    for name in pipeline.gate.guarded_metrics:
+        if name not in REPORTED[pipeline.task]:
+            raise ValueError(
+                f"gate.guarded_metrics: {name!r} is not a metric of task '{pipeline.task}'; "
+                f"expected one of {REPORTED[pipeline.task]}"
+            )
     if pipeline.base not in sources:
         raise ValueError(f"base: unknown source {pipeline.base!r}; known: {sorted(sources)}")
     base_columns = sources[pipeline.base].columns
@@ -377,6 +409,9 @@ def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> N
     for key in pipeline.id:
         if key not in columns:
             raise ValueError(f"id: '{key}' is not a column of the modelling table")
+    for col in pipeline.gate.slices:
+        if col not in columns:
+            raise ValueError(f"gate.slices: '{col}' is not a column of the modelling table")
     if pipeline.timestamp and pipeline.timestamp not in columns:
         raise ValueError(f"timestamp: '{pipeline.timestamp}' is not a column of the modelling table")
     if pipeline.split.method == "time" and not pipeline.timestamp:

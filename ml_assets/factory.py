@@ -15,7 +15,7 @@ import duckdb
 import polars as pl
 from pydantic import Field
 
-from ml_assets import dataset, ingest, validate
+from ml_assets import dataset, gate, ingest, registry, validate
 from ml_assets.config import PipelineSpec, Project, SourceSpec
 from ml_assets.evaluate import evaluate_version, markdown_summary
 from ml_assets.features import build_features
@@ -25,7 +25,13 @@ from ml_assets.train import train_and_register
 from ml_assets.validate import CheckOutcome, q
 
 SOURCES_GROUP = "sources"
-USER_ERRORS = (ingest.SourceError, validate.ValidationFailure, dataset.DatasetError, ValueError)
+USER_ERRORS = (
+    ingest.SourceError,
+    validate.ValidationFailure,
+    dataset.DatasetError,
+    registry.ArtifactError,
+    ValueError,
+)
 
 
 def md_table(frame: pl.DataFrame, limit: int = 10) -> dg.MetadataValue:
@@ -219,8 +225,9 @@ def pipeline_assets(
 ) -> list[Any]:
     p = pipeline.name
     sources = project.sources_of(pipeline)
-    table_key, features_key, model_key, eval_key = (
-        dg.AssetKey([p, n]) for n in ("modelling_table", "features", "model", "evaluation")
+    table_key, features_key, model_key, eval_key, gate_key, monitor_key = (
+        dg.AssetKey([p, n])
+        for n in ("modelling_table", "features", "model", "evaluation", "promotion", "champion_monitor")
     )
     source_keys = [
         dg.AssetKey(["validated", s]) for s in {pipeline.base, *(j.source for j in pipeline.joins)}
@@ -339,6 +346,61 @@ def pipeline_assets(
             }
         )
 
+    def decision_metadata(decision: gate.Decision, conn: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+        history = versions(conn, p)
+        champion = history.filter(pl.col("status").str.contains(registry.CHAMPION))
+        meta: dict[str, Any] = {
+            "action": decision.action,
+            "champion": decision.champion_after or "(none)",
+            "model_versions": md_table(history.sort("created_at", descending=True).drop("path"), limit=20),
+            "decision_log": md_table(
+                registry.decisions(conn, p).sort("decided_at", descending=True), limit=20
+            ),
+            "details": dg.MetadataValue.json(decision.details),
+        }
+        if champion.height:
+            # A float per materialization: the UI plots the champion's test metric across versions.
+            meta[f"champion_test_{pipeline.metric}"] = float(champion.get_column("test_score")[0])
+        return meta
+
+    @dg.asset(
+        key=gate_key,
+        deps=[model_key, eval_key],
+        kinds={"lightgbm"},
+        **common,
+        description="Promotion gate: the challenger replaces the champion only if its primary metric is "
+        "significantly better (paired bootstrap) on the latest holdout, no guarded metric or slice regresses, "
+        "and it reproduces its predictions in a fresh process. The verdict is logged either way.",
+    )
+    def promotion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+        decision = _user_errors_as_failures(
+            lambda: gate.promote_or_refuse(warehouse.get_connection, pipeline, context.run_id)
+        )
+        with warehouse.get_connection() as conn:
+            meta = decision_metadata(decision, conn)
+        verdict = {"promote": "PROMOTED", "promote_first": "PROMOTED (first champion)", "refuse": "REFUSED"}
+        summary = (
+            f"### {verdict.get(decision.action, decision.action.upper())}: challenger {decision.challenger}\n\n"
+            f"{decision.reason}\n\nChampion now: `{decision.champion_after}` (was `{decision.champion_before}`)"
+        )
+        return dg.MaterializeResult(metadata={**meta, "verdict": dg.MetadataValue.md(summary)})
+
+    @dg.asset(
+        key=monitor_key,
+        deps=[gate_key],
+        kinds={"lightgbm"},
+        **common,
+        description=f"The champion against the previous champion on the last {pipeline.gate.monitor_days} days "
+        f"of labelled data; rolls back automatically when it trails by more than {pipeline.gate.rollback_margin}.",
+    )
+    def champion_monitor(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+        decision = _user_errors_as_failures(
+            lambda: gate.check_champion(warehouse.get_connection, pipeline, context.run_id)
+        )
+        with warehouse.get_connection() as conn:
+            meta = decision_metadata(decision, conn)
+        return dg.MaterializeResult(metadata={**meta, "reason": decision.reason})
+
     checks = [
         _check(
             table_key,
@@ -353,7 +415,7 @@ def pipeline_assets(
             lambda c: dataset.check_splits_populated(c, pipeline),
         ),
     ]
-    return [modelling_table, features, model, evaluation, *checks]
+    return [modelling_table, features, model, evaluation, promotion, champion_monitor, *checks]
 
 
 def build_assets(project: Project) -> list[Any]:

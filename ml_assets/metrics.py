@@ -7,7 +7,19 @@ regression, the predicted values.
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn import metrics as skm
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC-AUC as the Mann-Whitney statistic (average ranks for ties): equal to scikit-learn's, several
+    times faster, which matters inside the promotion gate's bootstrap."""
+    positives = y == 1
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC-AUC needs both classes")
+    ranks = rankdata(p)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _labels(task: str, pred: np.ndarray, threshold: float) -> np.ndarray:
@@ -29,7 +41,7 @@ def score(task: str, metric: str, y: np.ndarray, pred: np.ndarray, threshold: fl
         labels = None if task == "binary" else list(range(pred.shape[1]))
         return float(skm.log_loss(y, pred, labels=labels))
     if metric == "roc_auc":
-        return float(skm.roc_auc_score(y, pred))
+        return roc_auc(y, pred)
     if metric == "roc_auc_ovr":
         return float(skm.roc_auc_score(y, pred, multi_class="ovr", labels=list(range(pred.shape[1]))))
     if metric == "pr_auc":
@@ -44,6 +56,24 @@ def score(task: str, metric: str, y: np.ndarray, pred: np.ndarray, threshold: fl
         "brier": lambda: float(skm.brier_score_loss(y, pred)),
     }[metric]()
 
+
+GREATER_IS_BETTER = {
+    "roc_auc": True,
+    "pr_auc": True,
+    "log_loss": False,
+    "accuracy": True,
+    "precision": True,
+    "recall": True,
+    "f1": True,
+    "brier": False,
+    "f1_macro": True,
+    "roc_auc_ovr": True,
+    "rmse": False,
+    "mae": False,
+    "r2": True,
+    "mape": False,
+    "wape": False,
+}
 
 REPORTED = {
     "binary": ["roc_auc", "pr_auc", "log_loss", "accuracy", "precision", "recall", "f1", "brier"],

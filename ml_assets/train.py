@@ -33,9 +33,11 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from ml_assets import registry
 from ml_assets.config import ParamRange, PipelineSpec
+from ml_assets.dataset import table_name
 from ml_assets.features import TARGET, FeatureTransform, features_table_name
 from ml_assets.metrics import all_metrics, best_f1_threshold, score
 
+SAMPLE_ROWS = 2000
 LGB_METRIC = {"roc_auc": "auc", "pr_auc": "average_precision", "rmse": "rmse", "mae": "l1", "r2": "l2"}
 
 
@@ -303,6 +305,11 @@ def train_and_register(
     """
     with connect() as conn:
         frame = conn.execute(f"SELECT * FROM {features_table_name(pipeline)}").pl()
+        # Input rows kept with the version, so a fresh process can prove it reproduces these predictions.
+        sample = conn.execute(
+            f"SELECT * FROM (SELECT * FROM {table_name(pipeline)} WHERE _split = 'test') "
+            f"USING SAMPLE reservoir({SAMPLE_ROWS} ROWS) REPEATABLE ({pipeline.model.seed})"
+        ).pl()
     transform = FeatureTransform.load(transform_path)
     data = training_data(pipeline, frame, transform)
     budget = time_budget_s if time_budget_s is not None else pipeline.model.time_budget_s
@@ -322,6 +329,8 @@ def train_and_register(
         "features": data.features,
         "categorical_features": data.categorical,
         "input_columns": transform.input_columns,
+        "id_columns": pipeline.id,
+        "target": pipeline.target.name,
         "classes": data.classes,
         "decision_threshold": trained.threshold,
         "rows": {s: len(getattr(data, s).y) for s in ("train", "valid", "test")},
@@ -339,8 +348,12 @@ def train_and_register(
         "baseline": "logistic regression" if pipeline.task != "regression" else "ridge regression",
         "baseline_test_metrics": trained.baseline_test_metrics,
     }
-    predictions = io.BytesIO()
+    sample_scores = trained.booster.predict(
+        transform.apply(sample).select(data.features).to_pandas(), num_iteration=best_iteration
+    )
+    predictions, sample_rows = io.BytesIO(), io.BytesIO()
     trained.test_predictions.write_parquet(predictions)
+    sample.with_columns(**_as_columns(pipeline.task, sample_scores, "_prediction")).write_parquet(sample_rows)
     version_dir = registry.write_version(
         models_root,
         pipeline.name,
@@ -349,6 +362,7 @@ def train_and_register(
             registry.MODEL_FILE: trained.booster.model_to_string(num_iteration=best_iteration).encode(),
             registry.TRANSFORM_FILE: transform_path,
             registry.PREDICTIONS_FILE: predictions.getvalue(),
+            registry.SAMPLE_FILE: sample_rows.getvalue(),
         },
         manifest,
     )

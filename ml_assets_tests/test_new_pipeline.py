@@ -47,7 +47,7 @@ def test_a_yaml_file_is_a_whole_new_pipeline(tmp_path):
           - {name: x2, type: numeric}
           - {name: shade, type: categorical}
         split: {method: random, valid_fraction: 0.15, test_fraction: 0.2}
-        model: {time_budget_s: 2, max_trials: 2, cv_folds: 2, max_rounds: 200}
+        model: {time_budget_s: 600, max_trials: 2, cv_folds: 2, max_rounds: 200}
     """)
     )
     root = tmp_path / "data"
@@ -61,5 +61,6 @@ def test_a_yaml_file_is_a_whole_new_pipeline(tmp_path):
     manifest = read_manifest(path)
     assert manifest["classes"] == ["high", "low", "mid"]
     assert abs(splits["test"] / n - 0.2) < 0.03
+    # Far better than chance (a third, or log 3 nats): the pipeline really learned from the file.
     assert manifest["test_metrics"]["accuracy"] > 0.6
-    assert manifest["test_metrics"]["log_loss"] < manifest["baseline_test_metrics"]["log_loss"] + 0.05
+    assert manifest["test_metrics"]["log_loss"] < 0.7 * np.log(3)

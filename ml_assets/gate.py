@@ -1,0 +1,324 @@
+"""Promotion gate: may the challenger replace the champion? And should the champion be rolled back?
+
+The challenger is promoted only if, on the same holdout rows,
+  (a) its primary metric is better by at least the margin, and the paired bootstrap interval of the
+      improvement (resampling rows, scoring both models on each resample) excludes zero;
+  (b) no guarded metric and no slice (e.g. per carrier) regresses beyond its tolerance;
+  (c) its artifact reloads in a fresh process and reproduces its training-time predictions.
+All three are recorded with their numbers, whatever the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from ml_assets import registry
+from ml_assets.config import GateSpec, PipelineSpec
+from ml_assets.dataset import table_name
+from ml_assets.features import row_key
+from ml_assets.metrics import GREATER_IS_BETTER, score
+from ml_assets.registry import SAMPLE_FILE, read_manifest
+from ml_assets.serve import ServableModel
+from ml_assets.validate import q
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def improvement(metric: str, new: float, old: float) -> float:
+    """How much better `new` is than `old`, positive when better, in the metric's units."""
+    return new - old if GREATER_IS_BETTER[metric] else old - new
+
+
+def paired_bootstrap(
+    task: str,
+    metric: str,
+    y: np.ndarray,
+    old: np.ndarray,
+    new: np.ndarray,
+    samples: int,
+    confidence: float,
+    seed: int = 0,
+    thresholds: tuple[float, float] = (0.5, 0.5),
+) -> dict[str, float]:
+    """Point estimate and percentile interval of the improvement of `new` over `old`."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+
+    def gain(idx: np.ndarray | slice) -> float:
+        return improvement(
+            metric,
+            score(task, metric, y[idx], new[idx], thresholds[1]),
+            score(task, metric, y[idx], old[idx], thresholds[0]),
+        )
+
+    draws = []
+    for _ in range(samples):
+        idx = rng.integers(0, n, n)
+        if task != "regression" and len(np.unique(y[idx])) < 2:
+            continue
+        draws.append(gain(idx))
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(draws, [alpha, 1 - alpha])
+    return {
+        "improvement": gain(slice(None)),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "samples": len(draws),
+    }
+
+
+def decide(
+    task: str,
+    metric: str,
+    gate: GateSpec,
+    y: np.ndarray,
+    old: np.ndarray,
+    new: np.ndarray,
+    slices: dict[str, np.ndarray],
+    thresholds: tuple[float, float] = (0.5, 0.5),
+    against: str = "champion",
+) -> Verdict:
+    boot = paired_bootstrap(
+        task, metric, y, old, new, gate.bootstrap_samples, gate.confidence, thresholds=thresholds
+    )
+    level = f"{gate.confidence:.0%}"
+    summary = (
+        f"{metric} improves by {boot['improvement']:+.5f} over the {against} ({level} CI "
+        f"{boot['ci_low']:+.5f} to {boot['ci_high']:+.5f})"
+    )
+    failures: list[str] = []
+    if boot["improvement"] < gate.margin or boot["ci_low"] <= 0:
+        failures.append(f"needs at least {gate.margin:+.5f} with a CI above zero")
+    guarded = {}
+    for name, tolerance in gate.guarded_metrics.items():
+        delta = improvement(
+            name, score(task, name, y, new, thresholds[1]), score(task, name, y, old, thresholds[0])
+        )
+        guarded[name] = delta
+        if delta < -tolerance:
+            failures.append(f"guarded metric {name} regresses by {-delta:.5f} (tolerance {tolerance})")
+    slice_deltas: dict[str, dict[str, float]] = {}
+    for column, values in slices.items():
+        slice_deltas[column] = {}
+        labels = values.astype(str)
+        for value in np.unique(labels):
+            mask = labels == value
+            if mask.sum() < gate.min_slice_rows or (task != "regression" and len(np.unique(y[mask])) < 2):
+                continue
+            delta = improvement(
+                metric,
+                score(task, metric, y[mask], new[mask], thresholds[1]),
+                score(task, metric, y[mask], old[mask], thresholds[0]),
+            )
+            slice_deltas[column][value] = delta
+            if delta >= -gate.slice_tolerance:
+                continue
+            # A small slice's metric is noisy: it blocks promotion only when it is worse beyond the
+            # tolerance and significantly worse (its own bootstrap interval lies below zero).
+            sliced = paired_bootstrap(
+                task,
+                metric,
+                y[mask],
+                old[mask],
+                new[mask],
+                gate.bootstrap_samples,
+                gate.confidence,
+                seed=1,
+                thresholds=thresholds,
+            )
+            if sliced["ci_high"] < 0:
+                failures.append(
+                    f"slice {column}={value} ({int(mask.sum())} rows): {metric} regresses by {-delta:.5f} "
+                    f"(tolerance {gate.slice_tolerance}, {level} CI of the change {sliced['ci_low']:+.5f} to "
+                    f"{sliced['ci_high']:+.5f})"
+                )
+    details = {
+        "bootstrap": boot,
+        "guarded": guarded,
+        "slices": slice_deltas,
+        "rows": len(y),
+        "against": against,
+    }
+    if failures:
+        return Verdict(False, f"{summary}; " + "; ".join(failures), details)
+    return Verdict(True, f"{summary}; no guarded metric or slice regresses significantly", details)
+
+
+def reproduces_training_predictions(version_dir: Path, tolerance: float = 1e-9) -> tuple[bool, str]:
+    """Load the version in a fresh Python process and re-predict its saved sample rows."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ml_assets.gate", str(version_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return (
+            False,
+            f"reloading {version_dir} in a fresh process failed: {lines[-1] if lines else proc.returncode}",
+        )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ok = result["max_abs_diff"] <= tolerance and result["rows"] > 0
+    return ok, (
+        f"fresh-process reload reproduces {result['rows']} training-time predictions "
+        f"(max abs diff {result['max_abs_diff']:.2e}, tolerance {tolerance:.0e})"
+    )
+
+
+def _reproduce(version_dir: Path) -> dict[str, float]:
+    model = ServableModel.load(version_dir)
+    rows = pl.read_parquet(version_dir / SAMPLE_FILE)
+    expected = rows.select(pl.col("^_prediction.*$")).to_numpy()
+    actual = np.asarray(model.predict(rows)).reshape(len(rows), -1)
+    return {"rows": len(rows), "max_abs_diff": float(np.abs(actual - expected).max()) if len(rows) else 0.0}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_reproduce(Path(sys.argv[1]))))
+
+
+# --- champion decisions: promote or refuse, automatic and manual rollback ------------------------------
+
+
+def _labels(manifest: dict[str, Any], rows: pl.DataFrame) -> np.ndarray:
+    target = rows.get_column(manifest["target"])
+    if manifest["task"] == "regression":
+        return target.cast(pl.Float64).to_numpy()
+    mapping = {c: i for i, c in enumerate(manifest["classes"])}
+    return target.replace_strict(mapping, default=-1, return_dtype=pl.Int32).to_numpy()
+
+
+def _threshold(model: Any) -> float:
+    return float(model.manifest.get("decision_threshold", 0.5))
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    reason: str
+    challenger: str | None
+    champion_before: str | None
+    champion_after: str | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def promote_or_refuse(connect: Any, pipeline: PipelineSpec, run_id: str | None = None) -> Decision:
+    """Judge the challenger against the champion (or, for the first model, against its baseline) on the
+    latest holdout, and record the verdict; the champion alias moves only on promotion."""
+    with connect() as conn:
+        challenger = registry.alias_version(conn, pipeline.name, registry.CHALLENGER)
+        champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
+        if challenger is None:
+            raise registry.ArtifactError(
+                f"pipeline '{pipeline.name}': no challenger; materialize its model first"
+            )
+        if challenger == champion:
+            return Decision(
+                "unchanged",
+                f"challenger {challenger} is already the champion",
+                challenger,
+                champion,
+                champion,
+            )
+        challenger_dir = registry.version_dir(conn, challenger)
+        champion_dir = registry.version_dir(conn, champion) if champion else None
+        rows = conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE _split = 'test'").pl()
+    infra_ok, infra = reproduces_training_predictions(challenger_dir)
+    new_model = ServableModel.load(challenger_dir)
+    if champion_dir is None:
+        # The first model must beat the baseline it was trained beside, on the same test rows.
+        scored = pl.read_parquet(challenger_dir / registry.PREDICTIONS_FILE)
+        rows = rows.with_columns(row_key(pipeline.id).alias("_key")).join(scored, on="_key", how="inner")
+        y = rows.get_column("y_true").to_numpy()
+        old = rows.select(pl.col("^baseline.*$")).to_numpy().squeeze()
+        new = rows.select(pl.col("^model.*$")).to_numpy().squeeze()
+        thresholds, against = (0.5, _threshold(new_model)), "baseline"
+    else:
+        old_model = ServableModel.load(champion_dir)
+        y, old, new = _labels(new_model.manifest, rows), old_model.predict(rows), new_model.predict(rows)
+        thresholds, against = (_threshold(old_model), _threshold(new_model)), f"champion {champion}"
+    slices = {c: rows.get_column(c).to_numpy() for c in pipeline.gate.slices}
+    verdict = decide(pipeline.task, pipeline.metric, pipeline.gate, y, old, new, slices, thresholds, against)
+    promote = verdict.promote and infra_ok
+    reason = verdict.reason if infra_ok else f"{infra}; {verdict.reason}"
+    details = verdict.details | {"infra_check": {"passed": infra_ok, "detail": infra}}
+    action = ("promote" if champion else "promote_first") if promote else "refuse"
+    with connect() as conn:
+        registry.record_decision(
+            conn, pipeline.name, action, reason, challenger, challenger if promote else None, details, run_id
+        )
+    return Decision(action, reason, challenger, champion, challenger if promote else champion, details)
+
+
+def check_champion(connect: Any, pipeline: PipelineSpec, run_id: str | None = None) -> Decision:
+    """Roll back automatically when the champion trails the previous champion on recent labelled data."""
+    window = (
+        f"{q(pipeline.timestamp)} >= (SELECT max({q(pipeline.timestamp)}) FROM {table_name(pipeline)}) "
+        f"- INTERVAL {pipeline.gate.monitor_days} DAY"
+        if pipeline.timestamp
+        else "_split = 'test'"
+    )
+    with connect() as conn:
+        champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
+        previous = registry.previous_champion(conn, pipeline.name)
+        if champion is None or previous is None or previous == champion:
+            return Decision("none", "no previous champion to compare with", None, champion, champion)
+        dirs = {v: registry.version_dir(conn, v) for v in (champion, previous)}
+        rows = conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE {window}").pl()
+    models = {v: ServableModel.load(d) for v, d in dirs.items()}
+    y = _labels(models[champion].manifest, rows)
+    metric = pipeline.metric
+    scores = {v: score(pipeline.task, metric, y, m.predict(rows), _threshold(m)) for v, m in models.items()}
+    delta = improvement(metric, scores[champion], scores[previous])
+    details = {
+        "rows": len(rows),
+        "window_days": pipeline.gate.monitor_days,
+        "scores": scores,
+        "improvement": delta,
+    }
+    if delta >= -pipeline.gate.rollback_margin:
+        return Decision(
+            "keep",
+            f"champion {champion} {metric} {scores[champion]:.5f} vs previous {previous} "
+            f"{scores[previous]:.5f} on the last {len(rows)} labelled rows",
+            None,
+            champion,
+            champion,
+            details,
+        )
+    reason = (
+        f"champion {champion} trails previous champion {previous} on {metric} by {-delta:.5f} on the last "
+        f"{len(rows)} labelled rows (rollback margin {pipeline.gate.rollback_margin})"
+    )
+    with connect() as conn:
+        registry.record_decision(
+            conn, pipeline.name, "auto_rollback", reason, None, previous, details, run_id
+        )
+    return Decision("auto_rollback", reason, None, champion, previous, details)
+
+
+def rollback(connect: Any, pipeline: str, to: str | None = None, run_id: str | None = None) -> Decision:
+    """Move the champion back to `to`, or to the previous champion; recorded in the decision log."""
+    with connect() as conn:
+        current = registry.alias_version(conn, pipeline, registry.CHAMPION)
+        target = to or registry.previous_champion(conn, pipeline)
+        if target is None:
+            raise registry.ArtifactError(f"pipeline '{pipeline}': no previous champion to roll back to")
+        read_manifest(registry.version_dir(conn, target))  # never roll back onto a tampered artifact
+        reason = f"manual rollback from {current} to {target}"
+        registry.record_decision(conn, pipeline, "rollback", reason, None, target, {}, run_id)
+    return Decision("rollback", reason, None, current, target)

@@ -1,0 +1,105 @@
+"""Champion / challenger through Dagster on a sample of the real data: promotion of a clearly better
+model, refusal of a worse one and of an identical retrain, manual and automatic rollback."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from ml_assets import gate, registry
+from ml_assets.resources import connect, warehouse_path
+from ml_assets_tests.conftest import materialize_all
+
+FLAGSHIP = dg.AssetSelection.groups("flight_delay").upstream().required_multi_asset_neighbors()
+WEAK_FEATURES = ["distance", "sched_dep_minutes"]
+
+
+def _set_features(pipelines: Path, names: list[str] | None, original: list[dict]) -> None:
+    path = pipelines / "flight_delay.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["features"] = [f for f in original if names is None or f["name"] in names]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _train(pipelines: Path, root: Path, features: list[str] | None, original: list[dict]) -> str:
+    """One run of the flagship with the given features; returns the new challenger version."""
+    _set_features(pipelines, features, original)
+    assert materialize_all(pipelines, root, selection=FLAGSHIP).success
+    with connect(warehouse_path(root)) as conn:
+        return registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
+
+
+def _state(root: Path) -> tuple[str | None, dict]:
+    with connect(warehouse_path(root)) as conn:
+        champion = registry.alias_version(conn, "flight_delay", registry.CHAMPION)
+        last = registry.decisions(conn, "flight_delay").row(-1, named=True)
+    return champion, last
+
+
+def test_champion_challenger_lifecycle(sample_project):
+    pipelines, root = sample_project
+    original = yaml.safe_load((pipelines / "flight_delay.yaml").read_text())["features"]
+    db = functools.partial(connect, warehouse_path(root))
+
+    weak = _train(pipelines, root, WEAK_FEATURES, original)
+    gate.rollback(db, "flight_delay", to=weak)  # a manual move: the weak model serves
+    assert _state(root)[0] == weak
+
+    full = _train(pipelines, root, None, original)
+    champion, last = _state(root)
+    assert (champion, last["action"], last["challenger"]) == (full, "promote", full), last["reason"]
+    assert "roc_auc improves by +" in last["reason"]
+
+    worse = _train(pipelines, root, WEAK_FEATURES, original)
+    champion, last = _state(root)
+    assert (champion, last["action"], last["challenger"]) == (full, "refuse", worse)
+    assert "needs at least" in last["reason"]
+
+    # Identical data and settings: a deterministic retrain is the same model, with no gain to promote.
+    same = _train(pipelines, root, None, original)
+    champion, last = _state(root)
+    assert (champion, last["action"], last["challenger"]) == (full, "refuse", same)
+    assert "improves by +0.00000" in last["reason"]
+
+    # Someone puts the weak model back by hand; the monitor sees it trail the previous champion on recent
+    # labelled data and rolls back on its own.
+    gate.rollback(db, "flight_delay", to=weak)
+    monitor = dg.AssetKey(["flight_delay", "champion_monitor"])
+    result = materialize_all(pipelines, root, selection=[monitor])
+    champion, last = _state(root)
+    assert (champion, last["action"]) == (full, "auto_rollback")
+    assert f"trails previous champion {full}" in last["reason"]
+    (event,) = result.get_asset_materialization_events()
+    assert event.materialization.metadata["action"].value == "auto_rollback"
+
+    # And the manual rollback returns to the champion before the latest change.
+    decision = gate.rollback(db, "flight_delay")
+    assert (decision.champion_before, decision.champion_after) == (full, weak)
+    with connect(warehouse_path(root)) as conn:
+        statuses = dict(registry.versions(conn, "flight_delay").select("version", "status").iter_rows())
+    assert statuses[weak] == "champion" and statuses[worse] == "refuse" and statuses[same] == "challenger"
+
+
+def test_rollback_refuses_a_tampered_target(sample_project):
+    pipelines, root = sample_project
+    assert materialize_all(pipelines, root, selection=FLAGSHIP).success
+    db = functools.partial(connect, warehouse_path(root))
+    with connect(warehouse_path(root)) as conn:
+        version = registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
+        path = registry.version_dir(conn, version)
+    (path / registry.TRANSFORM_FILE).write_text("{}")
+    try:
+        gate.rollback(db, "flight_delay", to=version)
+    except registry.ArtifactError as exc:
+        assert "does not match the manifest" in str(exc)
+    else:
+        raise AssertionError("rollback onto a tampered artifact must be refused")
+    assert _state_or_none(root) is None
+
+
+def _state_or_none(root: Path) -> str | None:
+    with connect(warehouse_path(root)) as conn:
+        return registry.alias_version(conn, "flight_delay", registry.CHAMPION)

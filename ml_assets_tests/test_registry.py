@@ -1,0 +1,90 @@
+"""Crash safety of the registry: kill -9 while versions are written, registered and promoted."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ml_assets import registry
+from ml_assets.resources import connect, warehouse_path
+from ml_assets.serve import ServableModel
+from ml_assets_tests.conftest import materialize_all
+from ml_assets_tests.test_promotion import FLAGSHIP
+
+# Registers copies of a real version and makes each champion, as fast as it can, until killed.
+WRITER = """
+import itertools, sys
+from pathlib import Path
+from ml_assets import registry
+from ml_assets.resources import connect
+db, source = sys.argv[1], Path(sys.argv[2])
+manifest = registry.read_manifest(source)
+for i in itertools.count():
+    version = registry.new_version_id()
+    files = {name: source / name for name in manifest["files"]}
+    folder = registry.write_version(source.parent.parent, "flight_delay", version, files, manifest | {"version": version})
+    with connect(db) as conn:
+        registry.register(conn, folder, registry.read_manifest(folder))
+        registry.record_decision(conn, "flight_delay", "promote", f"crash test {i}", version, version)
+    print(i, flush=True)
+"""
+
+
+def _assert_consistent(root: Path) -> str:
+    """Every alias points at a registered, intact, loadable version; the log agrees with the alias."""
+    with connect(warehouse_path(root)) as conn:
+        champion = registry.alias_version(conn, "flight_delay", registry.CHAMPION)
+        challenger = registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
+        paths = [Path(p) for (p,) in conn.execute("SELECT path FROM registry.model_versions").fetchall()]
+        last = registry.decisions(conn, "flight_delay").row(-1, named=True)
+        champion_dir = registry.version_dir(conn, champion)
+        registry.version_dir(conn, challenger)
+    assert last["champion_after"] == champion
+    for path in paths:
+        registry.read_manifest(path)  # present and hash-verified
+    ServableModel.load(champion_dir)
+    return champion
+
+
+def test_kill_9_during_registration_and_alias_moves_leaves_a_loadable_champion(sample_project):
+    pipelines, root = sample_project
+    assert materialize_all(pipelines, root, selection=FLAGSHIP).success
+    with connect(warehouse_path(root)) as conn:
+        first = registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
+        source = registry.version_dir(conn, first)
+        registry.record_decision(conn, "flight_delay", "promote_first", "test set-up", first, first)
+    rng = random.Random(0)
+    champions = []
+    for _ in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(warehouse_path(root)), str(source)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(rng.randint(1, 3)):  # let it get going, then kill it at a random moment
+            assert proc.stdout.readline(), "the writer died on its own"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        champions.append(_assert_consistent(root))
+    assert len(set(champions)) > 1
+    # The next run recovers: it trains, registers and judges a new version as usual.
+    assert materialize_all(pipelines, root, selection=FLAGSHIP).success
+    _assert_consistent(root)
+    assert not list((root / "models" / "flight_delay").glob(".tmp-*"))
+
+
+def test_an_alias_cannot_point_at_an_unregistered_version(tmp_path):
+    with (
+        connect(tmp_path / "w.duckdb") as conn,
+        pytest.raises(registry.ArtifactError, match="not registered"),
+    ):
+        registry.record_decision(conn, "p", "promote", "test", "v-missing", "v-missing")
+    with connect(tmp_path / "w.duckdb") as conn:
+        assert registry.alias_version(conn, "p", registry.CHAMPION) is None
+        assert registry.decisions(conn, "p").height == 0
