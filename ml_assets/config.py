@@ -366,8 +366,16 @@ def modelling_columns(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) ->
                 )
             columns[out] = f"join with '{join.source}'"
     for name in pipeline.derived:
+        if name in columns:
+            # DuckDB would rename the new column (name_1) and the old one would silently win.
+            raise ValueError(f"derived.{name}: '{name}' clashes with {columns[name]}; choose another name")
         columns[name] = "derived"
     return columns
+
+
+def sql_words(expr: str) -> set[str]:
+    """Identifier-like words of a SQL expression, without string literals."""
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", re.sub(r"'(?:[^']|'')*'", " ", expr)))
 
 
 def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> None:
@@ -421,7 +429,18 @@ def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> N
             f"target.name: '{pipeline.target.name}' is not a column of the modelling table; "
             "give target.expr to compute it"
         )
-    forbidden = {*pipeline.leakage, *pipeline.target.source_columns, pipeline.target.name}
+    for field_name, names in (
+        ("leakage", pipeline.leakage),
+        ("target.source_columns", pipeline.target.source_columns),
+    ):
+        for col in names:
+            if col not in columns:
+                raise ValueError(f"{field_name}: '{col}' is not a column of the modelling table")
+    forbidden = {
+        **{c: "listed under leakage (not known at prediction time)" for c in pipeline.leakage},
+        **{c: "what the target is computed from" for c in pipeline.target.source_columns},
+        pipeline.target.name: "the target",
+    }
     seen: set[str] = set()
     for i, feat in enumerate(pipeline.features):
         if feat.name in seen:
@@ -436,8 +455,14 @@ def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> N
             )
         if feat.input_column in forbidden:
             raise ValueError(
-                f"features.{i} ('{feat.name}'): column '{feat.input_column}' is the target or "
-                "listed under leakage (not known at prediction time)"
+                f"features.{i} ('{feat.name}'): column '{feat.input_column}' is {forbidden[feat.input_column]}"
+            )
+        # A derived column is only as clean as the columns its expression reads.
+        leaked = sorted(sql_words(pipeline.derived.get(feat.input_column, "")) & set(forbidden))
+        if leaked:
+            raise ValueError(
+                f"features.{i} ('{feat.name}'): derived column '{feat.input_column}' reads {leaked}, "
+                f"{forbidden[leaked[0]]}"
             )
 
 

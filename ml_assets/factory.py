@@ -134,20 +134,11 @@ def source_assets(name: str, spec: SourceSpec, base_dir: Path) -> list[Any]:
 
     @dg.multi_asset(
         specs=[
-            dg.AssetSpec(
-                valid_key,
-                deps=[raw_key],
-                group_name=SOURCES_GROUP,
-                kinds={"duckdb"},
-                description=f"Source '{name}' typed and checked against its config rules.",
-            ),
-            dg.AssetSpec(
-                quarantine_key,
-                deps=[raw_key],
-                group_name=SOURCES_GROUP,
-                kinds={"duckdb"},
-                description=f"Rows of '{name}' rejected by validation, with rule, column and reasons.",
-            ),
+            dg.AssetSpec(key, deps=[raw_key], group_name=SOURCES_GROUP, kinds={"duckdb"}, description=text)
+            for key, text in (
+                (valid_key, f"Source '{name}' typed and checked against its config rules."),
+                (quarantine_key, f"Rows of '{name}' rejected by validation, with rule, column and reasons."),
+            )
         ],
         name=f"validate_{name}",
     )

@@ -57,6 +57,17 @@ def _edit_flights(sources: Path, edit: Callable[[pl.DataFrame], pl.DataFrame]) -
     return path
 
 
+def _set_flight_values(sources: Path, column: str, value: str, where: pl.Expr) -> Path:
+    """Overwrite `column` with `value` on the rows of the sample's flights file where `where` holds."""
+    return _edit_flights(
+        sources,
+        lambda f: f.with_columns(pl.when(where).then(pl.lit(value)).otherwise(pl.col(column)).alias(column)),
+    )
+
+
+EVERY_TENTH_ROW = pl.int_range(pl.len()) % 10 == 0
+
+
 @pytest.fixture
 def good_run(sample_project):
     pipelines, root = sample_project
@@ -114,15 +125,7 @@ def test_wrong_types_are_quarantined_with_file_row_column_and_rule(sample_projec
     pipelines, root = sample_project
     sources = pipelines.parent / "sources"
     # Three rows get a non-numeric delay: few enough to stay under the quarantine threshold.
-    _edit_flights(
-        sources,
-        lambda f: f.with_columns(
-            pl.when(pl.int_range(pl.len()).is_in([3, 10, 50]))
-            .then(pl.lit("abc"))
-            .otherwise(pl.col("dep_delay"))
-            .alias("dep_delay")
-        ),
-    )
+    _set_flight_values(sources, "dep_delay", "abc", pl.int_range(pl.len()).is_in([3, 10, 50]))
     assert materialize_all(pipelines, root).success
     with connect(warehouse_path(root)) as conn:
         rows = conn.execute(
@@ -140,15 +143,7 @@ def test_failed_blocking_check_stops_everything_downstream(sample_project):
     sources = pipelines.parent / "sources"
     # 10% of flights with an impossible distance: validation quarantines them, then the quarantine-share
     # check (max 1%) must stop both pipelines before any training.
-    _edit_flights(
-        sources,
-        lambda f: f.with_columns(
-            pl.when(pl.int_range(pl.len()) % 10 == 0)
-            .then(pl.lit("-5"))
-            .otherwise(pl.col("distance"))
-            .alias("distance")
-        ),
-    )
+    _set_flight_values(sources, "distance", "-5", EVERY_TENTH_ROW)
     result = materialize_all(pipelines, root, raise_on_error=False)
     assert not result.success
     failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
@@ -164,15 +159,7 @@ def test_a_later_run_does_not_build_on_data_whose_check_failed(sample_project):
     pipelines, root = sample_project
     sources = pipelines.parent / "sources"
     original = (sources / "flights.csv").read_bytes()
-    _edit_flights(
-        sources,
-        lambda f: f.with_columns(
-            pl.when(pl.int_range(pl.len()) % 10 == 0)
-            .then(pl.lit("-5"))
-            .otherwise(pl.col("distance"))
-            .alias("distance")
-        ),
-    )
+    _set_flight_values(sources, "distance", "-5", EVERY_TENTH_ROW)
     instance = dg.DagsterInstance.ephemeral()
     assert not materialize_all(pipelines, root, raise_on_error=False, instance=instance).success
     # Blocking checks only stop steps of their own run: a run of just the modelling table must refuse too.

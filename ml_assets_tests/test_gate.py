@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -92,14 +94,21 @@ def test_a_regressing_guarded_metric_refuses_even_with_better_ranking():
     assert not verdict.promote and "guarded metric log_loss regresses" in verdict.reason
 
 
-def test_a_regressing_slice_refuses_and_is_named():
-    rng, y, signal = _labels_and_signal(5, n=4000)
+def _two_slices(seed: int, small_slice: Callable[[np.random.Generator, np.ndarray], np.ndarray]):
+    """A champion, and a challenger clearly better on the large slice (3/4 of rows) and given by
+    `small_slice(rng, champion_scores)` on the small one."""
+    rng, y, signal = _labels_and_signal(seed, n=4000)
     group = np.where(np.arange(len(y)) % 4 == 0, "small", "large")
     champion = _probability(signal + rng.normal(scale=1.0, size=len(y)))
     challenger = champion.copy()
     large = group == "large"
     challenger[large] = _probability(signal[large] + rng.normal(scale=0.4, size=large.sum()))
-    challenger[~large] = rng.uniform(size=(~large).sum())  # useless on one slice
+    challenger[~large] = small_slice(rng, champion[~large])
+    return y, group, champion, challenger
+
+
+def test_a_regressing_slice_refuses_and_is_named():
+    y, group, champion, challenger = _two_slices(5, lambda rng, old: rng.uniform(size=len(old)))  # useless
     gate = GATE.model_copy(update={"slices": ["group"]})
     verdict = decide("binary", "roc_auc", gate, y, champion, challenger, {"group": group})
     assert not verdict.promote
@@ -128,14 +137,10 @@ def test_rank_based_auc_equals_scikit_learn_including_ties():
 
 
 def test_a_slice_that_is_worse_only_by_noise_does_not_block():
-    rng, y, signal = _labels_and_signal(8, n=4000)
-    group = np.where(np.arange(len(y)) % 4 == 0, "small", "large")
-    champion = _probability(signal + rng.normal(scale=1.0, size=len(y)))
-    challenger = champion.copy()
-    large = group == "large"
-    challenger[large] = _probability(signal[large] + rng.normal(scale=0.4, size=large.sum()))
     # On the small slice the challenger differs from the champion by a hair: any change there is noise.
-    challenger[~large] = champion[~large] + rng.normal(scale=1e-3, size=(~large).sum())
+    y, group, champion, challenger = _two_slices(
+        8, lambda rng, old: old + rng.normal(scale=1e-3, size=len(old))
+    )
     gate = GATE.model_copy(update={"slices": ["group"], "slice_tolerance": 0.0})
     verdict = decide("binary", "roc_auc", gate, y, champion, challenger, {"group": group})
     assert verdict.promote, verdict.reason
