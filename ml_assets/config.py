@@ -234,6 +234,20 @@ class GateSpec(_Strict):
     )
 
 
+class MonitoringSpec(_Strict):
+    """Drift monitoring of the champion's inputs, and when drift turns into a retraining run."""
+
+    window_days: int = Field(30, ge=1, description="Current window: the latest days of the modelling table")
+    sample_rows: int = Field(50_000, ge=1000, description="Bound on rows Evidently sees, per side")
+    num_method: str = "wasserstein"
+    cat_method: str = "jensenshannon"
+    threshold: float = Field(0.1, gt=0, description="Per-column drift threshold of the methods above")
+    drift_share: float = Field(0.3, gt=0, le=1, description="Share of drifted features that counts as drift")
+    persist_windows: int = Field(2, ge=1, description="Consecutive drifted windows before retraining")
+    cooldown_hours: float = Field(24.0, ge=0, description="Least time between two drift-triggered retrains")
+    sensor_interval_s: int = Field(30, ge=5)
+
+
 class PipelineSpec(_Strict):
     name: str = Field(pattern=IDENTIFIER)
     description: str = ""
@@ -255,6 +269,7 @@ class PipelineSpec(_Strict):
     split: SplitSpec = Field(default_factory=SplitSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     gate: GateSpec = Field(default_factory=GateSpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
 
     @property
     def metric(self) -> str:

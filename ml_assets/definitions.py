@@ -15,10 +15,27 @@ import dagster as dg
 from ml_assets.config import default_pipelines_dir, load_project
 from ml_assets.factory import build_assets
 from ml_assets.resources import PIPELINES_DIR_ENV, ArtifactStore, Warehouse, data_dir, warehouse_path
+from ml_assets.schedules import daily_drift_schedule
+from ml_assets.sensors import drift_retrain_sensor
 
 
 def build_definitions(pipelines_dir: Path, root: Path) -> dg.Definitions:
     project = load_project(pipelines_dir)
+    sensors, schedules, automation_jobs = [], [], []
+    for name, pipeline in project.pipelines.items():
+        retrain = dg.define_asset_job(
+            f"{name}_retrain_job",
+            selection=dg.AssetSelection.assets(dg.AssetKey([name, "modelling_table"])).downstream(),
+            description=f"Rebuild '{name}' from the validated tables: features, model, evaluation, promotion gate.",
+        )
+        drift = dg.define_asset_job(
+            f"{name}_drift_job",
+            selection=dg.AssetSelection.assets(dg.AssetKey([name, "drift_report"])),
+            description=f"Recompute the drift report of '{name}'s champion.",
+        )
+        automation_jobs += [retrain, drift]
+        sensors.append(drift_retrain_sensor(pipeline, retrain))
+        schedules.append(daily_drift_schedule(pipeline, drift))
     jobs = [
         dg.define_asset_job(
             f"{name}_job",
@@ -29,7 +46,9 @@ def build_definitions(pipelines_dir: Path, root: Path) -> dg.Definitions:
     ]
     return dg.Definitions(
         assets=build_assets(project),
-        jobs=jobs,
+        jobs=jobs + automation_jobs,
+        sensors=sensors,
+        schedules=schedules,
         resources={
             "warehouse": Warehouse(database=str(warehouse_path(root))),
             "artifacts": ArtifactStore(root=str(root)),

@@ -15,7 +15,7 @@ import duckdb
 import polars as pl
 from pydantic import Field
 
-from ml_assets import dataset, gate, ingest, registry, validate
+from ml_assets import dataset, gate, ingest, monitor, registry, validate
 from ml_assets.config import PipelineSpec, Project, SourceSpec
 from ml_assets.evaluate import evaluate_version, markdown_summary
 from ml_assets.features import build_features
@@ -216,9 +216,17 @@ def pipeline_assets(
 ) -> list[Any]:
     p = pipeline.name
     sources = project.sources_of(pipeline)
-    table_key, features_key, model_key, eval_key, gate_key, monitor_key = (
+    table_key, features_key, model_key, eval_key, gate_key, monitor_key, drift_key = (
         dg.AssetKey([p, n])
-        for n in ("modelling_table", "features", "model", "evaluation", "promotion", "champion_monitor")
+        for n in (
+            "modelling_table",
+            "features",
+            "model",
+            "evaluation",
+            "promotion",
+            "champion_monitor",
+            "drift_report",
+        )
     )
     source_keys = [
         dg.AssetKey(["validated", s]) for s in {pipeline.base, *(j.source for j in pipeline.joins)}
@@ -364,8 +372,10 @@ def pipeline_assets(
         "and it reproduces its predictions in a fresh process. The verdict is logged either way.",
     )
     def promotion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+        # What launched this run (e.g. the drift result behind a sensor's retrain) goes into the log.
+        trigger = {k: v for k, v in context.run.tags.items() if k.startswith("ml_assets/")}
         decision = _user_errors_as_failures(
-            lambda: gate.promote_or_refuse(warehouse.get_connection, pipeline, context.run_id)
+            lambda: gate.promote_or_refuse(warehouse.get_connection, pipeline, context.run_id, trigger)
         )
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn)
@@ -392,6 +402,43 @@ def pipeline_assets(
             meta = decision_metadata(decision, conn)
         return dg.MaterializeResult(metadata={**meta, "reason": decision.reason})
 
+    @dg.asset(
+        key=drift_key,
+        deps=[table_key, gate_key],
+        kinds={"evidently"},
+        **common,
+        description=f"Evidently drift of the champion's inputs: its training reference against the last "
+        f"{pipeline.monitoring.window_days} days, each bounded to {pipeline.monitoring.sample_rows} rows. "
+        "Appends to monitor.drift_runs / monitor.drift_history, which the retraining sensor reads.",
+    )
+    def drift_report(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
+        run = _user_errors_as_failures(
+            lambda: monitor.run_drift(warehouse.get_connection, pipeline, Path(artifacts.root) / "reports")
+        )
+        if run is None:
+            return dg.MaterializeResult(metadata={"status": "no champion yet: nothing to monitor"})
+        with warehouse.get_connection() as conn:
+            history = monitor.drift_runs(conn, p)
+        columns = pl.DataFrame(
+            [(c.column, c.method, round(c.score, 4), c.threshold, c.drifted) for c in run.result.columns],
+            schema=["column", "method", "score", "threshold", "drifted"],
+            orient="row",
+        ).sort("score", descending=True)
+        return dg.MaterializeResult(
+            metadata={
+                "drift_share": run.result.drift_share,
+                "dataset_drift": run.result.dataset_drift,
+                "drifted_columns": dg.MetadataValue.json(run.result.drifted),
+                "columns": md_table(columns, limit=40),
+                "report": dg.MetadataValue.path(str(run.report)),
+                "champion": run.champion,
+                "window": f"{run.window_start} to {run.window_end}",
+                "rows_current_reference": f"{run.result.current_rows} / {run.result.reference_rows}",
+                "drift_runs": md_table(history.sort("computed_at", descending=True), limit=10),
+                "drift_run": run.id,
+            }
+        )
+
     checks = [
         _check(
             table_key,
@@ -406,7 +453,7 @@ def pipeline_assets(
             lambda c: dataset.check_splits_populated(c, pipeline),
         ),
     ]
-    return [modelling_table, features, model, evaluation, promotion, champion_monitor, *checks]
+    return [modelling_table, features, model, evaluation, promotion, champion_monitor, drift_report, *checks]
 
 
 def build_assets(project: Project) -> list[Any]:

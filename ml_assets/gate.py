@@ -216,7 +216,9 @@ class Decision:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def promote_or_refuse(connect: Any, pipeline: PipelineSpec, run_id: str | None = None) -> Decision:
+def promote_or_refuse(
+    connect: Any, pipeline: PipelineSpec, run_id: str | None = None, trigger: dict[str, str] | None = None
+) -> Decision:
     """Judge the challenger against the champion (or, for the first model, against its baseline) on the
     latest holdout, and record the verdict; the champion alias moves only on promotion."""
     with connect() as conn:
@@ -255,7 +257,10 @@ def promote_or_refuse(connect: Any, pipeline: PipelineSpec, run_id: str | None =
     verdict = decide(pipeline.task, pipeline.metric, pipeline.gate, y, old, new, slices, thresholds, against)
     promote = verdict.promote and infra_ok
     reason = verdict.reason if infra_ok else f"{infra}; {verdict.reason}"
-    details = verdict.details | {"infra_check": {"passed": infra_ok, "detail": infra}}
+    details = verdict.details | {
+        "infra_check": {"passed": infra_ok, "detail": infra},
+        "trigger": trigger or {},
+    }
     action = ("promote" if champion else "promote_first") if promote else "refuse"
     with connect() as conn:
         registry.record_decision(

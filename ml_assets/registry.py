@@ -35,6 +35,7 @@ MODEL_FILE = "model.txt"
 TRANSFORM_FILE = "transform.json"
 PREDICTIONS_FILE = "test_predictions.parquet"
 SAMPLE_FILE = "sample_rows.parquet"
+REFERENCE_FILE = "reference_features.parquet"
 MANIFEST_FILE = "manifest.json"
 CHAMPION, CHALLENGER = "champion", "challenger"
 

@@ -36,6 +36,7 @@ from ml_assets.config import ParamRange, PipelineSpec
 from ml_assets.dataset import table_name
 from ml_assets.features import TARGET, FeatureTransform, features_table_name
 from ml_assets.metrics import all_metrics, best_f1_threshold, score
+from ml_assets.monitor import bounded_sample
 
 SAMPLE_ROWS = 2000
 LGB_METRIC = {"roc_auc": "auc", "pr_auc": "average_precision", "rmse": "rmse", "mae": "l1", "r2": "l2"}
@@ -351,7 +352,12 @@ def train_and_register(
     sample_scores = trained.booster.predict(
         transform.apply(sample).select(data.features).to_pandas(), num_iteration=best_iteration
     )
-    predictions, sample_rows = io.BytesIO(), io.BytesIO()
+    predictions, sample_rows, reference = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    # The drift reference: a bounded sample of the training features, drawn once per version.
+    train_rows = frame.filter(pl.col("_split") == "train").select("_ts", *data.features)
+    bounded_sample(train_rows, pipeline.monitoring.sample_rows, "_ts", pipeline.model.seed).write_parquet(
+        reference
+    )
     trained.test_predictions.write_parquet(predictions)
     sample.with_columns(**_as_columns(pipeline.task, sample_scores, "_prediction")).write_parquet(sample_rows)
     version_dir = registry.write_version(
@@ -363,6 +369,7 @@ def train_and_register(
             registry.TRANSFORM_FILE: transform_path,
             registry.PREDICTIONS_FILE: predictions.getvalue(),
             registry.SAMPLE_FILE: sample_rows.getvalue(),
+            registry.REFERENCE_FILE: reference.getvalue(),
         },
         manifest,
     )

@@ -56,7 +56,15 @@ def test_lineage(full_run):
     steps = {
         f"{p}/{a}"
         for p in ("flight_delay", "flight_arr_delay")
-        for a in ("modelling_table", "features", "model", "evaluation", "promotion", "champion_monitor")
+        for a in (
+            "modelling_table",
+            "features",
+            "model",
+            "evaluation",
+            "promotion",
+            "champion_monitor",
+            "drift_report",
+        )
     }
     assert keys == sources | steps
 
@@ -75,6 +83,7 @@ def test_lineage(full_run):
         assert parents(f"{pipeline}/evaluation") == {f"{pipeline}/model"}
         assert parents(f"{pipeline}/promotion") == {f"{pipeline}/model", f"{pipeline}/evaluation"}
         assert parents(f"{pipeline}/champion_monitor") == {f"{pipeline}/promotion"}
+        assert parents(f"{pipeline}/drift_report") == {f"{pipeline}/modelling_table", f"{pipeline}/promotion"}
     assert parents("validated/flights") == {"raw/flights"}
     assert parents("quarantine/flights") == {"raw/flights"}
 

@@ -18,7 +18,15 @@ from ml_assets_tests.conftest import materialize_all
 DOWNSTREAM = [
     dg.AssetKey([p, a])
     for p in ("flight_delay", "flight_arr_delay")
-    for a in ("modelling_table", "features", "model", "evaluation", "promotion", "champion_monitor")
+    for a in (
+        "modelling_table",
+        "features",
+        "model",
+        "evaluation",
+        "promotion",
+        "champion_monitor",
+        "drift_report",
+    )
 ]
 
 

@@ -1,0 +1,292 @@
+"""Drift detection with Evidently at bounded cost.
+
+Evidently's DataDriftPreset is slow on large frames (about 80 s for 1M x 20 here), so it never sees
+unbounded data: the reference and the current window are each sampled to a bound (default 50k rows),
+the current window stratified by day so every day keeps its share. The default drift methods are
+distances (normed Wasserstein for numbers, Jensen-Shannon for categories) rather than p-value tests:
+a distance estimated from 50k rows is close to the one from 1M rows, whereas a p-value test's verdict
+depends on the row count itself (and Evidently switches methods by size unless told which to use).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import polars as pl
+
+# Evidently's telemetry is off: ml_assets/__init__ sets DO_NOT_TRACK before this import.
+from evidently import DataDefinition, Dataset, Report
+from evidently.metrics import ValueDrift
+
+from ml_assets import registry
+from ml_assets.config import MonitoringSpec, PipelineSpec
+from ml_assets.dataset import table_name
+from ml_assets.serve import ServableModel
+from ml_assets.validate import q
+
+DEFAULT_BOUND = 50_000
+
+
+@dataclass(frozen=True)
+class ColumnDrift:
+    column: str
+    method: str
+    score: float
+    threshold: float
+    drifted: bool
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    columns: list[ColumnDrift]
+    drift_share: float
+    dataset_drift: bool
+    reference_rows: int
+    current_rows: int
+
+    @property
+    def drifted(self) -> list[str]:
+        return [c.column for c in self.columns if c.drifted]
+
+
+def bounded_sample(
+    frame: pl.DataFrame, bound: int, time_column: str | None = None, seed: int = 0
+) -> pl.DataFrame:
+    """At most about `bound` rows; with a time column, every day keeps its share of rows."""
+    if frame.height <= bound:
+        return frame
+    if time_column is None:
+        return frame.sample(bound, seed=seed)
+    fraction = bound / frame.height
+    day = pl.col(time_column).dt.truncate("1d")
+    rank = pl.int_range(pl.len()).shuffle(seed=seed).over(day)
+    return frame.filter(rank < (pl.len().over(day) * fraction).ceil())
+
+
+def column_drift(snapshot: Any) -> list[ColumnDrift]:
+    """Per-column scores and verdicts of an Evidently snapshot with ValueDrift tests."""
+    result = snapshot.dict()
+    scores = {m["id"]: m["value"] for m in result["metrics"]}
+    drift = []
+    for test in result["tests"]:
+        params: dict[str, Any] = test["metric_config"]["params"]
+        if not params["type"].endswith("ValueDrift"):
+            continue
+        status = test["status"]
+        drift.append(
+            ColumnDrift(
+                column=params["column"],
+                method=params["method"],
+                threshold=float(params["threshold"]),
+                score=float(scores[test["metric_config"]["metric_id"]]),
+                drifted=str(getattr(status, "value", status)) == "FAIL",
+            )
+        )
+    return drift
+
+
+def evidently_dataset(frame: pl.DataFrame, numerical: list[str], categorical: list[str]) -> Dataset:
+    # pandas only here, at Evidently's boundary.
+    data: pd.DataFrame = frame.select([*numerical, *categorical]).to_pandas()
+    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
+    return Dataset.from_pandas(data, data_definition=definition)
+
+
+def detect_drift(
+    reference: pl.DataFrame,
+    current: pl.DataFrame,
+    numerical: list[str],
+    categorical: list[str],
+    num_method: str = "wasserstein",
+    cat_method: str = "jensenshannon",
+    threshold: float = 0.1,
+    drift_share: float = 0.5,
+    html: Path | None = None,
+) -> DriftResult:
+    """Per-column drift of `current` against `reference` (both already bounded).
+
+    One ValueDrift metric per column: the same metric and test DataDriftPreset uses, without the preset's
+    repeated per-column computations and extra widgets (about half the time).
+    """
+    metrics = [ValueDrift(column=c, method=num_method, threshold=threshold) for c in numerical]
+    metrics += [ValueDrift(column=c, method=cat_method, threshold=threshold) for c in categorical]
+    snapshot = Report(metrics, include_tests=True).run(
+        evidently_dataset(current, numerical, categorical),
+        evidently_dataset(reference, numerical, categorical),
+    )
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        snapshot.save_html(str(html))
+    drift = column_drift(snapshot)
+    share = sum(c.drifted for c in drift) / len(drift) if drift else 0.0
+    return DriftResult(drift, share, share >= drift_share, reference.height, current.height)
+
+
+# --- drift of a pipeline's champion, recorded over time -------------------------------------------------
+
+SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS monitor;
+CREATE TABLE IF NOT EXISTS monitor.drift_runs (
+    id VARCHAR PRIMARY KEY,
+    pipeline VARCHAR NOT NULL,
+    computed_at TIMESTAMP NOT NULL,
+    champion VARCHAR NOT NULL,
+    window_start TIMESTAMP,
+    window_end TIMESTAMP,
+    current_rows BIGINT,
+    reference_rows BIGINT,
+    drift_share DOUBLE,
+    dataset_drift BOOLEAN,
+    drifted VARCHAR[],
+    report VARCHAR
+);
+CREATE TABLE IF NOT EXISTS monitor.drift_history (
+    drift_run VARCHAR NOT NULL,
+    pipeline VARCHAR NOT NULL,
+    window_end TIMESTAMP,
+    column_name VARCHAR NOT NULL,
+    method VARCHAR,
+    score DOUBLE,
+    threshold DOUBLE,
+    drifted BOOLEAN
+);
+"""
+
+
+@dataclass(frozen=True)
+class DriftRun:
+    id: str
+    champion: str
+    window_start: dt.datetime | None
+    window_end: dt.datetime | None
+    result: DriftResult
+    report: Path
+
+
+def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> DriftRun | None:
+    """Compare the champion's training reference with the latest window of the modelling table, as the
+    champion sees it (its own saved transform), and append the result to the drift tables. None when
+    there is no champion yet."""
+    spec = pipeline.monitoring
+    with connect() as conn:
+        champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
+        if champion is None:
+            return None
+        version_dir = registry.version_dir(conn, champion)
+        ts = q(pipeline.timestamp) if pipeline.timestamp else None
+        window = (
+            f"{ts} >= (SELECT max({ts}) FROM {table_name(pipeline)}) - INTERVAL {spec.window_days} DAY"
+            if ts
+            else "_split = 'test'"
+        )
+        rows = conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE {window}").pl()
+    model = ServableModel.load(version_dir)
+    features = model.transform.apply(rows)
+    stamps = rows.get_column(pipeline.timestamp).alias("_ts") if pipeline.timestamp else None
+    current = bounded_sample(
+        features.with_columns(stamps) if stamps is not None else features,
+        spec.sample_rows,
+        "_ts" if stamps is not None else None,
+    )
+    reference = pl.read_parquet(version_dir / registry.REFERENCE_FILE)
+    categorical = model.manifest["categorical_features"]
+    numerical = [c for c in model.manifest["features"] if c not in categorical]
+    run_id = uuid.uuid4().hex[:12]
+    start = stamps.min() if stamps is not None else None
+    end = stamps.max() if stamps is not None else None
+    report = reports_root / pipeline.name / "drift" / f"{run_id}.html"
+    result = detect_drift(
+        reference,
+        current,
+        numerical,
+        categorical,
+        spec.num_method,
+        spec.cat_method,
+        spec.threshold,
+        spec.drift_share,
+        html=report,
+    )
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    with connect() as conn:
+        conn.execute(SCHEMA)
+        conn.execute("BEGIN TRANSACTION")
+        conn.execute(
+            "INSERT INTO monitor.drift_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                run_id,
+                pipeline.name,
+                now,
+                champion,
+                start,
+                end,
+                result.current_rows,
+                result.reference_rows,
+                result.drift_share,
+                result.dataset_drift,
+                result.drifted,
+                str(report),
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO monitor.drift_history VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                [run_id, pipeline.name, end, c.column, c.method, c.score, c.threshold, c.drifted]
+                for c in result.columns
+            ],
+        )
+        conn.execute("COMMIT")
+    return DriftRun(run_id, champion, start, end, result, report)
+
+
+def drift_runs(conn: Any, pipeline: str) -> pl.DataFrame:
+    conn.execute(SCHEMA)
+    return conn.execute(
+        "SELECT id, computed_at, champion, window_start, window_end, drift_share, dataset_drift, drifted "
+        "FROM monitor.drift_runs WHERE pipeline = ? ORDER BY computed_at",
+        [pipeline],
+    ).pl()
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    trigger: bool
+    reason: str
+    drift_run: str | None = None
+
+
+def retrain_decision(
+    runs: pl.DataFrame, spec: MonitoringSpec, last_retrain_at: dt.datetime | None, now: dt.datetime
+) -> RetrainDecision:
+    """Retrain when the latest `persist_windows` distinct windows all drifted and the cooldown has passed.
+
+    `runs` are drift_runs rows in time order; the latest run of each window counts for that window.
+    """
+    if runs.height == 0:
+        return RetrainDecision(False, "no drift results yet")
+    latest = runs.group_by("window_end", maintain_order=True).last().tail(spec.persist_windows)
+    last_run = latest.row(-1, named=True)
+    if latest.height < spec.persist_windows or not latest.get_column("dataset_drift").all():
+        return RetrainDecision(
+            False,
+            f"drift in {int(latest.get_column('dataset_drift').sum())} of the last {latest.height} window(s); "
+            f"{spec.persist_windows} consecutive needed",
+        )
+    if last_retrain_at is not None and now - last_retrain_at < dt.timedelta(hours=spec.cooldown_hours):
+        return RetrainDecision(
+            False,
+            f"drift persists but the last retrain was at {last_retrain_at:%Y-%m-%d %H:%M}; "
+            f"cooldown {spec.cooldown_hours} h",
+            last_run["id"],
+        )
+    drifted = ", ".join(last_run["drifted"] or [])
+    return RetrainDecision(
+        True,
+        f"drift in the last {spec.persist_windows} windows (latest: share {last_run['drift_share']:.2f}; "
+        f"{drifted})",
+        last_run["id"],
+    )
