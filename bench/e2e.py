@@ -1,6 +1,7 @@
 """Dagster overhead on the flagship pipeline: a full materialization of `flight_delay` (sources, checks,
-modelling table, features, model, evaluation) through Dagster, against a plain Python script calling
-the same functions in the same order, on the same data with the same model settings, in one run.
+modelling table, features, model, evaluation, promotion gate, champion monitor, drift report) through
+Dagster, against a plain Python script calling the same functions in the same order, on the same data
+with the same model settings, in one run.
 
 Both sides run a fixed number of tuning trials (no time budget) so they do identical work; runs
 alternate so machine noise hits both. Last line:
@@ -20,7 +21,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from ml_assets import dataset, ingest, validate
+from ml_assets import dataset, gate, ingest, monitor, validate
 from ml_assets.config import default_pipelines_dir, load_project
 from ml_assets.definitions import build_definitions
 from ml_assets.evaluate import evaluate_version
@@ -75,10 +76,14 @@ def run_plain(pipelines: Path, root: Path) -> None:
         transform = root / "features" / PIPELINE / "transform.json"
         transform.parent.mkdir(parents=True, exist_ok=True)
         build_features(conn, pipeline, transform)
-    train_and_register(functools.partial(connect, db), pipeline, transform, root / "models")
+    warehouse = functools.partial(connect, db)
+    train_and_register(warehouse, pipeline, transform, root / "models")
     with connect(db) as conn:
         version_dir = latest_version_dir(conn, PIPELINE)
     evaluate_version(version_dir, root / "reports")
+    gate.promote_or_refuse(warehouse, pipeline)
+    gate.check_champion(warehouse, pipeline)
+    monitor.run_drift(warehouse, pipeline, root / "reports")
 
 
 def main() -> int:

@@ -1,9 +1,10 @@
 """Config -> Dagster assets and checks. Thin on purpose: each asset calls one function of the modules
-below (ingest, validate, dataset, features, train, evaluate) and turns its result into metadata.
+below (ingest, validate, dataset, features, train, evaluate, gate, monitor) and turns its result into
+metadata.
 
 Asset keys mirror where things live: `raw/<source>`, `validated/<source>`, `quarantine/<source>` are
-DuckDB tables shared by every pipeline that uses the source; `<pipeline>/modelling_table`,
-`<pipeline>/features`, `<pipeline>/model` and `<pipeline>/evaluation` belong to one pipeline's group.
+DuckDB tables shared by every pipeline that uses the source; `<pipeline>/modelling_table`, `features`,
+`model`, `evaluation`, `promotion`, `champion_monitor` and `drift_report` belong to one pipeline's group.
 """
 
 from collections.abc import Callable, Iterable
