@@ -26,6 +26,16 @@ from ml_assets.train import train_and_register
 from ml_assets.validate import CheckOutcome, q
 
 SOURCES_GROUP = "sources"
+# The assets of every pipeline's group, in lineage order (keys: <pipeline>/<name>).
+PIPELINE_ASSETS = (
+    "modelling_table",
+    "features",
+    "model",
+    "evaluation",
+    "promotion",
+    "champion_monitor",
+    "drift_report",
+)
 USER_ERRORS = (
     ingest.SourceError,
     validate.ValidationFailure,
@@ -218,16 +228,7 @@ def pipeline_assets(
     p = pipeline.name
     sources = project.sources_of(pipeline)
     table_key, features_key, model_key, eval_key, gate_key, monitor_key, drift_key = (
-        dg.AssetKey([p, n])
-        for n in (
-            "modelling_table",
-            "features",
-            "model",
-            "evaluation",
-            "promotion",
-            "champion_monitor",
-            "drift_report",
-        )
+        dg.AssetKey([p, n]) for n in PIPELINE_ASSETS
     )
     source_keys = [
         dg.AssetKey(["validated", s]) for s in {pipeline.base, *(j.source for j in pipeline.joins)}
