@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test test-slow test-all dev lint bench clean
+.PHONY: setup run replay test test-slow test-all dev lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
 run: setup ## materialize the whole asset graph on the embedded data and print a summary
 	$(BIN)/ml-assets run
+
+# The next slices of the demo data into the landing zone (default: all the rest), e.g. `make replay UNTIL=2013-07-31 SHIFT='distance=+300'`.
+UNTIL ?= 2014-01-01
+replay: setup
+	$(BIN)/ml-assets replay flight_delay --until $(UNTIL) $(if $(SHIFT),--shift '$(SHIFT)')
 
 test: setup ## the default test suite (what CI runs)
 	$(BIN)/python -m pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -14,8 +15,9 @@ import dagster as dg
 import duckdb
 import polars as pl
 
-from ml_assets import gate, registry
+from ml_assets import gate, ingest, registry, replay
 from ml_assets.config import Project, default_pipelines_dir, load_project
+from ml_assets.factory import RANGE_END, RANGE_START, partition_range_tags, partitions_def
 from ml_assets.resources import PIPELINES_DIR_ENV, connect, data_dir, warehouse_path
 from ml_assets.validate import q
 
@@ -38,9 +40,16 @@ def run(time_budget_s: float | None, max_trials: int | None) -> int:
     if train_config:
         run_config["ops"] = {f"{p}__model": {"config": train_config} for p in project.pipelines}
     job = defs.resolve_implicit_global_asset_job_def()
+    for name, files in replay.seed(project, data_dir()).items():
+        print(f"landing zone of '{name}' seeded with {len(files)} batch(es) of its initial period")
+    tags = landed_partitions(project)
+    if tags:
+        print(f"partitions {tags[RANGE_START]}...{tags[RANGE_END]} (everything landed so far)")
     started = time.monotonic()
     with _instance() as instance:
-        result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+        result = job.execute_in_process(
+            run_config=run_config, instance=instance, raise_on_error=False, tags=tags
+        )
     elapsed = time.monotonic() - started
     print(f"\nml_assets run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'} in {elapsed:.1f} s")
     if not result.success:
@@ -54,6 +63,33 @@ def run(time_budget_s: float | None, max_trials: int | None) -> int:
                 )
     summary(project)
     return 0 if result.success else 1
+
+
+def landed_partitions(project: Project) -> dict[str, str]:
+    """Range tags from the time axis' first partition to the last one any landed file reaches.
+
+    Re-materializing the whole landed range is idempotent (each partition replaces its own rows), so
+    running twice never duplicates rows.
+    """
+    axes = {s.partitions for s in project.sources.values() if s.partitions}
+    if not axes:
+        return {}
+    pdef = partitions_def(axes.pop())
+    last = None
+    for name, spec in project.sources.items():
+        if not spec.partitions:
+            continue
+        base = project.source_files[name].parent
+        for path in ingest.resolve_files(name, spec, base, data_dir()):
+            try:
+                _, records = ingest.read_files(name, spec, [path])
+            except ingest.RejectedFile:
+                continue  # the run itself rejects it, naming the file and the reason
+            last = max([last, *(r["last_partition"] for r in records)], key=lambda t: t or dt.datetime.min)
+    if last is None:
+        return partition_range_tags(pdef.get_first_partition_key(), pdef.get_last_partition_key())
+    key = pdef.get_partition_key_for_timestamp(last.replace(tzinfo=dt.UTC).timestamp())
+    return partition_range_tags(pdef.get_first_partition_key(), key)
 
 
 def summary(project: Project) -> None:
@@ -146,9 +182,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     rollback_p.add_argument("pipeline")
     rollback_p.add_argument("--to", help="version to make champion")
+    replay_p = sub.add_parser(
+        "replay", help="drop the next slices of a pipeline's recorded sources into their landing zones"
+    )
+    replay_p.add_argument("pipeline")
+    replay_p.add_argument("--until", required=True, type=dt.date.fromisoformat, help="last day to replay")
+    replay_p.add_argument(
+        "--batch", choices=["day", "week", "month"], default="month", help="one file per ..."
+    )
+    replay_p.add_argument(
+        "--shift",
+        action="append",
+        default=[],
+        type=replay.Shift.parse,
+        help="inject a shift: [source.]column=+N|-N|*N or [source.]column:OLD->NEW (repeatable)",
+    )
+    sub.add_parser("landing", help="the landing zones' ledger: files loaded or rejected, and why")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.time_budget, args.max_trials)
+    if args.command == "replay":
+        project = _project()
+        written = replay.replay(
+            project, data_dir(), project.pipelines[args.pipeline], args.until, args.batch, tuple(args.shift)
+        )
+        for name, files in written.items():
+            print(f"{name}: {len(files)} file(s) -> {ingest.landing_dir(data_dir(), name)}")
+            for f in files:
+                print(f"  {f.name}")
+        return 0
+    if args.command == "landing":
+        with _connect() as conn, pl.Config(tbl_rows=200, tbl_width_chars=200, fmt_str_lengths=100):
+            print(ingest.ledger(conn))
+        return 0
     if args.command == "versions":
         show_versions(args.pipeline)
     elif args.command == "rollback":

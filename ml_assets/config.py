@@ -70,33 +70,147 @@ class ColumnSpec(_Strict):
         return self
 
 
+class PartitionSpec(_Strict):
+    """Time partitions of a source, on its timestamp column (UTC days)."""
+
+    granularity: Literal["daily", "weekly", "monthly"] = "daily"
+    start: dt.date
+    end: dt.date | None = Field(None, description="First day after the last partition (default: open-ended)")
+
+    @model_validator(mode="after")
+    def _is_ordered(self) -> PartitionSpec:
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
+        # A partial last period would not be a partition: its rows could never be loaded.
+        if self.granularity == "monthly" and (self.start.day != 1 or (self.end and self.end.day != 1)):
+            raise ValueError("monthly partitions need start and end on the first day of a month")
+        if self.granularity == "weekly" and self.end and (self.end - self.start).days % 7:
+            raise ValueError("weekly partitions need end a whole number of weeks after start")
+        return self
+
+
+class ReplaySpec(_Strict):
+    """Where `ml-assets replay` cuts batches from, to drop them into the landing zone over time."""
+
+    path: str = Field(description="File (or pkg:// path) holding the whole history of the source")
+    initial_until: dt.date | None = Field(
+        None, description="`ml-assets run` seeds an empty landing zone with data up to this day"
+    )
+
+
+class DatabaseSpec(_Strict):
+    """Rows read with SQL from a database, incrementally by the source's timestamp column."""
+
+    url_env: str = Field(
+        description="Environment variable holding the URL (postgresql://user:password@host:port/db or "
+        "duckdb:///path/file.duckdb): credentials never live in the pipeline file"
+    )
+    table: str | None = Field(None, description="Table (optionally schema.table) to read")
+    query: str | None = Field(None, description="SELECT to read from instead of a table")
+    timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _table_or_query(self) -> DatabaseSpec:
+        if (self.table is None) == (self.query is None):
+            raise ValueError("give exactly one of 'table' or 'query'")
+        return self
+
+
+class HttpSpec(_Strict):
+    """Records paged from a JSON HTTP API."""
+
+    url: str
+    records: str = Field("data", description="Field of the JSON response that holds the list of records")
+    paging: Literal["page", "cursor"] = "page"
+    page_param: str = "page"
+    first_page: int = 1
+    page_size_param: str | None = "per_page"
+    page_size: int = Field(1000, ge=1)
+    cursor_param: str = "cursor"
+    next_cursor: str = Field("next_cursor", description="Field of the response holding the next cursor")
+    start_param: str | None = Field(None, description="Query parameter for the window's first instant")
+    end_param: str | None = Field(None, description="Query parameter for the window's end (exclusive)")
+    params: dict[str, str] = Field(default_factory=dict, description="Fixed query parameters")
+    headers_env: dict[str, str] = Field(
+        default_factory=dict, description="Header -> environment variable holding its value (tokens)"
+    )
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    max_pages: int = Field(10_000, ge=1)
+
+
+class SchemaEvolutionSpec(_Strict):
+    """What a batch whose columns differ from the config does."""
+
+    extra_columns: Literal["accept", "fail"] = Field(
+        "accept", description="accept: kept in raw, left out of validated, recorded; fail: the batch fails"
+    )
+    missing_columns: Literal["null", "fail"] = Field(
+        "fail", description="null: an optional (nullable) column absent from the batch is all null, recorded"
+    )
+    type_changes: Literal["quarantine", "fail"] = Field(
+        "quarantine",
+        description="quarantine: rows whose value does not parse go to quarantine; fail: the batch fails",
+    )
+
+
 class SourceSpec(_Strict):
     description: str = ""
-    path: str = Field(
+    path: str | None = Field(
+        None,
         description="File, glob, or pkg://<package>/<file> for data shipped inside an installed package. "
-        "Relative paths are relative to the pipeline file."
+        "Relative paths are relative to the pipeline file.",
     )
+    landing: bool = Field(False, description="Files arrive in <data dir>/landing/<source>/ (sensor-watched)")
+    database: DatabaseSpec | None = None
+    http: HttpSpec | None = None
+    replay: ReplaySpec | None = None
     format: Literal["csv", "parquet"] | None = None
     id: list[str] = Field(default_factory=list, description="Columns that identify a row (must be unique)")
     timestamp: str | None = None
+    partitions: PartitionSpec | None = None
     null_values: list[str] = Field(default_factory=lambda: ["", "NA"])
     columns: dict[str, ColumnSpec]
     max_quarantine_share: float = Field(0.05, ge=0, le=1)
+    schema_evolution: SchemaEvolutionSpec = Field(default_factory=SchemaEvolutionSpec)
 
     @model_validator(mode="after")
     def _keys_are_columns(self) -> SourceSpec:
+        kinds = [
+            k
+            for k, v in (
+                ("path", self.path),
+                ("landing", self.landing),
+                ("database", self.database),
+                ("http", self.http),
+            )
+            if v
+        ]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of path, landing, database or http (got {kinds or 'none'})")
         for name in [*self.id, *([self.timestamp] if self.timestamp else [])]:
             if name not in self.columns:
                 raise ValueError(f"'{name}' is used as id/timestamp but is not listed under columns")
         if self.timestamp and self.columns[self.timestamp].type not in ("datetime", "date"):
             raise ValueError(f"timestamp column '{self.timestamp}' must have type datetime or date")
+        if (self.partitions or self.database or self.http) and not self.timestamp:
+            raise ValueError(
+                f"{kinds[0] if not self.partitions else 'partitions'} need(s) a timestamp column"
+            )
+        if self.replay and not self.landing:
+            raise ValueError("replay needs landing: true (replayed batches land in the landing zone)")
         return self
+
+    @property
+    def kind(self) -> Literal["files", "database", "http"]:
+        return "database" if self.database else "http" if self.http else "files"
 
     @property
     def resolved_format(self) -> str:
         if self.format:
             return self.format
-        return "parquet" if ".parquet" in self.path.lower() else "csv"
+        return "parquet" if ".parquet" in (self.path or "").lower() else "csv"
 
 
 class AsofSpec(_Strict):
@@ -160,6 +274,13 @@ class SplitSpec(_Strict):
     test_start: dt.date | None = None
     valid_fraction: float = Field(0.1, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_days: int | None = Field(
+        None, ge=1, description="Test = the last N days of labelled data (moves with new partitions)"
+    )
+    valid_days: int | None = Field(None, ge=1, description="Validation = the N days before the test days")
+    window_days: int | None = Field(
+        None, ge=1, description="Train on the latest N days only (default: every loaded partition)"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -170,8 +291,14 @@ class SplitSpec(_Strict):
             raise ValueError(
                 f"valid_start ({self.valid_start}) must be before test_start ({self.test_start})"
             )
-        if self.method == "random" and self.valid_start:
-            raise ValueError("dates only apply to method: time")
+        if (self.test_days is None) != (self.valid_days is None):
+            raise ValueError("give both test_days and valid_days, or neither")
+        if self.test_days and self.valid_start:
+            raise ValueError("give either valid_start/test_start or valid_days/test_days")
+        if self.method == "random" and (self.valid_start or self.test_days or self.window_days):
+            raise ValueError("dates, days and window_days only apply to method: time")
+        if self.window_days and self.test_days and self.window_days <= self.test_days + self.valid_days:
+            raise ValueError("window_days must be longer than test_days + valid_days (no training rows left)")
         if self.valid_fraction + self.test_fraction >= 0.9:
             raise ValueError("valid_fraction + test_fraction leave less than 10% for training")
         return self
@@ -507,6 +634,12 @@ def load_project(directory: Path) -> Project:
                 )
             sources[name] = source
             source_files[name] = path
+    partitioned = {n: s.partitions for n, s in sources.items() if s.partitions}
+    if len(set(partitioned.values())) > 1:
+        raise ConfigError(
+            f"{directory}: partitions: partitioned sources must share one time axis (same granularity, start "
+            f"and end), got {partitioned}"
+        )
     for name, spec in pipelines.items():
         path = pipeline_files[name]
         for shared in spec.shared_sources:

@@ -22,6 +22,8 @@ class DatasetResult:
     base_rows: int
     dropped_missing_target: int
     split_rows: dict[str, int]
+    # Rows older than split.window_days: loaded partitions the model does not train on.
+    outside_window: int = 0
 
 
 def table_name(pipeline: PipelineSpec) -> str:
@@ -58,12 +60,17 @@ def _split_expr(pipeline: PipelineSpec) -> str:
             f"WHEN {u} < {split.test_fraction + split.valid_fraction} THEN 'valid' ELSE 'train' END"
         )
     ts = q(pipeline.timestamp)
+    labelled = f"FROM __t WHERE {q(pipeline.target.name)} IS NOT NULL"
     if split.valid_start:
         valid, test = lit(str(split.valid_start)), lit(str(split.test_start))
+    elif split.test_days:
+        # Whole days counted back from the latest labelled day: the split moves as partitions arrive.
+        last_day = f"(SELECT date_trunc('day', max({ts})) {labelled})"
+        test = f"({last_day} - INTERVAL {split.test_days - 1} DAY)"
+        valid = f"({test} - INTERVAL {split.valid_days} DAY)"
     else:
         # The latest test_fraction of the labelled rows is the test set, the valid_fraction before it
         # validation (rows without a target are dropped, so they must not count).
-        labelled = f"FROM __t WHERE {q(pipeline.target.name)} IS NOT NULL"
         valid = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction - split.valid_fraction}) {labelled})"
         test = f"(SELECT quantile_disc({ts}, {1 - split.test_fraction}) {labelled})"
     return (
@@ -100,11 +107,18 @@ def build_modelling_table(
                 f"pipeline '{pipeline.name}': {missing} rows have no target '{target.name}' "
                 "(target.missing: fail)"
             )
+        keep = f"{q(target.name)} IS NOT NULL"
+        if pipeline.split.window_days:
+            ts = q(pipeline.timestamp)
+            keep += (
+                f" AND {ts} >= (SELECT date_trunc('day', max({ts})) FROM __t) "
+                f"- INTERVAL {pipeline.split.window_days - 1} DAY"
+            )
         conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(pipeline.name)}")
         order = q(pipeline.timestamp) if pipeline.timestamp else ", ".join(q(c) for c in pipeline.id)
         conn.execute(f"""CREATE OR REPLACE TABLE {table_name(pipeline)} AS
             SELECT *, {_split_expr(pipeline)} AS _split FROM __t
-            WHERE {q(target.name)} IS NOT NULL ORDER BY {order}""")
+            WHERE {keep} ORDER BY {order}""")
     finally:
         conn.execute("DROP TABLE IF EXISTS __j")
         conn.execute("DROP TABLE IF EXISTS __t")
@@ -116,6 +130,7 @@ def build_modelling_table(
         base_rows=base_rows,
         dropped_missing_target=missing,
         split_rows={s: split_rows.get(s, 0) for s in ("train", "valid", "test")},
+        outside_window=base_rows - missing - sum(split_rows.values()),
     )
 
 

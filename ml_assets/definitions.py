@@ -16,7 +16,7 @@ from ml_assets.config import default_pipelines_dir, load_project
 from ml_assets.factory import build_assets
 from ml_assets.resources import PIPELINES_DIR_ENV, ArtifactStore, Warehouse, data_dir, warehouse_path
 from ml_assets.schedules import daily_drift_schedule
-from ml_assets.sensors import drift_retrain_sensor
+from ml_assets.sensors import drift_retrain_sensor, landing_sensor
 
 
 def build_definitions(pipelines_dir: Path, root: Path) -> dg.Definitions:
@@ -36,6 +36,24 @@ def build_definitions(pipelines_dir: Path, root: Path) -> dg.Definitions:
         automation_jobs += [retrain, drift]
         sensors.append(drift_retrain_sensor(pipeline, retrain))
         schedules.append(daily_drift_schedule(pipeline, drift))
+    landing = [n for n, spec in project.sources.items() if spec.landing]
+    if landing:
+        users = [p for p, spec in project.pipelines.items() if set(landing) & set(project.sources_of(spec))]
+        ingest_job = dg.define_asset_job(
+            "landing_ingest_job",
+            selection=dg.AssetSelection.assets(
+                *(dg.AssetKey([layer, n]) for n in landing for layer in ("raw", "validated", "quarantine")),
+                *(
+                    dg.AssetKey([p, a])
+                    for p in users
+                    for a in ("modelling_table", "drift_report", "champion_monitor")
+                ),
+            ),
+            description="Ingest landed files (the partitions they touch), then refresh the modelling tables, "
+            "drift reports and champion checks that read them. Launched by the landing_zone sensor.",
+        )
+        automation_jobs.append(ingest_job)
+        sensors.append(landing_sensor(project, root, ingest_job))
     jobs = [
         dg.define_asset_job(
             f"{name}_job",

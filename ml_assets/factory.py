@@ -7,6 +7,7 @@ DuckDB tables shared by every pipeline that uses the source; `<pipeline>/modelli
 `model`, `evaluation`, `promotion`, `champion_monitor` and `drift_report` belong to one pipeline's group.
 """
 
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import polars as pl
 from pydantic import Field
 
 from ml_assets import dataset, gate, ingest, monitor, registry, validate
-from ml_assets.config import PipelineSpec, Project, SourceSpec
+from ml_assets.config import PartitionSpec, PipelineSpec, Project, SourceSpec
 from ml_assets.evaluate import evaluate_version, markdown_summary
 from ml_assets.features import build_features
 from ml_assets.registry import latest_version_dir, versions
@@ -25,7 +26,11 @@ from ml_assets.resources import ArtifactStore, Warehouse
 from ml_assets.train import train_and_register
 from ml_assets.validate import CheckOutcome, q
 
+# Single-run backfills (one run per partition range) are a beta parameter in Dagster 1.13; used on purpose.
+warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.BetaWarning)
+
 SOURCES_GROUP = "sources"
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 # The assets of every pipeline's group, in lineage order (keys: <pipeline>/<name>).
 PIPELINE_ASSETS = (
     "modelling_table",
@@ -117,28 +122,128 @@ def _check(
     return _run
 
 
+def partitions_def(spec: PartitionSpec) -> dg.TimeWindowPartitionsDefinition:
+    cls = {
+        "daily": dg.DailyPartitionsDefinition,
+        "weekly": dg.WeeklyPartitionsDefinition,
+        "monthly": dg.MonthlyPartitionsDefinition,
+    }[spec.granularity]
+    # Weeks begin on the start date's weekday (Dagster's default is Sunday).
+    offset = {"day_offset": spec.start.isoweekday() % 7} if spec.granularity == "weekly" else {}
+    return cls(start_date=str(spec.start), end_date=str(spec.end) if spec.end else None, **offset)
+
+
+def partition_range_tags(first: str, last: str) -> dict[str, str]:
+    """Run tags that make one run cover partitions first..last (partitioned assets run once, as a range)."""
+    return {RANGE_START: first, RANGE_END: last}
+
+
+def all_partitions_tags(project: Project) -> dict[str, str]:
+    """Range tags covering every partition of the project's time axis (none when nothing is partitioned)."""
+    specs = {s.partitions for s in project.sources.values() if s.partitions}
+    if not specs:
+        return {}
+    pdef = partitions_def(specs.pop())
+    return partition_range_tags(pdef.get_first_partition_key(), pdef.get_last_partition_key())
+
+
+def _window(context: dg.AssetExecutionContext) -> ingest.TimeWindow:
+    # One run may cover a range of partitions (single-run backfill): the window spans all of them.
+    tw = context.partition_time_window
+    return ingest.TimeWindow(start=tw.start.replace(tzinfo=None), end=tw.end.replace(tzinfo=None))
+
+
+def read_batch(
+    name: str,
+    spec: SourceSpec,
+    base_dir: Path,
+    root: Path,
+    warehouse: Warehouse,
+    window: ingest.TimeWindow | None,
+) -> tuple[pl.DataFrame | None, list[dict[str, Any]], ingest.TimeWindow | None]:
+    """Read what a raw materialization loads, before taking the warehouse's write lock."""
+    with warehouse.get_connection() as conn:
+        skip = ingest.rejected_sha256(conn, name) if spec.landing else set()
+        if spec.kind != "files" and window is None:
+            window = ingest.TimeWindow(after=ingest.watermark(conn, name))
+    if spec.kind == "files":
+        files = ingest.resolve_files(name, spec, base_dir, root)
+        try:
+            frame, records = ingest.read_files(name, spec, files, skip)
+        except ingest.RejectedFile as exc:
+            if spec.landing:
+                with warehouse.get_connection() as conn:
+                    ingest.record_files(
+                        conn,
+                        name,
+                        [
+                            {
+                                "file": str(exc.path),
+                                "sha256": exc.sha256,
+                                "status": "rejected",
+                                "reason": str(exc),
+                            }
+                        ],
+                        "",
+                    )
+            raise
+        return frame, records, window
+    frame, records = ingest.read_remote(name, spec, window)
+    return frame, records, window
+
+
 def source_assets(name: str, spec: SourceSpec, base_dir: Path) -> list[Any]:
     raw_key, valid_key, quarantine_key = (
         dg.AssetKey([layer, name]) for layer in ("raw", "validated", "quarantine")
+    )
+    partitions = partitions_def(spec.partitions) if spec.partitions else None
+    partitioning = {
+        "partitions_def": partitions,
+        "backfill_policy": dg.BackfillPolicy.single_run() if partitions else None,
+    }
+    origin = {
+        "files": "landing zone <data>/landing/" + name if spec.landing else f"file(s) {spec.path}",
+        "database": f"database (${spec.database.url_env if spec.database else ''})",
+        "http": f"HTTP API {spec.http.url if spec.http else ''}",
+    }[spec.kind]
+    how = (
+        f"Each {spec.partitions.granularity} partition replaces exactly its rows."
+        if spec.partitions
+        else "Each run appends rows newer than the loaded ones (watermark)."
+        if spec.kind != "files"
+        else "Each run replaces the table."
     )
 
     @dg.asset(
         key=raw_key,
         group_name=SOURCES_GROUP,
-        kinds={"duckdb", spec.resolved_format},
-        description=f"Source '{name}' loaded unchanged into DuckDB (raw.{name}), every value as in the "
-        f"file, plus _source_file/_source_row. {spec.description}",
+        kinds={"duckdb", spec.resolved_format if spec.kind == "files" else spec.kind},
+        description=f"Source '{name}' from {origin}, loaded unchanged into DuckDB (raw.{name}), every value as "
+        f"in the source, plus _source_file/_source_row. {how} {spec.description}",
+        **partitioning,
     )
-    def raw(warehouse: Warehouse) -> dg.MaterializeResult:
-        files = _user_errors_as_failures(lambda: ingest.resolve_files(name, spec, base_dir))
+    def raw(
+        context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
+    ) -> dg.MaterializeResult:
+        window = _window(context) if partitions else None
+        frame, records, window = _user_errors_as_failures(
+            lambda: read_batch(name, spec, base_dir, Path(artifacts.root), warehouse, window)
+        )
         with warehouse.get_connection() as conn:
-            result = _user_errors_as_failures(lambda: ingest.ingest_source(conn, name, spec, files))
+            result = _user_errors_as_failures(
+                lambda: ingest.load_raw(conn, name, spec, frame, records, window)
+            )
+            if spec.landing:
+                ingest.record_files(conn, name, [r | {"status": "loaded"} for r in records], context.run_id)
             meta = table_metadata(conn, f"raw.{q(name)}")
+        files = pl.DataFrame(result.files).drop("path", strict=False) if result.files else pl.DataFrame()
         return dg.MaterializeResult(
             metadata={
                 **meta,
-                "files": md_table(pl.DataFrame(result.files), limit=50),
-                "sha256": ",".join(str(f["sha256"]) for f in result.files),
+                "rows_loaded": result.rows,
+                "window": str(window) if window else "whole source",
+                "files": md_table(files, limit=50),
+                "sha256": ",".join(str(f.get("sha256", "")) for f in result.files),
                 "ingested_at": result.ingested_at,
             }
         )
@@ -152,10 +257,12 @@ def source_assets(name: str, spec: SourceSpec, base_dir: Path) -> list[Any]:
             )
         ],
         name=f"validate_{name}",
+        **partitioning,
     )
-    def validated(warehouse: Warehouse) -> Iterable[dg.MaterializeResult]:
+    def validated(context: dg.AssetExecutionContext, warehouse: Warehouse) -> Iterable[dg.MaterializeResult]:
+        where = ingest.window_condition(_window(context)) if partitions else None
         with warehouse.get_connection() as conn:
-            result = _user_errors_as_failures(lambda: validate.validate_source(conn, name, spec))
+            result = _user_errors_as_failures(lambda: validate.validate_source(conn, name, spec, where))
             valid_meta = table_metadata(conn, f"validated.{q(name)}")
             quarantine_meta = table_metadata(conn, f"quarantine.{q(name)}")
         share = result.quarantined_rows / result.raw_rows if result.raw_rows else 0.0
@@ -253,6 +360,7 @@ def pipeline_assets(
                 **meta,
                 "base_rows": result.base_rows,
                 "dropped_missing_target": result.dropped_missing_target,
+                "outside_training_window": result.outside_window,
                 "missing_target_reason": pipeline.target.missing_reason or "(not given)",
                 "split_rows": dg.MetadataValue.json(result.split_rows),
             }

@@ -74,3 +74,31 @@ class ArtifactStore(ConfigurableResource):
         out = Path(self.root).joinpath(*parts)
         out.parent.mkdir(parents=True, exist_ok=True)
         return out
+
+
+def table_exists(conn: duckdb.DuckDBPyConnection, schema: str, name: str) -> bool:
+    return bool(
+        conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+            [schema, name],
+        ).fetchone()[0]
+    )
+
+
+def replace_rows(conn: duckdb.DuckDBPyConnection, table: str, source: str, where: str | None) -> None:
+    """Replace the rows of `table` matching `where` (None: append) by the rows of relation `source`.
+
+    Columns are matched by name; a column the batch brings that the table lacks is added (schema
+    evolution), one the batch lacks stays null. The caller owns the transaction.
+    """
+    schema, name = (part.strip('"') for part in table.split(".", 1))
+    if not table_exists(conn, schema, name):
+        conn.execute(f"CREATE TABLE {table} AS SELECT * FROM {source}")
+        return
+    have = {r[0] for r in conn.execute(f"DESCRIBE {table}").fetchall()}
+    for column, ctype, *_ in conn.execute(f"DESCRIBE SELECT * FROM {source}").fetchall():
+        if column not in have:
+            conn.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {ctype}')
+    if where is not None:
+        conn.execute(f"DELETE FROM {table} WHERE {where}")
+    conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {source}")

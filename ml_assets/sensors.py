@@ -1,4 +1,4 @@
-"""Sensors: drift that persists becomes a retraining run (train -> evaluate -> promotion gate).
+"""Sensors: files landing become ingestion runs; drift that persists becomes a retraining run.
 
 Custom state (when the last drift-triggered retrain was requested) lives in the sensor's cursor; the
 run_key names the drift result that triggered it, so one drift event never launches two retrains.
@@ -7,12 +7,15 @@ run_key names the drift result that triggered it, so one drift event never launc
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+from pathlib import Path
 
 import dagster as dg
 
-from ml_assets import monitor
-from ml_assets.config import PipelineSpec
+from ml_assets import ingest, monitor
+from ml_assets.config import PipelineSpec, Project
+from ml_assets.factory import partition_range_tags, partitions_def
 from ml_assets.resources import Warehouse
 
 TRIGGER_TAG = "ml_assets/trigger"
@@ -49,5 +52,85 @@ def drift_retrain_sensor(pipeline: PipelineSpec, job: dg.UnresolvedAssetJobDefin
         )
         cursor = json.dumps({"last_retrain_at": now.isoformat(), "drift_run": decision.drift_run})
         return dg.SensorResult(run_requests=[request], cursor=cursor)
+
+    return _sensor
+
+
+LANDING_TRIGGER = "landing"
+
+
+def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+    """New or changed files in the landing zones -> one ingestion run over the partitions they touch.
+
+    A file is known by its content (sha256), so a re-dropped or renamed copy ingests nothing; the cursor
+    holds the hashes already handled and the run_key names the batch, so a tick evaluated twice launches
+    one run. A file that cannot be read is recorded as rejected (with the reason) and never loaded.
+    """
+    landing = {n: s for n, s in project.sources.items() if s.landing}
+    users = {
+        n: [p for p, spec in project.pipelines.items() if n in project.sources_of(spec)] for n in landing
+    }
+    axes = {s.partitions for s in landing.values() if s.partitions}
+    pdef = partitions_def(axes.pop()) if axes else None
+
+    @dg.sensor(
+        name="landing_zone",
+        job=job,
+        minimum_interval_seconds=10,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Ingest new files dropped into {root / 'landing'}/<source>/ for sources {sorted(landing)}: "
+        "raw -> validated, then the modelling tables, drift reports and champion checks that read them.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
+        seen: dict[str, list[str]] = json.loads(context.cursor) if context.cursor else {}
+        accepted: dict[str, list[dict]] = {}
+        rejected: dict[str, list[dict]] = {}
+        for name, spec in landing.items():
+            known = set(seen.get(name, []))
+            for path in ingest.resolve_files(name, spec, Path(), root):
+                sha = ingest.sha256_file(path)
+                if sha in known:
+                    continue
+                known.add(sha)
+                try:
+                    _, records = ingest.read_files(name, spec, [path])
+                    accepted.setdefault(name, []).extend(records)
+                except ingest.RejectedFile as exc:
+                    context.log.warning(str(exc))
+                    rejected.setdefault(name, []).append(
+                        {"file": str(path), "sha256": sha, "status": "rejected", "reason": str(exc)}
+                    )
+            seen[name] = sorted(known)
+        if rejected:
+            with warehouse.get_connection() as conn:
+                for name, rows in rejected.items():
+                    ingest.record_files(conn, name, rows, "sensor:landing_zone")
+        if not accepted:
+            reason = f"rejected {sum(map(len, rejected.values()))} file(s)" if rejected else "no new files"
+            return dg.SensorResult(skip_reason=reason, cursor=json.dumps(seen))
+        records = [r for rows in accepted.values() for r in rows]
+        tags = {
+            TRIGGER_TAG: LANDING_TRIGGER,
+            "ml_assets/files": ", ".join(Path(str(r["path"])).name for r in records)[:250],
+        }
+        if pdef is not None:
+            first = min(r["first_partition"] for r in records)
+            last = max(r["last_partition"] for r in records)
+            tags |= partition_range_tags(
+                pdef.get_partition_key_for_timestamp(first.replace(tzinfo=dt.UTC).timestamp()),
+                pdef.get_partition_key_for_timestamp(last.replace(tzinfo=dt.UTC).timestamp()),
+            )
+        selection = [
+            dg.AssetKey([layer, n]) for n in accepted for layer in ("raw", "validated", "quarantine")
+        ]
+        selection += [
+            dg.AssetKey([p, a])
+            for n in accepted
+            for p in users[n]
+            for a in ("modelling_table", "drift_report", "champion_monitor")
+        ]
+        batch = hashlib.sha256("".join(sorted(str(r["sha256"]) for r in records)).encode()).hexdigest()[:16]
+        request = dg.RunRequest(run_key=f"landing-{batch}", asset_selection=sorted(set(selection)), tags=tags)
+        return dg.SensorResult(run_requests=[request], cursor=json.dumps(seen))
 
     return _sensor

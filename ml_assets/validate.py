@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import duckdb
 
 from ml_assets.config import ColumnSpec, SourceSpec
+from ml_assets.resources import replace_rows
 
 DUCKDB_TYPES = {
     "int": "BIGINT",
@@ -23,6 +24,8 @@ DUCKDB_TYPES = {
     "date": "DATE",
 }
 LINEAGE = ("_source_file", "_source_row")
+# Each row's parsed time in a partitioned or incremental source's tables: what a partition replaces.
+EVENT_TIME = "_event_time"
 
 
 class ValidationFailure(RuntimeError):
@@ -46,8 +49,8 @@ def lit(value: object) -> str:
     return repr(value)
 
 
-def cast_expr(column: str, ctype: str) -> str:
-    ref = q(column)
+def cast_expr(ref: str, ctype: str) -> str:
+    """SQL casting the (string) SQL expression `ref` to a config type; NULL where it does not parse."""
     if ctype == "str":
         return f"CAST({ref} AS VARCHAR)"
     if ctype == "datetime":
@@ -110,17 +113,29 @@ class ValidationResult:
     examples: list[str]
 
 
-def validate_source(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> ValidationResult:
+def validate_source(
+    conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec, where: str | None = None
+) -> ValidationResult:
+    """Validate raw.<name>: all of it (tables replaced), or only the raw rows matching `where` (a
+    partition window on _event_time: exactly those rows of validated/quarantine are replaced)."""
     present = raw_columns(conn, "raw", name)
-    files = [r[0] for r in conn.execute(f"SELECT DISTINCT _source_file FROM raw.{q(name)}").fetchall()]
+    source = f"(SELECT * FROM raw.{q(name)} WHERE {where})" if where else f"raw.{q(name)}"
+    files = [r[0] for r in conn.execute(f"SELECT DISTINCT _source_file FROM {source}").fetchall()]
+    policy = spec.schema_evolution
     missing = [c for c in spec.columns if c not in present]
-    if missing:
+    keys = {*spec.id, *([spec.timestamp] if spec.timestamp else [])}
+    fatal = [c for c in missing if policy.missing_columns == "fail" or spec.columns[c].not_null or c in keys]
+    if fatal:
         raise ValidationFailure(
-            f"source '{name}': required column(s) {missing} missing (rule: schema) in file(s) {files}; "
+            f"source '{name}': required column(s) {fatal} missing (rule: schema) in file(s) {files}; "
             f"columns found: {[c for c in present if c not in LINEAGE]}. The previous validated table is kept."
         )
 
-    typed_cols = [f"{cast_expr(c, s.type)} AS {q('__t_' + c)}" for c, s in spec.columns.items()]
+    def raw_ref(column: str) -> str:
+        # An optional column no batch has carried yet is all null (schema_evolution.missing_columns: null).
+        return q(column) if column in present else "CAST(NULL AS VARCHAR)"
+
+    typed_cols = [f"{cast_expr(raw_ref(c), s.type)} AS {q('__t_' + c)}" for c, s in spec.columns.items()]
     failures = []
     for column, cspec in spec.columns.items():
         typed = q("__t_" + column)
@@ -128,8 +143,8 @@ def validate_source(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec
             _failure(
                 "type",
                 column,
-                f"{q(column)} IS NOT NULL AND {typed} IS NULL",
-                f"'{column}: ' || {lit(chr(39))} || CAST({q(column)} AS VARCHAR) || {lit(chr(39))} || "
+                f"{raw_ref(column)} IS NOT NULL AND {typed} IS NULL",
+                f"'{column}: ' || {lit(chr(39))} || CAST({raw_ref(column)} AS VARCHAR) || {lit(chr(39))} || "
                 f"' is not a valid {cspec.type}'",
             )
         )
@@ -146,52 +161,73 @@ def validate_source(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec
         else "false"
     )
     id_reason = lit(f"duplicate id ({', '.join(spec.id)}): an earlier row has the same values")
-    conn.execute(f"""
-        CREATE OR REPLACE TEMP TABLE __typed AS
-        SELECT *, {failure_list} AS __f FROM (SELECT *, {", ".join(typed_cols)} FROM raw.{q(name)})
-    """)
-    conn.execute(f"""
-        CREATE OR REPLACE TEMP TABLE __checked AS
-        SELECT * REPLACE (CASE WHEN {duplicate_of_earlier}
-                          THEN [{{'rule': 'unique', 'column': {lit(",".join(spec.id))}, 'reason': {id_reason}}}]
-                          ELSE __f END AS __f)
-        FROM __typed
-    """)
-    out_cols = ", ".join(f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns)
+    platform = [EVENT_TIME] if EVENT_TIME in present else []
+    out_cols = ", ".join([f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns] + platform)
     raw_cols = ", ".join(q(c) for c in present)
-    conn.execute("BEGIN TRANSACTION")
     try:
-        conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
-        conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
-        conn.execute(f"""CREATE OR REPLACE TABLE validated.{q(name)} AS
+        conn.execute(f"""
+            CREATE OR REPLACE TEMP TABLE __typed AS
+            SELECT *, {failure_list} AS __f FROM (SELECT *, {", ".join(typed_cols)} FROM {source})
+        """)
+        conn.execute(f"""
+            CREATE OR REPLACE TEMP TABLE __checked AS
+            SELECT * REPLACE (CASE WHEN {duplicate_of_earlier}
+                              THEN [{{'rule': 'unique', 'column': {lit(",".join(spec.id))}, 'reason': {id_reason}}}]
+                              ELSE __f END AS __f)
+            FROM __typed
+        """)
+        if policy.type_changes == "fail":
+            _fail_on_type_change(conn, name)
+        conn.execute(f"""CREATE OR REPLACE TEMP TABLE __valid AS
             SELECT {out_cols} FROM __checked WHERE len(__f) = 0 ORDER BY _source_file, _source_row""")
-        conn.execute(f"""CREATE OR REPLACE TABLE quarantine.{q(name)} AS
+        conn.execute(f"""CREATE OR REPLACE TEMP TABLE __quarantined AS
             SELECT {raw_cols}, __f[1].rule AS _rule, __f[1].column AS _column,
                    array_to_string(list_transform(__f, x -> x.reason), '; ') AS _reasons
             FROM __checked WHERE len(__f) > 0 ORDER BY _source_file, _source_row""")
-        conn.execute("COMMIT")
-    except Exception:
-        conn.execute("ROLLBACK")
-        raise
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
+            conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
+            for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
+                if where:
+                    replace_rows(conn, f"{schema}.{q(name)}", temp, where)
+                else:
+                    conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+        raw_rows = conn.execute("SELECT count(*) FROM __checked").fetchone()[0]
+        valid_rows = conn.execute("SELECT count(*) FROM __valid").fetchone()[0]
+        by_rule = [
+            {"rule": r, "column": c, "rows": n}
+            for r, c, n in conn.execute(
+                "SELECT _rule, _column, count(*) n FROM __quarantined GROUP BY ALL ORDER BY n DESC, _rule"
+            ).fetchall()
+        ]
+        examples = [
+            f"{f} row {row}: {reason}"
+            for f, row, reason in conn.execute(
+                "SELECT _source_file, _source_row, _reasons FROM __quarantined LIMIT 5"
+            ).fetchall()
+        ]
     finally:
-        conn.execute("DROP TABLE IF EXISTS __typed")
-        conn.execute("DROP TABLE IF EXISTS __checked")
-
-    raw_rows = conn.execute(f"SELECT count(*) FROM raw.{q(name)}").fetchone()[0]
-    valid_rows = conn.execute(f"SELECT count(*) FROM validated.{q(name)}").fetchone()[0]
-    by_rule = [
-        {"rule": r, "column": c, "rows": n}
-        for r, c, n in conn.execute(
-            f"SELECT _rule, _column, count(*) n FROM quarantine.{q(name)} GROUP BY ALL ORDER BY n DESC, _rule"
-        ).fetchall()
-    ]
-    examples = [
-        f"{f} row {row}: {reason}"
-        for f, row, reason in conn.execute(
-            f"SELECT _source_file, _source_row, _reasons FROM quarantine.{q(name)} LIMIT 5"
-        ).fetchall()
-    ]
+        for temp in ("__typed", "__checked", "__valid", "__quarantined"):
+            conn.execute(f"DROP TABLE IF EXISTS {temp}")
     return ValidationResult(raw_rows, valid_rows, raw_rows - valid_rows, by_rule, examples)
+
+
+def _fail_on_type_change(conn: duckdb.DuckDBPyConnection, name: str) -> None:
+    bad = conn.execute("""
+        SELECT count(*) OVER (), _source_file, _source_row, x.column, x.reason
+        FROM (SELECT *, unnest(list_filter(__f, x -> x.rule = 'type')) AS x FROM __checked)
+        ORDER BY _source_file, _source_row LIMIT 1""").fetchone()
+    if bad:
+        rows, file, row, column, reason = bad
+        raise ValidationFailure(
+            f"source '{name}': file {file} row {row}: {reason} (column '{column}', rule: type, "
+            f"schema_evolution.type_changes: fail); {rows} value(s) do not parse. Nothing was written"
+        )
 
 
 # --- checks: re-verify what validation promised, on the tables as they are now -------------------------
@@ -211,7 +247,7 @@ def check_schema(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -
         for c, t in expected.items()
         if actual.get(c) != t
     ]
-    problems += [f"{c}: not in config" for c in actual if c not in expected]
+    problems += [f"{c}: not in config" for c in actual if c not in expected and c != EVENT_TIME]
     return CheckOutcome(
         not problems,
         "; ".join(problems) or "columns and types match the config",

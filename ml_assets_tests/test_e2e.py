@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -92,7 +93,8 @@ def test_run_succeeds_with_every_check_passing(full_run):
     _, _, result = full_run
     assert result.success
     materialized = [e.asset_key.to_user_string() for e in result.get_asset_materialization_events()]
-    assert materialized.count("raw/flights") == 1
+    # One run over every partition of the year (monthly in the tests): one materialization per partition.
+    assert materialized.count("raw/flights") == 13
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 5 * 3 + 2 * 2
     assert [c.check_name for c in checks if not c.passed] == []
@@ -130,8 +132,12 @@ def test_time_split_has_no_look_ahead(full_run):
         (s, (lo, hi))
         for s, lo, hi in _sql(root, "SELECT _split, min(_ts), max(_ts) FROM flight_delay.features GROUP BY 1")
     )
-    assert str(spans["train"][1]) < "2013-09-01" <= str(spans["valid"][0])
-    assert str(spans["valid"][1]) < "2013-10-01" <= str(spans["test"][0])
+    # The shipped split: test = the last 92 days (counted back from the last UTC day, 2014-01-01),
+    # validation = the 30 days before, training = everything earlier.
+    test_start, valid_start = dt.datetime(2013, 10, 2), dt.datetime(2013, 9, 2)
+    assert spans["train"][1] < valid_start <= spans["valid"][0]
+    assert spans["valid"][1] < test_start <= spans["test"][0]
+    assert spans["test"][1] < dt.datetime(2014, 1, 2)
 
 
 def test_models_are_sane_leak_free_and_beat_their_baselines(full_run):

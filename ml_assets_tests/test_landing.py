@@ -1,0 +1,177 @@
+"""Landing zone, daily partitions and replay, on the shipped flight pipelines and the real 2013 data."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import zipfile
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from ml_assets import ingest, replay
+from ml_assets.config import default_pipelines_dir, load_project
+from ml_assets.definitions import build_definitions
+from ml_assets.resources import connect, warehouse_path
+from ml_assets_tests.conftest import FAST_MODEL, nycflights_file
+
+SOURCES = ("flights", "weather")
+
+
+@pytest.fixture(scope="module")
+def months() -> dict[str, pl.DataFrame]:
+    """The real tables, read independently of the code under test (UTC month = time_hour's prefix)."""
+    with zipfile.ZipFile(nycflights_file("flights.csv.zip")) as archive:
+        flights = pl.read_csv(archive.read("flights.csv"), infer_schema=False)
+    weather = pl.read_csv(nycflights_file("weather.csv"), infer_schema=False)
+    return {"flights": flights, "weather": weather}
+
+
+def _rows_between(frame: pl.DataFrame, first: str, last: str) -> int:
+    day = frame.get_column("time_hour").str.slice(0, 10)
+    return int(((day >= first) & (day <= last)).sum())
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    for path in default_pipelines_dir().glob("*.yaml"):
+        raw = yaml.safe_load(path.read_text())
+        raw["model"] = raw.get("model", {}) | FAST_MODEL
+        (pipelines / path.name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = tmp_path / "data"
+    defs = build_definitions(pipelines, root)
+    # Planes is not a landing source: loaded once, as `ml-assets run` does before any batch lands.
+    planes = [dg.AssetKey([layer, "planes"]) for layer in ("raw", "validated", "quarantine")]
+    assert dg.materialize(list(defs.assets), selection=planes, resources=defs.resources).success
+    return load_project(pipelines), defs, root
+
+
+def _sensor(defs: dg.Definitions) -> dg.SensorDefinition:
+    return defs.resolve_sensor_def("landing_zone")
+
+
+def _tick(defs: dg.Definitions, cursor: str | None) -> dg.SensorResult:
+    with dg.build_sensor_context(cursor=cursor, resources=defs.resources) as context:
+        return _sensor(defs)(context)
+
+
+def _run(defs: dg.Definitions, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        list(defs.assets), selection=request.asset_selection, tags=request.tags, resources=defs.resources
+    )
+
+
+def _counts(root: Path, source: str, first: str, last: str) -> dict[str, int]:
+    with connect(warehouse_path(root)) as conn:
+        return {
+            layer: conn.execute(
+                f"SELECT count(*) FROM {layer}.{source} WHERE _event_time >= '{first}' "
+                f"AND _event_time < CAST('{last}' AS DATE) + 1"
+            ).fetchone()[0]
+            for layer in ("raw", "validated", "quarantine")
+        }
+
+
+def test_replay_drops_monthly_slices_with_the_source_rows(project, months):
+    proj, _, root = project
+    written = replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 2, 28))
+    assert sorted(p.name for p in written["flights"]) == [
+        "flights_2013-01-01_2013-01-31.csv",
+        "flights_2013-02-01_2013-02-28.csv",
+    ]
+    for path in written["flights"]:
+        _, first, last = path.stem.split("_")
+        assert pl.read_csv(path).height == _rows_between(months["flights"], first, last)
+    # The next call continues where the last stopped.
+    again = replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 3, 31))
+    assert [p.name for p in again["weather"]] == ["weather_2013-03-01_2013-03-31.csv"]
+
+
+def test_replay_injects_numeric_and_categorical_shifts(project, months):
+    proj, _, root = project
+    shifts = (replay.Shift.parse("flights.distance=+300"), replay.Shift.parse("carrier:AA->UA"))
+    (path,) = replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 1, 31), shifts=shifts)[
+        "flights"
+    ]
+    shifted = pl.read_csv(path, infer_schema=False)
+    original = months["flights"].filter(pl.col("time_hour").str.starts_with("2013-01"))
+    assert shifted.get_column("distance").cast(pl.Int64).sum() == (
+        original.get_column("distance").cast(pl.Int64).sum() + 300 * original.height
+    )
+    assert (shifted.get_column("carrier") == "AA").sum() == 0
+    assert (shifted.get_column("carrier") == "UA").sum() == original.get_column("carrier").is_in(
+        ["AA", "UA"]
+    ).sum()
+    with pytest.raises(ValueError, match="expected"):
+        replay.Shift.parse("distance+=3")
+
+
+def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(project, months):
+    proj, defs, root = project
+    # Four months: fewer leave the modelling table's time split (61 + 30 days) without training rows.
+    replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 4, 30))
+    first = _tick(defs, None)
+    (request,) = first.run_requests
+    assert request.tags["dagster/asset_partition_range_start"] == "2013-01-01"
+    assert request.tags["dagster/asset_partition_range_end"] == "2013-04-30"
+    assert dg.AssetKey(["validated", "flights"]) in request.asset_selection
+    assert dg.AssetKey(["flight_delay", "drift_report"]) in request.asset_selection
+    assert _run(defs, request).success
+    expected = _rows_between(months["flights"], "2013-01-01", "2013-04-30")
+    counts = _counts(root, "flights", "2013-01-01", "2013-04-30")
+    assert counts["raw"] == expected == counts["validated"] + counts["quarantine"]
+
+    # Nothing new: no run. The same content under another name: still nothing.
+    assert not _tick(defs, first.cursor).run_requests
+    landing = ingest.landing_dir(root, "flights")
+    shutil.copy(landing / "flights_2013-01-01_2013-01-31.csv", landing / "copy_of_january.csv")
+    assert not _tick(defs, first.cursor).run_requests
+
+    # Re-materializing the same partitions leaves identical counts (the copy is skipped by content).
+    assert _run(defs, request).success
+    assert _counts(root, "flights", "2013-01-01", "2013-04-30") == counts
+
+    # A new month: its run covers only May; January-April stay as they were.
+    replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 5, 31))
+    (may,) = _tick(defs, first.cursor).run_requests
+    assert may.tags["dagster/asset_partition_range_start"] == "2013-05-01"
+    assert may.run_key != request.run_key
+    assert _run(defs, may).success
+    assert _counts(root, "flights", "2013-01-01", "2013-04-30") == counts
+    assert _counts(root, "flights", "2013-05-01", "2013-05-31")["raw"] == _rows_between(
+        months["flights"], "2013-05-01", "2013-05-31"
+    )
+    with connect(warehouse_path(root)) as conn:
+        log = ingest.ledger(conn, "flights")
+    assert set(log.get_column("status")) == {"loaded"}
+    assert log.height == 5  # five distinct contents; the copy is the same content as January
+
+
+def test_corrupt_landed_file_is_rejected_with_its_reason_and_loads_nothing(project):
+    proj, defs, root = project
+    replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 1, 31))
+    first = _tick(defs, None)
+    sources_only = [dg.AssetKey([layer, s]) for s in SOURCES for layer in ("raw", "validated", "quarantine")]
+    request = dg.RunRequest(asset_selection=sources_only, tags=first.run_requests[0].tags)
+    assert _run(defs, request).success
+    before = _counts(root, "flights", "2013-01-01", "2013-01-31")
+
+    landing = ingest.landing_dir(root, "flights")
+    good = pl.read_csv(landing / "flights_2013-01-01_2013-01-31.csv", infer_schema=False)
+    broken = landing / "flights_broken.csv"
+    good.head(100).drop("distance").write_csv(broken)
+    result = _tick(defs, first.cursor)
+    assert not result.run_requests
+    with connect(warehouse_path(root)) as conn:
+        rejected = ingest.ledger(conn, "flights").filter(pl.col("status") == "rejected")
+    (reason,) = rejected.get_column("reason")
+    assert str(broken) in reason and "'distance'" in reason and "rule: schema" in reason
+
+    # A run over January (e.g. a backfill) skips the rejected file; nothing loaded changes.
+    assert _run(defs, request).success
+    assert _counts(root, "flights", "2013-01-01", "2013-01-31") == before
