@@ -113,17 +113,17 @@ def test_replay_injects_numeric_and_categorical_shifts(project, months):
 
 def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(project, months):
     proj, defs, root = project
-    # Four months: fewer leave the modelling table's time split (61 + 30 days) without training rows.
-    replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 4, 30))
+    # Six months, as `ml-assets run` seeds: fewer leave the time split (92 + 30 days) little to train on.
+    replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 6, 30))
     first = _tick(defs, None)
     (request,) = first.run_requests
     assert request.tags["dagster/asset_partition_range_start"] == "2013-01-01"
-    assert request.tags["dagster/asset_partition_range_end"] == "2013-04-30"
+    assert request.tags["dagster/asset_partition_range_end"] == "2013-06-30"
     assert dg.AssetKey(["validated", "flights"]) in request.asset_selection
     assert dg.AssetKey(["flight_delay", "drift_report"]) in request.asset_selection
     assert _run(defs, request).success
-    expected = _rows_between(months["flights"], "2013-01-01", "2013-04-30")
-    counts = _counts(root, "flights", "2013-01-01", "2013-04-30")
+    expected = _rows_between(months["flights"], "2013-01-01", "2013-06-30")
+    counts = _counts(root, "flights", "2013-01-01", "2013-06-30")
     assert counts["raw"] == expected == counts["validated"] + counts["quarantine"]
 
     # Nothing new: no run. The same content under another name: still nothing.
@@ -134,22 +134,22 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
 
     # Re-materializing the same partitions leaves identical counts (the copy is skipped by content).
     assert _run(defs, request).success
-    assert _counts(root, "flights", "2013-01-01", "2013-04-30") == counts
+    assert _counts(root, "flights", "2013-01-01", "2013-06-30") == counts
 
-    # A new month: its run covers only May; January-April stay as they were.
-    replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 5, 31))
-    (may,) = _tick(defs, first.cursor).run_requests
-    assert may.tags["dagster/asset_partition_range_start"] == "2013-05-01"
-    assert may.run_key != request.run_key
-    assert _run(defs, may).success
-    assert _counts(root, "flights", "2013-01-01", "2013-04-30") == counts
-    assert _counts(root, "flights", "2013-05-01", "2013-05-31")["raw"] == _rows_between(
-        months["flights"], "2013-05-01", "2013-05-31"
+    # A new month: its run covers only July; January-June stay as they were.
+    replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 7, 31))
+    (july,) = _tick(defs, first.cursor).run_requests
+    assert july.tags["dagster/asset_partition_range_start"] == "2013-07-01"
+    assert july.run_key != request.run_key
+    assert _run(defs, july).success
+    assert _counts(root, "flights", "2013-01-01", "2013-06-30") == counts
+    assert _counts(root, "flights", "2013-07-01", "2013-07-31")["raw"] == _rows_between(
+        months["flights"], "2013-07-01", "2013-07-31"
     )
     with connect(warehouse_path(root)) as conn:
         log = ingest.ledger(conn, "flights")
     assert set(log.get_column("status")) == {"loaded"}
-    assert log.height == 5  # five distinct contents; the copy is the same content as January
+    assert log.height == 7  # seven distinct contents; the copy is the same content as January
 
 
 def test_corrupt_landed_file_is_rejected_with_its_reason_and_loads_nothing(project):
