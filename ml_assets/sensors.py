@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from ml_assets import ingest, monitor
 from ml_assets.config import PipelineSpec, Project
@@ -82,7 +83,16 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         "raw -> validated, then the modelling tables, drift reports and champion checks that read them.",
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
-        seen: dict[str, list[str]] = json.loads(context.cursor) if context.cursor else {}
+        if context.cursor:
+            seen: dict[str, list[str]] = json.loads(context.cursor)
+        else:
+            # A fresh sensor (first start, reset cursor) must not re-ingest what `ml-assets run` or an
+            # earlier sensor already loaded or rejected: the ledger knows.
+            with warehouse.get_connection() as conn:
+                known = ingest.ledger(conn)
+            seen = {
+                n: sorted(known.filter(pl.col("source") == n).get_column("sha256").to_list()) for n in landing
+            }
         accepted: dict[str, list[dict]] = {}
         rejected: dict[str, list[dict]] = {}
         for name, spec in landing.items():

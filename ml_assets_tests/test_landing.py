@@ -128,6 +128,8 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
 
     # Nothing new: no run. The same content under another name: still nothing.
     assert not _tick(defs, first.cursor).run_requests
+    # A fresh sensor (no cursor, e.g. the first `dagster dev` after `make run`) reads the ledger instead.
+    assert not _tick(defs, None).run_requests
     landing = ingest.landing_dir(root, "flights")
     shutil.copy(landing / "flights_2013-01-01_2013-01-31.csv", landing / "copy_of_january.csv")
     assert not _tick(defs, first.cursor).run_requests
