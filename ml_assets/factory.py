@@ -197,10 +197,8 @@ def source_assets(name: str, spec: SourceSpec, base_dir: Path) -> list[Any]:
         dg.AssetKey([layer, name]) for layer in ("raw", "validated", "quarantine")
     )
     partitions = partitions_def(spec.partitions) if spec.partitions else None
-    partitioning = {
-        "partitions_def": partitions,
-        "backfill_policy": dg.BackfillPolicy.single_run() if partitions else None,
-    }
+    # Single-run backfills: a range of partitions is one run (also what the CLI's --partition-range needs).
+    partitioning = {"partitions_def": partitions, "backfill_policy": dg.BackfillPolicy.single_run()}
     origin = {
         "files": "landing zone <data>/landing/" + name if spec.landing else f"file(s) {spec.path}",
         "database": f"database (${spec.database.url_env if spec.database else ''})",
@@ -340,7 +338,13 @@ def pipeline_assets(
     source_keys = [
         dg.AssetKey(["validated", s]) for s in {pipeline.base, *(j.source for j in pipeline.joins)}
     ]
-    common = {"group_name": p, "tags": {"pipeline": p, "task": pipeline.task}}
+    common = {
+        "group_name": p,
+        "tags": {"pipeline": p, "task": pipeline.task},
+        # Unpartitioned, but the CLI runs a partition range over a selection only if every asset in it
+        # declares single-run backfills (`dagster asset materialize --select '*' --partition-range ...`).
+        "backfill_policy": dg.BackfillPolicy.single_run(),
+    }
 
     @dg.asset(
         key=table_key,
