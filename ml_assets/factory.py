@@ -173,19 +173,7 @@ def read_batch(
         except ingest.RejectedFile as exc:
             if spec.landing:
                 with warehouse.get_connection() as conn:
-                    ingest.record_files(
-                        conn,
-                        name,
-                        [
-                            {
-                                "file": str(exc.path),
-                                "sha256": exc.sha256,
-                                "status": "rejected",
-                                "reason": str(exc),
-                            }
-                        ],
-                        "",
-                    )
+                    ingest.record_files(conn, name, [exc.ledger_row()], "")
             raise
         return frame, records, window
     frame, records = ingest.read_remote(name, spec, window)

@@ -40,6 +40,9 @@ class RejectedFile(SourceError):
         self.path = path
         self.sha256 = sha256
 
+    def ledger_row(self) -> dict[str, object]:
+        return {"file": str(self.path), "sha256": self.sha256, "status": "rejected", "reason": str(self)}
+
 
 @dataclass(frozen=True)
 class TimeWindow:

@@ -107,9 +107,7 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
                     accepted.setdefault(name, []).extend(records)
                 except ingest.RejectedFile as exc:
                     context.log.warning(str(exc))
-                    rejected.setdefault(name, []).append(
-                        {"file": str(path), "sha256": sha, "status": "rejected", "reason": str(exc)}
-                    )
+                    rejected.setdefault(name, []).append(exc.ledger_row())
             seen[name] = sorted(known)
         if rejected:
             with warehouse.get_connection() as conn:
