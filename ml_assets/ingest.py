@@ -23,7 +23,7 @@ import polars as pl
 
 from ml_assets.config import SourceSpec
 from ml_assets.resources import replace_rows, table_exists
-from ml_assets.validate import EVENT_TIME, LINEAGE, cast_expr, q
+from ml_assets.validate import EVENT_TIME, LINEAGE, cast_expr, drop_unpartitioned, q
 
 PKG_SCHEME = "pkg://"
 
@@ -316,6 +316,7 @@ def load_raw(
             rows = conn.execute("SELECT count(*) FROM __batch").fetchone()[0]
             conn.execute("BEGIN TRANSACTION")
             try:
+                drop_unpartitioned(conn, "raw", name)
                 replace_rows(
                     conn, table, "__batch", None if window.after is not None else window_condition(window)
                 )

@@ -28,6 +28,14 @@ LINEAGE = ("_source_file", "_source_row")
 EVENT_TIME = "_event_time"
 
 
+def drop_unpartitioned(conn: duckdb.DuckDBPyConnection, schema: str, name: str) -> None:
+    """Drop a table written before its source was partitioned: its rows have no _event_time, so no
+    partition could ever replace them and the new partitions' rows would duplicate them."""
+    columns = raw_columns(conn, schema, name)
+    if columns and EVENT_TIME not in columns:
+        conn.execute(f"DROP TABLE {schema}.{q(name)}")
+
+
 class ValidationFailure(RuntimeError):
     """The raw data cannot be validated at all (e.g. a required column is missing)."""
 
@@ -190,6 +198,7 @@ def validate_source(
             conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
             for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
                 if where:
+                    drop_unpartitioned(conn, schema, name)
                     replace_rows(conn, f"{schema}.{q(name)}", temp, where)
                 else:
                     conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")

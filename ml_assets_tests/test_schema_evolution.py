@@ -157,3 +157,19 @@ def test_changed_type_is_quarantined_or_fails_the_batch_as_configured(conn, tmp_
         _load(conn, tmp_path, _spec(type_changes="fail"), bad, JAN_1)
     assert f"{n_bad} value(s)" in str(err.value) and "a.csv row" in str(err.value)
     assert _count(conn, "validated.flights", JAN_1) == valid_before
+
+
+def test_tables_from_before_the_source_was_partitioned_are_replaced_not_duplicated(conn, tmp_path, two_days):
+    spec = _spec()
+    path = tmp_path / "old.csv"
+    two_days.write_csv(path)
+    batch, records = ingest.read_files("flights", spec, [path])
+    ingest.load_raw(conn, "flights", spec, batch, records, None)  # as the unpartitioned version wrote it
+    validate.validate_source(conn, "flights", spec)
+    _load(conn, tmp_path, spec, two_days, JAN_1)
+    day1 = int(two_days.get_column("time_hour").str.starts_with("2013-01-01").sum())
+    raw, valid, bad = conn.execute(
+        "SELECT (SELECT count(*) FROM raw.flights), (SELECT count(*) FROM validated.flights), "
+        "(SELECT count(*) FROM quarantine.flights)"
+    ).fetchone()
+    assert raw == day1 == valid + bad
