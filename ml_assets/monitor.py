@@ -193,7 +193,14 @@ def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> Drift
         spec.sample_rows,
         "_ts" if stamps is not None else None,
     )
-    reference = pl.read_parquet(version_dir / registry.REFERENCE_FILE)
+    reference_file = version_dir / registry.REFERENCE_FILE
+    if not reference_file.exists():
+        raise registry.ArtifactError(
+            f"pipeline '{pipeline.name}': champion {version_dir.name} has no drift reference "
+            f"({registry.REFERENCE_FILE}; versions registered before drift monitoring lack it): retrain, "
+            "or roll back to a version that has one"
+        )
+    reference = pl.read_parquet(reference_file)
     categorical = model.manifest["categorical_features"]
     numerical = [c for c in model.manifest["features"] if c not in categorical]
     run_id = uuid.uuid4().hex[:12]
