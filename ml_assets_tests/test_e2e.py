@@ -133,8 +133,8 @@ def test_time_split_has_no_look_ahead(full_run):
         for s, lo, hi in _sql(root, "SELECT _split, min(_ts), max(_ts) FROM flight_delay.features GROUP BY 1")
     )
     # The shipped split: test = the last 92 days (counted back from the last UTC day, 2014-01-01),
-    # validation = the 30 days before, training = everything earlier.
-    test_start, valid_start = dt.datetime(2013, 10, 2), dt.datetime(2013, 9, 2)
+    # validation = the 14 days before, training = everything earlier.
+    test_start, valid_start = dt.datetime(2013, 10, 2), dt.datetime(2013, 9, 18)
     assert spans["train"][1] < valid_start <= spans["valid"][0]
     assert spans["valid"][1] < test_start <= spans["test"][0]
     assert spans["test"][1] < dt.datetime(2014, 1, 2)

@@ -113,7 +113,7 @@ def test_replay_injects_numeric_and_categorical_shifts(project, months):
 
 def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(project, months):
     proj, defs, root = project
-    # Six months, as `ml-assets run` seeds: fewer leave the time split (92 + 30 days) little to train on.
+    # Six months, as `ml-assets run` seeds: fewer leave the time split (92 + 14 days) little to train on.
     replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 6, 30))
     first = _tick(defs, None)
     (request,) = first.run_requests
