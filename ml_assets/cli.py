@@ -17,8 +17,14 @@ import polars as pl
 
 from ml_assets import gate, ingest, registry, replay
 from ml_assets.config import Project, default_pipelines_dir, load_project
-from ml_assets.factory import RANGE_END, RANGE_START, partition_range_tags, partitions_def
-from ml_assets.resources import PIPELINES_DIR_ENV, connect, data_dir, warehouse_path
+from ml_assets.factory import (
+    RANGE_END,
+    RANGE_START,
+    all_partitions_tags,
+    partition_range_tags,
+    partitions_def,
+)
+from ml_assets.resources import PIPELINES_DIR_ENV, connect, data_dir, table_exists, warehouse_path
 from ml_assets.validate import q
 
 
@@ -71,11 +77,9 @@ def landed_partitions(project: Project) -> dict[str, str]:
     Re-materializing the whole landed range is idempotent (each partition replaces its own rows), so
     running twice never duplicates rows.
     """
-    axes = {s.partitions for s in project.sources.values() if s.partitions}
-    if not axes:
+    if project.time_axis is None:
         return {}
-    pdef = partitions_def(axes.pop())
-    last = None
+    lasts = []
     for name, spec in project.sources.items():
         if not spec.partitions:
             continue
@@ -85,10 +89,11 @@ def landed_partitions(project: Project) -> dict[str, str]:
                 _, records = ingest.read_files(name, spec, [path])
             except ingest.RejectedFile:
                 continue  # the run itself rejects it, naming the file and the reason
-            last = max([last, *(r["last_partition"] for r in records)], key=lambda t: t or dt.datetime.min)
-    if last is None:
-        return partition_range_tags(pdef.get_first_partition_key(), pdef.get_last_partition_key())
-    key = pdef.get_partition_key_for_timestamp(last.replace(tzinfo=dt.UTC).timestamp())
+            lasts += [r["last_partition"] for r in records]
+    if not lasts:
+        return all_partitions_tags(project)
+    pdef = partitions_def(project.time_axis)
+    key = pdef.get_partition_key_for_timestamp(max(lasts).replace(tzinfo=dt.UTC).timestamp())
     return partition_range_tags(pdef.get_first_partition_key(), key)
 
 
@@ -119,7 +124,7 @@ def summary(project: Project) -> None:
                     "ORDER BY created_at DESC, version DESC",
                     [name],
                 ).fetchall()
-                if _has_registry(conn)
+                if table_exists(conn, "registry", "model_versions")
                 else []
             )
             print(f"\n{name} ({pipeline.task}, target '{pipeline.target.name}')")
@@ -145,15 +150,6 @@ def summary(project: Project) -> None:
                 print(f"  champion: {champion}; last gate decision: {last['action']}: {last['reason']}")
             report = root / "reports" / name / version / "report.html"
             print(f"  model: {path}\n  report: {report if report.exists() else '(not built)'}")
-
-
-def _has_registry(conn: duckdb.DuckDBPyConnection) -> bool:
-    return bool(
-        conn.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'registry' "
-            "AND table_name = 'model_versions'"
-        ).fetchone()[0]
-    )
 
 
 def _connect() -> AbstractContextManager[duckdb.DuckDBPyConnection]:

@@ -420,6 +420,11 @@ class Project:
     def sources_of(self, pipeline: PipelineSpec) -> dict[str, SourceSpec]:
         return {name: self.sources[name] for name in [*pipeline.sources, *pipeline.shared_sources]}
 
+    @property
+    def time_axis(self) -> PartitionSpec | None:
+        """The partitioning every partitioned source shares (load_project checks there is one)."""
+        return next((s.partitions for s in self.sources.values() if s.partitions), None)
+
 
 def resolve_function(dotted: str) -> Callable[..., Any]:
     """Import 'package.module:function' (or 'package.module.function')."""

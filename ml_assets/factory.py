@@ -140,10 +140,9 @@ def partition_range_tags(first: str, last: str) -> dict[str, str]:
 
 def all_partitions_tags(project: Project) -> dict[str, str]:
     """Range tags covering every partition of the project's time axis (none when nothing is partitioned)."""
-    specs = {s.partitions for s in project.sources.values() if s.partitions}
-    if not specs:
+    if project.time_axis is None:
         return {}
-    pdef = partitions_def(specs.pop())
+    pdef = partitions_def(project.time_axis)
     return partition_range_tags(pdef.get_first_partition_key(), pdef.get_last_partition_key())
 
 

@@ -71,8 +71,7 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
     users = {
         n: [p for p, spec in project.pipelines.items() if n in project.sources_of(spec)] for n in landing
     }
-    axes = {s.partitions for s in landing.values() if s.partitions}
-    pdef = partitions_def(axes.pop()) if axes else None
+    pdef = partitions_def(project.time_axis) if any(s.partitions for s in landing.values()) else None
 
     @dg.sensor(
         name="landing_zone",
