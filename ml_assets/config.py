@@ -96,6 +96,16 @@ class ReplaySpec(_Strict):
     initial_until: dt.date | None = Field(
         None, description="`ml-assets run` seeds an empty landing zone with data up to this day"
     )
+    date_parts: dict[str, Literal["year", "month", "day"]] = Field(
+        default_factory=dict,
+        description="Columns holding parts of the timestamp's date (e.g. year: year): a resampled replay "
+        "moves rows to other days and rewrites these with the timestamp",
+    )
+    timezone: str | None = Field(
+        None,
+        description="Zone of that local calendar (e.g. America/New_York): rows move by whole local days, "
+        "so clock times stay put across daylight-saving changes",
+    )
 
 
 class DatabaseSpec(_Strict):
@@ -361,9 +371,23 @@ class GateSpec(_Strict):
     )
 
 
-class MonitoringSpec(_Strict):
-    """Drift monitoring of the champion's inputs, and when drift turns into a retraining run."""
+class PerformanceSpec(_Strict):
+    """The champion's real metric on labelled periods it never saw, and when a drop means retraining."""
 
+    period: Literal["day", "week", "month"] = Field("week", description="Labelled rows are scored per period")
+    tolerance: float = Field(
+        0.05, gt=0, description="Relative drop of the metric below the champion's test score that degrades"
+    )
+    min_rows: int = Field(500, ge=1, description="Periods with fewer labelled rows are scored, not judged")
+    persist_periods: int = Field(2, ge=1, description="Consecutive degraded periods before retraining")
+
+
+class MonitoringSpec(_Strict):
+    """Drift monitoring of the champion's inputs and performance, and when they turn into a retraining run."""
+
+    columns: list[str] | None = Field(
+        None, description="Model features to watch for drift (default: all of the champion's features)"
+    )
     window_days: int = Field(30, ge=1, description="Current window: the latest days of the modelling table")
     sample_rows: int = Field(50_000, ge=1000, description="Bound on rows Evidently sees, per side")
     num_method: str = "wasserstein"
@@ -371,8 +395,9 @@ class MonitoringSpec(_Strict):
     threshold: float = Field(0.1, gt=0, description="Per-column drift threshold of the methods above")
     drift_share: float = Field(0.3, gt=0, le=1, description="Share of drifted features that counts as drift")
     persist_windows: int = Field(2, ge=1, description="Consecutive drifted windows before retraining")
-    cooldown_hours: float = Field(24.0, ge=0, description="Least time between two drift-triggered retrains")
+    cooldown_hours: float = Field(24.0, ge=0, description="Least time between two automatic retrains")
     sensor_interval_s: int = Field(30, ge=5)
+    performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
 
 
 class PipelineSpec(_Strict):
@@ -610,6 +635,12 @@ def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> N
             raise ValueError(
                 f"features.{i} ('{feat.name}'): derived column '{feat.input_column}' reads {leaked}, "
                 f"{forbidden[leaked[0]]}"
+            )
+    # A datetime feature becomes one column per part (departure -> departure_dayofweek).
+    for col in pipeline.monitoring.columns or []:
+        if not any(col == f.name or col.startswith(f"{f.name}_") for f in pipeline.features):
+            raise ValueError(
+                f"monitoring.columns: '{col}' is not a feature; features: {[f.name for f in pipeline.features]}"
             )
 
 

@@ -16,7 +16,7 @@ from ml_assets.config import default_pipelines_dir, load_project
 from ml_assets.factory import build_assets
 from ml_assets.resources import PIPELINES_DIR_ENV, ArtifactStore, Warehouse, data_dir, warehouse_path
 from ml_assets.schedules import daily_drift_schedule
-from ml_assets.sensors import drift_retrain_sensor, landing_sensor
+from ml_assets.sensors import landing_sensor, retrain_sensor
 
 
 def build_definitions(pipelines_dir: Path, root: Path) -> dg.Definitions:
@@ -34,7 +34,7 @@ def build_definitions(pipelines_dir: Path, root: Path) -> dg.Definitions:
             description=f"Recompute the drift report of '{name}'s champion.",
         )
         automation_jobs += [retrain, drift]
-        sensors.append(drift_retrain_sensor(pipeline, retrain))
+        sensors.append(retrain_sensor(pipeline, retrain))
         schedules.append(daily_drift_schedule(pipeline, drift))
     landing = [n for n, spec in project.sources.items() if spec.landing]
     if landing:
@@ -46,11 +46,11 @@ def build_definitions(pipelines_dir: Path, root: Path) -> dg.Definitions:
                 *(
                     dg.AssetKey([p, a])
                     for p in users
-                    for a in ("modelling_table", "drift_report", "champion_monitor")
+                    for a in ("modelling_table", "drift_report", "performance")
                 ),
             ),
             description="Ingest landed files (the partitions they touch), then refresh the modelling tables, "
-            "drift reports and champion checks that read them. Launched by the landing_zone sensor.",
+            "drift reports and champion performance that read them. Launched by the landing_zone sensor.",
         )
         automation_jobs.append(ingest_job)
         sensors.append(landing_sensor(project, root, ingest_job))

@@ -4,7 +4,7 @@ metadata.
 
 Asset keys mirror where things live: `raw/<source>`, `validated/<source>`, `quarantine/<source>` are
 DuckDB tables shared by every pipeline that uses the source; `<pipeline>/modelling_table`, `features`,
-`model`, `evaluation`, `promotion`, `champion_monitor` and `drift_report` belong to one pipeline's group.
+`model`, `evaluation`, `promotion`, `performance` and `drift_report` belong to one pipeline's group.
 """
 
 import warnings
@@ -38,7 +38,7 @@ PIPELINE_ASSETS = (
     "model",
     "evaluation",
     "promotion",
-    "champion_monitor",
+    "performance",
     "drift_report",
 )
 USER_ERRORS = (
@@ -319,7 +319,7 @@ def pipeline_assets(
 ) -> list[Any]:
     p = pipeline.name
     sources = project.sources_of(pipeline)
-    table_key, features_key, model_key, eval_key, gate_key, monitor_key, drift_key = (
+    table_key, features_key, model_key, eval_key, gate_key, perf_key, drift_key = (
         dg.AssetKey([p, n]) for n in PIPELINE_ASSETS
     )
     source_keys = [
@@ -488,20 +488,44 @@ def pipeline_assets(
         return dg.MaterializeResult(metadata={**meta, "verdict": dg.MetadataValue.md(summary)})
 
     @dg.asset(
-        key=monitor_key,
-        deps=[gate_key],
+        key=perf_key,
+        deps=[table_key, gate_key],
         kinds={"lightgbm"},
         **common,
-        description=f"The champion against the previous champion on the last {pipeline.gate.monitor_days} days "
-        f"of labelled data; rolls back automatically when it trails by more than {pipeline.gate.rollback_margin}.",
+        description=f"The champion's real {pipeline.metric} per {pipeline.monitoring.performance.period} of "
+        "labelled data it never learned from, against its test score (monitor.performance_history, which the "
+        "retraining sensor reads). First, the champion is compared with the previous champion on the last "
+        f"{pipeline.gate.monitor_days} days and rolled back when it trails by more than "
+        f"{pipeline.gate.rollback_margin}.",
     )
-    def champion_monitor(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+    def performance(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
         decision = _user_errors_as_failures(
             lambda: gate.check_champion(warehouse.get_connection, pipeline, context.run_id)
         )
         with warehouse.get_connection() as conn:
-            meta = decision_metadata(decision, conn)
-        return dg.MaterializeResult(metadata={**meta, "reason": decision.reason})
+            meta = decision_metadata(decision, conn) | {"rollback_check": decision.reason}
+        if not pipeline.timestamp:
+            return dg.MaterializeResult(
+                metadata={**meta, "status": "no timestamp: no labelled periods to score"}
+            )
+        run = _user_errors_as_failures(lambda: monitor.run_performance(warehouse.get_connection, pipeline))
+        if run is None or run.periods.height == 0:
+            return dg.MaterializeResult(metadata={**meta, "status": "no champion or no labelled rows yet"})
+        latest = run.periods.row(-1, named=True)
+        shown = run.periods.sort("period_start", descending=True).with_columns(
+            pl.col("score", "change").round(4)
+        )
+        return dg.MaterializeResult(
+            metadata={
+                **meta,
+                # A float per materialization: the UI plots the champion's real metric over time.
+                f"latest_period_{run.metric}": latest["score"],
+                f"champion_expected_{run.metric}": run.expected,
+                "latest_period": f"{latest['period_start']:%Y-%m-%d} ({latest['rows']} rows)",
+                "degraded_periods": int(run.periods.get_column("degraded").sum()),
+                "periods": md_table(shown, limit=26),
+            }
+        )
 
     @dg.asset(
         key=drift_key,
@@ -554,7 +578,7 @@ def pipeline_assets(
             lambda c: dataset.check_splits_populated(c, pipeline),
         ),
     ]
-    return [modelling_table, features, model, evaluation, promotion, champion_monitor, drift_report, *checks]
+    return [modelling_table, features, model, evaluation, promotion, performance, drift_report, *checks]
 
 
 def build_assets(project: Project) -> list[Any]:

@@ -24,7 +24,7 @@ from ml_assets import registry
 from ml_assets.config import GateSpec, PipelineSpec
 from ml_assets.dataset import table_name
 from ml_assets.features import row_key
-from ml_assets.metrics import GREATER_IS_BETTER, score
+from ml_assets.metrics import improvement, score
 from ml_assets.registry import SAMPLE_FILE, read_manifest
 from ml_assets.serve import ServableModel
 from ml_assets.validate import q
@@ -35,11 +35,6 @@ class Verdict:
     promote: bool
     reason: str
     details: dict[str, Any] = field(default_factory=dict)
-
-
-def improvement(metric: str, new: float, old: float) -> float:
-    """How much better `new` is than `old`, positive when better, in the metric's units."""
-    return new - old if GREATER_IS_BETTER[metric] else old - new
 
 
 def paired_bootstrap(
@@ -194,18 +189,6 @@ if __name__ == "__main__":
 # --- champion decisions: promote or refuse, automatic and manual rollback ------------------------------
 
 
-def _labels(manifest: dict[str, Any], rows: pl.DataFrame) -> np.ndarray:
-    target = rows.get_column(manifest["target"])
-    if manifest["task"] == "regression":
-        return target.cast(pl.Float64).to_numpy()
-    mapping = {c: i for i, c in enumerate(manifest["classes"])}
-    return target.replace_strict(mapping, default=-1, return_dtype=pl.Int32).to_numpy()
-
-
-def _threshold(model: Any) -> float:
-    return float(model.manifest.get("decision_threshold", 0.5))
-
-
 @dataclass(frozen=True)
 class Decision:
     action: str
@@ -248,11 +231,11 @@ def promote_or_refuse(
         y = rows.get_column("y_true").to_numpy()
         old = rows.select(pl.col("^baseline.*$")).to_numpy().squeeze()
         new = rows.select(pl.col("^model.*$")).to_numpy().squeeze()
-        thresholds, against = (0.5, _threshold(new_model)), "baseline"
+        thresholds, against = (0.5, new_model.threshold), "baseline"
     else:
         old_model = ServableModel.load(champion_dir)
-        y, old, new = _labels(new_model.manifest, rows), old_model.predict(rows), new_model.predict(rows)
-        thresholds, against = (_threshold(old_model), _threshold(new_model)), f"champion {champion}"
+        y, old, new = new_model.labels(rows), old_model.predict(rows), new_model.predict(rows)
+        thresholds, against = (old_model.threshold, new_model.threshold), f"champion {champion}"
     slices = {c: rows.get_column(c).to_numpy() for c in pipeline.gate.slices}
     verdict = decide(pipeline.task, pipeline.metric, pipeline.gate, y, old, new, slices, thresholds, against)
     promote = verdict.promote and infra_ok
@@ -285,9 +268,8 @@ def check_champion(connect: Any, pipeline: PipelineSpec, run_id: str | None = No
         dirs = {v: registry.version_dir(conn, v) for v in (champion, previous)}
         rows = conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE {window}").pl()
     models = {v: ServableModel.load(d) for v, d in dirs.items()}
-    y = _labels(models[champion].manifest, rows)
     metric = pipeline.metric
-    scores = {v: score(pipeline.task, metric, y, m.predict(rows), _threshold(m)) for v, m in models.items()}
+    scores = {v: m.score(rows, metric) for v, m in models.items()}
     delta = improvement(metric, scores[champion], scores[previous])
     details = {
         "rows": len(rows),

@@ -102,3 +102,8 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
         if mask.any():
             total += mask.mean() * abs(p[mask].mean() - y[mask].mean())
     return float(total)
+
+
+def improvement(metric: str, new: float, old: float) -> float:
+    """How much better `new` is than `old`, positive when better, in the metric's units."""
+    return new - old if GREATER_IS_BETTER[metric] else old - new

@@ -26,6 +26,7 @@ from evidently.metrics import ValueDrift
 from ml_assets import registry
 from ml_assets.config import MonitoringSpec, PipelineSpec
 from ml_assets.dataset import table_name
+from ml_assets.metrics import improvement
 from ml_assets.serve import ServableModel
 from ml_assets.validate import q
 
@@ -201,8 +202,15 @@ def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> Drift
             "or roll back to a version that has one"
         )
     reference = pl.read_parquet(reference_file)
-    categorical = model.manifest["categorical_features"]
-    numerical = [c for c in model.manifest["features"] if c not in categorical]
+    watched = spec.columns or model.manifest["features"]
+    unknown = sorted(set(watched) - set(model.manifest["features"]))
+    if unknown:
+        raise ValueError(
+            f"pipeline '{pipeline.name}': monitoring.columns {unknown} are not features of champion "
+            f"{champion}; its features: {model.manifest['features']}"
+        )
+    categorical = [c for c in model.manifest["categorical_features"] if c in watched]
+    numerical = [c for c in watched if c not in categorical]
     run_id = uuid.uuid4().hex[:12]
     start = stamps.min() if stamps is not None else None
     end = stamps.max() if stamps is not None else None
@@ -259,22 +267,146 @@ def drift_runs(conn: Any, pipeline: str) -> pl.DataFrame:
     ).pl()
 
 
+# --- the champion's real performance on labelled periods it never saw ---------------------------------
+
+PERFORMANCE_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS monitor;
+CREATE TABLE IF NOT EXISTS monitor.performance_history (
+    pipeline VARCHAR NOT NULL,
+    champion VARCHAR NOT NULL,
+    period_start TIMESTAMP NOT NULL,
+    period_end TIMESTAMP NOT NULL,
+    rows BIGINT NOT NULL,
+    metric VARCHAR NOT NULL,
+    score DOUBLE,
+    expected DOUBLE NOT NULL,
+    change DOUBLE,
+    degraded BOOLEAN,
+    computed_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (pipeline, champion, period_start)
+);
+"""
+TRUNCATE = {"day": "1d", "week": "1w", "month": "1mo"}
+
+
+@dataclass(frozen=True)
+class PerformanceRun:
+    champion: str
+    metric: str
+    expected: float
+    periods: pl.DataFrame
+
+
+def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | None:
+    """Score the champion on every labelled period from its own test split on (rows it never learned
+    from; later periods are the labels that arrived after it was trained) and record each period's metric
+    against the test score it was promoted on. None when there is no champion yet."""
+    spec = pipeline.monitoring.performance
+    if not pipeline.timestamp:
+        raise ValueError(f"pipeline '{pipeline.name}': performance monitoring needs a timestamp column")
+    ts = q(pipeline.timestamp)
+    with connect() as conn:
+        champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
+        if champion is None:
+            return None
+        version_dir = registry.version_dir(conn, champion)
+        model = ServableModel.load(version_dir)
+        manifest = model.manifest
+        start = manifest.get("test_start") or manifest["train_window"]["end"]
+        rows = conn.execute(
+            f"SELECT * FROM {table_name(pipeline)} WHERE {ts} >= CAST(? AS TIMESTAMP) ORDER BY {ts}", [start]
+        ).pl()
+    metric, expected = pipeline.metric, float(manifest["test_metrics"][pipeline.metric])
+    rows = rows.with_columns(pl.col(pipeline.timestamp).dt.truncate(TRUNCATE[spec.period]).alias("_period"))
+    scored = []
+    for (period,), part in rows.group_by("_period", maintain_order=True):
+        value = model.score(part, metric) if part.height else None
+        change = None
+        if value is not None and expected:
+            change = improvement(metric, value, expected) / abs(expected)
+        judged = part.height >= spec.min_rows and change is not None
+        scored.append(
+            (
+                period,
+                part.get_column(pipeline.timestamp).max(),
+                part.height,
+                value,
+                change,
+                change < -spec.tolerance if judged else None,
+            )
+        )
+    periods = pl.DataFrame(
+        scored,
+        schema={
+            "period_start": pl.Datetime("us"),
+            "period_end": pl.Datetime("us"),
+            "rows": pl.Int64,
+            "score": pl.Float64,
+            "change": pl.Float64,
+            "degraded": pl.Boolean,
+        },
+        orient="row",
+    )
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    with connect() as conn:
+        conn.execute(PERFORMANCE_SCHEMA)
+        conn.execute("BEGIN TRANSACTION")
+        # A period is rescored as more of its labels arrive: its row is replaced, never duplicated.
+        conn.execute(
+            "DELETE FROM monitor.performance_history WHERE pipeline = ? AND champion = ?",
+            [pipeline.name, champion],
+        )
+        conn.executemany(
+            "INSERT INTO monitor.performance_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                [
+                    pipeline.name,
+                    champion,
+                    r["period_start"],
+                    r["period_end"],
+                    r["rows"],
+                    metric,
+                    r["score"],
+                    expected,
+                    r["change"],
+                    r["degraded"],
+                    now,
+                ]
+                for r in periods.iter_rows(named=True)
+            ],
+        )
+        conn.execute("COMMIT")
+    return PerformanceRun(champion, metric, expected, periods)
+
+
+def performance_history(conn: Any, pipeline: str) -> pl.DataFrame:
+    conn.execute(PERFORMANCE_SCHEMA)
+    return conn.execute(
+        "SELECT champion, period_start, period_end, rows, metric, score, expected, change, degraded "
+        "FROM monitor.performance_history WHERE pipeline = ? ORDER BY champion, period_start",
+        [pipeline],
+    ).pl()
+
+
+# --- when monitoring turns into retraining -------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class RetrainDecision:
     trigger: bool
     reason: str
-    drift_run: str | None = None
+    kind: str | None = None
+    event: str | None = None
+    events: tuple[str, ...] = ()
 
 
-def retrain_decision(
-    runs: pl.DataFrame, spec: MonitoringSpec, last_retrain_at: dt.datetime | None, now: dt.datetime
-) -> RetrainDecision:
-    """Retrain when the latest `persist_windows` distinct windows all drifted and the cooldown has passed.
+def drift_trigger(runs: pl.DataFrame, spec: MonitoringSpec) -> RetrainDecision:
+    """Drift when the champion's latest `persist_windows` distinct windows all drifted.
 
-    `runs` are drift_runs rows in time order; the latest run of each window counts for that window.
+    `runs` are the current champion's drift_runs rows in time order; the latest run of each window counts.
     """
     if runs.height == 0:
-        return RetrainDecision(False, "no drift results yet")
+        return RetrainDecision(False, "no drift results for the champion yet")
     latest = runs.group_by("window_end", maintain_order=True).last().tail(spec.persist_windows)
     last_run = latest.row(-1, named=True)
     if latest.height < spec.persist_windows or not latest.get_column("dataset_drift").all():
@@ -283,17 +415,75 @@ def retrain_decision(
             f"drift in {int(latest.get_column('dataset_drift').sum())} of the last {latest.height} window(s); "
             f"{spec.persist_windows} consecutive needed",
         )
-    if last_retrain_at is not None and now - last_retrain_at < dt.timedelta(hours=spec.cooldown_hours):
-        return RetrainDecision(
-            False,
-            f"drift persists but the last retrain was at {last_retrain_at:%Y-%m-%d %H:%M}; "
-            f"cooldown {spec.cooldown_hours} h",
-            last_run["id"],
-        )
     drifted = ", ".join(last_run["drifted"] or [])
     return RetrainDecision(
         True,
         f"drift in the last {spec.persist_windows} windows (latest: share {last_run['drift_share']:.2f}; "
         f"{drifted})",
-        last_run["id"],
+        "drift",
+        f"drift:{last_run['id']}",
+    )
+
+
+def performance_trigger(periods: pl.DataFrame, spec: MonitoringSpec) -> RetrainDecision:
+    """Degradation when the champion's latest `persist_periods` judged periods all fell below its test
+    score by more than the tolerance. `periods` are the current champion's rows in time order."""
+    perf = spec.performance
+    judged = periods.filter(pl.col("degraded").is_not_null()).tail(perf.persist_periods)
+    if judged.height < perf.persist_periods or not judged.get_column("degraded").all():
+        degraded = int(judged.get_column("degraded").sum()) if judged.height else 0
+        return RetrainDecision(
+            False,
+            f"performance degraded in {degraded} of the last {judged.height} labelled period(s); "
+            f"{perf.persist_periods} consecutive needed",
+        )
+    last = judged.row(-1, named=True)
+    return RetrainDecision(
+        True,
+        f"{last['metric']} {last['score']:.4f} on the {perf.period} of {last['period_start']:%Y-%m-%d} "
+        f"({last['rows']} labelled rows) is {-last['change']:.1%} worse than the champion's test score "
+        f"{last['expected']:.4f}, for {perf.persist_periods} {perf.period}(s) in a row "
+        f"(tolerance {perf.tolerance:.0%})",
+        "performance",
+        f"performance:{last['champion']}:{last['period_start']:%Y-%m-%d}",
+    )
+
+
+def retrain_decision(
+    champion: str | None,
+    runs: pl.DataFrame,
+    periods: pl.DataFrame,
+    spec: MonitoringSpec,
+    last_retrain_at: dt.datetime | None,
+    now: dt.datetime,
+    handled: frozenset[str] = frozenset(),
+) -> RetrainDecision:
+    """Retrain when the champion's inputs drift persistently or its labelled performance degrades, unless
+    the cooldown since the last automatic retrain has not passed or this event was already acted on."""
+    if champion is None:
+        return RetrainDecision(False, "no champion yet: nothing to monitor")
+    decisions = [
+        drift_trigger(runs.filter(pl.col("champion") == champion), spec),
+        performance_trigger(periods.filter(pl.col("champion") == champion), spec),
+    ]
+    firing = [d for d in decisions if d.trigger]
+    if not firing:
+        return RetrainDecision(False, "; ".join(d.reason for d in decisions))
+    fresh = [d for d in firing if d.event not in handled]
+    if not fresh:
+        return RetrainDecision(False, f"already retrained for {', '.join(d.event or '' for d in firing)}")
+    if last_retrain_at is not None and now - last_retrain_at < dt.timedelta(hours=spec.cooldown_hours):
+        return RetrainDecision(
+            False,
+            f"{fresh[0].reason}, but the last retrain was at {last_retrain_at:%Y-%m-%d %H:%M}; "
+            f"cooldown {spec.cooldown_hours} h",
+            fresh[0].kind,
+            fresh[0].event,
+        )
+    return RetrainDecision(
+        True,
+        "; ".join(d.reason for d in fresh),
+        fresh[0].kind,
+        fresh[0].event,
+        tuple(d.event for d in fresh if d.event),
     )

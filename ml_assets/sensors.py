@@ -1,7 +1,8 @@
-"""Sensors: files landing become ingestion runs; drift that persists becomes a retraining run.
+"""Sensors: files landing become ingestion runs; drift or degraded performance becomes a retraining run.
 
-Custom state (when the last drift-triggered retrain was requested) lives in the sensor's cursor; the
-run_key names the drift result that triggered it, so one drift event never launches two retrains.
+Custom state (when the last automatic retrain was requested, and which monitoring events were acted on)
+lives in the sensor's cursor; the run_key names the event that triggered it, so one drift or degradation
+event never launches two retrains.
 """
 
 from __future__ import annotations
@@ -14,45 +15,55 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from ml_assets import ingest, monitor
+from ml_assets import ingest, monitor, registry
 from ml_assets.config import PipelineSpec, Project
 from ml_assets.factory import partition_range_tags, partitions_def
 from ml_assets.resources import Warehouse
 
 TRIGGER_TAG = "ml_assets/trigger"
-DRIFT_RUN_TAG = "ml_assets/drift_run"
+EVENT_TAG = "ml_assets/event"
+# Events acted on, newest last: enough to outlive any event still visible in the monitoring tables.
+HANDLED_KEPT = 100
 
 
-def drift_retrain_sensor(pipeline: PipelineSpec, job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+def retrain_sensor(pipeline: PipelineSpec, job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
     spec = pipeline.monitoring
+    perf = spec.performance
 
     @dg.sensor(
-        name=f"{pipeline.name}_drift_retrain",
+        name=f"{pipeline.name}_retrain",
         job=job,
         minimum_interval_seconds=spec.sensor_interval_s,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Retrain '{pipeline.name}' when {spec.persist_windows} consecutive drift windows exceed "
-        f"a drift share of {spec.drift_share}, at most once per {spec.cooldown_hours} h.",
+        f"a drift share of {spec.drift_share}, or when the champion's {pipeline.metric} on labelled data is "
+        f"{perf.tolerance:.0%} below its test score for {perf.persist_periods} {perf.period}(s); at most once "
+        f"per {spec.cooldown_hours} h.",
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
         state = json.loads(context.cursor) if context.cursor else {}
         last = dt.datetime.fromisoformat(state["last_retrain_at"]) if state.get("last_retrain_at") else None
+        handled: list[str] = state.get("handled", [])
         with warehouse.get_connection() as conn:
+            champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
             runs = monitor.drift_runs(conn, pipeline.name)
+            periods = monitor.performance_history(conn, pipeline.name)
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        decision = monitor.retrain_decision(runs, spec, last, now)
+        decision = monitor.retrain_decision(champion, runs, periods, spec, last, now, frozenset(handled))
         if not decision.trigger:
             return dg.SkipReason(decision.reason)
+        assert decision.event is not None and decision.kind is not None
         request = dg.RunRequest(
-            run_key=f"drift-{pipeline.name}-{decision.drift_run}",
+            run_key=f"retrain-{pipeline.name}-{decision.event}",
             tags={
-                TRIGGER_TAG: "drift",
-                DRIFT_RUN_TAG: decision.drift_run,
+                TRIGGER_TAG: decision.kind,
+                EVENT_TAG: decision.event,
                 "ml_assets/reason": decision.reason[:250],
             },
         )
-        cursor = json.dumps({"last_retrain_at": now.isoformat(), "drift_run": decision.drift_run})
-        return dg.SensorResult(run_requests=[request], cursor=cursor)
+        # Every event firing now is answered by this one run: none of them may launch another.
+        state = {"last_retrain_at": now.isoformat(), "handled": [*handled, *decision.events][-HANDLED_KEPT:]}
+        return dg.SensorResult(run_requests=[request], cursor=json.dumps(state))
 
     return _sensor
 
@@ -79,7 +90,7 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         minimum_interval_seconds=10,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Ingest new files dropped into {root / 'landing'}/<source>/ for sources {sorted(landing)}: "
-        "raw -> validated, then the modelling tables, drift reports and champion checks that read them.",
+        "raw -> validated, then the modelling tables, drift reports and champion performance that read them.",
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
         if context.cursor:
@@ -134,7 +145,7 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
             dg.AssetKey([p, a])
             for n in accepted
             for p in users[n]
-            for a in ("modelling_table", "drift_report", "champion_monitor")
+            for a in ("modelling_table", "drift_report", "performance")
         ]
         batch = hashlib.sha256("".join(sorted(str(r["sha256"]) for r in records)).encode()).hexdigest()[:16]
         request = dg.RunRequest(run_key=f"landing-{batch}", asset_selection=sorted(set(selection)), tags=tags)

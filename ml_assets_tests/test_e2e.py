@@ -63,7 +63,7 @@ def test_lineage(full_run):
             "model",
             "evaluation",
             "promotion",
-            "champion_monitor",
+            "performance",
             "drift_report",
         )
     }
@@ -83,7 +83,7 @@ def test_lineage(full_run):
         assert parents(f"{pipeline}/model") == {f"{pipeline}/features"}
         assert parents(f"{pipeline}/evaluation") == {f"{pipeline}/model"}
         assert parents(f"{pipeline}/promotion") == {f"{pipeline}/model", f"{pipeline}/evaluation"}
-        assert parents(f"{pipeline}/champion_monitor") == {f"{pipeline}/promotion"}
+        assert parents(f"{pipeline}/performance") == {f"{pipeline}/modelling_table", f"{pipeline}/promotion"}
         assert parents(f"{pipeline}/drift_report") == {f"{pipeline}/modelling_table", f"{pipeline}/promotion"}
     assert parents("validated/flights") == {"raw/flights"}
     assert parents("quarantine/flights") == {"raw/flights"}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ml_assets.config import GateSpec
-from ml_assets.gate import decide, improvement, paired_bootstrap
+from ml_assets.gate import decide, paired_bootstrap
+from ml_assets.metrics import improvement
 
 GATE = GateSpec(margin=0.0, confidence=0.95, bootstrap_samples=100, min_slice_rows=200)
 SEEDS = range(25)

@@ -11,12 +11,14 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from ml_assets import gate, monitor, registry
 from ml_assets.config import MonitoringSpec
 from ml_assets.definitions import build_definitions
 from ml_assets.resources import Warehouse, connect, warehouse_path
-from ml_assets.sensors import DRIFT_RUN_TAG, TRIGGER_TAG
+from ml_assets.sensors import EVENT_TAG, TRIGGER_TAG
+from ml_assets.serve import ServableModel
 from ml_assets_tests.conftest import materialize_all
 from ml_assets_tests.test_promotion import FLAGSHIP
 
@@ -63,6 +65,7 @@ def _runs(*windows: tuple[int, bool]) -> pl.DataFrame:
     return pl.DataFrame(
         {
             "id": [f"r{i}" for i in range(len(windows))],
+            "champion": ["v1"] * len(windows),
             "computed_at": [base + dt.timedelta(hours=i) for i in range(len(windows))],
             "window_end": [base + dt.timedelta(days=d) for d, _ in windows],
             "drift_share": [0.6 if drifted else 0.0 for _, drifted in windows],
@@ -72,41 +75,105 @@ def _runs(*windows: tuple[int, bool]) -> pl.DataFrame:
     )
 
 
+def _periods(*degraded: bool | None, champion: str = "v1") -> pl.DataFrame:
+    """performance_history rows, one week each: degraded (True/False) or too few rows to judge (None)."""
+    base = dt.datetime(2013, 7, 1)
+    return pl.DataFrame(
+        {
+            "champion": [champion] * len(degraded),
+            "period_start": [base + dt.timedelta(weeks=i) for i in range(len(degraded))],
+            "rows": [100 if d is None else 5000 for d in degraded],
+            "metric": ["rmse"] * len(degraded),
+            "score": [60.0 if d else 45.0 for d in degraded],
+            "expected": [46.0] * len(degraded),
+            "change": [-0.3 if d else 0.02 for d in degraded],
+            "degraded": list(degraded),
+        },
+        schema_overrides={"degraded": pl.Boolean},
+    )
+
+
 NOW = dt.datetime(2013, 8, 1)
 SPEC = MonitoringSpec(persist_windows=2, cooldown_hours=24)
+NO_PERIODS = _periods()
 
 
 @pytest.mark.parametrize(
-    ("runs", "last_retrain", "trigger", "drift_run", "reason"),
+    ("runs", "last_retrain", "trigger", "event", "reason"),
     [
-        (_runs(), None, False, None, "no drift results yet"),
+        (_runs(), None, False, None, "no drift results for the champion yet"),
         (_runs((1, True)), None, False, None, "1 of the last 1 window"),
         (_runs((1, False), (2, True)), None, False, None, "1 of the last 2 window"),
-        (_runs((1, True), (2, True)), None, True, "r1", "drift in the last 2 windows"),
+        (_runs((1, True), (2, True)), None, True, "drift:r1", "drift in the last 2 windows"),
         # The same window checked twice is one window, not two.
         (_runs((1, True), (1, True)), None, False, None, "1 of the last 1 window"),
         # The latest result of a window counts: a re-check that found no drift clears it.
         (_runs((1, True), (2, True), (2, False)), None, False, None, "1 of the last 2 window"),
-        (_runs((1, True), (2, True)), NOW - dt.timedelta(hours=2), False, "r1", "cooldown"),
+        (_runs((1, True), (2, True)), NOW - dt.timedelta(hours=2), False, "drift:r1", "cooldown"),
         (
             _runs((1, True), (2, True)),
             NOW - dt.timedelta(hours=30),
             True,
-            "r1",
+            "drift:r1",
             "drift in the last 2 windows",
         ),
     ],
 )
-def test_retrain_decision(runs, last_retrain, trigger, drift_run, reason):
-    decision = monitor.retrain_decision(runs, SPEC, last_retrain, NOW)
-    assert (decision.trigger, decision.drift_run) == (trigger, drift_run)
+def test_drift_decision(runs, last_retrain, trigger, event, reason):
+    decision = monitor.retrain_decision("v1", runs, NO_PERIODS, SPEC, last_retrain, NOW)
+    assert (decision.trigger, decision.event) == (trigger, event)
     assert reason in decision.reason
 
 
+def test_only_the_current_champions_results_count_and_an_event_is_acted_on_once():
+    drifted = _runs((1, True), (2, True))
+    # Drift measured against an earlier champion says nothing about the new one.
+    assert not monitor.retrain_decision("v2", drifted, NO_PERIODS, SPEC, None, NOW).trigger
+    assert "no champion" in monitor.retrain_decision(None, drifted, NO_PERIODS, SPEC, None, NOW).reason
+    handled = frozenset({"drift:r1"})
+    decision = monitor.retrain_decision("v1", drifted, NO_PERIODS, SPEC, None, NOW, handled)
+    assert not decision.trigger and "already retrained for drift:r1" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("periods", "event", "reason"),
+    [
+        (_periods(True), None, "degraded in 1 of the last 1 labelled period"),
+        (_periods(False, True), None, "degraded in 1 of the last 2"),
+        (_periods(True, True), "performance:v1:2013-07-08", "30.0% worse than the champion's test score"),
+        # A thin period (too few labels) is scored but neither breaks nor makes a streak.
+        (_periods(True, None, True), "performance:v1:2013-07-15", "worse than the champion's test score"),
+        (_periods(True, True, False), None, "degraded in 1 of the last 2"),
+        (_periods(True, True, champion="v0"), None, "degraded in 0 of the last 0"),
+    ],
+)
+def test_performance_decision(periods, event, reason):
+    decision = monitor.retrain_decision("v1", _runs(), periods, SPEC, None, NOW)
+    assert (decision.trigger, decision.event) == (event is not None, event)
+    assert reason in decision.reason
+    if event:
+        assert decision.kind == "performance"
+
+
+def test_drift_and_degradation_together_are_one_retrain():
+    decision = monitor.retrain_decision(
+        "v1", _runs((1, True), (2, True)), _periods(True, True), SPEC, None, NOW
+    )
+    assert decision.trigger and decision.events == ("drift:r1", "performance:v1:2013-07-08")
+    again = monitor.retrain_decision(
+        "v1", _runs((1, True), (2, True)), _periods(True, True), SPEC, None, NOW, frozenset(decision.events)
+    )
+    assert not again.trigger
+
+
 def _insert_runs(root, pipeline: str, windows: list[tuple[int, bool]]) -> None:
-    """Make these the pipeline's drift results."""
+    """Make these the pipeline's drift results, measured against champion v1."""
     rows = _runs(*windows).with_columns(pl.lit(pipeline).alias("pipeline"))
     with connect(warehouse_path(root)) as conn:
+        conn.execute(registry.SCHEMA)
+        conn.execute(
+            "INSERT OR REPLACE INTO registry.aliases VALUES (?, 'champion', 'v1', now())", [pipeline]
+        )
         conn.execute(monitor.SCHEMA)
         conn.execute("DELETE FROM monitor.drift_runs WHERE pipeline = ?", [pipeline])
         for r in rows.iter_rows(named=True):
@@ -127,27 +194,33 @@ def _insert_runs(root, pipeline: str, windows: list[tuple[int, bool]]) -> None:
 def test_sensor_requests_one_retrain_per_drift_event(sample_project):
     pipelines, root = sample_project
     defs = build_definitions(pipelines, root)
-    sensor = defs.resolve_sensor_def("flight_delay_drift_retrain")
+    sensor = defs.resolve_sensor_def("flight_delay_retrain")
     resources = {"warehouse": Warehouse(database=str(warehouse_path(root)))}
 
     def tick(cursor: str | None = None):
         with dg.build_sensor_context(cursor=cursor, resources=resources) as context:
             return sensor.evaluate_tick(context)
 
-    assert "no drift results yet" in tick().skip_message
+    assert "no champion yet" in tick().skip_message
     _insert_runs(root, "flight_delay", [(1, True)])
     assert "2 consecutive needed" in tick().skip_message
     _insert_runs(root, "flight_delay", [(1, True), (2, True)])
     result = tick()
     (request,) = result.run_requests
-    assert request.run_key == "drift-flight_delay-r1"
-    assert request.tags[TRIGGER_TAG] == "drift" and request.tags[DRIFT_RUN_TAG] == "r1"
+    assert request.run_key == "retrain-flight_delay-drift:r1"
+    assert request.tags[TRIGGER_TAG] == "drift" and request.tags[EVENT_TAG] == "drift:r1"
     assert sensor.job_name == "flight_delay_retrain_job"
-    # With the cursor it wrote, the next tick is inside the cooldown and launches nothing.
-    assert json.loads(result.cursor)["drift_run"] == "r1"
-    assert "cooldown" in tick(result.cursor).skip_message
+    # With the cursor it wrote, the same event is never acted on again, even past the cooldown.
+    assert json.loads(result.cursor)["handled"] == ["drift:r1"]
+    assert "already retrained for drift:r1" in tick(result.cursor).skip_message
+    state = json.loads(result.cursor) | {"last_retrain_at": "2000-01-01T00:00:00"}
+    assert "already retrained for drift:r1" in tick(json.dumps(state)).skip_message
     # Without a cursor (e.g. a reset sensor) the same event gets the same run_key, which Dagster runs once.
     assert tick().run_requests[0].run_key == request.run_key
+    # A new drifted window is a new event, but it waits for the cooldown.
+    _insert_runs(root, "flight_delay", [(1, True), (2, True), (3, True)])
+    assert "cooldown 24.0 h" in tick(result.cursor).skip_message
+    assert tick(json.dumps(state)).run_requests[0].run_key == "retrain-flight_delay-drift:r2"
 
 
 def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigger(sample_project):
@@ -177,7 +250,7 @@ def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigge
     assert history[0] == 2 * len(registry.read_manifest(_champion_dir(db))["features"])
 
     defs = build_definitions(pipelines, root)
-    sensor = defs.resolve_sensor_def("flight_delay_drift_retrain")
+    sensor = defs.resolve_sensor_def("flight_delay_retrain")
     with dg.build_sensor_context(
         resources={"warehouse": Warehouse(database=str(warehouse_path(root)))}
     ) as ctx:
@@ -188,21 +261,87 @@ def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigge
         (pipelines / "flight_delay.yaml").read_text() + "monitoring: {persist_windows: 1}\n"
     )
     defs = build_definitions(pipelines, root)
-    sensor = defs.resolve_sensor_def("flight_delay_drift_retrain")
+    sensor = defs.resolve_sensor_def("flight_delay_retrain")
     with dg.build_sensor_context(
         resources={"warehouse": Warehouse(database=str(warehouse_path(root)))}
     ) as ctx:
         (request,) = sensor.evaluate_tick(ctx).run_requests
-    assert request.tags[DRIFT_RUN_TAG] == runs.get_column("id")[-1]
+    assert request.tags[EVENT_TAG] == f"drift:{runs.get_column('id')[-1]}"
     job = defs.resolve_job_def(sensor.job_name)
     assert job.execute_in_process(tags=request.tags, instance=dg.DagsterInstance.ephemeral()).success
     with db() as conn:
         last = conn.execute(
             "SELECT details FROM registry.decision_log WHERE pipeline = 'flight_delay' ORDER BY decided_at DESC LIMIT 1"
         ).fetchone()[0]
-    assert json.loads(last)["trigger"][DRIFT_RUN_TAG] == request.tags[DRIFT_RUN_TAG]
+    assert json.loads(last)["trigger"][EVENT_TAG] == request.tags[EVENT_TAG]
 
 
 def _champion_dir(db):
     with db() as conn:
         return registry.version_dir(conn, registry.alias_version(conn, "flight_delay", registry.CHAMPION))
+
+
+def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_retrain(sample_project):
+    pipelines, root = sample_project
+    # The sample keeps one flight in 20: about 300 labelled flights a week, whose ROC-AUC varies by a few
+    # hundredths from week to week; only a drop of a fifth counts here.
+    (pipelines / "flight_delay.yaml").write_text(
+        (pipelines / "flight_delay.yaml").read_text()
+        + "monitoring: {performance: {min_rows: 100, tolerance: 0.2}}\n"
+    )
+    assert materialize_all(pipelines, root, selection=FLAGSHIP).success
+    db = functools.partial(connect, warehouse_path(root))
+    perf_key = dg.AssetKey(["flight_delay", "performance"])
+    with db() as conn:
+        champion = registry.alias_version(conn, "flight_delay", registry.CHAMPION)
+        if champion is None:
+            champion = registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
+            gate.rollback(db, "flight_delay", to=champion)
+    for _ in range(2):  # scoring again replaces each period's row
+        assert materialize_all(pipelines, root, selection=[perf_key]).success
+    model = ServableModel.load(_champion_dir(db))
+    start = dt.datetime.fromisoformat(model.manifest["test_start"])
+    with db() as conn:
+        history = monitor.performance_history(conn, "flight_delay")
+        unseen = conn.execute("SELECT * FROM flight_delay.modelling_table WHERE time_hour >= ?", [start]).pl()
+    assert history.get_column("champion").unique().to_list() == [champion]
+    # Every labelled row the champion never learned from is in exactly one week, starting on Mondays.
+    assert history.get_column("rows").sum() == unseen.height
+    assert history.get_column("period_start").dt.weekday().unique().to_list() == [1]
+    assert history.get_column("period_start").is_unique().all()
+    assert history.get_column("period_start")[0] <= start < history.get_column("period_start")[1]
+    assert history.get_column("expected").unique().to_list() == [model.manifest["test_metrics"]["roc_auc"]]
+    week = history.row(3, named=True)
+    rows = unseen.filter(
+        (pl.col("time_hour") >= week["period_start"])
+        & (pl.col("time_hour") < week["period_start"] + dt.timedelta(weeks=1))
+    )
+    y = (rows.get_column("late") == model.manifest["classes"][1]).to_numpy()
+    assert week["score"] == pytest.approx(roc_auc_score(y, model.predict(rows)))
+    assert not history.get_column("degraded").any()
+
+    defs = build_definitions(pipelines, root)
+    sensor = defs.resolve_sensor_def("flight_delay_retrain")
+    resources = {"warehouse": Warehouse(database=str(warehouse_path(root)))}
+    with db() as conn:
+        drift = monitor.drift_runs(conn, "flight_delay")
+    with dg.build_sensor_context(resources=resources) as ctx:
+        skipped = sensor.evaluate_tick(ctx)
+    if skipped.skip_message:
+        assert "performance degraded in 0 of the last 2" in skipped.skip_message
+
+    # Labels that arrive contradicting the champion (the world changed under it): every unseen week degrades.
+    with db() as conn:
+        conn.execute("UPDATE flight_delay.modelling_table SET late = NOT late WHERE time_hour >= ?", [start])
+    result = materialize_all(pipelines, root, selection=[perf_key])
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["latest_period_roc_auc"].value < 0.5
+    judged = history.filter(pl.col("degraded").is_not_null())  # a thin last week is scored, not judged
+    assert meta["degraded_periods"].value == judged.height >= 2
+    with dg.build_sensor_context(resources=resources) as ctx:
+        (request,) = sensor.evaluate_tick(ctx).run_requests
+    last_week = judged.get_column("period_start")[-1]
+    # If the weather drift fired in the same tick, it is the same one retrain, named after either event.
+    events = {f"performance:{champion}:{last_week:%Y-%m-%d}", *(f"drift:{i}" for i in drift.get_column("id"))}
+    assert request.tags[EVENT_TAG] in events
+    assert "worse than the champion's test score" in request.tags["ml_assets/reason"]

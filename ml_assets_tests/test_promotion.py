@@ -70,7 +70,7 @@ def test_champion_challenger_lifecycle(sample_project):
     # Someone puts the weak model back by hand; the monitor sees it trail the previous champion on recent
     # labelled data and rolls back on its own.
     gate.rollback(db, "flight_delay", to=weak)
-    monitor = dg.AssetKey(["flight_delay", "champion_monitor"])
+    monitor = dg.AssetKey(["flight_delay", "performance"])
     result = materialize_all(pipelines, root, selection=[monitor])
     champion, last = _state(root)
     assert (champion, last["action"]) == (full, "auto_rollback")
