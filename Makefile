@@ -24,10 +24,11 @@ setup: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 run: setup ## materialize the whole asset graph on the embedded data and print a summary
 	$(BIN)/ml-assets run
 
-# The next slices of the demo data into the landing zone (default: all the rest), e.g. `make replay UNTIL=2013-07-31 SHIFT='distance=+300'`.
+# The next slices of the demo data into the landing zone (default: all the rest), e.g. `make replay UNTIL=2013-07-31 SHIFT='distance=+300'`;
+# RESAMPLE=2013-01-01..2013-03-17 replays days drawn from that period instead (a stationary replay).
 UNTIL ?= 2014-01-01
 replay: setup
-	$(BIN)/ml-assets replay flight_delay --until $(UNTIL) $(if $(SHIFT),--shift '$(SHIFT)')
+	$(BIN)/ml-assets replay flight_delay --until $(UNTIL) $(if $(SHIFT),--shift '$(SHIFT)') $(if $(RESAMPLE),--resample-from $(RESAMPLE))
 
 test: setup ## the default test suite (what CI runs)
 	$(BIN)/python -m pytest

@@ -193,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         type=replay.Shift.parse,
         help="inject a shift: [source.]column=+N|-N|*N or [source.]column:OLD->NEW (repeatable)",
     )
+    replay_p.add_argument(
+        "--resample-from",
+        type=replay.Resample.parse,
+        metavar="START..END",
+        help="stationary replay: each new day is a day drawn from START..END (same weekday), moved to it",
+    )
     sub.add_parser("landing", help="the landing zones' ledger: files loaded or rejected, and why")
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -200,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "replay":
         project = _project()
         written = replay.replay(
-            project, data_dir(), project.pipelines[args.pipeline], args.until, args.batch, tuple(args.shift)
+            project,
+            data_dir(),
+            project.pipelines[args.pipeline],
+            args.until,
+            args.batch,
+            tuple(args.shift),
+            args.resample_from,
         )
         for name, files in written.items():
             print(f"{name}: {len(files)} file(s) -> {ingest.landing_dir(data_dir(), name)}")

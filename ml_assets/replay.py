@@ -3,12 +3,16 @@
 This is how real data "arrives" in a demo or a test: `ml-assets replay flight_delay --until 2013-07-31`
 writes the next slices (after what was replayed before) as files, optionally with an injected shift, and
 the landing sensor ingests them exactly as it would ingest files from an upstream system.
+
+A stationary replay (`--resample-from 2013-01-01..2013-03-17`) fills the new days with days drawn from a
+reference period instead: the data keeps the reference's distribution, so monitoring should stay quiet.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ from ml_assets.ingest import (
     package_file,
     read_file,
 )
+from ml_assets.validate import cast_expr, lit, q
 
 STATE_FILE = ".replayed_until"
 SHIFT = re.compile(
@@ -66,6 +71,89 @@ class Shift:
         if integral and float(self.value).is_integer() and self.op != "*":
             shifted = shifted.cast(pl.Int64)
         return frame.with_columns(shifted.cast(pl.String).alias(self.column))
+
+
+@dataclass(frozen=True)
+class Resample:
+    """Replay each new day as a day drawn from [start, end] with the same weekday (weekly rhythm kept).
+
+    The draw depends only on the day and the seed, so every source of a pipeline draws the same day:
+    a flight keeps the weather of the day it came from. A drawn day moves whole, as a block: its rows take
+    the new date (timestamps move by whole days, date parts are rewritten), so ids stay unique.
+    """
+
+    start: dt.date
+    end: dt.date
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Resample:
+        try:
+            first, last = (dt.date.fromisoformat(part) for part in text.split(".."))
+        except ValueError:
+            raise ValueError(
+                f"resample-from {text!r}: expected START..END, e.g. 2013-01-01..2013-03-17"
+            ) from None
+        if (last - first).days < 6:
+            raise ValueError(f"resample-from {text!r}: needs at least 7 days, one of each weekday")
+        return cls(first, last)
+
+    def day_for(self, day: dt.date) -> dt.date:
+        first = self.start + dt.timedelta(days=(day.weekday() - self.start.weekday()) % 7)
+        weeks = (self.end - first).days // 7 + 1
+        return first + dt.timedelta(weeks=random.Random(f"{self.seed}:{day}").randrange(weeks))
+
+    def apply(self, name: str, spec: SourceSpec, history: pl.DataFrame, days: list[dt.date]) -> pl.DataFrame:
+        """Rows for `days`, drawn from the reference period of `history`, with their new event times."""
+        assert spec.replay is not None and spec.timestamp is not None
+        parts = spec.replay.date_parts
+        missing = sorted(set(parts) - set(history.columns))
+        if missing:
+            raise SourceError(f"source '{name}': replay.date_parts {missing} are not columns of its history")
+        # A row's day is its own calendar day when the file says it (year/month/day: local time), else the
+        # UTC day of its event time.
+        by_part = {part: column for column, part in parts.items()}
+        if {"year", "month", "day"} <= set(by_part):
+            block = pl.date(*(pl.col(by_part[p]).cast(pl.Int32) for p in ("year", "month", "day")))
+        else:
+            block = pl.col("_t").dt.date()
+        plan = pl.DataFrame(
+            {"_day": days, "_from": [self.day_for(d) for d in days]},
+            schema={"_day": pl.Date, "_from": pl.Date},
+        )
+        moved = (
+            history.with_columns(block.alias("_from"))
+            .join(plan, on="_from")
+            .with_columns((pl.col("_day") - pl.col("_from")).dt.total_days().alias("_delta"))
+        )
+        days_later = "to_days(CAST(_delta AS INTEGER))"
+        moved_by = {
+            "date": lambda expr: f"strftime({expr} + {days_later}, '%Y-%m-%d')",
+            "datetime": lambda expr: f"strftime({expr} + {days_later}, '%Y-%m-%dT%H:%M:%SZ')",
+        }
+        if spec.replay.timezone:
+            tz = lit(spec.replay.timezone)
+            moved_by["datetime"] = lambda expr: (
+                f"strftime(timezone('UTC', timezone({tz}, timezone({tz}, CAST({expr} AS TIMESTAMPTZ)) "
+                f"+ {days_later})), '%Y-%m-%dT%H:%M:%SZ')"
+            )
+        shift = {
+            c: moved_by[col.type](cast_expr(q(c), col.type))
+            for c, col in spec.columns.items()
+            if col.type in moved_by and c in history.columns
+        }
+        shift |= {c: f"CAST(date_part('{part}', _day) AS VARCHAR)" for c, part in parts.items()}
+        keep = [c for c in history.columns if c not in ("_t", *shift)]
+        with duckdb.connect() as conn:
+            conn.execute("SET TimeZone = 'UTC'")
+            conn.register("_moved", moved.to_arrow())
+            select = ", ".join([*(q(c) for c in keep), *(f"{e} AS {q(c)}" for c, e in shift.items())])
+            conn.execute(f"CREATE TEMP TABLE _r AS SELECT {select} FROM _moved")
+            out = conn.execute(f"SELECT *, {event_time_sql(spec)} AS _t FROM _r").pl()
+        # A day that had 25 hours (daylight saving ends) can meet its neighbour on one id; keep one row.
+        return out.select([*history.columns]).unique(
+            subset=spec.id or None, keep="first", maintain_order=True
+        )
 
 
 def _history(name: str, spec: SourceSpec) -> pl.DataFrame:
@@ -110,6 +198,7 @@ def replay_source(
     until: dt.date,
     batch: str = "month",
     shifts: tuple[Shift, ...] = (),
+    resample: Resample | None = None,
 ) -> list[Path]:
     """Drop the slices after the last replayed day up to `until` (inclusive) into the landing zone."""
     if spec.replay is None or spec.partitions is None:
@@ -121,6 +210,10 @@ def replay_source(
     folder = landing_dir(root, name)
     folder.mkdir(parents=True, exist_ok=True)
     history = _history(name, spec)
+    if resample is not None:
+        # One day more on each side: a calendar day's rows reach into the UTC days next to it.
+        days = [first + dt.timedelta(days=i) for i in range(-1, (until - first).days + 2)]
+        history = resample.apply(name, spec, history, days)
     for shift in shifts:
         if shift.column not in history.columns:
             raise ValueError(f"shift {shift.column!r}: source '{name}' has no such column")
@@ -135,7 +228,7 @@ def replay_source(
             continue
         for shift in shifts:
             rows = shift.apply(rows)
-        suffix = "_shifted" if shifts else ""
+        suffix = ("_resampled" if resample else "") + ("_shifted" if shifts else "")
         path = folder / f"{name}_{lo}_{hi}{suffix}.csv"
         # Written under a dot-name and renamed into place: the sensor never sees half a file.
         tmp = folder / f".{path.name}.tmp"
@@ -153,6 +246,7 @@ def replay(
     until: dt.date,
     batch: str = "month",
     shifts: tuple[Shift, ...] = (),
+    resample: Resample | None = None,
 ) -> dict[str, list[Path]]:
     """Replay every landing source a pipeline uses; a shift without a source applies where the column exists."""
     out = {}
@@ -160,7 +254,7 @@ def replay(
         if not spec.replay:
             continue
         mine = tuple(s for s in shifts if s.source in (None, name) and (s.source or s.column in spec.columns))
-        out[name] = replay_source(root, name, spec, until, batch, mine)
+        out[name] = replay_source(root, name, spec, until, batch, mine, resample)
     unknown = [s for s in shifts if s.source and s.source not in out]
     if unknown:
         raise ValueError(f"shift on {unknown[0].source!r}: not a replayable source of '{pipeline.name}'")

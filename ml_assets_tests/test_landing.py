@@ -111,6 +111,64 @@ def test_replay_injects_numeric_and_categorical_shifts(project, months):
         replay.Shift.parse("distance+=3")
 
 
+def _local_day(frame: pl.DataFrame) -> pl.Expr:
+    return pl.date(*(pl.col(c).cast(pl.Int32) for c in ("year", "month", "day")))
+
+
+def test_resampled_replay_moves_whole_reference_days_with_their_weather_and_clock_times(project, months):
+    proj, defs, root = project
+    for source in SOURCES:  # as if January-June had been replayed: July is next
+        ingest.landing_dir(root, source).mkdir(parents=True)
+        (ingest.landing_dir(root, source) / replay.STATE_FILE).write_text('{"until": "2013-06-30"}')
+    winter = replay.Resample.parse("2013-01-07..2013-01-27")
+    written = replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 7, 7), resample=winter)
+    assert [p.name for p in written["flights"]] == ["flights_2013-07-01_2013-07-07_resampled.csv"]
+    flights = pl.read_csv(written["flights"][0], infer_schema=False)
+    weather = pl.read_csv(written["weather"][0], infer_schema=False)
+    by_day = {
+        name: frame.with_columns(_local_day(frame).alias("_day"))
+        for name, frame in (
+            ("flights", flights),
+            ("weather", weather),
+            *((f"{source}_orig", frame) for source, frame in months.items()),
+        )
+    }
+    # Local days July 1-6 lie wholly inside the UTC week; each is one January day of the same weekday.
+    for offset in range(6):
+        day = dt.date(2013, 7, 1) + dt.timedelta(days=offset)
+        drawn = winter.day_for(day)
+        assert drawn.weekday() == day.weekday() and winter.start <= drawn <= winter.end
+        for source in SOURCES:
+            new = by_day[source].filter(pl.col("_day") == day)
+            old = by_day[f"{source}_orig"].filter(pl.col("_day") == drawn)
+            assert new.height == old.height > 0
+        # Flights and weather drew the same day: July 1's temperatures are that January day's.
+        key = ["origin", "hour"]
+        assert (
+            by_day["weather"].filter(pl.col("_day") == day).sort(key).get_column("temp").to_list()
+            == by_day["weather_orig"].filter(pl.col("_day") == drawn).sort(key).get_column("temp").to_list()
+        )
+    # Timestamps moved by whole local days: a 5 am winter departure is a 5 am summer departure (EDT, not EST).
+    local_hour = (
+        flights.get_column("time_hour")
+        .str.to_datetime(time_zone="UTC")
+        .dt.convert_time_zone("America/New_York")
+        .dt.hour()
+    )
+    assert (local_hour == flights.get_column("hour").cast(pl.Int8)).all()
+
+    # The batch ingests like any other: every row valid, no duplicated id (one week alone is too little
+    # to split for training, so only the source layers run here).
+    (request,) = _tick(defs, None).run_requests
+    assert request.tags["dagster/asset_partition_range_start"] == "2013-07-01"
+    layers = [k for k in request.asset_selection if k.path[0] in ("raw", "validated", "quarantine")]
+    assert _run(defs, request._replace(asset_selection=layers)).success
+    counts = _counts(root, "flights", "2013-07-01", "2013-07-07")
+    assert counts == {"raw": flights.height, "validated": flights.height, "quarantine": 0}
+    with pytest.raises(ValueError, match="at least 7 days"):
+        replay.Resample.parse("2013-01-01..2013-01-03")
+
+
 def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(project, months):
     proj, defs, root = project
     # Six months, as `ml-assets run` seeds: fewer leave the time split (92 + 14 days) little to train on.
