@@ -299,8 +299,9 @@ class PerformanceRun:
 
 def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | None:
     """Score the champion on every labelled period from its own test split on (rows it never learned
-    from; later periods are the labels that arrived after it was trained) and record each period's metric
-    against the test score it was promoted on. None when there is no champion yet."""
+    from) and record each period's metric against the test score it was promoted on. Only periods that
+    begin after the data it was built from are judged: its test weeks were known when it was promoted,
+    and a seasonal dip inside them is no news. None when there is no champion yet."""
     spec = pipeline.monitoring.performance
     if not pipeline.timestamp:
         raise ValueError(f"pipeline '{pipeline.name}': performance monitoring needs a timestamp column")
@@ -313,6 +314,7 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
         model = ServableModel.load(version_dir)
         manifest = model.manifest
         start = manifest.get("test_start") or manifest["train_window"]["end"]
+        built_from = dt.datetime.fromisoformat(manifest.get("data_end") or start)
         rows = conn.execute(
             f"SELECT * FROM {table_name(pipeline)} WHERE {ts} >= CAST(? AS TIMESTAMP) ORDER BY {ts}", [start]
         ).pl()
@@ -324,7 +326,7 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
         change = None
         if value is not None and expected:
             change = improvement(metric, value, expected) / abs(expected)
-        judged = part.height >= spec.min_rows and change is not None
+        judged = part.height >= spec.min_rows and change is not None and period > built_from
         scored.append(
             (
                 period,

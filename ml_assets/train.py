@@ -318,7 +318,8 @@ def train_and_register(
     created = dt.datetime.now(dt.UTC)
     version = registry.new_version_id(created)
     best_iteration = trained.booster.best_iteration or trained.booster.current_iteration()
-    # Where the data this model never learned from begins: performance monitoring scores it from here.
+    # Performance monitoring scores the model from its test split on, and judges it only on data that
+    # arrived after the data it was built from.
     test_ts = frame.filter(pl.col("_split") == "test").get_column("_ts").drop_nulls()
     manifest = {
         "version": version,
@@ -339,6 +340,7 @@ def train_and_register(
         "rows": {s: len(getattr(data, s).y) for s in ("train", "valid", "test")},
         "train_window": data.time_window,
         "test_start": str(test_ts.min()) if test_ts.len() else None,
+        "data_end": str(frame.get_column("_ts").max()) if test_ts.len() else None,
         "data_fingerprint": registry.frame_fingerprint(frame.filter(pl.col("_split") == "train")),
         "code_version": registry.code_version(),
         "cv": {
