@@ -73,6 +73,17 @@ class Shift:
         return frame.with_columns(shifted.cast(pl.String).alias(self.column))
 
 
+def calendar_day(spec: SourceSpec) -> pl.Expr:
+    """A row's day for replay: its own calendar day when the file says it (`replay.date_parts`: local
+    time for the flights), else the UTC day of its event time. Slicing on it means a day's rows are
+    always written together, so no row is written twice or never, whatever mix of replays came before."""
+    assert spec.replay is not None
+    by_part = {part: column for column, part in spec.replay.date_parts.items()}
+    if {"year", "month", "day"} <= set(by_part):
+        return pl.date(*(pl.col(by_part[p]).cast(pl.Int32) for p in ("year", "month", "day")))
+    return pl.col("_t").dt.date()
+
+
 @dataclass(frozen=True)
 class Resample:
     """Replay each new day as a day drawn from [start, end] with the same weekday (weekly rhythm kept).
@@ -110,13 +121,7 @@ class Resample:
         missing = sorted(set(parts) - set(history.columns))
         if missing:
             raise SourceError(f"source '{name}': replay.date_parts {missing} are not columns of its history")
-        # A row's day is its own calendar day when the file says it (year/month/day: local time), else the
-        # UTC day of its event time.
-        by_part = {part: column for column, part in parts.items()}
-        if {"year", "month", "day"} <= set(by_part):
-            block = pl.date(*(pl.col(by_part[p]).cast(pl.Int32) for p in ("year", "month", "day")))
-        else:
-            block = pl.col("_t").dt.date()
+        block = calendar_day(spec)
         plan = pl.DataFrame(
             {"_day": days, "_from": [self.day_for(d) for d in days]},
             schema={"_day": pl.Date, "_from": pl.Date},
@@ -211,19 +216,17 @@ def replay_source(
     folder.mkdir(parents=True, exist_ok=True)
     history = _history(name, spec)
     if resample is not None:
-        # One day more on each side: a calendar day's rows reach into the UTC days next to it.
-        days = [first + dt.timedelta(days=i) for i in range(-1, (until - first).days + 2)]
-        history = resample.apply(name, spec, history, days)
+        history = resample.apply(
+            name, spec, history, [first + dt.timedelta(days=i) for i in range((until - first).days + 1)]
+        )
+    history = history.with_columns(calendar_day(spec).alias("_day"))
     for shift in shifts:
         if shift.column not in history.columns:
             raise ValueError(f"shift {shift.column!r}: source '{name}' has no such column")
-    columns = [c for c in history.columns if c not in ("_t", "_source_file", "_source_row")]
+    columns = [c for c in history.columns if c not in ("_t", "_day", "_source_file", "_source_row")]
     written = []
     for lo, hi in _slices(first, until, batch):
-        rows = history.filter(
-            (pl.col("_t") >= dt.datetime.combine(lo, dt.time()))
-            & (pl.col("_t") < dt.datetime.combine(hi + dt.timedelta(days=1), dt.time()))
-        ).select(columns)
+        rows = history.filter(pl.col("_day").is_between(lo, hi)).select(columns)
         if rows.height == 0:
             continue
         for shift in shifts:

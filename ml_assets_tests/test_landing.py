@@ -31,8 +31,20 @@ def months() -> dict[str, pl.DataFrame]:
 
 
 def _rows_between(frame: pl.DataFrame, first: str, last: str) -> int:
+    """Rows whose UTC day (time_hour's prefix) is in [first, last]: what partitions hold."""
     day = frame.get_column("time_hour").str.slice(0, 10)
     return int(((day >= first) & (day <= last)).sum())
+
+
+def _local_day(frame: pl.DataFrame) -> pl.Expr:
+    return pl.date(*(pl.col(c).cast(pl.Int32) for c in ("year", "month", "day")))
+
+
+def _rows_on_days(frame: pl.DataFrame, first: str, last: str) -> int:
+    """Rows whose New York calendar day (year/month/day) is in [first, last]: what a replay file holds."""
+    return frame.filter(
+        _local_day(frame).is_between(dt.date.fromisoformat(first), dt.date.fromisoformat(last))
+    ).height
 
 
 @pytest.fixture
@@ -86,7 +98,7 @@ def test_replay_drops_monthly_slices_with_the_source_rows(project, months):
     ]
     for path in written["flights"]:
         _, first, last = path.stem.split("_")
-        assert pl.read_csv(path).height == _rows_between(months["flights"], first, last)
+        assert pl.read_csv(path).height == _rows_on_days(months["flights"], first, last)
     # The next call continues where the last stopped.
     again = replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 3, 31))
     assert [p.name for p in again["weather"]] == ["weather_2013-03-01_2013-03-31.csv"]
@@ -99,7 +111,7 @@ def test_replay_injects_numeric_and_categorical_shifts(project, months):
         "flights"
     ]
     shifted = pl.read_csv(path, infer_schema=False)
-    original = months["flights"].filter(pl.col("time_hour").str.starts_with("2013-01"))
+    original = months["flights"].filter(pl.col("month") == "1")
     assert shifted.get_column("distance").cast(pl.Int64).sum() == (
         original.get_column("distance").cast(pl.Int64).sum() + 300 * original.height
     )
@@ -109,10 +121,6 @@ def test_replay_injects_numeric_and_categorical_shifts(project, months):
     ).sum()
     with pytest.raises(ValueError, match="expected"):
         replay.Shift.parse("distance+=3")
-
-
-def _local_day(frame: pl.DataFrame) -> pl.Expr:
-    return pl.date(*(pl.col(c).cast(pl.Int32) for c in ("year", "month", "day")))
 
 
 def test_resampled_replay_moves_whole_reference_days_with_their_weather_and_clock_times(project, months):
@@ -133,8 +141,8 @@ def test_resampled_replay_moves_whole_reference_days_with_their_weather_and_cloc
             *((f"{source}_orig", frame) for source, frame in months.items()),
         )
     }
-    # Local days July 1-6 lie wholly inside the UTC week; each is one January day of the same weekday.
-    for offset in range(6):
+    # Each New York day of July 1-7 is one January day of the same weekday, moved whole.
+    for offset in range(7):
         day = dt.date(2013, 7, 1) + dt.timedelta(days=offset)
         drawn = winter.day_for(day)
         assert drawn.weekday() == day.weekday() and winter.start <= drawn <= winter.end
@@ -163,7 +171,7 @@ def test_resampled_replay_moves_whole_reference_days_with_their_weather_and_cloc
     assert request.tags["dagster/asset_partition_range_start"] == "2013-07-01"
     layers = [k for k in request.asset_selection if k.path[0] in ("raw", "validated", "quarantine")]
     assert _run(defs, request._replace(asset_selection=layers)).success
-    counts = _counts(root, "flights", "2013-07-01", "2013-07-07")
+    counts = _counts(root, "flights", "2013-07-01", "2013-07-08")  # July 7's evening is July 8 in UTC
     assert counts == {"raw": flights.height, "validated": flights.height, "quarantine": 0}
     with pytest.raises(ValueError, match="at least 7 days"):
         replay.Resample.parse("2013-01-01..2013-01-03")
@@ -176,7 +184,7 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
     first = _tick(defs, None)
     (request,) = first.run_requests
     assert request.tags["dagster/asset_partition_range_start"] == "2013-01-01"
-    assert request.tags["dagster/asset_partition_range_end"] == "2013-06-30"
+    assert request.tags["dagster/asset_partition_range_end"] == "2013-07-01"  # June 30 evening, New York
     assert dg.AssetKey(["validated", "flights"]) in request.asset_selection
     assert dg.AssetKey(["flight_delay", "drift_report"]) in request.asset_selection
     assert _run(defs, request).success
