@@ -393,6 +393,11 @@ class MonitoringSpec(_Strict):
     num_method: str = "wasserstein"
     cat_method: str = "jensenshannon"
     threshold: float = Field(0.1, gt=0, description="Per-column drift threshold of the methods above")
+    column_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Thresholds for columns whose values are shared by many rows (all flights of an hour "
+        "share its weather): a window holds few independent values of them, so they vary more by chance",
+    )
     drift_share: float = Field(0.3, gt=0, le=1, description="Share of drifted features that counts as drift")
     persist_windows: int = Field(2, ge=1, description="Consecutive drifted windows before retraining")
     cooldown_hours: float = Field(24.0, ge=0, description="Least time between two automatic retrains")
@@ -637,10 +642,10 @@ def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> N
                 f"{forbidden[leaked[0]]}"
             )
     # A datetime feature becomes one column per part (departure -> departure_dayofweek).
-    for col in pipeline.monitoring.columns or []:
+    for col in [*(pipeline.monitoring.columns or []), *pipeline.monitoring.column_thresholds]:
         if not any(col == f.name or col.startswith(f"{f.name}_") for f in pipeline.features):
             raise ValueError(
-                f"monitoring.columns: '{col}' is not a feature; features: {[f.name for f in pipeline.features]}"
+                f"monitoring: column '{col}' is not a feature; features: {[f.name for f in pipeline.features]}"
             )
 
 

@@ -518,6 +518,7 @@ def pipeline_assets(
         return dg.MaterializeResult(
             metadata={
                 **meta,
+                "scored_champion": run.champion,
                 # A float per materialization: the UI plots the champion's real metric over time.
                 f"latest_period_{run.metric}": latest["score"],
                 f"champion_expected_{run.metric}": run.expected,

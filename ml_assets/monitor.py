@@ -108,14 +108,17 @@ def detect_drift(
     threshold: float = 0.1,
     drift_share: float = 0.5,
     html: Path | None = None,
+    column_thresholds: dict[str, float] | None = None,
 ) -> DriftResult:
-    """Per-column drift of `current` against `reference` (both already bounded).
+    """Per-column drift of `current` against `reference` (both already bounded); `column_thresholds`
+    overrides `threshold` for some columns.
 
     One ValueDrift metric per column: the same metric and test DataDriftPreset uses, without the preset's
     repeated per-column computations and extra widgets (about half the time).
     """
-    metrics = [ValueDrift(column=c, method=num_method, threshold=threshold) for c in numerical]
-    metrics += [ValueDrift(column=c, method=cat_method, threshold=threshold) for c in categorical]
+    limit = (column_thresholds or {}).get
+    metrics = [ValueDrift(column=c, method=num_method, threshold=limit(c, threshold)) for c in numerical]
+    metrics += [ValueDrift(column=c, method=cat_method, threshold=limit(c, threshold)) for c in categorical]
     snapshot = Report(metrics, include_tests=True).run(
         evidently_dataset(current, numerical, categorical),
         evidently_dataset(reference, numerical, categorical),
@@ -203,10 +206,10 @@ def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> Drift
         )
     reference = pl.read_parquet(reference_file)
     watched = spec.columns or model.manifest["features"]
-    unknown = sorted(set(watched) - set(model.manifest["features"]))
+    unknown = sorted((set(watched) | set(spec.column_thresholds)) - set(model.manifest["features"]))
     if unknown:
         raise ValueError(
-            f"pipeline '{pipeline.name}': monitoring.columns {unknown} are not features of champion "
+            f"pipeline '{pipeline.name}': monitoring columns {unknown} are not features of champion "
             f"{champion}; its features: {model.manifest['features']}"
         )
     categorical = [c for c in model.manifest["categorical_features"] if c in watched]
@@ -225,6 +228,7 @@ def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> Drift
         spec.threshold,
         spec.drift_share,
         html=report,
+        column_thresholds=spec.column_thresholds,
     )
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with connect() as conn:
@@ -322,10 +326,12 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
     rows = rows.with_columns(pl.col(pipeline.timestamp).dt.truncate(TRUNCATE[spec.period]).alias("_period"))
     scored = []
     for (period,), part in rows.group_by("_period", maintain_order=True):
-        value = model.score(part, metric) if part.height else None
-        change = None
-        if value is not None and expected:
-            change = improvement(metric, value, expected) / abs(expected)
+        # A week of one class only has no ROC-AUC: scored as missing, never judged.
+        scorable = pipeline.task == "regression" or part.get_column(pipeline.target.name).n_unique() > 1
+        value = model.score(part, metric) if scorable else None
+        change = (
+            improvement(metric, value, expected) / abs(expected) if value is not None and expected else None
+        )
         judged = part.height >= spec.min_rows and change is not None and period > built_from
         scored.append(
             (

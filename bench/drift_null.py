@@ -1,0 +1,113 @@
+"""How far do drift scores go by chance on the real data? Stationary windows from the champion's own
+training period, scored exactly as the drift asset scores a window.
+
+Each window is `window_days` consecutive days, each a whole day of the champion's training period with
+the same weekday (exactly what `ml-assets replay --resample-from` drops), passed through the champion's
+saved transform,
+bounded like the asset's window and compared with the champion's stored reference. Per column: the
+median, 95th percentile and maximum score over all windows, and how often it crossed the default
+threshold and the configured one. Needs a champion: run `make run` first. Last line:
+    false_alarm_rate=<share of windows with dataset drift under the config> windows=<n>
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ml_assets import registry
+from ml_assets.config import default_pipelines_dir, load_project
+from ml_assets.dataset import table_name
+from ml_assets.monitor import bounded_sample, detect_drift
+from ml_assets.replay import Resample
+from ml_assets.resources import connect, data_dir, warehouse_path
+from ml_assets.serve import ServableModel
+
+FAR = dt.date(2030, 1, 7)  # any Monday: the window's days only need their weekdays
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pipeline", default="flight_delay")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    pipeline = load_project(default_pipelines_dir()).pipelines[args.pipeline]
+    spec = pipeline.monitoring
+    with connect(warehouse_path(data_dir())) as conn:
+        champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
+        if champion is None:
+            print(f"no champion for {pipeline.name}: run `make run` first", file=sys.stderr)
+            return 1
+        version_dir = registry.version_dir(conn, champion)
+        model = ServableModel.load(version_dir)
+        window = model.manifest["train_window"]
+        ts = pipeline.timestamp
+        rows = conn.execute(
+            f'SELECT * FROM {table_name(pipeline)} WHERE "{ts}" BETWEEN CAST(? AS TIMESTAMP) AND CAST(? AS TIMESTAMP)',
+            [window["start"], window["end"]],
+        ).pl()
+    features = model.transform.apply(rows).with_columns(rows.get_column(ts).alias("_ts"))
+    features = features.with_columns(pl.col("_ts").dt.date().alias("_day"))
+    reference = pl.read_parquet(Path(version_dir) / registry.REFERENCE_FILE)
+    categorical = model.manifest["categorical_features"]
+    numerical = [c for c in model.manifest["features"] if c not in categorical]
+    days = features.get_column("_day").unique().sort().to_list()
+    scores: dict[str, list[float]] = {c: [] for c in model.manifest["features"]}
+    alarms = 0
+    print(
+        f"{pipeline.name}: champion {champion}, {len(days)} training days, {args.windows} windows of "
+        f"{spec.window_days} days"
+    )
+    for i in range(args.windows):
+        resample = Resample(days[0], days[-1], seed=args.seed + i)
+        drawn = pl.DataFrame(
+            {"_day": [resample.day_for(FAR + dt.timedelta(days=d)) for d in range(spec.window_days)]}
+        )
+        current = bounded_sample(drawn.join(features, on="_day"), spec.sample_rows, "_ts", seed=i)
+        result = detect_drift(
+            reference,
+            current,
+            numerical,
+            categorical,
+            spec.num_method,
+            spec.cat_method,
+            spec.threshold,
+            spec.drift_share,
+            column_thresholds=spec.column_thresholds,
+        )
+        alarms += result.dataset_drift
+        for c in result.columns:
+            scores[c.column].append(c.score)
+    table = pl.DataFrame(
+        [
+            (
+                c,
+                float(np.median(v)),
+                float(np.quantile(v, 0.95)),
+                max(v),
+                float(np.mean(np.array(v) > spec.threshold)),
+                spec.column_thresholds.get(c, spec.threshold),
+                float(np.mean(np.array(v) > spec.column_thresholds.get(c, spec.threshold))),
+            )
+            for c, v in scores.items()
+        ],
+        schema=["column", "median", "p95", "max", f"over_{spec.threshold}", "configured", "over_configured"],
+        orient="row",
+    ).sort("p95", descending=True)
+    with pl.Config(tbl_rows=60, tbl_width_chars=160, float_precision=3):
+        print(table)
+    print(f"date={dt.date.today()} drift_share_threshold={spec.drift_share}")
+    print(f"false_alarm_rate={alarms / args.windows:.3f} windows={args.windows}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
