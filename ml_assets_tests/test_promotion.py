@@ -25,6 +25,16 @@ def _set_features(pipelines: Path, names: list[str] | None, original: list[dict]
     # (the full model's log loss then wobbles past the gate's guard); 30 days give the sample ~1,300.
     raw["split"] = raw["split"] | {"valid_days": 30}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    # Drift thresholds may only name features (a typo must not pass silently): keep those still used,
+    # here and in flight_arr_delay.yaml, which inherits these features.
+    kept = {f["name"] for f in raw["features"]}
+    for child in (path, pipelines / "flight_arr_delay.yaml"):
+        spec = yaml.safe_load(child.read_text())
+        thresholds = spec["monitoring"]["column_thresholds"]
+        spec["monitoring"]["column_thresholds"] = {
+            c: t for c, t in thresholds.items() if any(c == k or c.startswith(f"{k}_") for k in kept)
+        }
+        child.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 def _train(pipelines: Path, root: Path, features: list[str] | None, original: list[dict]) -> str:
