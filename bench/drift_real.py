@@ -27,7 +27,7 @@ import polars as pl
 from ml_assets import registry
 from ml_assets.config import default_pipelines_dir, load_project
 from ml_assets.dataset import table_name
-from ml_assets.monitor import bounded_sample, detect_drift
+from ml_assets.monitor import bounded_sample, check_window, drift_reference, watched_features
 from ml_assets.replay import Resample
 from ml_assets.resources import connect, data_dir, warehouse_path
 from ml_assets.serve import ServableModel
@@ -72,11 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         ).pl()
     features = model.transform.apply(rows).with_columns(rows.get_column(ts).alias("_ts"))
     features = features.with_columns(pl.col("_ts").dt.date().alias("_day"))
-    reference = pl.read_parquet(Path(version_dir) / registry.REFERENCE_FILE)
-    categorical = model.manifest["categorical_features"]
-    numerical = [c for c in model.manifest["features"] if c not in categorical]
+    reference = drift_reference(pipeline, Path(version_dir))
+    numerical, categorical = watched_features(pipeline, model.manifest)
     days = features.get_column("_day").unique().sort().to_list()
-    scores: dict[str, list[float]] = {c: [] for c in model.manifest["features"]}
+    scores: dict[str, list[float]] = {c: [] for c in [*numerical, *categorical]}
     alarms = 0
     gain = model.booster.feature_importance(importance_type="gain")
     top = [name for _, name in sorted(zip(gain, model.booster.feature_name(), strict=True), reverse=True)][
@@ -93,32 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             {"_day": [resample.day_for(FAR + dt.timedelta(days=d)) for d in range(spec.window_days)]}
         )
         current = bounded_sample(drawn.join(features, on="_day"), spec.sample_rows, "_ts", seed=i)
-        result = detect_drift(
-            reference,
-            current,
-            numerical,
-            categorical,
-            spec.num_method,
-            spec.cat_method,
-            spec.threshold,
-            spec.drift_share,
-            column_thresholds=spec.column_thresholds,
-        )
+        result = check_window(spec, reference, current, numerical, categorical)
         alarms += result.dataset_drift
         for c in result.columns:
             scores[c.column].append(c.score)
         for column in top:
             kind = ([], [column]) if column in categorical else ([column], [])
-            check = detect_drift(
-                reference,
-                shift(current, reference, column, column in categorical, args.shift_sd),
-                *kind,
-                spec.num_method,
-                spec.cat_method,
-                spec.threshold,
-                spec.drift_share,
-                column_thresholds=spec.column_thresholds,
-            )
+            shifted = shift(current, reference, column, column in categorical, args.shift_sd)
+            check = check_window(spec, reference, shifted, *kind)
             detected[column] += check.columns[0].drifted
     table = pl.DataFrame(
         [

@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from ml_assets.config import default_pipelines_dir, load_project
-from ml_assets.factory import build_assets
+from ml_assets.factory import LANDING_REFRESH, build_assets
 from ml_assets.resources import PIPELINES_DIR_ENV, ArtifactStore, Warehouse, data_dir, warehouse_path
 from ml_assets.schedules import daily_drift_schedule
 from ml_assets.sensors import landing_sensor, retrain_sensor
@@ -43,11 +43,7 @@ def build_definitions(pipelines_dir: Path, root: Path) -> dg.Definitions:
             "landing_ingest_job",
             selection=dg.AssetSelection.assets(
                 *(dg.AssetKey([layer, n]) for n in landing for layer in ("raw", "validated", "quarantine")),
-                *(
-                    dg.AssetKey([p, a])
-                    for p in users
-                    for a in ("modelling_table", "drift_report", "performance")
-                ),
+                *(dg.AssetKey([p, a]) for p in users for a in LANDING_REFRESH),
             ),
             description="Ingest landed files (the partitions they touch), then refresh the modelling tables, "
             "drift reports and champion performance that read them. Launched by the landing_zone sensor.",

@@ -41,6 +41,8 @@ PIPELINE_ASSETS = (
     "performance",
     "drift_report",
 )
+# What a landed batch refreshes in each pipeline that reads it (training stays with the retrain sensor).
+LANDING_REFRESH = ("modelling_table", "drift_report", "performance")
 USER_ERRORS = (
     ingest.SourceError,
     validate.ValidationFailure,

@@ -162,6 +162,55 @@ CREATE TABLE IF NOT EXISTS monitor.drift_history (
 """
 
 
+def drift_reference(pipeline: PipelineSpec, version_dir: Path) -> pl.DataFrame:
+    """The training sample a version was registered with: what its drift is measured against."""
+    reference_file = version_dir / registry.REFERENCE_FILE
+    if not reference_file.exists():
+        raise registry.ArtifactError(
+            f"pipeline '{pipeline.name}': champion {version_dir.name} has no drift reference "
+            f"({registry.REFERENCE_FILE}; versions registered before drift monitoring lack it): retrain, "
+            "or roll back to a version that has one"
+        )
+    return pl.read_parquet(reference_file)
+
+
+def watched_features(pipeline: PipelineSpec, manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(numerical, categorical) features of a version that drift monitoring watches."""
+    spec = pipeline.monitoring
+    watched = spec.columns or manifest["features"]
+    unknown = sorted((set(watched) | set(spec.column_thresholds)) - set(manifest["features"]))
+    if unknown:
+        raise ValueError(
+            f"pipeline '{pipeline.name}': monitoring columns {unknown} are not features of version "
+            f"{manifest['version']}; its features: {manifest['features']}"
+        )
+    categorical = [c for c in manifest["categorical_features"] if c in watched]
+    return [c for c in watched if c not in categorical], categorical
+
+
+def check_window(
+    spec: MonitoringSpec,
+    reference: pl.DataFrame,
+    current: pl.DataFrame,
+    numerical: list[str],
+    categorical: list[str],
+    html: Path | None = None,
+) -> DriftResult:
+    """detect_drift with a pipeline's monitoring settings."""
+    return detect_drift(
+        reference,
+        current,
+        numerical,
+        categorical,
+        spec.num_method,
+        spec.cat_method,
+        spec.threshold,
+        spec.drift_share,
+        html=html,
+        column_thresholds=spec.column_thresholds,
+    )
+
+
 @dataclass(frozen=True)
 class DriftRun:
     id: str
@@ -197,39 +246,13 @@ def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> Drift
         spec.sample_rows,
         "_ts" if stamps is not None else None,
     )
-    reference_file = version_dir / registry.REFERENCE_FILE
-    if not reference_file.exists():
-        raise registry.ArtifactError(
-            f"pipeline '{pipeline.name}': champion {version_dir.name} has no drift reference "
-            f"({registry.REFERENCE_FILE}; versions registered before drift monitoring lack it): retrain, "
-            "or roll back to a version that has one"
-        )
-    reference = pl.read_parquet(reference_file)
-    watched = spec.columns or model.manifest["features"]
-    unknown = sorted((set(watched) | set(spec.column_thresholds)) - set(model.manifest["features"]))
-    if unknown:
-        raise ValueError(
-            f"pipeline '{pipeline.name}': monitoring columns {unknown} are not features of champion "
-            f"{champion}; its features: {model.manifest['features']}"
-        )
-    categorical = [c for c in model.manifest["categorical_features"] if c in watched]
-    numerical = [c for c in watched if c not in categorical]
+    reference = drift_reference(pipeline, version_dir)
+    numerical, categorical = watched_features(pipeline, model.manifest)
     run_id = uuid.uuid4().hex[:12]
     start = stamps.min() if stamps is not None else None
     end = stamps.max() if stamps is not None else None
     report = reports_root / pipeline.name / "drift" / f"{run_id}.html"
-    result = detect_drift(
-        reference,
-        current,
-        numerical,
-        categorical,
-        spec.num_method,
-        spec.cat_method,
-        spec.threshold,
-        spec.drift_share,
-        html=report,
-        column_thresholds=spec.column_thresholds,
-    )
+    result = check_window(spec, reference, current, numerical, categorical, html=report)
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with connect() as conn:
         conn.execute(SCHEMA)

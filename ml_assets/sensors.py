@@ -17,7 +17,7 @@ import polars as pl
 
 from ml_assets import ingest, monitor, registry
 from ml_assets.config import PipelineSpec, Project
-from ml_assets.factory import partition_range_tags, partitions_def
+from ml_assets.factory import LANDING_REFRESH, partition_range_tags, partitions_def
 from ml_assets.resources import Warehouse
 
 TRIGGER_TAG = "ml_assets/trigger"
@@ -141,12 +141,7 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         selection = [
             dg.AssetKey([layer, n]) for n in accepted for layer in ("raw", "validated", "quarantine")
         ]
-        selection += [
-            dg.AssetKey([p, a])
-            for n in accepted
-            for p in users[n]
-            for a in ("modelling_table", "drift_report", "performance")
-        ]
+        selection += [dg.AssetKey([p, a]) for n in accepted for p in users[n] for a in LANDING_REFRESH]
         batch = hashlib.sha256("".join(sorted(str(r["sha256"]) for r in records)).encode()).hexdigest()[:16]
         request = dg.RunRequest(run_key=f"landing-{batch}", asset_selection=sorted(set(selection)), tags=tags)
         return dg.SensorResult(run_requests=[request], cursor=json.dumps(seen))
