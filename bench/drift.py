@@ -3,7 +3,7 @@
 Each trial draws a current window (1M rows over 30 days) from the reference distribution and shifts a
 few columns: numeric columns by 0.25, 0.5 or 1.0 standard deviations, categorical columns by moving
 probability mass. Full: Evidently's DataDriftPreset (same methods and threshold) on the whole reference
-and window, as a user would run it. Bounded: ml_assets.monitor.detect_drift (one ValueDrift metric per
+and window, as a user would run it. Bounded: ml_assets.core.drift.detect_drift (one ValueDrift metric per
 column) on a 50k-row reference sample (drawn once, as it is once per model version) and a 50k-row
 window sample stratified by day. Also timed: detect_drift on the full data, to separate the gain of
 sampling from the gain of skipping the preset's repeated work. Last line:
@@ -22,7 +22,8 @@ import polars as pl
 from evidently import Report
 from evidently.presets import DataDriftPreset
 
-from ml_assets.monitor import DEFAULT_BOUND, bounded_sample, column_drift, detect_drift, evidently_dataset
+from ml_assets.core.dataset import bounded_sample
+from ml_assets.core.drift import DEFAULT_BOUND, column_drift, detect_drift, evidently_dataset
 
 CATEGORIES = [f"k{i}" for i in range(8)]
 NUMERIC_SHIFTS = (0.25, 0.5, 1.0)

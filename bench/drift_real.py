@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ml_assets import registry
-from ml_assets.config import default_pipelines_dir, load_project
-from ml_assets.dataset import table_name
-from ml_assets.monitor import bounded_sample, check_window, drift_reference, watched_features
-from ml_assets.replay import Resample
-from ml_assets.resources import connect, data_dir, warehouse_path
-from ml_assets.serve import ServableModel
+from ml_assets.core import registry
+from ml_assets.core.dataset import bounded_sample, table_name
+from ml_assets.core.drift import check_window, drift_reference, watched_features
+from ml_assets.core.ingest.replay import Resample
+from ml_assets.core.serve import ServableModel
+from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.store import connect, data_dir, warehouse_path
 
 FAR = dt.date(2030, 1, 7)  # any Monday: the window's days only need their weekdays
 

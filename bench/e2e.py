@@ -22,15 +22,15 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from ml_assets import dataset, gate, ingest, monitor, validate
-from ml_assets.config import default_pipelines_dir, load_project
-from ml_assets.definitions import build_definitions
-from ml_assets.evaluate import evaluate_version
-from ml_assets.factory import all_partitions_tags
-from ml_assets.features import build_features
-from ml_assets.registry import latest_version_dir
-from ml_assets.resources import connect, warehouse_path
-from ml_assets.train import train_and_register
+from ml_assets.core import dataset, drift, ingest, performance, validate
+from ml_assets.core import promotion as gate
+from ml_assets.core.evaluate import evaluate_version
+from ml_assets.core.features import build_features
+from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.store import connect, warehouse_path
+from ml_assets.core.train import train_and_register
+from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.partitions import all_partitions_tags
 
 PIPELINE = "flight_delay"
 SOURCE_CHECKS = (
@@ -90,17 +90,15 @@ def run_plain(pipelines: Path, root: Path) -> None:
         dataset.build_modelling_table(conn, pipeline, project.sources_of(pipeline))
         assert dataset.check_target_not_null(conn, pipeline).passed
         assert dataset.check_splits_populated(conn, pipeline).passed
-        transform = root / "features" / PIPELINE / "transform.json"
-        transform.parent.mkdir(parents=True, exist_ok=True)
-        build_features(conn, pipeline, transform)
+        transforms = root / "features" / PIPELINE
+        build_features(conn, pipeline, transforms)
     warehouse = functools.partial(connect, db)
-    train_and_register(warehouse, pipeline, transform, root / "models")
-    with connect(db) as conn:
-        version_dir = latest_version_dir(conn, PIPELINE)
+    version_dir, manifest = train_and_register(warehouse, pipeline, transforms, root / "models")
     evaluate_version(version_dir, root / "reports")
-    gate.promote_or_refuse(warehouse, pipeline)
+    gate.promote_or_refuse(warehouse, pipeline, manifest["version"])
     gate.check_champion(warehouse, pipeline)
-    monitor.run_drift(warehouse, pipeline, root / "reports")
+    performance.run_performance(warehouse, pipeline)
+    drift.run_drift(warehouse, pipeline, root / "reports")
 
 
 def main() -> int:

@@ -9,27 +9,27 @@ import os
 import sys
 import time
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 import dagster as dg
 import duckdb
 import polars as pl
 
-from ml_assets import gate, ingest, registry, replay
-from ml_assets.config import Project, default_pipelines_dir, load_project
-from ml_assets.factory import (
-    RANGE_END,
-    RANGE_START,
-    all_partitions_tags,
-    partition_range_tags,
-    partitions_def,
-)
-from ml_assets.resources import PIPELINES_DIR_ENV, connect, data_dir, table_exists, warehouse_path
-from ml_assets.validate import q
+from ml_assets.core import ingest, registry
+from ml_assets.core import promotion as gate
+from ml_assets.core.errors import UsageError, UserError
+from ml_assets.core.ingest import replay
+from ml_assets.core.spec import PipelineSpec, Project, load_default_project
+from ml_assets.core.sql import q
+from ml_assets.core.store import MODEL_VERSIONS, connect, data_dir, warehouse_path
+from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.partitions import RANGE_END, RANGE_START, all_partitions_tags, range_tags_for
+from ml_assets.orchestration.resources import TrainingOverrides
 
 
-def _project() -> Project:
-    return load_project(Path(os.environ.get(PIPELINES_DIR_ENV) or default_pipelines_dir()))
+def _pipeline(project: Project, name: str) -> PipelineSpec:
+    if name not in project.pipelines:
+        raise UsageError(f"unknown pipeline '{name}'; pipelines: {', '.join(sorted(project.pipelines))}")
+    return project.pipelines[name]
 
 
 def _instance() -> dg.DagsterInstance:
@@ -38,14 +38,11 @@ def _instance() -> dg.DagsterInstance:
 
 
 def run(time_budget_s: float | None, max_trials: int | None) -> int:
-    from ml_assets.definitions import defs
-
-    project = _project()
-    train_config = {k: v for k, v in {"time_budget_s": time_budget_s, "max_trials": max_trials}.items() if v}
-    run_config: dict = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    if train_config:
-        run_config["ops"] = {f"{p}__model": {"config": train_config} for p in project.pipelines}
-    job = defs.resolve_implicit_global_asset_job_def()
+    project = load_default_project()
+    defs = build_definitions(project.directory, data_dir())
+    resources = dict(defs.resources) | {
+        "training": TrainingOverrides(time_budget_s=time_budget_s, max_trials=max_trials)
+    }
     for name, files in replay.seed(project, data_dir()).items():
         print(f"landing zone of '{name}' seeded with {len(files)} batch(es) of its initial period")
     tags = landed_partitions(project)
@@ -53,8 +50,13 @@ def run(time_budget_s: float | None, max_trials: int | None) -> int:
         print(f"partitions {tags[RANGE_START]}...{tags[RANGE_END]} (everything landed so far)")
     started = time.monotonic()
     with _instance() as instance:
-        result = job.execute_in_process(
-            run_config=run_config, instance=instance, raise_on_error=False, tags=tags
+        result = dg.materialize(
+            list(defs.assets),
+            resources=resources,
+            instance=instance,
+            tags=tags,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
         )
     elapsed = time.monotonic() - started
     print(f"\nml_assets run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'} in {elapsed:.1f} s")
@@ -92,9 +94,8 @@ def landed_partitions(project: Project) -> dict[str, str]:
             lasts += [r["last_partition"] for r in records]
     if not lasts:
         return all_partitions_tags(project)
-    pdef = partitions_def(project.time_axis)
-    key = pdef.get_partition_key_for_timestamp(max(lasts).replace(tzinfo=dt.UTC).timestamp())
-    return partition_range_tags(pdef.get_first_partition_key(), key)
+    axis_start = dt.datetime.combine(project.time_axis.start, dt.time())
+    return range_tags_for(project, axis_start, max(lasts))
 
 
 def summary(project: Project) -> None:
@@ -118,15 +119,11 @@ def summary(project: Project) -> None:
             ).fetchone()[0]
             print(f"{name:<12}{raw:>10}{valid:>11}{bad:>13}  {reasons or ''}")
         for name, pipeline in project.pipelines.items():
-            rows = (
-                conn.execute(
-                    "SELECT version, path, manifest FROM registry.model_versions WHERE pipeline = ? "
-                    "ORDER BY created_at DESC, version DESC",
-                    [name],
-                ).fetchall()
-                if table_exists(conn, "registry", "model_versions")
-                else []
-            )
+            rows = conn.execute(
+                f"SELECT version, path, manifest FROM {MODEL_VERSIONS} WHERE pipeline = ? "
+                "ORDER BY created_at DESC, version DESC",
+                [name],
+            ).fetchall()
             print(f"\n{name} ({pipeline.task}, target '{pipeline.target.name}')")
             if not rows:
                 print("  no model version registered")
@@ -164,8 +161,9 @@ def show_versions(pipeline: str) -> None:
         print(f"Model versions of {pipeline}:\n{history.drop('path')}\n\nDecision log:\n{log}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ml-assets", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="materialize every asset of every pipeline, then print a summary")
     run_p.add_argument("--time-budget", type=float, help="seconds of hyper-parameter search per model")
@@ -200,41 +198,50 @@ def main(argv: list[str] | None = None) -> int:
         help="stationary replay: each new day is a day drawn from START..END (same weekday), moved to it",
     )
     sub.add_parser("landing", help="the landing zones' ledger: files loaded or rejected, and why")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _replay(args: argparse.Namespace) -> int:
+    project = load_default_project()
+    pipeline = _pipeline(project, args.pipeline)
+    written = replay.replay(
+        project, data_dir(), pipeline, args.until, args.batch, tuple(args.shift), args.resample_from
+    )
+    for name, files in written.items():
+        print(f"{name}: {len(files)} file(s) -> {ingest.landing_dir(data_dir(), name)}")
+        for f in files:
+            print(f"  {f.name}")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return run(args.time_budget, args.max_trials)
     if args.command == "replay":
-        project = _project()
-        written = replay.replay(
-            project,
-            data_dir(),
-            project.pipelines[args.pipeline],
-            args.until,
-            args.batch,
-            tuple(args.shift),
-            args.resample_from,
-        )
-        for name, files in written.items():
-            print(f"{name}: {len(files)} file(s) -> {ingest.landing_dir(data_dir(), name)}")
-            for f in files:
-                print(f"  {f.name}")
-        return 0
+        return _replay(args)
     if args.command == "landing":
         with _connect() as conn, pl.Config(tbl_rows=200, tbl_width_chars=200, fmt_str_lengths=100):
             print(ingest.ledger(conn))
-        return 0
-    if args.command == "versions":
-        show_versions(args.pipeline)
+    elif args.command == "versions":
+        show_versions(_pipeline(load_default_project(), args.pipeline).name)
     elif args.command == "rollback":
-        try:
-            decision = gate.rollback(_connect, args.pipeline, args.to)
-        except registry.ArtifactError as exc:
-            print(f"rollback refused: {exc}", file=sys.stderr)
-            return 1
+        decision = gate.rollback(_connect, _pipeline(load_default_project(), args.pipeline).name, args.to)
         print(decision.reason)
     else:
-        summary(_project())
+        summary(load_default_project())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        # A problem the user can fix: one message naming it, no traceback unless asked for.
+        if args.debug:
+            raise
+        print(f"ml-assets {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 import yaml
 
-from ml_assets.config import default_pipelines_dir, load_project
-from ml_assets.definitions import build_definitions
-from ml_assets.factory import all_partitions_tags
-from ml_assets.ingest import package_file
+from ml_assets.core.ingest import package_file
+from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.partitions import all_partitions_tags
 
 # Small enough for seconds per run. A fixed number of trials with a budget that never binds keeps the
 # tests deterministic (LightGBM runs with deterministic=True): a time budget would make results depend

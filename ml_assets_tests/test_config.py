@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ml_assets.config import ConfigError, default_pipelines_dir, load_project, modelling_columns
+from ml_assets.core.spec import (
+    ConfigError,
+    GateSpec,
+    MonitoringSpec,
+    PerformanceSpec,
+    default_pipelines_dir,
+    load_project,
+    modelling_columns,
+    sql_words,
+)
 
 SHIPPED = default_pipelines_dir()
 FLAGSHIP = "flight_delay"
@@ -47,8 +56,9 @@ def load_error(directory: Path) -> str:
 
 
 def sql_identifiers(expr: str) -> set[str]:
-    """The words of a SQL expression (identifiers, keywords, numbers), lower-cased."""
-    return set("".join(ch if ch.isalnum() or ch == "_" else " " for ch in expr.lower()).split())
+    """The words of a SQL expression, lower-cased (DuckDB identifiers are case-insensitive), as the
+    package's leakage check reads them (`spec.sql_words`)."""
+    return {word.lower() for word in sql_words(expr)}
 
 
 # --- the shipped pipelines -------------------------------------------------------------------------
@@ -402,8 +412,183 @@ def test_features_use_nothing_known_only_after_departure(pipeline):
         assert not read, f"derived column '{col}' ({expr!r}) reads post-departure columns {sorted(read)}"
 
 
-def test_sql_identifiers_sees_column_names_in_expressions():
-    """The leakage guard above relies on this: a column read by an expression is found."""
-    assert "dep_delay" in sql_identifiers('coalesce("dep_delay", 0) * 60')
-    assert "dep_delay" in sql_identifiers("dep_delay>15")
-    assert "dep_delay" not in sql_identifiers("sched_dep_delayed + 1")
+def test_sql_words_sees_column_names_in_expressions():
+    """The leakage guard above and the loader's own leakage check rely on this: a column read by an
+    expression is found (`sql_words` is the package's reader of derived expressions)."""
+    assert "dep_delay" in sql_words('coalesce("dep_delay", 0) * 60')
+    assert "dep_delay" in sql_words("dep_delay>15")
+    assert "dep_delay" not in sql_words("sched_dep_delayed + 1")
+    assert "dep_delay" in sql_identifiers('coalesce("DEP_DELAY", 0) * 60')
+    # A string literal reads no column.
+    assert "dep_delay" not in sql_words("origin || '-dep_delay-'")
+    assert "origin" in sql_words("origin || '-dep_delay-'")
+
+
+# The loader's leakage check, end to end: a feature on a derived column whose expression reads a leakage
+# column, however the expression spells the read, is rejected.
+def derived_leak(expr: str, extra: dict[str, str] | None = None):
+    def change(raw):
+        raw["derived"].update(extra or {})
+        raw["derived"]["departure_delay"] = expr
+        raw["features"].insert(3, {"name": "departure_delay", "type": "numeric"})
+
+    return edit(change)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(derived_leak("coalesce(dep_delay, 0) * 60"), id="inside_a_function_call"),
+        pytest.param(derived_leak('"dep_delay" > 15'), id="quoted_identifier"),
+        # DuckDB resolves identifiers case-insensitively: DEP_DELAY reads dep_delay.
+        pytest.param(derived_leak("DEP_DELAY * 1.0"), id="upper_case_identifier"),
+        # Derived columns are computed in one SELECT, where a later one may read an earlier one by name.
+        pytest.param(
+            derived_leak("delay_minutes + 0", {"delay_minutes": "dep_delay * 1.0"}),
+            id="through_another_derived",
+        ),
+    ],
+)
+def test_derived_feature_reading_leakage_column_is_rejected(tmp_path, case):
+    assert_precise_error(tmp_path, case, "features.3", ["'departure_delay'", "leakage"])
+
+
+# --- extends: the child's fields deep-merged over the parent's (JSON merge patch) ----------------------
+# `flight_arr_delay.yaml` extends `flight_delay.yaml`. Each case copies both shipped files and edits the
+# child, then compares the loaded child with the loaded parent, so no value of the shipped files is
+# written down here.
+
+CHILD = "flight_arr_delay"
+
+
+def shipped_child_raw() -> dict:
+    raw = yaml.safe_load((SHIPPED / f"{CHILD}.yaml").read_text())
+    assert raw["extends"] == FLAGSHIP
+    return raw
+
+
+def load_with_child(directory: Path, child: dict, parent_change=None):
+    """The shipped parent (optionally changed) and the given child, loaded: (parent spec, child spec)."""
+    parent = flagship_raw()
+    if parent_change:
+        parent_change(parent)
+    dump(directory, parent)
+    dump(directory, child, stem=CHILD)
+    project = load_project(directory)
+    return project.pipelines[FLAGSHIP], project.pipelines[CHILD]
+
+
+def test_shipped_child_inherits_the_parents_drift_thresholds():
+    project = load_project(SHIPPED)
+    parent, child = project.pipelines[FLAGSHIP], project.pipelines[CHILD]
+    assert "column_thresholds" not in shipped_child_raw().get("monitoring", {})  # inherited, not repeated
+    assert len(parent.monitoring.column_thresholds) > 1
+    assert child.monitoring.column_thresholds == parent.monitoring.column_thresholds
+    assert child.monitoring.drift_share == parent.monitoring.drift_share
+    # ... while the block's own field is the child's.
+    tolerance = shipped_child_raw()["monitoring"]["performance"]["tolerance"]
+    assert child.monitoring.performance.tolerance == tolerance != parent.monitoring.performance.tolerance
+
+
+def test_child_mapping_merges_key_by_key_into_the_parents(tmp_path):
+    child = shipped_child_raw()
+    child["monitoring"] = {"column_thresholds": {"wx_temp": 0.9}}
+
+    parent, spec = load_with_child(tmp_path, child)
+
+    inherited = parent.monitoring.column_thresholds
+    assert len(inherited) > 1 and inherited["wx_temp"] != 0.9
+    assert spec.monitoring.column_thresholds == {**inherited, "wx_temp": 0.9}
+    # The parent's other monitoring fields stay, including one that differs from the default.
+    assert parent.monitoring.drift_share != MonitoringSpec.model_fields["drift_share"].default
+    assert spec.monitoring.drift_share == parent.monitoring.drift_share
+    assert spec.monitoring.model_dump(exclude={"column_thresholds"}) == parent.monitoring.model_dump(
+        exclude={"column_thresholds"}
+    )
+
+
+def test_child_mapping_merges_at_every_depth(tmp_path):
+    """monitoring.performance is two levels down: the parent's period stays, the child's tolerance wins."""
+
+    def parent_change(raw):
+        raw["monitoring"]["performance"] = {"period": "month", "min_rows": 777}
+
+    child = shipped_child_raw()
+    child["monitoring"] = {"performance": {"tolerance": 0.4}}
+
+    parent, spec = load_with_child(tmp_path, child, parent_change)
+
+    assert (parent.monitoring.performance.period, parent.monitoring.performance.min_rows) == ("month", 777)
+    assert spec.monitoring.performance.period == "month"
+    assert spec.monitoring.performance.min_rows == 777
+    assert spec.monitoring.performance.tolerance == 0.4
+
+
+def test_child_list_replaces_the_parents_whole(tmp_path):
+    child = shipped_child_raw()
+    child["gate"]["slices"] = ["origin"]
+
+    parent, spec = load_with_child(tmp_path, child)
+
+    assert len(parent.gate.slices) > 1 and "origin" in parent.gate.slices
+    # Not a union, not the parent's order: the child's list as written.
+    assert spec.gate.slices == ["origin"]
+
+
+def test_child_scalar_replaces_the_parents(tmp_path):
+    child = shipped_child_raw()
+    child["gate"] = {"margin": 0.25}
+    child["gate"]["guarded_metrics"] = {"log_loss": None}  # log_loss is no regression metric
+
+    parent, spec = load_with_child(tmp_path, child)
+
+    assert spec.gate.margin == 0.25 != parent.gate.margin
+    assert spec.gate.slices == parent.gate.slices  # the rest of the block is the parent's
+
+
+def test_child_null_drops_the_parents_value(tmp_path):
+    child = shipped_child_raw()
+    child["gate"] = {"guarded_metrics": {"log_loss": None}, "margin": None}
+
+    parent, spec = load_with_child(tmp_path, child)
+
+    assert "log_loss" in parent.gate.guarded_metrics
+    assert spec.gate.guarded_metrics == {
+        name: value for name, value in parent.gate.guarded_metrics.items() if name != "log_loss"
+    }
+    # A dropped field takes its default, not the parent's value.
+    default_margin = GateSpec.model_fields["margin"].default
+    assert parent.gate.margin != default_margin
+    assert spec.gate.margin == default_margin
+    assert spec.gate.slices == parent.gate.slices
+
+
+def test_child_null_under_a_block_the_parent_lacks_takes_the_default(tmp_path):
+    """A merge patch drops nulls at any depth (RFC 7386: a patch's object merged into a missing value is
+    merged into {}), so `null` means "the default" whether or not the parent sets the field."""
+    child = shipped_child_raw()
+    child["monitoring"] = {"performance": {"tolerance": None, "period": "month"}}
+
+    parent, spec = load_with_child(tmp_path, child)
+
+    assert "performance" not in flagship_raw()["monitoring"]
+    assert spec.monitoring.performance.period == "month"
+    assert spec.monitoring.performance.tolerance == PerformanceSpec.model_fields["tolerance"].default
+
+
+def test_extends_chains_merge_over_every_ancestor(tmp_path):
+    """A grandchild of the flagship: its own field, its parent's and its grandparent's, each merged."""
+    grandchild = {"extends": CHILD, "name": "flight_arr_delay_fast", "gate": {"min_slice_rows": 2000}}
+    dump(tmp_path, grandchild, stem="flight_arr_delay_fast")
+
+    parent, child = load_with_child(tmp_path, shipped_child_raw())
+    spec = load_project(tmp_path).pipelines["flight_arr_delay_fast"]
+
+    assert spec.gate.min_slice_rows == 2000 != child.gate.min_slice_rows
+    assert spec.gate.model_dump(exclude={"min_slice_rows"}) == child.gate.model_dump(
+        exclude={"min_slice_rows"}
+    )
+    assert (spec.task, spec.metric, spec.target) == (child.task, child.metric, child.target)
+    assert spec.monitoring == child.monitoring
+    assert spec.monitoring.column_thresholds == parent.monitoring.column_thresholds
+    assert sorted(spec.shared_sources) == sorted(parent.sources) and spec.sources == {}

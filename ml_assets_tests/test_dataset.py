@@ -13,15 +13,15 @@ import duckdb
 import polars as pl
 import pytest
 
-from ml_assets.config import PipelineSpec
-from ml_assets.dataset import (
-    DatasetError,
+from ml_assets.core.dataset import (
     build_modelling_table,
     check_splits_populated,
     check_target_not_null,
     table_name,
 )
-from ml_assets.resources import connect
+from ml_assets.core.errors import DatasetError
+from ml_assets.core.spec import PipelineSpec
+from ml_assets.core.store import connect
 
 T = dt.datetime
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ml_assets.config import default_pipelines_dir
-from ml_assets.resources import PIPELINES_DIR_ENV
+from ml_assets.core.spec import PIPELINES_DIR_ENV, default_pipelines_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

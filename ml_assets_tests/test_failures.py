@@ -10,10 +10,11 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from ml_assets.factory import PIPELINE_ASSETS
-from ml_assets.registry import MODEL_FILE, ArtifactError, read_manifest
-from ml_assets.resources import connect, warehouse_path
-from ml_assets.serve import ServableModel
+from ml_assets.core.errors import ArtifactError
+from ml_assets.core.registry import MODEL_FILE, read_manifest
+from ml_assets.core.serve import ServableModel
+from ml_assets.core.store import connect, warehouse_path
+from ml_assets.orchestration.assets import PIPELINE_ASSETS
 from ml_assets_tests.conftest import materialize_all
 
 DOWNSTREAM = [dg.AssetKey([p, a]) for p in ("flight_delay", "flight_arr_delay") for a in PIPELINE_ASSETS]

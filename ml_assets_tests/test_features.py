@@ -14,8 +14,9 @@ from zoneinfo import ZoneInfo
 import polars as pl
 import pytest
 
-from ml_assets.config import PipelineSpec
-from ml_assets.features import META_COLUMNS, MISSING, FeatureTransform, feature_table
+from ml_assets.core.errors import ArtifactError
+from ml_assets.core.features import META_COLUMNS, MISSING, FeatureTransform, feature_table
+from ml_assets.core.spec import PipelineSpec
 
 HOLIDAY_FN = "ml_assets.pipelines.flight_features:days_to_us_holiday"
 
@@ -216,13 +217,14 @@ MIXED_FEATURES = [
 def test_save_load_round_trip_applies_identically(tmp_path: Path) -> None:
     frame = _mixed_frame()
     transform = FeatureTransform.fit(make_pipeline(MIXED_FEATURES), frame.head(5))
-    path = tmp_path / "transform.json"
-
-    sha = transform.save(path)
+    sha = transform.save(tmp_path)
+    path = tmp_path / f"{sha}.json"
     loaded = FeatureTransform.load(path)
 
+    # Named by its content: the same fit saved again is the same file, and no temporary file is left.
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert not path.with_suffix(".json.tmp").exists()
+    assert transform.save(tmp_path) == sha
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
     expected = transform.apply(frame)
     actual = loaded.apply(frame)
     assert actual.equals(expected)
@@ -234,8 +236,7 @@ def test_save_load_round_trip_applies_identically(tmp_path: Path) -> None:
 @pytest.mark.parametrize("version", [0, 2, "1", None])
 def test_load_rejects_a_wrong_format_version(tmp_path: Path, version: object) -> None:
     transform = FeatureTransform.fit(make_pipeline(MIXED_FEATURES), _mixed_frame())
-    path = tmp_path / "transform.json"
-    transform.save(path)
+    path = tmp_path / f"{transform.save(tmp_path)}.json"
     data = json.loads(path.read_text())
     if version is None:
         del data["format_version"]
@@ -243,7 +244,7 @@ def test_load_rejects_a_wrong_format_version(tmp_path: Path, version: object) ->
         data["format_version"] = version
     path.write_text(json.dumps(data))
 
-    with pytest.raises(ValueError, match=r"unsupported feature transform format") as info:
+    with pytest.raises(ArtifactError, match=r"unsupported feature transform format") as info:
         FeatureTransform.load(path)
     assert str(path) in str(info.value)
     assert repr(version) in str(info.value)

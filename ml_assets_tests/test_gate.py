@@ -7,9 +7,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from ml_assets.config import GateSpec
-from ml_assets.gate import decide, paired_bootstrap
-from ml_assets.metrics import improvement
+from ml_assets.core.metrics import improvement
+from ml_assets.core.promotion import decide, paired_bootstrap
+from ml_assets.core.spec import GateSpec
 
 GATE = GateSpec(margin=0.0, confidence=0.95, bootstrap_samples=100, min_slice_rows=200)
 SEEDS = range(25)
@@ -128,7 +128,7 @@ def test_regression_metrics_use_their_direction():
 def test_rank_based_auc_equals_scikit_learn_including_ties():
     from sklearn.metrics import roc_auc_score
 
-    from ml_assets.metrics import roc_auc
+    from ml_assets.core.metrics import roc_auc
 
     rng = np.random.default_rng(9)
     for n in (50, 2000):

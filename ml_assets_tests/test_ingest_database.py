@@ -16,11 +16,12 @@ import psycopg
 import pytest
 from polars.testing import assert_frame_equal
 
-from ml_assets.config import SourceSpec
-from ml_assets.definitions import build_definitions
-from ml_assets.ingest import SourceError, TimeWindow
-from ml_assets.ingest_database import read_database
-from ml_assets.resources import connect, warehouse_path
+from ml_assets.core.errors import SourceError
+from ml_assets.core.ingest import TimeWindow
+from ml_assets.core.ingest.database import read_database
+from ml_assets.core.spec import SourceSpec
+from ml_assets.core.store import connect, warehouse_path
+from ml_assets.orchestration.definitions import build_definitions
 from ml_assets_tests.conftest import nycflights_file
 from ml_assets_tests.postgres_server import free_port, postgres_unavailable_reason, running_postgres
 

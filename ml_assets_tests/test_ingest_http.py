@@ -20,12 +20,13 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from ml_assets.config import SourceSpec
-from ml_assets.definitions import build_definitions
-from ml_assets.factory import partition_range_tags
-from ml_assets.ingest import SourceError, TimeWindow
-from ml_assets.ingest_http import read_http
-from ml_assets.resources import connect, warehouse_path
+from ml_assets.core.errors import SourceError
+from ml_assets.core.ingest import TimeWindow
+from ml_assets.core.ingest.http import read_http
+from ml_assets.core.spec import SourceSpec
+from ml_assets.core.store import connect, warehouse_path
+from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.partitions import partition_range_tags
 from ml_assets_tests.conftest import nycflights_file
 
 TS = "time_hour"

@@ -12,10 +12,11 @@ import polars as pl
 import pytest
 import yaml
 
-from ml_assets import ingest, replay
-from ml_assets.config import default_pipelines_dir, load_project
-from ml_assets.definitions import build_definitions
-from ml_assets.resources import connect, warehouse_path
+from ml_assets.core import ingest
+from ml_assets.core.ingest import replay
+from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.store import connect, warehouse_path
+from ml_assets.orchestration.definitions import build_definitions
 from ml_assets_tests.conftest import FAST_MODEL, nycflights_file
 
 SOURCES = ("flights", "weather")

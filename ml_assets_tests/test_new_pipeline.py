@@ -7,8 +7,8 @@ import textwrap
 import numpy as np
 import polars as pl
 
-from ml_assets.registry import read_manifest
-from ml_assets.resources import connect, warehouse_path
+from ml_assets.core.registry import read_manifest
+from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from ml_assets import gate, registry
-from ml_assets.resources import connect, warehouse_path
+from ml_assets.core import promotion as gate
+from ml_assets.core import registry
+from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
 
 FLAGSHIP = dg.AssetSelection.groups("flight_delay").upstream().required_multi_asset_neighbors()

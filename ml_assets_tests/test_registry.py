@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ml_assets import registry
-from ml_assets.resources import connect, warehouse_path
-from ml_assets.serve import ServableModel
+from ml_assets.core import registry
+from ml_assets.core.serve import ServableModel
+from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
 from ml_assets_tests.test_promotion import FLAGSHIP
 
@@ -21,8 +21,8 @@ from ml_assets_tests.test_promotion import FLAGSHIP
 WRITER = """
 import itertools, sys
 from pathlib import Path
-from ml_assets import registry
-from ml_assets.resources import connect
+from ml_assets.core import registry
+from ml_assets.core.store import connect
 db, source = sys.argv[1], Path(sys.argv[2])
 manifest = registry.read_manifest(source)
 for i in itertools.count():

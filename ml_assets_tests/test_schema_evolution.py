@@ -10,8 +10,8 @@ import duckdb
 import polars as pl
 import pytest
 
-from ml_assets import ingest, validate
-from ml_assets.config import SourceSpec
+from ml_assets.core import ingest, validate
+from ml_assets.core.spec import SourceSpec
 from ml_assets_tests.conftest import nycflights_file
 
 JAN_1 = ingest.TimeWindow(start=dt.datetime(2013, 1, 1), end=dt.datetime(2013, 1, 2))

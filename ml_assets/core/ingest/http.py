@@ -20,9 +20,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import polars as pl
 
-from ml_assets.config import HttpSpec, SourceSpec
-from ml_assets.ingest import SourceError, TimeWindow
-from ml_assets.validate import EVENT_TIME, LINEAGE
+from ml_assets.core.errors import ConfigError, SourceError
+from ml_assets.core.ingest.window import TimeWindow
+from ml_assets.core.spec import HttpSpec, SourceSpec
+from ml_assets.core.sql import EVENT_TIME, LINEAGE
 
 RESERVED = (*LINEAGE, EVENT_TIME)
 JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
@@ -31,7 +32,8 @@ JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float
 def read_http(name: str, spec: SourceSpec, window: TimeWindow) -> tuple[pl.DataFrame, str]:
     """(rows of the window as strings plus `_source_row`, the API's URL without its query string)."""
     http = spec.http
-    assert http is not None and spec.timestamp is not None
+    if http is None or spec.timestamp is None:
+        raise ConfigError(f"source '{name}': an HTTP source needs http: and timestamp:")
     parts = urlsplit(http.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SourceError(f"source '{name}': http.url must be an http:// or https:// URL")

@@ -17,9 +17,10 @@ import duckdb
 import polars as pl
 import psycopg
 
-from ml_assets.config import SourceSpec
-from ml_assets.ingest import SourceError, TimeWindow
-from ml_assets.validate import LINEAGE, q
+from ml_assets.core.errors import ConfigError, SourceError
+from ml_assets.core.ingest.window import TimeWindow
+from ml_assets.core.spec import SourceSpec
+from ml_assets.core.sql import LINEAGE, q
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -27,7 +28,8 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 def read_database(name: str, spec: SourceSpec, window: TimeWindow) -> tuple[pl.DataFrame, str]:
     """(rows of the window as strings plus `_source_row`, label of where they came from, no credentials)."""
     db = spec.database
-    assert db is not None and spec.timestamp is not None
+    if db is None or spec.timestamp is None:
+        raise ConfigError(f"source '{name}': a database source needs database: and timestamp:")
     url = os.environ.get(db.url_env, "").strip()
     if not url:
         raise SourceError(

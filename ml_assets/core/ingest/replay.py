@@ -20,16 +20,11 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from ml_assets.config import PipelineSpec, Project, SourceSpec
-from ml_assets.ingest import (
-    PKG_SCHEME,
-    SourceError,
-    event_time_sql,
-    landing_dir,
-    package_file,
-    read_file,
-)
-from ml_assets.validate import cast_expr, lit, q
+from ml_assets.core.errors import ConfigError, SourceError, UsageError
+from ml_assets.core.ingest.files import PKG_SCHEME, landing_dir, package_file, read_file
+from ml_assets.core.ingest.window import event_time_sql
+from ml_assets.core.spec import PipelineSpec, Project, ReplaySpec, SourceSpec
+from ml_assets.core.sql import cast_expr, lit, q
 
 STATE_FILE = ".replayed_until"
 SHIFT = re.compile(
@@ -73,11 +68,16 @@ class Shift:
         return frame.with_columns(shifted.cast(pl.String).alias(self.column))
 
 
+def _replay_spec(name: str, spec: SourceSpec) -> ReplaySpec:
+    if spec.replay is None or spec.timestamp is None:
+        raise ConfigError(f"source '{name}': replay needs replay: and timestamp: in its config")
+    return spec.replay
+
+
 def calendar_day(spec: SourceSpec) -> pl.Expr:
     """A row's day for replay: its own calendar day when the file says it (`replay.date_parts`: local
     time for the flights), else the UTC day of its event time. Slicing on it means a day's rows are
     always written together, so no row is written twice or never, whatever mix of replays came before."""
-    assert spec.replay is not None
     by_part = {part: column for column, part in spec.replay.date_parts.items()}
     if {"year", "month", "day"} <= set(by_part):
         return pl.date(*(pl.col(by_part[p]).cast(pl.Int32) for p in ("year", "month", "day")))
@@ -116,8 +116,7 @@ class Resample:
 
     def apply(self, name: str, spec: SourceSpec, history: pl.DataFrame, days: list[dt.date]) -> pl.DataFrame:
         """Rows for `days`, drawn from the reference period of `history`, with their new event times."""
-        assert spec.replay is not None and spec.timestamp is not None
-        parts = spec.replay.date_parts
+        parts = _replay_spec(name, spec).date_parts
         missing = sorted(set(parts) - set(history.columns))
         if missing:
             raise SourceError(f"source '{name}': replay.date_parts {missing} are not columns of its history")
@@ -163,8 +162,7 @@ class Resample:
 
 def _history(name: str, spec: SourceSpec) -> pl.DataFrame:
     """The source's whole recorded history with each row's event time (as partitioning computes it)."""
-    assert spec.replay is not None
-    path = spec.replay.path
+    path = _replay_spec(name, spec).path
     frames = [
         f for _, f in read_file(name, package_file(path) if path.startswith(PKG_SCHEME) else Path(path), spec)
     ]
@@ -222,7 +220,7 @@ def replay_source(
     history = history.with_columns(calendar_day(spec).alias("_day"))
     for shift in shifts:
         if shift.column not in history.columns:
-            raise ValueError(f"shift {shift.column!r}: source '{name}' has no such column")
+            raise UsageError(f"--shift {shift.column!r}: source '{name}' has no such column")
     columns = [c for c in history.columns if c not in ("_t", "_day", "_source_file", "_source_row")]
     written = []
     for lo, hi in _slices(first, until, batch):
@@ -260,7 +258,7 @@ def replay(
         out[name] = replay_source(root, name, spec, until, batch, mine, resample)
     unknown = [s for s in shifts if s.source and s.source not in out]
     if unknown:
-        raise ValueError(f"shift on {unknown[0].source!r}: not a replayable source of '{pipeline.name}'")
+        raise UsageError(f"--shift on {unknown[0].source!r}: not a replayable source of '{pipeline.name}'")
     return out
 
 

@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from ml_assets.metrics import all_metrics, expected_calibration_error
-from ml_assets.registry import MODEL_FILE, PREDICTIONS_FILE, read_manifest
+from ml_assets.core.metrics import all_metrics, expected_calibration_error
+from ml_assets.core.registry import MODEL_FILE, PREDICTIONS_FILE, read_manifest
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,7 @@
-"""Pipeline configuration: the YAML schema, loading, and the errors users see when a file is wrong.
+"""The pipeline YAML schema: one pydantic model per block of a pipeline file.
 
-A pipeline is one YAML file in the pipelines directory. It declares the sources it defines (or names
-sources defined by another file), how the modelling table is assembled from them, the target, the
-features, the split and the model settings. Everything is validated when the definitions load, so a bad
-file fails `dagster dev` / `dagster definitions validate` with a message naming the file and the field.
+Field-level rules live here (types, ranges, one-of choices); rules that need several blocks or the
+sources of other files live in `checks`, and reading files (with `extends`) in `load`.
 """
 
 from __future__ import annotations
@@ -16,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ml_assets.metrics import GREATER_IS_BETTER, REPORTED
+from ml_assets.core.metrics import GREATER_IS_BETTER
 
 IDENTIFIER = r"^[a-z_][a-z0-9_]*$"
 # Leading underscores are reserved for the columns the platform adds (_split, _key, _source_file, ...).
@@ -38,10 +35,6 @@ METRICS: dict[str, dict[str, bool]] = {
     task: {m: GREATER_IS_BETTER[m] for m in names} for task, names in OPTIMISABLE.items()
 }
 DEFAULT_METRIC = {"binary": "roc_auc", "multiclass": "log_loss", "regression": "rmse"}
-
-
-class ConfigError(ValueError):
-    """A pipeline file is invalid. The message names the file, the field and what was expected."""
 
 
 class _Strict(BaseModel):
@@ -469,229 +462,3 @@ def resolve_function(dotted: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ValueError(f"module '{module_name}' has no function '{attr}'")
     return fn
-
-
-def _format_pydantic(path: Path, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling)"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        got = err.get("input")
-        suffix = (
-            f" (got {got!r})" if got is not None and err["type"] not in ("missing", "extra_forbidden") else ""
-        )
-        if isinstance(got, dict):
-            suffix = ""
-        lines.append(f"{path}: {where}: {msg}{suffix}")
-    return "\n".join(lines)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of pipeline fields at the top level")
-    return raw
-
-
-def _with_parent(raw: dict[str, Any], path: Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Resolve `extends: <pipeline>`: the parent's fields, each top-level field the child gives replacing
-    the parent's; the parent's own sources become shared sources (defined once, ingested once)."""
-    parent_name = raw.get("extends")
-    if parent_name is None:
-        return raw
-    parent_path = path.parent / f"{parent_name}.yaml"
-    if parent_name in chain or not parent_path.exists():
-        problem = (
-            "circular extends" if parent_name in chain else f"no pipeline file {parent_path.name} beside it"
-        )
-        raise ConfigError(f"{path}: extends: {problem} (got {parent_name!r})")
-    parent = _with_parent(_read_yaml(parent_path), parent_path, (*chain, path.stem))
-    inherited = {k: v for k, v in parent.items() if k not in ("sources", "name", "extends")}
-    inherited["shared_sources"] = [*parent.get("shared_sources", []), *parent.get("sources", {})]
-    return inherited | {k: v for k, v in raw.items() if k != "extends"}
-
-
-def load_pipeline_file(path: Path) -> PipelineSpec:
-    raw = _with_parent(_read_yaml(path), path)
-    try:
-        spec = PipelineSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_pydantic(path, exc)) from exc
-    if spec.name != path.stem:
-        raise ConfigError(f"{path}: name: must match the file name '{path.stem}' (got {spec.name!r})")
-    return spec
-
-
-def modelling_columns(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> dict[str, str]:
-    """Columns of the modelling table mapped to where they come from, for error messages."""
-    columns = {c: f"source '{pipeline.base}'" for c in sources[pipeline.base].columns}
-    for join in pipeline.joins:
-        spec = sources[join.source]
-        right_keys = {*join.keys, *([join.asof.right] if join.asof else [])}
-        for col in join.columns or [c for c in spec.columns if c not in right_keys]:
-            out = join.prefix + col
-            if out in columns:
-                raise ValueError(
-                    f"joins: column '{out}' from source '{join.source}' clashes with {columns[out]}; set a prefix"
-                )
-            columns[out] = f"join with '{join.source}'"
-    for name in pipeline.derived:
-        if name in columns:
-            # DuckDB would rename the new column (name_1) and the old one would silently win.
-            raise ValueError(f"derived.{name}: '{name}' clashes with {columns[name]}; choose another name")
-        columns[name] = "derived"
-    return columns
-
-
-def sql_words(expr: str) -> set[str]:
-    """Identifier-like words of a SQL expression, without string literals."""
-    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", re.sub(r"'(?:[^']|'')*'", " ", expr)))
-
-
-def _check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> None:
-    """Cross-field rules that need the sources: every name a pipeline uses must exist."""
-    metrics = METRICS[pipeline.task]
-    if pipeline.model.metric and pipeline.model.metric not in metrics:
-        raise ValueError(
-            f"model.metric: expected one of {sorted(metrics)} for task '{pipeline.task}', "
-            f"got {pipeline.model.metric!r}"
-        )
-    for name in pipeline.gate.guarded_metrics:
-        if name not in REPORTED[pipeline.task]:
-            raise ValueError(
-                f"gate.guarded_metrics: {name!r} is not a metric of task '{pipeline.task}'; "
-                f"expected one of {REPORTED[pipeline.task]}"
-            )
-    if pipeline.base not in sources:
-        raise ValueError(f"base: unknown source {pipeline.base!r}; known: {sorted(sources)}")
-    base_columns = sources[pipeline.base].columns
-    for i, join in enumerate(pipeline.joins):
-        if join.source not in sources:
-            raise ValueError(f"joins.{i}.source: unknown source {join.source!r}; known: {sorted(sources)}")
-        right = sources[join.source].columns
-        for key in join.keys:
-            if key not in base_columns or key not in right:
-                raise ValueError(
-                    f"joins.{i}.keys: key '{key}' must be a column of both '{pipeline.base}' "
-                    f"and '{join.source}'"
-                )
-        if join.asof and (join.asof.left not in base_columns or join.asof.right not in right):
-            raise ValueError(
-                f"joins.{i}.asof: '{join.asof.left}' must be a column of '{pipeline.base}' and "
-                f"'{join.asof.right}' a column of '{join.source}'"
-            )
-        for col in join.columns or []:
-            if col not in right:
-                raise ValueError(f"joins.{i}.columns: '{col}' is not a column of source '{join.source}'")
-    columns = modelling_columns(pipeline, sources)
-    for key in pipeline.id:
-        if key not in columns:
-            raise ValueError(f"id: '{key}' is not a column of the modelling table")
-    for col in pipeline.gate.slices:
-        if col not in columns:
-            raise ValueError(f"gate.slices: '{col}' is not a column of the modelling table")
-    if pipeline.timestamp and pipeline.timestamp not in columns:
-        raise ValueError(f"timestamp: '{pipeline.timestamp}' is not a column of the modelling table")
-    if pipeline.split.method == "time" and not pipeline.timestamp:
-        raise ValueError("split.method: 'time' needs a pipeline timestamp column")
-    if pipeline.target.expr is None and pipeline.target.name not in columns:
-        raise ValueError(
-            f"target.name: '{pipeline.target.name}' is not a column of the modelling table; "
-            "give target.expr to compute it"
-        )
-    for field_name, names in (
-        ("leakage", pipeline.leakage),
-        ("target.source_columns", pipeline.target.source_columns),
-    ):
-        for col in names:
-            if col not in columns:
-                raise ValueError(f"{field_name}: '{col}' is not a column of the modelling table")
-    forbidden = {
-        **{c: "listed under leakage (not known at prediction time)" for c in pipeline.leakage},
-        **{c: "what the target is computed from" for c in pipeline.target.source_columns},
-        pipeline.target.name: "the target",
-    }
-    seen: set[str] = set()
-    for i, feat in enumerate(pipeline.features):
-        if feat.name in seen:
-            raise ValueError(f"features.{i}.name: duplicate feature '{feat.name}'")
-        seen.add(feat.name)
-        if feat.function:
-            continue
-        if feat.input_column not in columns:
-            raise ValueError(
-                f"features.{i} ('{feat.name}'): column '{feat.input_column}' is not a column of "
-                f"the modelling table; available: {sorted(columns)}"
-            )
-        if feat.input_column in forbidden:
-            raise ValueError(
-                f"features.{i} ('{feat.name}'): column '{feat.input_column}' is {forbidden[feat.input_column]}"
-            )
-        # A derived column is only as clean as the columns its expression reads.
-        leaked = sorted(sql_words(pipeline.derived.get(feat.input_column, "")) & set(forbidden))
-        if leaked:
-            raise ValueError(
-                f"features.{i} ('{feat.name}'): derived column '{feat.input_column}' reads {leaked}, "
-                f"{forbidden[leaked[0]]}"
-            )
-    # A datetime feature becomes one column per part (departure -> departure_dayofweek).
-    for col in [*(pipeline.monitoring.columns or []), *pipeline.monitoring.column_thresholds]:
-        if not any(col == f.name or col.startswith(f"{f.name}_") for f in pipeline.features):
-            raise ValueError(
-                f"monitoring: column '{col}' is not a feature; features: {[f.name for f in pipeline.features]}"
-            )
-
-
-def load_project(directory: Path) -> Project:
-    """Load and cross-check every `*.yaml` pipeline file of a directory."""
-    directory = Path(directory)
-    files = sorted(directory.glob("*.yaml"))
-    if not files:
-        raise ConfigError(f"{directory}: no pipeline files (*.yaml) found")
-    pipelines: dict[str, PipelineSpec] = {}
-    sources: dict[str, SourceSpec] = {}
-    source_files: dict[str, Path] = {}
-    pipeline_files: dict[str, Path] = {}
-    for path in files:
-        spec = load_pipeline_file(path)
-        if spec.name in pipelines:
-            raise ConfigError(
-                f"{path}: name: pipeline '{spec.name}' is also defined in {pipeline_files[spec.name]}"
-            )
-        pipelines[spec.name] = spec
-        pipeline_files[spec.name] = path
-        for name, source in spec.sources.items():
-            if name in source_files:
-                raise ConfigError(
-                    f"{path}: sources.{name}: source already defined in {source_files[name]}; "
-                    "list it under shared_sources instead"
-                )
-            sources[name] = source
-            source_files[name] = path
-    partitioned = {n: s.partitions for n, s in sources.items() if s.partitions}
-    if len(set(partitioned.values())) > 1:
-        raise ConfigError(
-            f"{directory}: partitions: partitioned sources must share one time axis (same granularity, start "
-            f"and end), got {partitioned}"
-        )
-    for name, spec in pipelines.items():
-        path = pipeline_files[name]
-        for shared in spec.shared_sources:
-            if shared not in sources:
-                raise ConfigError(f"{path}: shared_sources: no pipeline file defines source {shared!r}")
-        try:
-            _check_pipeline(spec, {s: sources[s] for s in [*spec.sources, *spec.shared_sources]})
-        except ValueError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
-    return Project(directory, pipelines, sources, source_files, pipeline_files)
-
-
-def default_pipelines_dir() -> Path:
-    return Path(__file__).parent / "pipelines"

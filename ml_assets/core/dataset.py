@@ -7,13 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import duckdb
+import polars as pl
 
-from ml_assets.config import PipelineSpec, SourceSpec
-from ml_assets.validate import CheckOutcome, lit, q
-
-
-class DatasetError(RuntimeError):
-    """The modelling table cannot be built as configured."""
+from ml_assets.core.errors import DatasetError
+from ml_assets.core.spec import PipelineSpec, SourceSpec
+from ml_assets.core.sql import lit, q
+from ml_assets.core.validate import CheckOutcome
 
 
 @dataclass(frozen=True)
@@ -151,3 +150,17 @@ def check_splits_populated(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSp
     return CheckOutcome(
         not empty, f"empty split(s): {empty}" if empty else f"split sizes {counts}", {"split_rows": counts}
     )
+
+
+def bounded_sample(
+    frame: pl.DataFrame, bound: int, time_column: str | None = None, seed: int = 0
+) -> pl.DataFrame:
+    """At most about `bound` rows; with a time column, every day keeps its share of rows."""
+    if frame.height <= bound:
+        return frame
+    if time_column is None:
+        return frame.sample(bound, seed=seed)
+    fraction = bound / frame.height
+    day = pl.col(time_column).dt.truncate("1d")
+    rank = pl.int_range(pl.len()).shuffle(seed=seed).over(day)
+    return frame.filter(rank < (pl.len().over(day) * fraction).ceil())

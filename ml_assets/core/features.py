@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from ml_assets.config import FeatureSpec, PipelineSpec, resolve_function
-from ml_assets.dataset import table_name
-from ml_assets.validate import q
+from ml_assets.core.dataset import table_name
+from ml_assets.core.errors import ArtifactError, DatasetError
+from ml_assets.core.hashing import sha256_file
+from ml_assets.core.spec import FeatureSpec, PipelineSpec, resolve_function
+from ml_assets.core.sql import q
 
 MISSING = "__missing__"
 FORMAT_VERSION = 1
@@ -38,14 +41,16 @@ def _input(spec: dict[str, Any], frame: pl.DataFrame) -> pl.Series:
         values = resolve_function(spec["function"])(frame)
         series = values if isinstance(values, pl.Series) else pl.Series(values)
         if series.len() != frame.height:
-            raise ValueError(
+            raise DatasetError(
                 f"feature '{spec['name']}': {spec['function']} returned {series.len()} values "
                 f"for {frame.height} rows"
             )
         return series.alias(spec["name"])
     column = spec["column"]
     if column not in frame.columns:
-        raise ValueError(f"feature '{spec['name']}' needs input column '{column}', which is not in the data")
+        raise DatasetError(
+            f"feature '{spec['name']}' needs input column '{column}', which is not in the data"
+        )
     return frame.get_column(column)
 
 
@@ -117,7 +122,9 @@ class FeatureTransform:
     @classmethod
     def fit(cls, pipeline: PipelineSpec, train: pl.DataFrame) -> FeatureTransform:
         if train.height == 0:
-            raise ValueError(f"pipeline '{pipeline.name}': the training split is empty; check split settings")
+            raise DatasetError(
+                f"pipeline '{pipeline.name}': the training split is empty; check split settings"
+            )
         return cls([_fit_one(f, train) for f in pipeline.features])
 
     def apply(self, frame: pl.DataFrame) -> pl.DataFrame:
@@ -144,23 +151,31 @@ class FeatureTransform:
             {"format_version": FORMAT_VERSION, "features": self.features}, indent=2, sort_keys=True
         )
 
-    def save(self, path: Path) -> str:
-        """Write the transform atomically (readers never see half a file); returns its sha256."""
+    def save(self, folder: Path) -> str:
+        """Write the transform as `<sha256>.json` in `folder`, atomically (readers never see half a file);
+        returns the sha256. Same content, same file: a re-fit on the same data writes nothing new."""
         text = self.to_json()
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        path = Path(folder) / f"{sha}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
         tmp.replace(path)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return sha
 
     @classmethod
     def load(cls, path: Path) -> FeatureTransform:
         data = json.loads(Path(path).read_text())
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported feature transform format {data.get('format_version')!r}")
+            raise ArtifactError(
+                f"{path}: unsupported feature transform format {data.get('format_version')!r}"
+            )
         return cls(data["features"])
 
 
 TARGET = "_target"
+# The sha256 of the transform that produced a features table row (see build_features).
+TRANSFORM_COLUMN = "_transform"
 META_COLUMNS = ("_key", "_ts", "_split", TARGET)
 
 
@@ -196,22 +211,47 @@ class FeaturesResult:
 
 
 def build_features(
-    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, transform_path: Path
+    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, transforms_dir: Path
 ) -> FeaturesResult:
     """Fit the transform on the training split of the modelling table, apply it to every row, and write
-    `<pipeline>.features` and the transform file."""
+    `<pipeline>.features` and the transform file.
+
+    Transform files are named by their content's sha256, which every row of the table carries
+    (`_transform`): a later step (or run) reading the table finds the exact transform that made it,
+    even if another run has fitted a different one since.
+    """
     frame = conn.execute(f"SELECT * FROM {table_name(pipeline)}").pl()
     transform = FeatureTransform.fit(pipeline, frame.filter(pl.col("_split") == "train"))
-    table = feature_table(pipeline, frame, transform)
+    sha = transform.save(transforms_dir)
+    table = feature_table(pipeline, frame, transform).with_columns(pl.lit(sha).alias(TRANSFORM_COLUMN))
     conn.register("_features", table.to_arrow())
     try:
         conn.execute(f"CREATE OR REPLACE TABLE {features_table_name(pipeline)} AS SELECT * FROM _features")
     finally:
         conn.unregister("_features")
-    sha = transform.save(transform_path)
     return FeaturesResult(
         table.height,
         transform.output_columns,
         sha,
         {f["name"]: len(f["categories"]) for f in transform.features if "categories" in f},
     )
+
+
+def transform_of(features: pl.DataFrame, transforms_dir: Path) -> tuple[FeatureTransform, Path]:
+    """The transform that produced a features table (by the sha its rows carry), hash-checked."""
+    shas = (
+        features.get_column(TRANSFORM_COLUMN).unique().to_list()
+        if TRANSFORM_COLUMN in features.columns
+        else []
+    )
+    if len(shas) != 1:
+        raise DatasetError(
+            f"the features table names {len(shas)} transforms ({shas[:3]}); re-materialize its features asset"
+        )
+    path = Path(transforms_dir) / f"{shas[0]}.json"
+    if not path.exists() or sha256_file(path) != shas[0]:
+        raise ArtifactError(
+            f"{path}: the feature transform of the features table is missing or was modified; "
+            "re-materialize the features asset"
+        )
+    return FeatureTransform.load(path), path

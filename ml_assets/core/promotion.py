@@ -10,24 +10,21 @@ All three are recorded with their numbers, whatever the verdict.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from ml_assets import registry
-from ml_assets.config import GateSpec, PipelineSpec
-from ml_assets.dataset import table_name
-from ml_assets.features import row_key
-from ml_assets.metrics import improvement, score
-from ml_assets.registry import SAMPLE_FILE, read_manifest
-from ml_assets.serve import ServableModel
-from ml_assets.validate import q
+from ml_assets.core import registry
+from ml_assets.core.dataset import table_name
+from ml_assets.core.errors import ArtifactError
+from ml_assets.core.features import row_key
+from ml_assets.core.metrics import improvement, score
+from ml_assets.core.registry import read_manifest
+from ml_assets.core.serve import ServableModel, reproduces_training_predictions
+from ml_assets.core.spec import GateSpec, PipelineSpec
+from ml_assets.core.sql import q
 
 
 @dataclass(frozen=True)
@@ -152,40 +149,6 @@ def decide(
     return Verdict(True, f"{summary}; no guarded metric or slice regresses significantly", details)
 
 
-def reproduces_training_predictions(version_dir: Path, tolerance: float = 1e-9) -> tuple[bool, str]:
-    """Load the version in a fresh Python process and re-predict its saved sample rows."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "ml_assets.gate", str(version_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        return (
-            False,
-            f"reloading {version_dir} in a fresh process failed: {lines[-1] if lines else proc.returncode}",
-        )
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    ok = result["max_abs_diff"] <= tolerance and result["rows"] > 0
-    return ok, (
-        f"fresh-process reload reproduces {result['rows']} training-time predictions "
-        f"(max abs diff {result['max_abs_diff']:.2e}, tolerance {tolerance:.0e})"
-    )
-
-
-def _reproduce(version_dir: Path) -> dict[str, float]:
-    model = ServableModel.load(version_dir)
-    rows = pl.read_parquet(version_dir / SAMPLE_FILE)
-    expected = rows.select(pl.col("^_prediction.*$")).to_numpy()
-    actual = np.asarray(model.predict(rows)).reshape(len(rows), -1)
-    return {"rows": len(rows), "max_abs_diff": float(np.abs(actual - expected).max()) if len(rows) else 0.0}
-
-
-if __name__ == "__main__":
-    print(json.dumps(_reproduce(Path(sys.argv[1]))))
-
-
 # --- champion decisions: promote or refuse, automatic and manual rollback ------------------------------
 
 
@@ -200,17 +163,20 @@ class Decision:
 
 
 def promote_or_refuse(
-    connect: Any, pipeline: PipelineSpec, run_id: str | None = None, trigger: dict[str, str] | None = None
+    connect: Any,
+    pipeline: PipelineSpec,
+    challenger: str | None = None,
+    run_id: str | None = None,
+    trigger: dict[str, str] | None = None,
 ) -> Decision:
-    """Judge the challenger against the champion (or, for the first model, against its baseline) on the
-    latest holdout, and record the verdict; the champion alias moves only on promotion."""
+    """Judge a version (by default the `challenger` alias: the latest registered) against the champion
+    (or, for the first model, against its baseline) on the latest holdout, and record the verdict; the
+    champion alias moves only on promotion."""
     with connect() as conn:
-        challenger = registry.alias_version(conn, pipeline.name, registry.CHALLENGER)
+        challenger = challenger or registry.alias_version(conn, pipeline.name, registry.CHALLENGER)
         champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
         if challenger is None:
-            raise registry.ArtifactError(
-                f"pipeline '{pipeline.name}': no challenger; materialize its model first"
-            )
+            raise ArtifactError(f"pipeline '{pipeline.name}': no challenger; materialize its model first")
         if challenger == champion:
             return Decision(
                 "unchanged",
@@ -219,7 +185,7 @@ def promote_or_refuse(
                 champion,
                 champion,
             )
-        challenger_dir = registry.version_dir(conn, challenger)
+        challenger_dir = registry.version_dir(conn, challenger, pipeline.name)
         champion_dir = registry.version_dir(conn, champion) if champion else None
         rows = conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE _split = 'test'").pl()
     infra_ok, infra = reproduces_training_predictions(challenger_dir)
@@ -304,8 +270,9 @@ def rollback(connect: Any, pipeline: str, to: str | None = None, run_id: str | N
         current = registry.alias_version(conn, pipeline, registry.CHAMPION)
         target = to or registry.previous_champion(conn, pipeline)
         if target is None:
-            raise registry.ArtifactError(f"pipeline '{pipeline}': no previous champion to roll back to")
-        read_manifest(registry.version_dir(conn, target))  # never roll back onto a tampered artifact
+            raise ArtifactError(f"pipeline '{pipeline}': no previous champion to roll back to")
+        # Never roll back onto another pipeline's model or a tampered artifact.
+        read_manifest(registry.version_dir(conn, target, pipeline))
         reason = f"manual rollback from {current} to {target}"
         registry.record_decision(conn, pipeline, "rollback", reason, None, target, {}, run_id)
     return Decision("rollback", reason, None, current, target)

@@ -15,10 +15,13 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from ml_assets import ingest, monitor, registry
-from ml_assets.config import PipelineSpec, Project
-from ml_assets.factory import LANDING_REFRESH, partition_range_tags, partitions_def
-from ml_assets.resources import Warehouse
+from ml_assets.core import drift, ingest, performance, registry, retrain_policy
+from ml_assets.core.errors import RejectedFile
+from ml_assets.core.hashing import sha256_file
+from ml_assets.core.spec import PipelineSpec, Project
+from ml_assets.orchestration.jobs import landing_selection, landing_users
+from ml_assets.orchestration.partitions import range_tags_for
+from ml_assets.orchestration.resources import Warehouse
 
 TRIGGER_TAG = "ml_assets/trigger"
 EVENT_TAG = "ml_assets/event"
@@ -46,13 +49,14 @@ def retrain_sensor(pipeline: PipelineSpec, job: dg.UnresolvedAssetJobDefinition)
         handled: list[str] = state.get("handled", [])
         with warehouse.get_connection() as conn:
             champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
-            runs = monitor.drift_runs(conn, pipeline.name)
-            periods = monitor.performance_history(conn, pipeline.name)
+            runs = drift.drift_runs(conn, pipeline.name)
+            periods = performance.performance_history(conn, pipeline.name)
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        decision = monitor.retrain_decision(champion, runs, periods, spec, last, now, frozenset(handled))
-        if not decision.trigger:
+        decision = retrain_policy.retrain_decision(
+            champion, runs, periods, spec, last, now, frozenset(handled)
+        )
+        if not decision.trigger or decision.event is None or decision.kind is None:
             return dg.SkipReason(decision.reason)
-        assert decision.event is not None and decision.kind is not None
         request = dg.RunRequest(
             run_key=f"retrain-{pipeline.name}-{decision.event}",
             tags={
@@ -79,10 +83,7 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
     one run. A file that cannot be read is recorded as rejected (with the reason) and never loaded.
     """
     landing = {n: s for n, s in project.sources.items() if s.landing}
-    users = {
-        n: [p for p, spec in project.pipelines.items() if n in project.sources_of(spec)] for n in landing
-    }
-    pdef = partitions_def(project.time_axis) if any(s.partitions for s in landing.values()) else None
+    users = landing_users(project)
 
     @dg.sensor(
         name="landing_zone",
@@ -108,14 +109,14 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         for name, spec in landing.items():
             known = set(seen.get(name, []))
             for path in ingest.resolve_files(name, spec, Path(), root):
-                sha = ingest.sha256_file(path)
+                sha = sha256_file(path)
                 if sha in known:
                     continue
                 known.add(sha)
                 try:
                     _, records = ingest.read_files(name, spec, [path])
                     accepted.setdefault(name, []).extend(records)
-                except ingest.RejectedFile as exc:
+                except RejectedFile as exc:
                     context.log.warning(str(exc))
                     rejected.setdefault(name, []).append(exc.ledger_row())
             seen[name] = sorted(known)
@@ -131,19 +132,15 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
             TRIGGER_TAG: LANDING_TRIGGER,
             "ml_assets/files": ", ".join(Path(str(r["path"])).name for r in records)[:250],
         }
-        if pdef is not None:
-            first = min(r["first_partition"] for r in records)
-            last = max(r["last_partition"] for r in records)
-            tags |= partition_range_tags(
-                pdef.get_partition_key_for_timestamp(first.replace(tzinfo=dt.UTC).timestamp()),
-                pdef.get_partition_key_for_timestamp(last.replace(tzinfo=dt.UTC).timestamp()),
+        if any(landing[n].partitions for n in accepted):
+            tags |= range_tags_for(
+                project,
+                min(r["first_partition"] for r in records),
+                max(r["last_partition"] for r in records),
             )
-        selection = [
-            dg.AssetKey([layer, n]) for n in accepted for layer in ("raw", "validated", "quarantine")
-        ]
-        selection += [dg.AssetKey([p, a]) for n in accepted for p in users[n] for a in LANDING_REFRESH]
+        selection = landing_selection({n: users[n] for n in accepted})
         batch = hashlib.sha256("".join(sorted(str(r["sha256"]) for r in records)).encode()).hexdigest()[:16]
-        request = dg.RunRequest(run_key=f"landing-{batch}", asset_selection=sorted(set(selection)), tags=tags)
+        request = dg.RunRequest(run_key=f"landing-{batch}", asset_selection=selection, tags=tags)
         return dg.SensorResult(run_requests=[request], cursor=json.dumps(seen))
 
     return _sensor

@@ -31,12 +31,13 @@ from sklearn.model_selection import KFold, TimeSeriesSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from ml_assets import registry
-from ml_assets.config import ParamRange, PipelineSpec
-from ml_assets.dataset import table_name
-from ml_assets.features import TARGET, FeatureTransform, features_table_name
-from ml_assets.metrics import all_metrics, best_f1_threshold, score
-from ml_assets.monitor import bounded_sample
+from ml_assets.core import registry
+from ml_assets.core.dataset import bounded_sample, table_name
+from ml_assets.core.errors import DatasetError
+from ml_assets.core.features import TARGET, FeatureTransform, features_table_name, transform_of
+from ml_assets.core.hashing import frame_fingerprint
+from ml_assets.core.metrics import all_metrics, best_f1_threshold, score
+from ml_assets.core.spec import ParamRange, PipelineSpec
 
 SAMPLE_ROWS = 2000
 LGB_METRIC = {"roc_auc": "auc", "pr_auc": "average_precision", "rmse": "rmse", "mae": "l1", "r2": "l2"}
@@ -70,7 +71,7 @@ def training_data(pipeline: PipelineSpec, frame: pl.DataFrame, transform: Featur
     else:
         classes = sorted(target.unique().drop_nulls().to_list())
         if pipeline.task == "binary" and len(classes) != 2:
-            raise ValueError(
+            raise DatasetError(
                 f"pipeline '{pipeline.name}': a binary target needs exactly 2 classes, got {classes}"
             )
         y_all = target.replace_strict({c: i for i, c in enumerate(classes)}, return_dtype=pl.Int32).to_numpy()
@@ -259,7 +260,7 @@ def train_model(
 ) -> TrainedModel:
     for name in ("train", "valid", "test"):
         if len(getattr(data, name).y) == 0:
-            raise ValueError(
+            raise DatasetError(
                 f"pipeline '{pipeline.name}': the {name} split is empty; check the split settings"
             )
     tuning = tune(pipeline, data, time_budget_s, max_trials)
@@ -294,12 +295,14 @@ Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 def train_and_register(
     connect: Connect,
     pipeline: PipelineSpec,
-    transform_path: Path,
+    transforms_dir: Path,
     models_root: Path,
     time_budget_s: float | None = None,
     max_trials: int | None = None,
+    run_id: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Train on `<pipeline>.features`, write a new model version folder and register it.
+    """Train on `<pipeline>.features`, write a new model version folder and register it, stamped with
+    `run_id` so the later stages of the same run judge exactly this version.
 
     The warehouse connection is held only to read features and to register, not while training, so
     other steps and runs can write to DuckDB meanwhile.
@@ -311,7 +314,7 @@ def train_and_register(
             f"SELECT * FROM (SELECT * FROM {table_name(pipeline)} WHERE _split = 'test') "
             f"USING SAMPLE reservoir({SAMPLE_ROWS} ROWS) REPEATABLE ({pipeline.model.seed})"
         ).pl()
-    transform = FeatureTransform.load(transform_path)
+    transform, transform_path = transform_of(frame, transforms_dir)
     data = training_data(pipeline, frame, transform)
     budget = time_budget_s if time_budget_s is not None else pipeline.model.time_budget_s
     trained = train_model(pipeline, data, budget, max_trials or pipeline.model.max_trials)
@@ -341,7 +344,7 @@ def train_and_register(
         "train_window": data.time_window,
         "test_start": str(test_ts.min()) if test_ts.len() else None,
         "data_end": str(frame.get_column("_ts").max()) if test_ts.len() else None,
-        "data_fingerprint": registry.frame_fingerprint(frame.filter(pl.col("_split") == "train")),
+        "data_fingerprint": frame_fingerprint(frame.filter(pl.col("_split") == "train")),
         "code_version": registry.code_version(),
         "cv": {
             "score": trained.tuning.best_cv_score,
@@ -380,5 +383,5 @@ def train_and_register(
     )
     manifest = registry.read_manifest(version_dir)
     with connect() as conn:
-        registry.register(conn, version_dir, manifest)
+        registry.register(conn, version_dir, manifest, run_id)
     return version_dir, manifest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ml_assets.config import PipelineSpec
+from ml_assets.core.spec import PipelineSpec
 
 
 def daily_drift_schedule(

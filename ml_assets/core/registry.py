@@ -13,15 +13,11 @@ are one DuckDB transaction: a crash leaves either both or neither.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import io
 import json
 import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,9 @@ import duckdb
 import polars as pl
 
 import ml_assets
-from ml_assets.ingest import sha256_file
+from ml_assets.core.errors import ArtifactError
+from ml_assets.core.hashing import sha256_file
+from ml_assets.core.store import ALIASES, DECISION_LOG, MODEL_VERSIONS, insert, transaction
 
 MODEL_FILE = "model.txt"
 TRANSFORM_FILE = "transform.json"
@@ -38,10 +36,6 @@ SAMPLE_FILE = "sample_rows.parquet"
 REFERENCE_FILE = "reference_features.parquet"
 MANIFEST_FILE = "manifest.json"
 CHAMPION, CHALLENGER = "champion", "challenger"
-
-
-class ArtifactError(RuntimeError):
-    """A model version's files are missing or do not match the hashes recorded at training time."""
 
 
 def new_version_id(now: dt.datetime | None = None) -> str:
@@ -63,12 +57,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"
     return f"ml_assets {ml_assets.__version__} ({sha})"
-
-
-def frame_fingerprint(frame: pl.DataFrame) -> str:
-    buffer = io.BytesIO()
-    frame.write_ipc(buffer, compression="uncompressed")
-    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 def write_version(
@@ -125,82 +113,48 @@ def read_manifest(version_dir: Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-SCHEMA = """
-CREATE SCHEMA IF NOT EXISTS registry;
-CREATE TABLE IF NOT EXISTS registry.model_versions (
-    version VARCHAR PRIMARY KEY,
-    pipeline VARCHAR NOT NULL,
-    created_at TIMESTAMP NOT NULL,
-    task VARCHAR,
-    metric VARCHAR,
-    cv_score DOUBLE,
-    test_score DOUBLE,
-    baseline_test_score DOUBLE,
-    train_start VARCHAR,
-    train_end VARCHAR,
-    data_fingerprint VARCHAR,
-    code_version VARCHAR,
-    model_sha256 VARCHAR,
-    path VARCHAR NOT NULL,
-    manifest JSON
-);
-CREATE TABLE IF NOT EXISTS registry.aliases (
-    pipeline VARCHAR NOT NULL,
-    alias VARCHAR NOT NULL,
-    version VARCHAR NOT NULL,
-    updated_at TIMESTAMP NOT NULL,
-    PRIMARY KEY (pipeline, alias)
-);
-CREATE TABLE IF NOT EXISTS registry.decision_log (
-    decided_at TIMESTAMP NOT NULL,
-    pipeline VARCHAR NOT NULL,
-    action VARCHAR NOT NULL,
-    challenger VARCHAR,
-    champion_before VARCHAR,
-    champion_after VARCHAR,
-    reason VARCHAR NOT NULL,
-    details JSON,
-    run_id VARCHAR
-);
-"""
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def _set_alias(conn: duckdb.DuckDBPyConnection, pipeline: str, alias: str, version: str) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO registry.aliases VALUES (?, ?, ?, ?)", [pipeline, alias, version, _now()]
+    insert(
+        conn,
+        ALIASES,
+        {"pipeline": pipeline, "alias": alias, "version": version, "updated_at": _now()},
+        replace=True,
     )
 
 
-@contextmanager
-def _transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
-    conn.execute(SCHEMA)
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def alias_version(conn: duckdb.DuckDBPyConnection, pipeline: str, alias: str) -> str | None:
-    conn.execute(SCHEMA)
     row = conn.execute(
-        "SELECT version FROM registry.aliases WHERE pipeline = ? AND alias = ?", [pipeline, alias]
+        f"SELECT version FROM {ALIASES} WHERE pipeline = ? AND alias = ?", [pipeline, alias]
     ).fetchone()
     return row[0] if row else None
 
 
-def version_dir(conn: duckdb.DuckDBPyConnection, version: str) -> Path:
-    conn.execute(SCHEMA)
-    row = conn.execute("SELECT path FROM registry.model_versions WHERE version = ?", [version]).fetchone()
+def version_dir(conn: duckdb.DuckDBPyConnection, version: str, pipeline: str | None = None) -> Path:
+    """The folder of a registered version; with `pipeline`, only if the version is one of its own."""
+    row = conn.execute(f"SELECT path, pipeline FROM {MODEL_VERSIONS} WHERE version = ?", [version]).fetchone()
     if row is None:
         raise ArtifactError(f"model version '{version}' is not registered")
+    if pipeline is not None and row[1] != pipeline:
+        raise ArtifactError(
+            f"model version '{version}' belongs to pipeline '{row[1]}', not '{pipeline}'; "
+            f"`ml-assets versions {pipeline}` lists its own versions"
+        )
     return Path(row[0])
+
+
+def version_of_run(conn: duckdb.DuckDBPyConnection, pipeline: str, run_id: str) -> str | None:
+    """The version a run trained: what the later stages of that same run must judge, whatever other runs
+    registered meanwhile."""
+    row = conn.execute(
+        f"SELECT version FROM {MODEL_VERSIONS} WHERE pipeline = ? AND run_id = ? "
+        "ORDER BY created_at DESC, version DESC LIMIT 1",
+        [pipeline, run_id],
+    ).fetchone()
+    return row[0] if row else None
 
 
 def record_decision(
@@ -214,32 +168,32 @@ def record_decision(
     run_id: str | None = None,
 ) -> None:
     """Log a decision and, when `new_champion` is given, move the champion alias, in one transaction."""
-    with _transaction(conn):
+    with transaction(conn):
         before = alias_version(conn, pipeline, CHAMPION)
         if new_champion is not None:
-            version_dir(conn, new_champion)  # refuse to point the alias at an unregistered version
+            version_dir(conn, new_champion, pipeline)  # never point the alias at another pipeline's model
             _set_alias(conn, pipeline, CHAMPION, new_champion)
-        conn.execute(
-            "INSERT INTO registry.decision_log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                _now(),
-                pipeline,
-                action,
-                challenger,
-                before,
-                new_champion or before,
-                reason,
-                json.dumps(details or {}, default=str),
-                run_id,
-            ],
+        insert(
+            conn,
+            DECISION_LOG,
+            {
+                "decided_at": _now(),
+                "pipeline": pipeline,
+                "action": action,
+                "challenger": challenger,
+                "champion_before": before,
+                "champion_after": new_champion or before,
+                "reason": reason,
+                "details": json.dumps(details or {}, default=str),
+                "run_id": run_id,
+            },
         )
 
 
 def previous_champion(conn: duckdb.DuckDBPyConnection, pipeline: str) -> str | None:
     """The champion before the latest change of champion (what a rollback returns to)."""
-    conn.execute(SCHEMA)
     row = conn.execute(
-        "SELECT champion_before FROM registry.decision_log WHERE pipeline = ? AND champion_before IS NOT NULL "
+        f"SELECT champion_before FROM {DECISION_LOG} WHERE pipeline = ? AND champion_before IS NOT NULL "
         "AND champion_after IS DISTINCT FROM champion_before ORDER BY decided_at DESC LIMIT 1",
         [pipeline],
     ).fetchone()
@@ -247,72 +201,68 @@ def previous_champion(conn: duckdb.DuckDBPyConnection, pipeline: str) -> str | N
 
 
 def decisions(conn: duckdb.DuckDBPyConnection, pipeline: str) -> pl.DataFrame:
-    conn.execute(SCHEMA)
     return conn.execute(
         "SELECT decided_at, action, challenger, champion_before, champion_after, reason "
-        "FROM registry.decision_log WHERE pipeline = ? ORDER BY decided_at",
+        f"FROM {DECISION_LOG} WHERE pipeline = ? ORDER BY decided_at",
         [pipeline],
     ).pl()
 
 
-def register(conn: duckdb.DuckDBPyConnection, version_dir: Path, manifest: dict[str, Any]) -> None:
-    """Register a version and make it the challenger, in one transaction."""
-    with _transaction(conn):
-        _insert_version(conn, version_dir, manifest)
+def register(
+    conn: duckdb.DuckDBPyConnection, version_dir: Path, manifest: dict[str, Any], run_id: str | None = None
+) -> None:
+    """Register a version (stamped with the run that trained it) and make it the challenger, atomically."""
+    with transaction(conn):
+        insert(
+            conn,
+            MODEL_VERSIONS,
+            {
+                "version": manifest["version"],
+                "pipeline": manifest["pipeline"],
+                "created_at": manifest["created_at"],
+                "task": manifest["task"],
+                "metric": manifest["metric"],
+                "cv_score": manifest["cv"]["score"],
+                "test_score": manifest["test_metrics"][manifest["metric"]],
+                "baseline_test_score": manifest["baseline_test_metrics"][manifest["metric"]],
+                "train_start": manifest["train_window"]["start"],
+                "train_end": manifest["train_window"]["end"],
+                "data_fingerprint": manifest["data_fingerprint"],
+                "code_version": manifest["code_version"],
+                "model_sha256": manifest["files"][MODEL_FILE],
+                "path": str(version_dir),
+                "manifest": json.dumps(manifest, default=str),
+                "run_id": run_id,
+            },
+        )
         _set_alias(conn, manifest["pipeline"], CHALLENGER, manifest["version"])
-
-
-def _insert_version(conn: duckdb.DuckDBPyConnection, version_dir: Path, manifest: dict[str, Any]) -> None:
-    conn.execute(
-        "INSERT INTO registry.model_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            manifest["version"],
-            manifest["pipeline"],
-            manifest["created_at"],
-            manifest["task"],
-            manifest["metric"],
-            manifest["cv"]["score"],
-            manifest["test_metrics"][manifest["metric"]],
-            manifest["baseline_test_metrics"][manifest["metric"]],
-            manifest["train_window"]["start"],
-            manifest["train_window"]["end"],
-            manifest["data_fingerprint"],
-            manifest["code_version"],
-            manifest["files"][MODEL_FILE],
-            str(version_dir),
-            json.dumps(manifest, default=str),
-        ],
-    )
 
 
 def versions(conn: duckdb.DuckDBPyConnection, pipeline: str) -> pl.DataFrame:
     """Every version of a pipeline with its status: an alias it holds, else the last decision about it."""
-    conn.execute(SCHEMA)
     return conn.execute(
-        """
+        f"""
         SELECT v.version, v.created_at,
                coalesce(a.alias, d.action, 'registered') AS status,
                v.metric, v.cv_score, v.test_score, v.baseline_test_score, v.path
-        FROM registry.model_versions v
-        LEFT JOIN (SELECT version, string_agg(alias, '+' ORDER BY alias) AS alias FROM registry.aliases
+        FROM {MODEL_VERSIONS} v
+        LEFT JOIN (SELECT version, string_agg(alias, '+' ORDER BY alias) AS alias FROM {ALIASES}
                    WHERE pipeline = $1 GROUP BY version) a USING (version)
         LEFT JOIN (SELECT challenger AS version, arg_max(action, decided_at) AS action
-                   FROM registry.decision_log WHERE pipeline = $1 GROUP BY 1) d USING (version)
+                   FROM {DECISION_LOG} WHERE pipeline = $1 GROUP BY 1) d USING (version)
         WHERE v.pipeline = $1 ORDER BY v.created_at, v.version
         """,
         [pipeline],
     ).pl()
 
 
-def latest_version_dir(conn: duckdb.DuckDBPyConnection, pipeline: str) -> Path:
-    conn.execute(SCHEMA)
+def latest_version(conn: duckdb.DuckDBPyConnection, pipeline: str) -> str:
     row = conn.execute(
-        "SELECT path FROM registry.model_versions WHERE pipeline = ? "
-        "ORDER BY created_at DESC, version DESC LIMIT 1",
+        f"SELECT version FROM {MODEL_VERSIONS} WHERE pipeline = ? ORDER BY created_at DESC, version DESC LIMIT 1",
         [pipeline],
     ).fetchone()
     if row is None:
         raise ArtifactError(
             f"pipeline '{pipeline}': no model version is registered yet; materialize its model"
         )
-    return Path(row[0])
+    return row[0]

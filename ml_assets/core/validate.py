@@ -8,36 +8,25 @@ so a failed validation never leaves a half-written pair.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 import duckdb
 
-from ml_assets.config import ColumnSpec, SourceSpec
-from ml_assets.resources import replace_rows
-
-DUCKDB_TYPES = {
-    "int": "BIGINT",
-    "float": "DOUBLE",
-    "str": "VARCHAR",
-    "bool": "BOOLEAN",
-    "datetime": "TIMESTAMP",
-    "date": "DATE",
-}
-LINEAGE = ("_source_file", "_source_row")
-# Each row's parsed time in a partitioned or incremental source's tables: what a partition replaces.
-EVENT_TIME = "_event_time"
-
-
-def drop_unpartitioned(conn: duckdb.DuckDBPyConnection, schema: str, name: str) -> None:
-    """Drop a table written before its source was partitioned: its rows have no _event_time, so no
-    partition could ever replace them and the new partitions' rows would duplicate them."""
-    columns = raw_columns(conn, schema, name)
-    if columns and EVENT_TIME not in columns:
-        conn.execute(f"DROP TABLE {schema}.{q(name)}")
-
-
-class ValidationFailure(RuntimeError):
-    """The raw data cannot be validated at all (e.g. a required column is missing)."""
+from ml_assets.core.errors import ValidationFailure
+from ml_assets.core.spec import ColumnSpec, SourceSpec
+from ml_assets.core.sql import (
+    DUCKDB_TYPES,
+    EVENT_TIME,
+    LINEAGE,
+    cast_expr,
+    drop_unpartitioned,
+    lit,
+    q,
+    replace_rows,
+    table_columns,
+)
+from ml_assets.core.store import CHECK_RESULTS, insert
 
 
 @dataclass(frozen=True)
@@ -47,24 +36,36 @@ class CheckOutcome:
     metadata: dict[str, object] = field(default_factory=dict)
 
 
-def q(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
+def record_check(
+    conn: duckdb.DuckDBPyConnection, asset: str, check: str, outcome: CheckOutcome, run_id: str | None
+) -> None:
+    """Keep a check's latest verdict beside the data it judges: a blocking check stops downstream steps
+    only inside its own run, so a consumer launched later reads this to refuse failed data."""
+    insert(
+        conn,
+        CHECK_RESULTS,
+        {
+            "asset": asset,
+            "check_name": check,
+            "passed": outcome.passed,
+            "description": outcome.description,
+            "run_id": run_id,
+            "checked_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
+        },
+        replace=True,
+    )
 
 
-def lit(value: object) -> str:
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    return repr(value)
-
-
-def cast_expr(ref: str, ctype: str) -> str:
-    """SQL casting the (string) SQL expression `ref` to a config type; NULL where it does not parse."""
-    if ctype == "str":
-        return f"CAST({ref} AS VARCHAR)"
-    if ctype == "datetime":
-        # Parse with or without an offset; store as naive UTC (the session zone is UTC).
-        return f"CAST(TRY_CAST({ref} AS TIMESTAMPTZ) AS TIMESTAMP)"
-    return f"TRY_CAST({ref} AS {DUCKDB_TYPES[ctype]})"
+def failed_checks(conn: duckdb.DuckDBPyConnection, assets: list[str]) -> list[str]:
+    """'asset:check' for every check of these assets whose latest verdict failed."""
+    if not assets:
+        return []
+    rows = conn.execute(
+        f"SELECT asset || ':' || check_name FROM {CHECK_RESULTS} WHERE NOT passed AND list_contains(?, asset) "
+        "ORDER BY 1",
+        [assets],
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str, str, str]]:
@@ -103,15 +104,6 @@ def _failure(rule: str, column: str, condition: str, reason: str) -> str:
     )
 
 
-def raw_columns(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> list[str]:
-    rows = conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
-        "ORDER BY ordinal_position",
-        [schema, table],
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
 @dataclass(frozen=True)
 class ValidationResult:
     raw_rows: int
@@ -126,7 +118,7 @@ def validate_source(
 ) -> ValidationResult:
     """Validate raw.<name>: all of it (tables replaced), or only the raw rows matching `where` (a
     partition window on _event_time: exactly those rows of validated/quarantine are replaced)."""
-    present = raw_columns(conn, "raw", name)
+    present = table_columns(conn, "raw", name)
     source = f"(SELECT * FROM raw.{q(name)} WHERE {where})" if where else f"raw.{q(name)}"
     files = [r[0] for r in conn.execute(f"SELECT DISTINCT _source_file FROM {source}").fetchall()]
     policy = spec.schema_evolution

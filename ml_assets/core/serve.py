@@ -1,0 +1,93 @@
+"""Serving: load a registered model version (hash-verified, no pickle) and score modelling-table rows.
+
+`python -m ml_assets.core.serve <version dir>` reloads a version in a fresh process and re-predicts the
+sample rows saved with it: the promotion gate's proof that what was trained is what will serve.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+
+from ml_assets.core.features import FeatureTransform
+from ml_assets.core.metrics import score
+from ml_assets.core.registry import MODEL_FILE, SAMPLE_FILE, TRANSFORM_FILE, read_manifest
+
+
+@dataclass(frozen=True)
+class ServableModel:
+    manifest: dict[str, Any]
+    transform: FeatureTransform
+    booster: lgb.Booster
+
+    @classmethod
+    def load(cls, version_dir: Path) -> ServableModel:
+        version_dir = Path(version_dir)
+        manifest = read_manifest(version_dir, verify=True)
+        booster = lgb.Booster(model_file=str(version_dir / MODEL_FILE))
+        return cls(manifest, FeatureTransform.load(version_dir / TRANSFORM_FILE), booster)
+
+    def predict_features(self, features: pl.DataFrame) -> np.ndarray:
+        return self.booster.predict(features.select(self.manifest["features"]).to_pandas())
+
+    def predict(self, rows: pl.DataFrame) -> np.ndarray:
+        """Scores for modelling-table rows: P(positive) (binary), class probabilities, or values."""
+        return self.predict_features(self.transform.apply(rows))
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold chosen at training time (binary); 0.5 otherwise."""
+        return float(self.manifest.get("decision_threshold", 0.5))
+
+    def labels(self, rows: pl.DataFrame) -> np.ndarray:
+        """The rows' targets encoded as the model predicts them (class index, or the value)."""
+        target = rows.get_column(self.manifest["target"])
+        if self.manifest["task"] == "regression":
+            return target.cast(pl.Float64).to_numpy()
+        mapping = {c: i for i, c in enumerate(self.manifest["classes"])}
+        return target.replace_strict(mapping, default=-1, return_dtype=pl.Int32).to_numpy()
+
+    def score(self, rows: pl.DataFrame, metric: str) -> float:
+        return score(self.manifest["task"], metric, self.labels(rows), self.predict(rows), self.threshold)
+
+
+def reproduces_training_predictions(version_dir: Path, tolerance: float = 1e-9) -> tuple[bool, str]:
+    """Load the version in a fresh Python process and re-predict its saved sample rows."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ml_assets.core.serve", str(version_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return (
+            False,
+            f"reloading {version_dir} in a fresh process failed: {lines[-1] if lines else proc.returncode}",
+        )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ok = result["max_abs_diff"] <= tolerance and result["rows"] > 0
+    return ok, (
+        f"fresh-process reload reproduces {result['rows']} training-time predictions "
+        f"(max abs diff {result['max_abs_diff']:.2e}, tolerance {tolerance:.0e})"
+    )
+
+
+def _reproduce(version_dir: Path) -> dict[str, float]:
+    model = ServableModel.load(version_dir)
+    rows = pl.read_parquet(version_dir / SAMPLE_FILE)
+    expected = rows.select(pl.col("^_prediction.*$")).to_numpy()
+    actual = np.asarray(model.predict(rows)).reshape(len(rows), -1)
+    return {"rows": len(rows), "max_abs_diff": float(np.abs(actual - expected).max()) if len(rows) else 0.0}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_reproduce(Path(sys.argv[1]))))

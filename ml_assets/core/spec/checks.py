@@ -1,0 +1,160 @@
+"""Cross-checks of a pipeline against its sources: every name it uses must exist, and no feature may
+read what is not known at prediction time. Each check raises ConfigError naming the field."""
+
+from __future__ import annotations
+
+import re
+
+from ml_assets.core.errors import ConfigError
+from ml_assets.core.metrics import REPORTED
+from ml_assets.core.spec.schema import METRICS, PipelineSpec, SourceSpec
+
+
+def modelling_columns(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> dict[str, str]:
+    """Columns of the modelling table mapped to where they come from, for error messages."""
+    columns = {c: f"source '{pipeline.base}'" for c in sources[pipeline.base].columns}
+    for join in pipeline.joins:
+        spec = sources[join.source]
+        right_keys = {*join.keys, *([join.asof.right] if join.asof else [])}
+        for col in join.columns or [c for c in spec.columns if c not in right_keys]:
+            out = join.prefix + col
+            if out in columns:
+                raise ConfigError(
+                    f"joins: column '{out}' from source '{join.source}' clashes with {columns[out]}; set a prefix"
+                )
+            columns[out] = f"join with '{join.source}'"
+    for name in pipeline.derived:
+        if name in columns:
+            # DuckDB would rename the new column (name_1) and the old one would silently win.
+            raise ConfigError(f"derived.{name}: '{name}' clashes with {columns[name]}; choose another name")
+        columns[name] = "derived"
+    return columns
+
+
+def sql_words(expr: str) -> set[str]:
+    """Identifier-like words of a SQL expression, without string literals."""
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", re.sub(r"'(?:[^']|'')*'", " ", expr)))
+
+
+def derived_reads(pipeline: PipelineSpec, column: str) -> set[str]:
+    """Lower-cased words a derived column's expression reads, following derived columns it reads in turn
+    (a later derived expression may use an earlier one's name)."""
+    derived = {name.lower(): expr for name, expr in pipeline.derived.items()}
+    seen: set[str] = set()
+    pending = [column.lower()]
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in derived:
+            continue
+        seen.add(name)
+        words = {w.lower() for w in sql_words(derived[name])}
+        pending += list(words - seen)
+        seen |= words - set(derived)
+    return seen - {column.lower()}
+
+
+def _check_metrics(pipeline: PipelineSpec) -> None:
+    metrics = METRICS[pipeline.task]
+    if pipeline.model.metric and pipeline.model.metric not in metrics:
+        raise ConfigError(
+            f"model.metric: expected one of {sorted(metrics)} for task '{pipeline.task}', "
+            f"got {pipeline.model.metric!r}"
+        )
+    for name in pipeline.gate.guarded_metrics:
+        if name not in REPORTED[pipeline.task]:
+            raise ConfigError(
+                f"gate.guarded_metrics: {name!r} is not a metric of task '{pipeline.task}'; "
+                f"expected one of {REPORTED[pipeline.task]}"
+            )
+
+
+def _check_joins(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> None:
+    if pipeline.base not in sources:
+        raise ConfigError(f"base: unknown source {pipeline.base!r}; known: {sorted(sources)}")
+    base_columns = sources[pipeline.base].columns
+    for i, join in enumerate(pipeline.joins):
+        if join.source not in sources:
+            raise ConfigError(f"joins.{i}.source: unknown source {join.source!r}; known: {sorted(sources)}")
+        right = sources[join.source].columns
+        for key in join.keys:
+            if key not in base_columns or key not in right:
+                raise ConfigError(
+                    f"joins.{i}.keys: key '{key}' must be a column of both '{pipeline.base}' "
+                    f"and '{join.source}'"
+                )
+        if join.asof and (join.asof.left not in base_columns or join.asof.right not in right):
+            raise ConfigError(
+                f"joins.{i}.asof: '{join.asof.left}' must be a column of '{pipeline.base}' and "
+                f"'{join.asof.right}' a column of '{join.source}'"
+            )
+        for col in join.columns or []:
+            if col not in right:
+                raise ConfigError(f"joins.{i}.columns: '{col}' is not a column of source '{join.source}'")
+
+
+def _check_columns_exist(pipeline: PipelineSpec, columns: dict[str, str]) -> None:
+    named = [
+        *(("id", c) for c in pipeline.id),
+        *(("gate.slices", c) for c in pipeline.gate.slices),
+        *(("timestamp", c) for c in [pipeline.timestamp] if c),
+        *(("leakage", c) for c in pipeline.leakage),
+        *(("target.source_columns", c) for c in pipeline.target.source_columns),
+    ]
+    for field_name, col in named:
+        if col not in columns:
+            raise ConfigError(f"{field_name}: '{col}' is not a column of the modelling table")
+    if pipeline.split.method == "time" and not pipeline.timestamp:
+        raise ConfigError("split.method: 'time' needs a pipeline timestamp column")
+    if pipeline.target.expr is None and pipeline.target.name not in columns:
+        raise ConfigError(
+            f"target.name: '{pipeline.target.name}' is not a column of the modelling table; "
+            "give target.expr to compute it"
+        )
+
+
+def _check_features(pipeline: PipelineSpec, columns: dict[str, str]) -> None:
+    forbidden = {
+        **{c: "listed under leakage (not known at prediction time)" for c in pipeline.leakage},
+        **{c: "what the target is computed from" for c in pipeline.target.source_columns},
+        pipeline.target.name: "the target",
+    }
+    seen: set[str] = set()
+    for i, feat in enumerate(pipeline.features):
+        if feat.name in seen:
+            raise ConfigError(f"features.{i}.name: duplicate feature '{feat.name}'")
+        seen.add(feat.name)
+        if feat.function:
+            continue
+        where = f"features.{i} ('{feat.name}')"
+        if feat.input_column not in columns:
+            raise ConfigError(
+                f"{where}: column '{feat.input_column}' is not a column of the modelling table; "
+                f"available: {sorted(columns)}"
+            )
+        if feat.input_column in forbidden:
+            raise ConfigError(f"{where}: column '{feat.input_column}' is {forbidden[feat.input_column]}")
+        # A derived column is only as clean as the columns its expression reads, directly or through
+        # other derived columns (DuckDB identifiers are case-insensitive).
+        leaked = sorted(derived_reads(pipeline, feat.input_column) & {c.lower() for c in forbidden})
+        if leaked:
+            reason = next(why for c, why in forbidden.items() if c.lower() == leaked[0])
+            raise ConfigError(f"{where}: derived column '{feat.input_column}' reads {leaked}, {reason}")
+
+
+def _check_monitoring(pipeline: PipelineSpec) -> None:
+    # A datetime feature becomes one column per part (departure -> departure_dayofweek).
+    for col in [*(pipeline.monitoring.columns or []), *pipeline.monitoring.column_thresholds]:
+        if not any(col == f.name or col.startswith(f"{f.name}_") for f in pipeline.features):
+            raise ConfigError(
+                f"monitoring: column '{col}' is not a feature; features: {[f.name for f in pipeline.features]}"
+            )
+
+
+def check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> None:
+    """Cross-field rules that need the sources: every name a pipeline uses must exist."""
+    _check_metrics(pipeline)
+    _check_joins(pipeline, sources)
+    columns = modelling_columns(pipeline, sources)
+    _check_columns_exist(pipeline, columns)
+    _check_features(pipeline, columns)
+    _check_monitoring(pipeline)

@@ -1,0 +1,148 @@
+"""Reading pipeline files: YAML, `extends` (deep merge), pydantic validation, and the project-wide
+cross-checks, with errors that name the file and the field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ml_assets.core.errors import ConfigError
+from ml_assets.core.spec.checks import check_pipeline
+from ml_assets.core.spec.schema import PipelineSpec, Project, SourceSpec
+
+PIPELINES_DIR_ENV = "ML_ASSETS_PIPELINES_DIR"
+
+
+def _format_pydantic(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        got = err.get("input")
+        suffix = (
+            f" (got {got!r})" if got is not None and err["type"] not in ("missing", "extra_forbidden") else ""
+        )
+        if isinstance(got, dict):
+            suffix = ""
+        lines.append(f"{path}: {where}: {msg}{suffix}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of pipeline fields at the top level")
+    return raw
+
+
+def deep_merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """The child's fields over the parent's, as in a JSON merge patch (RFC 7386): mappings merge key by
+    key at every depth, `null` drops the parent's value (the field's default applies), and anything else
+    (lists, scalars) replaces the parent's value whole."""
+    out = dict(parent)
+    for key, value in child.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict):
+            # Also into an absent block, so a null inside it still means "the default".
+            out[key] = deep_merge(out.get(key) if isinstance(out.get(key), dict) else {}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _with_parent(raw: dict[str, Any], path: Path, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Resolve `extends: <pipeline>`: the parent's fields deep-merged with the child's (see deep_merge);
+    the parent's own sources become shared sources (defined once, ingested once)."""
+    parent_name = raw.get("extends")
+    if parent_name is None:
+        return raw
+    parent_path = path.parent / f"{parent_name}.yaml"
+    if parent_name in chain or not parent_path.exists():
+        problem = (
+            "circular extends" if parent_name in chain else f"no pipeline file {parent_path.name} beside it"
+        )
+        raise ConfigError(f"{path}: extends: {problem} (got {parent_name!r})")
+    parent = _with_parent(_read_yaml(parent_path), parent_path, (*chain, path.stem))
+    inherited = {k: v for k, v in parent.items() if k not in ("sources", "name", "extends")}
+    inherited["shared_sources"] = [*parent.get("shared_sources", []), *parent.get("sources", {})]
+    return deep_merge(inherited, {k: v for k, v in raw.items() if k != "extends"})
+
+
+def load_pipeline_file(path: Path) -> PipelineSpec:
+    raw = _with_parent(_read_yaml(path), path)
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_pydantic(path, exc)) from exc
+    if spec.name != path.stem:
+        raise ConfigError(f"{path}: name: must match the file name '{path.stem}' (got {spec.name!r})")
+    return spec
+
+
+def load_project(directory: Path) -> Project:
+    """Load and cross-check every `*.yaml` pipeline file of a directory."""
+    directory = Path(directory)
+    files = sorted(directory.glob("*.yaml"))
+    if not files:
+        raise ConfigError(f"{directory}: no pipeline files (*.yaml) found")
+    pipelines: dict[str, PipelineSpec] = {}
+    sources: dict[str, SourceSpec] = {}
+    source_files: dict[str, Path] = {}
+    pipeline_files: dict[str, Path] = {}
+    for path in files:
+        spec = load_pipeline_file(path)
+        if spec.name in pipelines:
+            raise ConfigError(
+                f"{path}: name: pipeline '{spec.name}' is also defined in {pipeline_files[spec.name]}"
+            )
+        pipelines[spec.name] = spec
+        pipeline_files[spec.name] = path
+        for name, source in spec.sources.items():
+            if name in source_files:
+                raise ConfigError(
+                    f"{path}: sources.{name}: source already defined in {source_files[name]}; "
+                    "list it under shared_sources instead"
+                )
+            sources[name] = source
+            source_files[name] = path
+    partitioned = {n: s.partitions for n, s in sources.items() if s.partitions}
+    if len(set(partitioned.values())) > 1:
+        raise ConfigError(
+            f"{directory}: partitions: partitioned sources must share one time axis (same granularity, start "
+            f"and end), got {partitioned}"
+        )
+    for name, spec in pipelines.items():
+        path = pipeline_files[name]
+        for shared in spec.shared_sources:
+            if shared not in sources:
+                raise ConfigError(f"{path}: shared_sources: no pipeline file defines source {shared!r}")
+        try:
+            check_pipeline(spec, {s: sources[s] for s in [*spec.sources, *spec.shared_sources]})
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    return Project(directory, pipelines, sources, source_files, pipeline_files)
+
+
+def default_pipelines_dir() -> Path:
+    return Path(__file__).parents[2] / "pipelines"
+
+
+def pipelines_dir() -> Path:
+    """The pipelines directory in use: $ML_ASSETS_PIPELINES_DIR, or the pipelines shipped in the package."""
+    return Path(os.environ.get(PIPELINES_DIR_ENV) or default_pipelines_dir())
+
+
+def load_default_project() -> Project:
+    return load_project(pipelines_dir())

@@ -1,0 +1,93 @@
+"""Modelling assets of a pipeline: `<pipeline>/modelling_table` (validated sources joined, derived
+columns, target, split) and `<pipeline>/features` (the config's transform, fitted on train only)."""
+
+from typing import Any
+
+import dagster as dg
+
+from ml_assets.core import dataset
+from ml_assets.core.features import build_features
+from ml_assets.core.spec import PipelineSpec, Project
+from ml_assets.core.sql import q
+from ml_assets.orchestration.checks import require_passing_checks
+from ml_assets.orchestration.failures import user_errors_as_failures
+from ml_assets.orchestration.metadata import table_metadata
+from ml_assets.orchestration.resources import ArtifactStore, Warehouse
+
+
+def pipeline_key(pipeline: PipelineSpec, name: str) -> dg.AssetKey:
+    return dg.AssetKey([pipeline.name, name])
+
+
+def common(pipeline: PipelineSpec) -> dict[str, Any]:
+    """What every asset of a pipeline's group shares."""
+    return {
+        "group_name": pipeline.name,
+        "tags": {"pipeline": pipeline.name, "task": pipeline.task},
+        # Unpartitioned, but the CLI runs a partition range over a selection only if every asset in it
+        # declares single-run backfills (`dagster asset materialize --select '*' --partition-range ...`).
+        "backfill_policy": dg.BackfillPolicy.single_run(),
+    }
+
+
+def modelling_table_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefinition:
+    sources = project.sources_of(pipeline)
+    upstream = [
+        dg.AssetKey(["validated", s]) for s in sorted({pipeline.base, *(j.source for j in pipeline.joins)})
+    ]
+
+    @dg.asset(
+        key=pipeline_key(pipeline, "modelling_table"),
+        deps=upstream,
+        kinds={"duckdb"},
+        **common(pipeline),
+        description=f"Rows of '{pipeline.base}' joined with {[j.source for j in pipeline.joins]}, derived "
+        f"columns, the target '{pipeline.target.name}' and the time split (_split).",
+    )
+    def modelling_table(warehouse: Warehouse) -> dg.MaterializeResult:
+        with warehouse.get_connection() as conn:
+            require_passing_checks(conn, upstream)
+            result = user_errors_as_failures(lambda: dataset.build_modelling_table(conn, pipeline, sources))
+            meta = table_metadata(conn, dataset.table_name(pipeline))
+        return dg.MaterializeResult(
+            metadata={
+                **meta,
+                "base_rows": result.base_rows,
+                "dropped_missing_target": result.dropped_missing_target,
+                "outside_training_window": result.outside_window,
+                "missing_target_reason": pipeline.target.missing_reason or "(not given)",
+                "split_rows": dg.MetadataValue.json(result.split_rows),
+            }
+        )
+
+    return modelling_table
+
+
+def features_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
+    table_key = pipeline_key(pipeline, "modelling_table")
+
+    @dg.asset(
+        key=pipeline_key(pipeline, "features"),
+        deps=[table_key],
+        kinds={"polars", "duckdb"},
+        **common(pipeline),
+        description="Features declared in the config, fitted on the training split only; the fitted "
+        "transform is saved as JSON (named by its sha256) for batch and online scoring.",
+    )
+    def features(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
+        folder = artifacts.transforms(pipeline.name)
+        with warehouse.get_connection() as conn:
+            require_passing_checks(conn, [table_key])
+            result = user_errors_as_failures(lambda: build_features(conn, pipeline, folder))
+            meta = table_metadata(conn, f"{q(pipeline.name)}.features")
+        return dg.MaterializeResult(
+            metadata={
+                **meta,
+                "transform": dg.MetadataValue.path(str(folder / f"{result.transform_sha256}.json")),
+                "transform_sha256": result.transform_sha256,
+                "features": dg.MetadataValue.json(result.columns),
+                "categorical_vocabulary_sizes": dg.MetadataValue.json(result.vocabulary_sizes),
+            }
+        )
+
+    return features

@@ -1,0 +1,114 @@
+"""Monitoring assets of a pipeline, in lineage order: `<pipeline>/champion` (the rollback check: which
+version serves now), then `performance` (its real metric per labelled period) and `drift_report` (its
+inputs' drift). Both monitors read the champion the champion asset settled on, in the same run."""
+
+import dagster as dg
+import polars as pl
+
+from ml_assets.core import drift, performance
+from ml_assets.core import promotion as gate
+from ml_assets.core.spec import PipelineSpec
+from ml_assets.orchestration.assets.modelling import common, pipeline_key
+from ml_assets.orchestration.failures import user_errors_as_failures
+from ml_assets.orchestration.metadata import decision_metadata, md_table
+from ml_assets.orchestration.resources import ArtifactStore, Warehouse
+
+
+def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=pipeline_key(pipeline, "champion"),
+        deps=[pipeline_key(pipeline, "modelling_table"), pipeline_key(pipeline, "promotion")],
+        kinds={"lightgbm"},
+        **common(pipeline),
+        description=f"The serving champion after the rollback check: it is compared with the previous champion "
+        f"on the last {pipeline.gate.monitor_days} days of labelled data and rolled back when it trails by "
+        f"more than {pipeline.gate.rollback_margin}. Upstream of both monitors, so they judge the champion "
+        "that serves.",
+    )
+    def champion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+        decision = user_errors_as_failures(
+            lambda: gate.check_champion(warehouse.get_connection, pipeline, context.run_id)
+        )
+        with warehouse.get_connection() as conn:
+            meta = decision_metadata(decision, conn, pipeline)
+        return dg.MaterializeResult(metadata={**meta, "rollback_check": decision.reason})
+
+    return champion
+
+
+def performance_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=pipeline_key(pipeline, "performance"),
+        deps=[pipeline_key(pipeline, "modelling_table"), pipeline_key(pipeline, "champion")],
+        kinds={"lightgbm"},
+        **common(pipeline),
+        description=f"The champion's real {pipeline.metric} per {pipeline.monitoring.performance.period} of "
+        "labelled data it never learned from, against its test score (monitor.performance_history, which the "
+        "retraining sensor reads).",
+    )
+    def performance_report(warehouse: Warehouse) -> dg.MaterializeResult:
+        if not pipeline.timestamp:
+            return dg.MaterializeResult(metadata={"status": "no timestamp: no labelled periods to score"})
+        run = user_errors_as_failures(lambda: performance.run_performance(warehouse.get_connection, pipeline))
+        if run is None or run.periods.height == 0:
+            return dg.MaterializeResult(metadata={"status": "no champion or no labelled rows yet"})
+        latest = run.periods.row(-1, named=True)
+        shown = run.periods.sort("period_start", descending=True).with_columns(
+            pl.col("score", "change").round(4)
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "scored_champion": run.champion,
+                # A float per materialization: the UI plots the champion's real metric over time.
+                f"latest_period_{run.metric}": latest["score"],
+                f"champion_expected_{run.metric}": run.expected,
+                "latest_period": f"{latest['period_start']:%Y-%m-%d} ({latest['rows']} rows)",
+                "degraded_periods": int(run.periods.get_column("degraded").sum()),
+                "periods": md_table(shown, limit=26),
+            }
+        )
+
+    return performance_report
+
+
+def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
+    spec = pipeline.monitoring
+
+    @dg.asset(
+        key=pipeline_key(pipeline, "drift_report"),
+        deps=[pipeline_key(pipeline, "modelling_table"), pipeline_key(pipeline, "champion")],
+        kinds={"evidently"},
+        **common(pipeline),
+        description=f"Evidently drift of the champion's inputs: its training reference against the last "
+        f"{spec.window_days} days, each bounded to {spec.sample_rows} rows. Appends to monitor.drift_runs / "
+        "monitor.drift_history, which the retraining sensor reads.",
+    )
+    def drift_report(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
+        run = user_errors_as_failures(
+            lambda: drift.run_drift(warehouse.get_connection, pipeline, artifacts.reports)
+        )
+        if run is None:
+            return dg.MaterializeResult(metadata={"status": "no champion yet: nothing to monitor"})
+        with warehouse.get_connection() as conn:
+            history = drift.drift_runs(conn, pipeline.name)
+        columns = pl.DataFrame(
+            [(c.column, c.method, round(c.score, 4), c.threshold, c.drifted) for c in run.result.columns],
+            schema=["column", "method", "score", "threshold", "drifted"],
+            orient="row",
+        ).sort("score", descending=True)
+        return dg.MaterializeResult(
+            metadata={
+                "drift_share": run.result.drift_share,
+                "dataset_drift": run.result.dataset_drift,
+                "drifted_columns": dg.MetadataValue.json(run.result.drifted),
+                "columns": md_table(columns, limit=40),
+                "report": dg.MetadataValue.path(str(run.report)),
+                "champion": run.champion,
+                "window": f"{run.window_start} to {run.window_end}",
+                "rows_current_reference": f"{run.result.current_rows} / {run.result.reference_rows}",
+                "drift_runs": md_table(history.sort("computed_at", descending=True), limit=10),
+                "drift_run": run.id,
+            }
+        )
+
+    return drift_report

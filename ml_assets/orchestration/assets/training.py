@@ -1,0 +1,146 @@
+"""Training assets of a pipeline: `<pipeline>/model` (a new registered version), `evaluation` (its
+report) and `promotion` (the gate's verdict on it).
+
+Hand-off by lineage, not by "latest": the model step stamps the version it registers with its run id,
+and evaluation and promotion judge the version their own run trained. Only when one of them is
+materialized without the model in its run does it fall back to the registry's challenger.
+"""
+
+import dagster as dg
+
+from ml_assets.core import promotion as gate
+from ml_assets.core import registry
+from ml_assets.core.evaluate import evaluate_version, markdown_summary
+from ml_assets.core.spec import PipelineSpec
+from ml_assets.core.train import train_and_register
+from ml_assets.orchestration.assets.modelling import common, pipeline_key
+from ml_assets.orchestration.failures import user_errors_as_failures
+from ml_assets.orchestration.metadata import decision_metadata, md_table
+from ml_assets.orchestration.resources import ArtifactStore, TrainingOverrides, Warehouse
+
+VERDICT = {"promote": "PROMOTED", "promote_first": "PROMOTED (first champion)", "refuse": "REFUSED"}
+
+
+def version_under_judgement(warehouse: Warehouse, pipeline: PipelineSpec, run_id: str) -> str:
+    """The version this run trained, or (materialized alone) the registry's challenger."""
+    with warehouse.get_connection() as conn:
+        version = registry.version_of_run(conn, pipeline.name, run_id) or registry.alias_version(
+            conn, pipeline.name, registry.CHALLENGER
+        )
+    if version is None:
+        raise dg.Failure(
+            description=f"pipeline '{pipeline.name}': no model version is registered yet; materialize its model",
+            allow_retries=False,
+        )
+    return version
+
+
+def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=pipeline_key(pipeline, "model"),
+        deps=[pipeline_key(pipeline, "features")],
+        kinds={"lightgbm", "scikit-learn"},
+        **common(pipeline),
+        description=f"LightGBM tuned by {'time-series' if pipeline.split.method == 'time' else 'k-fold'} "
+        f"CV on {pipeline.metric} within a time budget, and a linear baseline; registered "
+        "as a new model version (text model + JSON manifest), stamped with this run.",
+    )
+    def model(
+        context: dg.AssetExecutionContext,
+        warehouse: Warehouse,
+        artifacts: ArtifactStore,
+        training: TrainingOverrides,
+    ) -> dg.MaterializeResult:
+        version_dir, manifest = user_errors_as_failures(
+            lambda: train_and_register(
+                warehouse.get_connection,
+                pipeline,
+                artifacts.transforms(pipeline.name),
+                artifacts.models,
+                training.time_budget_s,
+                training.max_trials,
+                context.run_id,
+            )
+        )
+        metric = manifest["metric"]
+        return dg.MaterializeResult(
+            metadata={
+                "version": manifest["version"],
+                "path": dg.MetadataValue.path(str(version_dir)),
+                f"cv_{metric}": manifest["cv"]["score"],
+                f"test_{metric}": manifest["test_metrics"][metric],
+                f"baseline_test_{metric}": manifest["baseline_test_metrics"][metric],
+                "trials": len(manifest["cv"]["trials"]),
+                "best_iteration": manifest["best_iteration"],
+                "params": dg.MetadataValue.json(manifest["params"]),
+                "train_window": dg.MetadataValue.json(manifest["train_window"]),
+                "data_fingerprint": manifest["data_fingerprint"],
+                "code_version": manifest["code_version"],
+            }
+        )
+
+    return model
+
+
+def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=pipeline_key(pipeline, "evaluation"),
+        deps=[pipeline_key(pipeline, "model")],
+        kinds={"html", "matplotlib"},
+        **common(pipeline),
+        description="Test metrics of the version this run trained next to the baseline, plots and an "
+        "HTML report.",
+    )
+    def evaluation(
+        context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
+    ) -> dg.MaterializeResult:
+        version = version_under_judgement(warehouse, pipeline, context.run_id)
+        with warehouse.get_connection() as conn:
+            version_dir = user_errors_as_failures(lambda: registry.version_dir(conn, version, pipeline.name))
+            history = registry.versions(conn, pipeline.name)
+        ev = user_errors_as_failures(lambda: evaluate_version(version_dir, artifacts.reports))
+        headline = {f"model_{m}": float(v) for m, v in ev.model.items()}
+        headline |= {f"baseline_{m}": float(v) for m, v in ev.baseline.items()}
+        return dg.MaterializeResult(
+            metadata={
+                **headline,
+                "version": ev.version,
+                "beats_baseline": ev.beats_baseline,
+                "report": dg.MetadataValue.path(str(ev.report_path)),
+                "summary": dg.MetadataValue.md(markdown_summary(ev, pipeline.name)),
+                "plots": dg.MetadataValue.json({k: str(v) for k, v in ev.plots.items()}),
+                "model_versions": md_table(history.sort("created_at", descending=True), limit=20),
+            }
+        )
+
+    return evaluation
+
+
+def promotion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=pipeline_key(pipeline, "promotion"),
+        deps=[pipeline_key(pipeline, "model"), pipeline_key(pipeline, "evaluation")],
+        kinds={"lightgbm"},
+        **common(pipeline),
+        description="Promotion gate: the version this run trained replaces the champion only if its primary "
+        "metric is significantly better (paired bootstrap) on the latest holdout, no guarded metric or slice "
+        "regresses, and it reproduces its predictions in a fresh process. The verdict is logged either way.",
+    )
+    def promotion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+        version = version_under_judgement(warehouse, pipeline, context.run_id)
+        # What launched this run (e.g. the drift result behind a sensor's retrain) goes into the log.
+        trigger = {k: v for k, v in context.run.tags.items() if k.startswith("ml_assets/")}
+        decision = user_errors_as_failures(
+            lambda: gate.promote_or_refuse(
+                warehouse.get_connection, pipeline, version, context.run_id, trigger
+            )
+        )
+        with warehouse.get_connection() as conn:
+            meta = decision_metadata(decision, conn, pipeline)
+        summary = (
+            f"### {VERDICT.get(decision.action, decision.action.upper())}: challenger {decision.challenger}\n\n"
+            f"{decision.reason}\n\nChampion now: `{decision.champion_after}` (was `{decision.champion_before}`)"
+        )
+        return dg.MaterializeResult(metadata={**meta, "verdict": dg.MetadataValue.md(summary)})
+
+    return promotion

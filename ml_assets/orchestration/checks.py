@@ -1,0 +1,94 @@
+"""Blocking asset checks on the tables the core builds, and the consumer-side guard across runs.
+
+A failed blocking check stops downstream steps only inside its own run. Every check therefore also
+records its verdict in the warehouse (core.validate.record_check), and the assets that read checked
+tables refuse to build on data whose latest verdict failed, whichever run produced it.
+"""
+
+from collections.abc import Callable
+
+import dagster as dg
+import duckdb
+
+from ml_assets.core import dataset, validate
+from ml_assets.core.spec import PipelineSpec, SourceSpec
+from ml_assets.core.validate import CheckOutcome
+from ml_assets.orchestration.metadata import as_metadata
+from ml_assets.orchestration.resources import Warehouse
+
+Outcome = Callable[[duckdb.DuckDBPyConnection], CheckOutcome]
+
+
+def table_check(key: dg.AssetKey, name: str, description: str, outcome: Outcome) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=key, name=name, description=description, blocking=True)
+    def _run(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
+        with warehouse.get_connection() as conn:
+            result = outcome(conn)
+            validate.record_check(conn, key.to_user_string(), name, result, context.run.run_id)
+        return dg.AssetCheckResult(
+            passed=result.passed, description=result.description, metadata=as_metadata(result.metadata)
+        )
+
+    return _run
+
+
+def source_checks(name: str, spec: SourceSpec) -> list[dg.AssetChecksDefinition]:
+    key = dg.AssetKey(["validated", name])
+    rules: list[tuple[str, str, Outcome]] = [
+        (
+            "schema_matches_config",
+            "Columns and types equal the config.",
+            lambda c: validate.check_schema(c, name, spec),
+        ),
+        (
+            "row_conservation",
+            "raw rows = validated + quarantined rows.",
+            lambda c: validate.check_row_conservation(c, name),
+        ),
+        (
+            "unique_ids",
+            f"No two rows share the id {spec.id}.",
+            lambda c: validate.check_unique_ids(c, name, spec),
+        ),
+        (
+            "value_rules_hold",
+            "Ranges, allowed values, not-null and patterns hold on every row.",
+            lambda c: validate.check_rules(c, name, spec),
+        ),
+        (
+            "quarantine_share",
+            f"At most {spec.max_quarantine_share:.1%} of rows quarantined: "
+            "more means a broken batch, which must not reach training.",
+            lambda c: validate.check_quarantine_share(c, name, spec),
+        ),
+    ]
+    return [table_check(key, n, d, o) for n, d, o in rules]
+
+
+def modelling_checks(pipeline: PipelineSpec) -> list[dg.AssetChecksDefinition]:
+    key = dg.AssetKey([pipeline.name, "modelling_table"])
+    return [
+        table_check(
+            key,
+            "target_not_null",
+            f"Every row has a target '{pipeline.target.name}'.",
+            lambda c: dataset.check_target_not_null(c, pipeline),
+        ),
+        table_check(
+            key,
+            "splits_populated",
+            "Train, validation and test splits all have rows.",
+            lambda c: dataset.check_splits_populated(c, pipeline),
+        ),
+    ]
+
+
+def require_passing_checks(conn: duckdb.DuckDBPyConnection, upstream: list[dg.AssetKey]) -> None:
+    """Refuse to build on an upstream table whose latest check verdict failed (see the module's doc)."""
+    failed = validate.failed_checks(conn, [k.to_user_string() for k in upstream])
+    if failed:
+        raise dg.Failure(
+            description=f"upstream check(s) failed: {', '.join(failed)}; fix the data and re-materialize "
+            "the upstream asset(s) before this one",
+            allow_retries=False,
+        )

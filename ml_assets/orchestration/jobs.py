@@ -1,0 +1,65 @@
+"""Jobs: one per pipeline (everything it needs), its retrain and drift jobs (what the sensor and the
+schedule launch), and the landing job (what a landed batch refreshes)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ml_assets.core.spec import PipelineSpec, Project
+from ml_assets.orchestration.assets import LANDING_REFRESH
+from ml_assets.orchestration.assets.sources import source_keys
+
+LANDING_JOB = "landing_ingest_job"
+
+
+def pipeline_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        f"{pipeline.name}_job",
+        selection=dg.AssetSelection.groups(pipeline.name).upstream().required_multi_asset_neighbors(),
+        description=f"Everything pipeline '{pipeline.name}' needs, from raw sources to its monitors.",
+    )
+
+
+def retrain_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        f"{pipeline.name}_retrain_job",
+        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "modelling_table"])).downstream(),
+        description=f"Rebuild '{pipeline.name}' from the validated tables: features, model, evaluation, "
+        "promotion gate, monitors.",
+    )
+
+
+def drift_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        f"{pipeline.name}_drift_job",
+        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "drift_report"])),
+        description=f"Recompute the drift report of '{pipeline.name}'s champion.",
+    )
+
+
+def landing_users(project: Project) -> dict[str, list[str]]:
+    """Landing source -> the pipelines that read it."""
+    return {
+        name: [p for p, spec in project.pipelines.items() if name in project.sources_of(spec)]
+        for name, source in project.sources.items()
+        if source.landing
+    }
+
+
+def landing_selection(users: dict[str, list[str]]) -> list[dg.AssetKey]:
+    """What landed files of these sources refresh: their source tables, then each reader's monitors."""
+    keys = [key for name in users for key in source_keys(name)]
+    keys += [dg.AssetKey([p, a]) for readers in users.values() for p in readers for a in LANDING_REFRESH]
+    return sorted(set(keys))
+
+
+def landing_job(project: Project) -> dg.UnresolvedAssetJobDefinition | None:
+    users = landing_users(project)
+    if not users:
+        return None
+    return dg.define_asset_job(
+        LANDING_JOB,
+        selection=dg.AssetSelection.assets(*landing_selection(users)),
+        description="Ingest landed files (the partitions they touch), then refresh the modelling tables, "
+        "champion checks, performance and drift reports that read them. Launched by the landing_zone sensor.",
+    )

@@ -1,0 +1,53 @@
+"""The project's time axis as Dagster partitions, and run tags that make one run cover a range of them."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+
+from ml_assets.core.ingest import TimeWindow
+from ml_assets.core.spec import PartitionSpec, Project
+
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+def partitions_def(spec: PartitionSpec) -> dg.TimeWindowPartitionsDefinition:
+    cls = {
+        "daily": dg.DailyPartitionsDefinition,
+        "weekly": dg.WeeklyPartitionsDefinition,
+        "monthly": dg.MonthlyPartitionsDefinition,
+    }[spec.granularity]
+    # Weeks begin on the start date's weekday (Dagster's default is Sunday).
+    offset = {"day_offset": spec.start.isoweekday() % 7} if spec.granularity == "weekly" else {}
+    return cls(start_date=str(spec.start), end_date=str(spec.end) if spec.end else None, **offset)
+
+
+def partition_range_tags(first: str, last: str) -> dict[str, str]:
+    """Run tags that make one run cover partitions first..last (partitioned assets run once, as a range)."""
+    return {RANGE_START: first, RANGE_END: last}
+
+
+def all_partitions_tags(project: Project) -> dict[str, str]:
+    """Range tags covering every partition of the project's time axis (none when nothing is partitioned)."""
+    if project.time_axis is None:
+        return {}
+    pdef = partitions_def(project.time_axis)
+    return partition_range_tags(pdef.get_first_partition_key(), pdef.get_last_partition_key())
+
+
+def range_tags_for(project: Project, first: dt.datetime, last: dt.datetime) -> dict[str, str]:
+    """Range tags from the partition holding `first` to the one holding `last` (naive UTC times)."""
+    if project.time_axis is None:
+        return {}
+    pdef = partitions_def(project.time_axis)
+    return partition_range_tags(
+        pdef.get_partition_key_for_timestamp(first.replace(tzinfo=dt.UTC).timestamp()),
+        pdef.get_partition_key_for_timestamp(last.replace(tzinfo=dt.UTC).timestamp()),
+    )
+
+
+def run_window(context: dg.AssetExecutionContext) -> TimeWindow:
+    """The time window a partitioned step covers; one run may cover a range (single-run backfill)."""
+    tw = context.partition_time_window
+    return TimeWindow(start=tw.start.replace(tzinfo=None), end=tw.end.replace(tzinfo=None))

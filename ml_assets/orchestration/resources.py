@@ -1,0 +1,58 @@
+"""Dagster resources: the DuckDB warehouse, the artifact store, and per-launch training overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+from dagster import ConfigurableResource
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from ml_assets.core.store import connect
+
+
+class Warehouse(DuckDBResource):
+    """The project's DuckDB file: raw, validated, quarantine, feature, registry and monitoring tables.
+
+    Connections are short-lived (opened per step, closed on error too) and wait while another process
+    holds the file's single write lock, with the platform's tables migrated on open.
+    """
+
+    @contextmanager
+    def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with connect(self.database) as conn:
+            yield conn
+
+
+class ArtifactStore(ConfigurableResource):
+    """Root folder for files: model versions, feature transforms and reports."""
+
+    root: str
+
+    def path(self, *parts: str) -> Path:
+        out = Path(self.root).joinpath(*parts)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def transforms(self, pipeline: str) -> Path:
+        """Fitted feature transforms of a pipeline, each named by its sha256."""
+        return Path(self.root) / "features" / pipeline
+
+    @property
+    def models(self) -> Path:
+        return Path(self.root) / "models"
+
+    @property
+    def reports(self) -> Path:
+        return Path(self.root) / "reports"
+
+
+class TrainingOverrides(ConfigurableResource):
+    """Overrides of every pipeline's tuning budget for one launch (the CLI's --time-budget/--max-trials,
+    or the launchpad's resource config); unset, each pipeline's model settings apply."""
+
+    time_budget_s: float | None = Field(None, description="Seconds of hyper-parameter search per model")
+    max_trials: int | None = Field(None, description="At most this many search trials per model")

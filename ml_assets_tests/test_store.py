@@ -1,0 +1,407 @@
+"""The warehouse store on real DuckDB files: a fresh data directory gets every platform table, an old one
+is upgraded in place once, a newer one is refused untouched, a failing migration leaves nothing behind,
+rows are inserted by column name, and a file held by another process is waited for."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from ml_assets.core import store
+from ml_assets.core.errors import StoreError
+
+PLATFORM_TABLES = {
+    "registry.model_versions",
+    "registry.aliases",
+    "registry.decision_log",
+    "monitor.drift_runs",
+    "monitor.drift_history",
+    "monitor.performance_history",
+    "monitor.check_results",
+    "ingest.landing_files",
+}
+
+
+def tables(conn: duckdb.DuckDBPyConnection) -> set[str]:
+    return {
+        f"{schema}.{name}"
+        for schema, name in conn.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables"
+        ).fetchall()
+    }
+
+
+def columns(conn: duckdb.DuckDBPyConnection, qualified: str) -> list[str]:
+    schema, name = qualified.split(".")
+    return [
+        row[0]
+        for row in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
+            "ORDER BY ordinal_position",
+            [schema, name],
+        ).fetchall()
+    ]
+
+
+def version_rows(conn: duckdb.DuckDBPyConnection) -> list[tuple]:
+    return conn.execute(
+        f"SELECT version, description, applied_at FROM {store.SCHEMA_VERSION} ORDER BY version"
+    ).fetchall()
+
+
+def snapshot(path: Path) -> dict[str, list[tuple]]:
+    """Every table's name, columns and rows, read without the store (so nothing is migrated)."""
+    conn = duckdb.connect(str(path), read_only=True)
+    try:
+        return {
+            table: [
+                tuple(columns(conn, table)),
+                *sorted(map(repr, conn.execute(f"SELECT * FROM {table}").fetchall())),
+            ]
+            for table in sorted(tables(conn))
+        }
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path) -> Path:
+    return store.warehouse_path(tmp_path / "data")
+
+
+# --- a fresh data directory --------------------------------------------------------------------------
+
+
+def test_fresh_warehouse_is_at_the_latest_version_with_every_platform_table(warehouse):
+    assert not warehouse.exists()
+    with store.connect(warehouse) as conn:
+        assert store.schema_version(conn) == store.LATEST
+        assert tables(conn) >= PLATFORM_TABLES
+        assert "run_id" in columns(conn, "registry.model_versions")
+        assert [row[0] for row in version_rows(conn)] == list(range(1, store.LATEST + 1))
+    assert warehouse.exists()
+    # Reopening a current warehouse changes nothing.
+    before = snapshot(warehouse)
+    with store.connect(warehouse) as conn:
+        assert store.schema_version(conn) == store.LATEST
+    assert snapshot(warehouse) == before
+
+
+# --- an old data directory (before versioning) -------------------------------------------------------
+
+V1_ROW = (
+    "flight_delay-20240101T000000-abc123",
+    "flight_delay",
+    dt.datetime(2024, 1, 1, 12, 30),
+    "binary",
+    "roc_auc",
+    0.71,
+    0.72,
+    0.5,
+    "2013-01-01",
+    "2013-09-30",
+    "fingerprint",
+    "code",
+    "sha",
+    "/models/flight_delay/model.pkl",
+    '{"k": 1}',
+)
+V1_COLUMNS = [
+    "version",
+    "pipeline",
+    "created_at",
+    "task",
+    "metric",
+    "cv_score",
+    "test_score",
+    "baseline_test_score",
+    "train_start",
+    "train_end",
+    "data_fingerprint",
+    "code_version",
+    "model_sha256",
+    "path",
+    "manifest",
+]
+
+
+def write_v1_warehouse(path: Path) -> None:
+    """A data directory as ml_assets wrote it before the store versioned its schema."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = duckdb.connect(str(path))
+    try:
+        conn.execute(store.MIGRATIONS[0][1])
+        assert len(V1_ROW) == len(V1_COLUMNS) == len(columns(conn, "registry.model_versions"))
+        conn.execute(f"INSERT INTO registry.model_versions VALUES ({', '.join('?' for _ in V1_ROW)})", V1_ROW)
+        assert "meta.schema_version" not in tables(conn)
+        assert "run_id" not in columns(conn, "registry.model_versions")
+    finally:
+        conn.close()
+
+
+def test_old_data_directory_is_upgraded_in_place_once(warehouse):
+    write_v1_warehouse(warehouse)
+
+    with store.connect(warehouse) as conn:
+        assert store.schema_version(conn) == store.LATEST
+        assert tables(conn) >= PLATFORM_TABLES
+        rows = conn.execute(f"SELECT {', '.join(V1_COLUMNS)}, run_id FROM registry.model_versions").fetchall()
+        first = version_rows(conn)
+
+    assert len(rows) == 1
+    assert rows[0][:-1] == V1_ROW
+    assert rows[0][-1] is None  # run_id: not recorded before the column existed
+    assert [row[0] for row in first] == list(range(1, store.LATEST + 1))
+    assert all(row[2] is not None for row in first)
+
+    with store.connect(warehouse) as conn:
+        second = version_rows(conn)
+        assert conn.execute("SELECT count(*) FROM registry.model_versions").fetchone()[0] == 1
+    assert second == first  # nothing re-applied: same versions, same applied_at
+
+
+def test_migrate_reports_the_version_it_found(warehouse):
+    write_v1_warehouse(warehouse)
+    conn = duckdb.connect(str(warehouse))
+    try:
+        assert store.schema_version(conn) == 1
+        assert store.migrate(conn) == 1
+        assert store.schema_version(conn) == store.LATEST
+        assert store.migrate(conn) == store.LATEST
+    finally:
+        conn.close()
+
+
+# --- a data directory from a newer ml_assets ---------------------------------------------------------
+
+
+def test_warehouse_from_a_newer_ml_assets_is_refused_untouched(warehouse):
+    with store.connect(warehouse) as conn:
+        store.insert(
+            conn,
+            store.SCHEMA_VERSION,
+            {
+                "version": store.LATEST + 1,
+                "description": "from the future",
+                "applied_at": dt.datetime(2030, 1, 1),
+            },
+        )
+        store.insert(
+            conn,
+            store.ALIASES,
+            {"pipeline": "p", "alias": "champion", "version": "v1", "updated_at": dt.datetime(2024, 1, 1)},
+        )
+    before = snapshot(warehouse)
+
+    with pytest.raises(StoreError) as excinfo, store.connect(warehouse):
+        pytest.fail("a newer warehouse was opened")
+
+    message = str(excinfo.value)
+    assert "newer ml_assets" in message
+    assert store.DATA_DIR_ENV == "ML_ASSETS_DATA_DIR" and "ML_ASSETS_DATA_DIR" in message
+    assert str(warehouse) in message
+    assert snapshot(warehouse) == before
+
+
+# --- a failing migration -----------------------------------------------------------------------------
+
+# Each statement parses; the last fails when run, after the first ones have done their work.
+BAD_MIGRATION = (
+    "a migration that fails halfway",
+    """CREATE TABLE meta.partial (a INTEGER);
+    INSERT INTO registry.aliases VALUES ('p', 'champion', 'v-bad', TIMESTAMP '2024-01-01');
+    ALTER TABLE registry.no_such_table ADD COLUMN x INTEGER""",
+)
+# A statement DuckDB cannot even parse.
+UNPARSABLE_MIGRATION = (
+    "a migration with a typo",
+    "CREATE TABLE meta.partial (a INTEGER); CREAT TABLE x (a INT)",
+)
+
+
+@pytest.mark.parametrize(
+    "bad", [BAD_MIGRATION, UNPARSABLE_MIGRATION], ids=["fails_when_run", "does_not_parse"]
+)
+def test_failing_migration_rolls_back_everything(warehouse, monkeypatch, bad):
+    with store.connect(warehouse):
+        pass
+    before = snapshot(warehouse)
+    latest = store.LATEST
+
+    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS, bad))
+    monkeypatch.setattr(store, "LATEST", latest + 1)
+    with pytest.raises(duckdb.Error), store.connect(warehouse):
+        pytest.fail("the failing migration was not reported")
+
+    after = snapshot(warehouse)
+    assert after == before
+    assert "meta.partial" not in after
+    conn = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        assert store.schema_version(conn) == latest
+    finally:
+        conn.close()
+
+    # The store is usable again once the migration is fixed (here: dropped).
+    monkeypatch.undo()
+    with store.connect(warehouse) as conn:
+        assert store.schema_version(conn) == latest
+
+
+def test_failing_migration_leaves_an_old_directory_at_its_old_version(warehouse, monkeypatch):
+    """All pending migrations run in one transaction: a failure in the last undoes the earlier ones."""
+    write_v1_warehouse(warehouse)
+    before = snapshot(warehouse)
+
+    monkeypatch.setattr(store, "MIGRATIONS", (*store.MIGRATIONS, BAD_MIGRATION))
+    monkeypatch.setattr(store, "LATEST", store.LATEST + 1)
+    with pytest.raises(duckdb.Error), store.connect(warehouse):
+        pass
+
+    after = snapshot(warehouse)
+    assert after == before
+    assert "meta.schema_version" not in after and "monitor.check_results" not in after
+    assert "run_id" not in after["registry.model_versions"][0]
+
+
+# --- inserting by column name ------------------------------------------------------------------------
+
+
+def test_insert_matches_columns_by_name_not_position(warehouse):
+    row = {  # the reverse of the table's column order
+        "run_id": "run-1",
+        "details": '{"x": 1}',
+        "reason": "better",
+        "champion_after": "v2",
+        "champion_before": "v1",
+        "challenger": "v2",
+        "action": "promote",
+        "pipeline": "flight_delay",
+        "decided_at": dt.datetime(2024, 2, 3, 4, 5, 6),
+    }
+    with store.connect(warehouse) as conn:
+        assert columns(conn, store.DECISION_LOG) != list(row)
+        store.insert(conn, store.DECISION_LOG, row)
+        got = conn.execute(f"SELECT {', '.join(row)} FROM {store.DECISION_LOG}").fetchall()
+    assert got == [tuple(row.values())]
+
+
+def test_insert_many_takes_rows_with_keys_in_any_order(warehouse):
+    rows = [
+        {"pipeline": "a", "alias": "champion", "version": "v1", "updated_at": dt.datetime(2024, 1, 1)},
+        {"updated_at": dt.datetime(2024, 1, 2), "version": "v2", "alias": "champion", "pipeline": "b"},
+        {"version": "v3", "pipeline": "c", "updated_at": dt.datetime(2024, 1, 3), "alias": "previous"},
+    ]
+    with store.connect(warehouse) as conn:
+        store.insert_many(conn, store.ALIASES, rows)
+        store.insert_many(conn, store.ALIASES, [])  # nothing to insert is not an error
+        got = conn.execute(
+            f"SELECT pipeline, alias, version, updated_at FROM {store.ALIASES} ORDER BY pipeline"
+        ).fetchall()
+    assert got == [(r["pipeline"], r["alias"], r["version"], r["updated_at"]) for r in rows]
+
+
+def test_replace_upserts_on_the_primary_key(warehouse):
+    first = {"pipeline": "p", "alias": "champion", "version": "v1", "updated_at": dt.datetime(2024, 1, 1)}
+    second = {"updated_at": dt.datetime(2024, 1, 2), "version": "v2", "alias": "champion", "pipeline": "p"}
+    other = {"pipeline": "p", "alias": "previous", "version": "v0", "updated_at": dt.datetime(2024, 1, 1)}
+    with store.connect(warehouse) as conn:
+        store.insert_many(conn, store.ALIASES, [first, other])
+        with pytest.raises(duckdb.ConstraintException):
+            store.insert(conn, store.ALIASES, second)
+        store.insert(conn, store.ALIASES, second, replace=True)
+        got = conn.execute(
+            f"SELECT alias, version, updated_at FROM {store.ALIASES} ORDER BY alias"
+        ).fetchall()
+    assert got == [
+        (second["alias"], second["version"], second["updated_at"]),
+        (other["alias"], other["version"], other["updated_at"]),
+    ]
+
+
+def test_transaction_rolls_back_on_error(warehouse):
+    row = {"pipeline": "p", "alias": "champion", "version": "v1", "updated_at": dt.datetime(2024, 1, 1)}
+    with store.connect(warehouse) as conn:
+        with pytest.raises(RuntimeError), store.transaction(conn):
+            store.insert(conn, store.ALIASES, row)
+            raise RuntimeError("boom")
+        assert conn.execute(f"SELECT count(*) FROM {store.ALIASES}").fetchone()[0] == 0
+        with store.transaction(conn):
+            store.insert(conn, store.ALIASES, row)
+        assert conn.execute(f"SELECT count(*) FROM {store.ALIASES}").fetchone()[0] == 1
+
+
+# --- another process holding the file ----------------------------------------------------------------
+
+_HOLD = textwrap.dedent(
+    """
+    import sys, time
+    import duckdb
+    conn = duckdb.connect(sys.argv[1], read_only=False)
+    print("holding", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.fixture
+def holder(warehouse):
+    """Starts a process that opens the warehouse read-write and keeps it open until killed."""
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLD, str(warehouse)], stdout=subprocess.PIPE, text=True
+        )
+        started.append(proc)
+        assert proc.stdout.readline().strip() == "holding", "the holding process did not open the file"
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def test_file_held_by_another_process_fails_after_the_wait_naming_the_setting(warehouse, holder, monkeypatch):
+    with store.connect(warehouse):
+        pass
+    proc = holder()
+    monkeypatch.setenv(store.LOCK_WAIT_ENV, "1")
+
+    with pytest.raises(StoreError) as excinfo, store.connect(warehouse):
+        pytest.fail("opened a file another process holds")
+
+    message = str(excinfo.value)
+    assert str(warehouse) in message
+    assert "ML_ASSETS_LOCK_WAIT_S" in message
+    assert proc.poll() is None  # the error came while the other process still held the file
+
+
+def test_file_held_by_another_process_is_opened_once_it_exits(warehouse, holder, monkeypatch):
+    with store.connect(warehouse):
+        pass
+    proc = holder()
+    monkeypatch.setenv(store.LOCK_WAIT_ENV, "300")
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        proc.kill()
+
+    killer = threading.Timer(1.0, kill)
+    killer.start()
+    try:
+        with store.connect(warehouse) as conn:
+            # Only possible once the holder was told to go: connect waited for it rather than failing.
+            assert killed.is_set()
+            assert store.schema_version(conn) == store.LATEST
+    finally:
+        killer.cancel()
