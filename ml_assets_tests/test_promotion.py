@@ -11,6 +11,7 @@ import yaml
 
 from ml_assets.core import promotion as gate
 from ml_assets.core import registry
+from ml_assets.core.spec import load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
 
@@ -25,17 +26,14 @@ def _set_features(pipelines: Path, names: list[str] | None, original: list[dict]
     # Every 20th flight: the shipped 14 validation days hold ~600 rows, too few for stable early stopping
     # (the full model's log loss then wobbles past the gate's guard); 30 days give the sample ~1,300.
     raw["split"] = raw["split"] | {"valid_days": 30}
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    # Drift thresholds may only name features (a typo must not pass silently): keep those still used,
-    # here and in flight_arr_delay.yaml, which inherits these features.
+    # Drift thresholds may only name features (a typo must not pass silently): keep those still used.
+    # flight_arr_delay.yaml inherits both these features and these thresholds.
     kept = {f["name"] for f in raw["features"]}
-    for child in (path, pipelines / "flight_arr_delay.yaml"):
-        spec = yaml.safe_load(child.read_text())
-        thresholds = spec["monitoring"]["column_thresholds"]
-        spec["monitoring"]["column_thresholds"] = {
-            c: t for c, t in thresholds.items() if any(c == k or c.startswith(f"{k}_") for k in kept)
-        }
-        child.write_text(yaml.safe_dump(spec, sort_keys=False))
+    thresholds = raw["monitoring"]["column_thresholds"]
+    raw["monitoring"]["column_thresholds"] = {
+        c: t for c, t in thresholds.items() if any(c == k or c.startswith(f"{k}_") for k in kept)
+    }
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def _train(pipelines: Path, root: Path, features: list[str] | None, original: list[dict]) -> str:
@@ -44,6 +42,13 @@ def _train(pipelines: Path, root: Path, features: list[str] | None, original: li
     assert materialize_all(pipelines, root, selection=FLAGSHIP).success
     with connect(warehouse_path(root)) as conn:
         return registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
+
+
+def rollback(pipelines: Path, root: Path, to: str | None = None) -> gate.Decision:
+    """A manual rollback of flight_delay, checked against the pipeline as configured in `pipelines`."""
+    project = load_project(pipelines)
+    spec = project.pipelines["flight_delay"]
+    return gate.rollback(functools.partial(connect, warehouse_path(root)), spec, project.sources_of(spec), to)
 
 
 def _state(root: Path) -> tuple[str | None, dict]:
@@ -56,10 +61,9 @@ def _state(root: Path) -> tuple[str | None, dict]:
 def test_champion_challenger_lifecycle(sample_project):
     pipelines, root = sample_project
     original = yaml.safe_load((pipelines / "flight_delay.yaml").read_text())["features"]
-    db = functools.partial(connect, warehouse_path(root))
 
     weak = _train(pipelines, root, WEAK_FEATURES, original)
-    gate.rollback(db, "flight_delay", to=weak)  # a manual move: the weak model serves
+    rollback(pipelines, root, to=weak)  # a manual move: the weak model serves
     assert _state(root)[0] == weak
 
     full = _train(pipelines, root, None, original)
@@ -78,19 +82,23 @@ def test_champion_challenger_lifecycle(sample_project):
     assert (champion, last["action"], last["challenger"]) == (full, "refuse", same)
     assert "improves by +0.00000" in last["reason"]
 
-    # Someone puts the weak model back by hand; the monitor sees it trail the previous champion on recent
-    # labelled data and rolls back on its own.
-    gate.rollback(db, "flight_delay", to=weak)
-    monitor = dg.AssetKey(["flight_delay", "performance"])
-    result = materialize_all(pipelines, root, selection=[monitor])
+    # Someone puts the weak model back by hand; the rollback check (the champion asset, upstream of the
+    # monitors) sees it trail the previous champion on recent labelled data and rolls back on its own, so
+    # the performance monitor downstream scores the champion restored.
+    rollback(pipelines, root, to=weak)
+    checked = dg.AssetKey(["flight_delay", "champion"])
+    result = materialize_all(
+        pipelines, root, selection=[checked, dg.AssetKey(["flight_delay", "performance"])]
+    )
     champion, last = _state(root)
     assert (champion, last["action"]) == (full, "auto_rollback")
     assert f"trails previous champion {full}" in last["reason"]
-    (event,) = result.get_asset_materialization_events()
-    assert event.materialization.metadata["action"].value == "auto_rollback"
+    metadata = {e.asset_key: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert metadata[checked]["action"].value == "auto_rollback"
+    assert metadata[dg.AssetKey(["flight_delay", "performance"])]["scored_champion"].value == full
 
     # And the manual rollback returns to the champion before the latest change.
-    decision = gate.rollback(db, "flight_delay")
+    decision = rollback(pipelines, root)
     assert (decision.champion_before, decision.champion_after) == (full, weak)
     with connect(warehouse_path(root)) as conn:
         statuses = dict(registry.versions(conn, "flight_delay").select("version", "status").iter_rows())
@@ -100,13 +108,12 @@ def test_champion_challenger_lifecycle(sample_project):
 def test_rollback_refuses_a_tampered_target(sample_project):
     pipelines, root = sample_project
     assert materialize_all(pipelines, root, selection=FLAGSHIP).success
-    db = functools.partial(connect, warehouse_path(root))
     with connect(warehouse_path(root)) as conn:
         version = registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
-        path = registry.version_dir(conn, version)
+        path = registry.version_dir(conn, version, "flight_delay")
     (path / registry.TRANSFORM_FILE).write_text("{}")
     try:
-        gate.rollback(db, "flight_delay", to=version)
+        rollback(pipelines, root, to=version)
     except registry.ArtifactError as exc:
         assert "does not match the manifest" in str(exc)
     else:

@@ -12,6 +12,7 @@ import pytest
 
 from ml_assets.core import ingest, validate
 from ml_assets.core.spec import SourceSpec
+from ml_assets.core.sql import table_columns
 from ml_assets_tests.conftest import nycflights_file
 
 JAN_1 = ingest.TimeWindow(start=dt.datetime(2013, 1, 1), end=dt.datetime(2013, 1, 2))
@@ -95,8 +96,8 @@ def test_extra_column_is_accepted_recorded_and_kept_out_of_validated(conn, tmp_p
     spec = _spec(extra_columns="accept")
     result, records = _load(conn, tmp_path, spec, two_days.with_columns(pl.lit("x").alias("gate")), JAN_1)
     assert records[0]["extra_columns"] == "gate"
-    assert "gate" in validate.raw_columns(conn, "raw", "flights")
-    assert "gate" not in validate.raw_columns(conn, "validated", "flights")
+    assert "gate" in table_columns(conn, "raw", "flights")
+    assert "gate" not in table_columns(conn, "validated", "flights")
     assert result.quarantined_rows == 0 and result.valid_rows > 0
     assert validate.check_schema(conn, "flights", spec).passed
 

@@ -186,7 +186,7 @@ def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> Drift
         champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
         if champion is None:
             return None
-        version_dir = registry.version_dir(conn, champion)
+        version = registry.registered(conn, champion, pipeline.name)
         ts = q(pipeline.timestamp) if pipeline.timestamp else None
         window = (
             f"{ts} >= (SELECT max({ts}) FROM {table_name(pipeline)}) - INTERVAL {spec.window_days} DAY"
@@ -194,7 +194,7 @@ def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> Drift
             else "_split = 'test'"
         )
         rows = conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE {window}").pl()
-    model = ServableModel.load(version_dir)
+    model = ServableModel.from_registry(version)
     features = model.transform.apply(rows)
     stamps = rows.get_column(pipeline.timestamp).alias("_ts") if pipeline.timestamp else None
     current = bounded_sample(
@@ -202,7 +202,7 @@ def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> Drift
         spec.sample_rows,
         "_ts" if stamps is not None else None,
     )
-    reference = drift_reference(pipeline, version_dir)
+    reference = drift_reference(pipeline, version.path)
     numerical, categorical = watched_features(pipeline, model.manifest)
     run_id = uuid.uuid4().hex[:12]
     start = stamps.min() if stamps is not None else None

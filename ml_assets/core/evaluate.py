@@ -161,8 +161,11 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:i
 </body></html>""")
 
 
-def evaluate_version(version_dir: Path, reports_root: Path) -> Evaluation:
-    manifest = read_manifest(version_dir)
+def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str | None = None) -> Evaluation:
+    """Report on a version folder, every artifact hash-verified; a registered version passes the sha256 the
+    registry recorded for its manifest (`registry.registered`), so its threshold and metrics are the ones
+    registered."""
+    manifest = read_manifest(version_dir, manifest_sha256=manifest_sha256)
     task = manifest["task"]
     frame = pl.read_parquet(Path(version_dir) / PREDICTIONS_FILE)
     y = frame.get_column("y_true").to_numpy()

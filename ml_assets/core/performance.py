@@ -46,8 +46,7 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
         champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
         if champion is None:
             return None
-        version_dir = registry.version_dir(conn, champion)
-        model = ServableModel.load(version_dir)
+        model = ServableModel.from_registry(registry.registered(conn, champion, pipeline.name))
         manifest = model.manifest
         start = manifest.get("test_start") or manifest["train_window"]["end"]
         built_from = dt.datetime.fromisoformat(manifest.get("data_end") or start)

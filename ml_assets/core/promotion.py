@@ -10,6 +10,7 @@ All three are recorded with their numbers, whatever the verdict.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,8 @@ from ml_assets.core.dataset import table_name
 from ml_assets.core.errors import ArtifactError
 from ml_assets.core.features import row_key
 from ml_assets.core.metrics import improvement, score
-from ml_assets.core.registry import read_manifest
 from ml_assets.core.serve import ServableModel, reproduces_training_predictions
-from ml_assets.core.spec import GateSpec, PipelineSpec
+from ml_assets.core.spec import GateSpec, PipelineSpec, SourceSpec, modelling_columns
 from ml_assets.core.sql import q
 
 
@@ -185,21 +185,22 @@ def promote_or_refuse(
                 champion,
                 champion,
             )
-        challenger_dir = registry.version_dir(conn, challenger, pipeline.name)
-        champion_dir = registry.version_dir(conn, champion) if champion else None
+        new_version = registry.registered(conn, challenger, pipeline.name)
+        old_version = registry.registered(conn, champion, pipeline.name) if champion else None
         rows = conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE _split = 'test'").pl()
-    infra_ok, infra = reproduces_training_predictions(challenger_dir)
-    new_model = ServableModel.load(challenger_dir)
-    if champion_dir is None:
+    # Both load before the slow fresh-process check, so a modified version is refused at once, by name.
+    new_model = ServableModel.from_registry(new_version)
+    old_model = ServableModel.from_registry(old_version) if old_version else None
+    infra_ok, infra = reproduces_training_predictions(new_version.path, new_version.manifest_sha256)
+    if old_model is None:
         # The first model must beat the baseline it was trained beside, on the same test rows.
-        scored = pl.read_parquet(challenger_dir / registry.PREDICTIONS_FILE)
+        scored = pl.read_parquet(new_version.path / registry.PREDICTIONS_FILE)
         rows = rows.with_columns(row_key(pipeline.id).alias("_key")).join(scored, on="_key", how="inner")
         y = rows.get_column("y_true").to_numpy()
         old = rows.select(pl.col("^baseline.*$")).to_numpy().squeeze()
         new = rows.select(pl.col("^model.*$")).to_numpy().squeeze()
         thresholds, against = (0.5, new_model.threshold), "baseline"
     else:
-        old_model = ServableModel.load(champion_dir)
         y, old, new = new_model.labels(rows), old_model.predict(rows), new_model.predict(rows)
         thresholds, against = (old_model.threshold, new_model.threshold), f"champion {champion}"
     slices = {c: rows.get_column(c).to_numpy() for c in pipeline.gate.slices}
@@ -231,9 +232,14 @@ def check_champion(connect: Any, pipeline: PipelineSpec, run_id: str | None = No
         previous = registry.previous_champion(conn, pipeline.name)
         if champion is None or previous is None or previous == champion:
             return Decision("none", "no previous champion to compare with", None, champion, champion)
-        dirs = {v: registry.version_dir(conn, v) for v in (champion, previous)}
+        found = {v: registry.registered(conn, v, pipeline.name) for v in (champion, previous)}
         rows = conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE {window}").pl()
-    models = {v: ServableModel.load(d) for v, d in dirs.items()}
+    models = {v: ServableModel.from_registry(r) for v, r in found.items()}
+    mismatch = serving_mismatch(pipeline, rows.columns, models[previous].manifest)
+    if mismatch is not None:
+        # Trained before the pipeline changed: not a model to fall back on, however the scores compare.
+        reason = f"champion {champion} kept: previous champion {previous} cannot serve it now: {mismatch}"
+        return Decision("keep", reason, None, champion, champion)
     metric = pipeline.metric
     scores = {v: m.score(rows, metric) for v, m in models.items()}
     delta = improvement(metric, scores[champion], scores[previous])
@@ -264,15 +270,50 @@ def check_champion(connect: Any, pipeline: PipelineSpec, run_id: str | None = No
     return Decision("auto_rollback", reason, None, champion, previous, details)
 
 
-def rollback(connect: Any, pipeline: str, to: str | None = None, run_id: str | None = None) -> Decision:
-    """Move the champion back to `to`, or to the previous champion; recorded in the decision log."""
+def serving_mismatch(
+    pipeline: PipelineSpec, columns: Collection[str], manifest: dict[str, Any]
+) -> str | None:
+    """Why a version cannot serve `pipeline` as it is configured now (trained for another task, or reading
+    columns its modelling table, `columns`, no longer has), or None when it can."""
+    version = manifest["version"]
+    if manifest["task"] != pipeline.task:
+        return (
+            f"version {version} was trained for task '{manifest['task']}', but pipeline '{pipeline.name}' "
+            f"now has task '{pipeline.task}'"
+        )
+    missing = sorted(set(manifest["input_columns"]) - set(columns))
+    if missing:
+        return (
+            f"version {version} reads columns {missing} that the modelling table of pipeline "
+            f"'{pipeline.name}' no longer has"
+        )
+    return None
+
+
+def rollback(
+    connect: Any,
+    pipeline: PipelineSpec,
+    sources: dict[str, SourceSpec],
+    to: str | None = None,
+    run_id: str | None = None,
+) -> Decision:
+    """Move the champion back to `to`, or to the previous champion; recorded in the decision log.
+
+    The target must be one of the pipeline's own versions, load intact (manifest as registered, artifacts
+    as in the manifest) and fit the pipeline as configured now: same task, every input column in the
+    modelling table its `sources` (the project's `sources_of(pipeline)`) build."""
     with connect() as conn:
-        current = registry.alias_version(conn, pipeline, registry.CHAMPION)
-        target = to or registry.previous_champion(conn, pipeline)
+        current = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
+        target = to or registry.previous_champion(conn, pipeline.name)
         if target is None:
-            raise ArtifactError(f"pipeline '{pipeline}': no previous champion to roll back to")
-        # Never roll back onto another pipeline's model or a tampered artifact.
-        read_manifest(registry.version_dir(conn, target, pipeline))
+            raise ArtifactError(f"pipeline '{pipeline.name}': no previous champion to roll back to")
+        model = ServableModel.from_registry(registry.registered(conn, target, pipeline.name))
+        mismatch = serving_mismatch(pipeline, modelling_columns(pipeline, sources), model.manifest)
+        if mismatch is not None:
+            raise ArtifactError(
+                f"pipeline '{pipeline.name}': will not roll back to {target}: {mismatch}; "
+                f"`ml-assets versions {pipeline.name}` lists its versions"
+            )
         reason = f"manual rollback from {current} to {target}"
-        registry.record_decision(conn, pipeline, "rollback", reason, None, target, {}, run_id)
+        registry.record_decision(conn, pipeline.name, "rollback", reason, None, target, {}, run_id)
     return Decision("rollback", reason, None, current, target)

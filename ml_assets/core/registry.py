@@ -13,11 +13,13 @@ are one DuckDB transaction: a crash leaves either both or neither.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,23 +96,35 @@ def _remove_orphans(folder: Path) -> None:
             pass
 
 
-def read_manifest(version_dir: Path, verify: bool = True) -> dict[str, Any]:
+def read_manifest(
+    version_dir: Path, verify: bool = True, manifest_sha256: str | None = None
+) -> dict[str, Any]:
+    """A version's manifest; `verify` checks every artifact against the sha256 the manifest lists, and
+    `manifest_sha256` (what the registry recorded, see `registered`) checks the manifest itself first:
+    the artifact hashes guard the files, only the registry guards the manifest holding them (and the
+    decision threshold, features and classes the model is served with)."""
     path = Path(version_dir) / MANIFEST_FILE
     if not path.exists():
         raise ArtifactError(f"{version_dir}: no {MANIFEST_FILE}; not a model version folder")
-    manifest = json.loads(path.read_text())
+    content = path.read_bytes()
+    if manifest_sha256 is not None:
+        _refuse_modified(path, hashlib.sha256(content).hexdigest(), manifest_sha256, "the registry's")
+    manifest = json.loads(content)
     if verify:
         for name, expected in manifest["files"].items():
             file = Path(version_dir) / name
             if not file.exists():
                 raise ArtifactError(f"{file}: artifact is missing")
-            actual = sha256_file(file)
-            if actual != expected:
-                raise ArtifactError(
-                    f"{file}: sha256 {actual[:12]}… does not match the manifest's {expected[:12]}…; "
-                    "the artifact was modified after training and will not be loaded"
-                )
+            _refuse_modified(file, sha256_file(file), expected, "the manifest's")
     return manifest
+
+
+def _refuse_modified(file: Path, actual: str, expected: str, recorded_by: str) -> None:
+    if actual != expected:
+        raise ArtifactError(
+            f"{file}: sha256 {actual[:12]}… does not match {recorded_by} {expected[:12]}…; "
+            "the file was modified after training and will not be loaded; restore it or train a new version"
+        )
 
 
 def _now() -> dt.datetime:
@@ -133,16 +147,51 @@ def alias_version(conn: duckdb.DuckDBPyConnection, pipeline: str, alias: str) ->
     return row[0] if row else None
 
 
-def version_dir(conn: duckdb.DuckDBPyConnection, version: str, pipeline: str | None = None) -> Path:
-    """The folder of a registered version; with `pipeline`, only if the version is one of its own."""
-    row = conn.execute(f"SELECT path, pipeline FROM {MODEL_VERSIONS} WHERE version = ?", [version]).fetchone()
+@dataclass(frozen=True)
+class Registered:
+    """A registered version of a pipeline: its folder and the sha256 its manifest had when registered.
+
+    Load it with `ServableModel.from_registry`, or its manifest alone with `read_manifest(path,
+    manifest_sha256=...)`.
+    `manifest_sha256` is None for versions registered before the registry recorded it (schema version 4):
+    those keep loading, with the artifacts checked against their manifest's hashes as before, but an edit
+    of the manifest itself goes unnoticed.
+    """
+
+    version: str
+    pipeline: str
+    path: Path
+    manifest_sha256: str | None
+
+
+def registered(conn: duckdb.DuckDBPyConnection, version: str, pipeline: str) -> Registered:
+    """A registered version, only if it is one of `pipeline`'s own: a pipeline never loads, judges,
+    monitors or serves another pipeline's model."""
+    row = conn.execute(
+        f"SELECT pipeline, path, manifest_sha256 FROM {MODEL_VERSIONS} WHERE version = ?", [version]
+    ).fetchone()
     if row is None:
-        raise ArtifactError(f"model version '{version}' is not registered")
-    if pipeline is not None and row[1] != pipeline:
         raise ArtifactError(
-            f"model version '{version}' belongs to pipeline '{row[1]}', not '{pipeline}'; "
+            f"model version '{version}' is not registered; `ml-assets versions {pipeline}` lists the "
+            f"versions of pipeline '{pipeline}'"
+        )
+    owner, path, manifest_sha256 = row
+    if owner != pipeline:
+        raise ArtifactError(
+            f"model version '{version}' belongs to pipeline '{owner}', not '{pipeline}'; "
             f"`ml-assets versions {pipeline}` lists its own versions"
         )
+    return Registered(version, owner, Path(path), manifest_sha256)
+
+
+def version_dir(conn: duckdb.DuckDBPyConnection, version: str, pipeline: str | None = None) -> Path:
+    """The folder of a registered version; with `pipeline`, only if the version is one of its own. To load
+    the version, use `registered`, which also gives the manifest's registered hash."""
+    if pipeline is not None:
+        return registered(conn, version, pipeline).path
+    row = conn.execute(f"SELECT path FROM {MODEL_VERSIONS} WHERE version = ?", [version]).fetchone()
+    if row is None:
+        raise ArtifactError(f"model version '{version}' is not registered")
     return Path(row[0])
 
 
@@ -208,10 +257,14 @@ def decisions(conn: duckdb.DuckDBPyConnection, pipeline: str) -> pl.DataFrame:
     ).pl()
 
 
-def register(
-    conn: duckdb.DuckDBPyConnection, version_dir: Path, manifest: dict[str, Any], run_id: str | None = None
-) -> None:
-    """Register a version (stamped with the run that trained it) and make it the challenger, atomically."""
+def register(conn: duckdb.DuckDBPyConnection, version_dir: Path, run_id: str | None = None) -> dict[str, Any]:
+    """Register a version folder (stamped with the run that trained it) and make it the challenger,
+    atomically; returns its manifest. The manifest's sha256 is recorded from the very bytes registered,
+    so every later load can refuse a manifest edited since."""
+    manifest_bytes = (Path(version_dir) / MANIFEST_FILE).read_bytes()
+    manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
+    # The artifacts are checked against the manifest now, and the manifest against this hash ever after.
+    manifest = read_manifest(version_dir, manifest_sha256=manifest_sha256)
     with transaction(conn):
         insert(
             conn,
@@ -232,10 +285,12 @@ def register(
                 "model_sha256": manifest["files"][MODEL_FILE],
                 "path": str(version_dir),
                 "manifest": json.dumps(manifest, default=str),
+                "manifest_sha256": manifest_sha256,
                 "run_id": run_id,
             },
         )
         _set_alias(conn, manifest["pipeline"], CHALLENGER, manifest["version"])
+    return manifest
 
 
 def versions(conn: duckdb.DuckDBPyConnection, pipeline: str) -> pl.DataFrame:

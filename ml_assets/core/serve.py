@@ -1,7 +1,9 @@
 """Serving: load a registered model version (hash-verified, no pickle) and score modelling-table rows.
 
-`python -m ml_assets.core.serve <version dir>` reloads a version in a fresh process and re-predicts the
-sample rows saved with it: the promotion gate's proof that what was trained is what will serve.
+`python -m ml_assets.core.serve <version dir> [<manifest sha256>]` reloads a version in a fresh process and
+re-predicts the sample rows saved with it: the promotion gate's proof that what was trained is what will
+serve. A registered version is loaded with the sha256 the registry recorded for its manifest
+(`registry.registered`), so an edited manifest is refused like an edited model file.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import polars as pl
 
 from ml_assets.core.features import FeatureTransform
 from ml_assets.core.metrics import score
-from ml_assets.core.registry import MODEL_FILE, SAMPLE_FILE, TRANSFORM_FILE, read_manifest
+from ml_assets.core.registry import MODEL_FILE, SAMPLE_FILE, TRANSFORM_FILE, Registered, read_manifest
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,19 @@ class ServableModel:
     booster: lgb.Booster
 
     @classmethod
-    def load(cls, version_dir: Path) -> ServableModel:
+    def load(cls, version_dir: Path, manifest_sha256: str | None = None) -> ServableModel:
+        """Load a version folder, every artifact hash-verified; `manifest_sha256` (the registry's) checks
+        the manifest too. None only for a folder outside the registry or a version registered before the
+        registry recorded manifest hashes."""
         version_dir = Path(version_dir)
-        manifest = read_manifest(version_dir, verify=True)
+        manifest = read_manifest(version_dir, verify=True, manifest_sha256=manifest_sha256)
         booster = lgb.Booster(model_file=str(version_dir / MODEL_FILE))
         return cls(manifest, FeatureTransform.load(version_dir / TRANSFORM_FILE), booster)
+
+    @classmethod
+    def from_registry(cls, version: Registered) -> ServableModel:
+        """Load a registered version (`registry.registered`), its manifest checked against the registry."""
+        return cls.load(version.path, version.manifest_sha256)
 
     def predict_features(self, features: pl.DataFrame) -> np.ndarray:
         return self.booster.predict(features.select(self.manifest["features"]).to_pandas())
@@ -59,10 +69,19 @@ class ServableModel:
         return score(self.manifest["task"], metric, self.labels(rows), self.predict(rows), self.threshold)
 
 
-def reproduces_training_predictions(version_dir: Path, tolerance: float = 1e-9) -> tuple[bool, str]:
-    """Load the version in a fresh Python process and re-predict its saved sample rows."""
+def reproduces_training_predictions(
+    version_dir: Path, manifest_sha256: str | None = None, tolerance: float = 1e-9
+) -> tuple[bool, str]:
+    """Load the version in a fresh Python process (checking its manifest against `manifest_sha256`) and
+    re-predict its saved sample rows."""
     proc = subprocess.run(
-        [sys.executable, "-m", "ml_assets.core.serve", str(version_dir)],
+        [
+            sys.executable,
+            "-m",
+            "ml_assets.core.serve",
+            str(version_dir),
+            *([manifest_sha256] if manifest_sha256 else []),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -81,8 +100,8 @@ def reproduces_training_predictions(version_dir: Path, tolerance: float = 1e-9) 
     )
 
 
-def _reproduce(version_dir: Path) -> dict[str, float]:
-    model = ServableModel.load(version_dir)
+def _reproduce(version_dir: Path, manifest_sha256: str | None) -> dict[str, float]:
+    model = ServableModel.load(version_dir, manifest_sha256)
     rows = pl.read_parquet(version_dir / SAMPLE_FILE)
     expected = rows.select(pl.col("^_prediction.*$")).to_numpy()
     actual = np.asarray(model.predict(rows)).reshape(len(rows), -1)
@@ -90,4 +109,4 @@ def _reproduce(version_dir: Path) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_reproduce(Path(sys.argv[1]))))
+    print(json.dumps(_reproduce(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)))

@@ -138,6 +138,11 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             description VARCHAR, run_id VARCHAR, checked_at TIMESTAMP NOT NULL,
             PRIMARY KEY (asset, check_name))""",
     ),
+    (
+        "model versions record the sha256 of their manifest, which every load checks (versions registered "
+        "before stay NULL: hashing their manifest now would bless whatever it says today)",
+        f"ALTER TABLE {MODEL_VERSIONS} ADD COLUMN IF NOT EXISTS manifest_sha256 VARCHAR",
+    ),
 )
 LATEST = len(MIGRATIONS)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -97,7 +96,7 @@ def base_params(pipeline: PipelineSpec, n_classes: int | None) -> dict[str, Any]
         "seed": pipeline.model.seed,
         "deterministic": True,
         "force_row_wise": True,
-        "num_threads": os.cpu_count() or 1,
+        "num_threads": pipeline.model.num_threads,
     }
     if pipeline.task == "binary":
         params |= {"objective": "binary", "metric": LGB_METRIC.get(pipeline.metric, "binary_logloss")}
@@ -381,7 +380,6 @@ def train_and_register(
         },
         manifest,
     )
-    manifest = registry.read_manifest(version_dir)
     with connect() as conn:
-        registry.register(conn, version_dir, manifest, run_id)
+        manifest = registry.register(conn, version_dir, run_id)
     return version_dir, manifest

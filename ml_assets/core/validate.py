@@ -1,15 +1,26 @@
 """Validation: `raw.<source>` -> typed `validated.<source>` + `quarantine.<source>`, and the data checks.
 
 Every configured column is coerced to its type; a row that fails any rule (wrong type, not-null, range,
-allowed values, pattern, duplicate id) goes to quarantine with the first failing rule and column, a
-readable reason for every failure, and its file and line. Both tables are replaced in one transaction,
-so a failed validation never leaves a half-written pair.
+allowed values, pattern, timezone, duplicate id) goes to quarantine with the first failing rule and
+column, a readable reason for every failure, and its file and line. Both tables are replaced in one
+transaction, so a failed validation never leaves a half-written pair.
+
+Datetimes are stored as naive UTC: a value with an offset (`-05:00`, `Z`) is converted to its UTC instant,
+one without is taken as UTC. `timezones: reject` instead quarantines values whose offset is not the most
+common one of their partition (a naive value counting as an offset of its own), for sources meant to
+carry a single offset (a source in local time across a daylight-saving change carries two).
+
+Duplicate ids are quarantined within a partition (the whole table, unpartitioned): the later rows go. An
+id in two partitions is kept in both and judged by the unique_ids check (`duplicate_ids: block|warn`), so
+a partition's validated rows never depend on which other partitions shared its run.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import duckdb
 
@@ -34,20 +45,27 @@ class CheckOutcome:
     passed: bool
     description: str
     metadata: dict[str, object] = field(default_factory=dict)
+    # A failed "warn" outcome is reported but stops nothing (Dagster's WARN severity).
+    severity: Literal["error", "warn"] = "error"
+
+    @property
+    def blocks(self) -> bool:
+        return not self.passed and self.severity == "error"
 
 
 def record_check(
     conn: duckdb.DuckDBPyConnection, asset: str, check: str, outcome: CheckOutcome, run_id: str | None
 ) -> None:
     """Keep a check's latest verdict beside the data it judges: a blocking check stops downstream steps
-    only inside its own run, so a consumer launched later reads this to refuse failed data."""
+    only inside its own run, so a consumer launched later reads this to refuse failed data. A warning is
+    kept as passed (its description says it): what a consumer reads here is whether to refuse."""
     insert(
         conn,
         CHECK_RESULTS,
         {
             "asset": asset,
             "check_name": check,
-            "passed": outcome.passed,
+            "passed": not outcome.blocks,
             "description": outcome.description,
             "run_id": run_id,
             "checked_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
@@ -104,6 +122,103 @@ def _failure(rule: str, column: str, condition: str, reason: str) -> str:
     )
 
 
+def _quoted(ref: str) -> str:
+    return f"{lit(chr(39))} || CAST({ref} AS VARCHAR) || {lit(chr(39))}"
+
+
+# The wall-clock part of a datetime string, and a zone designator after its time (Z, +05:30, -0500, UTC,
+# America/New_York); a date alone or a time without a designator is naive.
+_WALL_CLOCK = r"^\s*\d{4}-\d{1,2}-\d{1,2}([T ]\d{1,2}:\d{2}(:\d{2}(\.\d*)?)?)?"
+_DESIGNATOR = r"\d:\d\d(:\d\d(\.\d*)?)?\s*(Z|z|[+-]\d\d(:?\d\d)?|[A-Za-z][A-Za-z0-9_/+-]*)\s*$"
+NO_OFFSET = "none"
+
+
+def _datetime_columns(spec: SourceSpec) -> list[str]:
+    return [c for c, s in spec.columns.items() if s.type == "datetime"]
+
+
+def _offset_parts(raw: str, column: str) -> list[str]:
+    """Per datetime column, the wall-clock time its string shows (__w_) and whether it names a zone
+    (__z_): computed once per row, for utc_offset_sql."""
+    # The plain cast drops a numeric offset; only a named zone needs the (slower) regular expression.
+    wall = (
+        f"CASE WHEN TRY_CAST({raw} AS TIMESTAMP) IS NULL "
+        f"THEN TRY_CAST(trim(regexp_extract({raw}, {lit(_WALL_CLOCK)})) AS TIMESTAMP) "
+        f"ELSE TRY_CAST({raw} AS TIMESTAMP) END"
+    )
+    return [
+        f"{wall} AS {q('__w_' + column)}",
+        f"regexp_matches({raw}, {lit(_DESIGNATOR)}) AS {q('__z_' + column)}",
+    ]
+
+
+def utc_offset_sql(column: str) -> str:
+    """SQL of the UTC offset a datetime value carried, as '+HH:MM' ('none' without a zone, NULL when it
+    is no datetime): the wall-clock time it showed minus the UTC instant it denotes (over _offset_parts)."""
+    instant, wall, zoned = (q(prefix + column) for prefix in ("__t_", "__w_", "__z_"))
+    minutes = f"datediff('minute', {instant}, {wall})"
+    return (
+        f"CASE WHEN {instant} IS NULL THEN NULL WHEN NOT {zoned} THEN {lit(NO_OFFSET)} "
+        f"ELSE printf('%s%02d:%02d', CASE WHEN {minutes} < 0 THEN '-' ELSE '+' END, "
+        f"abs({minutes}) // 60, abs({minutes}) % 60) END"
+    )
+
+
+def partition_sql(spec: SourceSpec, column: str = EVENT_TIME) -> str:
+    """SQL of the first instant of the partition holding `column`'s time (NULL: one unpartitioned batch)."""
+    axis = spec.partitions
+    if axis is None:
+        return "CAST(NULL AS TIMESTAMP)"
+    if axis.granularity == "weekly":
+        start = f"TIMESTAMP '{axis.start}'"
+        return f"{start} + to_days(CAST(7 * (datediff('day', {start}, {column}) // 7) AS INTEGER))"
+    return f"date_trunc('{'day' if axis.granularity == 'daily' else 'month'}', {column})"
+
+
+def _timezone_failure(column: str, raw: str, partitioned: bool) -> str:
+    offset, usual = q("__o_" + column), q("__m_" + column)
+
+    def shown(ref: str, none: str) -> str:
+        return f"CASE WHEN {ref} = {lit(NO_OFFSET)} THEN {lit(none)} ELSE {lit('UTC offset ')} || {ref} END"
+
+    where = "'partition ' || strftime(__p, '%Y-%m-%d')" if partitioned else "'the batch'"
+    return _failure(
+        "timezone",
+        column,
+        f"{offset} <> {usual}",
+        f"'{column}: ' || {_quoted(raw)} || ' has ' || {shown(offset, 'no UTC offset')} || "
+        f"', not the most common ' || {shown(usual, 'no offset')} || ' of ' || {where} || "
+        "' (rule timezones: reject); give its values one offset, or set timezones: normalize'",
+    )
+
+
+def _typed_rows(spec: SourceSpec, source: str, raw_ref: Callable[[str], str], partitioned: bool) -> str:
+    """SELECT of the batch with each column typed (__t_), each datetime's UTC offset (__o_, from __w_ and
+    __z_), the row's partition (__p) and, under timezones: reject, each datetime's most common offset in
+    that partition (__n_ counts, __m_)."""
+    datetimes = _datetime_columns(spec)
+    added = [f"{cast_expr(raw_ref(c), s.type)} AS {q('__t_' + c)}" for c, s in spec.columns.items()]
+    added += [part for c in datetimes for part in _offset_parts(raw_ref(c), c)]
+    added.append(f"{partition_sql(spec) if partitioned else 'NULL'} AS __p")
+    rows = f"SELECT *, {', '.join(added)} FROM {source}"
+    if datetimes:
+        offsets = ", ".join(f"{utc_offset_sql(c)} AS {q('__o_' + c)}" for c in datetimes)
+        rows = f"SELECT *, {offsets} FROM ({rows})"
+    if spec.timezones != "reject" or not datetimes:
+        return rows
+    counts = ", ".join(
+        f"count(*) OVER (PARTITION BY __p, {q('__o_' + c)}) AS {q('__n_' + c)}" for c in datetimes
+    )
+    # Ties go to the offset of the earliest row, so the verdict does not depend on the engine's order.
+    usual = ", ".join(
+        f"first_value({q('__o_' + c)}) OVER (PARTITION BY __p ORDER BY {q('__o_' + c)} IS NULL, "
+        f"{q('__n_' + c)} DESC, _source_file, _source_row "
+        f"ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS {q('__m_' + c)}"
+        for c in datetimes
+    )
+    return f"SELECT *, {usual} FROM (SELECT *, {counts} FROM ({rows}))"
+
+
 @dataclass(frozen=True)
 class ValidationResult:
     raw_rows: int
@@ -111,6 +226,14 @@ class ValidationResult:
     quarantined_rows: int
     by_rule: list[dict[str, object]]
     examples: list[str]
+    # Per datetime column: validated values whose offset was not +00:00, converted to UTC.
+    tz_offsets_normalised: dict[str, int]
+    # The quarantine_share verdict on the tables as this validation left them.
+    quarantine: CheckOutcome
+
+    @property
+    def quarantine_limit_hit(self) -> bool:
+        return not self.quarantine.passed
 
 
 def validate_source(
@@ -135,7 +258,7 @@ def validate_source(
         # An optional column no batch has carried yet is all null (schema_evolution.missing_columns: null).
         return q(column) if column in present else "CAST(NULL AS VARCHAR)"
 
-    typed_cols = [f"{cast_expr(raw_ref(c), s.type)} AS {q('__t_' + c)}" for c, s in spec.columns.items()]
+    partitioned = spec.partitions is not None and EVENT_TIME in present
     failures = []
     for column, cspec in spec.columns.items():
         typed = q("__t_" + column)
@@ -144,30 +267,35 @@ def validate_source(
                 "type",
                 column,
                 f"{raw_ref(column)} IS NOT NULL AND {typed} IS NULL",
-                f"'{column}: ' || {lit(chr(39))} || CAST({raw_ref(column)} AS VARCHAR) || {lit(chr(39))} || "
-                f"' is not a valid {cspec.type}'",
+                f"'{column}: ' || {_quoted(raw_ref(column))} || ' is not a valid {cspec.type}'",
             )
         )
+        if cspec.type == "datetime" and spec.timezones == "reject":
+            failures.append(_timezone_failure(column, raw_ref(column), partitioned))
         failures += [
             _failure(rule, column, cond, reason)
             for rule, cond, reason in rule_conditions(column, cspec, typed)
         ]
-    failure_list = f"list_filter([{', '.join(failures)}], x -> x IS NOT NULL)"
+    failure_list = f"list_filter([{', '.join(failures)}], __r -> __r IS NOT NULL)"
     id_cols = ", ".join(q("__t_" + c) for c in spec.id)
     duplicate_of_earlier = (
-        f"len(__f) = 0 AND row_number() OVER (PARTITION BY len(__f) = 0, {id_cols} "
+        f"len(__f) = 0 AND row_number() OVER (PARTITION BY len(__f) = 0, __p, {id_cols} "
         f"ORDER BY _source_file, _source_row) > 1"
         if spec.id
         else "false"
     )
-    id_reason = lit(f"duplicate id ({', '.join(spec.id)}): an earlier row has the same values")
+    id_reason = lit(
+        f"duplicate id ({', '.join(spec.id)}): an earlier row "
+        f"{'of the same partition ' if partitioned else ''}has the same values"
+    )
     platform = [EVENT_TIME] if EVENT_TIME in present else []
     out_cols = ", ".join([f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns] + platform)
     raw_cols = ", ".join(q(c) for c in present)
+    datetimes = _datetime_columns(spec)
     try:
         conn.execute(f"""
             CREATE OR REPLACE TEMP TABLE __typed AS
-            SELECT *, {failure_list} AS __f FROM (SELECT *, {", ".join(typed_cols)} FROM {source})
+            SELECT *, {failure_list} AS __f FROM ({_typed_rows(spec, source, raw_ref, partitioned)})
         """)
         conn.execute(f"""
             CREATE OR REPLACE TEMP TABLE __checked AS
@@ -182,7 +310,7 @@ def validate_source(
             SELECT {out_cols} FROM __checked WHERE len(__f) = 0 ORDER BY _source_file, _source_row""")
         conn.execute(f"""CREATE OR REPLACE TEMP TABLE __quarantined AS
             SELECT {raw_cols}, __f[1].rule AS _rule, __f[1].column AS _column,
-                   array_to_string(list_transform(__f, x -> x.reason), '; ') AS _reasons
+                   array_to_string(list_transform(__f, __r -> __r.reason), '; ') AS _reasons
             FROM __checked WHERE len(__f) > 0 ORDER BY _source_file, _source_row""")
         conn.execute("BEGIN TRANSACTION")
         try:
@@ -212,16 +340,32 @@ def validate_source(
                 "SELECT _source_file, _source_row, _reasons FROM __quarantined LIMIT 5"
             ).fetchall()
         ]
+        normalised = [
+            f"count(*) FILTER (WHERE {q('__o_' + c)} NOT IN ('+00:00', {lit(NO_OFFSET)}))" for c in datetimes
+        ]
+        tz_counts = (
+            conn.execute(f"SELECT {', '.join(normalised)} FROM __checked WHERE len(__f) = 0").fetchone()
+            if datetimes
+            else ()
+        )
     finally:
         for temp in ("__typed", "__checked", "__valid", "__quarantined"):
             conn.execute(f"DROP TABLE IF EXISTS {temp}")
-    return ValidationResult(raw_rows, valid_rows, raw_rows - valid_rows, by_rule, examples)
+    return ValidationResult(
+        raw_rows=raw_rows,
+        valid_rows=valid_rows,
+        quarantined_rows=raw_rows - valid_rows,
+        by_rule=by_rule,
+        examples=examples,
+        tz_offsets_normalised=dict(zip(datetimes, tz_counts, strict=True)),
+        quarantine=check_quarantine_share(conn, name, spec),
+    )
 
 
 def _fail_on_type_change(conn: duckdb.DuckDBPyConnection, name: str) -> None:
     bad = conn.execute("""
-        SELECT count(*) OVER (), _source_file, _source_row, x.column, x.reason
-        FROM (SELECT *, unnest(list_filter(__f, x -> x.rule = 'type')) AS x FROM __checked)
+        SELECT count(*) OVER (), _source_file, _source_row, __r.column, __r.reason
+        FROM (SELECT *, unnest(list_filter(__f, __r -> __r.rule = 'type')) AS __r FROM __checked)
         ORDER BY _source_file, _source_row LIMIT 1""").fetchone()
     if bad:
         rows, file, row, column, reason = bad
@@ -270,13 +414,58 @@ def check_row_conservation(conn: duckdb.DuckDBPyConnection, name: str) -> CheckO
 
 
 def check_unique_ids(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
+    """No id on two validated rows. Validation quarantines duplicates within a partition, so what this
+    finds is an id in two partitions; `duplicate_ids` says whether that blocks consumers or warns."""
     if not spec.id:
         return CheckOutcome(True, "no id configured")
-    cols = ", ".join(q(c) for c in spec.id)
-    dupes = conn.execute(
-        f"SELECT count(*) FROM (SELECT {cols} FROM validated.{q(name)} GROUP BY ALL HAVING count(*) > 1)"
-    ).fetchone()[0]
-    return CheckOutcome(dupes == 0, f"{dupes} duplicated id value(s) on {spec.id}", {"duplicated_ids": dupes})
+    ids = ", ".join(spec.id)
+    found = conn.execute(
+        f"SELECT count(*) OVER (), * FROM (SELECT {', '.join(q(c) for c in spec.id)} FROM validated.{q(name)} "
+        "GROUP BY ALL HAVING count(*) > 1) ORDER BY ALL LIMIT 1"
+    ).fetchone()
+    meta: dict[str, object] = {
+        "duplicated_ids": 0,
+        "id_columns": spec.id,
+        "duplicate_ids": spec.duplicate_ids,
+    }
+    if found is None:
+        return CheckOutcome(True, f"every id ({ids}) is on one row of validated.{name}", meta)
+    dupes, values = found[0], found[1:]
+    example = ", ".join(
+        f"{c}={v!r}" if isinstance(v, str) else f"{c}={v}" for c, v in zip(spec.id, values, strict=True)
+    )
+    places = [
+        f"partition {part} ({file} row {row})" if part else f"{file} row {row}"
+        for file, row, part in _rows_with_id(conn, name, spec, values)
+    ]
+    meta |= {"duplicated_ids": dupes, "example": example, "example_rows": places}
+    found_text = (
+        f"{dupes} id value(s) of ({ids}) are on more than one row of validated.{name}, e.g. ({example}) in "
+        f"{' and '.join(places)} (duplicate_ids: {spec.duplicate_ids})"
+    )
+    if spec.duplicate_ids == "warn":
+        return CheckOutcome(False, f"warning only: {found_text}; consumers still use the table", meta, "warn")
+    return CheckOutcome(
+        False,
+        f"{found_text}: fix or remove the duplicated rows in the source, or set duplicate_ids: warn to accept "
+        "them",
+        meta,
+    )
+
+
+def _rows_with_id(
+    conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec, values: tuple[object, ...]
+) -> list[tuple[str, int, str | None]]:
+    """(file, row, partition) of the validated rows with this id, read back from raw minus quarantine."""
+    match = " AND ".join(f"{cast_expr(q(c), spec.columns[c].type)} IS NOT DISTINCT FROM ?" for c in spec.id)
+    partitioned = spec.partitions is not None and EVENT_TIME in table_columns(conn, "raw", name)
+    part = f"strftime({partition_sql(spec)}, '%Y-%m-%d')" if partitioned else "NULL"
+    return conn.execute(
+        f"SELECT _source_file, _source_row, {part} AS p FROM raw.{q(name)} r WHERE {match} AND NOT EXISTS "
+        f"(SELECT 1 FROM quarantine.{q(name)} x WHERE x._source_file = r._source_file "
+        "AND x._source_row = r._source_row) ORDER BY p, _source_file, _source_row LIMIT 3",
+        list(values),
+    ).fetchall()
 
 
 def check_rules(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
@@ -298,20 +487,39 @@ def check_rules(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) ->
     )
 
 
+def _percent(share: float) -> str:
+    return f"{100 * share:.4g}%"
+
+
 def check_quarantine_share(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
+    """At most max_quarantine_share of the source's rows quarantined: more means a broken batch."""
     raw, quarantined = conn.execute(
         f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM quarantine.{q(name)})"
     ).fetchone()
     share = quarantined / raw if raw else 1.0
     ok = share <= spec.max_quarantine_share
+    # The earliest row of each rule, with its own reasons (a struct compares field by field).
     top = conn.execute(
-        f"SELECT _rule, _column, count(*) n, min(_source_file), min(_reasons) FROM quarantine.{q(name)} "
-        "GROUP BY _rule, _column ORDER BY n DESC LIMIT 3"
+        f"SELECT _rule, _column, count(*) n, min({{'f': _source_file, 'r': _source_row, 'why': _reasons}}) "
+        f"FROM quarantine.{q(name)} GROUP BY _rule, _column ORDER BY n DESC, _rule, _column LIMIT 3"
     ).fetchall()
-    reasons = "; ".join(f"{r} on {c}: {n} rows (e.g. {f}: {why})" for r, c, n, f, why in top)
+    reasons = "; ".join(
+        f"{r} on {c}: {n} rows (e.g. {e['f']} row {e['r']}: {e['why']})" for r, c, n, e in top
+    )
+    limit = f"max_quarantine_share = {_percent(spec.max_quarantine_share)} of source '{name}'"
+    verdict = (
+        f"within the limit {limit}"
+        if ok
+        else f"above the limit {limit}; the batch must not reach training: fix or remove the rows listed in "
+        f"quarantine.{name}, or raise max_quarantine_share if they are expected"
+    )
+    counted = f"{_percent(share)} of rows quarantined ({quarantined} of {raw})" if raw else "no raw rows"
     return CheckOutcome(
         ok,
-        f"{share:.2%} of rows quarantined (max {spec.max_quarantine_share:.2%})"
-        + (f"; top: {reasons}" if top else ""),
-        {"quarantine_share": share, "max_quarantine_share": spec.max_quarantine_share},
+        f"{counted}, {verdict}" + (f"; top: {reasons}" if top else ""),
+        {
+            "quarantine_share": share,
+            "max_quarantine_share": spec.max_quarantine_share,
+            "quarantine_limit_hit": not ok,
+        },
     )

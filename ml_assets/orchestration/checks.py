@@ -26,7 +26,11 @@ def table_check(key: dg.AssetKey, name: str, description: str, outcome: Outcome)
             result = outcome(conn)
             validate.record_check(conn, key.to_user_string(), name, result, context.run.run_id)
         return dg.AssetCheckResult(
-            passed=result.passed, description=result.description, metadata=as_metadata(result.metadata)
+            passed=result.passed,
+            # A WARN failure shows in the UI but stops nothing, even on a blocking check.
+            severity=dg.AssetCheckSeverity.WARN if result.severity == "warn" else dg.AssetCheckSeverity.ERROR,
+            description=result.description,
+            metadata=as_metadata(result.metadata),
         )
 
     return _run
@@ -47,7 +51,12 @@ def source_checks(name: str, spec: SourceSpec) -> list[dg.AssetChecksDefinition]
         ),
         (
             "unique_ids",
-            f"No two rows share the id {spec.id}.",
+            f"No two rows share the id {spec.id}; an id in two partitions "
+            + (
+                "only warns (duplicate_ids: warn)."
+                if spec.duplicate_ids == "warn"
+                else "blocks (duplicate_ids: block)."
+            ),
             lambda c: validate.check_unique_ids(c, name, spec),
         ),
         (
@@ -57,7 +66,7 @@ def source_checks(name: str, spec: SourceSpec) -> list[dg.AssetChecksDefinition]
         ),
         (
             "quarantine_share",
-            f"At most {spec.max_quarantine_share:.1%} of rows quarantined: "
+            f"At most max_quarantine_share = {spec.max_quarantine_share:.1%} of rows quarantined: "
             "more means a broken batch, which must not reach training.",
             lambda c: validate.check_quarantine_share(c, name, spec),
         ),

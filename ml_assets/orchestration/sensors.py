@@ -13,11 +13,9 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 
 from ml_assets.core import drift, ingest, performance, registry, retrain_policy
-from ml_assets.core.errors import RejectedFile
-from ml_assets.core.hashing import sha256_file
+from ml_assets.core.ingest.ledger import FolderState, folder_states, scan_folder
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.jobs import landing_selection, landing_users
 from ml_assets.orchestration.partitions import range_tags_for
@@ -78,9 +76,13 @@ LANDING_TRIGGER = "landing"
 def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
     """New or changed files in the landing zones -> one ingestion run over the partitions they touch.
 
-    A file is known by its content (sha256), so a re-dropped or renamed copy ingests nothing; the cursor
-    holds the hashes already handled and the run_key names the batch, so a tick evaluated twice launches
-    one run. A file that cannot be read is recorded as rejected (with the reason) and never loaded.
+    A file is known by its content (sha256), so a re-dropped or renamed copy ingests nothing (the copy is
+    recorded as ignored); the run_key names the batch, so a tick evaluated twice launches one run. A file is
+    read once it has settled (ledger.scan_folder). Every entry ends in the ledger once: a file that cannot
+    be read or checked as rejected with the reason (never loaded), anything else (a directory, a socket, an
+    unsupported extension) as ignored with the reason; batches still being written (`.name`, `*.tmp`,
+    `*.part`, `*~`) are left alone until renamed. The cursor holds ledger.FolderState per source; a cursor
+    of the first format ({source: [sha256, ...]}) is still read.
     """
     landing = {n: s for n, s in project.sources.items() if s.landing}
     users = landing_users(project)
@@ -95,38 +97,34 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
         if context.cursor:
-            seen: dict[str, list[str]] = json.loads(context.cursor)
+            states = {n: FolderState.from_json(v) for n, v in json.loads(context.cursor).items()}
         else:
             # A fresh sensor (first start, reset cursor) must not re-ingest what `ml-assets run` or an
-            # earlier sensor already loaded or rejected: the ledger knows.
+            # earlier sensor already loaded, rejected or ignored: the ledger knows.
             with warehouse.get_connection() as conn:
-                known = ingest.ledger(conn)
-            seen = {
-                n: sorted(known.filter(pl.col("source") == n).get_column("sha256").to_list()) for n in landing
-            }
-        accepted: dict[str, list[dict]] = {}
-        rejected: dict[str, list[dict]] = {}
-        for name, spec in landing.items():
-            known = set(seen.get(name, []))
-            for path in ingest.resolve_files(name, spec, Path(), root):
-                sha = sha256_file(path)
-                if sha in known:
-                    continue
-                known.add(sha)
-                try:
-                    _, records = ingest.read_files(name, spec, [path])
-                    accepted.setdefault(name, []).extend(records)
-                except RejectedFile as exc:
-                    context.log.warning(str(exc))
-                    rejected.setdefault(name, []).append(exc.ledger_row())
-            seen[name] = sorted(known)
-        if rejected:
+                states = folder_states(conn, list(landing))
+        scans = {
+            name: scan_folder(
+                name, spec, ingest.landing_dir(root, name), states.setdefault(name, FolderState())
+            )
+            for name, spec in landing.items()
+        }
+        cursor = json.dumps({n: state.to_json() for n, state in states.items()})
+        recorded = [row for scan in scans.values() for row in scan.rows]
+        if recorded:
             with warehouse.get_connection() as conn:
-                for name, rows in rejected.items():
-                    ingest.record_files(conn, name, rows, "sensor:landing_zone")
+                for name, scan in scans.items():
+                    ingest.record_files(conn, name, scan.rows, "sensor:landing_zone")
+        for row in recorded:  # a rejection's reason names the file
+            if row["status"] == "rejected":
+                context.log.warning(str(row["reason"]))
+            else:
+                context.log.info(f"ignored {row['file']}: {row['reason']}")
+        accepted = {name: scan.accepted for name, scan in scans.items() if scan.accepted}
         if not accepted:
-            reason = f"rejected {sum(map(len, rejected.values()))} file(s)" if rejected else "no new files"
-            return dg.SensorResult(skip_reason=reason, cursor=json.dumps(seen))
+            done = [f"{row['status']} {Path(str(row['file'])).name}" for row in recorded]
+            waiting = [f"waiting for {n} to settle" for scan in scans.values() for n in scan.settling]
+            return dg.SensorResult(skip_reason="; ".join(done + waiting) or "no new files", cursor=cursor)
         records = [r for rows in accepted.values() for r in rows]
         tags = {
             TRIGGER_TAG: LANDING_TRIGGER,
@@ -141,6 +139,6 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         selection = landing_selection({n: users[n] for n in accepted})
         batch = hashlib.sha256("".join(sorted(str(r["sha256"]) for r in records)).encode()).hexdigest()[:16]
         request = dg.RunRequest(run_key=f"landing-{batch}", asset_selection=selection, tags=tags)
-        return dg.SensorResult(run_requests=[request], cursor=json.dumps(seen))
+        return dg.SensorResult(run_requests=[request], cursor=cursor)
 
     return _sensor

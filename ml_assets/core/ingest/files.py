@@ -4,12 +4,18 @@ time axis before anything is written."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import glob
+import gzip
 import importlib.util
 import io
 import os
+import stat
 import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -34,21 +40,81 @@ def package_file(spec_path: str) -> Path:
     return Path(next(iter(found.submodule_search_locations))) / rel
 
 
-LANDING_SUFFIXES = (".csv", ".parquet", ".zip")
+# Extensions of data files, matched case-insensitively (`.CSV`, `.Csv.GZ`); `.csv.gz` before `.csv`.
+DATA_SUFFIXES = (".csv.gz", ".csv", ".parquet", ".zip")
+# A batch still being written: replay (and any careful writer) writes `.<name>.tmp` and renames it into
+# place when complete; `.part` and `~` are what downloaders and editors leave behind.
+WRITING_SUFFIXES = (".tmp", ".part", "~")
+# Ledger keys of entries known by name, not content (sha256 hex never contains ':').
+ENTRY_KEY = "path:"
+_SPECIAL_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISCHR, "a character device"),
+)
 
 
 def landing_dir(root: Path, name: str) -> Path:
     return Path(root) / "landing" / name
 
 
+def data_suffix(path: Path) -> str | None:
+    lower = path.name.lower()
+    return next((s for s in DATA_SUFFIXES if lower.endswith(s)), None)
+
+
+def entry_key(path: Path) -> str:
+    """Ledger key of a landing entry not known by its content (a directory, an unreadable file, a copy):
+    its name, so the entry keeps one row, updated in place, however often it is seen."""
+    return f"{ENTRY_KEY}{path.name}"
+
+
+@dataclass(frozen=True)
+class LandingEntry:
+    """One entry of a landing folder: a data file (no reason), or ignored with the reason."""
+
+    path: Path
+    reason: str = ""
+
+
+def landing_entries(folder: Path) -> list[LandingEntry]:
+    """Every entry of a landing folder, in name order, except batches still being written.
+
+    Naming rule: a name starting with `.` or ending in `.tmp`, `.part` or `~` is a batch still being
+    written and is left alone (not listed, not recorded) until renamed. A directory, socket, FIFO or device,
+    or a symlink to one, is ignored with its kind; a file whose name does not end in one of DATA_SUFFIXES
+    (any case) is ignored as an unsupported extension. Everything else is data, including a file that
+    cannot be read (no permission, a dangling symlink): reading it rejects it with the OS error.
+    """
+    if not folder.is_dir():
+        return []
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name.lower().endswith(WRITING_SUFFIXES):
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            mode = None
+        kind = next((k for test, k in _SPECIAL_KINDS if mode is not None and test(mode)), None)
+        if kind:
+            via = " (through a symlink)" if path.is_symlink() else ""
+            entries.append(LandingEntry(path, f"{kind}{via}, not a data file: only regular files are read"))
+        elif data_suffix(path) is None:
+            supported = ", ".join(DATA_SUFFIXES)
+            entries.append(LandingEntry(path, f"unsupported extension; supported: {supported} (any case)"))
+        else:
+            entries.append(LandingEntry(path))
+    return entries
+
+
 def resolve_files(name: str, spec: SourceSpec, base_dir: Path, root: Path) -> list[Path]:
     """Files a file source currently consists of, in a stable order (a landing zone may be empty)."""
     if spec.landing:
-        folder = landing_dir(root, name)
-        # Dot-files are batches still being written (replay renames them into place when complete).
-        return sorted(
-            p for p in folder.glob("*") if p.suffix in LANDING_SUFFIXES and not p.name.startswith(".")
-        )
+        # The landing sensor classifies entries with the same function: both read the same files.
+        return [e.path for e in landing_entries(landing_dir(root, name)) if not e.reason]
     if spec.path is None:
         raise ConfigError(f"source '{name}': a file source needs path: or landing: true")
     if spec.path.startswith(PKG_SCHEME):
@@ -62,7 +128,21 @@ def resolve_files(name: str, spec: SourceSpec, base_dir: Path, root: Path) -> li
     return files
 
 
-def _read_csv(data: Path | bytes, spec: SourceSpec) -> pl.DataFrame:
+def _header(data: Path | bytes) -> list[str]:
+    with io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb") as raw:
+        return next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")), [])
+
+
+def _read_csv(name: str, label: str, data: Path | bytes, spec: SourceSpec) -> pl.DataFrame:
+    # Polars would load a repeated column name as `<name>_duplicated_0`: a column nobody configured,
+    # and an ambiguous source for the configured one.
+    repeated = {c: n for c, n in Counter(_header(data)).items() if n > 1}
+    if repeated:
+        names = ", ".join(f"'{c}' ({n} times)" for c, n in repeated.items())
+        raise SourceError(
+            f"source '{name}': file {label}: column name(s) {names} repeated in the header (rule: unique "
+            "column names); nothing was loaded. Rename or drop the repeated column and land the file again"
+        )
     # Everything as strings: typing is validation's job, and a wrong type must become a quarantined
     # row with a reason, not a failed or silently coerced load.
     return pl.read_csv(
@@ -75,16 +155,29 @@ def _read_csv(data: Path | bytes, spec: SourceSpec) -> pl.DataFrame:
 
 
 def read_file(name: str, path: Path, spec: SourceSpec) -> list[tuple[str, pl.DataFrame]]:
-    """(label, frame) per data file; a zip archive yields one entry per member."""
+    """(label, frame) per data file; a zip archive yields one entry per member, a `.csv.gz` is gunzipped.
+    A name without a known extension (a `path:` source) is read in the source's format."""
+    suffix = data_suffix(path)
     try:
-        if path.suffix == ".parquet" or (spec.resolved_format == "parquet" and path.suffix != ".csv"):
+        if suffix == ".parquet" or (suffix is None and spec.resolved_format == "parquet"):
             return [(str(path), pl.read_parquet(path, row_index_name="_source_row", row_index_offset=1))]
-        if path.suffix == ".zip":
+        batches: list[tuple[str, Path | bytes]] = [(str(path), path)]
+        if suffix == ".zip":
             with zipfile.ZipFile(path) as archive:
                 members = [m for m in archive.namelist() if not m.endswith("/")]
-                return [(f"{path}!{m}", _read_csv(archive.read(m), spec)) for m in members]
-        return [(str(path), _read_csv(path, spec))]
-    except (pl.exceptions.PolarsError, OSError, zipfile.BadZipFile, ValueError) as exc:
+                batches = [(f"{path}!{m}", archive.read(m)) for m in members]
+        elif suffix == ".csv.gz":
+            batches = [(str(path), gzip.decompress(path.read_bytes()))]
+        return [(label, _read_csv(name, label, data, spec)) for label, data in batches]
+    except (
+        pl.exceptions.PolarsError,
+        OSError,
+        EOFError,  # a truncated gzip stream
+        zlib.error,
+        zipfile.BadZipFile,
+        csv.Error,  # a header field beyond csv's size limit: binary data named .csv
+        ValueError,
+    ) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"source '{name}': cannot read file {path}: {first_line}") from exc
 
@@ -135,21 +228,45 @@ def _within_partitions(
     end = dt.datetime.combine(axis.end, dt.time()) if axis.end else None
     if first < start or (end is not None and last >= end):
         raise SourceError(
-            f"source '{name}': file {label} has rows from {first} to {last} (UTC), outside the partitions "
+            f"source '{name}': file {label} has '{spec.timestamp}' values from {first} to {last} (UTC), outside the partitions "
             f"{axis.start} to {axis.end or 'open end'} (rule: partitions); widen partitions.start/end"
         )
+
+
+def content_key(name: str, path: Path) -> str:
+    """A data file's ledger key, its sha256; a file that cannot be read is rejected under its name."""
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise RejectedFile(
+            f"source '{name}': cannot read file {path}: {exc.strerror or exc}; nothing was loaded. Make it "
+            "a readable regular file, or remove it",
+            path,
+            entry_key(path),
+        ) from exc
 
 
 def read_files(
     name: str, spec: SourceSpec, files: list[Path], skip_sha256: set[str] = frozenset()
 ) -> tuple[pl.DataFrame | None, list[dict[str, object]]]:
     """Every batch of a file source, checked; a file whose content was already read (same sha256 under
-    another name) or was rejected before is skipped, so re-dropping a file never duplicates rows."""
+    another name) or was rejected before is skipped, so re-dropping a file never duplicates rows.
+
+    `skip_sha256` holds ledger keys: rejected contents, and the `path:<name>` of entries set aside (an
+    unreadable file, a copy): such a name is read only for content no other file holds."""
     frames: list[pl.DataFrame] = []
     records: list[dict[str, object]] = []
     seen = set(skip_sha256)
+    keyed: list[tuple[Path, str]] = []
     for path in files:
-        sha = sha256_file(path)
+        try:
+            keyed.append((path, content_key(name, path)))
+        except RejectedFile as exc:
+            if exc.sha256 not in seen:  # unreadable, and not already rejected as such
+                raise
+    # A content under several names keeps the name the ledger gave it: recorded copies come last (stable).
+    keyed.sort(key=lambda entry: entry_key(entry[0]) in seen)
+    for path, sha in keyed:
         if sha in seen:
             continue
         seen.add(sha)

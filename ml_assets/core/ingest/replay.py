@@ -249,17 +249,34 @@ def replay(
     shifts: tuple[Shift, ...] = (),
     resample: Resample | None = None,
 ) -> dict[str, list[Path]]:
-    """Replay every landing source a pipeline uses; a shift without a source applies where the column exists."""
-    out = {}
-    for name, spec in project.sources_of(pipeline).items():
-        if not spec.replay:
-            continue
-        mine = tuple(s for s in shifts if s.source in (None, name) and (s.source or s.column in spec.columns))
-        out[name] = replay_source(root, name, spec, until, batch, mine, resample)
-    unknown = [s for s in shifts if s.source and s.source not in out]
-    if unknown:
-        raise UsageError(f"--shift on {unknown[0].source!r}: not a replayable source of '{pipeline.name}'")
-    return out
+    """Replay every landing source a pipeline uses; a shift without a source applies where the column exists.
+
+    Every shift is checked against the sources before anything is written: a refused shift lands nothing.
+    """
+    sources = {name: spec for name, spec in project.sources_of(pipeline).items() if spec.replay}
+    for shift in shifts:
+        if shift.source is not None and shift.source not in sources:
+            raise UsageError(
+                f"--shift on {shift.source!r}: not a replayable source of '{pipeline.name}'; "
+                f"replayable: {sorted(sources)}"
+            )
+        targets = [shift.source] if shift.source else list(sources)
+        if not any(shift.column in sources[name].columns for name in targets):
+            raise UsageError(
+                f"--shift {shift.column!r}: no column of that name in {' or '.join(map(repr, targets))}"
+            )
+    return {
+        name: replay_source(
+            root,
+            name,
+            spec,
+            until,
+            batch,
+            tuple(s for s in shifts if s.source in (None, name) and s.column in spec.columns),
+            resample,
+        )
+        for name, spec in sources.items()
+    }
 
 
 def seed(project: Project, root: Path) -> dict[str, list[Path]]:

@@ -7,6 +7,7 @@ import re
 
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.metrics import REPORTED
+from ml_assets.core.spec.expressions import expression_problem, shorten
 from ml_assets.core.spec.schema import METRICS, PipelineSpec, SourceSpec
 
 
@@ -51,6 +52,17 @@ def derived_reads(pipeline: PipelineSpec, column: str) -> set[str]:
         pending += list(words - seen)
         seen |= words - set(derived)
     return seen - {column.lower()}
+
+
+def _check_expressions(pipeline: PipelineSpec) -> None:
+    """Every SQL snippet of the pipeline is one expression over the row (see `expressions`)."""
+    snippets = {f"derived.{name}": expr for name, expr in pipeline.derived.items()}
+    if pipeline.target.expr is not None:
+        snippets["target.expr"] = pipeline.target.expr
+    for field_name, expr in snippets.items():
+        problem = expression_problem(expr)
+        if problem:
+            raise ConfigError(f"{field_name}: {problem}; got {shorten(expr)!r}")
 
 
 def _check_metrics(pipeline: PipelineSpec) -> None:
@@ -151,7 +163,9 @@ def _check_monitoring(pipeline: PipelineSpec) -> None:
 
 
 def check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> None:
-    """Cross-field rules that need the sources: every name a pipeline uses must exist."""
+    """Cross-field rules that need the sources: every name a pipeline uses must exist, and its SQL is
+    safe to run."""
+    _check_expressions(pipeline)
     _check_metrics(pipeline)
     _check_joins(pipeline, sources)
     columns = modelling_columns(pipeline, sources)

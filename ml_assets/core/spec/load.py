@@ -4,6 +4,7 @@ cross-checks, with errors that name the file and the field."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.spec.checks import check_pipeline
-from ml_assets.core.spec.schema import PipelineSpec, Project, SourceSpec
+from ml_assets.core.spec.schema import IDENTIFIER, PipelineSpec, Project, SourceSpec
 
 PIPELINES_DIR_ENV = "ML_ASSETS_PIPELINES_DIR"
 
@@ -20,8 +21,15 @@ PIPELINES_DIR_ENV = "ML_ASSETS_PIPELINES_DIR"
 def _format_pydantic(path: Path, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = [str(p) for p in err["loc"]]
         msg = err["msg"].removeprefix("Value error, ")
+        if loc[-1:] == ["[key]"]:
+            # A name (a mapping's key) broke the rule: the field is the mapping, the value the name.
+            loc = loc[:-2]
+            msg = f"name {msg[0].lower()}{msg[1:]}"
+            if err["type"] == "string_pattern_mismatch":
+                msg += " (lower-case letters, digits and _)"
+        where = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling)"
         elif err["type"] == "missing":
@@ -68,6 +76,11 @@ def _with_parent(raw: dict[str, Any], path: Path, chain: tuple[str, ...] = ()) -
     parent_name = raw.get("extends")
     if parent_name is None:
         return raw
+    if not isinstance(parent_name, str) or not re.fullmatch(IDENTIFIER, parent_name):
+        raise ConfigError(
+            f"{path}: extends: expected the name of a pipeline file beside it, without .yaml "
+            f"(got {parent_name!r})"
+        )
     parent_path = path.parent / f"{parent_name}.yaml"
     if parent_name in chain or not parent_path.exists():
         problem = (
@@ -91,10 +104,24 @@ def load_pipeline_file(path: Path) -> PipelineSpec:
     return spec
 
 
+def _parents_first(files: list[Path]) -> list[Path]:
+    """The files, each after the file it extends, so that a defect in an inherited field is reported
+    against the file that holds it rather than a file extending it."""
+
+    def depth(path: Path, seen: frozenset[Path]) -> int:
+        parent = path.parent / f"{_read_yaml(path).get('extends')}.yaml"
+        # No parent here, or a circle (loading the file reports both).
+        if parent not in files or parent in seen:
+            return 0
+        return 1 + depth(parent, seen | {path})
+
+    return sorted(files, key=lambda path: (depth(path, frozenset()), path.name))
+
+
 def load_project(directory: Path) -> Project:
     """Load and cross-check every `*.yaml` pipeline file of a directory."""
     directory = Path(directory)
-    files = sorted(directory.glob("*.yaml"))
+    files = _parents_first(sorted(directory.glob("*.yaml")))
     if not files:
         raise ConfigError(f"{directory}: no pipeline files (*.yaml) found")
     pipelines: dict[str, PipelineSpec] = {}

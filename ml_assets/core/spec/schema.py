@@ -7,20 +7,47 @@ sources of other files live in `checks`, and reading files (with `extends`) in `
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib
-import re
+import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from ml_assets.core.metrics import GREATER_IS_BETTER
+from ml_assets.core.spec.expressions import regex_problem
 
 IDENTIFIER = r"^[a-z_][a-z0-9_]*$"
 # Leading underscores are reserved for the columns the platform adds (_split, _key, _source_file, ...).
 FEATURE_NAME = r"^[a-z][a-z0-9_]*$"
+# Source names become table names, landing directories and Dagster asset keys: nothing but a plain name.
+Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER)]
+ColumnName = Annotated[str, StringConstraints(pattern=FEATURE_NAME)]
+
+
+@functools.cache
+def _iana_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def _iana_zone(name: str) -> str:
+    if name not in _iana_zones():
+        raise ValueError("not an IANA time zone name (e.g. America/New_York, Europe/Paris, UTC)")
+    return name
+
+
+Timezone = Annotated[str, AfterValidator(_iana_zone)]
 
 ColumnType = Literal["int", "float", "str", "bool", "datetime", "date"]
 Task = Literal["binary", "multiclass", "regression"]
@@ -52,14 +79,20 @@ class ColumnSpec(_Strict):
         None, description="Regular expression the whole value must match (str columns)"
     )
 
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, pattern: str | None) -> str | None:
+        problem = None if pattern is None else regex_problem(pattern)
+        if problem:
+            raise ValueError(f"not a valid regular expression (RE2 syntax): {problem}")
+        return pattern
+
     @model_validator(mode="after")
     def _range_is_ordered(self) -> ColumnSpec:
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
         if (self.min is not None or self.max is not None) and self.type not in ("int", "float"):
             raise ValueError(f"min/max need an int or float column, not type '{self.type}'")
-        if self.pattern is not None:
-            re.compile(self.pattern)
         return self
 
 
@@ -94,7 +127,7 @@ class ReplaySpec(_Strict):
         description="Columns holding parts of the timestamp's date (e.g. year: year): a resampled replay "
         "moves rows to other days and rewrites these with the timestamp",
     )
-    timezone: str | None = Field(
+    timezone: Timezone | None = Field(
         None,
         description="Zone of that local calendar (e.g. America/New_York): rows move by whole local days, "
         "so clock times stay put across daylight-saving changes",
@@ -177,6 +210,18 @@ class SourceSpec(_Strict):
     columns: dict[str, ColumnSpec]
     max_quarantine_share: float = Field(0.05, ge=0, le=1)
     schema_evolution: SchemaEvolutionSpec = Field(default_factory=SchemaEvolutionSpec)
+    timezones: Literal["normalize", "reject"] = Field(
+        "normalize",
+        description="Datetime values are stored as naive UTC (a value without an offset is taken as UTC). "
+        "normalize: any offset is converted, and the count of values whose offset was not +00:00 is "
+        "recorded; reject: a value whose offset differs from the most common one of its partition (of "
+        "the batch, unpartitioned) is quarantined, a naive value counting as one more offset",
+    )
+    duplicate_ids: Literal["block", "warn"] = Field(
+        "block",
+        description="An id in two partitions (within one partition, later rows are quarantined). block: "
+        "the unique_ids check fails and consumers refuse the table; warn: it only warns",
+    )
 
     @model_validator(mode="after")
     def _keys_are_columns(self) -> SourceSpec:
@@ -254,7 +299,9 @@ class FeatureSpec(_Strict):
     parts: list[Literal["year", "month", "day", "dayofweek", "dayofyear", "hour", "minute"]] = Field(
         default_factory=lambda: ["month", "dayofweek", "hour"]
     )
-    timezone: str | None = Field(None, description="Convert datetimes (stored as UTC) to this zone first")
+    timezone: Timezone | None = Field(
+        None, description="Convert datetimes (stored as UTC) to this zone first"
+    )
     max_categories: int = Field(50, ge=1)
     min_frequency: int = Field(20, ge=1)
 
@@ -340,6 +387,12 @@ class ModelSpec(_Strict):
     seed: int = 42
     max_rounds: int = Field(1000, ge=10)
     early_stopping_rounds: int = Field(50, ge=1)
+    num_threads: int = Field(
+        1,
+        ge=1,
+        description="LightGBM threads per fit. One by default: with a thread per core, a fit on a busy "
+        "2-core machine took 51-55 s instead of 4.5-4.7 s (bench/RESULTS.md)",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="Fixed LightGBM parameters")
     search_space: dict[str, ParamRange] = Field(default_factory=_default_search_space)
 
@@ -402,13 +455,15 @@ class PipelineSpec(_Strict):
     name: str = Field(pattern=IDENTIFIER)
     description: str = ""
     task: Task
-    sources: dict[str, SourceSpec] = Field(default_factory=dict)
+    sources: dict[Identifier, SourceSpec] = Field(default_factory=dict)
     shared_sources: list[str] = Field(
         default_factory=list, description="Sources this pipeline uses but another pipeline file defines"
     )
     base: str = Field(description="Source whose rows become the modelling table's rows")
     joins: list[JoinSpec] = Field(default_factory=list)
-    derived: dict[str, str] = Field(default_factory=dict, description="New columns: name -> SQL expression")
+    derived: dict[ColumnName, str] = Field(
+        default_factory=dict, description="New columns: name -> SQL expression"
+    )
     id: list[str] = Field(min_length=1)
     timestamp: str | None = None
     target: TargetSpec
@@ -456,8 +511,12 @@ def resolve_function(dotted: str) -> Callable[..., Any]:
         raise ValueError(f"'{dotted}' is not a dotted path like 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module '{module_name}' for '{dotted}': {exc}") from exc
+    except Exception as exc:
+        # Whatever importing the user's module raises is a problem of that module, reported with the
+        # pipeline file and the field that name it.
+        raise ValueError(
+            f"cannot import module '{module_name}' for '{dotted}': {type(exc).__name__}: {exc}"
+        ) from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ValueError(f"module '{module_name}' has no function '{attr}'")

@@ -135,6 +135,8 @@ def validated_asset(name: str, spec: SourceSpec) -> dg.AssetsDefinition:
             valid_meta = table_metadata(conn, f"validated.{q(name)}")
             quarantine_meta = table_metadata(conn, f"quarantine.{q(name)}")
         share = result.quarantined_rows / result.raw_rows if result.raw_rows else 0.0
+        if result.quarantine_limit_hit:
+            context.log.warning(result.quarantine.description)
         yield dg.MaterializeResult(
             asset_key=valid_key,
             metadata={
@@ -142,6 +144,9 @@ def validated_asset(name: str, spec: SourceSpec) -> dg.AssetsDefinition:
                 "raw_rows": result.raw_rows,
                 "quarantined_rows": result.quarantined_rows,
                 "quarantine_share": share,
+                "quarantine_limit_hit": result.quarantine_limit_hit,
+                "quarantine_limit": result.quarantine.description,
+                "tz_offsets_normalised": dg.MetadataValue.json(result.tz_offsets_normalised),
             },
         )
         by_rule = pl.DataFrame(

@@ -96,9 +96,11 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         version = version_under_judgement(warehouse, pipeline, context.run_id)
         with warehouse.get_connection() as conn:
-            version_dir = user_errors_as_failures(lambda: registry.version_dir(conn, version, pipeline.name))
+            found = user_errors_as_failures(lambda: registry.registered(conn, version, pipeline.name))
             history = registry.versions(conn, pipeline.name)
-        ev = user_errors_as_failures(lambda: evaluate_version(version_dir, artifacts.reports))
+        ev = user_errors_as_failures(
+            lambda: evaluate_version(found.path, artifacts.reports, found.manifest_sha256)
+        )
         headline = {f"model_{m}": float(v) for m, v in ev.model.items()}
         headline |= {f"baseline_{m}": float(v) for m, v in ev.baseline.items()}
         return dg.MaterializeResult(

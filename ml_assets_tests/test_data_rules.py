@@ -1,0 +1,294 @@
+"""Data rules a user expects: datetimes with mixed UTC offsets, ids repeated across partitions, and a batch
+too broken to train on, on real files and DuckDB, through core.validate and through Dagster."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pytest
+import yaml
+
+from ml_assets.core import ingest, validate
+from ml_assets.core.spec import SourceSpec
+from ml_assets.core.store import connect, warehouse_path
+from ml_assets_tests.conftest import materialize_all
+
+JAN_1 = ingest.TimeWindow(start=dt.datetime(2013, 1, 1), end=dt.datetime(2013, 1, 2))
+JAN_2 = ingest.TimeWindow(start=dt.datetime(2013, 1, 2), end=dt.datetime(2013, 1, 3))
+BOTH_DAYS = ingest.TimeWindow(start=dt.datetime(2013, 1, 1), end=dt.datetime(2013, 1, 3))
+TEN_UTC = dt.datetime(2013, 1, 1, 10)
+# One instant, 10:00 UTC on Jan 1, written six ways; three of them carry an offset other than +00:00.
+SAME_INSTANT = [
+    "2013-01-01T05:00:00-05:00",
+    "2013-01-01T10:00:00+00:00",
+    "2013-01-01 10:00:00",
+    "2013-01-01T10:00:00Z",
+    "2013-01-01T15:30:00.000+0530",
+    "2013-01-01 05:00:00 America/New_York",
+]
+
+
+def _source(**options: Any) -> dict[str, Any]:
+    return {
+        "id": ["leg"],
+        "timestamp": "t",
+        "partitions": {"start": "2013-01-01", "end": "2013-01-03"},
+        "columns": {
+            "leg": {"type": "int", "not_null": True},
+            "t": {"type": "datetime", "not_null": True},
+            "x": {"type": "float"},
+            "y": {"type": "str"},
+        },
+    } | options
+
+
+def _csv(path: Path, rows: list[tuple[object, ...]]) -> Path:
+    path.write_text("leg,t,x,y\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def conn():
+    with duckdb.connect() as c:
+        c.execute("SET TimeZone = 'UTC'")
+        yield c
+
+
+def _validate(conn, spec: SourceSpec, path: Path, window: ingest.TimeWindow) -> validate.ValidationResult:
+    batch, records = ingest.read_files("legs", spec, [path])
+    ingest.load_raw(conn, "legs", spec, batch, records, window)
+    return validate.validate_source(conn, "legs", spec, ingest.window_condition(window))
+
+
+# --- timezones -------------------------------------------------------------------------------------------
+
+
+def test_mixed_offsets_are_normalised_to_their_utc_instant_and_counted(conn, tmp_path):
+    spec = SourceSpec.model_validate(_source(path="legs.csv"))
+    path = _csv(tmp_path / "legs.csv", [(i, t, 1.0, "a") for i, t in enumerate(SAME_INSTANT)])
+    result = _validate(conn, spec, path, JAN_1)
+    assert result.quarantined_rows == 0
+    assert conn.execute("SELECT DISTINCT t FROM validated.legs").fetchall() == [(TEN_UTC,)]
+    # Naive values are taken as UTC, and +00:00 / Z need no conversion: -05:00 (twice) and +05:30 count.
+    assert result.tz_offsets_normalised == {"t": 3}
+
+
+def test_reject_quarantines_offsets_unlike_the_partitions_most_common_one(conn, tmp_path):
+    spec = SourceSpec.model_validate(_source(path="legs.csv", timezones="reject"))
+    # Jan 1: mostly UTC; Jan 2: every value at -05:00, which is that partition's usual offset.
+    rows = [(i, t, 1.0, "a") for i, t in enumerate([*SAME_INSTANT, "2013-01-01T11:00:00Z"])]
+    rows += [(10 + h, f"2013-01-02T{h:02d}:00:00-05:00", 1.0, "b") for h in range(3)]
+    path = _csv(tmp_path / "legs.csv", rows)
+    result = _validate(conn, spec, path, BOTH_DAYS)
+    bad = conn.execute(
+        "SELECT t, _rule, _column, _reasons FROM quarantine.legs ORDER BY _source_row"
+    ).fetchall()
+    assert [(t, rule, column) for t, rule, column, _ in bad] == [
+        ("2013-01-01T05:00:00-05:00", "timezone", "t"),
+        ("2013-01-01 10:00:00", "timezone", "t"),
+        ("2013-01-01T15:30:00.000+0530", "timezone", "t"),
+        ("2013-01-01 05:00:00 America/New_York", "timezone", "t"),
+    ]
+    assert bad[0][3] == (
+        "t: '2013-01-01T05:00:00-05:00' has UTC offset -05:00, not the most common UTC offset +00:00 of "
+        "partition 2013-01-01 (rule timezones: reject); give its values one offset, or set timezones: normalize"
+    )
+    assert "'2013-01-01 10:00:00' has no UTC offset" in bad[1][3]
+    assert result.valid_rows == 3 + 3
+    # The accepted -05:00 values of Jan 2 are still converted, and counted.
+    assert result.tz_offsets_normalised == {"t": 3}
+    assert conn.execute("SELECT min(t) FROM validated.legs WHERE leg >= 10").fetchone() == (
+        dt.datetime(2013, 1, 2, 5),
+    )
+
+
+def test_reject_breaks_a_tie_by_the_earliest_row(conn, tmp_path):
+    spec = SourceSpec.model_validate(_source(path="legs.csv", timezones="reject"))
+    rows = [(1, "2013-01-01T05:00:00-05:00", 1.0, "a"), (2, "2013-01-01T10:00:00Z", 1.0, "a")]
+    _validate(conn, spec, _csv(tmp_path / "legs.csv", rows), JAN_1)
+    assert conn.execute("SELECT leg, _rule FROM quarantine.legs").fetchall() == [("2", "timezone")]
+
+
+# --- ids in two partitions -----------------------------------------------------------------------------
+
+
+def test_an_id_in_two_partitions_fails_the_check_however_the_runs_are_cut(conn, tmp_path):
+    spec = SourceSpec.model_validate(_source(path="legs.csv"))
+    day1 = _csv(
+        tmp_path / "day1.csv", [(1, "2013-01-01T05:00:00Z", 1.0, "a"), (2, "2013-01-01T06:00:00Z", 1.0, "a")]
+    )
+    day2 = _csv(
+        tmp_path / "day2.csv",
+        # leg 1 again on Jan 2, and leg 3 twice within Jan 2 (the later copy is quarantined).
+        [
+            (1, "2013-01-02T05:00:00Z", 2.0, "b"),
+            (3, "2013-01-02T06:00:00Z", 1.0, "b"),
+            (3, "2013-01-02T07:00:00Z", 1.0, "b"),
+        ],
+    )
+    _validate(conn, spec, day1, JAN_1)
+    _validate(conn, spec, day2, JAN_2)
+    separate = conn.execute("SELECT * FROM validated.legs ORDER BY ALL").fetchall()
+    outcome = validate.check_unique_ids(conn, "legs", spec)
+    assert not outcome.passed and outcome.blocks
+    assert outcome.description.startswith(
+        f"1 id value(s) of (leg) are on more than one row of validated.legs, e.g. (leg=1) in partition "
+        f"2013-01-01 ({day1} row 1) and partition 2013-01-02 ({day2} row 1) (duplicate_ids: block)"
+    )
+    assert outcome.metadata["duplicated_ids"] == 1
+    assert conn.execute("SELECT leg, _rule, _source_row FROM quarantine.legs").fetchall() == [
+        ("3", "unique", 3)
+    ]
+
+    # One run over both days keeps exactly the same rows: a partition's rows never depend on its run mates.
+    conn.execute("DROP SCHEMA validated CASCADE; DROP SCHEMA quarantine CASCADE; DROP SCHEMA raw CASCADE")
+    batch, records = ingest.read_files("legs", spec, [day1, day2])
+    ingest.load_raw(conn, "legs", spec, batch, records, BOTH_DAYS)
+    validate.validate_source(conn, "legs", spec, ingest.window_condition(BOTH_DAYS))
+    assert conn.execute("SELECT * FROM validated.legs ORDER BY ALL").fetchall() == separate
+    assert validate.check_unique_ids(conn, "legs", spec).description == outcome.description
+
+
+@pytest.mark.parametrize(
+    ("partitions", "same", "other"),
+    [
+        ({"granularity": "weekly", "start": "2013-01-02"}, "2013-01-08T23:00:00Z", "2013-01-09T00:00:00Z"),
+        ({"granularity": "monthly", "start": "2013-01-01"}, "2013-01-31T23:00:00Z", "2013-02-01T00:00:00Z"),
+    ],
+)
+def test_duplicates_are_quarantined_within_a_partition_of_any_granularity(
+    conn, tmp_path, partitions, same, other
+):
+    spec = SourceSpec.model_validate(_source(path="legs.csv", partitions=partitions))
+    path = _csv(
+        tmp_path / "legs.csv",
+        [(1, "2013-01-02T00:00:00Z", 1.0, "a"), (1, same, 1.0, "a"), (1, other, 1.0, "a")],
+    )
+    _validate(conn, spec, path, ingest.TimeWindow(start=dt.datetime(2013, 1, 1), end=dt.datetime(2013, 3, 1)))
+    assert conn.execute("SELECT _source_row, _rule FROM quarantine.legs").fetchall() == [(2, "unique")]
+    outcome = validate.check_unique_ids(conn, "legs", spec)
+    assert f"partition {other[:10]} ({path} row 3)" in outcome.description
+
+
+def test_warn_reports_the_duplicate_without_blocking_consumers(conn, tmp_path):
+    spec = SourceSpec.model_validate(_source(path="legs.csv", duplicate_ids="warn"))
+    path = _csv(
+        tmp_path / "legs.csv", [(1, "2013-01-01T05:00:00Z", 1.0, "a"), (1, "2013-01-02T05:00:00Z", 1.0, "a")]
+    )
+    _validate(conn, spec, path, BOTH_DAYS)
+    outcome = validate.check_unique_ids(conn, "legs", spec)
+    assert (outcome.passed, outcome.severity, outcome.blocks) == (False, "warn", False)
+    assert outcome.description.startswith("warning only: 1 id value(s) of (leg)")
+    assert "(duplicate_ids: warn); consumers still use the table" in outcome.description
+
+
+# --- through Dagster -------------------------------------------------------------------------------------
+
+
+def _project(tmp_path: Path, rows: list[tuple[object, ...]], **options: Any) -> tuple[Path, Path]:
+    """A one-source regression pipeline over legs.csv: (pipelines dir, data dir)."""
+    _csv(tmp_path / "legs.csv", rows)
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    spec = {
+        "name": "legs",
+        "task": "regression",
+        "sources": {"legs": _source(path="../legs.csv", **options)},
+        "base": "legs",
+        "id": ["leg"],
+        "timestamp": "t",
+        "target": {"name": "x"},
+        "features": [{"name": "y", "type": "categorical"}],
+    }
+    (pipelines / "legs.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return pipelines, tmp_path / "data"
+
+
+SOURCE = [dg.AssetKey([layer, "legs"]) for layer in ("raw", "validated", "quarantine")]
+TABLE = dg.AssetKey(["legs", "modelling_table"])
+
+
+def _hourly(days: int = 2) -> list[tuple[object, ...]]:
+    """A row an hour from Jan 1, 00:00 UTC, leg = hours since then."""
+    return [
+        (
+            h,
+            f"{TEN_UTC.date() + dt.timedelta(days=h // 24)}T{h % 24:02d}:00:00Z",
+            float(h % 7),
+            "ab"[h % 2],
+        )
+        for h in range(24 * days)
+    ]
+
+
+def _check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluation:
+    (found,) = [c for c in result.get_asset_check_evaluations() if c.check_name == name]
+    return found
+
+
+def _validated_metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
+    # A run over a range of partitions records the same materialization once per partition.
+    event = next(e for e in result.get_asset_materialization_events() if e.asset_key == SOURCE[1])
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def _failures(result: dg.ExecuteInProcessResult) -> str:
+    return "\n".join(e.step_failure_data.error.message for e in result.all_events if e.is_step_failure)
+
+
+def test_normalised_offsets_are_counted_in_the_validated_metadata(tmp_path):
+    rows = [(100 + i, t, 1.0, "a") for i, t in enumerate(SAME_INSTANT)] + _hourly(1)
+    pipelines, root = _project(tmp_path, rows)
+    result = materialize_all(pipelines, root, selection=SOURCE)
+    assert _validated_metadata(result)["tz_offsets_normalised"] == {"t": 3}
+    with connect(warehouse_path(root)) as c:
+        assert c.execute("SELECT DISTINCT t FROM validated.legs WHERE leg >= 100").fetchall() == [(TEN_UTC,)]
+
+
+def test_an_id_in_two_partitions_blocks_the_modelling_table(tmp_path):
+    pipelines, root = _project(tmp_path, [*_hourly(), (5, "2013-01-02T23:00:00Z", 1.0, "a")])
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize_all(pipelines, root, raise_on_error=False, selection=SOURCE, instance=instance)
+    assert not result.success
+    check = _check(result, "unique_ids")
+    assert (check.passed, check.severity) == (False, dg.AssetCheckSeverity.ERROR)
+    assert (
+        "1 id value(s) of (leg)" in check.description
+        and "(leg=5) in partition 2013-01-01" in check.description
+    )
+    # A later run of the consumer alone refuses, from the verdict recorded in the warehouse.
+    later = materialize_all(pipelines, root, raise_on_error=False, selection=[TABLE], instance=instance)
+    assert not later.success
+    assert "validated/legs:unique_ids" in _failures(later)
+
+
+def test_an_id_in_two_partitions_only_warns_when_configured(tmp_path):
+    pipelines, root = _project(
+        tmp_path, [*_hourly(), (5, "2013-01-02T23:00:00Z", 1.0, "a")], duplicate_ids="warn"
+    )
+    result = materialize_all(pipelines, root, selection=[*SOURCE, TABLE])
+    check = _check(result, "unique_ids")
+    assert (check.passed, check.severity) == (False, dg.AssetCheckSeverity.WARN)
+    assert check.description.startswith("warning only: 1 id value(s) of (leg)")
+    # The table reads the recorded verdict before building (as a later run would): a warning lets it through.
+    assert TABLE in {e.asset_key for e in result.get_asset_materialization_events()}
+
+
+def test_a_mostly_broken_batch_names_its_share_and_the_limit(tmp_path):
+    rows = [(i, t, "oops" if i < 13 else x, y) for i, t, x, y in _hourly(1)]
+    pipelines, root = _project(tmp_path, rows)
+    result = materialize_all(pipelines, root, raise_on_error=False, selection=SOURCE)
+    check = _check(result, "quarantine_share")
+    expected = (
+        "54.17% of rows quarantined (13 of 24), above the limit max_quarantine_share = 5% of source 'legs'; "
+        "the batch must not reach training"
+    )
+    assert not check.passed and check.description.startswith(expected)
+    assert "top: type on x: 13 rows (e.g. " in check.description
+    meta = _validated_metadata(result)
+    assert meta["quarantine_limit_hit"] is True
+    assert meta["quarantine_limit"].startswith(expected)
