@@ -220,12 +220,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "replay":
         return _replay(args)
     if args.command == "landing":
-        with _connect() as conn, pl.Config(tbl_rows=200, tbl_width_chars=200, fmt_str_lengths=100):
+        # Whole reasons and paths: a cut would hide the rule and the column a rejection names (65,535 is the
+        # widest table polars can print).
+        with (
+            _connect() as conn,
+            pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=65_535, fmt_str_lengths=10_000),
+        ):
             print(ingest.ledger(conn))
     elif args.command == "versions":
         show_versions(_pipeline(load_default_project(), args.pipeline).name)
     elif args.command == "rollback":
-        decision = gate.rollback(_connect, _pipeline(load_default_project(), args.pipeline).name, args.to)
+        project = load_default_project()
+        pipeline = _pipeline(project, args.pipeline)
+        decision = gate.rollback(_connect, pipeline, project.sources_of(pipeline), args.to)
         print(decision.reason)
     else:
         summary(load_default_project())
