@@ -18,6 +18,7 @@ import yaml
 
 from ml_assets.core import registry
 from ml_assets.core.registry import PREDICTIONS_FILE, read_manifest
+from ml_assets.core.report_server import DEFAULT_URL
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets_tests.conftest import materialize_all, nycflights_file, write_pipelines
@@ -192,7 +193,18 @@ def test_evaluation_report_and_metadata(full_run):
     meta = event.materialization.metadata
     assert isinstance(meta["model_roc_auc"], dg.FloatMetadataValue)
     assert meta["beats_baseline"].value is True
-    report = Path(meta["report"].value)
+    report = Path(meta["report_path"].value)
+    # The link opens in a browser: the report server's URL of the same file, not a file path.
+    assert meta["report"].value == f"{DEFAULT_URL}/flight_delay/{meta['version'].value}/report.html"
+    # Inline plots are short markdown images by URL (the UI inlines markdown under 1,000 characters);
+    # the embedded copy needs no server.
+    for name in ("roc", "pr", "calibration", "feature_importance"):
+        assert (
+            meta[f"plot_{name}"].value
+            == f"![{name}]({DEFAULT_URL}/flight_delay/{meta['version'].value}/{name}.png)"
+        )
+    assert meta["plots_embedded"].value.count("](data:image/png;base64,") == 4
+    assert len(meta["summary"].value) < 1000 and "roc_auc **(primary)**" in meta["summary"].value
     html = report.read_text()
     assert "roc_auc" in html and "data:image/png;base64" in html
     for plot in ("roc.png", "pr.png", "calibration.png", "feature_importance.png"):
@@ -270,8 +282,9 @@ def test_promotion_verdict_is_logged_with_its_numbers(full_run):
     assert meta["action"].value == "promote_first" and meta["champion"].value == trained
     assert meta["verdict"].value == (
         f"### PROMOTED (first champion): challenger {trained}\n\n{decision['reason']}\n\n"
-        f"Champion now: `{trained}` (was `None`)"
+        f"Champion now: `{trained}` (no champion before)"
     )
+    assert list(meta)[0] == "verdict"  # the UI lists metadata in this order
     details = meta["details"].value
     assert details["against"] == "baseline"
     assert details["infra_check"]["passed"] is True

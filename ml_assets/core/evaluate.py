@@ -17,12 +17,11 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 import polars as pl
-
-# The object-oriented Figure API needs no pyplot state or display: safe in headless workers and threads.
-from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
+from ml_assets.core.figures import axes as _axes
+from ml_assets.core.figures import save as _save
 from ml_assets.core.metrics import all_metrics, expected_calibration_error
 from ml_assets.core.registry import MODEL_FILE, PREDICTIONS_FILE, read_manifest
 
@@ -49,22 +48,11 @@ def _scores(task: str, frame: pl.DataFrame, prefix: str) -> np.ndarray:
     return frame.get_column(prefix).to_numpy()
 
 
-def _axes(width: float = 5, height: float = 4, ncols: int = 1) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(width, height))
-    return fig, fig.subplots(1, ncols)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return path
-
-
 def _importance_plot(booster: lgb.Booster, out: Path) -> tuple[Path, list[tuple[str, float]]]:
     gain = booster.feature_importance(importance_type="gain")
     ranked = sorted(zip(booster.feature_name(), gain.tolist(), strict=True), key=lambda t: -t[1])
     top = ranked[:20][::-1]
-    fig, ax = _axes(6, 0.3 * len(top) + 1)
+    fig, ax = _axes(5, 0.3 * len(top) + 1)
     ax.barh([n for n, _ in top], [g for _, g in top], color="#4c72b0")
     ax.set_xlabel("total gain")
     ax.set_title("Feature importance (LightGBM gain)")
@@ -227,6 +215,5 @@ def markdown_summary(ev: Evaluation, pipeline: str) -> str:
     lines += [
         "",
         f"The model {verdict} the baseline on {ev.metric}. Top features: {', '.join(ev.extra['top_features'][:5])}.",
-        f"Report: `{ev.report_path}`",
     ]
     return "\n".join(lines)

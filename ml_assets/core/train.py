@@ -36,6 +36,7 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.features import TARGET, FeatureTransform, features_table_name, transform_of
 from ml_assets.core.hashing import frame_fingerprint
 from ml_assets.core.metrics import all_metrics, best_f1_threshold, score
+from ml_assets.core.progress import Progress, silent
 from ml_assets.core.spec import ParamRange, PipelineSpec
 
 SAMPLE_ROWS = 2000
@@ -160,7 +161,13 @@ class Tuning:
     elapsed_s: float = 0.0
 
 
-def tune(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_trials: int) -> Tuning:
+def tune(
+    pipeline: PipelineSpec,
+    data: TrainingData,
+    time_budget_s: float,
+    max_trials: int,
+    progress: Progress = silent,
+) -> Tuning:
     X, y = data.train.X, data.train.y
     folds = pipeline.model.cv_folds
     splitter = (
@@ -209,6 +216,12 @@ def tune(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_t
                 "rounds": rounds,
             }
         )
+        best_so_far = max(t["cv_score"] * sign for t in trials) * sign
+        left = max(0.0, time_budget_s - (time.monotonic() - started))
+        progress(
+            f"trial {len(trials)} of {max_trials}: CV {pipeline.metric} {trials[-1]['cv_score']:.4f}, "
+            f"best so far {best_so_far:.4f}; {left:.0f} s of the {time_budget_s:.0f} s budget left"
+        )
     best = max(trials, key=lambda t: sign * t["cv_score"])
     return Tuning(base | best["params"], best["cv_score"], trials, time.monotonic() - started)
 
@@ -255,19 +268,29 @@ def _as_columns(task: str, pred: np.ndarray, prefix: str) -> dict[str, np.ndarra
 
 
 def train_model(
-    pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_trials: int
+    pipeline: PipelineSpec,
+    data: TrainingData,
+    time_budget_s: float,
+    max_trials: int,
+    progress: Progress = silent,
 ) -> TrainedModel:
     for name in ("train", "valid", "test"):
         if len(getattr(data, name).y) == 0:
             raise DatasetError(
                 f"pipeline '{pipeline.name}': the {name} split is empty; check the split settings"
             )
-    tuning = tune(pipeline, data, time_budget_s, max_trials)
+    progress(
+        f"tuning on {len(data.train.y)} training rows: up to {max_trials} trials of "
+        f"{pipeline.model.cv_folds}-fold CV within {time_budget_s:.0f} s"
+    )
+    tuning = tune(pipeline, data, time_budget_s, max_trials, progress)
+    progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; fitting the final model")
     booster = fit_final(pipeline, data, tuning.best_params)
     best_iteration = booster.best_iteration or booster.current_iteration()
     valid_pred = predict(booster, data.valid.X, best_iteration)
     test_pred = predict(booster, data.test.X, best_iteration)
     threshold = best_f1_threshold(data.valid.y, valid_pred) if pipeline.task == "binary" else 0.5
+    progress("fitting the linear baseline")
     baseline = baseline_predictions(pipeline, data)
     base_threshold = best_f1_threshold(data.valid.y, baseline["valid"]) if pipeline.task == "binary" else 0.5
     predictions = pl.DataFrame(
@@ -299,6 +322,7 @@ def train_and_register(
     time_budget_s: float | None = None,
     max_trials: int | None = None,
     run_id: str | None = None,
+    progress: Progress = silent,
 ) -> tuple[Path, dict[str, Any]]:
     """Train on `<pipeline>.features`, write a new model version folder and register it, stamped with
     `run_id` so the later stages of the same run judge exactly this version.
@@ -316,7 +340,7 @@ def train_and_register(
     transform, transform_path = transform_of(frame, transforms_dir)
     data = training_data(pipeline, frame, transform)
     budget = time_budget_s if time_budget_s is not None else pipeline.model.time_budget_s
-    trained = train_model(pipeline, data, budget, max_trials or pipeline.model.max_trials)
+    trained = train_model(pipeline, data, budget, max_trials or pipeline.model.max_trials, progress)
     created = dt.datetime.now(dt.UTC)
     version = registry.new_version_id(created)
     best_iteration = trained.booster.best_iteration or trained.booster.current_iteration()

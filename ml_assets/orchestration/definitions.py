@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from ml_assets.core.report_server import reports_url
 from ml_assets.core.spec import load_project, pipelines_dir
 from ml_assets.core.store import data_dir, warehouse_path
 from ml_assets.orchestration import jobs
@@ -24,7 +25,7 @@ from ml_assets.orchestration.sensors import landing_sensor, retrain_sensor
 def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
     return {
         "warehouse": Warehouse(database=str(warehouse_path(root))),
-        "artifacts": ArtifactStore(root=str(root)),
+        "artifacts": ArtifactStore(root=str(root), reports_url=reports_url()),
         "training": TrainingOverrides(),
     }
 
