@@ -70,7 +70,8 @@ def test_lineage(full_run):
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     sources = {f"{layer}/{s}" for layer in ("raw", "validated", "quarantine") for s in SOURCES}
     steps = {f"{p}/{a}" for p in PIPELINES for a in STEPS}
-    assert keys == sources | steps
+    profiles = {f"profile/{s}_profile" for s in SOURCES}
+    assert keys == sources | steps | profiles
 
     def parents(key: str) -> set[str]:
         return {k.to_user_string() for k in graph.get(dg.AssetKey.from_user_string(key)).parent_keys}
