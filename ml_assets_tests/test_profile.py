@@ -56,6 +56,7 @@ def test_statistics_are_the_tables_and_changes_are_reported(tmp_path):
     frame = pl.DataFrame(
         {"x": [float(i) for i in range(1000)], "c": ["a", "b"] * 500, "n": [None, 1.0] * 500}
     )
+    conn.register("frame", frame)
     conn.execute("CREATE TABLE validated.s AS SELECT * FROM frame")
     out = tmp_path / "profile"
     first = profile_source(conn, "s", [], out, sample_rows=200)
