@@ -3,15 +3,28 @@ promotion/rollback decisions with the registry's versions and log."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import dagster as dg
 import duckdb
 import polars as pl
+from pydantic import BaseModel
 
+import ml_assets
 from ml_assets.core import registry
 from ml_assets.core.promotion import Decision
 from ml_assets.core.spec import PipelineSpec
+
+# Who answers for the assets: shown on every asset page and filterable in the catalog.
+OWNERS = ["team:ml-platform"]
+
+
+def definition_version(spec: BaseModel) -> str:
+    """Dagster's code_version of an asset: the package version and a hash of the config that defines it,
+    so the UI marks an asset stale when its pipeline or source file changes (not on every commit)."""
+    digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
+    return f"{ml_assets.__version__}-{digest}"
 
 
 def md_table(frame: pl.DataFrame, limit: int = 10) -> dg.MetadataValue:

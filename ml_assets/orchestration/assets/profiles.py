@@ -12,7 +12,7 @@ from ml_assets.core.profile import DEFAULT_SAMPLE_ROWS, profile_source
 from ml_assets.core.spec import Project
 from ml_assets.orchestration.assets.sources import SOURCES_GROUP, source_keys
 from ml_assets.orchestration.figures import figure_metadata, report_metadata
-from ml_assets.orchestration.metadata import md_table, rounded
+from ml_assets.orchestration.metadata import OWNERS, definition_version, md_table, rounded
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
 
@@ -30,6 +30,8 @@ def profile_asset(name: str, project: Project) -> dg.AssetsDefinition:
         kinds={"duckdb", "matplotlib", "html"},
         # The profile covers the whole validated table, whichever partitions a run loaded.
         backfill_policy=dg.BackfillPolicy.single_run(),
+        owners=OWNERS,
+        code_version=definition_version(project.sources[name]),
         description=f"Profile of validated.{name}: per-column statistics, null and distinct shares, "
         f"histograms and top values, correlation with the targets of {[p.name for p in readers]}, and "
         f"changes since the last profile; on a sample of at most {DEFAULT_SAMPLE_ROWS} rows.",
