@@ -204,7 +204,7 @@ def test_evaluation_report_and_metadata(full_run):
             meta[f"plot_{name}"].value
             == f"![{name}]({DEFAULT_URL}/flight_delay/{meta['version'].value}/{name}.png)"
         )
-    assert meta["plots_embedded"].value.count("](data:image/png;base64,") == 4
+    assert meta["plots_embedded"].value.count("](data:image/png;base64,") == 5  # and versions.png
     assert len(meta["summary"].value) < 1000 and "roc_auc **(primary)**" in meta["summary"].value
     html = report.read_text()
     assert "roc_auc" in html and "data:image/png;base64" in html

@@ -1,6 +1,6 @@
 """The Dagster UI as a user sees it, in a real headless Chromium: after the flagship ran on the small sample
 (its gate refuses; the version is then made champion by hand so the monitors have one), the evaluation,
-promotion, drift and profile pages show their numbers, the verdict first and the plots as loaded images.
+promotion, drift, performance and profile pages show their numbers, the verdict first and the plots as loaded images.
 
 Slow (`make test-ui` installs the system browser if missing and runs it): the webserver takes ~20 s to
 start and each page a few seconds to render. Needs `chromium` (Debian) and the `playwright` package;
@@ -53,6 +53,7 @@ PAGE_MS = 90_000
 DELAY = "flight_delay"
 GATE = dg.AssetSelection.assets(dg.AssetKey([DELAY, "promotion"])).upstream().required_multi_asset_neighbors()
 MONITORS = [dg.AssetKey([DELAY, "drift_report"]), dg.AssetKey([DELAY, "performance"])]
+PROFILES = [dg.AssetKey(["profile", "flights_profile"]), dg.AssetKey(["profile", "weather_profile"])]
 
 
 def _free_port() -> int:
@@ -96,7 +97,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> Iterat
         spec = load_project(pipelines).pipelines[DELAY]
         db = functools.partial(connect, warehouse_path(root))
         gate.rollback(db, spec, load_project(pipelines).sources_of(spec), to=version)
-        assert materialize_all(pipelines, root, selection=MONITORS, instance=instance).success
+        assert materialize_all(pipelines, root, selection=MONITORS + PROFILES, instance=instance).success
         instance.dispose()
         port = _free_port()
         env = os.environ | {
@@ -180,7 +181,7 @@ def test_evaluation_page_shows_metrics_and_plots(browser, ui):
     images = _loaded_images(page, ui["reports"])
     page.screenshot(path=str(SHOTS / "evaluation.png"), full_page=True)
     names = {Path(src).stem for src in images}
-    assert {"roc", "pr", "calibration", "feature_importance"} <= names
+    assert {"roc", "pr", "calibration", "feature_importance", "versions"} <= names
     text = page.inner_text("body")
     assert "model_roc_auc" in text and "roc_auc (primary)" in text
     link = page.get_by_role("link", name=f"{ui['reports']}/{DELAY}/{ui['version']}/report.html")
@@ -208,3 +209,13 @@ def test_drift_and_performance_pages_show_their_plots(browser, ui):
         page.screenshot(path=str(SHOTS / f"{asset}.png"), full_page=True)
         assert any(f"/{plot}/" in src for src in images), images
         page.close()
+
+
+def test_profile_page_shows_distributions_and_correlations(browser, ui):
+    page = _open(browser, ui, "profile/flights_profile", "profile")
+    images = _loaded_images(page, ui["reports"])
+    page.screenshot(path=str(SHOTS / "profile.png"), full_page=True)
+    names = {Path(src).stem for src in images}
+    assert {"histograms", "top_values", "target_correlation"} <= names, images
+    assert "sampled_rows" in page.inner_text("body")
+    page.close()

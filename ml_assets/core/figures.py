@@ -60,3 +60,17 @@ def performance_over_time(periods: pl.DataFrame, expected: float, metric: str, p
     ax.legend(fontsize=8)
     fig.autofmt_xdate()
     return save(fig, path)
+
+
+def versions_over_time(history: pl.DataFrame, metric: str, path: Path) -> Path:
+    """Each version's test score next to its baseline's, oldest first: whether retraining still pays."""
+    shown = history.sort("created_at").tail(30)
+    fig, ax = axes(5, 3)
+    x = list(range(1, shown.height + 1))
+    ax.plot(x, shown.get_column("test_score").to_list(), marker="o", color=MODEL_COLOUR, label="model")
+    baseline = shown.get_column("baseline_test_score").to_list()
+    ax.plot(x, baseline, marker=".", ls="--", color=BASELINE_COLOUR, label="baseline")
+    ax.set(xlabel="version (oldest first)", ylabel=f"test {metric}", title=f"Test {metric} by version")
+    ax.set_xticks(x)
+    ax.legend(fontsize=8)
+    return save(fig, path)

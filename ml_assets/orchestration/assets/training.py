@@ -8,8 +8,8 @@ materialized without the model in its run does it fall back to the registry's ch
 
 import dagster as dg
 
+from ml_assets.core import figures, registry
 from ml_assets.core import promotion as gate
-from ml_assets.core import registry
 from ml_assets.core.evaluate import evaluate_version, markdown_summary
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.train import train_and_register
@@ -124,6 +124,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         ev = user_errors_as_failures(
             lambda: evaluate_version(found.path, artifacts.reports, found.manifest_sha256)
         )
+        versions_plot = figures.versions_over_time(history, ev.metric, ev.report_path.parent / "versions.png")
         # Only the primary metric as numbers: the UI plots each number across materializations, and
         # two series (model, baseline) say more than eighteen; every metric is in the summary table.
         return dg.MaterializeResult(
@@ -132,7 +133,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 f"model_{ev.metric}": round(float(ev.model[ev.metric]), 4),
                 f"baseline_{ev.metric}": round(float(ev.baseline[ev.metric]), 4),
                 **report_metadata(artifacts, ev.report_path),
-                **figure_metadata(artifacts, ev.plots),
+                **figure_metadata(artifacts, ev.plots | {"versions": versions_plot}),
                 "version": ev.version,
                 "beats_baseline": ev.beats_baseline,
                 "model_versions": versions_table(history),
