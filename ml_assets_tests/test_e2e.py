@@ -118,6 +118,7 @@ def test_run_succeeds_with_every_check_passing(full_run):
     }
     once = [f"{layer}/planes" for layer in ("raw", "validated", "quarantine")]
     once += [f"{p}/{a}" for p in PIPELINES for a in STEPS]
+    once += [f"profile/{s}_profile" for s in SOURCES]  # the whole validated table, once per run
     assert materialized == Counter(partitioned) + Counter(once)
     # Every check of every source and modelling table ran exactly once in the run, and passed.
     checks = result.get_asset_check_evaluations()
