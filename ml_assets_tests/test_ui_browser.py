@@ -51,7 +51,12 @@ SHOTS = Path(os.environ.get("ML_ASSETS_UI_SHOTS", Path(__file__).parents[1] / "b
 SERVER_START_S = 240
 PAGE_MS = 90_000
 DELAY = "flight_delay"
-GATE = dg.AssetSelection.assets(dg.AssetKey([DELAY, "promotion"])).upstream().required_multi_asset_neighbors()
+REGRESSION = "flight_arr_delay"
+GATE = (
+    dg.AssetSelection.assets(dg.AssetKey([DELAY, "promotion"]), dg.AssetKey([REGRESSION, "evaluation"]))
+    .upstream()
+    .required_multi_asset_neighbors()
+)
 MONITORS = [dg.AssetKey([DELAY, "drift_report"]), dg.AssetKey([DELAY, "performance"])]
 PROFILES = [dg.AssetKey(["profile", "flights_profile"]), dg.AssetKey(["profile", "weather_profile"])]
 
@@ -187,6 +192,15 @@ def test_evaluation_page_shows_metrics_and_plots(browser, ui):
     link = page.get_by_role("link", name=f"{ui['reports']}/{DELAY}/{ui['version']}/report.html")
     with urllib.request.urlopen(link.first.get_attribute("href"), timeout=30) as response:
         assert response.read(200).strip().lower().startswith(b"<!doctype html")
+    page.close()
+
+
+def test_regression_evaluation_shows_residuals(browser, ui):
+    page = _open(browser, ui, f"{REGRESSION}/evaluation", "evaluation_regression")
+    images = _loaded_images(page, ui["reports"])
+    page.screenshot(path=str(SHOTS / "evaluation_regression.png"), full_page=True)
+    assert {"residuals", "feature_importance"} <= {Path(src).stem for src in images}, images
+    assert "model_rmse" in page.inner_text("body")
     page.close()
 
 
