@@ -168,11 +168,19 @@ def _loaded_images(page, prefix: str) -> list[str]:
         arg=prefix,
         timeout=PAGE_MS,
     )
-    return page.eval_on_selector_all(
-        "img",
-        "(els, p) => els.filter(i => i.src.startsWith(p) && i.naturalWidth > 0).map(i => i.src)",
-        prefix,
-    )
+    shown = page.eval_on_selector_all("img", _SHOWN, prefix)
+    # A plot wider than the value column is cut off at the right edge of the metadata table.
+    cut = [(src, right, edge) for src, right, edge in shown if edge is not None and right > edge + 1]
+    assert not cut, f"plots cut off at the right (src, right edge, visible edge): {cut}"
+    return [src for src, _, _ in shown]
+
+
+# Each loaded image under the prefix with its right edge and that of the nearest ancestor that clips it.
+_SHOWN = """(els, p) => els.filter(i => i.src.startsWith(p) && i.naturalWidth > 0).map(i => {
+    let box = i.parentElement;
+    while (box && getComputedStyle(box).overflowX === "visible") box = box.parentElement;
+    return [i.src, i.getBoundingClientRect().right, box ? box.getBoundingClientRect().right : null];
+})"""
 
 
 def _metadata_keys(page) -> list[str]:

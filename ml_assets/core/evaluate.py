@@ -91,7 +91,7 @@ def _classification_plots(
 
 
 def _regression_plots(y: np.ndarray, model: np.ndarray, out: Path) -> dict[str, Path]:
-    fig, axes = _axes(10, 4, ncols=2)
+    fig, axes = _axes(5.5, 3, ncols=2)  # fits the UI's metadata value column at 1600 px
     sample = np.random.default_rng(0).choice(len(y), size=min(len(y), 5000), replace=False)
     axes[0].scatter(y[sample], model[sample], s=3, alpha=0.3)
     lo, hi = np.percentile(y, [0.5, 99.5])
