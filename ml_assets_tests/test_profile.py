@@ -37,6 +37,7 @@ def test_every_source_has_a_profile_with_plots_and_a_report(sample_project):
         assert m["sampled_rows"].value == min(rows[source], 50_000)
         assert m["changes"].value == "- first profile"
         assert m["plot_histograms"].value.endswith("/histograms.png)")
+        assert "| _event_time |" not in m["columns"].value  # the platform's own columns are not profiled
         report = Path(m["report_path"].value)
         assert report.read_text().startswith("<!doctype html") and f"validated.{source}" in report.read_text()
     # flights is the base of both pipelines: its numeric columns are correlated with both targets, and the
@@ -48,6 +49,7 @@ def test_every_source_has_a_profile_with_plots_and_a_report(sample_project):
     assert "arr_delay" not in correlations["flight_arr_delay:arr_delay"]  # a target is not its own feature
     # weather and planes are joined in, never a base: no target to correlate with.
     assert meta[PROFILES[1]]["target_correlation"].value == {}
+    assert "| time_hour |" in meta[PROFILES[0]]["columns"].value
 
 
 def test_statistics_are_the_tables_and_changes_are_reported(tmp_path):

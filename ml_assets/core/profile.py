@@ -119,6 +119,7 @@ def _targets_sql(source: str, pipelines: list[PipelineSpec], columns: list[str])
 def _sample(
     conn: duckdb.DuckDBPyConnection,
     table: str,
+    columns: list[str],
     targets: dict[str, str],
     rows: int,
     sample_rows: int,
@@ -130,7 +131,7 @@ def _sample(
     sampling = (
         f" USING SAMPLE reservoir({sample_rows} ROWS) REPEATABLE ({seed})" if rows > sample_rows else ""
     )
-    return conn.execute(f"SELECT *{extra} FROM {table}{sampling}").pl()
+    return conn.execute(f"SELECT {', '.join(q(c) for c in columns)}{extra} FROM {table}{sampling}").pl()
 
 
 def _changes(previous: dict[str, Any] | None, columns: pl.DataFrame) -> list[str]:
@@ -237,15 +238,18 @@ def profile_source(
     """Profile `validated.<source>` into `out_dir` (profile.json, profile.html, PNGs)."""
     table = f"validated.{q(source)}"
     rows = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    names = [r[0] for r in conn.execute(f"SELECT * FROM {table} LIMIT 0").description]
+    # Columns the platform adds (_source_file, _source_row, _event_time) say nothing about the data.
+    names = [
+        r[0] for r in conn.execute(f"SELECT * FROM {table} LIMIT 0").description if not r[0].startswith("_")
+    ]
     targets = _targets_sql(source, pipelines, names)
     try:
-        frame = _sample(conn, table, targets, rows, sample_rows, seed)
+        frame = _sample(conn, table, names, targets, rows, sample_rows, seed)
     except duckdb.Error:
         # A target expression that reads a derived or joined column cannot be computed on the source
         # alone: profile without that correlation rather than fail.
         targets = {}
-        frame = _sample(conn, table, targets, rows, sample_rows, seed)
+        frame = _sample(conn, table, names, targets, rows, sample_rows, seed)
     target_columns = {t: f"_target_{i}" for i, t in enumerate(targets)}
     sample = frame.drop(target_columns.values())
     out_dir.mkdir(parents=True, exist_ok=True)
