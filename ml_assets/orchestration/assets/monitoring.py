@@ -32,7 +32,8 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         )
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)
-        return dg.MaterializeResult(metadata={**meta, "rollback_check": decision.reason})
+        # The check's verdict first: the UI lists metadata in the order given.
+        return dg.MaterializeResult(metadata={"rollback_check": decision.reason, **meta})
 
     return champion
 
