@@ -18,7 +18,7 @@ import yaml
 
 from ml_assets.core import registry
 from ml_assets.core.registry import PREDICTIONS_FILE, read_manifest
-from ml_assets.core.report_server import DEFAULT_URL
+from ml_assets.core.report_server import reports_url
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets_tests.conftest import materialize_all, nycflights_file, write_pipelines
@@ -197,13 +197,13 @@ def test_evaluation_report_and_metadata(full_run):
     assert meta["beats_baseline"].value is True
     report = Path(meta["report_path"].value)
     # The link opens in a browser: the report server's URL of the same file, not a file path.
-    assert meta["report"].value == f"{DEFAULT_URL}/flight_delay/{meta['version'].value}/report.html"
+    assert meta["report"].value == f"{reports_url()}/flight_delay/{meta['version'].value}/report.html"
     # Inline plots are short markdown images by URL (the UI inlines markdown under 1,000 characters);
     # the embedded copy needs no server.
     for name in ("roc", "pr", "calibration", "feature_importance"):
         assert (
             meta[f"plot_{name}"].value
-            == f"![{name}]({DEFAULT_URL}/flight_delay/{meta['version'].value}/{name}.png)"
+            == f"![{name}]({reports_url()}/flight_delay/{meta['version'].value}/{name}.png)"
         )
     assert meta["plots_embedded"].value.count("](data:image/png;base64,") == 5  # and versions.png
     assert len(meta["summary"].value) < 1000 and "roc_auc **(primary)**" in meta["summary"].value
