@@ -1,5 +1,5 @@
-"""Jobs: one per pipeline (everything it needs), its retrain and drift jobs (what the sensor and the
-schedule launch), and the landing job (what a landed batch refreshes)."""
+"""Jobs: one per pipeline (everything it needs), its retrain, drift and predictions jobs (what the sensors
+and the schedules launch), and the landing job (what a landed batch refreshes)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def drift_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
         f"{pipeline.name}_drift_job",
         selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "drift_report"])),
         description=f"Recompute the drift report of '{pipeline.name}'s champion.",
+    )
+
+
+def predictions_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        f"{pipeline.name}_predictions_job",
+        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "predictions"])),
+        description=f"Score partitions of '{pipeline.name}' with its champion (what the rescore sensor and "
+        "the predictions schedule launch).",
     )
 
 

@@ -451,6 +451,28 @@ class MonitoringSpec(_Strict):
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
 
 
+class ServingSpec(_Strict):
+    """Batch scores (`<pipeline>/predictions`) and the online API (`ml-assets serve`) of the champion."""
+
+    chunk_rows: int = Field(
+        50_000, ge=100, description="Batch scoring reads, scores and writes this many rows at a time"
+    )
+    rescore_partitions: int = Field(
+        7,
+        ge=0,
+        description="After a promotion or rollback, the latest N partitions with rows are re-scored by the "
+        "new champion (0: never; earlier partitions keep the version that scored them)",
+    )
+    max_batch: int = Field(1000, ge=1, description="Most rows one online request may send")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest online request body accepted")
+    poll_s: float = Field(
+        2.0, gt=0, description="How often the API checks the registry and the joined tables for changes"
+    )
+    skew_sample_rows: int = Field(
+        200, ge=1, description="Test rows the skew check sends through both the online and the batch path"
+    )
+
+
 class PipelineSpec(_Strict):
     name: str = Field(pattern=IDENTIFIER)
     description: str = ""
@@ -475,6 +497,7 @@ class PipelineSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     gate: GateSpec = Field(default_factory=GateSpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
 
     @property
     def metric(self) -> str:
