@@ -194,6 +194,8 @@ class Lookups:
         self.pipeline, self.fingerprint = pipeline, fingerprint
         self._db = duckdb.connect(":memory:")
         self._db.execute("SET TimeZone = 'UTC'")
+        # Requests are a few rows: one thread per query, no coordination cost (requests run in parallel).
+        self._db.execute("SET threads = 1")
         self._db.execute("CREATE SCHEMA validated")
         for name, table in tables.items():
             self._db.register("__copy", table)
