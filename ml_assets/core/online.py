@@ -271,6 +271,8 @@ class OnlineModel:
             current = self.served
             with self.connect() as conn:
                 version = registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
+                if version != self._refused:
+                    self._refused = None  # the champion moved: a version refused before may be fixed now
                 fresh = lookup_fingerprint(conn, self.pipeline)
                 lookups = current.lookups if current and current.lookups.fingerprint == fresh else None
                 if lookups is None and version is not None:
@@ -351,14 +353,18 @@ def compare_paths(
     if sample.height == 0:
         return CheckOutcome(True, "no test rows to compare", {"rows": 0})
     batch = score_frame(ServableModel.from_registry(found), pipeline, sample, version)
-    answer = post(request_rows(sample, list(request_fields(pipeline, sources))))
-    online = pl.DataFrame(answer.get("predictions", []))
-    if answer.get("version") != version or online.height != batch.height:
+    requests = request_rows(sample, list(request_fields(pipeline, sources)))
+    size = pipeline.serving.max_batch
+    answers = [post(requests[i : i + size]) for i in range(0, len(requests), size)]
+    versions = {a.get("version") for a in answers}
+    online = pl.DataFrame([p for a in answers for p in a.get("predictions", [])])
+    if versions != {version} or online.height != batch.height:
+        errors = "; ".join(str(a["error"])[:300] for a in answers if "error" in a)
         return CheckOutcome(
             False,
-            f"the online path answered {online.height} rows with version {answer.get('version')} for "
-            f"{batch.height} rows of champion {version}",
-            {"rows": batch.height, "online_version": answer.get("version"), "champion": version},
+            f"the online path answered {online.height} rows with version(s) {sorted(map(str, versions))} for "
+            f"{batch.height} rows of champion {version}{f' ({errors})' if errors else ''}",
+            {"rows": batch.height, "online_versions": sorted(map(str, versions)), "champion": version},
         )
     diff = float((online.get_column("score") - batch.get_column("score")).abs().max() or 0.0)
     decisions = int((online.get_column("decision") != batch.get_column("decision")).sum() or 0)
