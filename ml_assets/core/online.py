@@ -33,7 +33,7 @@ from ml_assets.core.errors import ArtifactError, UserError
 from ml_assets.core.score import score_frame
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import ColumnSpec, PipelineSpec, SourceSpec
-from ml_assets.core.sql import q
+from ml_assets.core.sql import DUCKDB_TYPES, q
 from ml_assets.core.validate import CheckOutcome
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
@@ -201,10 +201,17 @@ class Lookups:
             self._db.register("__copy", table)
             self._db.execute(f"CREATE TABLE validated.{q(name)} AS SELECT * FROM __copy")
             self._db.unregister("__copy")
-        self._base = sources[pipeline.base]
+        self._columns = list(sources[pipeline.base].columns.items())
+        # The request's columns arrive as one list parameter each, unnested into rows: no relation to
+        # register per request, and the rows keep their order through the joins by their number.
+        unnested = ", ".join(
+            f"unnest(${i + 1}::{DUCKDB_TYPES[spec.type]}[]) AS {q(name)}"
+            for i, (name, spec) in enumerate(self._columns)
+        )
+        base = f"(SELECT {unnested}, unnest(range(len($1::{DUCKDB_TYPES[self._columns[0][1].type]}[]))) AS {ROW})"
         self._sql = (
             f"SELECT *{derived_columns(pipeline)} FROM "
-            f"({joined_select(pipeline, dict(sources), base='__request', carry=(ROW,))}) ORDER BY {ROW}"
+            f"({joined_select(pipeline, dict(sources), base=base, carry=(ROW,))}) ORDER BY {ROW}"
         )
 
     @classmethod
@@ -220,18 +227,11 @@ class Lookups:
 
     def complete(self, rows: pl.DataFrame) -> pl.DataFrame:
         """Modelling-table rows (joins and derived columns; no target) for request rows, in their order."""
-        base = rows.with_columns(
-            *(
-                pl.lit(None, dtype=POLARS_TYPES[s.type]).alias(c)
-                for c, s in self._base.columns.items()
-                if c not in rows.columns
-            ),
-            pl.int_range(pl.len(), dtype=pl.Int64).alias(ROW),
-        )
+        none = [None] * rows.height
+        params = [rows.get_column(c).to_list() if c in rows.columns else none for c, _ in self._columns]
         cursor = self._db.cursor()  # one per call: requests may come from several threads
         try:
-            cursor.register("__request", base.to_arrow())
-            return cursor.execute(self._sql).pl().drop(ROW)
+            return cursor.execute(self._sql, params).pl().drop(ROW)
         finally:
             cursor.close()
 
