@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ml_assets.core.errors import ArtifactError, UsageError
 from ml_assets.core.online import OnlineModel, RequestError
+from ml_assets.core.request_log import RequestLog, log_dir
 from ml_assets.core.spec import Project
 
 log = logging.getLogger("ml_assets.api")
@@ -93,6 +95,8 @@ def _poll(models: Sequence[OnlineModel], stop: threading.Event, interval: float)
     while not stop.wait(interval):
         for model in models:
             try:
+                if model.log is not None:
+                    model.log.flush()
                 if model.refresh():
                     log.warning(
                         "%s now serves %s", model.pipeline.name, model.served and model.served.version
@@ -107,9 +111,10 @@ def create_app(
     connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
     pipelines: Sequence[str] | None = None,
     poll: bool = True,
+    log_root: Path | None = None,
 ) -> FastAPI:
     """The API over `pipelines` (default: all), each loaded once now; with `poll`, a thread keeps them
-    current while the app runs."""
+    current while the app runs (and flushes the request logs under `log_root`, when given)."""
     names = list(pipelines or project.pipelines)
     unknown = [n for n in names if n not in project.pipelines]
     if unknown:
@@ -117,7 +122,10 @@ def create_app(
     models = {
         n: OnlineModel(project.pipelines[n], project.sources_of(project.pipelines[n]), connect) for n in names
     }
-    for model in models.values():
+    for name, model in models.items():
+        sample = model.pipeline.serving.request_log_sample
+        if log_root is not None and sample > 0:
+            model.log = RequestLog(log_dir(log_root, name), sample)
         try:
             model.refresh()
         except ArtifactError as exc:
@@ -134,6 +142,9 @@ def create_app(
             yield
         finally:
             stop.set()
+            for model in models.values():
+                if model.log is not None:
+                    model.log.flush()
 
     app = FastAPI(
         title="ml_assets",

@@ -202,7 +202,8 @@ def serve(pipelines: list[str], host: str, port: int) -> None:
     from ml_assets.api import create_app
 
     project = load_default_project()
-    app = create_app(project, _connect, [_pipeline(project, p).name for p in pipelines] or None)
+    names = [_pipeline(project, p).name for p in pipelines] or None
+    app = create_app(project, _connect, names, log_root=data_dir())
     print(f"serving {', '.join(app.state.models)} on http://{host}:{port} (docs: http://{host}:{port}/docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -89,9 +89,9 @@ def test_lineage(full_run):
         # The rollback check settles the serving champion; both monitors judge the one it settled on.
         assert parents(f"{p}/champion") == {f"{p}/modelling_table", f"{p}/promotion"}
         assert parents(f"{p}/performance") == {f"{p}/modelling_table", f"{p}/champion"}
-        assert parents(f"{p}/drift_report") == {f"{p}/modelling_table", f"{p}/champion"}
-        # Batch scores are the settled champion's too.
+        # Batch scores are the settled champion's too; the drift report also compares them.
         assert parents(f"{p}/predictions") == {f"{p}/modelling_table", f"{p}/champion"}
+        assert parents(f"{p}/drift_report") == {f"{p}/modelling_table", f"{p}/champion", f"{p}/predictions"}
     for s in SOURCES:
         assert parents(f"raw/{s}") == set()
         assert parents(f"validated/{s}") == {f"raw/{s}"}

@@ -30,6 +30,7 @@ from ml_assets.core import online, registry
 from ml_assets.core import promotion as gate
 from ml_assets.core.dataset import table_name
 from ml_assets.core.registry import MODEL_FILE
+from ml_assets.core.request_log import RequestLog, log_dir, read_window
 from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
@@ -502,3 +503,64 @@ def test_a_champion_failing_its_hash_check_is_never_loaded(served, server):
         model_file.write_bytes(original)
         with served.db() as conn:
             registry.record_decision(conn, DELAY, "manual", "test: restored", new_champion=served.first)
+
+
+# --- the request log and drift -------------------------------------------------------------------------
+
+
+def test_request_log_samples_whole_requests_and_rotates_a_file_per_flush(tmp_path):
+    rows = pl.DataFrame({"origin": ["JFK", "EWR"], "distance": [1.0, 2.0]})
+    scored = pl.DataFrame({"score": [0.1, 0.2], "decision": ["false", "false"], "version": ["v1", "v1"]})
+    none = RequestLog(tmp_path / "none", sample=0.0)
+    none.record(rows, scored, 1.0)
+    assert none.flush() is None and not (tmp_path / "none").exists()
+    half = RequestLog(tmp_path / "half", sample=0.5, seed=0)
+    for _ in range(200):
+        half.record(rows, scored, 1.0)
+    first = half.flush()
+    half.record(rows, scored, 2.0)
+    second = half.flush()
+    logged = read_window(tmp_path / "half", days=1)
+    assert first != second and sorted((tmp_path / "half").glob("*.parquet")) == sorted([first, second])
+    assert logged.height % 2 == 0 and 120 < logged.height < 280  # whole requests, about half of them
+    assert set(logged.columns) >= {"origin", "distance", "score", "decision", "version", "_latency_ms"}
+
+
+def _drift(s: Served, **monitoring) -> dg.AssetMaterialization:
+    path = s.pipelines / f"{DELAY}.yaml"
+    original = path.read_text()
+    raw = yaml.safe_load(original)
+    raw["monitoring"] = raw["monitoring"] | monitoring
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        result = materialize_all(s.pipelines, s.root, selection=[dg.AssetKey([DELAY, "drift_report"])])
+    finally:
+        path.write_text(original)
+    return result.get_asset_materialization_events()[0].materialization
+
+
+def test_drift_reads_the_request_log_or_the_batch_scores_as_its_current_window(served, server):
+    # The server tests above sent requests; the poller writes them within a poll interval.
+    folder = log_dir(served.root, DELAY)
+    deadline = time.monotonic() + DEADLINE_S
+    files: list[Path] = []
+    while not files or sorted(folder.glob("*.parquet")) != files:  # until the last flush is in
+        assert time.monotonic() < deadline, "no request log was written"
+        files = sorted(folder.glob("*.parquet"))
+        time.sleep(1.5)  # three poll intervals
+    logged = read_window(folder, days=30)
+    assert logged.height > 0 and {"wx_temp", "score", "version", "_latency_ms"} <= set(logged.columns)
+    from_log = _drift(served, current="request_log").metadata
+    assert from_log["current"].value == "request_log"
+    assert from_log["rows_current_reference"].value.startswith(f"{min(logged.height, 50_000)} / ")
+    assert "prediction_drift" in from_log
+    # Batch scores count only when the champion wrote them (the rescore test left December to another).
+    assert _score(served).success
+    batch = _drift(served).metadata
+    assert batch["current"].value == "modelling_table" and "prediction_drift" in batch
+    with served.db() as conn:
+        drifted = conn.execute(
+            "SELECT count(*) FROM monitor.drift_history WHERE drift_run = ? AND column_name = '_prediction'",
+            [batch["drift_run"].value],
+        ).fetchone()[0]
+    assert drifted == 1

@@ -30,6 +30,7 @@ import pyarrow as pa
 from ml_assets.core import registry
 from ml_assets.core.dataset import derived_columns, joined_select, table_name
 from ml_assets.core.errors import ArtifactError, UserError
+from ml_assets.core.request_log import RequestLog
 from ml_assets.core.score import score_frame
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import ColumnSpec, PipelineSpec, SourceSpec
@@ -257,6 +258,7 @@ class OnlineModel:
     # Why the latest champion is not what serves (none yet, its files fail their hash check, ...).
     problem: str | None = None
     last_refresh: dt.datetime | None = None
+    log: RequestLog | None = None
     _refused: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -310,12 +312,16 @@ class OnlineModel:
             raise ArtifactError(self.problem or f"pipeline '{self.pipeline.name}': no model loaded yet")
         started = time.perf_counter()
         rows = parse_rows(self.fields, payload, self.pipeline.serving.max_batch)
-        scored = score_frame(served.model, self.pipeline, served.lookups.complete(rows), served.version)
+        completed = served.lookups.complete(rows)
+        scored = score_frame(served.model, self.pipeline, completed, served.version)
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        if self.log is not None:
+            self.log.record(completed, scored, latency_ms)
         return {
             "pipeline": self.pipeline.name,
             "version": served.version,
             "predictions": _records(scored.drop("version")),
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "latency_ms": latency_ms,
         }
 
 

@@ -435,6 +435,11 @@ class MonitoringSpec(_Strict):
         None, description="Model features to watch for drift (default: all of the champion's features)"
     )
     window_days: int = Field(30, ge=1, description="Current window: the latest days of the modelling table")
+    current: Literal["modelling_table", "request_log"] = Field(
+        "modelling_table",
+        description="Where the current window comes from: the modelling table, or the online API's request "
+        "log (the rows it scored, as it completed them)",
+    )
     sample_rows: int = Field(50_000, ge=1000, description="Bound on rows Evidently sees, per side")
     num_method: str = "wasserstein"
     cat_method: str = "jensenshannon"
@@ -470,6 +475,9 @@ class ServingSpec(_Strict):
     )
     skew_sample_rows: int = Field(
         200, ge=1, description="Test rows the skew check sends through both the online and the batch path"
+    )
+    request_log_sample: float = Field(
+        1.0, ge=0, le=1, description="Share of online requests written to the request log (0: none)"
     )
 
 

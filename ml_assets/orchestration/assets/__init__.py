@@ -31,8 +31,8 @@ PIPELINE_ASSETS = (
     "promotion",
     "champion",
     "performance",
-    "drift_report",
     "predictions",
+    "drift_report",
 )
 # What a landed batch refreshes in each pipeline that reads it (training stays with the retrain sensor).
 LANDING_REFRESH = ("modelling_table", "champion", "performance", "drift_report", "predictions")
