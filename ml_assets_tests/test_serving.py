@@ -8,6 +8,7 @@ One module fixture trains both pipelines once (flight_delay twice: two versions 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
@@ -26,6 +27,7 @@ import polars as pl
 import pytest
 import yaml
 
+from ml_assets.api import create_app
 from ml_assets.core import online, registry
 from ml_assets.core import promotion as gate
 from ml_assets.core.dataset import table_name
@@ -564,3 +566,19 @@ def test_drift_reads_the_request_log_or_the_batch_scores_as_its_current_window(s
             [batch["drift_run"].value],
         ).fetchone()[0]
     assert drifted == 1
+
+
+def test_without_a_champion_the_api_is_not_ready_and_predict_says_why(tmp_path, sample_sources):
+    pipelines = write_pipelines(tmp_path / "pipelines", sample_sources, FAST_MODEL)
+    db = functools.partial(connect, warehouse_path(tmp_path / "data"))
+    app = create_app(load_project(pipelines), db, [DELAY], poll=False)
+
+    async def calls() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as client:
+            return await client.get("/ready"), await client.post(f"/v1/{DELAY}/predict", json={})
+
+    ready, predict = asyncio.run(calls())
+    assert ready.status_code == 503
+    assert ready.json()["pipelines"][DELAY]["problem"] == f"pipeline '{DELAY}' has no champion yet"
+    assert predict.status_code == 503 and "no champion yet" in predict.json()["detail"]

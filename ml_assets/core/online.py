@@ -273,11 +273,15 @@ class OnlineModel:
             current = self.served
             with self.connect() as conn:
                 version = registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
+                if version is None:
+                    self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+                    self.problem = f"pipeline '{self.pipeline.name}' has no champion yet"
+                    return False
                 if version != self._refused:
                     self._refused = None  # the champion moved: a version refused before may be fixed now
                 fresh = lookup_fingerprint(conn, self.pipeline)
                 lookups = current.lookups if current and current.lookups.fingerprint == fresh else None
-                if lookups is None and version is not None:
+                if lookups is None:
                     lookups = Lookups.copy(conn, self.pipeline, self.sources)
                 found = (
                     registry.registered(conn, version, self.pipeline.name)
@@ -287,9 +291,8 @@ class OnlineModel:
                     else None
                 )
             self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-            if version is None:
-                self.problem = f"pipeline '{self.pipeline.name}' has no champion yet"
-                return False
+            if current is not None and version == current.version:
+                self.problem = None  # back to what serves: an earlier refusal is history
             model, served_version = (current.model, current.version) if current else (None, None)
             if found is not None:
                 try:
