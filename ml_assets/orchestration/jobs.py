@@ -70,5 +70,6 @@ def landing_job(project: Project) -> dg.UnresolvedAssetJobDefinition | None:
         LANDING_JOB,
         selection=dg.AssetSelection.assets(*landing_selection(users)),
         description="Ingest landed files (the partitions they touch), then refresh the modelling tables, "
-        "champion checks, performance and drift reports that read them. Launched by the landing_zone sensor.",
+        "champion checks, batch scores, performance and drift reports that read them. Launched by the "
+        "landing_zone sensor.",
     )

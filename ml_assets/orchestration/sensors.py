@@ -93,7 +93,8 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         minimum_interval_seconds=10,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Ingest new files dropped into {root / 'landing'}/<source>/ for sources {sorted(landing)}: "
-        "raw -> validated, then the modelling tables, drift reports and champion performance that read them.",
+        "raw -> validated, then the modelling tables, batch scores, drift reports and champion performance that "
+        "read them.",
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
         if context.cursor:
