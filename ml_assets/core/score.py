@@ -27,6 +27,7 @@ from ml_assets.core.ingest import TimeWindow, window_condition
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.sql import q, table_exists
+from ml_assets.core.store import transaction
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 SCORE_COLUMNS = ("score", "decision", "version", "scored_at")
@@ -145,8 +146,7 @@ def score_window(
         batches = reader.execute(
             f"SELECT {select} FROM {table_name(pipeline)} WHERE {where}"
         ).fetch_record_batch(pipeline.serving.chunk_rows)
-        conn.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(conn):
             replaced = conn.execute(f"DELETE FROM {predictions_table(pipeline)} WHERE {where}").fetchone()[0]
             rows = 0
             for batch in batches:
@@ -165,10 +165,6 @@ def score_window(
                 finally:
                     conn.unregister("__scores")
                 rows += chunk.height
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
     finally:
         reader.close()
     return ScoreRun(found.version, rows, replaced, window, score_summary(conn, pipeline, where))

@@ -23,9 +23,12 @@ def pipeline_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
 def retrain_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
     return dg.define_asset_job(
         f"{pipeline.name}_retrain_job",
-        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "modelling_table"])).downstream(),
+        # Without the batch scores: they are partitioned and a retrain covers no partition; the rescore
+        # sensor re-scores the latest partitions once the retrain has moved the champion.
+        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "modelling_table"])).downstream()
+        - dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "predictions"])),
         description=f"Rebuild '{pipeline.name}' from the validated tables: features, model, evaluation, "
-        "promotion gate, monitors.",
+        "promotion gate, monitors (batch scores follow through the rescore sensor).",
     )
 
 
