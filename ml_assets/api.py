@@ -8,6 +8,7 @@ refreshes every served pipeline every `serving.poll_s` seconds (hot swap; see co
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -227,3 +229,17 @@ def create_app(
             return _error(503, str(exc))
 
     return app
+
+
+def post_in_process(app: FastAPI, path: str, body: Any) -> dict[str, Any]:
+    """POST through the ASGI app in this process: the API's own request handling, without a socket (the
+    skew check). A non-200 answer comes back as {"error": <its body>}."""
+
+    async def _post() -> httpx.Response:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://in-process"
+        ) as c:
+            return await c.post(path, json=body)
+
+    response = asyncio.run(_post())
+    return response.json() if response.status_code == 200 else {"error": response.text}

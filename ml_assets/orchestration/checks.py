@@ -5,15 +5,13 @@ records its verdict in the warehouse (core.validate.record_check), and the asset
 tables refuse to build on data whose latest verdict failed, whichever run produced it.
 """
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
 import duckdb
-import httpx
 
-from ml_assets.api import create_app
+from ml_assets.api import create_app, post_in_process
 from ml_assets.core import dataset, online, validate
 from ml_assets.core.spec import PipelineSpec, Project, SourceSpec
 from ml_assets.core.validate import CheckOutcome
@@ -115,7 +113,7 @@ def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefini
         app = create_app(project, warehouse.get_connection, [pipeline.name], poll=False)
 
         def post(rows: list[dict[str, Any]]) -> dict[str, Any]:
-            return asyncio.run(_post(app, f"/v1/{pipeline.name}/predict", rows))
+            return post_in_process(app, f"/v1/{pipeline.name}/predict", rows)
 
         result = user_errors_as_failures(
             lambda: online.compare_paths(warehouse.get_connection, pipeline, sources, post)
@@ -129,15 +127,6 @@ def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefini
         )
 
     return _run
-
-
-async def _post(app: Any, path: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """POST through the ASGI app in this process: the API's own request handling, without a socket."""
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://in-process"
-    ) as client:
-        response = await client.post(path, json=rows)
-    return response.json() if response.status_code == 200 else {"error": response.text}
 
 
 def require_passing_checks(conn: duckdb.DuckDBPyConnection, upstream: list[dg.AssetKey]) -> None:
