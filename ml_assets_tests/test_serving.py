@@ -408,6 +408,7 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_problem(served, server):
     ]
     assert errors == [{"row": 1, "field": "distance", "problem": "expected a number, got 'far'"}]
     _bad(server, good | {"flight": 12.5}, 422, "flight: expected an integer")
+    _bad(server, good | {"flight": 10**20}, 422, "flight: 100000000000000000000 is out of range")
     _bad(server, good | {"time_hour": "yesterday"}, 422, "time_hour: expected an ISO 8601 datetime")
     _bad(server, good | {"carrier": None}, 422, "carrier: must not be null")
     _bad(server, good | {"arr_delay": 3}, 422, "arr_delay: not a request-time input")

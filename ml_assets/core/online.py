@@ -82,6 +82,8 @@ def _value(spec: ColumnSpec, value: Any) -> tuple[Any, str | None]:
         if kind == "int":
             if isinstance(value, float) and not value.is_integer():
                 return None, f"expected an integer, got {value!r}"
+            if not -(2**63) <= int(value) < 2**63:
+                return None, f"{value!r} is out of range for a 64-bit integer"
             return int(value), None
         return float(value), None
     if not isinstance(value, str):
