@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export DO_NOT_TRACK := 1
 
-.PHONY: setup browser run replay test test-slow test-ui test-all dev lint bench clean
+.PHONY: setup browser run replay test test-slow test-ui test-all dev serve lint bench bench-serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,12 +51,18 @@ test-all: setup
 dev: setup ## the Dagster UI on http://127.0.0.1:3000
 	$(BIN)/python -m ml_assets.core.report_server & server=$$!; trap 'kill $$server' EXIT; $(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
+serve: setup ## the REST API on the champions: http://127.0.0.1:8000/docs (after `make run`)
+	$(BIN)/ml-assets serve --host 127.0.0.1 --port $(or $(PORT),8000)
+
 lint: setup
 	$(BIN)/ruff check ml_assets ml_assets_tests bench
 	$(BIN)/ruff format --check ml_assets ml_assets_tests bench
 
 bench: setup ## Dagster vs plain-Python end-to-end timing
 	$(BIN)/python bench/e2e.py
+
+bench-serve: setup ## online latency and batch throughput of the flagship's champion
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf data .dagster_home

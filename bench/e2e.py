@@ -22,7 +22,8 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from ml_assets.core import dataset, drift, ingest, performance, validate
+from ml_assets.api import create_app, post_in_process
+from ml_assets.core import dataset, drift, ingest, online, performance, score, validate
 from ml_assets.core import promotion as gate
 from ml_assets.core.evaluate import evaluate_version
 from ml_assets.core.features import build_features
@@ -97,7 +98,17 @@ def run_plain(pipelines: Path, root: Path) -> None:
     evaluate_version(version_dir, root / "reports")
     gate.promote_or_refuse(warehouse, pipeline, manifest["version"])
     gate.check_champion(warehouse, pipeline)
+    # The skew check and the batch scores, as the Dagster side runs them since serving (issue 13).
+    app = create_app(project, warehouse, [PIPELINE], poll=False)
+    online.compare_paths(
+        warehouse,
+        pipeline,
+        project.sources_of(pipeline),
+        lambda rows: post_in_process(app, f"/v1/{PIPELINE}/predict", rows),
+    )
     performance.run_performance(warehouse, pipeline)
+    with connect(db) as conn:
+        score.score_window(conn, pipeline, None)
     drift.run_drift(warehouse, pipeline, root / "reports")
 
 

@@ -9,15 +9,17 @@ import os
 import sys
 import time
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import dagster as dg
 import duckdb
 import polars as pl
 
-from ml_assets.core import ingest, registry
+from ml_assets.core import ingest, online, registry
 from ml_assets.core import promotion as gate
 from ml_assets.core.errors import UsageError, UserError
 from ml_assets.core.ingest import replay
+from ml_assets.core.score import score_frame
 from ml_assets.core.spec import PipelineSpec, Project, load_default_project
 from ml_assets.core.sql import q
 from ml_assets.core.store import MODEL_VERSIONS, connect, data_dir, warehouse_path
@@ -161,6 +163,51 @@ def show_versions(pipeline: str) -> None:
         print(f"Model versions of {pipeline}:\n{history.drop('path')}\n\nDecision log:\n{log}")
 
 
+def predict(pipeline: PipelineSpec, project: Project, file: Path, output: Path | None) -> None:
+    """Score a CSV or Parquet file of request-time inputs with the champion, exactly as the API does."""
+    if not file.is_file():
+        raise UsageError(f"{file}: no such file")
+    try:
+        frame = (
+            pl.read_parquet(file)
+            if file.suffix.lower() == ".parquet"
+            else pl.read_csv(file, infer_schema=False, null_values=["", "NA"])
+        )
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise UsageError(f"{file}: cannot be read as {file.suffix or 'CSV'} ({exc})") from exc
+    model = online.OnlineModel(pipeline, project.sources_of(pipeline), _connect)
+    model.refresh()
+    if model.served is None:
+        raise UsageError(model.problem or f"pipeline '{pipeline.name}': no champion to score with")
+    fields = model.fields
+    rows = online.cast_frame(fields, frame.drop([c for c in frame.columns if c not in fields]), str(file))
+    scored = score_frame(
+        model.served.model, pipeline, model.served.lookups.complete(rows), model.served.version
+    )
+    if output is None:
+        with pl.Config(tbl_rows=50, tbl_cols=-1, tbl_width_chars=200):
+            print(scored)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix.lower() == ".parquet":
+        scored.write_parquet(output)
+    else:
+        scored.write_csv(output)
+    print(f"{scored.height} rows scored by {pipeline.name} champion {model.served.version} -> {output}")
+
+
+def serve(pipelines: list[str], host: str, port: int) -> None:
+    import uvicorn
+
+    from ml_assets.api import create_app
+
+    project = load_default_project()
+    names = [_pipeline(project, p).name for p in pipelines] or None
+    app = create_app(project, _connect, names, log_root=data_dir())
+    print(f"serving {', '.join(app.state.models)} on http://{host}:{port} (docs: http://{host}:{port}/docs)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ml-assets", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -198,6 +245,16 @@ def _parser() -> argparse.ArgumentParser:
         help="stationary replay: each new day is a day drawn from START..END (same weekday), moved to it",
     )
     sub.add_parser("landing", help="the landing zones' ledger: files loaded or rejected, and why")
+    predict_p = sub.add_parser(
+        "predict", help="score a CSV/Parquet file of request-time inputs with the champion"
+    )
+    predict_p.add_argument("pipeline")
+    predict_p.add_argument("file", type=Path)
+    predict_p.add_argument("--output", "-o", type=Path, help="write the scores here (.csv or .parquet)")
+    serve_p = sub.add_parser("serve", help="the REST API on the champions (FastAPI on uvicorn)")
+    serve_p.add_argument("pipelines", nargs="*", help="pipelines to serve (default: all)")
+    serve_p.add_argument("--host", default="127.0.0.1")
+    serve_p.add_argument("--port", type=int, default=8000)
     return parser
 
 
@@ -219,6 +276,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run(args.time_budget, args.max_trials)
     if args.command == "replay":
         return _replay(args)
+    if args.command == "predict":
+        project = load_default_project()
+        predict(_pipeline(project, args.pipeline), project, args.file, args.output)
+        return 0
+    if args.command == "serve":
+        serve(args.pipelines, args.host, args.port)
+        return 0
     if args.command == "landing":
         # Whole reasons and paths: a cut would hide the rule and the column a rejection names (65,535 is the
         # widest table polars can print).

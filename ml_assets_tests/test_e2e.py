@@ -61,6 +61,7 @@ STEPS = (
     "champion",
     "performance",
     "drift_report",
+    "predictions",
 )
 
 
@@ -90,7 +91,9 @@ def test_lineage(full_run):
         # The rollback check settles the serving champion; both monitors judge the one it settled on.
         assert parents(f"{p}/champion") == {f"{p}/modelling_table", f"{p}/promotion"}
         assert parents(f"{p}/performance") == {f"{p}/modelling_table", f"{p}/champion"}
-        assert parents(f"{p}/drift_report") == {f"{p}/modelling_table", f"{p}/champion"}
+        # Batch scores are the settled champion's too; the drift report also compares them.
+        assert parents(f"{p}/predictions") == {f"{p}/modelling_table", f"{p}/champion"}
+        assert parents(f"{p}/drift_report") == {f"{p}/modelling_table", f"{p}/champion", f"{p}/predictions"}
     for s in SOURCES:
         assert parents(f"raw/{s}") == set()
         assert parents(f"validated/{s}") == {f"raw/{s}"}
@@ -105,6 +108,7 @@ SOURCE_CHECKS = (
     "quarantine_share",
 )
 MODELLING_CHECKS = ("target_not_null", "splits_populated")
+CHAMPION_CHECKS = ("online_matches_batch",)
 
 
 def test_run_succeeds_with_every_check_passing(full_run):
@@ -116,16 +120,18 @@ def test_run_succeeds_with_every_check_passing(full_run):
     partitioned = {
         f"{layer}/{s}": 13 for layer in ("raw", "validated", "quarantine") for s in ("flights", "weather")
     }
+    partitioned |= {f"{p}/predictions": 13 for p in PIPELINES}
     once = [f"{layer}/planes" for layer in ("raw", "validated", "quarantine")]
-    once += [f"{p}/{a}" for p in PIPELINES for a in STEPS]
+    once += [f"{p}/{a}" for p in PIPELINES for a in STEPS if a != "predictions"]
     once += [f"profile/{s}_profile" for s in SOURCES]  # the whole validated table, once per run
     assert materialized == Counter(partitioned) + Counter(once)
     # Every check of every source and modelling table ran exactly once in the run, and passed.
     checks = result.get_asset_check_evaluations()
     expected = [(f"validated/{s}", c) for s in SOURCES for c in SOURCE_CHECKS]
     expected += [(f"{p}/modelling_table", c) for p in PIPELINES for c in MODELLING_CHECKS]
+    expected += [(f"{p}/champion", c) for p in PIPELINES for c in CHAMPION_CHECKS]
     assert sorted((c.asset_key.to_user_string(), c.check_name) for c in checks) == sorted(expected)
-    assert len(checks) == 5 * 3 + 2 * 2
+    assert len(checks) == 5 * 3 + 2 * 2 + 2
     assert [c.check_name for c in checks if not c.passed] == []
 
 

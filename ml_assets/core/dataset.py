@@ -29,9 +29,18 @@ def table_name(pipeline: PipelineSpec) -> str:
     return f"{q(pipeline.name)}.modelling_table"
 
 
-def _joined_select(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> str:
-    select = [f"b.{q(c)}" for c in sources[pipeline.base].columns]
-    clauses = [f"FROM validated.{q(pipeline.base)} b"]
+def joined_select(
+    pipeline: PipelineSpec,
+    sources: dict[str, SourceSpec],
+    base: str | None = None,
+    carry: tuple[str, ...] = (),
+) -> str:
+    """The base rows with every join's columns. `base` is the relation holding the base rows (default
+    `validated.<base>`): online serving runs this same SQL over a request's rows and an in-memory copy of
+    the joined sources' validated tables, so batch and online rows cannot be completed differently. `carry`
+    names extra columns of `base` kept in the result (a request's row numbers)."""
+    select = [f"b.{q(c)}" for c in [*sources[pipeline.base].columns, *carry]]
+    clauses = [f"FROM {base or f'validated.{q(pipeline.base)}'} b"]
     for i, join in enumerate(pipeline.joins):
         alias = f"j{i}"
         spec = sources[join.source]
@@ -46,6 +55,11 @@ def _joined_select(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> st
         else:
             clauses.append(f"LEFT JOIN validated.{q(join.source)} {alias} ON {condition}")
     return f"SELECT {', '.join(select)} {' '.join(clauses)}"
+
+
+def derived_columns(pipeline: PipelineSpec) -> str:
+    """`, <expr> AS <name>` for every derived column, to append to a SELECT * list."""
+    return "".join(f", {expr} AS {q(name)}" for name, expr in pipeline.derived.items())
 
 
 def _split_expr(pipeline: PipelineSpec) -> str:
@@ -82,12 +96,12 @@ def build_modelling_table(
     conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: dict[str, SourceSpec]
 ) -> DatasetResult:
     base_rows = conn.execute(f"SELECT count(*) FROM validated.{q(pipeline.base)}").fetchone()[0]
-    derived = "".join(f", {expr} AS {q(name)}" for name, expr in pipeline.derived.items())
+    derived = derived_columns(pipeline)
     target = pipeline.target
     target_col = f", {target.expr} AS {q(target.name)}" if target.expr else ""
     try:
         try:
-            conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {_joined_select(pipeline, sources)}")
+            conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {joined_select(pipeline, sources)}")
             conn.execute(f"CREATE OR REPLACE TEMP TABLE __t AS SELECT *{derived}{target_col} FROM __j")
         except duckdb.Error as exc:
             raise DatasetError(

@@ -26,14 +26,17 @@ from evidently.metrics import ValueDrift
 
 from ml_assets.core import registry
 from ml_assets.core.dataset import bounded_sample, table_name
-from ml_assets.core.errors import ArtifactError, ConfigError
+from ml_assets.core.errors import ArtifactError, ConfigError, DatasetError
 from ml_assets.core.progress import Progress, silent
+from ml_assets.core.request_log import LOGGED_AT, read_window
+from ml_assets.core.score import predictions_table
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import MonitoringSpec, PipelineSpec
-from ml_assets.core.sql import q
+from ml_assets.core.sql import q, table_exists
 from ml_assets.core.store import DRIFT_HISTORY, DRIFT_RUNS, insert, insert_many, transaction
 
 DEFAULT_BOUND = 50_000
+PREDICTION = "_prediction"
 
 
 @dataclass(frozen=True)
@@ -177,30 +180,40 @@ class DriftRun:
     window_end: dt.datetime | None
     result: DriftResult
     report: Path
+    # Drift of the champion's scores (column `_prediction`), when scores of the window exist.
+    prediction: ColumnDrift | None = None
 
 
 def run_drift(
-    connect: Any, pipeline: PipelineSpec, reports_root: Path, progress: Progress = silent
+    connect: Any,
+    pipeline: PipelineSpec,
+    reports_root: Path,
+    request_log: Path | None = None,
+    progress: Progress = silent,
 ) -> DriftRun | None:
-    """Compare the champion's training reference with the latest window of the modelling table, as the
-    champion sees it (its own saved transform), and append the result to the drift tables. None when
-    there is no champion yet."""
+    """Compare the champion's training reference with the current window, as the champion sees it (its
+    own saved transform), and append the result to the drift tables. None when there is no champion yet.
+
+    The current window is the latest `window_days` of the modelling table, or of the online API's request
+    log in `request_log` (`monitoring.current: request_log`). When the champion's scores of the window
+    exist (its batch scores, or the log's), their distribution is compared with the champion's scores of
+    its reference too: recorded as the column `_prediction`, reported apart from the features' drift share
+    (which alone triggers retraining)."""
     spec = pipeline.monitoring
     with connect() as conn:
         champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
         if champion is None:
             return None
         version = registry.registered(conn, champion, pipeline.name)
-        ts = q(pipeline.timestamp) if pipeline.timestamp else None
-        window = (
-            f"{ts} >= (SELECT max({ts}) FROM {table_name(pipeline)}) - INTERVAL {spec.window_days} DAY"
-            if ts
-            else "_split = 'test'"
-        )
-        rows = conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE {window}").pl()
+        if spec.current == "request_log":
+            rows, time_column = _logged_rows(pipeline, request_log), LOGGED_AT
+            scores = rows.filter(pl.col("version") == champion).get_column("score")
+        else:
+            rows, time_column = _window_rows(conn, pipeline), pipeline.timestamp
+            scores = _batch_scores(conn, pipeline, champion, rows)
     model = ServableModel.from_registry(version)
     features = model.transform.apply(rows)
-    stamps = rows.get_column(pipeline.timestamp).alias("_ts") if pipeline.timestamp else None
+    stamps = rows.get_column(time_column).alias("_ts") if time_column else None
     current = bounded_sample(
         features.with_columns(stamps) if stamps is not None else features,
         spec.sample_rows,
@@ -208,6 +221,18 @@ def run_drift(
     )
     reference = drift_reference(pipeline, version.path)
     numerical, categorical = watched_features(pipeline, model.manifest)
+    # A column with no value on one side has no distribution to compare (Evidently refuses it): a short
+    # request log can hold no wind gust at all. It is left out of this run's columns.
+    empty = {
+        c
+        for c in numerical + categorical
+        for f in (reference, current)
+        if f.get_column(c).null_count() == f.height
+    }
+    numerical, categorical = (
+        [c for c in numerical if c not in empty],
+        [c for c in categorical if c not in empty],
+    )
     run_id = uuid.uuid4().hex[:12]
     start = stamps.min() if stamps is not None else None
     end = stamps.max() if stamps is not None else None
@@ -222,6 +247,7 @@ def run_drift(
         f"Evidently done in {time.monotonic() - started:.1f} s: {len(result.drifted)} of "
         f"{len(result.columns)} columns drifted"
     )
+    prediction = _prediction_drift(spec, model, reference, scores)
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with connect() as conn, transaction(conn):
         insert(
@@ -256,10 +282,62 @@ def run_drift(
                     "threshold": c.threshold,
                     "drifted": c.drifted,
                 }
-                for c in result.columns
+                for c in [*result.columns, *([prediction] if prediction else [])]
             ),
         )
-    return DriftRun(run_id, champion, start, end, result, report)
+    return DriftRun(run_id, champion, start, end, result, report, prediction)
+
+
+def _window_rows(conn: Any, pipeline: PipelineSpec) -> pl.DataFrame:
+    ts = q(pipeline.timestamp) if pipeline.timestamp else None
+    window = (
+        f"{ts} >= (SELECT max({ts}) FROM {table_name(pipeline)}) - INTERVAL {pipeline.monitoring.window_days} DAY"
+        if ts
+        else "_split = 'test'"
+    )
+    return conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE {window}").pl()
+
+
+def _logged_rows(pipeline: PipelineSpec, folder: Path | None) -> pl.DataFrame:
+    rows = read_window(folder, pipeline.monitoring.window_days) if folder is not None else None
+    if rows is None or rows.height == 0:
+        raise DatasetError(
+            f"pipeline '{pipeline.name}': monitoring.current is request_log, but no request is logged in "
+            f"{folder}; serve the champion (`ml-assets serve {pipeline.name}`) or set monitoring.current: "
+            "modelling_table"
+        )
+    return rows
+
+
+def _batch_scores(conn: Any, pipeline: PipelineSpec, champion: str, rows: pl.DataFrame) -> pl.Series | None:
+    """The champion's batch scores of the window's rows, when the predictions asset has scored them."""
+    if not table_exists(conn, pipeline.name, "predictions") or rows.height == 0:
+        return None
+    keys = rows.select(pipeline.id)
+    conn.register("__window_keys", keys.to_arrow())
+    try:
+        using = ", ".join(q(c) for c in pipeline.id)
+        return (
+            conn.execute(
+                f"SELECT score FROM {predictions_table(pipeline)} JOIN __window_keys USING ({using}) "
+                "WHERE version = ?",
+                [champion],
+            )
+            .pl()
+            .get_column("score")
+        )
+    finally:
+        conn.unregister("__window_keys")
+
+
+def _prediction_drift(
+    spec: MonitoringSpec, model: ServableModel, reference: pl.DataFrame, scores: pl.Series | None
+) -> ColumnDrift | None:
+    if scores is None or scores.len() == 0 or model.manifest["task"] == "multiclass":
+        return None
+    ours = pl.DataFrame({PREDICTION: model.predict_features(reference)})
+    theirs = bounded_sample(pl.DataFrame({PREDICTION: scores}), spec.sample_rows)
+    return detect_drift(ours, theirs, [PREDICTION], [], spec.num_method, threshold=spec.threshold).columns[0]
 
 
 def drift_runs(conn: Any, pipeline: str) -> pl.DataFrame:

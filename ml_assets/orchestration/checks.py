@@ -6,13 +6,16 @@ tables refuse to build on data whose latest verdict failed, whichever run produc
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
 import duckdb
 
-from ml_assets.core import dataset, validate
-from ml_assets.core.spec import PipelineSpec, SourceSpec
+from ml_assets.api import create_app, post_in_process
+from ml_assets.core import dataset, online, validate
+from ml_assets.core.spec import PipelineSpec, Project, SourceSpec
 from ml_assets.core.validate import CheckOutcome
+from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.metadata import as_metadata
 from ml_assets.orchestration.resources import Warehouse
 
@@ -90,6 +93,40 @@ def modelling_checks(pipeline: PipelineSpec) -> list[dg.AssetChecksDefinition]:
             lambda c: dataset.check_splits_populated(c, pipeline),
         ),
     ]
+
+
+def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefinition:
+    """Online and batch scores of the champion agree (core.online.compare_paths), through the real ASGI app
+    in-process: blocking, so a champion served differently than it batch-scores stops the run's
+    predictions and monitors."""
+    key = dg.AssetKey([pipeline.name, "champion"])
+    sources = project.sources_of(pipeline)
+
+    @dg.asset_check(
+        asset=key,
+        name="online_matches_batch",
+        blocking=True,
+        description=f"{pipeline.serving.skew_sample_rows} test rows scored through the REST API (request-time "
+        "fields, completed from its lookups) and through the batch path give identical predictions (1e-9).",
+    )
+    def _run(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
+        app = create_app(project, warehouse.get_connection, [pipeline.name], poll=False)
+
+        def post(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            return post_in_process(app, f"/v1/{pipeline.name}/predict", rows)
+
+        result = user_errors_as_failures(
+            lambda: online.compare_paths(warehouse.get_connection, pipeline, sources, post)
+        )
+        with warehouse.get_connection() as conn:
+            validate.record_check(
+                conn, key.to_user_string(), "online_matches_batch", result, context.run.run_id
+            )
+        return dg.AssetCheckResult(
+            passed=result.passed, description=result.description, metadata=as_metadata(result.metadata)
+        )
+
+    return _run
 
 
 def require_passing_checks(conn: duckdb.DuckDBPyConnection, upstream: list[dg.AssetKey]) -> None:

@@ -17,9 +17,10 @@ from ml_assets.core.spec import load_project, pipelines_dir
 from ml_assets.core.store import data_dir, warehouse_path
 from ml_assets.orchestration import jobs
 from ml_assets.orchestration.assets import build_assets
+from ml_assets.orchestration.assets.serving import predictions_partitions
 from ml_assets.orchestration.resources import ArtifactStore, TrainingOverrides, Warehouse
-from ml_assets.orchestration.schedules import daily_drift_schedule
-from ml_assets.orchestration.sensors import landing_sensor, retrain_sensor
+from ml_assets.orchestration.schedules import daily_drift_schedule, predictions_schedule
+from ml_assets.orchestration.sensors import landing_sensor, rescore_sensor, retrain_sensor
 
 
 def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
@@ -39,6 +40,12 @@ def build_definitions(pipelines: Path, root: Path) -> dg.Definitions:
         all_jobs += [jobs.pipeline_job(pipeline), retrain, drift]
         sensors.append(retrain_sensor(pipeline, retrain))
         schedules.append(daily_drift_schedule(pipeline, drift))
+        partitions = predictions_partitions(pipeline, project)
+        if partitions is not None:
+            scoring = jobs.predictions_job(pipeline)
+            all_jobs.append(scoring)
+            sensors.append(rescore_sensor(pipeline, scoring, partitions))
+            schedules.append(predictions_schedule(scoring))
     landing = jobs.landing_job(project)
     if landing is not None:
         all_jobs.append(landing)

@@ -1,5 +1,5 @@
-"""Jobs: one per pipeline (everything it needs), its retrain and drift jobs (what the sensor and the
-schedule launch), and the landing job (what a landed batch refreshes)."""
+"""Jobs: one per pipeline (everything it needs), its retrain, drift and predictions jobs (what the sensors
+and the schedules launch), and the landing job (what a landed batch refreshes)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ def pipeline_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
 def retrain_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
     return dg.define_asset_job(
         f"{pipeline.name}_retrain_job",
-        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "modelling_table"])).downstream(),
+        # Without the batch scores: they are partitioned and a retrain covers no partition; the rescore
+        # sensor re-scores the latest partitions once the retrain has moved the champion.
+        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "modelling_table"])).downstream()
+        - dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "predictions"])),
         description=f"Rebuild '{pipeline.name}' from the validated tables: features, model, evaluation, "
-        "promotion gate, monitors.",
+        "promotion gate, monitors (batch scores follow through the rescore sensor).",
     )
 
 
@@ -35,6 +38,15 @@ def drift_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
         f"{pipeline.name}_drift_job",
         selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "drift_report"])),
         description=f"Recompute the drift report of '{pipeline.name}'s champion.",
+    )
+
+
+def predictions_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        f"{pipeline.name}_predictions_job",
+        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "predictions"])),
+        description=f"Score partitions of '{pipeline.name}' with its champion (what the rescore sensor and "
+        "the predictions schedule launch).",
     )
 
 
@@ -63,6 +75,6 @@ def landing_job(project: Project) -> dg.UnresolvedAssetJobDefinition | None:
         LANDING_JOB,
         selection=dg.AssetSelection.assets(*landing_selection(users)),
         description="Ingest landed files (the partitions they touch) and re-profile their sources, then refresh "
-        "the modelling tables, "
-        "champion checks, performance and drift reports that read them. Launched by the landing_zone sensor.",
+        "the modelling tables, champion checks, batch scores, performance and drift reports that read them. "
+        "Launched by the landing_zone sensor.",
     )

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from ml_assets.core import drift, ingest, performance, registry, retrain_policy
+from ml_assets.core import drift, ingest, performance, registry, retrain_policy, score
 from ml_assets.core.ingest.ledger import FolderState, folder_states, scan_folder
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.jobs import landing_selection, landing_users
-from ml_assets.orchestration.partitions import range_tags_for
+from ml_assets.orchestration.partitions import partition_range_tags, range_tags_for
 from ml_assets.orchestration.resources import Warehouse
 
 TRIGGER_TAG = "ml_assets/trigger"
@@ -94,7 +94,8 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         minimum_interval_seconds=10,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Ingest new files dropped into {root / 'landing'}/<source>/ for sources {sorted(landing)}: "
-        "raw -> validated, then the modelling tables, drift reports and champion performance that read them.",
+        "raw -> validated, then the modelling tables, batch scores, drift reports and champion performance that "
+        "read them.",
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
         if context.cursor:
@@ -141,5 +142,38 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         batch = hashlib.sha256("".join(sorted(str(r["sha256"]) for r in records)).encode()).hexdigest()[:16]
         request = dg.RunRequest(run_key=f"landing-{batch}", asset_selection=selection, tags=tags)
         return dg.SensorResult(run_requests=[request], cursor=cursor)
+
+    return _sensor
+
+
+def rescore_sensor(
+    pipeline: PipelineSpec, job: dg.UnresolvedAssetJobDefinition, partitions: dg.PartitionsDefinition
+) -> dg.SensorDefinition:
+    """A promotion or rollback re-scores the open partitions: the latest `serving.rescore_partitions` days
+    with modelling rows whose batch scores are not all the champion's. The run_key names the champion
+    and the range, so one change of champion launches one run; older partitions keep the version that
+    scored them (each row names it)."""
+
+    @dg.sensor(
+        name=f"{pipeline.name}_rescore",
+        job=job,
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Re-score the latest {pipeline.serving.rescore_partitions} days of '{pipeline.name}' "
+        "with a new champion (after a promotion or rollback).",
+    )
+    def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
+        with warehouse.get_connection() as conn:
+            champion, days = score.windows_to_rescore(conn, pipeline)
+        if champion is None or not days:
+            return dg.SkipReason(f"champion {champion}: the latest partitions' scores are current")
+        keys = sorted(
+            {partitions.get_partition_key_for_timestamp(d.replace(tzinfo=dt.UTC).timestamp()) for d in days}
+        )
+        request = dg.RunRequest(
+            run_key=f"rescore-{pipeline.name}-{champion}-{keys[0]}-{keys[-1]}",
+            tags=partition_range_tags(keys[0], keys[-1]) | {TRIGGER_TAG: "rescore"},
+        )
+        return dg.SensorResult(run_requests=[request])
 
     return _sensor

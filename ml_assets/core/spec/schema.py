@@ -435,6 +435,11 @@ class MonitoringSpec(_Strict):
         None, description="Model features to watch for drift (default: all of the champion's features)"
     )
     window_days: int = Field(30, ge=1, description="Current window: the latest days of the modelling table")
+    current: Literal["modelling_table", "request_log"] = Field(
+        "modelling_table",
+        description="Where the current window comes from: the modelling table, or the online API's request "
+        "log (the rows it scored, as it completed them)",
+    )
     sample_rows: int = Field(50_000, ge=1000, description="Bound on rows Evidently sees, per side")
     num_method: str = "wasserstein"
     cat_method: str = "jensenshannon"
@@ -449,6 +454,31 @@ class MonitoringSpec(_Strict):
     cooldown_hours: float = Field(24.0, ge=0, description="Least time between two automatic retrains")
     sensor_interval_s: int = Field(30, ge=5)
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
+
+
+class ServingSpec(_Strict):
+    """Batch scores (`<pipeline>/predictions`) and the online API (`ml-assets serve`) of the champion."""
+
+    chunk_rows: int = Field(
+        50_000, ge=100, description="Batch scoring reads, scores and writes this many rows at a time"
+    )
+    rescore_partitions: int = Field(
+        7,
+        ge=0,
+        description="After a promotion or rollback, the latest N partitions with rows are re-scored by the "
+        "new champion (0: never; earlier partitions keep the version that scored them)",
+    )
+    max_batch: int = Field(1000, ge=1, description="Most rows one online request may send")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest online request body accepted")
+    poll_s: float = Field(
+        2.0, gt=0, description="How often the API checks the registry and the joined tables for changes"
+    )
+    skew_sample_rows: int = Field(
+        200, ge=1, description="Test rows the skew check sends through both the online and the batch path"
+    )
+    request_log_sample: float = Field(
+        1.0, ge=0, le=1, description="Share of online requests written to the request log (0: none)"
+    )
 
 
 class PipelineSpec(_Strict):
@@ -475,6 +505,7 @@ class PipelineSpec(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     gate: GateSpec = Field(default_factory=GateSpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
 
     @property
     def metric(self) -> str:

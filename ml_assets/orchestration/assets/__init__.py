@@ -1,6 +1,6 @@
 """Pipeline specs -> Dagster assets, grouped by stage: `sources` (raw, validated, quarantine), `modelling`
-(modelling table, features), `training` (model, evaluation, promotion) and `monitoring` (champion,
-performance, drift). Each asset calls one function of the core and turns its result into metadata.
+(modelling table, features), `training` (model, evaluation, promotion), `monitoring` (champion,
+performance, drift) and `serving` (batch predictions). Each asset calls one function of the core and turns its result into metadata.
 
 Asset keys mirror where things live: `raw/<source>`, `validated/<source>`, `quarantine/<source>` are
 DuckDB tables shared by every pipeline that uses the source, `profile/<source>_profile` their EDA;
@@ -18,9 +18,10 @@ from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets.modelling import features_asset, modelling_table_asset
 from ml_assets.orchestration.assets.monitoring import champion_asset, drift_asset, performance_asset
 from ml_assets.orchestration.assets.profiles import profile_asset
+from ml_assets.orchestration.assets.serving import predictions_asset
 from ml_assets.orchestration.assets.sources import raw_asset, validated_asset
 from ml_assets.orchestration.assets.training import evaluation_asset, model_asset, promotion_asset
-from ml_assets.orchestration.checks import modelling_checks, source_checks
+from ml_assets.orchestration.checks import modelling_checks, skew_check, source_checks
 
 # The assets of every pipeline's group, in lineage order (keys: <pipeline>/<name>).
 PIPELINE_ASSETS = (
@@ -31,10 +32,11 @@ PIPELINE_ASSETS = (
     "promotion",
     "champion",
     "performance",
+    "predictions",
     "drift_report",
 )
 # What a landed batch refreshes in each pipeline that reads it (training stays with the retrain sensor).
-LANDING_REFRESH = ("modelling_table", "champion", "performance", "drift_report")
+LANDING_REFRESH = ("modelling_table", "champion", "performance", "drift_report", "predictions")
 
 
 def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
@@ -47,7 +49,9 @@ def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
         champion_asset(pipeline),
         performance_asset(pipeline),
         drift_asset(pipeline),
+        predictions_asset(pipeline, project),
         *modelling_checks(pipeline),
+        skew_check(pipeline, project),
     ]
 
 

@@ -1,12 +1,16 @@
 """Monitoring assets of a pipeline, in lineage order: `<pipeline>/champion` (the rollback check: which
 version serves now), then `performance` (its real metric per labelled period) and `drift_report` (its
-inputs' drift). Both monitors read the champion the champion asset settled on, in the same run."""
+inputs' and scores' drift, after the run's batch scores). Both monitors read the champion the champion
+asset settled on, in the same run."""
+
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from ml_assets.core import drift, figures, performance
 from ml_assets.core import promotion as gate
+from ml_assets.core.request_log import log_dir
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
@@ -88,18 +92,23 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
 
     @dg.asset(
         key=pipeline_key(pipeline, "drift_report"),
-        deps=[pipeline_key(pipeline, "modelling_table"), pipeline_key(pipeline, "champion")],
+        # After the predictions: a run's drift report compares the scores that run wrote.
+        deps=[pipeline_key(pipeline, n) for n in ("modelling_table", "champion", "predictions")],
         kinds={"evidently"},
         **common(pipeline),
-        description=f"Evidently drift of the champion's inputs: its training reference against the last "
-        f"{spec.window_days} days, each bounded to {spec.sample_rows} rows. Appends to monitor.drift_runs / "
+        description=f"Evidently drift of the champion's inputs (and of its scores, once batch scores or logged "
+        f"requests exist): its training reference against the last {spec.window_days} days of the "
+        f"{spec.current.replace('_', ' ')}, each bounded to {spec.sample_rows} rows. Appends to monitor.drift_runs / "
         "monitor.drift_history, which the retraining sensor reads.",
     )
     def drift_report(
         context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
     ) -> dg.MaterializeResult:
+        logged = log_dir(Path(artifacts.root), pipeline.name)
         run = user_errors_as_failures(
-            lambda: drift.run_drift(warehouse.get_connection, pipeline, artifacts.reports, context.log.info)
+            lambda: drift.run_drift(
+                warehouse.get_connection, pipeline, artifacts.reports, logged, context.log.info
+            )
         )
         if run is None:
             return dg.MaterializeResult(metadata={"status": "no champion yet: nothing to monitor"})
@@ -135,6 +144,12 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "rows_current_reference": f"{run.result.current_rows} / {run.result.reference_rows}",
                 "drift_runs": md_table(runs, limit=10),
                 "drift_run": run.id,
+                "current": spec.current,
+                **(
+                    {"prediction_drift": run.prediction.score, "prediction_drifted": run.prediction.drifted}
+                    if run.prediction
+                    else {}
+                ),
             }
         )
 

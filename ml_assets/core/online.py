@@ -1,0 +1,388 @@
+"""Online scoring: request-time inputs completed with the modelling table's own joins, then scored.
+
+A caller sends what it knows at request time: the base source's columns without the target's and the
+leakage columns (for the flagship, the scheduled flight). `Lookups` holds an in-memory DuckDB copy of the
+validated tables the pipeline joins, and completes a request with `dataset.joined_select` and the
+derived columns, the very SQL that builds the modelling table (as-of joins included: the latest weather at
+or before the scheduled departure). Batch and online rows therefore cannot be completed differently.
+
+`OnlineModel` is what one pipeline serves: the champion and the lookups, replaced as one object when the
+registry's champion or a joined table changes (`refresh`, called by a poller). A request reads that
+reference once, so a swap never fails a request in flight. The warehouse is only ever touched by
+`refresh`, through short-lived connections that copy what they need and close.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from ml_assets.core import registry
+from ml_assets.core.dataset import derived_columns, joined_select, table_name
+from ml_assets.core.errors import ArtifactError, UserError
+from ml_assets.core.request_log import RequestLog
+from ml_assets.core.score import score_frame
+from ml_assets.core.serve import ServableModel
+from ml_assets.core.spec import ColumnSpec, PipelineSpec, SourceSpec
+from ml_assets.core.sql import DUCKDB_TYPES, q
+from ml_assets.core.validate import CheckOutcome
+
+Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
+ROW = "__request_row"
+POLARS_TYPES: dict[str, pl.DataType] = {
+    "int": pl.Int64(),
+    "float": pl.Float64(),
+    "str": pl.String(),
+    "bool": pl.Boolean(),
+    "datetime": pl.Datetime("us"),
+    "date": pl.Date(),
+}
+
+
+class RequestError(UserError):
+    """A request's rows are unusable; `problems` lists (row, field, problem) for every one found."""
+
+    def __init__(self, problems: list[tuple[int | None, str, str]]) -> None:
+        self.problems = problems
+        shown = "; ".join(
+            f"{'' if row is None else f'row {row}: '}{name}: {problem}"
+            for row, name, problem in problems[:10]
+        )
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        super().__init__(shown + more)
+
+
+def request_fields(pipeline: PipelineSpec, sources: Mapping[str, SourceSpec]) -> dict[str, ColumnSpec]:
+    """What a caller knows at request time: the base source's columns, less the target's source columns,
+    the target and the leakage columns (all known only later)."""
+    later = {*pipeline.leakage, *pipeline.target.source_columns, pipeline.target.name}
+    return {c: s for c, s in sources[pipeline.base].columns.items() if c not in later}
+
+
+def _value(spec: ColumnSpec, value: Any) -> tuple[Any, str | None]:
+    """(the value as its column type, or None with the problem)."""
+    kind = spec.type
+    if kind == "bool":
+        return (value, None) if isinstance(value, bool) else (None, f"expected a boolean, got {value!r}")
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None, f"expected a number, got {value!r}"
+        if not math.isfinite(value):
+            return None, f"must be a finite number, got {value!r}"
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                return None, f"expected an integer, got {value!r}"
+            if not -(2**63) <= int(value) < 2**63:
+                return None, f"{value!r} is out of range for a 64-bit integer"
+            return int(value), None
+        return float(value), None
+    if not isinstance(value, str):
+        return None, f"expected a string, got {value!r}"
+    if kind == "str":
+        return value, None
+    try:
+        if kind == "date":
+            return dt.date.fromisoformat(value), None
+        stamp = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None, f"expected an ISO 8601 {kind}, got {value!r}"
+    # The warehouse keeps naive UTC; a value without an offset is taken as UTC.
+    if stamp.tzinfo is not None:
+        stamp = stamp.astimezone(dt.UTC).replace(tzinfo=None)
+    return stamp, None
+
+
+def parse_rows(fields: Mapping[str, ColumnSpec], payload: Any, max_rows: int) -> pl.DataFrame:
+    """Request rows (a JSON object or a list of them) as a typed frame, or RequestError naming every
+    missing, null, mistyped, non-finite or unknown field. Unknown categories are fine: they are scored."""
+    rows = payload if isinstance(payload, list) else [payload]
+    if not rows:
+        raise RequestError([(None, "body", "an empty list: send one object or a list of them")])
+    if len(rows) > max_rows:
+        raise RequestError(
+            [(None, "body", f"{len(rows)} rows, more than the limit of {max_rows} per request")]
+        )
+    problems: list[tuple[int | None, str, str]] = []
+    columns: dict[str, list[Any]] = {name: [] for name in fields}
+    for i, row in enumerate(rows):
+        at = i if isinstance(payload, list) else None
+        if not isinstance(row, dict):
+            problems.append((at, "body", f"expected an object of fields, got {type(row).__name__}"))
+            continue
+        problems += [
+            (at, k, "not a request-time input of this pipeline (see GET /v1/<pipeline>/model)")
+            for k in row
+            if k not in fields
+        ]
+        for name, spec in fields.items():
+            value = row.get(name)
+            if value is None:
+                if spec.not_null:
+                    problems.append((at, name, "missing" if name not in row else "must not be null"))
+                columns[name].append(None)
+                continue
+            parsed, problem = _value(spec, value)
+            if problem:
+                problems.append((at, name, problem))
+            columns[name].append(parsed)
+    if problems:
+        raise RequestError(problems)
+    return pl.DataFrame(columns, schema={n: POLARS_TYPES[s.type] for n, s in fields.items()})
+
+
+def cast_frame(fields: Mapping[str, ColumnSpec], frame: pl.DataFrame, origin: str) -> pl.DataFrame:
+    """A file's columns (e.g. CSV text) as the request fields' types; other columns are dropped. Errors
+    name the file, the column and the first value that does not convert."""
+    missing = [n for n, s in fields.items() if s.not_null and n not in frame.columns]
+    if missing:
+        raise RequestError([(None, n, f"missing from {origin}") for n in missing])
+    out = []
+    for name, spec in fields.items():
+        target = POLARS_TYPES[spec.type]
+        if name not in frame.columns:
+            out.append(pl.lit(None, dtype=target).alias(name))
+            continue
+        column = frame.get_column(name)
+        if spec.type == "datetime" and column.dtype == pl.String:
+            converted = column.str.to_datetime(time_zone="UTC", strict=False).dt.replace_time_zone(None)
+        elif isinstance(column.dtype, pl.Datetime) and column.dtype.time_zone:
+            converted = column.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+        else:
+            converted = column.cast(target, strict=False)
+        bad = column.is_not_null() & converted.cast(target).is_null()
+        if spec.type == "float":
+            bad |= converted.is_infinite() | converted.is_nan()
+        if spec.not_null:
+            bad |= column.is_null()
+        if bad.any():
+            index = int(bad.arg_max() or 0)
+            raise RequestError([(index, name, f"{column[index]!r} in {origin} is not a valid {spec.type}")])
+        out.append(converted.cast(target).alias(name))
+    return pl.select(out)
+
+
+def _joined_sources(pipeline: PipelineSpec) -> list[str]:
+    return sorted({j.source for j in pipeline.joins})
+
+
+def lookup_fingerprint(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> tuple:
+    """Changes whenever a joined validated table changes (rows added, replaced or re-validated)."""
+    return tuple(
+        conn.execute(f"SELECT count(*), coalesce(sum(hash(t)), 0) FROM validated.{q(s)} t").fetchone()
+        for s in _joined_sources(pipeline)
+    )
+
+
+class Lookups:
+    """An in-memory DuckDB holding copies of the validated tables a pipeline joins; completes request
+    rows into modelling-table rows with the modelling table's own SQL."""
+
+    def __init__(
+        self,
+        pipeline: PipelineSpec,
+        sources: Mapping[str, SourceSpec],
+        tables: Mapping[str, pa.Table],
+        fingerprint: tuple,
+    ) -> None:
+        self.pipeline, self.fingerprint = pipeline, fingerprint
+        self._db = duckdb.connect(":memory:")
+        self._db.execute("SET TimeZone = 'UTC'")
+        # Requests are a few rows: one thread per query, no coordination cost (requests run in parallel).
+        self._db.execute("SET threads = 1")
+        self._db.execute("CREATE SCHEMA validated")
+        for name, table in tables.items():
+            self._db.register("__copy", table)
+            self._db.execute(f"CREATE TABLE validated.{q(name)} AS SELECT * FROM __copy")
+            self._db.unregister("__copy")
+        self._columns = list(sources[pipeline.base].columns.items())
+        # The request's columns arrive as one list parameter each, unnested into rows: no relation to
+        # register per request, and the rows keep their order through the joins by their number.
+        unnested = ", ".join(
+            f"unnest(${i + 1}::{DUCKDB_TYPES[spec.type]}[]) AS {q(name)}"
+            for i, (name, spec) in enumerate(self._columns)
+        )
+        base = f"(SELECT {unnested}, unnest(range(len($1::{DUCKDB_TYPES[self._columns[0][1].type]}[]))) AS {ROW})"
+        self._sql = (
+            f"SELECT *{derived_columns(pipeline)} FROM "
+            f"({joined_select(pipeline, dict(sources), base=base, carry=(ROW,))}) ORDER BY {ROW}"
+        )
+
+    @classmethod
+    def copy(
+        cls, conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: Mapping[str, SourceSpec]
+    ) -> Lookups:
+        """Copy the joined tables out of the warehouse (the caller closes the connection right after)."""
+        # Read one by one: a result left unread when the next query runs on the connection is lost.
+        tables = {}
+        for name in _joined_sources(pipeline):
+            tables[name] = conn.execute(f"SELECT * FROM validated.{q(name)}").fetch_arrow_table()
+        return cls(pipeline, sources, tables, lookup_fingerprint(conn, pipeline))
+
+    def complete(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """Modelling-table rows (joins and derived columns; no target) for request rows, in their order."""
+        none = [None] * rows.height
+        params = [rows.get_column(c).to_list() if c in rows.columns else none for c, _ in self._columns]
+        cursor = self._db.cursor()  # one per call: requests may come from several threads
+        try:
+            return cursor.execute(self._sql, params).pl().drop(ROW)
+        finally:
+            cursor.close()
+
+
+@dataclass(frozen=True)
+class Served:
+    """One pipeline's champion and lookups: replaced whole, never changed in place."""
+
+    version: str
+    model: ServableModel
+    lookups: Lookups
+    loaded_at: dt.datetime
+
+
+@dataclass
+class OnlineModel:
+    """What one pipeline serves, kept current by `refresh` (a poller calls it every few seconds)."""
+
+    pipeline: PipelineSpec
+    sources: Mapping[str, SourceSpec]
+    connect: Connect
+    served: Served | None = None
+    # Why the latest champion is not what serves (none yet, its files fail their hash check, ...).
+    problem: str | None = None
+    last_refresh: dt.datetime | None = None
+    log: RequestLog | None = None
+    _refused: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def fields(self) -> dict[str, ColumnSpec]:
+        return request_fields(self.pipeline, self.sources)
+
+    def refresh(self) -> bool:
+        """Load a new champion or new lookups if either changed; True when what serves changed. A
+        champion whose files fail their hash check is refused once and the previous one kept serving."""
+        with self._lock:
+            current = self.served
+            with self.connect() as conn:
+                version = registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
+                if version is None:
+                    self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+                    self.problem = f"pipeline '{self.pipeline.name}' has no champion yet"
+                    return False
+                if version != self._refused:
+                    self._refused = None  # the champion moved: a version refused before may be fixed now
+                fresh = lookup_fingerprint(conn, self.pipeline)
+                lookups = current.lookups if current and current.lookups.fingerprint == fresh else None
+                if lookups is None:
+                    lookups = Lookups.copy(conn, self.pipeline, self.sources)
+                found = (
+                    registry.registered(conn, version, self.pipeline.name)
+                    if version
+                    and version != self._refused
+                    and (current is None or version != current.version)
+                    else None
+                )
+            self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+            if current is not None and version == current.version:
+                self.problem = None  # back to what serves: an earlier refusal is history
+            model, served_version = (current.model, current.version) if current else (None, None)
+            if found is not None:
+                try:
+                    model, served_version = ServableModel.from_registry(found), version
+                    self.problem = None
+                except ArtifactError as exc:
+                    self._refused = version
+                    self.problem = f"champion {version} refused: {exc}"
+            if model is None or served_version is None or lookups is None:
+                return False
+            if current and current.version == served_version and current.lookups is lookups:
+                return False
+            self.served = Served(served_version, model, lookups, self.last_refresh)
+            return True
+
+    def predict(self, payload: Any) -> dict[str, Any]:
+        """Scores of request rows (raises RequestError); names the version that answered."""
+        served = self.served  # read once: a swap meanwhile does not touch this request
+        if served is None:
+            raise ArtifactError(self.problem or f"pipeline '{self.pipeline.name}': no model loaded yet")
+        started = time.perf_counter()
+        rows = parse_rows(self.fields, payload, self.pipeline.serving.max_batch)
+        completed = served.lookups.complete(rows)
+        scored = score_frame(served.model, self.pipeline, completed, served.version)
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        if self.log is not None:
+            self.log.record(completed, scored, latency_ms)
+        return {
+            "pipeline": self.pipeline.name,
+            "version": served.version,
+            "predictions": _records(scored.drop("version")),
+            "latency_ms": latency_ms,
+        }
+
+
+def _records(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    stamps = [c for c, t in frame.schema.items() if isinstance(t, pl.Datetime | pl.Date)]
+    return frame.with_columns(pl.col(stamps).cast(pl.String)).to_dicts() if stamps else frame.to_dicts()
+
+
+def request_rows(frame: pl.DataFrame, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of a frame as a caller would send them (JSON-able request objects)."""
+    return _records(frame.select(fields))
+
+
+def compare_paths(
+    connect: Connect,
+    pipeline: PipelineSpec,
+    sources: Mapping[str, SourceSpec],
+    post: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    tolerance: float = 1e-9,
+) -> CheckOutcome:
+    """The skew check: a sample of the champion's test rows scored by the batch path (modelling-table
+    rows) and by the online path (`post`: their request-time fields sent to the API, which completes them
+    from its lookups) must agree to `tolerance`, decision and version included."""
+    n = pipeline.serving.skew_sample_rows
+    with connect() as conn:
+        version = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
+        if version is None:
+            return CheckOutcome(True, "no champion yet: nothing to compare", {"rows": 0})
+        found = registry.registered(conn, version, pipeline.name)
+        # Sampled from the test rows: USING SAMPLE applies before the WHERE of its own SELECT.
+        sample = conn.execute(
+            f"SELECT * FROM (SELECT * FROM {table_name(pipeline)} WHERE _split = 'test') "
+            f"USING SAMPLE reservoir({n} ROWS) REPEATABLE (0)"
+        ).pl()
+    if sample.height == 0:
+        return CheckOutcome(True, "no test rows to compare", {"rows": 0})
+    batch = score_frame(ServableModel.from_registry(found), pipeline, sample, version)
+    requests = request_rows(sample, list(request_fields(pipeline, sources)))
+    size = pipeline.serving.max_batch
+    answers = [post(requests[i : i + size]) for i in range(0, len(requests), size)]
+    versions = {a.get("version") for a in answers}
+    online = pl.DataFrame([p for a in answers for p in a.get("predictions", [])])
+    if versions != {version} or online.height != batch.height:
+        errors = "; ".join(str(a["error"])[:300] for a in answers if "error" in a)
+        return CheckOutcome(
+            False,
+            f"the online path answered {online.height} rows with version(s) {sorted(map(str, versions))} for "
+            f"{batch.height} rows of champion {version}{f' ({errors})' if errors else ''}",
+            {"rows": batch.height, "online_versions": sorted(map(str, versions)), "champion": version},
+        )
+    diff = float((online.get_column("score") - batch.get_column("score")).abs().max() or 0.0)
+    decisions = int((online.get_column("decision") != batch.get_column("decision")).sum() or 0)
+    passed = diff <= tolerance and decisions == 0
+    return CheckOutcome(
+        passed,
+        f"{batch.height} test rows of champion {version}: online and batch scores differ by at most "
+        f"{diff:.2e} (tolerance {tolerance:.0e}), {decisions} decision(s) differ",
+        {"rows": batch.height, "max_abs_diff": diff, "decisions_differing": decisions, "champion": version},
+    )

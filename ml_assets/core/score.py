@@ -1,0 +1,213 @@
+"""Scores of the champion: one row per entity (id, timestamp, score, decision, version), for the batch
+asset (`<pipeline>.predictions`), the `ml-assets predict` command and the online API alike.
+
+Batch scores live in a per-pipeline table, beside the pipeline's modelling table: their columns are the
+pipeline's id columns, which differ from pipeline to pipeline, so they cannot be one platform table of
+store.py. Every row names the version that scored it and when. A partition window is re-scored by deleting
+its rows and inserting the new ones in one transaction, chunk by chunk, so memory stays bounded by
+`serving.chunk_rows` whatever the partition's size, and a reader sees the old scores or the new ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from ml_assets.core import registry
+from ml_assets.core.dataset import table_name
+from ml_assets.core.errors import ArtifactError
+from ml_assets.core.ingest import TimeWindow, window_condition
+from ml_assets.core.serve import ServableModel
+from ml_assets.core.spec import PipelineSpec
+from ml_assets.core.sql import q, table_exists
+from ml_assets.core.store import transaction
+
+Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
+SCORE_COLUMNS = ("score", "decision", "version", "scored_at")
+
+
+class NoChampion(ArtifactError):
+    """A pipeline has no champion yet: there is nothing to score with."""
+
+
+def predictions_table(pipeline: PipelineSpec) -> str:
+    return f"{q(pipeline.name)}.predictions"
+
+
+def entity_columns(pipeline: PipelineSpec) -> list[str]:
+    """The id columns, then the timestamp (when it is not one of them): what names a scored row."""
+    ts = [pipeline.timestamp] if pipeline.timestamp and pipeline.timestamp not in pipeline.id else []
+    return [*pipeline.id, *ts]
+
+
+def champion_version(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> str | None:
+    return registry.alias_version(conn, pipeline.name, registry.CHAMPION)
+
+
+def champion(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> registry.Registered:
+    version = champion_version(conn, pipeline)
+    if version is None:
+        raise NoChampion(
+            f"pipeline '{pipeline.name}' has no champion yet: materialize its model and promotion "
+            f"(`ml-assets run`), or make a version champion with `ml-assets rollback {pipeline.name} --to <version>`"
+        )
+    return registry.registered(conn, version, pipeline.name)
+
+
+def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.DataFrame:
+    """score, decision and version for completed rows (modelling-table columns).
+
+    score: P(positive class) (binary), the predicted class' probability (multiclass), or the value
+    (regression); decision: the class at the champion's threshold (binary) or the most likely class,
+    None for regression."""
+    predicted = np.asarray(model.predict(rows), dtype=np.float64)
+    task = model.manifest["task"]
+    decision: pl.Series
+    if task == "regression":
+        score = predicted
+        decision = pl.Series("decision", [None] * rows.height, dtype=pl.String)
+    else:
+        classes = pl.Series(model.manifest["classes"]).cast(pl.String)
+        if task == "binary":
+            score = predicted
+            index = (predicted >= model.threshold).astype(np.int64)
+        else:
+            index = predicted.argmax(axis=1)
+            score = predicted[np.arange(len(index)), index]
+        decision = classes.gather(index).alias("decision")
+    return pl.DataFrame(
+        [
+            pl.Series("score", score, dtype=pl.Float64),
+            decision,
+            pl.Series("version", [version] * rows.height, dtype=pl.String),
+        ]
+    )
+
+
+def score_frame(
+    model: ServableModel, pipeline: PipelineSpec, rows: pl.DataFrame, version: str
+) -> pl.DataFrame:
+    """Entity columns and scores of completed rows."""
+    return pl.concat(
+        [rows.select(entity_columns(pipeline)), score_columns(model, rows, version)], how="horizontal"
+    )
+
+
+@dataclass(frozen=True)
+class ScoreRun:
+    version: str
+    rows: int
+    replaced: int
+    window: TimeWindow | None
+    summary: dict[str, Any]
+
+
+def _ensure_table(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> None:
+    modelling = table_name(pipeline)
+    columns = conn.execute(
+        f"SELECT {', '.join(q(c) for c in entity_columns(pipeline))} FROM {modelling} LIMIT 0"
+    ).description
+    ids = ", ".join(f"{q(c[0])} {c[1]}" for c in columns)
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(pipeline.name)}")
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {predictions_table(pipeline)} ({ids}, score DOUBLE, decision VARCHAR, "
+        "version VARCHAR NOT NULL, scored_at TIMESTAMP NOT NULL)"
+    )
+
+
+def _window_sql(pipeline: PipelineSpec, window: TimeWindow | None) -> str:
+    if window is None or not pipeline.timestamp:
+        return "TRUE"
+    return window_condition(window, q(pipeline.timestamp))
+
+
+def score_window(
+    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, window: TimeWindow | None
+) -> ScoreRun:
+    """Score the modelling table's rows in `window` with the champion and replace that window's rows of
+    `<pipeline>.predictions`, in one transaction. Raises NoChampion when there is none."""
+    found = champion(conn, pipeline)
+    model = ServableModel.from_registry(found)
+    _ensure_table(conn, pipeline)
+    where = _window_sql(pipeline, window)
+    needed = sorted({*model.transform.input_columns, *entity_columns(pipeline)})
+    # Functions of features may read any column, so only a transform without them reads fewer columns.
+    select = "*" if any(f.get("function") for f in model.transform.features) else ", ".join(map(q, needed))
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    reader = conn.cursor()
+    try:
+        batches = reader.execute(
+            f"SELECT {select} FROM {table_name(pipeline)} WHERE {where}"
+        ).fetch_record_batch(pipeline.serving.chunk_rows)
+        with transaction(conn):
+            replaced = conn.execute(f"DELETE FROM {predictions_table(pipeline)} WHERE {where}").fetchone()[0]
+            rows = 0
+            for batch in batches:
+                chunk = pl.from_arrow(batch)
+                if not isinstance(chunk, pl.DataFrame) or chunk.height == 0:
+                    continue
+                scored = score_frame(model, pipeline, chunk, found.version).with_columns(
+                    pl.lit(now).alias("scored_at")
+                )
+                conn.register("__scores", scored.to_arrow())
+                try:
+                    names = ", ".join(q(c) for c in scored.columns)
+                    conn.execute(
+                        f"INSERT INTO {predictions_table(pipeline)} ({names}) SELECT {names} FROM __scores"
+                    )
+                finally:
+                    conn.unregister("__scores")
+                rows += chunk.height
+    finally:
+        reader.close()
+    return ScoreRun(found.version, rows, replaced, window, score_summary(conn, pipeline, where))
+
+
+def score_summary(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, where: str = "TRUE") -> dict:
+    """Count, mean and quantiles of the scores in a window, and the share of each decision."""
+    table = predictions_table(pipeline)
+    count, mean, p05, p50, p95 = conn.execute(
+        f"SELECT count(*), avg(score), quantile_cont(score, 0.05), quantile_cont(score, 0.5), "
+        f"quantile_cont(score, 0.95) FROM {table} WHERE {where}"
+    ).fetchone()
+    shares = conn.execute(
+        f"SELECT decision, count(*) / sum(count(*)) OVER () FROM {table} WHERE {where} AND decision IS NOT NULL "
+        "GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    summary: dict[str, Any] = {"rows": count, "mean": mean, "p05": p05, "p50": p50, "p95": p95}
+    if shares:
+        summary["decision_share"] = {str(d): round(float(s), 6) for d, s in shares}
+    return summary
+
+
+def windows_to_rescore(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> tuple[str | None, list]:
+    """(champion, the days among the latest `serving.rescore_partitions` days with modelling rows whose
+    scores are not all the champion's). Days, as the flagship's time axis; the caller maps them to its
+    partitions. Empty when there is no champion, no timestamp, or nothing to re-score."""
+    version = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
+    n = pipeline.serving.rescore_partitions
+    if version is None or not pipeline.timestamp or n == 0 or not _has_modelling_table(conn, pipeline):
+        return version, []
+    ts = q(pipeline.timestamp)
+    latest = f"SELECT DISTINCT date_trunc('day', {ts}) AS day FROM {table_name(pipeline)} ORDER BY day DESC LIMIT {n}"
+    if not table_exists(conn, pipeline.name, "predictions"):
+        return version, sorted(r[0] for r in conn.execute(latest).fetchall())
+    stale = conn.execute(
+        f"""SELECT l.day FROM ({latest}) l LEFT JOIN (
+                SELECT date_trunc('day', {ts}) AS day, bool_and(version = ?) AS current
+                FROM {predictions_table(pipeline)} GROUP BY 1) p USING (day)
+            WHERE p.current IS DISTINCT FROM TRUE ORDER BY l.day""",
+        [version],
+    ).fetchall()
+    return version, [r[0] for r in stale]
+
+
+def _has_modelling_table(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> bool:
+    return table_exists(conn, pipeline.name, "modelling_table")

@@ -1,0 +1,56 @@
+"""Serving assets of a pipeline: `<pipeline>/predictions`, the champion's batch scores, partitioned like the
+project's time axis; each partition's rows replace its previous scores (core.score)."""
+
+import dagster as dg
+
+from ml_assets.core import score
+from ml_assets.core.spec import PipelineSpec, Project
+from ml_assets.orchestration.assets.modelling import common, pipeline_key
+from ml_assets.orchestration.failures import user_errors_as_failures
+from ml_assets.orchestration.partitions import partitions_def, run_window
+from ml_assets.orchestration.resources import Warehouse
+
+
+def predictions_partitions(
+    pipeline: PipelineSpec, project: Project
+) -> dg.TimeWindowPartitionsDefinition | None:
+    return partitions_def(project.time_axis) if project.time_axis and pipeline.timestamp else None
+
+
+def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefinition:
+    partitions = predictions_partitions(pipeline, project)
+
+    @dg.asset(
+        key=pipeline_key(pipeline, "predictions"),
+        deps=[pipeline_key(pipeline, "modelling_table"), pipeline_key(pipeline, "champion")],
+        kinds={"lightgbm", "duckdb"},
+        partitions_def=partitions,
+        **common(pipeline),
+        description=f"The champion's scores of the modelling table's rows, one per {pipeline.id}: score, "
+        f"decision at the champion's threshold, and the version that scored it ({pipeline.name}.predictions). "
+        "Re-scoring a partition replaces its rows; a promotion or rollback re-scores the latest "
+        f"{pipeline.serving.rescore_partitions} days (the {pipeline.name}_rescore sensor).",
+    )
+    def predictions(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+        window = run_window(context) if partitions is not None else None
+        with warehouse.get_connection() as conn:
+            champion = score.champion_version(conn, pipeline)
+            if champion is None:
+                # Not an error: the landing runs before the first model is trained refresh this asset too.
+                context.log.warning(f"{pipeline.name}: no champion yet, nothing scored")
+                return dg.MaterializeResult(metadata={"status": "skipped: no champion yet", "rows": 0})
+            run = user_errors_as_failures(lambda: score.score_window(conn, pipeline, window))
+        return dg.MaterializeResult(
+            metadata={
+                "table": score.predictions_table(pipeline),
+                "dagster/row_count": run.rows,
+                "rows": run.rows,
+                "rows_replaced": run.replaced,
+                "version": run.version,
+                "window": f"{window.start} to {window.end}" if window else "all rows",
+                "score_summary": dg.MetadataValue.json(run.summary),
+                "score_mean": float(run.summary["mean"]) if run.summary["mean"] is not None else 0.0,
+            }
+        )
+
+    return predictions
