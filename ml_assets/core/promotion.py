@@ -195,7 +195,7 @@ def promote_or_refuse(
     if old_model is None:
         # The first model must beat the baseline it was trained beside, on the same test rows.
         scored = pl.read_parquet(new_version.path / registry.PREDICTIONS_FILE)
-        rows = rows.with_columns(row_key(pipeline.id).alias("_key")).join(scored, on="_key", how="inner")
+        rows = rows.with_columns(row_key(pipeline.row_id).alias("_key")).join(scored, on="_key", how="inner")
         y = rows.get_column("y_true").to_numpy()
         old = rows.select(pl.col("^baseline.*$")).to_numpy().squeeze()
         new = rows.select(pl.col("^model.*$")).to_numpy().squeeze()

@@ -335,7 +335,7 @@ def train_and_register(
         "features": data.features,
         "categorical_features": data.categorical,
         "input_columns": transform.input_columns,
-        "id_columns": pipeline.id,
+        "id_columns": pipeline.row_id,
         "target": pipeline.target.name,
         "classes": data.classes,
         "decision_threshold": trained.threshold,

@@ -26,6 +26,7 @@ import duckdb
 
 from ml_assets.core.errors import ValidationFailure
 from ml_assets.core.spec import ColumnSpec, SourceSpec
+from ml_assets.core.spec.schema import ROW_ID
 from ml_assets.core.sql import (
     DUCKDB_TYPES,
     EVENT_TIME,
@@ -276,7 +277,7 @@ def validate_source(
             _failure(rule, column, cond, reason)
             for rule, cond, reason in rule_conditions(column, cspec, typed)
         ]
-    failure_list = f"list_filter([{', '.join(failures)}], __r -> __r IS NOT NULL)"
+    failure_list = f"list_filter([{', '.join(failures)}], lambda __r: __r IS NOT NULL)"
     id_cols = ", ".join(q("__t_" + c) for c in spec.id)
     duplicate_of_earlier = (
         f"len(__f) = 0 AND row_number() OVER (PARTITION BY len(__f) = 0, __p, {id_cols} "
@@ -289,7 +290,7 @@ def validate_source(
         f"{'of the same partition ' if partitioned else ''}has the same values"
     )
     platform = [EVENT_TIME] if EVENT_TIME in present else []
-    out_cols = ", ".join([f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns] + platform)
+    out_cols = ", ".join([f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns] + platform + _row_id(spec, raw_ref))
     raw_cols = ", ".join(q(c) for c in present)
     datetimes = _datetime_columns(spec)
     try:
@@ -310,7 +311,7 @@ def validate_source(
             SELECT {out_cols} FROM __checked WHERE len(__f) = 0 ORDER BY _source_file, _source_row""")
         conn.execute(f"""CREATE OR REPLACE TEMP TABLE __quarantined AS
             SELECT {raw_cols}, __f[1].rule AS _rule, __f[1].column AS _column,
-                   array_to_string(list_transform(__f, __r -> __r.reason), '; ') AS _reasons
+                   array_to_string(list_transform(__f, lambda __r: __r.reason), '; ') AS _reasons
             FROM __checked WHERE len(__f) > 0 ORDER BY _source_file, _source_row""")
         conn.execute("BEGIN TRANSACTION")
         try:
@@ -362,10 +363,20 @@ def validate_source(
     )
 
 
+def _row_id(spec: SourceSpec, raw_ref: Callable[[str], str]) -> list[str]:
+    """The built-in id of a source without `id`: md5 of the row's raw values plus its occurrence among
+    identical rows (in file order), so the same rows re-ingested keep their ids whatever the file name."""
+    if spec.id:
+        return []
+    values = "concat_ws(chr(31), " + ", ".join(f"coalesce({raw_ref(c)}, chr(0))" for c in spec.columns) + ")"
+    occurrence = f"row_number() OVER (PARTITION BY {values} ORDER BY _source_file, _source_row)"
+    return [f"md5({values} || '#' || CAST({occurrence} AS VARCHAR)) AS {ROW_ID}"]
+
+
 def _fail_on_type_change(conn: duckdb.DuckDBPyConnection, name: str) -> None:
     bad = conn.execute("""
         SELECT count(*) OVER (), _source_file, _source_row, __r.column, __r.reason
-        FROM (SELECT *, unnest(list_filter(__f, __r -> __r.rule = 'type')) AS __r FROM __checked)
+        FROM (SELECT *, unnest(list_filter(__f, lambda __r: __r.rule = 'type')) AS __r FROM __checked)
         ORDER BY _source_file, _source_row LIMIT 1""").fetchone()
     if bad:
         rows, file, row, column, reason = bad
@@ -392,7 +403,7 @@ def check_schema(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -
         for c, t in expected.items()
         if actual.get(c) != t
     ]
-    problems += [f"{c}: not in config" for c in actual if c not in expected and c != EVENT_TIME]
+    problems += [f"{c}: not in config" for c in actual if c not in expected and c not in (EVENT_TIME, ROW_ID)]
     return CheckOutcome(
         not problems,
         "; ".join(problems) or "columns and types match the config",
