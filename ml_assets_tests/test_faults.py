@@ -217,8 +217,8 @@ def _half_written(root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> Path:
-    """One good run of flight_delay on the sample, its version made champion by the operator (on this
-    sample the gate refuses a first model against its baseline): the state every fault starts from."""
+    """One good run of flight_delay on the sample, its LightGBM version made champion by the operator (on
+    this sample the first promotion may pick a baseline instead): the state every fault starts from."""
     base = tmp_path_factory.mktemp("faults")
     project = base / "project"
     shutil.copytree(sample_sources, project / "sources")

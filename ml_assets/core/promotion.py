@@ -14,6 +14,7 @@ import datetime as dt
 import io
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -280,9 +281,7 @@ def _first_champion(
     action = "promote_first" if infra_ok else "refuse"
     after = winner.version if infra_ok else None
     with connect() as conn:
-        registry.record_decision(
-            conn, pipeline.name, action, reason, trained.version, after, details, run_id
-        )
+        registry.record_decision(conn, pipeline.name, action, reason, trained.version, after, details, run_id)
     return Decision(action, reason, trained.version, None, after, details)
 
 
@@ -298,7 +297,11 @@ def _register_candidate(
     renamed = predictions.select(
         "_key",
         "y_true",
-        *(pl.col(c).alias(c.replace(source, "model", 1)) for c in predictions.columns if c.startswith(source)),
+        *(
+            pl.col(c).alias(c.replace(source, "model", 1))
+            for c in predictions.columns
+            if c.startswith(source)
+        ),
         *(
             pl.col(c).alias(c.replace("constant", "baseline", 1))
             for c in predictions.columns

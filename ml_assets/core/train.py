@@ -205,7 +205,12 @@ def tune(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_t
         try:
             for tr, va in fold_indices:
                 booster = _fit(
-                    params, pipeline, (X.iloc[tr], y[tr]), (X.iloc[va], y[va]), data.categorical, _stop_at(deadline)
+                    params,
+                    pipeline,
+                    (X.iloc[tr], y[tr]),
+                    (X.iloc[va], y[va]),
+                    data.categorical,
+                    _stop_at(deadline),
                 )
                 pred = predict(booster, X.iloc[va], booster.best_iteration)
                 fold_scores.append(score(pipeline.task, pipeline.metric, y[va], pred))

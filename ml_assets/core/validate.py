@@ -290,7 +290,9 @@ def validate_source(
         f"{'of the same partition ' if partitioned else ''}has the same values"
     )
     platform = [EVENT_TIME] if EVENT_TIME in present else []
-    out_cols = ", ".join([f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns] + platform + _row_id(spec, raw_ref))
+    out_cols = ", ".join(
+        [f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns] + platform + _row_id(spec, raw_ref)
+    )
     raw_cols = ", ".join(q(c) for c in present)
     datetimes = _datetime_columns(spec)
     try:

@@ -27,8 +27,6 @@ from ml_assets.core.spec import SourceSpec
 from ml_assets.core.spec.infer import PKG_SCHEME, package_file
 from ml_assets.core.sql import LINEAGE
 
-
-
 # Extensions of data files, matched case-insensitively (`.CSV`, `.Csv.GZ`); `.csv.gz` before `.csv`.
 DATA_SUFFIXES = (".csv.gz", ".csv", ".parquet", ".zip")
 # A batch still being written: replay (and any careful writer) writes `.<name>.tmp` and renames it into
