@@ -253,8 +253,10 @@ def _first_champion(
             (models[best].threshold, models[kind].threshold),
             against=DESCRIBED[best],
         )
-        steps.append({"candidate": kind, "against": best, "promote": verdict.promote} | verdict.details)
-        steps[-1]["reason"] = verdict.reason
+        steps.append(
+            verdict.details
+            | {"candidate": kind, "against": best, "promote": verdict.promote, "reason": verdict.reason}
+        )
         if verdict.promote:
             best = kind
     winner = trained if best == "lightgbm" else _register_candidate(connect, trained, models[best], run_id)
@@ -277,7 +279,9 @@ def _first_champion(
         "trigger": trigger or {},
     }
     if steps:
-        details |= {k: steps[-1][k] for k in ("bootstrap", "guarded", "slices", "against")}
+        # The last step (LightGBM against the best simpler model) in the fields every verdict has.
+        details |= {k: steps[-1][k] for k in ("bootstrap", "guarded", "slices")}
+        details["against"] = DESCRIBED[steps[-1]["against"]]
     action = "promote_first" if infra_ok else "refuse"
     after = winner.version if infra_ok else None
     with connect() as conn:

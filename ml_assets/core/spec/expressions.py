@@ -230,7 +230,7 @@ def _strictly_past(window: dict[str, Any], time_column: str | None) -> bool:
     """A window that sees only earlier rows in time order: lag(x[, n >= 1]), or a frame ending n >= 1
     rows PRECEDING, ordered by the time column ascending."""
     orders = window.get("orders") or []
-    if time_column is None or not orders or orders[0].get("type") == "ORDER_DESCENDING":
+    if time_column is None or not orders or orders[0].get("type") in ("DESCENDING", "ORDER_DESCENDING"):
         return False
     first = orders[0].get("expression", {})
     if first.get("class") != "COLUMN_REF" or first["column_names"][-1].lower() != time_column.lower():

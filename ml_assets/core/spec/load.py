@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from ml_assets.core.errors import ConfigError
-from ml_assets.core.spec.checks import check_pipeline, column_types
+from ml_assets.core.spec.checks import check_pipeline, column_types, modelling_columns
 from ml_assets.core.spec.infer import infer_features, source_columns
 from ml_assets.core.spec.schema import IDENTIFIER, ROW_ID, FeatureSpec, PipelineSpec, Project, SourceSpec
 
@@ -113,6 +113,7 @@ def _with_inferred_features(spec: PipelineSpec, sources: dict[str, SourceSpec], 
     computed from, ids and leakage columns, typed as the data is."""
     if spec.features:
         return spec
+    modelling_columns(spec, sources)  # names SQL cannot tell apart are refused before any inference
     excluded = {
         spec.target.name,
         *spec.target.source_columns,
