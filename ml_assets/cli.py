@@ -24,7 +24,7 @@ from ml_assets.core.spec import PipelineSpec, Project, load_default_project
 from ml_assets.core.spec.infer import safe_name
 from ml_assets.core.sql import q
 from ml_assets.core.store import MODEL_VERSIONS, connect, data_dir, warehouse_path
-from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.build import build_definitions
 from ml_assets.orchestration.jobs import pipeline_selection, retrain_selection
 from ml_assets.orchestration.partitions import RANGE_END, RANGE_START, all_partitions_tags, range_tags_for
 from ml_assets.orchestration.resources import TrainingOverrides
@@ -164,7 +164,9 @@ def summary(project: Project, pipelines: list[str] | None = None) -> None:
         print(
             f"\nData directory: {root}\n\n{'source':<12}{'raw':>10}{'validated':>11}{'quarantined':>13}  reasons"
         )
-        for name in project.sources:
+        chosen = [project.pipelines[p] for p in pipelines] if pipelines else project.pipelines.values()
+        shown = {s for spec in chosen for s in project.sources_of(spec)}
+        for name in [s for s in project.sources if s in shown]:
             try:
                 raw, valid, bad = conn.execute(
                     f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM validated.{q(name)}), "
@@ -190,7 +192,10 @@ def summary(project: Project, pipelines: list[str] | None = None) -> None:
             if not rows:
                 print("  no model version registered")
                 continue
-            version, path, manifest = rows[0][0], rows[0][1], json.loads(rows[0][2])
+            # The latest trained model (a baseline registered as it became champion is not one).
+            challenger = registry.alias_version(conn, name, registry.CHALLENGER)
+            latest = next((r for r in rows if r[0] == challenger), rows[0])
+            version, path, manifest = latest[0], latest[1], json.loads(latest[2])
             metric = manifest["metric"]
             ours, base = manifest["test_metrics"][metric], manifest["baseline_test_metrics"][metric]
             print(
