@@ -331,8 +331,12 @@ def versions(conn: duckdb.DuckDBPyConnection, pipeline: str) -> pl.DataFrame:
 
 
 def latest_version(conn: duckdb.DuckDBPyConnection, pipeline: str) -> str:
+    """The latest trained version; a baseline registered as it became the first champion is derived from
+    a trained version (`derived_from` in its manifest), not trained itself, and is left out."""
     row = conn.execute(
-        f"SELECT version FROM {MODEL_VERSIONS} WHERE pipeline = ? ORDER BY created_at DESC, version DESC LIMIT 1",
+        f"SELECT version FROM {MODEL_VERSIONS} WHERE pipeline = ? "
+        "AND json_extract_string(manifest, '$.derived_from') IS NULL "
+        "ORDER BY created_at DESC, version DESC LIMIT 1",
         [pipeline],
     ).fetchone()
     if row is None:
