@@ -345,3 +345,34 @@ def test_group_by_keeps_each_entity_in_one_split(tmp_path):
     assert spans == 1
     # Whole groups of about 10 rows: the shares are exact to within a group or two.
     assert abs(shares["test"] - 0.2) < 0.01 and abs(shares["valid"] - 0.1) < 0.01
+
+
+def test_validation_rules_work_on_any_column_name():
+    """Reserved words, quotes and spaces in column names: rules are checked, bad rows quarantined with a
+    reason naming the column, and the rules check re-verifies them (the bug was a Binder Error on `x`)."""
+    from ml_assets.core.spec.schema import SourceSpec
+    from ml_assets.core.validate import check_rules
+
+    odd = 'it\'s "odd"'
+    frame = pl.DataFrame({"x": ["1", "2", "zz"], "order": ["a", "b", "c"], odd: ["5", "50", "7"]})
+    spec = SourceSpec.model_validate(
+        {
+            "path": "s.csv",
+            "columns": {
+                "x": {"type": "int", "min": 0, "not_null": True},
+                "order": {"type": "str", "allowed": ["a", "b", "c"]},
+                odd: {"type": "float", "max": 10},
+            },
+        }
+    )
+    with duckdb.connect() as conn:
+        _raw(conn, frame, "s.csv")
+        result = validate_source(conn, "s", spec)
+        reasons = conn.execute("SELECT _column, _reasons FROM quarantine.s ORDER BY _source_row").fetchall()
+        rules = check_rules(conn, "s", spec)
+    assert (result.valid_rows, result.quarantined_rows) == (1, 2)
+    assert reasons == [
+        (odd, f"{odd}: 50.0 is above max 10.0"),
+        ("x", "x: 'zz' is not a valid int; x: value is missing (rule not_null)"),
+    ]
+    assert rules.passed and rules.metadata["rules_checked"] == 4

@@ -92,18 +92,22 @@ def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str
     shown = f"coalesce(CAST({typed} AS VARCHAR), 'NULL')"
     out = []
     if spec.not_null:
-        out.append(("not_null", f"{typed} IS NULL", f"'{column}: value is missing (rule not_null)'"))
+        out.append(("not_null", f"{typed} IS NULL", lit(f"{column}: value is missing (rule not_null)")))
     if spec.min is not None:
-        out.append(("min", f"{typed} < {spec.min}", f"'{column}: ' || {shown} || ' is below min {spec.min}'"))
+        out.append(
+            ("min", f"{typed} < {spec.min}", f"{lit(column + ': ')} || {shown} || ' is below min {spec.min}'")
+        )
     if spec.max is not None:
-        out.append(("max", f"{typed} > {spec.max}", f"'{column}: ' || {shown} || ' is above max {spec.max}'"))
+        out.append(
+            ("max", f"{typed} > {spec.max}", f"{lit(column + ': ')} || {shown} || ' is above max {spec.max}'")
+        )
     if spec.allowed is not None:
         values = ", ".join(lit(v) for v in spec.allowed)
         out.append(
             (
                 "allowed",
                 f"{typed} NOT IN ({values})",
-                f"'{column}: ' || {shown} || ' is not one of the allowed values'",
+                f"{lit(column + ': ')} || {shown} || ' is not one of the allowed values'",
             )
         )
     if spec.pattern is not None:
@@ -111,7 +115,7 @@ def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str
             (
                 "pattern",
                 f"NOT regexp_full_match({typed}, {lit(spec.pattern)})",
-                f"'{column}: ' || {shown} || ' does not match pattern ' || {lit(spec.pattern)}",
+                f"{lit(column + ': ')} || {shown} || ' does not match pattern ' || {lit(spec.pattern)}",
             )
         )
     return out
@@ -187,7 +191,7 @@ def _timezone_failure(column: str, raw: str, partitioned: bool) -> str:
         "timezone",
         column,
         f"{offset} <> {usual}",
-        f"'{column}: ' || {_quoted(raw)} || ' has ' || {shown(offset, 'no UTC offset')} || "
+        f"{lit(column + ': ')} || {_quoted(raw)} || ' has ' || {shown(offset, 'no UTC offset')} || "
         f"', not the most common ' || {shown(usual, 'no offset')} || ' of ' || {where} || "
         "' (rule timezones: reject); give its values one offset, or set timezones: normalize'",
     )
@@ -268,7 +272,7 @@ def validate_source(
                 "type",
                 column,
                 f"{raw_ref(column)} IS NOT NULL AND {typed} IS NULL",
-                f"'{column}: ' || {_quoted(raw_ref(column))} || ' is not a valid {cspec.type}'",
+                f"{lit(column + ': ')} || {_quoted(raw_ref(column))} || ' is not a valid {cspec.type}'",
             )
         )
         if cspec.type == "datetime" and spec.timezones == "reject":
@@ -483,15 +487,16 @@ def _rows_with_id(
 
 def check_rules(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
     """Ranges, allowed values, not-null and patterns hold on every validated row."""
-    counts = [
-        f"count(*) FILTER (WHERE {cond}) AS {q(rule + ':' + column)}"
+    rules = {
+        f"{rule}:{column}": cond
         for column, cspec in spec.columns.items()
         for rule, cond, _ in rule_conditions(column, cspec, q(column))
-    ]
-    if not counts:
+    }
+    if not rules:
         return CheckOutcome(True, "no value rules configured")
+    counts = [f"count(*) FILTER (WHERE {cond})" for cond in rules.values()]
     row = conn.execute(f"SELECT {', '.join(counts)} FROM validated.{q(name)}").fetchone()
-    names = [c.rsplit(" AS ", 1)[1].strip('"') for c in counts]
+    names = list(rules)
     broken = {n: v for n, v in zip(names, row, strict=True) if v}
     return CheckOutcome(
         not broken,
