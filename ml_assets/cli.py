@@ -17,7 +17,7 @@ import polars as pl
 
 from ml_assets.core import ingest, registry
 from ml_assets.core import promotion as gate
-from ml_assets.core.errors import UsageError, UserError
+from ml_assets.core.errors import Problems, UsageError, UserError
 from ml_assets.core.ingest import preflight, replay
 from ml_assets.core.scaffold import scaffold
 from ml_assets.core.spec import PipelineSpec, Project, load_default_project
@@ -109,15 +109,8 @@ def validate(pipeline: str | None) -> int:
         spec = project.pipelines[name]
         print(f"  pipeline '{name}': {spec.task}, target '{spec.target.name}', {len(spec.features)} features")
     if problems:
-        raise ValidationProblems(problems)
+        raise Problems(problems)
     return 0
-
-
-class ValidationProblems(UserError):
-    """Several problems, printed one per line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
 
 
 def init(args: argparse.Namespace) -> int:

@@ -224,6 +224,12 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> 
     shutil.copytree(sample_sources, project / "sources")
     pipelines = write_pipelines(project / "pipelines", project / "sources", FAST_MODEL)
     (pipelines / "flight_arr_delay.yaml").unlink()  # one pipeline exercises every stage
+    # The first promotion may make a baseline champion, and the operator then puts the model in its
+    # place: the rollback check would move it back on its own, in the middle of the decisions counted.
+    flagship = pipelines / f"{PIPELINE}.yaml"
+    raw = yaml.safe_load(flagship.read_text())
+    raw["gate"]["rollback_margin"] = 1.0
+    flagship.write_text(yaml.safe_dump(raw, sort_keys=False))
     root = project / "data"
     result = materialize_all(pipelines, root)
     assert result.success
