@@ -18,7 +18,13 @@ import numpy as np
 
 
 def fit_seconds(X: np.ndarray, y: np.ndarray, threads: int | None) -> float:
-    params = {"objective": "binary", "verbosity": -1, "seed": 0, "deterministic": True, "force_row_wise": True}
+    params = {
+        "objective": "binary",
+        "verbosity": -1,
+        "seed": 0,
+        "deterministic": True,
+        "force_row_wise": True,
+    }
     if threads is not None:
         params["num_threads"] = threads
     started = time.perf_counter()
@@ -40,7 +46,9 @@ def main() -> None:
         for name, threads in settings.items():
             times[name].append(fit_seconds(X, y, threads))
     one = statistics.median(times["1 thread"])
-    print(f"{args.rows} rows x 20 features, 200 rounds, median of {args.repeat}; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.rows} rows x 20 features, 200 rounds, median of {args.repeat}; load {os.getloadavg()[0]:.1f}"
+    )
     for name, runs in times.items():
         median = statistics.median(runs)
         print(f"  {name:<22} {median:6.2f} s   x{median / one:.2f} of one thread")
