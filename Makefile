@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run replay test test-slow test-all dev lint bench clean
+.PHONY: setup browser run replay test test-slow test-ui test-all dev lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,14 +33,23 @@ replay: setup
 test: setup ## the default test suite (what CI runs)
 	$(BIN)/python -m pytest
 
-test-slow: setup ## only the tests marked slow
+# The browser test drives Debian's Chromium through Playwright's Python API; it never downloads a browser.
+browser:
+	@command -v chromium >/dev/null || { $$([ "$$(id -u)" -eq 0 ] || echo sudo) apt-get update && $$([ "$$(id -u)" -eq 0 ] || echo sudo) apt-get install -y chromium; }
+
+test-slow: setup browser ## only the tests marked slow (the browser test among them)
 	$(BIN)/python -m pytest -m slow
+
+test-ui: setup browser ## the Dagster UI in a headless Chromium; screenshots in bench/out/ui/
+	$(BIN)/python -m pytest -m slow ml_assets_tests/test_ui_browser.py
 
 test-all: setup
 	$(BIN)/python -m pytest -m ''
 
+# The report server (plots and HTML reports for the UI, http://127.0.0.1:3001) runs beside `dagster dev`
+# and stops with it.
 dev: setup ## the Dagster UI on http://127.0.0.1:3000
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	$(BIN)/python -m ml_assets.core.report_server & server=$$!; trap 'kill $$server' EXIT; $(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 lint: setup
 	$(BIN)/ruff check ml_assets ml_assets_tests bench

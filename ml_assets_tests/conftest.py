@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -91,3 +93,40 @@ def materialize_all(
         instance=instance,
         tags=all_partitions_tags(load_project(pipelines_dir)),
     )
+
+
+# A process that holds a warehouse open read-write until its stdin is closed.
+_HOLD = """
+import sys, duckdb
+conn = duckdb.connect(sys.argv[1], read_only=False)
+print("holding", flush=True)
+sys.stdin.readline()
+conn.close()
+"""
+
+
+@pytest.fixture
+def hold():
+    """Starts a process holding a warehouse open read-write; closing its stdin makes it exit."""
+    started: list[subprocess.Popen] = []
+
+    def start(database: Path) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLD, str(database)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        assert proc.stdout.readline().strip() == "holding", "the holding process did not open the file"
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def release(holder: subprocess.Popen) -> None:
+    holder.stdin.close()
+    assert holder.wait(timeout=60) == 0

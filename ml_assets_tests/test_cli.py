@@ -441,6 +441,7 @@ def one_shots_started(tmp_path_factory: pytest.TempPathFactory):
         "bad_column_no_source": (*jan, "--shift", "no_such_column=+1"),
         "shift": (*week, "--shift", "flights.distance=+300", "--shift", "temp=*2"),
         "empty_ledger": ("landing",),
+        "beyond_axis": ("replay", "flight_delay", "--until", "2014-03-01"),
     }
     roots = {label: tmp_path_factory.mktemp(label) / "data" for label in calls}
     started = start_all({label: (args, _env(roots[label], shipped)) for label, args in calls.items()})
@@ -464,6 +465,14 @@ def test_replay_of_an_unknown_pipeline_names_it_and_lists_the_pipelines(one_shot
     root, result = one_shots["unknown_pipeline"]
     line = _one_error_line(result, "replay")
     assert "'no_such_pipeline'" in line and "flight_delay" in line and "flight_arr_delay" in line
+    assert not _landed(root)
+
+
+def test_replay_beyond_the_time_axis_is_refused_naming_the_last_day_and_lands_nothing(one_shots):
+    root, result = one_shots["beyond_axis"]
+    line = _one_error_line(result, "replay")
+    # The flagship's partitions end before 2014-01-02: 2014-01-01 is the last replayable day.
+    assert "2014-03-01" in line and "'flights'" in line and "2014-01-01" in line
     assert not _landed(root)
 
 

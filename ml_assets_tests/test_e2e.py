@@ -19,6 +19,7 @@ import yaml
 from ml_assets.core import registry
 from ml_assets.core.registry import PREDICTIONS_FILE, read_manifest
 from ml_assets.core.serve import ServableModel
+from ml_assets.core.report_server import reports_url
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets_tests.conftest import materialize_all, nycflights_file, write_pipelines
@@ -70,7 +71,8 @@ def test_lineage(full_run):
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     sources = {f"{layer}/{s}" for layer in ("raw", "validated", "quarantine") for s in SOURCES}
     steps = {f"{p}/{a}" for p in PIPELINES for a in STEPS}
-    assert keys == sources | steps
+    profiles = {f"profile/{s}_profile" for s in SOURCES}
+    assert keys == sources | steps | profiles
 
     def parents(key: str) -> set[str]:
         return {k.to_user_string() for k in graph.get(dg.AssetKey.from_user_string(key)).parent_keys}
@@ -117,6 +119,7 @@ def test_run_succeeds_with_every_check_passing(full_run):
     }
     once = [f"{layer}/planes" for layer in ("raw", "validated", "quarantine")]
     once += [f"{p}/{a}" for p in PIPELINES for a in STEPS]
+    once += [f"profile/{s}_profile" for s in SOURCES]  # the whole validated table, once per run
     assert materialized == Counter(partitioned) + Counter(once)
     # Every check of every source and modelling table ran exactly once in the run, and passed.
     checks = result.get_asset_check_evaluations()
@@ -193,7 +196,18 @@ def test_evaluation_report_and_metadata(full_run):
     meta = event.materialization.metadata
     assert isinstance(meta["model_roc_auc"], dg.FloatMetadataValue)
     assert meta["beats_baseline"].value is True
-    report = Path(meta["report"].value)
+    report = Path(meta["report_path"].value)
+    # The link opens in a browser: the report server's URL of the same file, not a file path.
+    assert meta["report"].value == f"{reports_url()}/flight_delay/{meta['version'].value}/report.html"
+    # Inline plots are short markdown images by URL (the UI inlines markdown under 1,000 characters);
+    # the embedded copy needs no server.
+    for name in ("roc", "pr", "calibration", "feature_importance"):
+        assert (
+            meta[f"plot_{name}"].value
+            == f"![{name}]({reports_url()}/flight_delay/{meta['version'].value}/{name}.png)"
+        )
+    assert meta["plots_embedded"].value.count("](data:image/png;base64,") == 5  # and versions.png
+    assert len(meta["summary"].value) < 1000 and "roc_auc **(primary)**" in meta["summary"].value
     html = report.read_text()
     assert "roc_auc" in html and "data:image/png;base64" in html
     for plot in ("roc.png", "pr.png", "calibration.png", "feature_importance.png"):
@@ -273,8 +287,9 @@ def test_promotion_verdict_is_logged_with_its_numbers(full_run):
     assert meta["action"].value == "promote_first" and meta["champion"].value == trained
     assert meta["verdict"].value == (
         f"### PROMOTED (first champion): challenger {trained}\n\n{decision['reason']}\n\n"
-        f"Champion now: `{trained}` (was `None`)"
+        f"Champion now: `{trained}` (no champion before)"
     )
+    assert list(meta)[0] == "verdict"  # the UI lists metadata in this order
     details = meta["details"].value
     assert details["against"] == "linear baseline"
     assert details["champion_kind"] == "lightgbm"

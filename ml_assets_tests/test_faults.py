@@ -47,7 +47,7 @@ from ml_assets.core.store import (
 )
 from ml_assets.orchestration.assets.sources import SOURCES_GROUP
 from ml_assets.orchestration.definitions import build_definitions
-from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
+from ml_assets_tests.conftest import FAST_MODEL, materialize_all, release, write_pipelines
 from ml_assets_tests.test_monitor import _insert_runs
 from ml_assets_tests.test_registry import _assert_consistent
 
@@ -67,15 +67,6 @@ SOURCE_TABLES = dg.AssetSelection.groups(SOURCES_GROUP)
 CHILD = "import sys; from ml_assets_tests import test_faults as t; sys.exit(getattr(t, sys.argv[1])(*sys.argv[2:]))"
 
 # Opens the warehouse read-write (DuckDB: one writing process per file) until its stdin is closed.
-HOLD = """
-import sys, duckdb
-conn = duckdb.connect(sys.argv[1], read_only=False)
-print("holding", flush=True)
-sys.stdin.readline()
-conn.close()
-"""
-
-
 # --- the faults ----------------------------------------------------------------------------------------
 
 Setattr = Callable[[Any, str, Any], None]
@@ -400,33 +391,6 @@ def test_disk_full_while_a_version_is_written_fails_the_model_and_leaves_no_trac
 # --- the warehouse locked by another process ----------------------------------------------------------
 
 
-@pytest.fixture
-def hold():
-    """Starts a process holding a warehouse open read-write; closing its stdin makes it exit."""
-    started: list[subprocess.Popen] = []
-
-    def start(database: Path) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLD, str(database)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        assert proc.stdout.readline().strip() == "holding", "the holding process did not open the file"
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
-        proc.wait(timeout=60)
-
-
-def _release(holder: subprocess.Popen) -> None:
-    holder.stdin.close()
-    assert holder.wait(timeout=60) == 0
-
-
 def test_a_locked_warehouse_fails_fast_with_a_short_wait_and_is_waited_for_with_a_long_one(
     project, hold, monkeypatch
 ):
@@ -461,7 +425,7 @@ def test_a_locked_warehouse_fails_fast_with_a_short_wait_and_is_waited_for_with_
             if line.strip() == WAITING:
                 break
         assert seen and seen[-1].strip() == WAITING, "".join(seen)
-        _release(holder)
+        release(holder)
         rest, _ = waiter.communicate(timeout=DEADLINE_S)
         watchdog.cancel()
         assert waiter.returncode == 0, "".join(seen) + rest
@@ -502,7 +466,7 @@ def _inject(
         holder = hold(warehouse_path(root))
         monkeypatch.setenv(LOCK_WAIT_ENV, "1")
         return (StoreError.__name__, str(warehouse_path(root)), LOCK_WAIT_ENV), lambda: (
-            _release(holder),
+            release(holder),
             monkeypatch.undo(),
         )
 

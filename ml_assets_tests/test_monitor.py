@@ -292,7 +292,9 @@ def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigge
     # The window is December; the reference is January to mid-September: the weather has drifted.
     assert meta["dataset_drift"].value is True
     assert "wx_temp" in meta["drifted_columns"].value
-    assert Path(meta["report"].value).read_text()[:200].strip().lower().startswith("<!doctype html")
+    assert Path(meta["report_path"].value).read_text()[:200].strip().lower().startswith("<!doctype html")
+    assert meta["report"].value.startswith("http://127.0.0.1:") and meta["report"].value.endswith(".html")
+    assert meta["plot_drift_scores"].value.endswith(".png)")
     with db() as conn:
         runs = drift.drift_runs(conn, DELAY)
         history = conn.execute(

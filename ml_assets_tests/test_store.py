@@ -5,9 +5,6 @@ rows are inserted by column name, and a file held by another process is waited f
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
-import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -340,40 +337,11 @@ def test_transaction_rolls_back_on_error(warehouse):
 
 # --- another process holding the file ----------------------------------------------------------------
 
-_HOLD = textwrap.dedent(
-    """
-    import sys, time
-    import duckdb
-    conn = duckdb.connect(sys.argv[1], read_only=False)
-    print("holding", flush=True)
-    time.sleep(600)
-    """
-)
 
-
-@pytest.fixture
-def holder(warehouse):
-    """Starts a process that opens the warehouse read-write and keeps it open until killed."""
-    started: list[subprocess.Popen] = []
-
-    def start() -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _HOLD, str(warehouse)], stdout=subprocess.PIPE, text=True
-        )
-        started.append(proc)
-        assert proc.stdout.readline().strip() == "holding", "the holding process did not open the file"
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
-        proc.wait(timeout=60)
-
-
-def test_file_held_by_another_process_fails_after_the_wait_naming_the_setting(warehouse, holder, monkeypatch):
+def test_file_held_by_another_process_fails_after_the_wait_naming_the_setting(warehouse, hold, monkeypatch):
     with store.connect(warehouse):
         pass
-    proc = holder()
+    proc = hold(warehouse)
     monkeypatch.setenv(store.LOCK_WAIT_ENV, "1")
 
     with pytest.raises(StoreError) as excinfo, store.connect(warehouse):
@@ -385,10 +353,10 @@ def test_file_held_by_another_process_fails_after_the_wait_naming_the_setting(wa
     assert proc.poll() is None  # the error came while the other process still held the file
 
 
-def test_file_held_by_another_process_is_opened_once_it_exits(warehouse, holder, monkeypatch):
+def test_file_held_by_another_process_is_opened_once_it_exits(warehouse, hold, monkeypatch):
     with store.connect(warehouse):
         pass
-    proc = holder()
+    proc = hold(warehouse)
     monkeypatch.setenv(store.LOCK_WAIT_ENV, "300")
     killed = threading.Event()
 

@@ -11,6 +11,7 @@ depends on the row count itself (and Evidently switches methods by size unless t
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from evidently.metrics import ValueDrift
 from ml_assets.core import registry
 from ml_assets.core.dataset import bounded_sample, table_name
 from ml_assets.core.errors import ArtifactError, ConfigError
+from ml_assets.core.progress import Progress, silent
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import MonitoringSpec, PipelineSpec
 from ml_assets.core.sql import q
@@ -177,7 +179,9 @@ class DriftRun:
     report: Path
 
 
-def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> DriftRun | None:
+def run_drift(
+    connect: Any, pipeline: PipelineSpec, reports_root: Path, progress: Progress = silent
+) -> DriftRun | None:
     """Compare the champion's training reference with the latest window of the modelling table, as the
     champion sees it (its own saved transform), and append the result to the drift tables. None when
     there is no champion yet."""
@@ -208,7 +212,16 @@ def run_drift(connect: Any, pipeline: PipelineSpec, reports_root: Path) -> Drift
     start = stamps.min() if stamps is not None else None
     end = stamps.max() if stamps is not None else None
     report = reports_root / pipeline.name / "drift" / f"{run_id}.html"
+    progress(
+        f"Evidently: {len(numerical) + len(categorical)} columns, reference {reference.height} rows vs "
+        f"current {current.height} rows (window of {rows.height} rows, bounded to {spec.sample_rows})"
+    )
+    started = time.monotonic()
     result = check_window(spec, reference, current, numerical, categorical, html=report)
+    progress(
+        f"Evidently done in {time.monotonic() - started:.1f} s: {len(result.drifted)} of "
+        f"{len(result.columns)} columns drifted"
+    )
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with connect() as conn, transaction(conn):
         insert(

@@ -17,12 +17,11 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 import polars as pl
-
-# The object-oriented Figure API needs no pyplot state or display: safe in headless workers and threads.
-from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
+from ml_assets.core.figures import axes as _axes
+from ml_assets.core.figures import save as _save
 from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import all_metrics, expected_calibration_error
 from ml_assets.core.registry import MODEL_FILE, MODEL_JSON_FILE, PREDICTIONS_FILE, model_kind, read_manifest
@@ -50,17 +49,6 @@ def _scores(task: str, frame: pl.DataFrame, prefix: str) -> np.ndarray:
     return frame.get_column(prefix).to_numpy()
 
 
-def _axes(width: float = 5, height: float = 4, ncols: int = 1) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(width, height))
-    return fig, fig.subplots(1, ncols)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return path
-
-
 def _importance(version_dir: Path, manifest: dict[str, Any]) -> tuple[list[tuple[str, float]], str]:
     """Features ranked by LightGBM's total gain, or by a linear model's |coefficients|."""
     if model_kind(manifest) != "lightgbm":
@@ -73,7 +61,7 @@ def _importance(version_dir: Path, manifest: dict[str, Any]) -> tuple[list[tuple
 
 def _importance_plot(ranked: list[tuple[str, float]], measure: str, out: Path) -> Path:
     top = ranked[:20][::-1]
-    fig, ax = _axes(6, 0.3 * len(top) + 1)
+    fig, ax = _axes(5, 0.3 * len(top) + 1)
     ax.barh([n for n, _ in top], [g for _, g in top], color="#4c72b0")
     ax.set_xlabel(measure)
     ax.set_title(f"Feature importance ({measure})")
@@ -112,7 +100,7 @@ def _classification_plots(
 
 
 def _regression_plots(y: np.ndarray, model: np.ndarray, out: Path) -> dict[str, Path]:
-    fig, axes = _axes(10, 4, ncols=2)
+    fig, axes = _axes(5.5, 3, ncols=2)  # fits the UI's metadata value column at 1600 px
     sample = np.random.default_rng(0).choice(len(y), size=min(len(y), 5000), replace=False)
     axes[0].scatter(y[sample], model[sample], s=3, alpha=0.3)
     lo, hi = np.percentile(y, [0.5, 99.5])
@@ -237,6 +225,5 @@ def markdown_summary(ev: Evaluation, pipeline: str) -> str:
     lines += [
         "",
         f"The model {verdict} the baseline on {ev.metric}. Top features: {', '.join(ev.extra['top_features'][:5])}.",
-        f"Report: `{ev.report_path}`",
     ]
     return "\n".join(lines)

@@ -111,6 +111,29 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
     return PerformanceRun(champion, metric, expected, periods)
 
 
+PERIOD_LENGTH = {"day": dt.timedelta(days=1), "week": dt.timedelta(weeks=1), "month": dt.timedelta(days=28)}
+
+
+def readable_periods(periods: pl.DataFrame, period: str) -> pl.DataFrame:
+    """Newest first, for people: each period `judged` as `degraded`, `ok` or `not judged`, and a period
+    whose labelled rows stop before its end (the latest, still filling up) marked `partial`, so a partial
+    week's score is not read as a full week's."""
+    partial = (pl.col("period_end") - pl.col("period_start")) < PERIOD_LENGTH[period] - dt.timedelta(days=1)
+    return periods.sort("period_start", descending=True).select(
+        pl.col("period_start").dt.strftime("%Y-%m-%d"),
+        pl.when(partial).then(pl.lit("partial")).otherwise(pl.lit("")).alias("complete"),
+        "rows",
+        pl.col("score").round(4),
+        pl.col("change").round(4),
+        pl.when(pl.col("degraded").is_null())
+        .then(pl.lit("not judged"))
+        .when(pl.col("degraded"))
+        .then(pl.lit("degraded"))
+        .otherwise(pl.lit("ok"))
+        .alias("judged"),
+    )
+
+
 def performance_history(conn: Any, pipeline: str) -> pl.DataFrame:
     return conn.execute(
         "SELECT champion, period_start, period_end, rows, metric, score, expected, change, degraded "

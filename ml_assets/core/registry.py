@@ -313,15 +313,26 @@ def register(
 
 
 def versions(conn: duckdb.DuckDBPyConnection, pipeline: str) -> pl.DataFrame:
-    """Every version of a pipeline with its status: an alias it holds, else the last decision about it."""
+    """Every version of a pipeline with what it is now: `champion`; else what ended its time as champion
+    (`previous champion` when replaced by a promotion, `rolled back`), else `refused` when the gate said
+    no, else `registered`; `+challenger` on the latest registered."""
     return conn.execute(
         f"""
         SELECT v.version, v.created_at,
-               coalesce(a.alias, d.action, 'registered') AS status,
+               coalesce(nullif(concat_ws('+',
+                   CASE WHEN a.champion THEN 'champion'
+                        ELSE coalesce(r.status, CASE WHEN d.action = 'refuse' THEN 'refused' END) END,
+                   CASE WHEN a.challenger THEN 'challenger' END), ''), 'registered') AS status,
                v.metric, v.cv_score, v.test_score, v.baseline_test_score, v.path
         FROM {MODEL_VERSIONS} v
-        LEFT JOIN (SELECT version, string_agg(alias, '+' ORDER BY alias) AS alias FROM {ALIASES}
-                   WHERE pipeline = $1 GROUP BY version) a USING (version)
+        LEFT JOIN (SELECT version, bool_or(alias = '{CHAMPION}') AS champion,
+                          bool_or(alias = '{CHALLENGER}') AS challenger
+                   FROM {ALIASES} WHERE pipeline = $1 GROUP BY version) a USING (version)
+        LEFT JOIN (SELECT champion_before AS version,
+                          arg_max(CASE WHEN action LIKE '%rollback' THEN 'rolled back'
+                                       ELSE 'previous champion' END, decided_at) AS status
+                   FROM {DECISION_LOG} WHERE pipeline = $1 AND champion_before IS NOT NULL
+                     AND champion_after IS DISTINCT FROM champion_before GROUP BY 1) r USING (version)
         LEFT JOIN (SELECT challenger AS version, arg_max(action, decided_at) AS action
                    FROM {DECISION_LOG} WHERE pipeline = $1 GROUP BY 1) d USING (version)
         WHERE v.pipeline = $1 ORDER BY v.created_at, v.version

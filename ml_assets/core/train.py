@@ -32,6 +32,7 @@ from ml_assets.core.features import TARGET, FeatureTransform, features_table_nam
 from ml_assets.core.hashing import frame_fingerprint
 from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import all_metrics, choose_threshold, score
+from ml_assets.core.progress import Progress, silent
 from ml_assets.core.spec import ParamRange, PipelineSpec
 
 SAMPLE_ROWS = 2000
@@ -174,7 +175,13 @@ class Tuning:
     elapsed_s: float = 0.0
 
 
-def tune(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_trials: int) -> Tuning:
+def tune(
+    pipeline: PipelineSpec,
+    data: TrainingData,
+    time_budget_s: float,
+    max_trials: int,
+    progress: Progress = silent,
+) -> Tuning:
     """Seeded random search within `time_budget_s`: the first trial is the centre of the search space;
     every trial, the first included, is stopped when the deadline passes and recorded as cut short
     (a cut trial's score is not comparable, so it never wins; with no complete trial the centre is used)."""
@@ -227,8 +234,15 @@ def tune(pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_t
                 "elapsed_s": round(time.monotonic() - started - elapsed, 3),
             }
         )
+        left = max(0.0, time_budget_s - (time.monotonic() - started))
         if cut_short:
+            progress(f"trial {len(trials)} of {max_trials} cut short at the deadline ({time_budget_s:.0f} s)")
             break
+        best_so_far = max(t["cv_score"] * sign for t in trials if not t["cut_short"]) * sign
+        progress(
+            f"trial {len(trials)} of {max_trials}: CV {pipeline.metric} {trials[-1]['cv_score']:.4f}, "
+            f"best so far {best_so_far:.4f}; {left:.0f} s of the {time_budget_s:.0f} s budget left"
+        )
     complete = [t for t in trials if not t["cut_short"]]
     best = max(complete, key=lambda t: sign * t["cv_score"]) if complete else trials[0]
     return Tuning(base | best["params"], best["cv_score"], trials, time.monotonic() - started)
@@ -317,7 +331,11 @@ def _as_columns(task: str, pred: np.ndarray, prefix: str) -> dict[str, np.ndarra
 
 
 def train_model(
-    pipeline: PipelineSpec, data: TrainingData, time_budget_s: float, max_trials: int
+    pipeline: PipelineSpec,
+    data: TrainingData,
+    time_budget_s: float,
+    max_trials: int,
+    progress: Progress = silent,
 ) -> TrainedModel:
     for name in ("train", "valid", "test"):
         if len(getattr(data, name).y) == 0:
@@ -325,12 +343,19 @@ def train_model(
                 f"pipeline '{pipeline.name}': the {name} split is empty; check the split settings"
             )
     started = time.monotonic()
-    tuning = tune(pipeline, data, time_budget_s * SEARCH_SHARE, max_trials)
+    progress(
+        f"tuning on {len(data.train.y)} training rows: up to {max_trials} trials of "
+        f"{pipeline.model.cv_folds}-fold CV within {time_budget_s * SEARCH_SHARE:.0f} s "
+        f"of the {time_budget_s:.0f} s budget"
+    )
+    tuning = tune(pipeline, data, time_budget_s * SEARCH_SHARE, max_trials, progress)
+    progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; fitting the final model")
     booster, cut_at = fit_final(pipeline, data, tuning.best_params, started + time_budget_s)
     best_iteration = booster.best_iteration or booster.current_iteration()
     valid_pred = predict(booster, data.valid.X, best_iteration)
     test_pred = predict(booster, data.test.X, best_iteration)
     threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
+    progress("fitting the linear and constant baselines")
     candidates = fit_candidates(pipeline, data)
     predictions = pl.DataFrame(
         {
@@ -364,6 +389,7 @@ def train_and_register(
     time_budget_s: float | None = None,
     max_trials: int | None = None,
     run_id: str | None = None,
+    progress: Progress = silent,
 ) -> tuple[Path, dict[str, Any]]:
     """Train on `<pipeline>.features`, write a new model version folder and register it, stamped with
     `run_id` so the later stages of the same run judge exactly this version.
@@ -381,7 +407,7 @@ def train_and_register(
     transform, transform_path = transform_of(frame, transforms_dir)
     data = training_data(pipeline, frame, transform)
     budget = time_budget_s if time_budget_s is not None else pipeline.model.time_budget_s
-    trained = train_model(pipeline, data, budget, max_trials or pipeline.model.max_trials)
+    trained = train_model(pipeline, data, budget, max_trials or pipeline.model.max_trials, progress)
     created = dt.datetime.now(dt.UTC)
     version = registry.new_version_id(created)
     best_iteration = trained.booster.best_iteration or trained.booster.current_iteration()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from ml_assets.core.report_server import reports_url
 from ml_assets.core.spec import load_project
 from ml_assets.core.store import warehouse_path
 from ml_assets.orchestration import jobs
@@ -21,7 +22,7 @@ from ml_assets.orchestration.sensors import landing_sensor, retrain_sensor
 def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
     return {
         "warehouse": Warehouse(database=str(warehouse_path(root))),
-        "artifacts": ArtifactStore(root=str(root)),
+        "artifacts": ArtifactStore(root=str(root), reports_url=reports_url()),
         "training": TrainingOverrides(),
     }
 

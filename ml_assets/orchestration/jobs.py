@@ -7,6 +7,7 @@ import dagster as dg
 
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets import LANDING_REFRESH
+from ml_assets.orchestration.assets.profiles import profile_key
 from ml_assets.orchestration.assets.sources import source_keys
 
 LANDING_JOB = "landing_ingest_job"
@@ -57,8 +58,9 @@ def landing_users(project: Project) -> dict[str, list[str]]:
 
 
 def landing_selection(users: dict[str, list[str]]) -> list[dg.AssetKey]:
-    """What landed files of these sources refresh: their source tables, then each reader's monitors."""
-    keys = [key for name in users for key in source_keys(name)]
+    """What landed files of these sources refresh: their source tables and profiles (what changed is news
+    after a landing), then each reader's monitors."""
+    keys = [key for name in users for key in (*source_keys(name), profile_key(name))]
     keys += [dg.AssetKey([p, a]) for readers in users.values() for p in readers for a in LANDING_REFRESH]
     return sorted(set(keys))
 
@@ -70,6 +72,7 @@ def landing_job(project: Project) -> dg.UnresolvedAssetJobDefinition | None:
     return dg.define_asset_job(
         LANDING_JOB,
         selection=dg.AssetSelection.assets(*landing_selection(users)),
-        description="Ingest landed files (the partitions they touch), then refresh the modelling tables, "
+        description="Ingest landed files (the partitions they touch) and re-profile their sources, then refresh "
+        "the modelling tables, "
         "champion checks, performance and drift reports that read them. Launched by the landing_zone sensor.",
     )

@@ -11,6 +11,7 @@ from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from ml_assets.core.report_server import DEFAULT_URL, url_of
 from ml_assets.core.store import connect
 
 
@@ -28,9 +29,11 @@ class Warehouse(DuckDBResource):
 
 
 class ArtifactStore(ConfigurableResource):
-    """Root folder for files: model versions, feature transforms and reports."""
+    """Root folder for files: model versions, feature transforms and reports; `reports_url` is where the
+    browser finds the reports folder (the project's report server, see core.report_server)."""
 
     root: str
+    reports_url: str = DEFAULT_URL
 
     def path(self, *parts: str) -> Path:
         out = Path(self.root).joinpath(*parts)
@@ -48,6 +51,10 @@ class ArtifactStore(ConfigurableResource):
     @property
     def reports(self) -> Path:
         return Path(self.root) / "reports"
+
+    def url_of(self, path: Path) -> str:
+        """The browser's URL of a file under the reports folder."""
+        return url_of(self.reports_url, self.reports, path)
 
 
 class TrainingOverrides(ConfigurableResource):

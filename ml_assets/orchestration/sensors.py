@@ -38,7 +38,8 @@ def retrain_sensor(pipeline: PipelineSpec, job: dg.UnresolvedAssetJobDefinition)
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Retrain '{pipeline.name}' when {spec.persist_windows} consecutive drift windows exceed "
         f"a drift share of {spec.drift_share}, or when the champion's {pipeline.metric} on labelled data is "
-        f"{perf.tolerance:.0%} below its test score for {perf.persist_periods} {perf.period}(s); at most once "
+        f"{perf.tolerance:.0%} worse ({'lower' if pipeline.greater_is_better else 'higher'}) than its test score "
+        f"for {perf.persist_periods} {perf.period}(s); at most once "
         f"per {spec.cooldown_hours} h.",
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:

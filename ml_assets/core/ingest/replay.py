@@ -254,6 +254,14 @@ def replay(
     Every shift is checked against the sources before anything is written: a refused shift lands nothing.
     """
     sources = {name: spec for name, spec in project.sources_of(pipeline).items() if spec.replay}
+    for name, spec in sources.items():
+        # Rows past the time axis would be rejected at landing: refuse before writing, not after.
+        end = spec.partitions.end if spec.partitions else None
+        if end is not None and until >= end:
+            raise UsageError(
+                f"--until {until}: beyond the time axis of source '{name}' (partitions end before {end}); "
+                f"the last day that can be replayed is {end - dt.timedelta(days=1)}"
+            )
     for shift in shifts:
         if shift.source is not None and shift.source not in sources:
             raise UsageError(

@@ -3,8 +3,8 @@
 performance, drift). Each asset calls one function of the core and turns its result into metadata.
 
 Asset keys mirror where things live: `raw/<source>`, `validated/<source>`, `quarantine/<source>` are
-DuckDB tables shared by every pipeline that uses the source; `<pipeline>/<asset>` belong to one
-pipeline's group.
+DuckDB tables shared by every pipeline that uses the source, `profile/<source>_profile` their EDA;
+`<pipeline>/<asset>` belong to one pipeline's group.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import dagster as dg
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets.modelling import features_asset, modelling_table_asset
 from ml_assets.orchestration.assets.monitoring import champion_asset, drift_asset, performance_asset
+from ml_assets.orchestration.assets.profiles import profile_asset
 from ml_assets.orchestration.assets.sources import raw_asset, validated_asset
 from ml_assets.orchestration.assets.training import evaluation_asset, model_asset, promotion_asset
 from ml_assets.orchestration.checks import modelling_checks, source_checks
@@ -59,6 +60,7 @@ def build_assets(project: Project) -> list[Any]:
         for name, spec in project.sources.items():
             base_dir = project.source_files[name].parent
             out += [raw_asset(name, spec, base_dir), validated_asset(name, spec), *source_checks(name, spec)]
+            out.append(profile_asset(name, project))
         for pipeline in project.pipelines.values():
             out += pipeline_assets(pipeline, project)
     return out

@@ -11,7 +11,7 @@ from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.sql import q
 from ml_assets.orchestration.checks import require_passing_checks
 from ml_assets.orchestration.failures import user_errors_as_failures
-from ml_assets.orchestration.metadata import table_metadata
+from ml_assets.orchestration.metadata import OWNERS, definition_version, table_metadata
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
 
@@ -24,6 +24,8 @@ def common(pipeline: PipelineSpec) -> dict[str, Any]:
     return {
         "group_name": pipeline.name,
         "tags": {"pipeline": pipeline.name, "task": pipeline.task},
+        "owners": OWNERS,
+        "code_version": definition_version(pipeline),
         # Unpartitioned, but the CLI runs a partition range over a selection only if every asset in it
         # declares single-run backfills (`dagster asset materialize --select '*' --partition-range ...`).
         "backfill_policy": dg.BackfillPolicy.single_run(),

@@ -5,12 +5,13 @@ inputs' drift). Both monitors read the champion the champion asset settled on, i
 import dagster as dg
 import polars as pl
 
-from ml_assets.core import drift, performance
+from ml_assets.core import drift, figures, performance
 from ml_assets.core import promotion as gate
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
-from ml_assets.orchestration.metadata import decision_metadata, md_table
+from ml_assets.orchestration.figures import figure_metadata, report_metadata
+from ml_assets.orchestration.metadata import decision_metadata, md_table, shorten
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
 
@@ -31,7 +32,8 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         )
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)
-        return dg.MaterializeResult(metadata={**meta, "rollback_check": decision.reason})
+        # The check's verdict first: the UI lists metadata in the order given.
+        return dg.MaterializeResult(metadata={"rollback_check": decision.reason, **meta})
 
     return champion
 
@@ -46,25 +48,35 @@ def performance_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         "labelled data it never learned from, against its test score (monitor.performance_history, which the "
         "retraining sensor reads).",
     )
-    def performance_report(warehouse: Warehouse) -> dg.MaterializeResult:
+    def performance_report(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
         if not pipeline.timestamp:
             return dg.MaterializeResult(metadata={"status": "no timestamp: no labelled periods to score"})
         run = user_errors_as_failures(lambda: performance.run_performance(warehouse.get_connection, pipeline))
         if run is None or run.periods.height == 0:
             return dg.MaterializeResult(metadata={"status": "no champion or no labelled rows yet"})
         latest = run.periods.row(-1, named=True)
-        shown = run.periods.sort("period_start", descending=True).with_columns(
-            pl.col("score", "change").round(4)
+        figure = figures.performance_over_time(
+            run.periods,
+            run.expected,
+            run.metric,
+            artifacts.reports / pipeline.name / "performance" / f"{run.champion}.png",
         )
         return dg.MaterializeResult(
             metadata={
                 "scored_champion": run.champion,
-                # A float per materialization: the UI plots the champion's real metric over time.
-                f"latest_period_{run.metric}": latest["score"],
-                f"champion_expected_{run.metric}": run.expected,
-                "latest_period": f"{latest['period_start']:%Y-%m-%d} ({latest['rows']} rows)",
+                # A float per materialization: the UI plots the champion's real metric over time (its
+                # constant test score is text, not a flat line).
+                f"latest_period_{run.metric}": round(latest["score"], 4)
+                if latest["score"] is not None
+                else None,
                 "degraded_periods": int(run.periods.get_column("degraded").sum()),
-                "periods": md_table(shown, limit=26),
+                **figure_metadata(artifacts, {"performance": figure}),
+                f"champion_test_{run.metric}": f"{run.expected:.4f}",
+                "latest_period": f"{latest['period_start']:%Y-%m-%d} ({latest['rows']} rows)",
+                "periods": md_table(
+                    performance.readable_periods(run.periods, pipeline.monitoring.performance.period),
+                    limit=26,
+                ),
             }
         )
 
@@ -83,9 +95,11 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         f"{spec.window_days} days, each bounded to {spec.sample_rows} rows. Appends to monitor.drift_runs / "
         "monitor.drift_history, which the retraining sensor reads.",
     )
-    def drift_report(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
+    def drift_report(
+        context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
+    ) -> dg.MaterializeResult:
         run = user_errors_as_failures(
-            lambda: drift.run_drift(warehouse.get_connection, pipeline, artifacts.reports)
+            lambda: drift.run_drift(warehouse.get_connection, pipeline, artifacts.reports, context.log.info)
         )
         if run is None:
             return dg.MaterializeResult(metadata={"status": "no champion yet: nothing to monitor"})
@@ -96,17 +110,30 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
             schema=["column", "method", "score", "threshold", "drifted"],
             orient="row",
         ).sort("score", descending=True)
+        figure = figures.drift_scores(
+            [(c.column, c.score, c.threshold, c.drifted) for c in run.result.columns],
+            run.report.with_suffix(".png"),
+        )
+        runs = history.sort("computed_at", descending=True).select(
+            pl.col("computed_at").dt.strftime("%Y-%m-%d %H:%M"),
+            pl.col("window_end").dt.strftime("%Y-%m-%d"),
+            pl.col("drift_share").round(3),
+            pl.col("drifted").list.join(", ").map_elements(shorten, return_dtype=pl.String),
+        )
         return dg.MaterializeResult(
             metadata={
-                "drift_share": run.result.drift_share,
+                # Numbers per materialization: the UI plots drift over time.
+                "drift_share": round(run.result.drift_share, 4),
+                "drifted_count": len(run.result.drifted),
                 "dataset_drift": run.result.dataset_drift,
-                "drifted_columns": dg.MetadataValue.json(run.result.drifted),
+                "drifted_columns": ", ".join(run.result.drifted) or "(none)",
+                **figure_metadata(artifacts, {"drift_scores": figure}),
+                **report_metadata(artifacts, run.report),
                 "columns": md_table(columns, limit=40),
-                "report": dg.MetadataValue.path(str(run.report)),
                 "champion": run.champion,
                 "window": f"{run.window_start} to {run.window_end}",
                 "rows_current_reference": f"{run.result.current_rows} / {run.result.reference_rows}",
-                "drift_runs": md_table(history.sort("computed_at", descending=True), limit=10),
+                "drift_runs": md_table(runs, limit=10),
                 "drift_run": run.id,
             }
         )

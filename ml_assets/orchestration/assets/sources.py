@@ -4,6 +4,7 @@ They are DuckDB tables shared by every pipeline that uses the source; partitione
 the rows of the partitions a run covers.
 """
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ml_assets.core.ingest import TimeWindow
 from ml_assets.core.spec import SourceSpec
 from ml_assets.core.sql import q
 from ml_assets.orchestration.failures import user_errors_as_failures
-from ml_assets.orchestration.metadata import md_table, table_metadata
+from ml_assets.orchestration.metadata import OWNERS, definition_version, md_table, table_metadata
 from ml_assets.orchestration.partitions import partitions_def, run_window
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
@@ -34,6 +35,10 @@ def _partitioning(spec: SourceSpec) -> dict[str, Any]:
         "partitions_def": partitions_def(spec.partitions) if spec.partitions else None,
         "backfill_policy": dg.BackfillPolicy.single_run(),
     }
+
+
+def _ownership(spec: SourceSpec) -> dict[str, Any]:
+    return {"owners": OWNERS, "code_version": definition_version(spec)}
 
 
 def read_batch(
@@ -56,6 +61,11 @@ def read_batch(
                 ingest.record_files(conn, name, [exc.ledger_row()], "")
         raise
     return frame, records, window
+
+
+def _rate(frame: pl.DataFrame | None, started: float) -> str:
+    rows, seconds = (frame.height if frame is not None else 0), time.monotonic() - started
+    return f"{rows} rows in {seconds:.1f} s ({rows / seconds if seconds > 0 else 0:,.0f} rows/s)"
 
 
 def _describe(name: str, spec: SourceSpec) -> str:
@@ -84,14 +94,18 @@ def raw_asset(name: str, spec: SourceSpec, base_dir: Path) -> dg.AssetsDefinitio
         kinds={"duckdb", spec.resolved_format if spec.kind == "files" else spec.kind},
         description=_describe(name, spec),
         **_partitioning(spec),
+        **_ownership(spec),
     )
     def raw(
         context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
     ) -> dg.MaterializeResult:
         window = run_window(context) if spec.partitions else None
+        started = time.monotonic()
         frame, records, window = user_errors_as_failures(
             lambda: read_batch(name, spec, base_dir, Path(artifacts.root), warehouse, window)
         )
+        context.log.info(f"read {_rate(frame, started)} from {len(records)} file(s)/page(s)")
+        started = time.monotonic()
         with warehouse.get_connection() as conn:
             result = user_errors_as_failures(
                 lambda: ingest.load_raw(conn, name, spec, frame, records, window)
@@ -99,6 +113,7 @@ def raw_asset(name: str, spec: SourceSpec, base_dir: Path) -> dg.AssetsDefinitio
             if spec.landing:
                 ingest.record_files(conn, name, [r | {"status": "loaded"} for r in records], context.run_id)
             meta = table_metadata(conn, f"raw.{q(name)}")
+        context.log.info(f"loaded {_rate(frame, started)} into raw.{name}")
         files = pl.DataFrame(result.files).drop("path", strict=False) if result.files else pl.DataFrame()
         return dg.MaterializeResult(
             metadata={
@@ -119,7 +134,14 @@ def validated_asset(name: str, spec: SourceSpec) -> dg.AssetsDefinition:
 
     @dg.multi_asset(
         specs=[
-            dg.AssetSpec(key, deps=[raw_key], group_name=SOURCES_GROUP, kinds={"duckdb"}, description=text)
+            dg.AssetSpec(
+                key,
+                deps=[raw_key],
+                group_name=SOURCES_GROUP,
+                kinds={"duckdb"},
+                description=text,
+                **_ownership(spec),
+            )
             for key, text in (
                 (valid_key, f"Source '{name}' typed and checked against its config rules."),
                 (quarantine_key, f"Rows of '{name}' rejected by validation, with rule, column and reasons."),

@@ -8,17 +8,39 @@ materialized without the model in its run does it fall back to the registry's ch
 
 import dagster as dg
 
+from ml_assets.core import figures, registry
 from ml_assets.core import promotion as gate
-from ml_assets.core import registry
 from ml_assets.core.evaluate import evaluate_version, markdown_summary
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.train import train_and_register
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
-from ml_assets.orchestration.metadata import decision_metadata, md_table
+from ml_assets.orchestration.figures import figure_metadata, report_metadata
+from ml_assets.orchestration.metadata import decision_metadata, shorten, versions_table
 from ml_assets.orchestration.resources import ArtifactStore, TrainingOverrides, Warehouse
 
 VERDICT = {"promote": "PROMOTED", "promote_first": "PROMOTED (first champion)", "refuse": "REFUSED"}
+# Under 1,000 characters the UI renders markdown inline; longer, it hides it behind a button.
+VERDICT_REASON_CHARS = 700
+
+
+def verdict_markdown(decision: gate.Decision) -> dg.MetadataValue:
+    reason = shorten(decision.reason, VERDICT_REASON_CHARS)
+    if decision.champion_after is None:
+        now = "No champion yet."
+    else:
+        before = f"was `{decision.champion_before}`" if decision.champion_before else "no champion before"
+        now = f"Champion now: `{decision.champion_after}` ({before})"
+    return dg.MetadataValue.md(
+        f"### {VERDICT.get(decision.action, decision.action.upper())}: challenger {decision.challenger}\n\n"
+        f"{reason}\n\n{now}"
+    )
+
+
+def gain_metadata(decision: gate.Decision) -> dict[str, float]:
+    """The bootstrap's gain and interval, rounded: numbers the UI plots across promotions."""
+    boot = decision.details.get("bootstrap") or {}
+    return {k: round(float(boot[k]), 5) for k in ("improvement", "ci_low", "ci_high") if k in boot}
 
 
 def version_under_judgement(warehouse: Warehouse, pipeline: PipelineSpec, run_id: str) -> str:
@@ -60,17 +82,18 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 training.time_budget_s,
                 training.max_trials,
                 context.run_id,
+                progress=context.log.info,
             )
         )
         metric = manifest["metric"]
         return dg.MaterializeResult(
             metadata={
                 "version": manifest["version"],
-                "path": dg.MetadataValue.path(str(version_dir)),
-                f"cv_{metric}": manifest["cv"]["score"],
-                f"test_{metric}": manifest["test_metrics"][metric],
-                f"baseline_test_{metric}": manifest["baseline_test_metrics"][metric],
+                f"test_{metric}": round(manifest["test_metrics"][metric], 4),
+                f"baseline_test_{metric}": round(manifest["baseline_test_metrics"][metric], 4),
+                f"cv_{metric}": round(manifest["cv"]["score"], 4),
                 "trials": len(manifest["cv"]["trials"]),
+                "path": dg.MetadataValue.path(str(version_dir)),
                 "best_iteration": manifest["best_iteration"],
                 "params": dg.MetadataValue.json(manifest["params"]),
                 "train_window": dg.MetadataValue.json(manifest["train_window"]),
@@ -101,17 +124,19 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         ev = user_errors_as_failures(
             lambda: evaluate_version(found.path, artifacts.reports, found.manifest_sha256)
         )
-        headline = {f"model_{m}": float(v) for m, v in ev.model.items()}
-        headline |= {f"baseline_{m}": float(v) for m, v in ev.baseline.items()}
+        versions_plot = figures.versions_over_time(history, ev.metric, ev.report_path.parent / "versions.png")
+        # Only the primary metric as numbers: the UI plots each number across materializations, and
+        # two series (model, baseline) say more than eighteen; every metric is in the summary table.
         return dg.MaterializeResult(
             metadata={
-                **headline,
+                "summary": dg.MetadataValue.md(markdown_summary(ev, pipeline.name)),
+                f"model_{ev.metric}": round(float(ev.model[ev.metric]), 4),
+                f"baseline_{ev.metric}": round(float(ev.baseline[ev.metric]), 4),
+                **report_metadata(artifacts, ev.report_path),
+                **figure_metadata(artifacts, ev.plots | {"versions": versions_plot}),
                 "version": ev.version,
                 "beats_baseline": ev.beats_baseline,
-                "report": dg.MetadataValue.path(str(ev.report_path)),
-                "summary": dg.MetadataValue.md(markdown_summary(ev, pipeline.name)),
-                "plots": dg.MetadataValue.json({k: str(v) for k, v in ev.plots.items()}),
-                "model_versions": md_table(history.sort("created_at", descending=True), limit=20),
+                "model_versions": versions_table(history),
             }
         )
 
@@ -139,10 +164,9 @@ def promotion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         )
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)
-        summary = (
-            f"### {VERDICT.get(decision.action, decision.action.upper())}: challenger {decision.challenger}\n\n"
-            f"{decision.reason}\n\nChampion now: `{decision.champion_after}` (was `{decision.champion_before}`)"
+        # The verdict first: the UI lists metadata in the order given.
+        return dg.MaterializeResult(
+            metadata={"verdict": verdict_markdown(decision), **gain_metadata(decision), **meta}
         )
-        return dg.MaterializeResult(metadata={**meta, "verdict": dg.MetadataValue.md(summary)})
 
     return promotion

@@ -1,0 +1,156 @@
+"""What the UI tells: the report route, progress in the run log, statuses that say what a version is now,
+readable verdicts and descriptions, owners and code versions, and our own message for a partitioned
+source launched without partitions. (The rendered pages themselves: test_ui_browser, slow.)"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from ml_assets.core import registry
+from ml_assets.core.promotion import Decision
+from ml_assets.core.report_server import serve_in_thread, url_of
+from ml_assets.core.store import connect, warehouse_path
+from ml_assets.orchestration.assets.training import verdict_markdown
+from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.metadata import decisions_table, md_table, round_floats
+from ml_assets_tests.conftest import materialize_all
+
+DELAY = "flight_delay"
+TRAIN = dg.AssetSelection.assets(dg.AssetKey([DELAY, "model"])).upstream().required_multi_asset_neighbors()
+
+
+def test_report_server_serves_the_reports_folder_and_nothing_else(tmp_path):
+    reports = tmp_path / "reports"
+    (reports / DELAY / "v1").mkdir(parents=True)
+    page = reports / DELAY / "v1" / "report.html"
+    page.write_text("<!doctype html><p>hello</p>")
+    (tmp_path / "secret.txt").write_text("outside the reports folder")
+    server = serve_in_thread(reports)
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        url = url_of(base, reports, page)
+        assert url == f"{base}/{DELAY}/v1/report.html"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.read() == page.read_bytes()
+            assert response.headers["Cache-Control"] == "no-store"
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{base}/../secret.txt", timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _copy(root: Path, source: Path) -> str:
+    """Register a copy of a version under a new id (as test_registry's crash writer does)."""
+    manifest = registry.read_manifest(source)
+    version = registry.new_version_id()
+    files = {name: source / name for name in manifest["files"]}
+    folder = registry.write_version(root / "models", DELAY, version, files, manifest | {"version": version})
+    with connect(warehouse_path(root)) as conn:
+        registry.register(conn, folder)
+    return version
+
+
+def test_model_step_logs_each_trial_and_statuses_say_what_a_version_is_now(sample_project):
+    pipelines, root = sample_project
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize_all(pipelines, root, selection=TRAIN, instance=instance)
+    assert result.success
+    messages = [e.message for e in instance.all_logs(result.run_id) if e.step_key == f"{DELAY}__model"]
+    trials = [m for m in messages if m.startswith("trial ")]
+    # FAST_MODEL: two trials, each with the best score so far and what is left of the budget.
+    assert [t.split(":")[0] for t in trials] == ["trial 1 of 2", "trial 2 of 2"], messages
+    assert all("best so far 0." in t and "s of the 600 s budget left" in t for t in trials)
+    raw = [e.message for e in instance.all_logs(result.run_id) if e.step_key == "raw__flights"]
+    assert any(m.startswith("loaded ") and "rows/s" in m for m in raw), raw
+
+    with connect(warehouse_path(root)) as conn:
+        first = registry.version_of_run(conn, DELAY, result.run_id)
+        source = registry.version_dir(conn, first)
+    second, third = _copy(root, source), _copy(root, source)
+    with connect(warehouse_path(root)) as conn:
+        registry.record_decision(conn, DELAY, "promote_first", "test", first, first)
+        registry.record_decision(conn, DELAY, "promote", "test", second, second)
+        registry.record_decision(conn, DELAY, "refuse", "test", third, None)
+        statuses = dict(registry.versions(conn, DELAY).select("version", "status").iter_rows())
+    assert statuses == {first: "previous champion", second: "champion", third: "refused+challenger"}
+
+
+def test_verdicts_read_well():
+    first = Decision("promote_first", "roc_auc improves", "v2", None, "v2")
+    assert verdict_markdown(first).value.endswith("Champion now: `v2` (no champion before)")
+    refused = Decision("refuse", "x" * 5000, "v3", None, None)
+    text = verdict_markdown(refused).value
+    # Short enough for the UI to render inline (it hides markdown of 1,000 characters or more).
+    assert (
+        text.startswith("### REFUSED: challenger v3")
+        and len(text) < 1000
+        and text.endswith("No champion yet.")
+    )
+    assert round_floats({"a": [0.123456789, {"b": 2.0000001}], "c": "s"}) == {
+        "a": [0.12346, {"b": 2.0}],
+        "c": "s",
+    }
+
+
+def test_tables_fit_and_keep_their_rows():
+    import datetime as dt
+
+    import polars as pl
+
+    log = pl.DataFrame(
+        {
+            "decided_at": [dt.datetime(2026, 1, 1, 12, 30, 15, 123456)],
+            "action": ["refuse"],
+            "challenger": ["v1"],
+            "champion_before": [None],
+            "champion_after": [None],
+            "reason": ["a | b\nc " + "long " * 40],
+        }
+    )
+    table = decisions_table(log).value
+    header, _, row = table.splitlines()
+    assert header == "| decided_at | action | challenger | reason |"
+    assert row.startswith("| 2026-01-01 12:30 | refuse | v1 | a \\| b c long") and row.endswith("… |")
+    assert md_table(pl.DataFrame({"x": ["p|q"]})).value.splitlines()[-1] == "| p\\|q |"
+
+
+def test_descriptions_say_worse_in_the_metrics_direction(tmp_path, sample_project):
+    pipelines, _ = sample_project
+    defs = build_definitions(pipelines, tmp_path)
+    sensors = {s.name: s.description for s in defs.sensors}
+    assert "worse (lower) than its test score" in sensors["flight_delay_retrain"]  # roc_auc
+    assert "worse (higher) than its test score" in sensors["flight_arr_delay_retrain"]  # rmse
+
+
+def test_every_asset_has_owners_and_a_code_version_that_follows_its_config(tmp_path, sample_project):
+    pipelines, _ = sample_project
+    graph = build_definitions(pipelines, tmp_path).resolve_asset_graph()
+    nodes = {key: graph.get(key) for key in graph.get_all_asset_keys()}
+    assert all(n.owners == ["team:ml-platform"] and n.code_version for n in nodes.values())
+    model, flights = dg.AssetKey([DELAY, "model"]), dg.AssetKey(["raw", "flights"])
+    path = pipelines / f"{DELAY}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["max_trials"] += 1
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    changed = build_definitions(pipelines, tmp_path).resolve_asset_graph()
+    assert changed.get(model).code_version != nodes[model].code_version
+    assert changed.get(flights).code_version == nodes[flights].code_version
+
+
+def test_a_partitioned_source_launched_without_partitions_says_to_pick_them(sample_project):
+    pipelines, root = sample_project
+    defs = build_definitions(pipelines, root)
+    raw = [a for a in defs.assets if dg.AssetKey(["raw", "flights"]) in a.keys]
+    result = dg.materialize(raw, resources=defs.resources, raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "raw/flights is partitioned: launch it with partitions" in message, message
+    assert "CheckError" not in message
