@@ -18,8 +18,8 @@ import yaml
 
 from ml_assets.core import registry
 from ml_assets.core.registry import PREDICTIONS_FILE, read_manifest
-from ml_assets.core.serve import ServableModel
 from ml_assets.core.report_server import reports_url
+from ml_assets.core.serve import ServableModel
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets_tests.conftest import materialize_all, nycflights_file, write_pipelines
