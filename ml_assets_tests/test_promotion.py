@@ -102,8 +102,11 @@ def test_champion_challenger_lifecycle(sample_project):
     assert (decision.champion_before, decision.champion_after) == (full, weak)
     with connect(warehouse_path(root)) as conn:
         statuses = dict(registry.versions(conn, "flight_delay").select("version", "status").iter_rows())
+    # The first training's promotion may have made a baseline champion before the manual move to weak.
+    baselines = {v: s for v, s in statuses.items() if v not in (weak, full, worse, same)}
+    assert all(v.endswith(("-linear", "-constant")) and s == "rolled back" for v, s in baselines.items())
     # What each version is now, not the first word ever said about it.
-    assert statuses == {
+    assert {v: s for v, s in statuses.items() if v not in baselines} == {
         weak: "champion",
         full: "rolled back",
         worse: "refused",
