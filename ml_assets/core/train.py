@@ -241,7 +241,7 @@ def tune(
         best_so_far = max(t["cv_score"] * sign for t in trials if not t["cut_short"]) * sign
         progress(
             f"trial {len(trials)} of {max_trials}: CV {pipeline.metric} {trials[-1]['cv_score']:.4f}, "
-            f"best so far {best_so_far:.4f}; {left:.0f} s of the {time_budget_s:.0f} s budget left"
+            f"best so far {best_so_far:.4f}; {left:.0f} s of the {time_budget_s:.0f} s search budget left"
         )
     complete = [t for t in trials if not t["cut_short"]]
     best = max(complete, key=lambda t: sign * t["cv_score"]) if complete else trials[0]
