@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ml_assets.core import registry
+from ml_assets.core import online, registry
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.evaluate import evaluate_version
 from ml_assets.core.serve import ServableModel
@@ -251,13 +251,27 @@ def test_a_lag_of_the_target_is_a_feature_and_the_pipeline_learns_from_it(tmp_pa
     spec = load_project(pipelines).pipelines["level"]
     assert [f.name for f in spec.features] == ["x", "previous"]
     root = tmp_path / "data"
-    assert materialize_all(pipelines, root).success
+    result = materialize_all(pipelines, root)
+    assert result.success
     with connect(warehouse_path(root)) as conn:
         trained = registry.alias_version(conn, "level", registry.CHALLENGER)
         manifest = registry.registered(conn, trained, "level")
+        champion = registry.alias_version(conn, "level", registry.CHAMPION)
+        scored = conn.execute("SELECT count(*), count(DISTINCT version) FROM level.predictions").fetchone()
+        rows = conn.execute("SELECT count(*) FROM level.modelling_table").fetchone()[0]
     test = ServableModel.from_registry(manifest).manifest
     # The random walk is predictable only from its last value: far better than the constant floor.
     assert test["test_metrics"]["rmse"] < 0.5 * test["candidates"]["constant"]["test_metrics"]["rmse"]
+    # One request carries no earlier rows, so the lag cannot be completed online: the pipeline is scored
+    # in batch only (every row, by the champion), and the online path says why instead of serving skew.
+    assert champion is not None and scored == (rows, 1)
+    (skew,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "online_matches_batch"]
+    assert skew.passed and "not served online" in skew.description and "'previous'" in skew.description
+    served = online.OnlineModel(
+        spec, load_project(pipelines).sources_of(spec), lambda: connect(warehouse_path(root))
+    )
+    assert not served.refresh() and served.served is None
+    assert "'previous'" in served.problem and "level/predictions" in served.problem
 
 
 @pytest.mark.parametrize(

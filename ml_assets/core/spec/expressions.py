@@ -242,6 +242,22 @@ def _strictly_past(window: dict[str, Any], time_column: str | None) -> bool:
     )
 
 
+def reads_other_rows(text: str) -> bool:
+    """Whether an expression holds a window function (`lag(y) OVER (...)`, a moving average): its value
+    for a row depends on other rows, so it cannot be computed from one request's fields."""
+    with _database().cursor() as cur:
+        tree = _parse_tree(cur, f"SELECT {text}")
+
+    def has_window(node: Any) -> bool:
+        if isinstance(node, list):
+            return any(map(has_window, node))
+        if not isinstance(node, dict):
+            return False
+        return node.get("class") == "WINDOW" or any(map(has_window, node.values()))
+
+    return has_window(tree.get("select_list", []))
+
+
 def current_column_refs(text: str, time_column: str | None) -> set[str]:
     """Lower-cased names of the columns an expression reads at the current row or later. A reference
     inside a strictly-past window (see `_strictly_past`) reads only earlier rows' values, known at
