@@ -89,6 +89,10 @@ def _model_info(model: OnlineModel) -> dict[str, Any]:
         "test_metrics": manifest["test_metrics"],
         "train_window": manifest["train_window"],
         "loaded_at": str(served.loaded_at),
+        # How requests are completed: per-key lookups, or the SQL (and why the joins need it).
+        "completion": "per-key lookups"
+        if served.lookups.keyed is not None
+        else f"sql ({served.lookups.keyed_problem})",
         "problem": model.problem,
     }
 
