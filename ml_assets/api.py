@@ -9,6 +9,7 @@ refreshes every served pipeline every `serving.poll_s` seconds (hot swap; see co
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
@@ -144,6 +145,11 @@ def create_app(
         thread = threading.Thread(target=_poll, args=(list(models.values()), stop, interval), daemon=True)
         if poll:
             thread.start()
+        # Everything loaded so far (Dagster, polars, the models, the lookups) lives as long as the
+        # process: frozen out of the collector, a full collection no longer walks it in the middle of a
+        # request (those walks were the server's slowest requests).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -224,7 +230,8 @@ def create_app(
         except ValueError as exc:
             return _error(400, f"body: not valid JSON ({exc})")
         try:
-            return found.predict(payload)
+            # A response of plain JSON types already: skips FastAPI's encoding walk over it.
+            return JSONResponse(found.predict(payload))
         except RequestError as exc:
             status = 413 if any("more than the limit" in p for _, _, p in exc.problems) else 422
             errors = [{"row": r, "field": f, "problem": p} for r, f, p in exc.problems]
