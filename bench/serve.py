@@ -52,11 +52,14 @@ PIPELINE = "flight_delay"
 PREDICTIONS = dg.AssetKey([PIPELINE, "predictions"])
 
 
-def write_pipeline(dest: Path, every: int) -> Path:
-    """flight_delay alone, its sources read whole from the package (every `every`-th flight), monthly."""
+def write_pipeline(dest: Path, every: int, serving: dict[str, float]) -> Path:
+    """flight_delay alone, its sources read whole from the package (every `every`-th flight), monthly;
+    `serving` overrides its serving block (to measure what the poller and the request log cost)."""
     dest.mkdir(parents=True)
     raw = yaml.safe_load((default_pipelines_dir() / f"{PIPELINE}.yaml").read_text())
     raw["model"] |= {"max_trials": 1, "time_budget_s": 1e9, "cv_folds": 2}
+    if serving:
+        raw["serving"] = raw.get("serving", {}) | serving
     for name, source in raw["sources"].items():
         replay = source.pop("replay", None)
         if source.pop("landing", False):
@@ -199,10 +202,19 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of requests")
     parser.add_argument("--every", type=int, default=1, help="keep every n-th flight (1: the whole year)")
     parser.add_argument("--deadline", type=float, default=1800.0, help="give up after this many seconds")
+    parser.add_argument(
+        "--poll-s", type=float, help="serving.poll_s of the served pipeline (default: its own)"
+    )
+    parser.add_argument(
+        "--log-sample", type=float, help="serving.request_log_sample (default: its own; 0: no request log)"
+    )
     args = parser.parse_args()
+    serving = {
+        k: v for k, v in (("poll_s", args.poll_s), ("request_log_sample", args.log_sample)) if v is not None
+    }
     deadline = time.monotonic() + args.deadline
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        pipelines, root = write_pipeline(Path(tmp) / "pipelines", args.every), Path(tmp) / "data"
+        pipelines, root = write_pipeline(Path(tmp) / "pipelines", args.every, serving), Path(tmp) / "data"
         started = time.monotonic()
         train(pipelines, root)
         print(f"trained in {time.monotonic() - started:.1f} s")

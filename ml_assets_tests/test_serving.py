@@ -266,6 +266,7 @@ def test_per_key_lookups_complete_requests_exactly_as_the_sql(served):
     model.refresh()
     lookups = model.served.lookups
     assert lookups.keyed is not None, lookups.keyed_problem
+    assert lookups.keyed._memo is not None  # the flagship's derived columns are remembered: tested too
     with served.db() as conn:
         rows = conn.execute(
             f"SELECT * FROM {table_name(spec)} USING SAMPLE reservoir(2000 ROWS) REPEATABLE (1)"

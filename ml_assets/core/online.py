@@ -397,7 +397,9 @@ class KeyedCompletion:
         numbers = f"unnest(range(${len(reads) + 1}::BIGINT)) AS {ROW}"
         derived = ", ".join(f"{e} AS {q(n)}" for n, e in pipeline.derived.items())
         sql = f"SELECT {derived} FROM (SELECT {unnested}{numbers}) ORDER BY {ROW}"
-        return cls(lookups, indexes, sql, reads, memo=all(pure for _, pure in analysed)), None
+        # Float inputs are not remembered: -0.0 == 0.0 in a dictionary, but an expression may tell them apart.
+        memo = all(pure for _, pure in analysed) and not any(lookups.schema[c].is_float() for c in reads)
+        return cls(lookups, indexes, sql, reads, memo=memo), None
 
     def complete(self, rows: pl.DataFrame) -> pl.DataFrame:
         data = {c: rows.get_column(c).to_list() for c in self._base_columns if c in rows.columns}
