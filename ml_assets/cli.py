@@ -17,13 +17,16 @@ import polars as pl
 
 from ml_assets.core import ingest, online, registry
 from ml_assets.core import promotion as gate
-from ml_assets.core.errors import UsageError, UserError
-from ml_assets.core.ingest import replay
+from ml_assets.core.errors import Problems, UsageError, UserError
+from ml_assets.core.ingest import preflight, replay
+from ml_assets.core.scaffold import scaffold
 from ml_assets.core.score import score_frame
 from ml_assets.core.spec import PipelineSpec, Project, load_default_project
+from ml_assets.core.spec.infer import safe_name
 from ml_assets.core.sql import q
 from ml_assets.core.store import MODEL_VERSIONS, connect, data_dir, warehouse_path
-from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.build import build_definitions
+from ml_assets.orchestration.jobs import pipeline_selection, retrain_selection
 from ml_assets.orchestration.partitions import RANGE_END, RANGE_START, all_partitions_tags, range_tags_for
 from ml_assets.orchestration.resources import TrainingOverrides
 
@@ -39,15 +42,30 @@ def _instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
 
-def run(time_budget_s: float | None, max_trials: int | None) -> int:
+def run(
+    time_budget_s: float | None,
+    max_trials: int | None,
+    pipelines: list[str] | None = None,
+    retrain: bool = False,
+) -> int:
+    """Materialize every asset, or only these pipelines' assets and the sources they read, or (retrain)
+    one pipeline from its modelling table on; then print the summary."""
     project = load_default_project()
+    names = [_pipeline(project, name).name for name in pipelines or []]
     defs = build_definitions(project.directory, data_dir())
     resources = dict(defs.resources) | {
         "training": TrainingOverrides(time_budget_s=time_budget_s, max_trials=max_trials)
     }
-    for name, files in replay.seed(project, data_dir()).items():
-        print(f"landing zone of '{name}' seeded with {len(files)} batch(es) of its initial period")
-    tags = landed_partitions(project)
+    selection = None
+    if retrain:
+        selection = retrain_selection(names[0])
+    elif names:
+        selection = pipeline_selection(*names)
+    tags: dict[str, str] = {}
+    if not retrain:
+        for name, files in replay.seed(project, data_dir()).items():
+            print(f"landing zone of '{name}' seeded with {len(files)} batch(es) of its initial period")
+        tags = landed_partitions(project)
     if tags:
         print(f"partitions {tags[RANGE_START]}...{tags[RANGE_END]} (everything landed so far)")
     started = time.monotonic()
@@ -57,6 +75,7 @@ def run(time_budget_s: float | None, max_trials: int | None) -> int:
             resources=resources,
             instance=instance,
             tags=tags,
+            selection=selection,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
         )
@@ -71,8 +90,41 @@ def run(time_budget_s: float | None, max_trials: int | None) -> int:
                 print(
                     f"  check {event.asset_key.to_user_string()}:{event.check_name} failed: {event.description}"
                 )
-    summary(project)
+    summary(project, names or None)
     return 0 if result.success else 1
+
+
+def validate(pipeline: str | None) -> int:
+    """Config and data-source checks in seconds, no training: one line per problem, exit 2 if any."""
+    project = load_default_project()
+    names = [_pipeline(project, pipeline).name] if pipeline else sorted(project.pipelines)
+    print(f"{project.directory}: {len(project.pipelines)} pipeline file(s) load and cross-check")
+    problems: list[str] = []
+    sources = sorted({s for n in names for s in project.sources_of(project.pipelines[n])})
+    for name in sources:
+        base = project.source_files[name].parent
+        line, found = preflight.check_source(name, project.sources[name], base, data_dir())
+        print(f"  {line}" if not found else f"  source '{name}': {len(found)} problem(s)")
+        problems += found
+    for name in names:
+        spec = project.pipelines[name]
+        print(f"  pipeline '{name}': {spec.task}, target '{spec.target.name}', {len(spec.features)} features")
+    if problems:
+        raise Problems(problems)
+    return 0
+
+
+def init(args: argparse.Namespace) -> int:
+    out = Path(
+        args.out or f"{safe_name(Path(args.file.split('*')[0]).name.split('.')[0]) or 'pipeline'}.yaml"
+    )
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
+    text = scaffold(args.file, args.target, out, args.task, args.time, args.id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}: check it, then `ML_ASSETS_PIPELINES_DIR={out.parent} ml-assets validate`")
+    return 0
 
 
 def landed_partitions(project: Project) -> dict[str, str]:
@@ -100,13 +152,15 @@ def landed_partitions(project: Project) -> dict[str, str]:
     return range_tags_for(project, axis_start, max(lasts))
 
 
-def summary(project: Project) -> None:
+def summary(project: Project, pipelines: list[str] | None = None) -> None:
     root = data_dir()
     with connect(warehouse_path(root)) as conn:
         print(
             f"\nData directory: {root}\n\n{'source':<12}{'raw':>10}{'validated':>11}{'quarantined':>13}  reasons"
         )
-        for name in project.sources:
+        chosen = [project.pipelines[p] for p in pipelines] if pipelines else project.pipelines.values()
+        shown = {s for spec in chosen for s in project.sources_of(spec)}
+        for name in [s for s in project.sources if s in shown]:
             try:
                 raw, valid, bad = conn.execute(
                     f"SELECT (SELECT count(*) FROM raw.{q(name)}), (SELECT count(*) FROM validated.{q(name)}), "
@@ -121,6 +175,8 @@ def summary(project: Project) -> None:
             ).fetchone()[0]
             print(f"{name:<12}{raw:>10}{valid:>11}{bad:>13}  {reasons or ''}")
         for name, pipeline in project.pipelines.items():
+            if pipelines and name not in pipelines:
+                continue
             rows = conn.execute(
                 f"SELECT version, path, manifest FROM {MODEL_VERSIONS} WHERE pipeline = ? "
                 "ORDER BY created_at DESC, version DESC",
@@ -130,7 +186,10 @@ def summary(project: Project) -> None:
             if not rows:
                 print("  no model version registered")
                 continue
-            version, path, manifest = rows[0][0], rows[0][1], json.loads(rows[0][2])
+            # The latest trained model (a baseline registered as it became champion is not one).
+            challenger = registry.alias_version(conn, name, registry.CHALLENGER)
+            latest = next((r for r in rows if r[0] == challenger), rows[0])
+            version, path, manifest = latest[0], latest[1], json.loads(latest[2])
             metric = manifest["metric"]
             ours, base = manifest["test_metrics"][metric], manifest["baseline_test_metrics"][metric]
             print(
@@ -212,9 +271,26 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ml-assets", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    run_p = sub.add_parser("run", help="materialize every asset of every pipeline, then print a summary")
-    run_p.add_argument("--time-budget", type=float, help="seconds of hyper-parameter search per model")
-    run_p.add_argument("--max-trials", type=int, help="at most this many search trials per model")
+    run_p = sub.add_parser(
+        "run",
+        help="materialize every asset (or those of the pipelines named and their sources), then summarize",
+    )
+    run_p.add_argument("pipelines", nargs="*", help="only these pipelines (default: all)")
+    retrain_p = sub.add_parser("retrain", help="rebuild one pipeline from its modelling table on (no ingest)")
+    retrain_p.add_argument("pipeline")
+    for p in (run_p, retrain_p):
+        p.add_argument("--time-budget", type=float, help="seconds the model step may take per model")
+        p.add_argument("--max-trials", type=int, help="at most this many search trials per model")
+    validate_p = sub.add_parser("validate", help="check pipeline files and their data sources; no training")
+    validate_p.add_argument("pipeline", nargs="?")
+    init_p = sub.add_parser("init", help="write a complete, commented pipeline file from a data file")
+    init_p.add_argument("file", help="CSV or Parquet file, or a glob of them")
+    init_p.add_argument("--target", required=True, help="the column to predict")
+    init_p.add_argument("--task", choices=["binary", "multiclass", "regression"])
+    init_p.add_argument("--time", help="time column: a time split (default: the only datetime column)")
+    init_p.add_argument("--id", action="append", help="id column (repeatable; default: built-in row id)")
+    init_p.add_argument("--out", help="pipeline file to write (default: <file name>.yaml here)")
+    init_p.add_argument("--force", action="store_true", help="overwrite an existing file")
     sub.add_parser("summary", help="print row counts, model versions and metrics from the data directory")
     versions_p = sub.add_parser("versions", help="model versions, their status and the decision log")
     versions_p.add_argument("pipeline")
@@ -273,7 +349,13 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        return run(args.time_budget, args.max_trials)
+        return run(args.time_budget, args.max_trials, args.pipelines)
+    if args.command == "retrain":
+        return run(args.time_budget, args.max_trials, [args.pipeline], retrain=True)
+    if args.command == "validate":
+        return validate(args.pipeline)
+    if args.command == "init":
+        return init(args)
     if args.command == "replay":
         return _replay(args)
     if args.command == "predict":
@@ -311,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         # A problem the user can fix: one message naming it, no traceback unless asked for.
         if args.debug:
             raise
-        print(f"ml-assets {args.command}: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"ml-assets {args.command}: {line}", file=sys.stderr)
         return 2
 
 

@@ -19,6 +19,7 @@ import yaml
 from ml_assets.core import registry
 from ml_assets.core.registry import PREDICTIONS_FILE, read_manifest
 from ml_assets.core.report_server import reports_url
+from ml_assets.core.serve import ServableModel
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets_tests.conftest import materialize_all, nycflights_file, write_pipelines
@@ -283,8 +284,10 @@ def test_promotion_verdict_is_logged_with_its_numbers(full_run):
     assert decision["action"] == "promote_first", decision["reason"]
     assert decision["challenger"] == decision["champion_after"] == champion == challenger == trained
     assert decision["champion_before"] is None
-    assert decision["reason"].startswith("roc_auc improves by +")
-    assert " over the baseline (95% CI +" in decision["reason"]
+    assert decision["reason"].startswith(
+        f"first champion: the LightGBM model {trained}: roc_auc improves by +"
+    )
+    assert " over the linear baseline (95% CI +" in decision["reason"]
     assert decision["reason"].endswith("; no guarded metric or slice regresses significantly")
     meta = _event(result, "flight_delay", "promotion").metadata
     assert meta["action"].value == "promote_first" and meta["champion"].value == trained
@@ -294,7 +297,9 @@ def test_promotion_verdict_is_logged_with_its_numbers(full_run):
     )
     assert list(meta)[0] == "verdict"  # the UI lists metadata in this order
     details = meta["details"].value
-    assert details["against"] == "baseline"
+    assert details["against"] == "linear baseline"
+    assert details["champion_kind"] == "lightgbm"
+    assert [step["candidate"] for step in details["ladder"]] == ["linear", "lightgbm"]
     assert details["infra_check"]["passed"] is True
     boot = details["bootstrap"]
     assert 0 < boot["ci_low"] <= boot["improvement"] <= boot["ci_high"]
@@ -307,9 +312,11 @@ def test_promotion_verdict_is_logged_with_its_numbers(full_run):
     assert _event(result, "flight_delay", "performance").metadata["scored_champion"].value == trained
 
 
-def test_gate_refuses_a_model_short_of_its_margin_and_names_it(sample_project):
-    """The refusal path, on the small sample: no ROC-AUC gain can reach a margin of 1.0 (it would take a
-    baseline scoring 0 and a model scoring 1), so the verdict is certain."""
+def test_a_margin_no_model_can_reach_leaves_the_constant_baseline_champion(sample_project):
+    """The ladder's floor, on the small sample: no ROC-AUC gain can reach a margin of 1.0 (it would take a
+    model scoring 1 against one scoring 0), so neither the linear baseline nor LightGBM may replace the
+    constant model, and the first run still ends with a champion that serves: the constant baseline,
+    registered as its own version and said so in the decision log."""
     pipelines, root = sample_project
     path = pipelines / "flight_delay.yaml"
     raw = yaml.safe_load(path.read_text())
@@ -323,16 +330,26 @@ def test_gate_refuses_a_model_short_of_its_margin_and_names_it(sample_project):
     with connect(warehouse_path(root)) as conn:
         trained = registry.version_of_run(conn, "flight_delay", result.run_id)
         champion = registry.alias_version(conn, "flight_delay", registry.CHAMPION)
+        challenger = registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
         log = registry.decisions(conn, "flight_delay")
-    assert trained is not None and champion is None
+        found = registry.registered(conn, champion, "flight_delay")
+    assert trained is not None and challenger == trained
+    assert champion is not None and champion != trained and champion.endswith("-constant")
     (decision,) = log.rows(named=True)
     assert (decision["action"], decision["challenger"], decision["champion_after"]) == (
-        "refuse",
+        "promote_first",
         trained,
-        None,
+        champion,
     )
-    assert "over the baseline" in decision["reason"]
+    assert decision["reason"].startswith("first champion: the constant baseline")
+    assert f"the LightGBM model {trained} is not significantly better" in decision["reason"]
     assert "needs at least +1.00000 with a CI above zero" in decision["reason"]
     meta = _event(result, "flight_delay", "promotion").metadata
-    assert meta["action"].value == "refuse" and meta["champion"].value == "(none)"
-    assert meta["verdict"].value.startswith(f"### REFUSED: challenger {trained}\n\n")
+    assert meta["action"].value == "promote_first" and meta["champion"].value == champion
+    # The constant champion serves like any other version: hash-checked, no LightGBM file, one score for all.
+    model = ServableModel.from_registry(found)
+    assert model.kind == "constant" and model.booster is None
+    with connect(warehouse_path(root)) as conn:
+        rows = conn.execute("SELECT * FROM flight_delay.modelling_table LIMIT 50").pl()
+    scores = model.predict(rows)
+    assert len(set(scores.tolist())) == 1 and 0 < scores[0] < 1

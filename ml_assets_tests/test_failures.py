@@ -37,7 +37,11 @@ def _versions(root: Path) -> list[str]:
     with connect(warehouse_path(root)) as conn:
         return [
             r[0]
-            for r in conn.execute("SELECT path FROM registry.model_versions ORDER BY created_at").fetchall()
+            # Trained versions only: a baseline registered at a first promotion is derived from one.
+            for r in conn.execute(
+                "SELECT path FROM registry.model_versions "
+                "WHERE json_extract_string(manifest, '$.derived_from') IS NULL ORDER BY created_at"
+            ).fetchall()
         ]
 
 

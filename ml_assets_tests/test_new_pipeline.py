@@ -7,6 +7,7 @@ import textwrap
 import numpy as np
 import polars as pl
 
+from ml_assets.core import registry
 from ml_assets.core.registry import read_manifest
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
@@ -54,13 +55,20 @@ def test_a_yaml_file_is_a_whole_new_pipeline(tmp_path):
     result = materialize_all(pipelines, root)
     assert result.success
     with connect(warehouse_path(root)) as conn:
-        (path,) = conn.execute("SELECT path FROM registry.model_versions WHERE pipeline = 'items'").fetchone()
+        (path,) = conn.execute(
+            "SELECT path FROM registry.model_versions WHERE pipeline = 'items' AND run_id IS NOT NULL"
+        ).fetchone()
         splits = dict(
             conn.execute("SELECT _split, count(*) FROM items.modelling_table GROUP BY 1").fetchall()
         )
+        champion = registry.alias_version(conn, "items", registry.CHAMPION)
+        (decision,) = registry.decisions(conn, "items").rows(named=True)
     manifest = read_manifest(path)
     assert manifest["classes"] == ["high", "low", "mid"]
     assert abs(splits["test"] / n - 0.2) < 0.03
     # Far better than chance (a third, or log 3 nats): the pipeline really learned from the file.
     assert manifest["test_metrics"]["accuracy"] > 0.6
     assert manifest["test_metrics"]["log_loss"] < 0.7 * np.log(3)
+    # The first run ends with a champion: whichever of constant, linear and LightGBM the ladder picked.
+    assert champion is not None and decision["action"] == "promote_first"
+    assert decision["champion_after"] == champion and decision["reason"].startswith("first champion: the ")

@@ -11,6 +11,7 @@ import polars as pl
 
 from ml_assets.core.errors import DatasetError
 from ml_assets.core.spec import PipelineSpec, SourceSpec
+from ml_assets.core.spec.schema import ROW_ID
 from ml_assets.core.sql import lit, q
 from ml_assets.core.validate import CheckOutcome
 
@@ -40,6 +41,9 @@ def joined_select(
     the joined sources' validated tables, so batch and online rows cannot be completed differently. `carry`
     names extra columns of `base` kept in the result (a request's row numbers)."""
     select = [f"b.{q(c)}" for c in [*sources[pipeline.base].columns, *carry]]
+    if not sources[pipeline.base].id and base is None:
+        # The built-in row id lives in the validated table; a request's rows are numbered by `carry`.
+        select.append(f"b.{ROW_ID}")
     clauses = [f"FROM {base or f'validated.{q(pipeline.base)}'} b"]
     for i, join in enumerate(pipeline.joins):
         alias = f"j{i}"
@@ -62,16 +66,38 @@ def derived_columns(pipeline: PipelineSpec) -> str:
     return "".join(f", {expr} AS {q(name)}" for name, expr in pipeline.derived.items())
 
 
+def _random_split(pipeline: PipelineSpec, classification: bool) -> str:
+    """Exact shares of the whole: rows (or groups, with group_by) are ordered by a seeded hash and the
+    first test_fraction of them, then the next valid_fraction, taken; stratified, within each class."""
+    split = pipeline.split
+
+    def text(columns: list[str]) -> str:
+        return "concat_ws('|', " + ", ".join(f"CAST({q(c)} AS VARCHAR)" for c in columns) + ")"
+
+    unit = text(split.group_by or pipeline.row_id)
+    # md5 is stable across DuckDB versions and machines, unlike hash(); the seed salts it.
+    order = f"md5({lit(str(split.seed))} || {unit}), {unit}"
+    # A group with rows of several classes cannot be kept whole in every stratum: groups win.
+    stratified = split.stratify and classification and not split.group_by
+    strata = f"PARTITION BY {q(pipeline.target.name)}" if stratified else ""
+    if split.group_by:
+        # Rows of one group are peers in this order: the running count jumps by the whole group, and a
+        # group goes where its first row would, so it never straddles two splits.
+        done = f"(count(*) OVER ({strata} ORDER BY {order}) - count(*) OVER ({strata} ORDER BY {order} "
+        done += "RANGE BETWEEN CURRENT ROW AND CURRENT ROW))"
+    else:
+        done = f"(row_number() OVER ({strata} ORDER BY {order}) - 1)"
+    share = f"({done} / count(*) OVER ({strata}))"
+    return (
+        f"CASE WHEN {share} < {split.test_fraction} THEN 'test' "
+        f"WHEN {share} < {split.test_fraction + split.valid_fraction} THEN 'valid' ELSE 'train' END"
+    )
+
+
 def _split_expr(pipeline: PipelineSpec) -> str:
     split = pipeline.split
     if split.method == "random":
-        # md5 of the id is stable across DuckDB versions and machines, unlike hash().
-        key = "concat_ws('|', " + ", ".join(f"CAST({q(c)} AS VARCHAR)" for c in pipeline.id) + ")"
-        u = f"(CAST(('0x' || md5({key})[1:8]) AS UBIGINT) / 4294967296.0 + {split.seed % 997} / 997.0) % 1"
-        return (
-            f"CASE WHEN {u} < {split.test_fraction} THEN 'test' "
-            f"WHEN {u} < {split.test_fraction + split.valid_fraction} THEN 'valid' ELSE 'train' END"
-        )
+        return _random_split(pipeline, pipeline.task != "regression")
     ts = q(pipeline.timestamp)
     labelled = f"FROM __t WHERE {q(pipeline.target.name)} IS NOT NULL"
     if split.valid_start:
@@ -128,7 +154,7 @@ def build_modelling_table(
                 f"- INTERVAL {pipeline.split.window_days - 1} DAY"
             )
         conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(pipeline.name)}")
-        order = q(pipeline.timestamp) if pipeline.timestamp else ", ".join(q(c) for c in pipeline.id)
+        order = q(pipeline.timestamp) if pipeline.timestamp else ", ".join(q(c) for c in pipeline.row_id)
         conn.execute(f"""CREATE OR REPLACE TABLE {table_name(pipeline)} AS
             SELECT *, {_split_expr(pipeline)} AS _split FROM __t
             WHERE {keep} ORDER BY {order}""")

@@ -313,10 +313,10 @@ def _batch_scores(conn: Any, pipeline: PipelineSpec, champion: str, rows: pl.Dat
     """The champion's batch scores of the window's rows, when the predictions asset has scored them."""
     if not table_exists(conn, pipeline.name, "predictions") or rows.height == 0:
         return None
-    keys = rows.select(pipeline.id)
+    keys = rows.select(pipeline.row_id)
     conn.register("__window_keys", keys.to_arrow())
     try:
-        using = ", ".join(q(c) for c in pipeline.id)
+        using = ", ".join(q(c) for c in pipeline.row_id)
         return (
             conn.execute(
                 f"SELECT score FROM {predictions_table(pipeline)} JOIN __window_keys USING ({using}) "

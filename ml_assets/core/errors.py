@@ -55,3 +55,11 @@ class UsageError(UserError):
 
 class StoreError(UserError):
     """The data directory's tables cannot be used by this version of ml_assets (and what to do)."""
+
+
+class Problems(UserError):
+    """Several problems found at once (`ml-assets validate`); the CLI prints one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems

@@ -22,8 +22,9 @@ from sklearn.calibration import calibration_curve
 
 from ml_assets.core.figures import axes as _axes
 from ml_assets.core.figures import save as _save
+from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import all_metrics, expected_calibration_error
-from ml_assets.core.registry import MODEL_FILE, PREDICTIONS_FILE, read_manifest
+from ml_assets.core.registry import MODEL_FILE, MODEL_JSON_FILE, PREDICTIONS_FILE, model_kind, read_manifest
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,23 @@ def _scores(task: str, frame: pl.DataFrame, prefix: str) -> np.ndarray:
     return frame.get_column(prefix).to_numpy()
 
 
-def _importance_plot(booster: lgb.Booster, out: Path) -> tuple[Path, list[tuple[str, float]]]:
+def _importance(version_dir: Path, manifest: dict[str, Any]) -> tuple[list[tuple[str, float]], str]:
+    """Features ranked by LightGBM's total gain, or by a linear model's |coefficients|."""
+    if model_kind(manifest) != "lightgbm":
+        model = LinearModel.from_json((Path(version_dir) / MODEL_JSON_FILE).read_text())
+        return model.importance(), "|coefficient| (standardised)"
+    booster = lgb.Booster(model_file=str(Path(version_dir) / MODEL_FILE))
     gain = booster.feature_importance(importance_type="gain")
-    ranked = sorted(zip(booster.feature_name(), gain.tolist(), strict=True), key=lambda t: -t[1])
+    return sorted(zip(booster.feature_name(), gain.tolist(), strict=True), key=lambda t: -t[1]), "total gain"
+
+
+def _importance_plot(ranked: list[tuple[str, float]], measure: str, out: Path) -> Path:
     top = ranked[:20][::-1]
     fig, ax = _axes(5, 0.3 * len(top) + 1)
     ax.barh([n for n, _ in top], [g for _, g in top], color="#4c72b0")
-    ax.set_xlabel("total gain")
-    ax.set_title("Feature importance (LightGBM gain)")
-    return _save(fig, out / "feature_importance.png"), ranked
+    ax.set_xlabel(measure)
+    ax.set_title(f"Feature importance ({measure})")
+    return _save(fig, out / "feature_importance.png")
 
 
 def _classification_plots(
@@ -144,8 +153,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:i
 {manifest["train_window"]["start"]} to {manifest["train_window"]["end"]}. Code: {html.escape(manifest["code_version"])}.</p>
 <h2>Test metrics</h2>{_table(ev_rows, ["metric", "model", manifest["baseline"], "difference"])}
 {extras}<h2>Plots</h2>{images}
-<h2>Parameters (best of {len(manifest["cv"]["trials"])} CV trials, CV {manifest["metric"]}
-{manifest["cv"]["score"]:.4f})</h2>{params}
+<h2>Parameters ({model_kind(manifest)}; best of {len(manifest["cv"]["trials"])} CV trials, CV
+{manifest["metric"]} {_fmt(manifest["cv"]["score"])})</h2>{params}
 </body></html>""")
 
 
@@ -164,13 +173,14 @@ def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str
     model_metrics = all_metrics(task, y, model, threshold)
     baseline_metrics = manifest["baseline_test_metrics"]
     extra: dict[str, Any] = {"greater_is_better": manifest["greater_is_better"]}
-    booster = lgb.Booster(model_file=str(Path(version_dir) / MODEL_FILE))
-    importance_plot, ranked = _importance_plot(booster, out)
+    ranked, measure = _importance(Path(version_dir), manifest)
+    importance_plot = _importance_plot(ranked, measure, out)
     extra["top_features"] = [n for n, _ in ranked[:10]]
     if task == "binary":
         plots = _classification_plots(y, model, baseline, out)
         labels = (model >= threshold).astype(int)
         extra["decision_threshold"] = threshold
+        extra["baseline_threshold"] = manifest.get("baseline_threshold")
         extra["confusion_matrix"] = {
             "labels": manifest["classes"],
             "rows_actual_cols_predicted": skm.confusion_matrix(y, labels).tolist(),

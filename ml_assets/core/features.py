@@ -201,7 +201,7 @@ def feature_table(pipeline: PipelineSpec, frame: pl.DataFrame, transform: Featur
     `_key` joins predictions back to source rows, `_ts` orders rows in time, `_split` and `_target`
     come from the modelling table.
     """
-    key = row_key(pipeline.id)
+    key = row_key(pipeline.row_id)
     ts = pl.col(pipeline.timestamp) if pipeline.timestamp else pl.lit(None, dtype=pl.Datetime("us"))
     meta = frame.select(
         key.alias("_key"), ts.alias("_ts"), pl.col("_split"), pl.col(pipeline.target.name).alias(TARGET)

@@ -107,3 +107,36 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
 def improvement(metric: str, new: float, old: float) -> float:
     """How much better `new` is than `old`, positive when better, in the metric's units."""
     return new - old if GREATER_IS_BETTER[metric] else old - new
+
+
+def choose_threshold(
+    y: np.ndarray,
+    p: np.ndarray,
+    optimise: str,
+    false_positive_cost: float = 1.0,
+    false_negative_cost: float = 1.0,
+    target_recall: float = 0.8,
+) -> float:
+    """Decision threshold on P(positive), chosen on validation data (never on test) for what the
+    pipeline values: `f1`, `accuracy`, least total `cost` of errors, or the highest threshold that keeps
+    `recall` at `target_recall`."""
+    if optimise == "f1":
+        return best_f1_threshold(y, p)
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = skm.roc_curve(y, p, drop_intermediate=False)
+    # roc_curve starts at +inf (nothing predicted positive); above every probability says the same.
+    thresholds = np.minimum(thresholds, 1.0 + 1e-9)
+    positives, negatives = int((y == 1).sum()), int((y != 1).sum())
+    tp, fp = tpr * positives, fpr * negatives
+    if optimise == "accuracy":
+        best = np.argmax(tp + negatives - fp)
+    elif optimise == "cost":
+        best = np.argmin(fp * false_positive_cost + (positives - tp) * false_negative_cost)
+    elif optimise == "recall":
+        # tpr only grows as the threshold falls: the first index that reaches the target is the highest.
+        reaching = np.flatnonzero(tpr >= target_recall)
+        best = reaching[0] if len(reaching) else len(tpr) - 1
+    else:
+        raise ValueError(f"unknown threshold objective {optimise!r}")
+    return float(thresholds[int(best)])

@@ -36,6 +36,7 @@ from ml_assets.core.request_log import RequestLog
 from ml_assets.core.score import score_frame
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import ColumnSpec, JoinSpec, PipelineSpec, SourceSpec
+from ml_assets.core.spec.expressions import reads_other_rows
 from ml_assets.core.sql import DUCKDB_TYPES, q
 from ml_assets.core.validate import CheckOutcome
 
@@ -71,6 +72,21 @@ def request_fields(pipeline: PipelineSpec, sources: Mapping[str, SourceSpec]) ->
     the target and the leakage columns (all known only later)."""
     later = {*pipeline.leakage, *pipeline.target.source_columns, pipeline.target.name}
     return {c: s for c, s in sources[pipeline.base].columns.items() if c not in later}
+
+
+def not_servable_online(pipeline: PipelineSpec) -> str | None:
+    """Why the online path cannot complete this pipeline's rows, if it cannot: a derived column over a
+    window (a lag of the target, a moving average) needs the rows before the request, which one request
+    does not carry. Completing it from the request alone would silently serve a different feature than
+    the model learned from (the skew check caught exactly that), so such a pipeline is scored in batch."""
+    history = [name for name, expr in pipeline.derived.items() if reads_other_rows(expr)]
+    if not history:
+        return None
+    return (
+        f"pipeline '{pipeline.name}' is not served online: derived column(s) {', '.join(map(repr, history))} "
+        "read earlier rows (a window function), which a request does not carry; its batch scores "
+        f"(`{pipeline.name}/predictions`) score it"
+    )
 
 
 def _value(spec: ColumnSpec, value: Any) -> tuple[Any, str | None]:
@@ -515,6 +531,10 @@ class OnlineModel:
     def refresh(self) -> bool:
         """Load a new champion or new lookups if either changed; True when what serves changed. A
         champion whose files fail their hash check is refused once and the previous one kept serving."""
+        offline = not_servable_online(self.pipeline)
+        if offline:
+            self.problem = offline
+            return False
         with self._lock:
             current = self.served
             with self.connect() as conn:
@@ -594,6 +614,10 @@ def compare_paths(
     """The skew check: a sample of the champion's test rows scored by the batch path (modelling-table
     rows) and by the online path (`post`: their request-time fields sent to the API, which completes them
     from its lookups) must agree to `tolerance`, decision and version included."""
+    offline = not_servable_online(pipeline)
+    if offline:
+        # Nothing is served online, so nothing online can disagree with the batch scores.
+        return CheckOutcome(True, f"{offline}: nothing to compare", {"rows": 0})
     n = pipeline.serving.skew_sample_rows
     with connect() as conn:
         version = registry.alias_version(conn, pipeline.name, registry.CHAMPION)

@@ -10,8 +10,11 @@ All three are recorded with their numbers, whatever the verdict.
 
 from __future__ import annotations
 
+import datetime as dt
+import io
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +23,6 @@ import polars as pl
 from ml_assets.core import registry
 from ml_assets.core.dataset import table_name
 from ml_assets.core.errors import ArtifactError
-from ml_assets.core.features import row_key
 from ml_assets.core.metrics import improvement, score
 from ml_assets.core.serve import ServableModel, reproduces_training_predictions
 from ml_assets.core.spec import GateSpec, PipelineSpec, SourceSpec, modelling_columns
@@ -191,18 +193,11 @@ def promote_or_refuse(
     # Both load before the slow fresh-process check, so a modified version is refused at once, by name.
     new_model = ServableModel.from_registry(new_version)
     old_model = ServableModel.from_registry(old_version) if old_version else None
-    infra_ok, infra = reproduces_training_predictions(new_version.path, new_version.manifest_sha256)
     if old_model is None:
-        # The first model must beat the baseline it was trained beside, on the same test rows.
-        scored = pl.read_parquet(new_version.path / registry.PREDICTIONS_FILE)
-        rows = rows.with_columns(row_key(pipeline.id).alias("_key")).join(scored, on="_key", how="inner")
-        y = rows.get_column("y_true").to_numpy()
-        old = rows.select(pl.col("^baseline.*$")).to_numpy().squeeze()
-        new = rows.select(pl.col("^model.*$")).to_numpy().squeeze()
-        thresholds, against = (0.5, new_model.threshold), "baseline"
-    else:
-        y, old, new = new_model.labels(rows), old_model.predict(rows), new_model.predict(rows)
-        thresholds, against = (old_model.threshold, new_model.threshold), f"champion {champion}"
+        return _first_champion(connect, pipeline, new_version, new_model, rows, run_id, trigger)
+    infra_ok, infra = reproduces_training_predictions(new_version.path, new_version.manifest_sha256)
+    y, old, new = new_model.labels(rows), old_model.predict(rows), new_model.predict(rows)
+    thresholds, against = (old_model.threshold, new_model.threshold), f"champion {champion}"
     slices = {c: rows.get_column(c).to_numpy() for c in pipeline.gate.slices}
     verdict = decide(pipeline.task, pipeline.metric, pipeline.gate, y, old, new, slices, thresholds, against)
     promote = verdict.promote and infra_ok
@@ -211,12 +206,147 @@ def promote_or_refuse(
         "infra_check": {"passed": infra_ok, "detail": infra},
         "trigger": trigger or {},
     }
-    action = ("promote" if champion else "promote_first") if promote else "refuse"
+    action = "promote" if promote else "refuse"
     with connect() as conn:
         registry.record_decision(
             conn, pipeline.name, action, reason, challenger, challenger if promote else None, details, run_id
         )
     return Decision(action, reason, challenger, champion, challenger if promote else champion, details)
+
+
+# The first champion is the best of these, simplest first: a candidate replaces the one before only when
+# the gate would promote it over that one (significantly better, no slice or guarded metric worse).
+LADDER = ("constant", "linear", "lightgbm")
+DESCRIBED = {
+    "constant": "constant baseline (the training split's prior)",
+    "linear": "linear baseline",
+    "lightgbm": "LightGBM model",
+}
+
+
+def _first_champion(
+    connect: Any,
+    pipeline: PipelineSpec,
+    trained: registry.Registered,
+    model: ServableModel,
+    rows: pl.DataFrame,
+    run_id: str | None,
+    trigger: dict[str, str] | None,
+) -> Decision:
+    """No champion yet: climb the ladder on the holdout rows, every step judged by `decide` with each
+    model's own decision threshold, so the pipeline always ends with a champion to serve and monitor."""
+    kinds = [k for k in LADDER if k == "lightgbm" or k in model.manifest.get("candidates", {})]
+    models = {k: model if k == "lightgbm" else model.candidate(k, trained.path) for k in kinds}
+    y = model.labels(rows)
+    scores = {k: m.predict(rows) for k, m in models.items()}
+    slices = {c: rows.get_column(c).to_numpy() for c in pipeline.gate.slices}
+    best, steps = kinds[0], []
+    for kind in kinds[1:]:
+        verdict = decide(
+            pipeline.task,
+            pipeline.metric,
+            pipeline.gate,
+            y,
+            scores[best],
+            scores[kind],
+            slices,
+            (models[best].threshold, models[kind].threshold),
+            against=DESCRIBED[best],
+        )
+        steps.append(
+            verdict.details
+            | {"candidate": kind, "against": best, "promote": verdict.promote, "reason": verdict.reason}
+        )
+        if verdict.promote:
+            best = kind
+    winner = trained if best == "lightgbm" else _register_candidate(connect, trained, models[best], run_id)
+    infra_ok, infra = reproduces_training_predictions(winner.path, winner.manifest_sha256)
+    lightgbm_step = steps[-1]["reason"] if steps else "no simpler candidate to compare with"
+    if best == "lightgbm":
+        reason = f"first champion: the LightGBM model {trained.version}: {lightgbm_step}"
+    else:
+        reason = (
+            f"first champion: the {DESCRIBED[best]}, registered as {winner.version}, since the LightGBM model "
+            f"{trained.version} is not significantly better: {lightgbm_step}"
+        )
+    if not infra_ok:
+        reason = f"{infra}; {reason}"
+    details = {
+        "ladder": steps,
+        "champion_kind": best,
+        "rows": len(y),
+        "infra_check": {"passed": infra_ok, "detail": infra},
+        "trigger": trigger or {},
+    }
+    if steps:
+        # The last step (LightGBM against the best simpler model) in the fields every verdict has.
+        details |= {k: steps[-1][k] for k in ("bootstrap", "guarded", "slices")}
+        details["against"] = DESCRIBED[steps[-1]["against"]]
+    action = "promote_first" if infra_ok else "refuse"
+    after = winner.version if infra_ok else None
+    with connect() as conn:
+        registry.record_decision(conn, pipeline.name, action, reason, trained.version, after, details, run_id)
+    return Decision(action, reason, trained.version, None, after, details)
+
+
+def _register_candidate(
+    connect: Any, trained: registry.Registered, model: ServableModel, run_id: str | None
+) -> registry.Registered:
+    """Register a simpler candidate of a LightGBM version as a version of its own (model.json), so it can
+    be served, monitored and rolled back like any other: same transform and drift reference, its own
+    test predictions, threshold and sample-row predictions. Not made the challenger."""
+    parent, kind = trained.path, model.kind
+    source = {"linear": "baseline", "constant": "constant"}[kind]
+    predictions = pl.read_parquet(parent / registry.PREDICTIONS_FILE)
+    renamed = predictions.select(
+        "_key",
+        "y_true",
+        *(
+            pl.col(c).alias(c.replace(source, "model", 1))
+            for c in predictions.columns
+            if c.startswith(source)
+        ),
+        *(
+            pl.col(c).alias(c.replace("constant", "baseline", 1))
+            for c in predictions.columns
+            if c.startswith("constant")
+        ),
+    )
+    sample = pl.read_parquet(parent / registry.SAMPLE_FILE)
+    inputs = sample.select(pl.exclude("^_prediction.*$"))
+    scores = np.asarray(model.predict(inputs)).reshape(len(inputs), -1)
+    columns = [c for c in sample.columns if c.startswith("_prediction")]
+    sample = inputs.with_columns(
+        **{c: pl.Series(scores[:, i]) for i, c in enumerate(columns)} if len(inputs) else {}
+    )
+    buffers = {registry.PREDICTIONS_FILE: renamed, registry.SAMPLE_FILE: sample}
+    files: dict[str, bytes | Path] = {
+        registry.MODEL_JSON_FILE: (parent / registry.candidate_file(kind)).read_bytes(),
+        registry.TRANSFORM_FILE: parent / registry.TRANSFORM_FILE,
+        registry.REFERENCE_FILE: parent / registry.REFERENCE_FILE,
+    }
+    for name, frame in buffers.items():
+        out = io.BytesIO()
+        frame.write_parquet(out)
+        files[name] = out.getvalue()
+    version = f"{registry.new_version_id()}-{kind}"
+    constant = model.manifest["candidates"]["constant"]["test_metrics"]
+    manifest = {k: v for k, v in model.manifest.items() if k not in ("files", "candidates")} | {
+        "version": version,
+        "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
+        "params": {},
+        "best_iteration": None,
+        "derived_from": trained.version,
+        "baseline": DESCRIBED["constant"],
+        "baseline_test_metrics": constant,
+        "baseline_threshold": model.manifest["candidates"]["constant"]["decision_threshold"],
+        "cv": {"score": None, "folds": 0, "trials": [], "note": f"{kind} models are not tuned"},
+    }
+    models_root = parent.parent.parent
+    folder = registry.write_version(models_root, trained.pipeline, version, files, manifest)
+    with connect() as conn:
+        registry.register(conn, folder, run_id=None, challenger=False)
+        return registry.registered(conn, version, trained.pipeline)
 
 
 def check_champion(connect: Any, pipeline: PipelineSpec, run_id: str | None = None) -> Decision:

@@ -37,7 +37,19 @@ PREDICTIONS_FILE = "test_predictions.parquet"
 SAMPLE_FILE = "sample_rows.parquet"
 REFERENCE_FILE = "reference_features.parquet"
 MANIFEST_FILE = "manifest.json"
+# A version whose model is a simple candidate (linear, constant) holds it as JSON instead of model.txt.
+MODEL_JSON_FILE = "model.json"
 CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def candidate_file(kind: str) -> str:
+    """The file of a LightGBM version holding a simpler candidate trained beside it (linear, constant)."""
+    return f"candidate_{kind}.json"
+
+
+def model_kind(manifest: dict[str, Any]) -> str:
+    """lightgbm, linear or constant (versions from before candidates existed are LightGBM)."""
+    return manifest.get("model_kind", "lightgbm")
 
 
 def new_version_id(now: dt.datetime | None = None) -> str:
@@ -257,9 +269,15 @@ def decisions(conn: duckdb.DuckDBPyConnection, pipeline: str) -> pl.DataFrame:
     ).pl()
 
 
-def register(conn: duckdb.DuckDBPyConnection, version_dir: Path, run_id: str | None = None) -> dict[str, Any]:
-    """Register a version folder (stamped with the run that trained it) and make it the challenger,
-    atomically; returns its manifest. The manifest's sha256 is recorded from the very bytes registered,
+def register(
+    conn: duckdb.DuckDBPyConnection,
+    version_dir: Path,
+    run_id: str | None = None,
+    challenger: bool = True,
+) -> dict[str, Any]:
+    """Register a version folder (stamped with the run that trained it) and, unless `challenger` is
+    False (a baseline registered as it becomes champion), make it the challenger, atomically; returns
+    its manifest. The manifest's sha256 is recorded from the very bytes registered,
     so every later load can refuse a manifest edited since."""
     manifest_bytes = (Path(version_dir) / MANIFEST_FILE).read_bytes()
     manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
@@ -282,14 +300,15 @@ def register(conn: duckdb.DuckDBPyConnection, version_dir: Path, run_id: str | N
                 "train_end": manifest["train_window"]["end"],
                 "data_fingerprint": manifest["data_fingerprint"],
                 "code_version": manifest["code_version"],
-                "model_sha256": manifest["files"][MODEL_FILE],
+                "model_sha256": manifest["files"].get(MODEL_FILE) or manifest["files"][MODEL_JSON_FILE],
                 "path": str(version_dir),
                 "manifest": json.dumps(manifest, default=str),
                 "manifest_sha256": manifest_sha256,
                 "run_id": run_id,
             },
         )
-        _set_alias(conn, manifest["pipeline"], CHALLENGER, manifest["version"])
+        if challenger:
+            _set_alias(conn, manifest["pipeline"], CHALLENGER, manifest["version"])
     return manifest
 
 
@@ -323,8 +342,12 @@ def versions(conn: duckdb.DuckDBPyConnection, pipeline: str) -> pl.DataFrame:
 
 
 def latest_version(conn: duckdb.DuckDBPyConnection, pipeline: str) -> str:
+    """The latest trained version; a baseline registered as it became the first champion is derived from
+    a trained version (`derived_from` in its manifest), not trained itself, and is left out."""
     row = conn.execute(
-        f"SELECT version FROM {MODEL_VERSIONS} WHERE pipeline = ? ORDER BY created_at DESC, version DESC LIMIT 1",
+        f"SELECT version FROM {MODEL_VERSIONS} WHERE pipeline = ? "
+        "AND json_extract_string(manifest, '$.derived_from') IS NULL "
+        "ORDER BY created_at DESC, version DESC LIMIT 1",
         [pipeline],
     ).fetchone()
     if row is None:

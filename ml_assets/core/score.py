@@ -49,8 +49,9 @@ def predictions_table(pipeline: PipelineSpec) -> str:
 
 def entity_columns(pipeline: PipelineSpec) -> list[str]:
     """The id columns, then the timestamp (when it is not one of them): what names a scored row."""
-    ts = [pipeline.timestamp] if pipeline.timestamp and pipeline.timestamp not in pipeline.id else []
-    return [*pipeline.id, *ts]
+    ids = pipeline.row_id  # the built-in row id when the config names none
+    ts = [pipeline.timestamp] if pipeline.timestamp and pipeline.timestamp not in ids else []
+    return [*ids, *ts]
 
 
 def champion_version(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> str | None:
@@ -100,10 +101,10 @@ def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.
 def score_frame(
     model: ServableModel, pipeline: PipelineSpec, rows: pl.DataFrame, version: str
 ) -> pl.DataFrame:
-    """Entity columns and scores of completed rows."""
-    return pl.concat(
-        [rows.select(entity_columns(pipeline)), score_columns(model, rows, version)], how="horizontal"
-    )
+    """Entity columns and scores of completed rows. A request's rows have no built-in row id (it is made
+    at ingestion), so a file scored by `ml-assets predict` keeps the entity columns it has."""
+    entities = [c for c in entity_columns(pipeline) if c in rows.columns]
+    return pl.concat([rows.select(entities), score_columns(model, rows, version)], how="horizontal")
 
 
 @dataclass(frozen=True)

@@ -13,22 +13,47 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightgbm as lgb
 import numpy as np
 import polars as pl
 
 from ml_assets.core.features import FeatureTransform
+from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import score
-from ml_assets.core.registry import MODEL_FILE, SAMPLE_FILE, TRANSFORM_FILE, Registered, read_manifest
+from ml_assets.core.registry import (
+    MODEL_FILE,
+    MODEL_JSON_FILE,
+    SAMPLE_FILE,
+    TRANSFORM_FILE,
+    Registered,
+    candidate_file,
+    model_kind,
+    read_manifest,
+)
+
+
+class Predictor(Protocol):
+    def predict(self, features: pl.DataFrame | np.ndarray) -> np.ndarray: ...
+
+
+def load_predictor(version_dir: Path, manifest: dict[str, Any]) -> Predictor:
+    """The model of a (hash-verified) version folder: LightGBM's text model, or a JSON linear/constant
+    model."""
+    if model_kind(manifest) == "lightgbm":
+        return lgb.Booster(model_file=str(Path(version_dir) / MODEL_FILE))
+    return LinearModel.from_json((Path(version_dir) / MODEL_JSON_FILE).read_text())
 
 
 @dataclass(frozen=True)
 class ServableModel:
+    """A registered version ready to score modelling-table rows, whatever its model: LightGBM, or a
+    linear / constant baseline (both saved as text, never pickled)."""
+
     manifest: dict[str, Any]
     transform: FeatureTransform
-    booster: lgb.Booster
+    model: Predictor
 
     @classmethod
     def load(cls, version_dir: Path, manifest_sha256: str | None = None) -> ServableModel:
@@ -37,8 +62,29 @@ class ServableModel:
         registry recorded manifest hashes."""
         version_dir = Path(version_dir)
         manifest = read_manifest(version_dir, verify=True, manifest_sha256=manifest_sha256)
-        booster = lgb.Booster(model_file=str(version_dir / MODEL_FILE))
-        return cls(manifest, FeatureTransform.load(version_dir / TRANSFORM_FILE), booster)
+        model = load_predictor(version_dir, manifest)
+        return cls(manifest, FeatureTransform.load(version_dir / TRANSFORM_FILE), model)
+
+    def candidate(self, kind: str, version_dir: Path) -> ServableModel:
+        """A simpler candidate trained beside this LightGBM version (its JSON is one of the version's
+        hash-verified files), served with the same transform and its own decision threshold."""
+        found = self.manifest["candidates"][kind]
+        model = LinearModel.from_json((Path(version_dir) / candidate_file(kind)).read_text())
+        manifest = self.manifest | {
+            "model_kind": kind,
+            "decision_threshold": found["decision_threshold"],
+            "test_metrics": found["test_metrics"],
+        }
+        return ServableModel(manifest, self.transform, model)
+
+    @property
+    def kind(self) -> str:
+        return model_kind(self.manifest)
+
+    @property
+    def booster(self) -> lgb.Booster | None:
+        """The LightGBM booster, or None for a baseline champion."""
+        return self.model if isinstance(self.model, lgb.Booster) else None
 
     @classmethod
     def from_registry(cls, version: Registered) -> ServableModel:
@@ -46,11 +92,13 @@ class ServableModel:
         return cls.load(version.path, version.manifest_sha256)
 
     def predict_features(self, features: pl.DataFrame) -> np.ndarray:
+        selected = features.select(self.manifest["features"])
+        if self.booster is None:
+            return self.model.predict(selected)
         # A float matrix, not pandas: the features are numbers already (categories are their codes), and
         # LightGBM's pandas path costs a millisecond per call, which an online request cannot afford. One
         # thread, as the project trains: threads only contend on a busy machine.
-        matrix = features.select(self.manifest["features"]).to_numpy().astype(np.float64, copy=False)
-        return self.booster.predict(matrix, num_threads=1)
+        return self.booster.predict(selected.to_numpy().astype(np.float64, copy=False), num_threads=1)
 
     def predict(self, rows: pl.DataFrame) -> np.ndarray:
         """Scores for modelling-table rows: P(positive) (binary), class probabilities, or values."""

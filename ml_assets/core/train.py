@@ -23,23 +23,20 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import polars as pl
-from sklearn.compose import ColumnTransformer
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import KFold, TimeSeriesSplit
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from ml_assets.core import registry
 from ml_assets.core.dataset import bounded_sample, table_name
 from ml_assets.core.errors import DatasetError
 from ml_assets.core.features import TARGET, FeatureTransform, features_table_name, transform_of
 from ml_assets.core.hashing import frame_fingerprint
-from ml_assets.core.metrics import all_metrics, best_f1_threshold, score
+from ml_assets.core.linear import LinearModel
+from ml_assets.core.metrics import all_metrics, choose_threshold, score
 from ml_assets.core.progress import Progress, silent
 from ml_assets.core.spec import ParamRange, PipelineSpec
 
 SAMPLE_ROWS = 2000
+BASELINE_NAME = {True: "logistic regression", False: "ridge regression"}
 LGB_METRIC = {"roc_auc": "auc", "pr_auc": "average_precision", "rmse": "rmse", "mae": "l1", "r2": "l2"}
 
 
@@ -135,28 +132,45 @@ def _stop_at(deadline: float) -> Callable[[Any], None]:
     return callback
 
 
+def _finish_at(deadline: float, cut: list[int]) -> Callable[[Any], None]:
+    """Stop boosting at the deadline but keep the rounds so far (the final fit must yield a model)."""
+
+    def callback(env: Any) -> None:
+        if time.monotonic() > deadline:
+            cut.append(env.iteration + 1)
+            raise lgb.callback.EarlyStopException(env.iteration, env.evaluation_result_list or [])
+
+    callback.order = 40  # after early stopping's own bookkeeping
+    return callback
+
+
 def _fit(
     params: dict[str, Any],
     pipeline: PipelineSpec,
     train: tuple[pd.DataFrame, np.ndarray],
     valid: tuple[pd.DataFrame, np.ndarray],
     categorical: list[str],
-    deadline: float | None = None,
+    deadline: Callable[[Any], None] | None = None,
 ) -> lgb.Booster:
     dtrain = lgb.Dataset(train[0], train[1], categorical_feature=categorical, free_raw_data=False)
     dvalid = lgb.Dataset(valid[0], valid[1], reference=dtrain, categorical_feature=categorical)
     callbacks = [lgb.early_stopping(pipeline.model.early_stopping_rounds, verbose=False)]
     if deadline is not None:
-        callbacks.append(_stop_at(deadline))
+        callbacks.append(deadline)
     return lgb.train(
         params, dtrain, num_boost_round=pipeline.model.max_rounds, valid_sets=[dvalid], callbacks=callbacks
     )
 
 
+# Share of the time budget the search may use: the final fit on the whole training split (about one
+# fold's work) gets the rest, and is itself stopped at the budget's end.
+SEARCH_SHARE = 0.75
+
+
 @dataclass
 class Tuning:
     best_params: dict[str, Any]
-    best_cv_score: float
+    best_cv_score: float | None
     trials: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -168,6 +182,9 @@ def tune(
     max_trials: int,
     progress: Progress = silent,
 ) -> Tuning:
+    """Seeded random search within `time_budget_s`: the first trial is the centre of the search space;
+    every trial, the first included, is stopped when the deadline passes and recorded as cut short
+    (a cut trial's score is not comparable, so it never wins; with no complete trial the centre is used)."""
     X, y = data.train.X, data.train.y
     folds = pipeline.model.cv_folds
     splitter = (
@@ -184,15 +201,14 @@ def tune(
     trials: list[dict[str, Any]] = []
     while len(trials) < max_trials:
         elapsed = time.monotonic() - started
-        mean_trial = elapsed / len(trials) if trials else 0.0
+        done = [t for t in trials if not t["cut_short"]]
         # Never start a trial that is expected to overrun the budget.
-        if trials and elapsed + mean_trial > time_budget_s:
+        if trials and (not done or elapsed + elapsed / len(trials) > time_budget_s):
             break
-        # The first trial (the centre of the search space) always completes, so there is a model; later
-        # ones are cut off at the deadline and discarded, so one slow trial cannot blow the budget.
         sampled = _sample(pipeline.model.search_space, None if not trials else rng)
         params = base | sampled
         fold_scores, rounds = [], []
+        cut_short = False
         try:
             for tr, va in fold_indices:
                 booster = _fit(
@@ -201,54 +217,95 @@ def tune(
                     (X.iloc[tr], y[tr]),
                     (X.iloc[va], y[va]),
                     data.categorical,
-                    deadline if trials else None,
+                    _stop_at(deadline),
                 )
                 pred = predict(booster, X.iloc[va], booster.best_iteration)
                 fold_scores.append(score(pipeline.task, pipeline.metric, y[va], pred))
                 rounds.append(booster.best_iteration)
         except _OverBudget:
-            break
+            cut_short = True
         trials.append(
             {
                 "params": sampled,
-                "cv_score": float(np.mean(fold_scores)),
-                "cv_std": float(np.std(fold_scores)),
+                "cv_score": float(np.mean(fold_scores)) if fold_scores and not cut_short else None,
+                "cv_std": float(np.std(fold_scores)) if fold_scores and not cut_short else None,
                 "rounds": rounds,
+                "cut_short": cut_short,
+                "elapsed_s": round(time.monotonic() - started - elapsed, 3),
             }
         )
-        best_so_far = max(t["cv_score"] * sign for t in trials) * sign
         left = max(0.0, time_budget_s - (time.monotonic() - started))
+        if cut_short:
+            progress(f"trial {len(trials)} of {max_trials} cut short at the deadline ({time_budget_s:.0f} s)")
+            break
+        best_so_far = max(t["cv_score"] * sign for t in trials if not t["cut_short"]) * sign
         progress(
             f"trial {len(trials)} of {max_trials}: CV {pipeline.metric} {trials[-1]['cv_score']:.4f}, "
-            f"best so far {best_so_far:.4f}; {left:.0f} s of the {time_budget_s:.0f} s budget left"
+            f"best so far {best_so_far:.4f}; {left:.0f} s of the {time_budget_s:.0f} s search budget left"
         )
-    best = max(trials, key=lambda t: sign * t["cv_score"])
+    complete = [t for t in trials if not t["cut_short"]]
+    best = max(complete, key=lambda t: sign * t["cv_score"]) if complete else trials[0]
     return Tuning(base | best["params"], best["cv_score"], trials, time.monotonic() - started)
 
 
-def fit_final(pipeline: PipelineSpec, data: TrainingData, params: dict[str, Any]) -> lgb.Booster:
-    return _fit(
-        params, pipeline, (data.train.X, data.train.y), (data.valid.X, data.valid.y), data.categorical
+def fit_final(
+    pipeline: PipelineSpec, data: TrainingData, params: dict[str, Any], deadline: float | None = None
+) -> tuple[lgb.Booster, int | None]:
+    """The chosen parameters refitted on the whole training split; stopped at `deadline` if it passes
+    (returns the round it was cut at, else None)."""
+    cut: list[int] = []
+    booster = _fit(
+        params,
+        pipeline,
+        (data.train.X, data.train.y),
+        (data.valid.X, data.valid.y),
+        data.categorical,
+        _finish_at(deadline, cut) if deadline is not None else None,
+    )
+    return booster, (cut[0] if cut else None)
+
+
+def decision_threshold(pipeline: PipelineSpec, y_valid: np.ndarray, p_valid: np.ndarray) -> float:
+    """The binary decision threshold the pipeline's rule picks on validation (0.5 for other tasks)."""
+    if pipeline.task != "binary":
+        return 0.5
+    rule = pipeline.model.decision_threshold
+    return choose_threshold(
+        y_valid,
+        p_valid,
+        rule.objective(pipeline.metric),
+        rule.false_positive_cost,
+        rule.false_negative_cost,
+        rule.target_recall,
     )
 
 
-def baseline_predictions(pipeline: PipelineSpec, data: TrainingData) -> dict[str, np.ndarray]:
-    """A scikit-learn linear baseline on the same features and split: the bar the model must clear."""
-    numeric = [c for c in data.features if c not in data.categorical]
-    prep = ColumnTransformer(
-        [
-            ("num", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numeric),
-            ("cat", OneHotEncoder(handle_unknown="ignore"), data.categorical),
-        ]
-    )
-    if pipeline.task == "regression":
-        model = make_pipeline(prep, Ridge(alpha=1.0))
-        model.fit(data.train.X, data.train.y)
-        return {s: model.predict(getattr(data, s).X) for s in ("valid", "test")}
-    model = make_pipeline(prep, LogisticRegression(max_iter=1000))
-    model.fit(data.train.X, data.train.y)
-    proba = {s: model.predict_proba(getattr(data, s).X) for s in ("valid", "test")}
-    return {s: p[:, 1] if pipeline.task == "binary" else p for s, p in proba.items()}
+@dataclass
+class Candidate:
+    """A simple model trained beside LightGBM: judged by the same gate, servable from its JSON."""
+
+    model: LinearModel
+    threshold: float
+    test_metrics: dict[str, float]
+    test_pred: np.ndarray
+
+
+def fit_candidates(pipeline: PipelineSpec, data: TrainingData) -> dict[str, Candidate]:
+    """The constant floor and the linear baseline, on the same features and split."""
+    n_classes = len(data.classes) if data.classes else None
+    models = {
+        "constant": LinearModel.fit_constant(pipeline.task, data.train.y, n_classes),
+        "linear": LinearModel.fit_linear(
+            pipeline.task, data.train.X, data.train.y, data.categorical, pipeline.model.seed
+        ),
+    }
+    out = {}
+    for kind, model in models.items():
+        threshold = decision_threshold(pipeline, data.valid.y, model.predict(data.valid.X))
+        test_pred = model.predict(data.test.X)
+        metrics = all_metrics(pipeline.task, data.test.y, test_pred, threshold)
+        out[kind] = Candidate(model, threshold, metrics, test_pred)
+    return out
 
 
 @dataclass
@@ -257,8 +314,14 @@ class TrainedModel:
     tuning: Tuning
     threshold: float
     test_metrics: dict[str, float]
-    baseline_test_metrics: dict[str, float]
+    candidates: dict[str, Candidate]
     test_predictions: pl.DataFrame
+    final_fit_cut_at: int | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def baseline_test_metrics(self) -> dict[str, float]:
+        return self.candidates["linear"].test_metrics
 
 
 def _as_columns(task: str, pred: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
@@ -279,26 +342,28 @@ def train_model(
             raise DatasetError(
                 f"pipeline '{pipeline.name}': the {name} split is empty; check the split settings"
             )
+    started = time.monotonic()
     progress(
         f"tuning on {len(data.train.y)} training rows: up to {max_trials} trials of "
-        f"{pipeline.model.cv_folds}-fold CV within {time_budget_s:.0f} s"
+        f"{pipeline.model.cv_folds}-fold CV within {time_budget_s * SEARCH_SHARE:.0f} s "
+        f"of the {time_budget_s:.0f} s budget"
     )
-    tuning = tune(pipeline, data, time_budget_s, max_trials, progress)
+    tuning = tune(pipeline, data, time_budget_s * SEARCH_SHARE, max_trials, progress)
     progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; fitting the final model")
-    booster = fit_final(pipeline, data, tuning.best_params)
+    booster, cut_at = fit_final(pipeline, data, tuning.best_params, started + time_budget_s)
     best_iteration = booster.best_iteration or booster.current_iteration()
     valid_pred = predict(booster, data.valid.X, best_iteration)
     test_pred = predict(booster, data.test.X, best_iteration)
-    threshold = best_f1_threshold(data.valid.y, valid_pred) if pipeline.task == "binary" else 0.5
-    progress("fitting the linear baseline")
-    baseline = baseline_predictions(pipeline, data)
-    base_threshold = best_f1_threshold(data.valid.y, baseline["valid"]) if pipeline.task == "binary" else 0.5
+    threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
+    progress("fitting the linear and constant baselines")
+    candidates = fit_candidates(pipeline, data)
     predictions = pl.DataFrame(
         {
             "_key": data.test.key,
             "y_true": data.test.y,
             **_as_columns(pipeline.task, test_pred, "model"),
-            **_as_columns(pipeline.task, baseline["test"], "baseline"),
+            **_as_columns(pipeline.task, candidates["linear"].test_pred, "baseline"),
+            **_as_columns(pipeline.task, candidates["constant"].test_pred, "constant"),
         }
     )
     return TrainedModel(
@@ -306,8 +371,10 @@ def train_model(
         tuning=tuning,
         threshold=threshold,
         test_metrics=all_metrics(pipeline.task, data.test.y, test_pred, threshold),
-        baseline_test_metrics=all_metrics(pipeline.task, data.test.y, baseline["test"], base_threshold),
+        candidates=candidates,
         test_predictions=predictions,
+        final_fit_cut_at=cut_at,
+        elapsed_s=time.monotonic() - started,
     )
 
 
@@ -359,7 +426,7 @@ def train_and_register(
         "features": data.features,
         "categorical_features": data.categorical,
         "input_columns": transform.input_columns,
-        "id_columns": pipeline.id,
+        "id_columns": pipeline.row_id,
         "target": pipeline.target.name,
         "classes": data.classes,
         "decision_threshold": trained.threshold,
@@ -375,10 +442,21 @@ def train_and_register(
             "trials": trained.tuning.trials,
             "elapsed_s": round(trained.tuning.elapsed_s, 2),
             "time_budget_s": budget,
+            "search_budget_s": round(budget * SEARCH_SHARE, 2),
+            "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
+            "final_fit_cut_at_round": trained.final_fit_cut_at,
+            "model_step_s": round(trained.elapsed_s, 2),
         },
+        "model_kind": "lightgbm",
         "test_metrics": trained.test_metrics,
-        "baseline": "logistic regression" if pipeline.task != "regression" else "ridge regression",
+        "baseline": BASELINE_NAME[pipeline.task != "regression"],
         "baseline_test_metrics": trained.baseline_test_metrics,
+        "baseline_threshold": trained.candidates["linear"].threshold,
+        # The simpler models judged beside this one at a first promotion (registry.candidate_file).
+        "candidates": {
+            kind: {"decision_threshold": c.threshold, "test_metrics": c.test_metrics}
+            for kind, c in trained.candidates.items()
+        },
     }
     sample_scores = trained.booster.predict(
         transform.apply(sample).select(data.features).to_pandas(), num_iteration=best_iteration
@@ -401,6 +479,7 @@ def train_and_register(
             registry.PREDICTIONS_FILE: predictions.getvalue(),
             registry.SAMPLE_FILE: sample_rows.getvalue(),
             registry.REFERENCE_FILE: reference.getvalue(),
+            **{registry.candidate_file(k): c.model.to_json().encode() for k, c in trained.candidates.items()},
         },
         manifest,
     )

@@ -26,6 +26,7 @@ import duckdb
 
 from ml_assets.core.errors import ValidationFailure
 from ml_assets.core.spec import ColumnSpec, SourceSpec
+from ml_assets.core.spec.schema import ROW_ID
 from ml_assets.core.sql import (
     DUCKDB_TYPES,
     EVENT_TIME,
@@ -91,18 +92,22 @@ def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str
     shown = f"coalesce(CAST({typed} AS VARCHAR), 'NULL')"
     out = []
     if spec.not_null:
-        out.append(("not_null", f"{typed} IS NULL", f"'{column}: value is missing (rule not_null)'"))
+        out.append(("not_null", f"{typed} IS NULL", lit(f"{column}: value is missing (rule not_null)")))
     if spec.min is not None:
-        out.append(("min", f"{typed} < {spec.min}", f"'{column}: ' || {shown} || ' is below min {spec.min}'"))
+        out.append(
+            ("min", f"{typed} < {spec.min}", f"{lit(column + ': ')} || {shown} || ' is below min {spec.min}'")
+        )
     if spec.max is not None:
-        out.append(("max", f"{typed} > {spec.max}", f"'{column}: ' || {shown} || ' is above max {spec.max}'"))
+        out.append(
+            ("max", f"{typed} > {spec.max}", f"{lit(column + ': ')} || {shown} || ' is above max {spec.max}'")
+        )
     if spec.allowed is not None:
         values = ", ".join(lit(v) for v in spec.allowed)
         out.append(
             (
                 "allowed",
                 f"{typed} NOT IN ({values})",
-                f"'{column}: ' || {shown} || ' is not one of the allowed values'",
+                f"{lit(column + ': ')} || {shown} || ' is not one of the allowed values'",
             )
         )
     if spec.pattern is not None:
@@ -110,7 +115,7 @@ def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str
             (
                 "pattern",
                 f"NOT regexp_full_match({typed}, {lit(spec.pattern)})",
-                f"'{column}: ' || {shown} || ' does not match pattern ' || {lit(spec.pattern)}",
+                f"{lit(column + ': ')} || {shown} || ' does not match pattern ' || {lit(spec.pattern)}",
             )
         )
     return out
@@ -186,7 +191,7 @@ def _timezone_failure(column: str, raw: str, partitioned: bool) -> str:
         "timezone",
         column,
         f"{offset} <> {usual}",
-        f"'{column}: ' || {_quoted(raw)} || ' has ' || {shown(offset, 'no UTC offset')} || "
+        f"{lit(column + ': ')} || {_quoted(raw)} || ' has ' || {shown(offset, 'no UTC offset')} || "
         f"', not the most common ' || {shown(usual, 'no offset')} || ' of ' || {where} || "
         "' (rule timezones: reject); give its values one offset, or set timezones: normalize'",
     )
@@ -267,7 +272,7 @@ def validate_source(
                 "type",
                 column,
                 f"{raw_ref(column)} IS NOT NULL AND {typed} IS NULL",
-                f"'{column}: ' || {_quoted(raw_ref(column))} || ' is not a valid {cspec.type}'",
+                f"{lit(column + ': ')} || {_quoted(raw_ref(column))} || ' is not a valid {cspec.type}'",
             )
         )
         if cspec.type == "datetime" and spec.timezones == "reject":
@@ -276,7 +281,7 @@ def validate_source(
             _failure(rule, column, cond, reason)
             for rule, cond, reason in rule_conditions(column, cspec, typed)
         ]
-    failure_list = f"list_filter([{', '.join(failures)}], __r -> __r IS NOT NULL)"
+    failure_list = f"list_filter([{', '.join(failures)}], lambda __r: __r IS NOT NULL)"
     id_cols = ", ".join(q("__t_" + c) for c in spec.id)
     duplicate_of_earlier = (
         f"len(__f) = 0 AND row_number() OVER (PARTITION BY len(__f) = 0, __p, {id_cols} "
@@ -289,7 +294,9 @@ def validate_source(
         f"{'of the same partition ' if partitioned else ''}has the same values"
     )
     platform = [EVENT_TIME] if EVENT_TIME in present else []
-    out_cols = ", ".join([f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns] + platform)
+    out_cols = ", ".join(
+        [f"{q('__t_' + c)} AS {q(c)}" for c in spec.columns] + platform + _row_id(spec, raw_ref)
+    )
     raw_cols = ", ".join(q(c) for c in present)
     datetimes = _datetime_columns(spec)
     try:
@@ -310,7 +317,7 @@ def validate_source(
             SELECT {out_cols} FROM __checked WHERE len(__f) = 0 ORDER BY _source_file, _source_row""")
         conn.execute(f"""CREATE OR REPLACE TEMP TABLE __quarantined AS
             SELECT {raw_cols}, __f[1].rule AS _rule, __f[1].column AS _column,
-                   array_to_string(list_transform(__f, __r -> __r.reason), '; ') AS _reasons
+                   array_to_string(list_transform(__f, lambda __r: __r.reason), '; ') AS _reasons
             FROM __checked WHERE len(__f) > 0 ORDER BY _source_file, _source_row""")
         conn.execute("BEGIN TRANSACTION")
         try:
@@ -362,10 +369,20 @@ def validate_source(
     )
 
 
+def _row_id(spec: SourceSpec, raw_ref: Callable[[str], str]) -> list[str]:
+    """The built-in id of a source without `id`: md5 of the row's raw values plus its occurrence among
+    identical rows (in file order), so the same rows re-ingested keep their ids whatever the file name."""
+    if spec.id:
+        return []
+    values = "concat_ws(chr(31), " + ", ".join(f"coalesce({raw_ref(c)}, chr(0))" for c in spec.columns) + ")"
+    occurrence = f"row_number() OVER (PARTITION BY {values} ORDER BY _source_file, _source_row)"
+    return [f"md5({values} || '#' || CAST({occurrence} AS VARCHAR)) AS {ROW_ID}"]
+
+
 def _fail_on_type_change(conn: duckdb.DuckDBPyConnection, name: str) -> None:
     bad = conn.execute("""
         SELECT count(*) OVER (), _source_file, _source_row, __r.column, __r.reason
-        FROM (SELECT *, unnest(list_filter(__f, __r -> __r.rule = 'type')) AS __r FROM __checked)
+        FROM (SELECT *, unnest(list_filter(__f, lambda __r: __r.rule = 'type')) AS __r FROM __checked)
         ORDER BY _source_file, _source_row LIMIT 1""").fetchone()
     if bad:
         rows, file, row, column, reason = bad
@@ -392,7 +409,7 @@ def check_schema(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -
         for c, t in expected.items()
         if actual.get(c) != t
     ]
-    problems += [f"{c}: not in config" for c in actual if c not in expected and c != EVENT_TIME]
+    problems += [f"{c}: not in config" for c in actual if c not in expected and c not in (EVENT_TIME, ROW_ID)]
     return CheckOutcome(
         not problems,
         "; ".join(problems) or "columns and types match the config",
@@ -470,15 +487,16 @@ def _rows_with_id(
 
 def check_rules(conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec) -> CheckOutcome:
     """Ranges, allowed values, not-null and patterns hold on every validated row."""
-    counts = [
-        f"count(*) FILTER (WHERE {cond}) AS {q(rule + ':' + column)}"
+    rules = {
+        f"{rule}:{column}": cond
         for column, cspec in spec.columns.items()
         for rule, cond, _ in rule_conditions(column, cspec, q(column))
-    ]
-    if not counts:
+    }
+    if not rules:
         return CheckOutcome(True, "no value rules configured")
+    counts = [f"count(*) FILTER (WHERE {cond})" for cond in rules.values()]
     row = conn.execute(f"SELECT {', '.join(counts)} FROM validated.{q(name)}").fetchone()
-    names = [c.rsplit(" AS ", 1)[1].strip('"') for c in counts]
+    names = list(rules)
     broken = {n: v for n, v in zip(names, row, strict=True) if v}
     return CheckOutcome(
         not broken,

@@ -8,58 +8,10 @@ pipelines shipped in the package).
 
 from __future__ import annotations
 
-from pathlib import Path
+from ml_assets.core.spec import pipelines_dir
+from ml_assets.core.store import data_dir
+from ml_assets.orchestration.build import build_definitions, resources
 
-import dagster as dg
-
-from ml_assets.core.report_server import reports_url
-from ml_assets.core.spec import load_project, pipelines_dir
-from ml_assets.core.store import data_dir, warehouse_path
-from ml_assets.orchestration import jobs
-from ml_assets.orchestration.assets import build_assets
-from ml_assets.orchestration.assets.serving import predictions_partitions
-from ml_assets.orchestration.resources import ArtifactStore, TrainingOverrides, Warehouse
-from ml_assets.orchestration.schedules import daily_drift_schedule, predictions_schedule
-from ml_assets.orchestration.sensors import landing_sensor, rescore_sensor, retrain_sensor
-
-
-def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
-    return {
-        "warehouse": Warehouse(database=str(warehouse_path(root))),
-        "artifacts": ArtifactStore(root=str(root), reports_url=reports_url()),
-        "training": TrainingOverrides(),
-    }
-
-
-def build_definitions(pipelines: Path, root: Path) -> dg.Definitions:
-    project = load_project(pipelines)
-    all_jobs: list[dg.UnresolvedAssetJobDefinition] = []
-    sensors, schedules = [], []
-    for pipeline in project.pipelines.values():
-        retrain, drift = jobs.retrain_job(pipeline), jobs.drift_job(pipeline)
-        all_jobs += [jobs.pipeline_job(pipeline), retrain, drift]
-        sensors.append(retrain_sensor(pipeline, retrain))
-        schedules.append(daily_drift_schedule(pipeline, drift))
-        partitions = predictions_partitions(pipeline, project)
-        if partitions is not None:
-            scoring = jobs.predictions_job(pipeline)
-            all_jobs.append(scoring)
-            sensors.append(rescore_sensor(pipeline, scoring, partitions))
-            schedules.append(predictions_schedule(scoring))
-    landing = jobs.landing_job(project)
-    if landing is not None:
-        all_jobs.append(landing)
-        sensors.append(landing_sensor(project, root, landing))
-    return dg.Definitions(
-        assets=build_assets(project),
-        jobs=all_jobs,
-        sensors=sensors,
-        schedules=schedules,
-        resources=resources(root),
-        # One process per run: steps are short compared with a fresh process each (~1.5 s), and DuckDB
-        # has one writer per file anyway. Training uses LightGBM's own threads.
-        executor=dg.in_process_executor,
-    )
-
+__all__ = ["build_definitions", "defs", "resources"]
 
 defs = build_definitions(pipelines_dir(), data_dir())

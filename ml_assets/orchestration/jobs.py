@@ -13,10 +13,25 @@ from ml_assets.orchestration.assets.sources import source_keys
 LANDING_JOB = "landing_ingest_job"
 
 
+def pipeline_selection(*names: str) -> dg.AssetSelection:
+    """Every asset of these pipelines and the sources they read (`ml-assets run <pipeline>...`)."""
+    return dg.AssetSelection.groups(*names).upstream().required_multi_asset_neighbors()
+
+
+def retrain_selection(name: str) -> dg.AssetSelection:
+    """A pipeline from its modelling table on, over the validated tables as they are.
+
+    Without the batch scores: they are partitioned and a retrain covers no partition; the rescore sensor
+    re-scores the latest partitions once the retrain has moved the champion."""
+    return dg.AssetSelection.assets(
+        dg.AssetKey([name, "modelling_table"])
+    ).downstream() - dg.AssetSelection.assets(dg.AssetKey([name, "predictions"]))
+
+
 def pipeline_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
     return dg.define_asset_job(
         f"{pipeline.name}_job",
-        selection=dg.AssetSelection.groups(pipeline.name).upstream().required_multi_asset_neighbors(),
+        selection=pipeline_selection(pipeline.name),
         description=f"Everything pipeline '{pipeline.name}' needs, from raw sources to its monitors.",
     )
 
@@ -24,10 +39,7 @@ def pipeline_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
 def retrain_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
     return dg.define_asset_job(
         f"{pipeline.name}_retrain_job",
-        # Without the batch scores: they are partitioned and a retrain covers no partition; the rescore
-        # sensor re-scores the latest partitions once the retrain has moved the champion.
-        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "modelling_table"])).downstream()
-        - dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "predictions"])),
+        selection=retrain_selection(pipeline.name),
         description=f"Rebuild '{pipeline.name}' from the validated tables: features, model, evaluation, "
         "promotion gate, monitors (batch scores follow through the rescore sensor).",
     )

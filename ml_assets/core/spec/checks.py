@@ -5,15 +5,35 @@ from __future__ import annotations
 
 import re
 
+import duckdb
+
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.metrics import REPORTED
-from ml_assets.core.spec.expressions import expression_problem, shorten
-from ml_assets.core.spec.schema import METRICS, PipelineSpec, SourceSpec
+from ml_assets.core.spec.expressions import current_column_refs, expression_problem, shorten
+from ml_assets.core.spec.schema import METRICS, ROW_ID, PipelineSpec, SourceSpec
+from ml_assets.core.sql import DUCKDB_TYPES, q
+
+
+def _refuse_case_twins(columns: dict[str, str], where: str) -> None:
+    """DuckDB names are case-insensitive: `Purchase` and `purchase` cannot be two columns of one table
+    (it would rename one to purchase_1 and every later step would miss it)."""
+    seen: dict[str, str] = {}
+    for name in columns:
+        twin = seen.setdefault(name.lower(), name)
+        if twin != name:
+            raise ConfigError(
+                f"{where}: columns '{twin}' and '{name}' differ only by case, which SQL cannot tell "
+                "apart; rename one (or give a derived column / target another name)"
+            )
 
 
 def modelling_columns(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> dict[str, str]:
     """Columns of the modelling table mapped to where they come from, for error messages."""
+    for name, source in sources.items():
+        _refuse_case_twins(source.columns, f"sources.{name}.columns")
     columns = {c: f"source '{pipeline.base}'" for c in sources[pipeline.base].columns}
+    if not sources[pipeline.base].id:
+        columns[ROW_ID] = "the built-in row id"
     for join in pipeline.joins:
         spec = sources[join.source]
         right_keys = {*join.keys, *([join.asof.right] if join.asof else [])}
@@ -29,7 +49,39 @@ def modelling_columns(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) ->
             # DuckDB would rename the new column (name_1) and the old one would silently win.
             raise ConfigError(f"derived.{name}: '{name}' clashes with {columns[name]}; choose another name")
         columns[name] = "derived"
+    _refuse_case_twins(columns, "modelling table")
+    if pipeline.target.expr is not None:
+        twin = next((c for c in columns if c.lower() == pipeline.target.name.lower()), None)
+        if twin is not None:
+            raise ConfigError(
+                f"target.name: the target '{pipeline.target.name}' (computed by target.expr) and column "
+                f"'{twin}' ({columns[twin]}) differ only by case or not at all; name the target otherwise"
+            )
     return columns
+
+
+def column_types(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> dict[str, str]:
+    """Config type of every modelling-table column; derived columns get the type DuckDB gives their
+    expression over columns of those types."""
+    types = {c: s.type for c, s in sources[pipeline.base].columns.items()}
+    for join in pipeline.joins:
+        spec = sources[join.source]
+        right_keys = {*join.keys, *([join.asof.right] if join.asof else [])}
+        for col in join.columns or [c for c in spec.columns if c not in right_keys]:
+            types[join.prefix + col] = spec.columns[col].type
+    if not pipeline.derived:
+        return types
+    back = {"BIGINT": "int", "INTEGER": "int", "DOUBLE": "float", "BOOLEAN": "bool", "DATE": "date"}
+    empty = ", ".join(f"CAST(NULL AS {DUCKDB_TYPES[t]}) AS {q(c)}" for c, t in types.items())
+    with duckdb.connect(":memory:") as conn:
+        conn.execute(f"CREATE TABLE t AS SELECT {empty} LIMIT 0")
+        for name, expr in pipeline.derived.items():
+            kind = conn.execute(f"DESCRIBE SELECT {expr} AS {q(name)} FROM t").fetchone()[1]
+            types[name] = back.get(kind, "datetime" if kind.startswith("TIMESTAMP") else "float")
+            if kind == "VARCHAR":
+                types[name] = "str"
+            conn.execute(f"ALTER TABLE t ADD COLUMN {q(name)} {DUCKDB_TYPES[types[name]]}")
+    return types
 
 
 def sql_words(expr: str) -> set[str]:
@@ -38,8 +90,9 @@ def sql_words(expr: str) -> set[str]:
 
 
 def derived_reads(pipeline: PipelineSpec, column: str) -> set[str]:
-    """Lower-cased words a derived column's expression reads, following derived columns it reads in turn
-    (a later derived expression may use an earlier one's name)."""
+    """Lower-cased columns a derived column's expression reads at the current row, following derived
+    columns it reads in turn (a later derived expression may use an earlier one's name). A column read
+    only through a strictly-past window ordered by the timestamp (a lag of the target) is not read."""
     derived = {name.lower(): expr for name, expr in pipeline.derived.items()}
     seen: set[str] = set()
     pending = [column.lower()]
@@ -48,7 +101,7 @@ def derived_reads(pipeline: PipelineSpec, column: str) -> set[str]:
         if name in seen or name not in derived:
             continue
         seen.add(name)
-        words = {w.lower() for w in sql_words(derived[name])}
+        words = current_column_refs(derived[name], pipeline.timestamp)
         pending += list(words - seen)
         seen |= words - set(derived)
     return seen - {column.lower()}
@@ -106,7 +159,7 @@ def _check_joins(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> None
 
 def _check_columns_exist(pipeline: PipelineSpec, columns: dict[str, str]) -> None:
     named = [
-        *(("id", c) for c in pipeline.id),
+        *(("id", c) for c in pipeline.row_id),
         *(("gate.slices", c) for c in pipeline.gate.slices),
         *(("timestamp", c) for c in [pipeline.timestamp] if c),
         *(("leakage", c) for c in pipeline.leakage),
@@ -118,10 +171,15 @@ def _check_columns_exist(pipeline: PipelineSpec, columns: dict[str, str]) -> Non
     if pipeline.split.method == "time" and not pipeline.timestamp:
         raise ConfigError("split.method: 'time' needs a pipeline timestamp column")
     if pipeline.target.expr is None and pipeline.target.name not in columns:
+        near = [c for c in columns if c.lower() == pipeline.target.name.lower()]
+        hint = f" (did you mean '{near[0]}'? names are case-sensitive)" if near else ""
         raise ConfigError(
-            f"target.name: '{pipeline.target.name}' is not a column of the modelling table; "
+            f"target.name: '{pipeline.target.name}' is not a column of the modelling table{hint}; "
             "give target.expr to compute it"
         )
+    for col in pipeline.split.group_by:
+        if col not in columns:
+            raise ConfigError(f"split.group_by: '{col}' is not a column of the modelling table")
 
 
 def _check_features(pipeline: PipelineSpec, columns: dict[str, str]) -> None:

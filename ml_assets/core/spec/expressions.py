@@ -217,3 +217,69 @@ def regex_problem(pattern: str) -> str | None:
         except duckdb.Error as exc:
             return str(exc).splitlines()[0].removeprefix("Invalid Input Error: ")
     return None
+
+
+def _constant_at_least_one(node: dict[str, Any] | None, default: bool) -> bool:
+    if node is None:
+        return default
+    value = node.get("value", {}) if node.get("class") == "CONSTANT" else {}
+    return isinstance(value.get("value"), int) and value["value"] >= 1
+
+
+def _strictly_past(window: dict[str, Any], time_column: str | None) -> bool:
+    """A window that sees only earlier rows in time order: lag(x[, n >= 1]), or a frame ending n >= 1
+    rows PRECEDING, ordered by the time column ascending."""
+    orders = window.get("orders") or []
+    if time_column is None or not orders or orders[0].get("type") in ("DESCENDING", "ORDER_DESCENDING"):
+        return False
+    first = orders[0].get("expression", {})
+    if first.get("class") != "COLUMN_REF" or first["column_names"][-1].lower() != time_column.lower():
+        return False
+    if window.get("type") == "WINDOW_LAG":
+        return _constant_at_least_one(window.get("offset_expr"), default=True)
+    return window.get("end") == "EXPR_PRECEDING_ROWS" and _constant_at_least_one(
+        window.get("end_expr"), default=False
+    )
+
+
+def reads_other_rows(text: str) -> bool:
+    """Whether an expression holds a window function (`lag(y) OVER (...)`, a moving average): its value
+    for a row depends on other rows, so it cannot be computed from one request's fields."""
+    with _database().cursor() as cur:
+        tree = _parse_tree(cur, f"SELECT {text}")
+
+    def has_window(node: Any) -> bool:
+        if isinstance(node, list):
+            return any(map(has_window, node))
+        if not isinstance(node, dict):
+            return False
+        return node.get("class") == "WINDOW" or any(map(has_window, node.values()))
+
+    return has_window(tree.get("select_list", []))
+
+
+def current_column_refs(text: str, time_column: str | None) -> set[str]:
+    """Lower-cased names of the columns an expression reads at the current row or later. A reference
+    inside a strictly-past window (see `_strictly_past`) reads only earlier rows' values, known at
+    prediction time, and is left out; one in its PARTITION BY, ORDER BY or default is not."""
+    with _database().cursor() as cur:
+        tree = _parse_tree(cur, f"SELECT {text}")
+    refs: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        if node.get("class") == "COLUMN_REF":
+            refs.add(node["column_names"][-1].lower())
+            return
+        past = node.get("class") == "WINDOW" and _strictly_past(node, time_column)
+        for key, value in node.items():
+            if not (past and key == "children"):
+                walk(value)
+
+    walk(tree.get("select_list", []))
+    return refs

@@ -12,8 +12,9 @@ import yaml
 from pydantic import ValidationError
 
 from ml_assets.core.errors import ConfigError
-from ml_assets.core.spec.checks import check_pipeline
-from ml_assets.core.spec.schema import IDENTIFIER, PipelineSpec, Project, SourceSpec
+from ml_assets.core.spec.checks import check_pipeline, column_types, modelling_columns
+from ml_assets.core.spec.infer import infer_features, source_columns
+from ml_assets.core.spec.schema import IDENTIFIER, ROW_ID, FeatureSpec, PipelineSpec, Project, SourceSpec
 
 PIPELINES_DIR_ENV = "ML_ASSETS_PIPELINES_DIR"
 
@@ -93,8 +94,45 @@ def _with_parent(raw: dict[str, Any], path: Path, chain: tuple[str, ...] = ()) -
     return deep_merge(inherited, {k: v for k, v in raw.items() if k != "extends"})
 
 
+def _with_inferred_columns(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Sources of this file that leave out `columns` get the stored (else freshly inferred) ones."""
+    sources = raw.get("sources")
+    if not isinstance(sources, dict):
+        return raw
+    filled = {}
+    for name, source in sources.items():
+        if isinstance(source, dict) and source.get("columns") is None and isinstance(source.get("path"), str):
+            columns, _ = source_columns(path, str(name), source)
+            source = source | {"columns": columns}
+        filled[name] = source
+    return raw | {"sources": filled}
+
+
+def _with_inferred_features(spec: PipelineSpec, sources: dict[str, SourceSpec], path: Path) -> PipelineSpec:
+    """A pipeline without `features` uses every modelling-table column but the target, what it is
+    computed from, ids and leakage columns, typed as the data is."""
+    if spec.features:
+        return spec
+    modelling_columns(spec, sources)  # names SQL cannot tell apart are refused before any inference
+    excluded = {
+        spec.target.name,
+        *spec.target.source_columns,
+        *spec.leakage,
+        *spec.id,
+        ROW_ID,
+    }
+    types = {c: t for c, t in column_types(spec, sources).items() if c not in excluded}
+    try:
+        features = [FeatureSpec.model_validate(f) for f in infer_features(types, "features")]
+    except ValidationError as exc:
+        raise ConfigError(_format_pydantic(path, exc)) from exc
+    if not features:
+        raise ConfigError(f"{path}: features: omitted, and no column is left to infer them from")
+    return spec.model_copy(update={"features": features})
+
+
 def load_pipeline_file(path: Path) -> PipelineSpec:
-    raw = _with_parent(_read_yaml(path), path)
+    raw = _with_inferred_columns(_with_parent(_read_yaml(path), path), path)
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as exc:
@@ -155,10 +193,14 @@ def load_project(directory: Path) -> Project:
         for shared in spec.shared_sources:
             if shared not in sources:
                 raise ConfigError(f"{path}: shared_sources: no pipeline file defines source {shared!r}")
+        own = {s: sources[s] for s in [*spec.sources, *spec.shared_sources]}
         try:
-            check_pipeline(spec, {s: sources[s] for s in [*spec.sources, *spec.shared_sources]})
+            spec = _with_inferred_features(spec, own, path) if own.get(spec.base) else spec
+            check_pipeline(spec, own)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+            message = str(exc)
+            raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from exc
+        pipelines[name] = spec
     return Project(directory, pipelines, sources, source_files, pipeline_files)
 
 

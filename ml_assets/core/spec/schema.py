@@ -32,6 +32,9 @@ IDENTIFIER = r"^[a-z_][a-z0-9_]*$"
 # Leading underscores are reserved for the columns the platform adds (_split, _key, _source_file, ...).
 FEATURE_NAME = r"^[a-z][a-z0-9_]*$"
 # Source names become table names, landing directories and Dagster asset keys: nothing but a plain name.
+# The built-in row id of a source without `id`: md5 of the row's raw values and its occurrence among
+# identical rows, so re-ingesting the same rows (renamed files, another order) gives the same ids.
+ROW_ID = "_row_id"
 Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER)]
 ColumnName = Annotated[str, StringConstraints(pattern=FEATURE_NAME)]
 
@@ -207,7 +210,11 @@ class SourceSpec(_Strict):
     timestamp: str | None = None
     partitions: PartitionSpec | None = None
     null_values: list[str] = Field(default_factory=lambda: ["", "NA"])
-    columns: dict[str, ColumnSpec]
+    columns: dict[str, ColumnSpec] | None = Field(
+        None,
+        description="Omitted: inferred from the files' header and a sample when the pipeline loads, and "
+        "stored beside the pipeline file (.inferred/<source>.json) so later loads use the same schema",
+    )
     max_quarantine_share: float = Field(0.05, ge=0, le=1)
     schema_evolution: SchemaEvolutionSpec = Field(default_factory=SchemaEvolutionSpec)
     timezones: Literal["normalize", "reject"] = Field(
@@ -225,6 +232,11 @@ class SourceSpec(_Strict):
 
     @model_validator(mode="after")
     def _keys_are_columns(self) -> SourceSpec:
+        if self.columns is None:
+            # Filled in by the loader (spec.infer), which validates the source again with its columns.
+            if not self.path:
+                raise ValueError("columns can only be inferred from a path source; list them")
+            return self
         kinds = [
             k
             for k, v in (
@@ -277,7 +289,7 @@ class JoinSpec(_Strict):
 
 
 class TargetSpec(_Strict):
-    name: str = Field(pattern=IDENTIFIER)
+    name: str = Field(min_length=1, description="Column of the modelling table (any name a file can hold)")
     expr: str | None = Field(
         None, description="SQL expression over the modelling table (default: column `name`)"
     )
@@ -332,6 +344,14 @@ class SplitSpec(_Strict):
         None, ge=1, description="Train on the latest N days only (default: every loaded partition)"
     )
     seed: int = 0
+    stratify: bool = Field(
+        True, description="random: each class keeps its share in every split (classification targets)"
+    )
+    group_by: list[str] = Field(
+        default_factory=list,
+        description="random: rows sharing these columns' values stay in one split (one entity never "
+        "spans train and test)",
+    )
 
     @model_validator(mode="after")
     def _dates_are_ordered(self) -> SplitSpec:
@@ -347,6 +367,8 @@ class SplitSpec(_Strict):
             raise ValueError("give either valid_start/test_start or valid_days/test_days")
         if self.method == "random" and (self.valid_start or self.test_days or self.window_days):
             raise ValueError("dates, days and window_days only apply to method: time")
+        if self.method == "time" and self.group_by:
+            raise ValueError("group_by applies to method: random (a time split never mixes periods)")
         if self.window_days and self.test_days and self.window_days <= self.test_days + self.valid_days:
             raise ValueError("window_days must be longer than test_days + valid_days (no training rows left)")
         if self.valid_fraction + self.test_fraction >= 0.9:
@@ -379,6 +401,25 @@ def _default_search_space() -> dict[str, ParamRange]:
     }
 
 
+class DecisionSpec(_Strict):
+    """How a binary model's decision threshold is chosen on the validation split."""
+
+    optimise: Literal["auto", "f1", "accuracy", "cost", "recall"] = Field(
+        "auto",
+        description="auto: accuracy when the metric is accuracy, else F1; cost: least "
+        "false_positive_cost * FP + false_negative_cost * FN; recall: the highest threshold reaching "
+        "target_recall",
+    )
+    false_positive_cost: float = Field(1.0, ge=0)
+    false_negative_cost: float = Field(1.0, ge=0)
+    target_recall: float = Field(0.8, gt=0, le=1)
+
+    def objective(self, metric: str) -> str:
+        if self.optimise != "auto":
+            return self.optimise
+        return "accuracy" if metric == "accuracy" else "f1"
+
+
 class ModelSpec(_Strict):
     metric: str | None = None
     time_budget_s: float = Field(60.0, gt=0)
@@ -394,6 +435,7 @@ class ModelSpec(_Strict):
         "2-core machine took 51-55 s instead of 4.5-4.7 s (bench/RESULTS.md)",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="Fixed LightGBM parameters")
+    decision_threshold: DecisionSpec = Field(default_factory=DecisionSpec)
     search_space: dict[str, ParamRange] = Field(default_factory=_default_search_space)
 
 
@@ -494,10 +536,16 @@ class PipelineSpec(_Strict):
     derived: dict[ColumnName, str] = Field(
         default_factory=dict, description="New columns: name -> SQL expression"
     )
-    id: list[str] = Field(min_length=1)
+    id: list[str] = Field(
+        default_factory=list,
+        description="Columns identifying a row; omitted: the built-in _row_id (a hash of the row's content)",
+    )
     timestamp: str | None = None
     target: TargetSpec
-    features: list[FeatureSpec] = Field(min_length=1)
+    features: list[FeatureSpec] = Field(
+        default_factory=list,
+        description="Omitted: every modelling-table column but the target, ids and leakage, typed from the data",
+    )
     leakage: list[str] = Field(
         default_factory=list, description="Columns not known at prediction time: never allowed as features"
     )
@@ -510,6 +558,11 @@ class PipelineSpec(_Strict):
     @property
     def metric(self) -> str:
         return self.model.metric or DEFAULT_METRIC[self.task]
+
+    @property
+    def row_id(self) -> list[str]:
+        """The columns that identify a modelling-table row: `id`, or the built-in content hash."""
+        return self.id or [ROW_ID]
 
     @property
     def greater_is_better(self) -> bool:

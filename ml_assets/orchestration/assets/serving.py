@@ -31,7 +31,7 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
         kinds={"lightgbm", "duckdb"},
         partitions_def=partitions,
         **common(pipeline),
-        description=f"The champion's scores of the modelling table's rows, one per {pipeline.id}: score, "
+        description=f"The champion's scores of the modelling table's rows, one per {pipeline.row_id}: score, "
         f"decision at the champion's threshold, and the version that scored it ({pipeline.name}.predictions). "
         "Re-scoring a partition replaces its rows; a promotion or rollback re-scores the latest "
         f"{pipeline.serving.rescore_partitions} days (the {pipeline.name}_rescore sensor).",

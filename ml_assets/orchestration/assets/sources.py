@@ -169,6 +169,8 @@ def validated_asset(name: str, spec: SourceSpec) -> dg.AssetsDefinition:
                 "quarantine_limit_hit": result.quarantine_limit_hit,
                 "quarantine_limit": result.quarantine.description,
                 "tz_offsets_normalised": dg.MetadataValue.json(result.tz_offsets_normalised),
+                # The schema validated against: written, or inferred and stored beside the pipeline file.
+                "schema": dg.MetadataValue.json({c: s.type for c, s in spec.columns.items()}),
             },
         )
         by_rule = pl.DataFrame(

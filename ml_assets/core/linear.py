@@ -1,0 +1,128 @@
+"""The simple candidates every model is judged against, saved as JSON and served with numpy (no pickle).
+
+- `linear`: logistic regression (classification) or ridge (regression) on the transformed features,
+  numeric columns imputed (median) and standardised, categorical codes one-hot encoded;
+- `constant`: the training split's class shares or mean, the floor any model must clear.
+
+scikit-learn fits them; only the numbers are kept (imputation values, means, scales, vocabularies,
+coefficients, intercepts), and `predict` recomputes exactly what the fitted estimator would, so what the
+gate judged at training time is what serves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import polars as pl
+from sklearn.linear_model import LogisticRegression, Ridge
+
+FORMAT_VERSION = 1
+KINDS = ("constant", "linear")
+
+
+def _frame(features: pl.DataFrame | pd.DataFrame) -> pd.DataFrame:
+    return features.to_pandas() if isinstance(features, pl.DataFrame) else features
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """y = link(X @ coef.T + intercept) over the encoded features; `constant` has no inputs."""
+
+    kind: str
+    task: str
+    numeric: list[dict[str, Any]]
+    categorical: list[dict[str, Any]]
+    coef: list[list[float]]
+    intercept: list[float]
+
+    @classmethod
+    def fit_constant(cls, task: str, y: np.ndarray, n_classes: int | None) -> LinearModel:
+        if task == "regression":
+            intercept = [float(np.mean(y))]
+        else:
+            shares = np.bincount(y.astype(int), minlength=n_classes or 2) / max(len(y), 1)
+            intercept = [float(shares[1])] if task == "binary" else shares.tolist()
+        return cls("constant", task, [], [], [], intercept)
+
+    @classmethod
+    def fit_linear(
+        cls, task: str, X: pd.DataFrame, y: np.ndarray, categorical: list[str], seed: int = 0
+    ) -> LinearModel:
+        numeric = []
+        for column in [c for c in X.columns if c not in categorical]:
+            values = X[column].astype(float)
+            median = float(values.median()) if values.notna().any() else 0.0
+            filled = values.fillna(median)
+            std = float(filled.std(ddof=0))
+            numeric.append(
+                {"name": column, "impute": median, "mean": float(filled.mean()), "scale": std or 1.0}
+            )
+        cats = [
+            {"name": c, "categories": sorted(int(v) for v in pd.unique(X[c].dropna()))} for c in categorical
+        ]
+        model = cls("linear", task, numeric, cats, [], [])
+        design = model._design(X)
+        if task == "regression":
+            fitted = Ridge(alpha=1.0).fit(design, y)
+            coef, intercept = [np.atleast_1d(fitted.coef_).tolist()], [float(fitted.intercept_)]
+        else:
+            fitted = LogisticRegression(max_iter=1000, random_state=seed).fit(design, y)
+            coef, intercept = fitted.coef_.tolist(), fitted.intercept_.tolist()
+        return cls("linear", task, numeric, cats, coef, intercept)
+
+    def _design(self, X: pd.DataFrame) -> np.ndarray:
+        parts = [
+            ((X[n["name"]].astype(float).fillna(n["impute"]).to_numpy() - n["mean"]) / n["scale"])[:, None]
+            for n in self.numeric
+        ]
+        for c in self.categorical:
+            codes = X[c["name"]].to_numpy()
+            # An unseen code matches no column: all zeros, as OneHotEncoder(handle_unknown="ignore").
+            parts.append((codes[:, None] == np.asarray(c["categories"])[None, :]).astype(float))
+        return np.hstack(parts) if parts else np.zeros((len(X), 0))
+
+    def predict(self, features: pl.DataFrame | pd.DataFrame) -> np.ndarray:
+        """P(positive) (binary), class probabilities (multiclass) or values, like the booster's."""
+        X = _frame(features)
+        n = len(X)
+        intercept = np.asarray(self.intercept, dtype=float)
+        if self.kind == "constant":
+            if self.task == "multiclass":
+                return np.tile(intercept, (n, 1))
+            return np.full(n, intercept[0])
+        z = self._design(X) @ np.asarray(self.coef, dtype=float).T + intercept
+        if self.task == "regression":
+            return z[:, 0]
+        if self.task == "binary":
+            return 1.0 / (1.0 + np.exp(-z[:, 0]))
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def importance(self) -> list[tuple[str, float]]:
+        """|coefficient| per input column (summed over classes and one-hot columns), largest first."""
+        if self.kind == "constant":
+            return []
+        weights = np.abs(np.asarray(self.coef)).sum(axis=0)
+        names = [n["name"] for n in self.numeric] + [
+            c["name"] for c in self.categorical for _ in c["categories"]
+        ]
+        totals: dict[str, float] = {}
+        for name, w in zip(names, weights.tolist(), strict=True):
+            totals[name] = totals.get(name, 0.0) + w
+        return sorted(totals.items(), key=lambda t: -t[1])
+
+    def to_json(self) -> str:
+        body = {"format_version": FORMAT_VERSION, **self.__dict__}
+        return json.dumps(body, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LinearModel:
+        data = json.loads(text)
+        if data.pop("format_version", None) != FORMAT_VERSION:
+            raise ValueError("unsupported baseline model format")
+        return cls(**data)

@@ -1,0 +1,181 @@
+"""`ml-assets init`: a complete, commented pipeline file written from a data file.
+
+Everything comes from `spec.infer` (types, not-null, ranges with headroom, safe feature names); this
+module adds what a person should look at: the task guessed from the target, the split (time when there
+is a time column, else random and stratified), and columns that look like leakage, flagged in a comment
+but kept, because only the user knows what is known at prediction time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from ml_assets.core.errors import UsageError
+from ml_assets.core.spec.infer import (
+    column_type,
+    infer_columns,
+    infer_features,
+    resolve_paths,
+    safe_name,
+    sample_frame,
+)
+from ml_assets.core.spec.schema import DEFAULT_METRIC
+
+# A column this correlated with the target, or missing exactly where the target is, is usually recorded
+# after the outcome (arrival time beside arrival delay).
+LEAKAGE_CORRELATION = 0.9
+MULTICLASS_MAX = 20
+
+
+def _yaml(value: Any) -> str:
+    """A scalar or flow collection as YAML (JSON is valid YAML, and quotes every odd name safely)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_yaml(k)}: {_yaml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml(v) for v in value) + "]"
+    if isinstance(value, str) and value.replace("_", "").isalnum() and value.isascii() and value[0].isalpha():
+        return (
+            value
+            if value.lower() not in ("yes", "no", "on", "off", "true", "false", "null")
+            else f'"{value}"'
+        )
+    return json.dumps(value)
+
+
+def guess_task(target: pl.Series) -> str:
+    distinct = target.drop_nulls().n_unique()
+    if distinct == 2:
+        return "binary"
+    if column_type(target.dtype) in ("str", "bool") or (
+        target.dtype.is_integer() and distinct <= MULTICLASS_MAX
+    ):
+        return "multiclass"
+    return "regression"
+
+
+def leakage_hints(frame: pl.DataFrame, target: str) -> dict[str, str]:
+    """Column -> why it may only be known after the outcome."""
+    y = frame.get_column(target)
+    encoded = y.cast(pl.Float64, strict=False) if y.dtype.is_numeric() else None
+    if encoded is None and y.drop_nulls().n_unique() == 2:
+        encoded = (y == y.drop_nulls().sort()[-1]).cast(pl.Float64)
+    hints = {}
+    for name in frame.columns:
+        if name == target:
+            continue
+        series = frame.get_column(name)
+        if y.null_count() and series.null_count() and series.is_null().equals(y.is_null()):
+            hints[name] = f"missing exactly where {target!r} is"
+        elif encoded is not None and series.dtype.is_numeric():
+            both = pl.DataFrame({"a": series.cast(pl.Float64), "b": encoded}).drop_nulls()
+            corr = both.select(pl.corr("a", "b")).item() if both.height > 2 else None
+            if corr is not None and abs(corr) >= LEAKAGE_CORRELATION:
+                hints[name] = f"correlation {corr:+.2f} with {target!r}"
+        if name not in hints and target.lower() in name.lower():
+            hints[name] = f"its name contains the target's, {target!r}"
+    return hints
+
+
+def _pick_time(frame: pl.DataFrame, time: str | None) -> str | None:
+    if time is not None:
+        if time not in frame.columns:
+            raise UsageError(f"--time: no column {time!r} in the file; columns: {frame.columns}")
+        if column_type(frame.get_column(time).dtype) not in ("datetime", "date"):
+            raise UsageError(f"--time: column {time!r} does not parse as dates or datetimes")
+        return time
+    stamps = [c for c in frame.columns if column_type(frame.get_column(c).dtype) in ("datetime", "date")]
+    return stamps[0] if len(stamps) == 1 else None
+
+
+def scaffold(
+    pattern: str,
+    target: str,
+    out: Path,
+    task: str | None = None,
+    time: str | None = None,
+    id_columns: list[str] | None = None,
+) -> str:
+    """The text of a pipeline file named after `out`, reading `pattern` (a file or glob)."""
+    paths = resolve_paths(pattern, Path.cwd())
+    frame = sample_frame(paths, ["", "NA"], rows=1_000_000)
+    if target not in frame.columns:
+        raise UsageError(f"--target: no column {target!r} in {paths[0]}; columns: {frame.columns}")
+    for col in id_columns or []:
+        if col not in frame.columns:
+            raise UsageError(f"--id: no column {col!r} in {paths[0]}; columns: {frame.columns}")
+    task = task or guess_task(frame.get_column(target))
+    time = _pick_time(frame, time)
+    name = safe_name(out.stem)
+    source = safe_name(paths[0].name.split(".")[0])
+    # The pipeline file reads its path relative to itself.
+    shown = (
+        pattern
+        if pattern.startswith("pkg://")
+        else os.path.relpath(os.path.abspath(pattern), out.parent.absolute())
+    )
+    columns = infer_columns(frame)
+    hints = leakage_hints(frame, target)
+    constant = {c for c in frame.columns if frame.get_column(c).drop_nulls().n_unique() <= 1}
+    ids = id_columns or []
+    candidates = {
+        c: columns[c]["type"] for c in frame.columns if c not in {target, *ids} and c not in constant
+    }
+    features = infer_features(candidates, "features")
+    lines = [
+        f"# Written by `ml-assets init {pattern} --target {target}` from {frame.height} rows of {paths[0].name}.",
+        "# Every value below was read from the data: check the types, the rules (ranges have headroom), the",
+        "# features, and the columns flagged LEAKAGE? (move those known only after the outcome to leakage:).",
+        f"name: {name}",
+        f"task: {task}   # guessed from {frame.get_column(target).drop_nulls().n_unique()} distinct target values",
+        "",
+        "sources:",
+        f"  {source}:",
+        f"    path: {_yaml(shown)}",
+    ]
+    if ids:
+        lines.append(f"    id: {_yaml(ids)}")
+    else:
+        lines.append("    # no id column: rows get the built-in _row_id (a hash of the row's values)")
+    if time:
+        lines.append(f"    timestamp: {_yaml(time)}")
+    lines.append("    columns:")
+    for col, spec in columns.items():
+        series = frame.get_column(col)
+        note = f"{series.n_unique()} distinct, {series.null_count() / max(frame.height, 1):.0%} missing"
+        lines.append(f"      {_yaml(col)}: {_yaml(spec)}   # {note}")
+    lines += ["", f"base: {source}"]
+    if ids:
+        lines.append(f"id: {_yaml(ids)}")
+    if time:
+        lines.append(f"timestamp: {_yaml(time)}")
+    lines += [
+        f"target: {{name: {_yaml(target)}, missing: drop}}",
+        "leakage: []   # columns not known at prediction time: never features",
+        "",
+        "features:",
+    ]
+    for feature in features:
+        column = feature.get("column", feature["name"])
+        flag = f"   # LEAKAGE? {hints[column]}" if column in hints else ""
+        lines.append(f"  - {_yaml(feature)}{flag}")
+    for col in sorted(constant - {target}):
+        lines.append(f"  # {_yaml(col)} is constant in the data: not a feature")
+    classification = task != "regression"
+    if time:
+        split = {"method": "time", "test_fraction": 0.2, "valid_fraction": 0.1}
+        why = f"the latest 20% of rows by {time!r} are the test set"
+    else:
+        split = {"method": "random", "test_fraction": 0.2, "valid_fraction": 0.1, "stratify": classification}
+        why = "exact shares of the whole" + (", each class keeping its share" if classification else "")
+    lines += [
+        "",
+        f"split: {_yaml(split)}   # {why}; train is the remaining 70%",
+        f"model: {{metric: {DEFAULT_METRIC[task]}, time_budget_s: 60, max_trials: 10}}",
+        "",
+    ]
+    return "\n".join(lines)

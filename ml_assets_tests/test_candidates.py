@@ -1,0 +1,170 @@
+"""The model step's simpler candidates, its decision threshold and its time budget, on synthetic data in
+memory (no Dagster): the JSON baselines reproduce scikit-learn exactly, the threshold follows the metric,
+and `time_budget_s` bounds every trial (the first included) and the final fit."""
+
+from __future__ import annotations
+
+import time
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from ml_assets.core import train
+from ml_assets.core.linear import LinearModel
+from ml_assets.core.metrics import choose_threshold, score
+from ml_assets.core.spec import PipelineSpec
+
+
+def _frame(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(
+        {
+            "a": rng.normal(size=n),
+            "b": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n)),
+            "c": rng.integers(0, 4, size=n).astype(np.int32),
+        }
+    )
+    z = X["a"] - 0.5 * X["b"].fillna(0) + 0.7 * (X["c"] == 2) + rng.normal(scale=0.5, size=n)
+    return X, (z > 0).astype(int).to_numpy(), z.to_numpy()
+
+
+@pytest.mark.parametrize("task", ["binary", "regression"])
+def test_the_json_baseline_predicts_exactly_what_scikit_learn_fitted(task):
+    X, labels, values = _frame(800, 1)
+    y = labels if task == "binary" else values
+    prep = ColumnTransformer(
+        [
+            ("num", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), ["a", "b"]),
+            ("cat", OneHotEncoder(handle_unknown="ignore"), ["c"]),
+        ]
+    )
+    estimator = LogisticRegression(max_iter=1000) if task == "binary" else Ridge(alpha=1.0)
+    reference = make_pipeline(prep, estimator).fit(X, y)
+    ours = LinearModel.from_json(LinearModel.fit_linear(task, X, y, ["c"]).to_json())
+    X_new, _, _ = _frame(300, 2)
+    X_new.loc[0, "c"] = 9  # a code never seen in training: all one-hot columns zero, as scikit-learn
+    expected = reference.predict_proba(X_new)[:, 1] if task == "binary" else reference.predict(X_new)
+    np.testing.assert_allclose(ours.predict(X_new), expected, rtol=1e-6, atol=1e-8)
+
+
+def test_the_constant_floor_predicts_the_training_prior():
+    y = np.array([0, 0, 0, 1])
+    model = LinearModel.fit_constant("binary", y, 2)
+    assert model.predict(pd.DataFrame({"a": [1.0, 2.0]})).tolist() == [0.25, 0.25]
+    multi = LinearModel.fit_constant("multiclass", np.array([0, 1, 1, 2]), 3)
+    assert multi.predict(pd.DataFrame({"a": [1.0]})).tolist() == [[0.25, 0.5, 0.25]]
+
+
+def _scores(n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(4)
+    y = (rng.random(n) < 0.3).astype(int)
+    p = np.clip(0.3 + 0.25 * (2 * y - 1) + rng.normal(scale=0.2, size=n), 0, 1)
+    return y, p
+
+
+def _labels_metric(metric: str, y: np.ndarray, p: np.ndarray, t: float) -> float:
+    return score("binary", metric, y, p, t)
+
+
+def test_the_threshold_maximises_the_metric_it_is_chosen_for():
+    y, p = _scores()
+    grid = np.unique(p)
+    for metric in ("accuracy", "f1"):
+        chosen = choose_threshold(y, p, metric)
+        best = max(_labels_metric(metric, y, p, t) for t in grid)
+        assert _labels_metric(metric, y, p, chosen) == pytest.approx(best)
+    # Accuracy and F1 disagree here (30% positives): the accuracy threshold is the higher one.
+    assert choose_threshold(y, p, "accuracy") > choose_threshold(y, p, "f1")
+
+
+def test_cost_and_recall_thresholds():
+    y, p = _scores()
+    # Missing a positive costs 10 false alarms: the threshold drops to catch more positives.
+    assert choose_threshold(y, p, "cost", 1.0, 10.0) < choose_threshold(y, p, "cost", 1.0, 1.0)
+    t = choose_threshold(y, p, "recall", target_recall=0.95)
+    assert _labels_metric("recall", y, p, t) >= 0.95
+    higher = np.unique(p)[np.unique(p) > t]
+    assert _labels_metric("recall", y, p, higher[0]) < 0.95  # the highest threshold that reaches it
+
+
+def test_the_pipeline_threshold_rule_follows_the_metric():
+    y, p = _scores()
+    spec = _spec({"metric": "accuracy"})
+    assert train.decision_threshold(spec, y, p) == choose_threshold(y, p, "accuracy")
+    assert train.decision_threshold(_spec({}), y, p) == choose_threshold(y, p, "f1")  # roc_auc: F1
+    costly = _spec({"decision_threshold": {"optimise": "cost", "false_negative_cost": 10}})
+    assert train.decision_threshold(costly, y, p) == choose_threshold(y, p, "cost", 1.0, 10.0)
+
+
+def _spec(model: dict) -> PipelineSpec:
+    return PipelineSpec.model_validate(
+        {
+            "name": "synthetic",
+            "task": "binary",
+            "base": "s",
+            "target": {"name": "y"},
+            "features": [{"name": "a", "type": "numeric"}],
+            "split": {"method": "random"},
+            "model": model,
+        }
+    )
+
+
+def _data(n: int) -> train.TrainingData:
+    X, y, _ = _frame(n, 7)
+    parts = {}
+    for name, idx in (
+        ("train", slice(0, n // 2)),
+        ("valid", slice(n // 2, 3 * n // 4)),
+        ("test", slice(3 * n // 4, n)),
+    ):
+        parts[name] = train.Split(X.iloc[idx].reset_index(drop=True), y[idx], np.arange(n)[idx].astype(str))
+    return train.TrainingData(
+        **parts, features=["a", "b", "c"], categorical=["c"], classes=[0, 1], time_window={}
+    )
+
+
+ROUND_S = 0.02
+
+
+def test_the_time_budget_cuts_the_first_trial_and_the_final_fit(monkeypatch):
+    """A forced slow trial (every boosting round sleeps): the first trial is cut at the deadline and
+    recorded as cut short, the final fit stops at the budget with the rounds it has, and the recorded
+    search and model-step times stay within the budget plus about one round."""
+    real_train = lgb.train
+
+    def slow_train(*args, **kwargs):
+        def sleep(env):
+            time.sleep(ROUND_S)
+
+        kwargs["callbacks"] = [sleep, *kwargs.get("callbacks", [])]
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(train.lgb, "train", slow_train)
+    budget = 2.0
+    # Early stopping would never end a trial of 1000 rounds here: only the budget can.
+    spec = _spec({"max_rounds": 1000, "early_stopping_rounds": 1000, "max_trials": 5, "cv_folds": 2})
+    trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
+    first = trained.tuning.trials[0]
+    assert first["cut_short"] is True and first["cv_score"] is None
+    assert len(trained.tuning.trials) == 1  # nothing is started after a cut trial
+    assert trained.tuning.best_cv_score is None  # the centre of the space is refitted
+    assert trained.tuning.elapsed_s <= budget * train.SEARCH_SHARE + 10 * ROUND_S + 0.5
+    assert trained.final_fit_cut_at is not None and 0 < trained.final_fit_cut_at < 1000
+    assert trained.booster.current_iteration() == trained.final_fit_cut_at
+    assert trained.elapsed_s <= budget + 10 * ROUND_S + 1.0
+    assert set(trained.candidates) == {"constant", "linear"}
+
+
+def test_a_budget_that_never_binds_completes_every_trial():
+    spec = _spec({"max_rounds": 50, "early_stopping_rounds": 10, "max_trials": 3, "cv_folds": 2})
+    trained = train.train_model(spec, _data(1200), 600.0, 3)
+    assert [t["cut_short"] for t in trained.tuning.trials] == [False, False, False]
+    assert trained.final_fit_cut_at is None
