@@ -150,6 +150,7 @@ def test_predictions_score_every_row_once_with_the_champion_and_the_skew_check_p
         check = checks[(name, "online_matches_batch")]
         assert check.passed, check.description
         assert check.metadata["rows"].value > 0 and check.metadata["max_abs_diff"].value <= 1e-9
+        assert check.metadata["single_row_requests"].value == online.SKEW_SINGLE_ROWS
     # The regression model's scores vary, so its agreement is not that of a constant.
     with served.db() as conn:
         modelling = conn.execute(f"SELECT count(*) FROM {table_name(served.spec(ARR)[1])}").fetchone()[0]
@@ -466,6 +467,7 @@ def test_the_server_scores_one_object_or_a_list_like_the_batch_asset(served, ser
     assert one.json()["predictions"][0]["score"] == answered["score"][0]
     info = server.get(f"/v1/{DELAY}/model").json()
     assert info["version"] == served.champion() and "wx_temp" in info["features"]
+    assert info["completion"] == "per-key lookups"  # what the answers above (equal to batch) went through
     assert "arr_delay" not in info["request_fields"] and info["request_fields"]["time_hour"]["required"]
     assert server.get("/health").json() == {"status": "ok"}
     assert server.get("/docs").status_code == 200
