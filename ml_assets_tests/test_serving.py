@@ -150,6 +150,7 @@ def test_predictions_score_every_row_once_with_the_champion_and_the_skew_check_p
         check = checks[(name, "online_matches_batch")]
         assert check.passed, check.description
         assert check.metadata["rows"].value > 0 and check.metadata["max_abs_diff"].value <= 1e-9
+        assert check.metadata["single_row_requests"].value == online.SKEW_SINGLE_ROWS
     # The regression model's scores vary, so its agreement is not that of a constant.
     with served.db() as conn:
         modelling = conn.execute(f"SELECT count(*) FROM {table_name(served.spec(ARR)[1])}").fetchone()[0]
@@ -175,6 +176,12 @@ def test_predictions_score_every_row_once_with_the_champion_and_the_skew_check_p
     )
     meta = event.materialization.metadata
     assert meta["version"].value == served.first and meta["rows"].value == modelling
+    # Readable as Parquet: one file per (monthly) partition, together the table's rows.
+    files = sorted((served.root / "predictions" / DELAY).glob("*.parquet"))
+    assert meta["parquet_files"].value == len(files) > 1
+    assert not list((served.root / "predictions" / DELAY).glob(".*"))  # no temporary file left
+    exported = pl.read_parquet(files).sort(served.spec()[1].id)
+    assert exported.equals(delay.sort(served.spec()[1].id))
     assert set(meta["score_summary"].value) >= {"rows", "mean", "p05", "p50", "p95", "decision_share"}
 
 
@@ -203,6 +210,12 @@ def test_rescoring_a_partition_replaces_its_rows_and_the_sensor_rescores_after_a
     assert after.filter(~rescored).get_column("version").unique().to_list() == [served.first]
     meta = result.get_asset_materialization_events()[0].materialization.metadata
     assert meta["rows_replaced"].value == meta["rows"].value == before.filter(rescored).height > 0
+    # Each re-scored partition's Parquet file was replaced by the new scores; the others were not touched.
+    for month in months:
+        exported = pl.read_parquet(served.root / "predictions" / DELAY / f"{month}.parquet")
+        assert exported.get_column("version").unique().to_list() == [served.second]
+    older = pl.read_parquet(sorted((served.root / "predictions" / DELAY).glob("*.parquet"))[0])
+    assert older.get_column("version").unique().to_list() == [served.first]
     with dg.build_sensor_context(resources=resources) as context:
         assert sensor.evaluate_tick(context).run_requests == []
     served.make_champion(served.first)
@@ -244,6 +257,79 @@ def test_an_online_request_gets_the_as_of_weather_the_modelling_table_has(served
     # Half an hour after a reading, a request gets that reading, never the next one.
     half_past = request.head(1).with_columns(pl.col("time_hour").dt.offset_by("30m"))
     assert model.served.lookups.complete(half_past)["wx_temp"][0] == latest
+
+
+def test_per_key_lookups_complete_requests_exactly_as_the_sql(served):
+    """The path every API request takes (per-key dictionaries, bisect for the as-of join) against the
+    modelling table's SQL on the same lookups, on many rows and the as-of edge cases."""
+    project, spec = served.spec()
+    model = online.OnlineModel(spec, project.sources_of(spec), served.db)
+    model.refresh()
+    lookups = model.served.lookups
+    assert lookups.keyed is not None, lookups.keyed_problem
+    assert lookups.keyed._memo is not None  # the flagship's derived columns are remembered: tested too
+    with served.db() as conn:
+        rows = conn.execute(
+            f"SELECT * FROM {table_name(spec)} USING SAMPLE reservoir(2000 ROWS) REPEATABLE (1)"
+        ).pl()
+        first = conn.execute("SELECT min(time_hour) FROM validated.weather WHERE origin = 'JFK'").fetchone()[
+            0
+        ]
+        exact = conn.execute(
+            "SELECT time_hour FROM validated.weather WHERE origin = 'JFK' ORDER BY time_hour LIMIT 1 OFFSET 50"
+        ).fetchone()[0]
+    request = online.parse_rows(model.fields, online.request_rows(rows, list(model.fields)), 10_000)
+    one = request.head(1)
+    edges = pl.concat(
+        [
+            one.with_columns(origin=pl.lit("JFK"), time_hour=pl.lit(exact)),  # a reading's exact time
+            one.with_columns(origin=pl.lit("JFK"), time_hour=pl.lit(exact) - pl.duration(microseconds=1)),
+            one.with_columns(origin=pl.lit("JFK"), time_hour=pl.lit(first) - pl.duration(hours=1)),  # before
+            one.with_columns(origin=pl.lit("XYZ")),  # a key no reading has
+            one.with_columns(tailnum=pl.lit("N0NE")),  # a plane the registry lacks
+            one.with_columns(tailnum=pl.lit(None, dtype=pl.String)),  # a NULL key
+            one.with_columns(origin=pl.lit(None, dtype=pl.String)),
+        ]
+    )
+    everything = pl.concat([request, edges])
+    expected = lookups.complete_sql(everything)
+    for size in (1, 7, MAX_BATCH):  # single rows, small lists, the largest request
+        for attempt in range(2):  # derived values computed, then remembered
+            done = pl.concat(
+                [lookups.complete(everything.slice(i, size)) for i in range(0, everything.height, size)]
+            )
+            assert done.schema == expected.schema
+            assert done.equals(expected), (size, attempt)
+    # The edge cases are what they claim: the exact match takes that reading, before/missing/NULL nothing.
+    edge = lookups.complete(edges)
+    with served.db() as conn:
+        at_exact = conn.execute(
+            "SELECT temp FROM validated.weather WHERE origin = 'JFK' AND time_hour = ?", [exact]
+        ).fetchone()[0]
+    assert edge["wx_temp"][0] == at_exact
+    assert edge["wx_temp"].is_null().to_list()[2:4] == [True, True]
+    assert edge["plane_seats"].is_null().to_list()[4:6] == [True, True]
+    assert edge["wx_temp"][6] is None
+    assert edge["route"][3] == edges["origin"][3] + "-" + edges["dest"][3]
+
+
+def test_keyed_completion_steps_aside_for_duplicate_keys(served):
+    project, spec = served.spec()
+    sources = project.sources_of(spec)
+    with served.db() as conn:
+        tables = {
+            "planes": conn.execute("SELECT * FROM validated.planes").fetch_arrow_table(),
+            "weather": conn.execute(
+                "SELECT * FROM validated.weather UNION ALL (SELECT * FROM validated.weather LIMIT 1)"
+            ).fetch_arrow_table(),
+        }
+        rows = conn.execute(f"SELECT * FROM {table_name(spec)} LIMIT 20").pl()
+    lookups = online.Lookups(spec, sources, tables, ())
+    assert lookups.keyed is None and "duplicate keys" in lookups.keyed_problem
+    request = online.parse_rows(
+        online.request_fields(spec, sources), online.request_rows(rows, _fields(served)), 50
+    )
+    assert lookups.complete(request).equals(lookups.complete_sql(request))
 
 
 def test_the_skew_check_fails_when_the_online_lookups_differ_from_the_batch_rows(served):
@@ -381,6 +467,7 @@ def test_the_server_scores_one_object_or_a_list_like_the_batch_asset(served, ser
     assert one.json()["predictions"][0]["score"] == answered["score"][0]
     info = server.get(f"/v1/{DELAY}/model").json()
     assert info["version"] == served.champion() and "wx_temp" in info["features"]
+    assert info["completion"] == "per-key lookups"  # what the answers above (equal to batch) went through
     assert "arr_delay" not in info["request_fields"] and info["request_fields"]["time_hour"]["required"]
     assert server.get("/health").json() == {"status": "ok"}
     assert server.get("/docs").status_code == 200

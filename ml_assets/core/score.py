@@ -6,14 +6,20 @@ pipeline's id columns, which differ from pipeline to pipeline, so they cannot be
 store.py. Every row names the version that scored it and when. A partition window is re-scored by deleting
 its rows and inserting the new ones in one transaction, chunk by chunk, so memory stays bounded by
 `serving.chunk_rows` whatever the partition's size, and a reader sees the old scores or the new ones.
+
+The same rows are readable as Parquet: one file per partition, `<data>/predictions/<pipeline>/<partition>
+.parquet`, written by DuckDB's COPY under a temporary name and renamed (a reader sees the previous file or
+the new one, never half of one), so re-scoring a partition replaces its file as it replaces its rows.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -26,7 +32,7 @@ from ml_assets.core.errors import ArtifactError
 from ml_assets.core.ingest import TimeWindow, window_condition
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import PipelineSpec
-from ml_assets.core.sql import q, table_exists
+from ml_assets.core.sql import lit, q, table_exists
 from ml_assets.core.store import transaction
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
@@ -169,6 +175,34 @@ def score_window(
     finally:
         reader.close()
     return ScoreRun(found.version, rows, replaced, window, score_summary(conn, pipeline, where))
+
+
+def parquet_path(root: Path, pipeline: PipelineSpec, partition: str | None) -> Path:
+    """Where a partition's scores are exported (`all` for an unpartitioned pipeline)."""
+    return Path(root) / "predictions" / pipeline.name / f"{partition or 'all'}.parquet"
+
+
+def export_parquet(
+    conn: duckdb.DuckDBPyConnection,
+    pipeline: PipelineSpec,
+    root: Path,
+    partition: str | None,
+    window: TimeWindow | None,
+) -> Path:
+    """Write the scores of `window` (one partition's) to its Parquet file, replacing the previous one."""
+    path = parquet_path(root, pipeline, partition)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    order = ", ".join(q(c) for c in entity_columns(pipeline))
+    try:
+        conn.execute(
+            f"COPY (SELECT * FROM {predictions_table(pipeline)} WHERE {_window_sql(pipeline, window)} "
+            f"ORDER BY {order}) TO {lit(str(tmp))} (FORMAT parquet)"
+        )
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def score_summary(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, where: str = "TRUE") -> dict:

@@ -1,14 +1,19 @@
 """Serving assets of a pipeline: `<pipeline>/predictions`, the champion's batch scores, partitioned like the
-project's time axis; each partition's rows replace its previous scores (core.score)."""
+project's time axis; each partition's rows replace its previous scores (core.score), and its Parquet file
+under `<data>/predictions/<pipeline>/` is rewritten."""
+
+from pathlib import Path
 
 import dagster as dg
+import duckdb
 
 from ml_assets.core import score
+from ml_assets.core.ingest import TimeWindow
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.partitions import partitions_def, run_window
-from ml_assets.orchestration.resources import Warehouse
+from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
 
 def predictions_partitions(
@@ -31,7 +36,9 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
         "Re-scoring a partition replaces its rows; a promotion or rollback re-scores the latest "
         f"{pipeline.serving.rescore_partitions} days (the {pipeline.name}_rescore sensor).",
     )
-    def predictions(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+    def predictions(
+        context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
+    ) -> dg.MaterializeResult:
         window = run_window(context) if partitions is not None else None
         with warehouse.get_connection() as conn:
             champion = score.champion_version(conn, pipeline)
@@ -40,9 +47,12 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
                 context.log.warning(f"{pipeline.name}: no champion yet, nothing scored")
                 return dg.MaterializeResult(metadata={"status": "skipped: no champion yet", "rows": 0})
             run = user_errors_as_failures(lambda: score.score_window(conn, pipeline, window))
+            files = _export(context, conn, pipeline, partitions, Path(artifacts.root))
         return dg.MaterializeResult(
             metadata={
                 "table": score.predictions_table(pipeline),
+                "parquet": dg.MetadataValue.path(str(files[0].parent)),
+                "parquet_files": len(files),
                 "dagster/row_count": run.rows,
                 "rows": run.rows,
                 "rows_replaced": run.replaced,
@@ -54,3 +64,21 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
         )
 
     return predictions
+
+
+def _export(
+    context: dg.AssetExecutionContext,
+    conn: duckdb.DuckDBPyConnection,
+    pipeline: PipelineSpec,
+    partitions: dg.TimeWindowPartitionsDefinition | None,
+    root: Path,
+) -> list[Path]:
+    """One Parquet file per partition of the run (one file for an unpartitioned pipeline)."""
+    if partitions is None:
+        return [score.export_parquet(conn, pipeline, root, None, None)]
+    files = []
+    for key in context.partition_keys:
+        tw = partitions.time_window_for_partition_key(key)
+        window = TimeWindow(start=tw.start.replace(tzinfo=None), end=tw.end.replace(tzinfo=None))
+        files.append(score.export_parquet(conn, pipeline, root, key, window))
+    return files
