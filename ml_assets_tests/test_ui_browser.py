@@ -216,11 +216,13 @@ def test_promotion_page_shows_the_verdict_first(browser, ui):
     page = _open(browser, ui, f"{DELAY}/promotion", "promotion")
     keys = _metadata_keys(page)
     assert keys and keys[0] == "verdict", keys
-    verdict = page.get_by_text(f"REFUSED: challenger {ui['version']}")
+    # Every pipeline's first promotion ends with a champion (the model or a baseline, said in the reason).
+    verdict = page.get_by_text(f"PROMOTED (first champion): challenger {ui['version']}")
     assert verdict.is_visible()
     box = verdict.bounding_box()
     assert box is not None and box["x"] + box["width"] <= 1600  # not cut off at the right edge
-    assert "No champion yet." in page.inner_text("body")
+    body = page.inner_text("body")
+    assert "Champion now: " in body and "(no champion before)" in body
     page.close()
 
 
