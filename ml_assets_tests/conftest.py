@@ -130,3 +130,14 @@ def hold():
 def release(holder: subprocess.Popen) -> None:
     holder.stdin.close()
     assert holder.wait(timeout=60) == 0
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Ask a server started by a test to exit, and kill it if it has not within `timeout` seconds; its
+    pipes are drained either way, so a chatty process cannot block on a full pipe while exiting."""
+    proc.terminate()
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=timeout)

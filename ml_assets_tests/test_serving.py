@@ -37,7 +37,7 @@ from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.resources import Warehouse
-from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
+from ml_assets_tests.conftest import FAST_MODEL, materialize_all, stop_process, write_pipelines
 
 DELAY, ARR = "flight_delay", "flight_arr_delay"
 MAX_BATCH, MAX_BODY = 50, 64 * 1024
@@ -434,12 +434,7 @@ def server(served: Served):
         yield client
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop_process(proc, timeout=30)
 
 
 def _fields(s: Served) -> list[str]:

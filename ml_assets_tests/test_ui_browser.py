@@ -31,7 +31,7 @@ from ml_assets.core import registry
 from ml_assets.core.report_server import URL_ENV, serve_in_thread
 from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
-from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
+from ml_assets_tests.conftest import FAST_MODEL, materialize_all, stop_process, write_pipelines
 
 pytestmark = pytest.mark.slow
 
@@ -123,12 +123,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> Iterat
             _wait_for(f"http://127.0.0.1:{port}/server_info", SERVER_START_S, web)
             yield {"url": f"http://127.0.0.1:{port}", "reports": reports_url, "version": version}
         finally:
-            web.terminate()
-            try:
-                web.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                web.kill()
-                web.wait(timeout=60)
+            stop_process(web)
     finally:
         os.environ.pop(URL_ENV, None)
         reports.shutdown()
