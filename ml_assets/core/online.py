@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import duckdb
@@ -528,12 +529,16 @@ class OnlineModel:
     def fields(self) -> dict[str, ColumnSpec]:
         return request_fields(self.pipeline, self.sources)
 
+    @cached_property
+    def offline_only(self) -> str | None:
+        # The pipeline spec never changes under a served model: parse its expressions once, not each poll.
+        return not_servable_online(self.pipeline)
+
     def refresh(self) -> bool:
         """Load a new champion or new lookups if either changed; True when what serves changed. A
         champion whose files fail their hash check is refused once and the previous one kept serving."""
-        offline = not_servable_online(self.pipeline)
-        if offline:
-            self.problem = offline
+        if self.offline_only:
+            self.problem = self.offline_only
             return False
         with self._lock:
             current = self.served
