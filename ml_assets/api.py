@@ -13,7 +13,7 @@ import gc
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -119,15 +119,18 @@ def create_app(
     pipelines: Sequence[str] | None = None,
     poll: bool = True,
     log_root: Path | None = None,
+    marker: Callable[[], Hashable] | None = None,
 ) -> FastAPI:
     """The API over `pipelines` (default: all), each loaded once now; with `poll`, a thread keeps them
-    current while the app runs (and flushes the request logs under `log_root`, when given)."""
+    current while the app runs (and flushes the request logs under `log_root`, when given). `marker`
+    (store.change_marker of the warehouse) lets a poll that finds nothing changed skip the warehouse."""
     names = list(pipelines or project.pipelines)
     unknown = [n for n in names if n not in project.pipelines]
     if unknown:
         raise UsageError(f"unknown pipeline(s) {unknown}; pipelines: {', '.join(sorted(project.pipelines))}")
     models = {
-        n: OnlineModel(project.pipelines[n], project.sources_of(project.pipelines[n]), connect) for n in names
+        n: OnlineModel(project.pipelines[n], project.sources_of(project.pipelines[n]), connect, marker=marker)
+        for n in names
     }
     for name, model in models.items():
         sample = model.pipeline.serving.request_log_sample

@@ -20,7 +20,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -522,7 +522,11 @@ class OnlineModel:
     problem: str | None = None
     last_refresh: dt.datetime | None = None
     log: RequestLog | None = None
+    # When given, a cheap reading that changes whenever the warehouse does (store.change_marker): a poll
+    # that finds it unchanged skips the connection and the queries.
+    marker: Callable[[], Hashable] | None = None
     _refused: str | None = None
+    _seen: Hashable = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -541,43 +545,51 @@ class OnlineModel:
             self.problem = self.offline_only
             return False
         with self._lock:
-            current = self.served
-            with self.connect() as conn:
-                version = registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
-                if version is None:
-                    self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-                    self.problem = f"pipeline '{self.pipeline.name}' has no champion yet"
-                    return False
-                if version != self._refused:
-                    self._refused = None  # the champion moved: a version refused before may be fixed now
-                fresh = lookup_fingerprint(conn, self.pipeline)
-                lookups = current.lookups if current and current.lookups.fingerprint == fresh else None
-                if lookups is None:
-                    lookups = Lookups.copy(conn, self.pipeline, self.sources)
-                found = (
-                    registry.registered(conn, version, self.pipeline.name)
-                    if version
-                    and version != self._refused
-                    and (current is None or version != current.version)
-                    else None
-                )
-            self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-            if current is not None and version == current.version:
-                self.problem = None  # back to what serves: an earlier refusal is history
-            model, served_version = (current.model, current.version) if current else (None, None)
-            if found is not None:
-                try:
-                    model, served_version = ServableModel.from_registry(found), version
-                    self.problem = None
-                except ArtifactError as exc:
-                    self._refused = version
-                    self.problem = f"champion {version} refused: {exc}"
-            if model is None or served_version is None or lookups is None:
+            # Read before the connection: a write committed during this refresh makes the next one look.
+            marker = self.marker() if self.marker else None
+            if marker is not None and marker == self._seen:
+                self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
                 return False
-            if current and current.version == served_version and current.lookups is lookups:
+            changed = self._refresh()
+            self._seen = marker
+            return changed
+
+    def _refresh(self) -> bool:
+        current = self.served
+        with self.connect() as conn:
+            version = registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
+            if version is None:
+                self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+                self.problem = f"pipeline '{self.pipeline.name}' has no champion yet"
                 return False
-            self.served = Served(served_version, model, lookups, self.last_refresh)
-            return True
+            if version != self._refused:
+                self._refused = None  # the champion moved: a version refused before may be fixed now
+            fresh = lookup_fingerprint(conn, self.pipeline)
+            lookups = current.lookups if current and current.lookups.fingerprint == fresh else None
+            if lookups is None:
+                lookups = Lookups.copy(conn, self.pipeline, self.sources)
+            found = (
+                registry.registered(conn, version, self.pipeline.name)
+                if version and version != self._refused and (current is None or version != current.version)
+                else None
+            )
+        self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        if current is not None and version == current.version:
+            self.problem = None  # back to what serves: an earlier refusal is history
+        model, served_version = (current.model, current.version) if current else (None, None)
+        if found is not None:
+            try:
+                model, served_version = ServableModel.from_registry(found), version
+                self.problem = None
+            except ArtifactError as exc:
+                self._refused = version
+                self.problem = f"champion {version} refused: {exc}"
+        if model is None or served_version is None or lookups is None:
+            return False
+        if current and current.version == served_version and current.lookups is lookups:
+            return False
+        self.served = Served(served_version, model, lookups, self.last_refresh)
+        return True
 
     def predict(self, payload: Any) -> dict[str, Any]:
         """Scores of request rows (raises RequestError); names the version that answered."""

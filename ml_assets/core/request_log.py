@@ -15,9 +15,11 @@ import random
 import threading
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 LOGGED_AT = "_logged_at"
+SCORED = ("score", "decision", "version")
 
 
 def log_dir(root: Path, pipeline: str) -> Path:
@@ -25,11 +27,19 @@ def log_dir(root: Path, pipeline: str) -> Path:
 
 
 class RequestLog:
-    """A buffer of scored rows, flushed to a new Parquet file at each `flush`."""
+    """A buffer of scored rows, flushed to a new Parquet file at each `flush`.
 
-    def __init__(self, folder: Path, sample: float = 1.0, seed: int | None = None) -> None:
-        self.folder, self.sample = Path(folder), sample
-        self._rows: list[pl.DataFrame] = []
+    A request only appends references to its frames (no polars work on the request path); `flush`, on
+    the poller's thread, stacks them. At most `max_rows` rows wait between two flushes: beyond that, whole
+    requests are dropped and counted, so a stalled flush cannot grow the process without bound."""
+
+    def __init__(
+        self, folder: Path, sample: float = 1.0, seed: int | None = None, max_rows: int = 100_000
+    ) -> None:
+        self.folder, self.sample, self.max_rows = Path(folder), sample, max_rows
+        self._requests: list[tuple[pl.DataFrame, pl.DataFrame, float, dt.datetime]] = []
+        self._rows = 0
+        self.dropped = 0
         self._lock = threading.Lock()
         self._random = random.Random(seed)
         self._files = 0
@@ -39,25 +49,47 @@ class RequestLog:
         if self.sample < 1.0 and self._random.random() >= self.sample:
             return
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        frame = pl.concat(
-            [completed, scored.select("score", "decision", "version")], how="horizontal"
-        ).with_columns(pl.lit(latency_ms).alias("_latency_ms"), pl.lit(now).alias(LOGGED_AT))
         with self._lock:
-            self._rows.append(frame)
+            if self._rows + completed.height > self.max_rows:
+                self.dropped += 1
+                return
+            self._requests.append((completed, scored, latency_ms, now))
+            self._rows += completed.height
 
     def flush(self) -> Path | None:
         """Write what was recorded since the last flush as one file; None when nothing was."""
         with self._lock:
-            rows, self._rows = self._rows, []
-        if not rows:
+            requests, self._requests, self._rows = self._requests, [], 0
+        if not requests:
             return None
+        completed, scored, latency, logged = zip(*requests, strict=True)
+        # One row per request, repeated for each of its rows.
+        each = np.repeat(np.arange(len(requests)), [c.height for c in completed])
+        frame = pl.concat(
+            [
+                _stack(list(completed)),
+                _stack(list(scored)).select(SCORED),
+                pl.DataFrame({"_latency_ms": latency, LOGGED_AT: logged})[each],
+            ],
+            how="horizontal",
+        )
         self.folder.mkdir(parents=True, exist_ok=True)
         self._files += 1
         name = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}-{os.getpid()}-{self._files}.parquet"
         tmp = self.folder / f".{name}.tmp"
-        pl.concat(rows, how="diagonal_relaxed").write_parquet(tmp)
+        frame.write_parquet(tmp)
         tmp.replace(self.folder / name)
         return self.folder / name
+
+
+def _stack(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    # Requests served by one model and lookups share a schema and are stacked as they are (a few ms for
+    # thousands; comparing their schemas first would cost more than that); only around a swap do columns
+    # need aligning, several times slower.
+    try:
+        return pl.concat(frames, how="vertical")
+    except (pl.exceptions.SchemaError, pl.exceptions.ShapeError):
+        return pl.concat(frames, how="diagonal_relaxed")
 
 
 def read_window(folder: Path, days: int) -> pl.DataFrame | None:
