@@ -34,7 +34,7 @@ from ml_assets.core import registry
 from ml_assets.core.dataset import derived_columns, joined_select, table_name
 from ml_assets.core.errors import ArtifactError, UserError
 from ml_assets.core.request_log import RequestLog
-from ml_assets.core.score import score_frame
+from ml_assets.core.score import PROBABILITIES, score_frame
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import ColumnSpec, JoinSpec, PipelineSpec, SourceSpec
 from ml_assets.core.spec.expressions import reads_other_rows
@@ -668,6 +668,10 @@ def compare_paths(
         )
     diff = float((online.get_column("score") - batch.get_column("score")).abs().max() or 0.0)
     decisions = int((online.get_column("decision") != batch.get_column("decision")).sum() or 0)
+    if PROBABILITIES in batch.columns:  # multiclass: every class' probability, in the same class order
+        each = [f.get_column(PROBABILITIES).explode().struct.unnest() for f in (online, batch)]
+        diff = max(diff, float((each[0]["probability"] - each[1]["probability"]).abs().max() or 0.0))
+        decisions += int((each[0]["class"] != each[1]["class"]).sum() or 0)
     passed = diff <= tolerance and decisions == 0
     return CheckOutcome(
         passed,

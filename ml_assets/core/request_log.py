@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ml_assets.core.score import PROBABILITIES
+
 LOGGED_AT = "_logged_at"
-SCORED = ("score", "decision", "version")
+# What a request's scores add to its completed row (`probabilities` for a multiclass model only).
+SCORED = ("score", "decision", "version", PROBABILITIES)
 
 
 def log_dir(root: Path, pipeline: str) -> Path:
@@ -64,11 +67,12 @@ class RequestLog:
             return None
         completed, scored, latency, logged = zip(*requests, strict=True)
         # One row per request, repeated for each of its rows.
+        scores = _stack(list(scored))
         each = np.repeat(np.arange(len(requests)), [c.height for c in completed])
         frame = pl.concat(
             [
                 _stack(list(completed)),
-                _stack(list(scored)).select(SCORED),
+                scores.select(c for c in SCORED if c in scores.columns),
                 pl.DataFrame({"_latency_ms": latency, LOGGED_AT: logged})[each],
             ],
             how="horizontal",

@@ -68,8 +68,14 @@ def champion(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> registr
     return registry.registered(conn, version, pipeline.name)
 
 
+PROBABILITIES = "probabilities"
+# A multiclass row's probability of every class, in the order of the model's `classes`.
+PROBABILITY_TYPE = pl.List(pl.Struct({"class": pl.String, "probability": pl.Float64}))
+
+
 def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.DataFrame:
-    """score, decision and version for completed rows (modelling-table columns).
+    """score, decision and version for completed rows (modelling-table columns), and for a multiclass
+    model the probability of every class (`probabilities`).
 
     score: P(positive class) (binary), the predicted class' probability (multiclass), or the value
     (regression); decision: the class at the champion's threshold (binary) or the most likely class,
@@ -77,6 +83,7 @@ def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.
     predicted = np.asarray(model.predict(rows), dtype=np.float64)
     task = model.manifest["task"]
     decision: pl.Series
+    extra: list[pl.Series] = []
     if task == "regression":
         score = predicted
         decision = pl.Series("decision", [None] * rows.height, dtype=pl.String)
@@ -88,12 +95,22 @@ def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.
         else:
             index = predicted.argmax(axis=1)
             score = predicted[np.arange(len(index)), index]
+            n = len(classes)
+            per_class = pl.DataFrame(
+                {
+                    "class": classes.gather(np.tile(np.arange(n), rows.height)),
+                    "probability": predicted.ravel(),
+                }
+            )
+            probabilities = per_class.to_struct().reshape((rows.height, n)).arr.to_list()
+            extra.append(probabilities.alias(PROBABILITIES))
         decision = classes.gather(index).alias("decision")
     return pl.DataFrame(
         [
             pl.Series("score", score, dtype=pl.Float64),
             decision,
             pl.Series("version", [version] * rows.height, dtype=pl.String),
+            *extra,
         ]
     )
 
@@ -114,19 +131,47 @@ class ScoreRun:
     replaced: int
     window: TimeWindow | None
     summary: dict[str, Any]
+    # Why the table was rebuilt before this run wrote to it (see _ensure_table), if it was.
+    rebuilt: str | None = None
 
 
-def _ensure_table(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> None:
+def _ensure_table(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, task: str) -> str | None:
+    """Create the predictions table, or rebuild it when its columns are not the ones the pipeline now
+    scores (its id columns or the champion's task changed): the rows it holds could not be replaced by
+    entity and no longer match the modelling table's rows. Returns what was rebuilt and why."""
     modelling = table_name(pipeline)
-    columns = conn.execute(
-        f"SELECT {', '.join(q(c) for c in entity_columns(pipeline))} FROM {modelling} LIMIT 0"
-    ).description
-    ids = ", ".join(f"{q(c[0])} {c[1]}" for c in columns)
+    ids = [
+        (c[0], str(c[1]))
+        for c in conn.execute(
+            f"SELECT {', '.join(q(c) for c in entity_columns(pipeline))} FROM {modelling} LIMIT 0"
+        ).description
+    ]
+    scores = [
+        ("score", "DOUBLE"),
+        ("decision", "VARCHAR"),
+        ("version", "VARCHAR"),
+        ("scored_at", "TIMESTAMP"),
+    ]
+    if task == "multiclass":
+        scores.append((PROBABILITIES, 'STRUCT("class" VARCHAR, probability DOUBLE)[]'))
+    table = predictions_table(pipeline)
+    rebuilt = None
+    if table_exists(conn, pipeline.name, "predictions"):
+        found = [(c[0], str(c[1])) for c in conn.execute(f"SELECT * FROM {table} LIMIT 0").description]
+        if found == ids + scores:
+            return None
+        rebuilt = (
+            f"{pipeline.name}.predictions had columns {[c for c, _ in found]} but pipeline '{pipeline.name}' now scores "
+            f"{[c for c, _ in ids + scores]} (id columns {[c for c, _ in ids]}, {task} champion): the "
+            "table was rebuilt; scores of the partitions not in this run are gone until they are scored "
+            f"again (materialize {pipeline.name}/predictions for them)"
+        )
+        conn.execute(f"DROP TABLE {table}")
     conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(pipeline.name)}")
-    conn.execute(
-        f"CREATE TABLE IF NOT EXISTS {predictions_table(pipeline)} ({ids}, score DOUBLE, decision VARCHAR, "
-        "version VARCHAR NOT NULL, scored_at TIMESTAMP NOT NULL)"
-    )
+    not_null = {"version", "scored_at"}
+    columns = ", ".join(f"{q(c)} {t}{' NOT NULL' if c in not_null else ''}" for c, t in ids + scores)
+    conn.execute(f"CREATE TABLE {table} ({columns})")
+    return rebuilt
 
 
 def _window_sql(pipeline: PipelineSpec, window: TimeWindow | None) -> str:
@@ -142,7 +187,7 @@ def score_window(
     `<pipeline>.predictions`, in one transaction. Raises NoChampion when there is none."""
     found = champion(conn, pipeline)
     model = ServableModel.from_registry(found)
-    _ensure_table(conn, pipeline)
+    rebuilt = _ensure_table(conn, pipeline, model.manifest["task"])
     where = _window_sql(pipeline, window)
     needed = sorted({*model.transform.input_columns, *entity_columns(pipeline)})
     # Functions of features may read any column, so only a transform without them reads fewer columns.
@@ -174,7 +219,7 @@ def score_window(
                 rows += chunk.height
     finally:
         reader.close()
-    return ScoreRun(found.version, rows, replaced, window, score_summary(conn, pipeline, where))
+    return ScoreRun(found.version, rows, replaced, window, score_summary(conn, pipeline, where), rebuilt)
 
 
 def parquet_path(root: Path, pipeline: PipelineSpec, partition: str | None) -> Path:

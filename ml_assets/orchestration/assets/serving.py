@@ -48,6 +48,11 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
                 return dg.MaterializeResult(metadata={"status": "skipped: no champion yet", "rows": 0})
             run = user_errors_as_failures(lambda: score.score_window(conn, pipeline, window))
             files = _export(context, conn, pipeline, partitions, Path(artifacts.root))
+        if run.rebuilt:
+            context.log.warning(run.rebuilt)
+            # The other partitions' files hold the old columns, as the table's dropped rows did.
+            for stale in set(files[0].parent.glob("*.parquet")) - set(files):
+                stale.unlink()
         return dg.MaterializeResult(
             metadata={
                 "table": score.predictions_table(pipeline),
@@ -60,6 +65,7 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
                 "window": f"{window.start} to {window.end}" if window else "all rows",
                 "score_summary": dg.MetadataValue.json(run.summary),
                 "score_mean": float(run.summary["mean"]) if run.summary["mean"] is not None else 0.0,
+                **({"table_rebuilt": run.rebuilt} if run.rebuilt else {}),
             }
         )
 
