@@ -34,7 +34,7 @@ from ml_assets.core.dataset import table_name
 from ml_assets.core.registry import MODEL_FILE
 from ml_assets.core.request_log import RequestLog, log_dir, read_window
 from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
-from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
+from ml_assets.core.store import DATA_DIR_ENV, change_marker, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.resources import Warehouse
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, stop_process, write_pipelines
@@ -665,3 +665,38 @@ def test_without_a_champion_the_api_is_not_ready_and_predict_says_why(tmp_path, 
     assert ready.status_code == 503
     assert ready.json()["pipelines"][DELAY]["problem"] == f"pipeline '{DELAY}' has no champion yet"
     assert predict.status_code == 503 and "no champion yet" in predict.json()["detail"]
+
+
+def test_a_poll_with_an_unchanged_warehouse_does_not_connect_and_a_swap_is_seen(served):
+    project, spec = served.spec()
+    opened = []
+
+    def counting():
+        opened.append(1)
+        return served.db()
+
+    marker = functools.partial(change_marker, warehouse_path(served.root))
+    model = online.OnlineModel(spec, project.sources_of(spec), counting, marker=marker)
+    model.refresh()
+    before = model.served.version
+    assert len(opened) == 1
+    assert not model.refresh() and len(opened) == 1  # nothing written since: no connection
+    other = served.second if before == served.first else served.first
+    served.make_champion(other)
+    try:
+        assert model.refresh() and model.served.version == other and len(opened) == 2
+    finally:
+        served.make_champion(before)
+
+
+def test_the_request_log_holds_at_most_max_rows_between_flushes(tmp_path):
+    rows = pl.DataFrame({"origin": ["JFK", "EWR"], "distance": [1.0, 2.0]})
+    scored = pl.DataFrame({"score": [0.1, 0.2], "decision": ["false", "false"], "version": ["v1", "v1"]})
+    log = RequestLog(tmp_path, max_rows=5)
+    for latency in range(4):
+        log.record(rows, scored, float(latency))
+    assert log.dropped == 2
+    logged = pl.read_parquet(log.flush())
+    assert logged.get_column("_latency_ms").to_list() == [0.0, 0.0, 1.0, 1.0]
+    log.record(rows, scored, 9.0)  # a flush frees the room
+    assert pl.read_parquet(log.flush()).height == 2

@@ -373,3 +373,20 @@ def test_file_held_by_another_process_is_opened_once_it_exits(warehouse, hold, m
             assert store.schema_version(conn) == store.LATEST
     finally:
         killer.cancel()
+
+
+def test_the_change_marker_moves_with_a_committed_write_and_not_with_a_read(tmp_path):
+    path = tmp_path / "w.duckdb"
+    with store.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x INT)")
+    before = store.change_marker(path)
+    with store.connect(path) as conn:
+        conn.execute("SELECT count(*) FROM t").fetchall()
+    assert store.change_marker(path) == before
+    conn = duckdb.connect(str(path))
+    try:
+        conn.execute("INSERT INTO t VALUES (1)")
+        during = store.change_marker(path)  # committed, the connection still open (in the log)
+    finally:
+        conn.close()
+    assert during != before and store.change_marker(path) != before

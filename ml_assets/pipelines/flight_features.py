@@ -7,6 +7,7 @@ It must be row-wise (no statistics across rows), so batch and online scoring giv
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 import numpy as np
 import polars as pl
@@ -37,18 +38,26 @@ def us_holidays(year: int) -> list[dt.date]:
     ]
 
 
-def days_to_us_holiday(frame: pl.DataFrame) -> pl.Series:
-    """Days from the scheduled departure date (New York time) to the nearest US holiday, either side."""
-    local = frame.get_column("time_hour").dt.replace_time_zone("UTC").dt.convert_time_zone("America/New_York")
-    days = local.dt.date().cast(pl.Int32).to_numpy()
-    years = {d.year for d in local.dt.date().drop_nulls().unique().to_list()}
-    if not years:  # no timestamps at all (e.g. one online request without one): no answer, not a crash
-        return pl.Series("days_to_holiday", [None] * frame.height, dtype=pl.Float64)
-    holidays = np.array(
+@functools.lru_cache(maxsize=64)
+def _holiday_days(years: frozenset[int]) -> np.ndarray:
+    """Days since 1970 of the holidays of `years` and the years either side, sorted. Remembered: an
+    online request of one flight would otherwise rebuild them on every call."""
+    return np.array(
         sorted(
             (h - dt.date(1970, 1, 1)).days for y in years for yy in (y - 1, y, y + 1) for h in us_holidays(yy)
         )
     )
+
+
+def days_to_us_holiday(frame: pl.DataFrame) -> pl.Series:
+    """Days from the scheduled departure date (New York time) to the nearest US holiday, either side."""
+    local = frame.get_column("time_hour").dt.replace_time_zone("UTC").dt.convert_time_zone("America/New_York")
+    dates = local.dt.date()
+    days = dates.cast(pl.Int32).to_numpy()
+    years = frozenset(dates.dt.year().drop_nulls().unique().to_list())
+    if not years:  # no timestamps at all (e.g. one online request without one): no answer, not a crash
+        return pl.Series("days_to_holiday", [None] * frame.height, dtype=pl.Float64)
+    holidays = _holiday_days(years)
     after = np.clip(np.searchsorted(holidays, days), 0, len(holidays) - 1)
     before = np.clip(after - 1, 0, len(holidays) - 1)
     nearest = np.minimum(np.abs(holidays[after] - days), np.abs(days - holidays[before]))
