@@ -97,7 +97,9 @@ def _apply_one(spec: dict[str, Any], values: pl.Expr) -> list[pl.Expr]:
     if spec["type"] in ("numeric", "boolean"):
         out = values.cast(pl.Float64, strict=False)
         if spec["impute"] is not None:
-            out = out.fill_null(spec["impute"]).fill_nan(spec["impute"])
+            # Null and NaN both take the imputed value (is_not_nan of a null is null, so `otherwise`):
+            # the values of fill_null(v).fill_nan(v) in one pass, about half its cost on one row.
+            out = pl.when(out.is_not_nan()).then(out).otherwise(pl.lit(spec["impute"], dtype=pl.Float64))
         return [out.alias(name)]
     if spec["type"] == "categorical":
         categories = spec["categories"]
@@ -140,13 +142,14 @@ class FeatureTransform:
     def apply(self, frame: pl.DataFrame) -> pl.DataFrame:
         # One select of expressions rather than a Series operation per feature: the same values, and an
         # online request of one row pays polars' per-call overhead once instead of ~100 times.
-        computed: dict[str, pl.Series] = {}
+        computed: list[pl.Series] = []
         for i, spec in enumerate(self.features):
             if spec.get("function"):
-                computed[f"__function_{i}"] = _input(spec, frame)
+                computed.append(_input(spec, frame).alias(f"__function_{i}"))
             elif spec["column"] not in frame.columns:
                 _input(spec, frame)  # raises, naming the feature
-        return frame.with_columns(**computed).select(self._expressions)
+        # hstack, not with_columns: the same frame without a query of its own.
+        return frame.hstack(computed).select(self._expressions)
 
     @property
     def input_columns(self) -> list[str]:

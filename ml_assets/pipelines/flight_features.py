@@ -51,12 +51,20 @@ def _holiday_days(years: frozenset[int]) -> np.ndarray:
 
 def days_to_us_holiday(frame: pl.DataFrame) -> pl.Series:
     """Days from the scheduled departure date (New York time) to the nearest US holiday, either side."""
-    local = frame.get_column("time_hour").dt.replace_time_zone("UTC").dt.convert_time_zone("America/New_York")
-    dates = local.dt.date()
-    days = dates.cast(pl.Int32).to_numpy()
-    years = frozenset(dates.dt.year().drop_nulls().unique().to_list())
+    # One polars query, the rest in numpy: a chain of Series operations costs polars' per-call overhead
+    # each time, which is most of this function on the one row of an online request.
+    days = frame.select(
+        pl.col("time_hour")
+        .dt.replace_time_zone("UTC")
+        .dt.convert_time_zone("America/New_York")
+        .dt.date()
+        .cast(pl.Int32)
+    ).to_series()
+    known = days.drop_nulls().to_numpy().astype("datetime64[D]")
+    years = frozenset((known.astype("datetime64[Y]").astype(np.int64) + 1970).tolist())
     if not years:  # no timestamps at all (e.g. one online request without one): no answer, not a crash
         return pl.Series("days_to_holiday", [None] * frame.height, dtype=pl.Float64)
+    days = days.to_numpy()
     holidays = _holiday_days(years)
     after = np.clip(np.searchsorted(holidays, days), 0, len(holidays) - 1)
     before = np.clip(after - 1, 0, len(holidays) - 1)
