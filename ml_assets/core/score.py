@@ -88,7 +88,7 @@ def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.
         score = predicted
         decision = pl.Series("decision", [None] * rows.height, dtype=pl.String)
     else:
-        classes = pl.Series(model.manifest["classes"]).cast(pl.String)
+        classes = model.class_names
         if task == "binary":
             score = predicted
             index = (predicted >= model.threshold).astype(np.int64)
@@ -104,7 +104,7 @@ def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.
             )
             probabilities = per_class.to_struct().reshape((rows.height, n)).arr.to_list()
             extra.append(probabilities.alias(PROBABILITIES))
-        decision = classes.gather(index).alias("decision")
+        decision = classes.gather(index)
     return pl.DataFrame(
         [
             pl.Series("score", score, dtype=pl.Float64),

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,6 +104,12 @@ class ServableModel:
     def predict(self, rows: pl.DataFrame) -> np.ndarray:
         """Scores for modelling-table rows: P(positive) (binary), class probabilities, or values."""
         return self.predict_features(self.transform.apply(rows))
+
+    @cached_property
+    def class_names(self) -> pl.Series:
+        """The classes as the decisions name them (strings), in the model's order; built once per loaded
+        model, as a request of one row pays for it otherwise."""
+        return pl.Series("decision", self.manifest["classes"]).cast(pl.String)
 
     @property
     def threshold(self) -> float:
