@@ -66,8 +66,8 @@ class RequestLog:
         if not requests:
             return None
         completed, scored, latency, logged = zip(*requests, strict=True)
-        # One row per request, repeated for each of its rows.
         scores = _stack(list(scored))
+        # Each request's latency and time, repeated for each of its rows.
         each = np.repeat(np.arange(len(requests)), [c.height for c in completed])
         frame = pl.concat(
             [

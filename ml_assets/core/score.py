@@ -68,9 +68,8 @@ def champion(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> registr
     return registry.registered(conn, version, pipeline.name)
 
 
+# A multiclass row's probability of every class: a list of {class, probability} in the model's class order.
 PROBABILITIES = "probabilities"
-# A multiclass row's probability of every class, in the order of the model's `classes`.
-PROBABILITY_TYPE = pl.List(pl.Struct({"class": pl.String, "probability": pl.Float64}))
 
 
 def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.DataFrame:
