@@ -529,13 +529,13 @@ class OnlineModel:
     _seen: Hashable = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @property
+    # The pipeline spec never changes under a served model: derived once, not on each poll or request.
+    @cached_property
     def fields(self) -> dict[str, ColumnSpec]:
         return request_fields(self.pipeline, self.sources)
 
     @cached_property
     def offline_only(self) -> str | None:
-        # The pipeline spec never changes under a served model: parse its expressions once, not each poll.
         return not_servable_online(self.pipeline)
 
     def refresh(self) -> bool:
