@@ -31,6 +31,7 @@ from ml_assets.core import registry
 from ml_assets.core.report_server import URL_ENV, serve_in_thread
 from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
+from ml_assets.orchestration.keys import layer_key
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, stop_process, write_pipelines
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,7 @@ GATE = (
     .required_multi_asset_neighbors()
 )
 MONITORS = [dg.AssetKey([DELAY, "drift_report"]), dg.AssetKey([DELAY, "performance"])]
-PROFILES = [dg.AssetKey(["profile", "flights_profile"]), dg.AssetKey(["profile", "weather_profile"])]
+PROFILES = [layer_key("profile", s) for s in ("flights", "weather")]
 
 
 def _free_port() -> int:
