@@ -13,11 +13,14 @@ import pytest
 import yaml
 
 from ml_assets.core import registry
+from ml_assets.core.errors import ConfigError
 from ml_assets.core.promotion import Decision
 from ml_assets.core.report_server import serve_in_thread, url_of
+from ml_assets.core.spec import DEFAULT_OWNERS, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.assets.training import verdict_markdown
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.keys import layer_key
 from ml_assets.orchestration.metadata import decisions_table, md_table, round_floats
 from ml_assets_tests.conftest import materialize_all
 
@@ -68,7 +71,7 @@ def test_model_step_logs_each_trial_and_statuses_say_what_a_version_is_now(sampl
     assert [t.split(":")[0] for t in trials] == ["trial 1 of 2", "trial 2 of 2"], messages
     # The search gets SEARCH_SHARE of the 600 s budget; the final fit the rest.
     assert all("best so far 0." in t and "s of the 450 s search budget left" in t for t in trials)
-    raw = [e.message for e in instance.all_logs(result.run_id) if e.step_key == "raw__flights"]
+    raw = [e.message for e in instance.all_logs(result.run_id) if e.step_key == "raw__flights_raw"]
     assert any(m.startswith("loaded ") and "rows/s" in m for m in raw), raw
 
     with connect(warehouse_path(root)) as conn:
@@ -134,8 +137,8 @@ def test_every_asset_has_owners_and_a_code_version_that_follows_its_config(tmp_p
     pipelines, _ = sample_project
     graph = build_definitions(pipelines, tmp_path).resolve_asset_graph()
     nodes = {key: graph.get(key) for key in graph.get_all_asset_keys()}
-    assert all(n.owners == ["team:ml-platform"] and n.code_version for n in nodes.values())
-    model, flights = dg.AssetKey([DELAY, "model"]), dg.AssetKey(["raw", "flights"])
+    assert all(n.owners == DEFAULT_OWNERS and n.code_version for n in nodes.values())
+    model, flights = dg.AssetKey([DELAY, "model"]), layer_key("raw", "flights")
     path = pipelines / f"{DELAY}.yaml"
     raw = yaml.safe_load(path.read_text())
     raw["model"]["max_trials"] += 1
@@ -145,13 +148,36 @@ def test_every_asset_has_owners_and_a_code_version_that_follows_its_config(tmp_p
     assert changed.get(flights).code_version == nodes[flights].code_version
 
 
+def test_owners_come_from_the_pipeline_file(tmp_path, sample_project):
+    pipelines, _ = sample_project
+    before = build_definitions(pipelines, tmp_path).resolve_asset_graph()
+    path = pipelines / f"{DELAY}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["owners"] = ["team:flights", "ana@example.com"]
+    raw["sources"]["planes"]["owners"] = ["team:fleet"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    graph = build_definitions(pipelines, tmp_path).resolve_asset_graph()
+    owners = {key.to_user_string(): graph.get(key).owners for key in graph.get_all_asset_keys()}
+    # The pipeline's assets, and the sources its file defines unless a source names its own owners; the
+    # pipeline extending it inherits them with the rest of the file.
+    assert owners[f"{DELAY}/model"] == owners["validated/flights_validated"] == raw["owners"]
+    assert owners["profile/weather_profile"] == owners["flight_arr_delay/promotion"] == raw["owners"]
+    assert owners["raw/planes_raw"] == owners["profile/planes_profile"] == ["team:fleet"]
+    for key in (dg.AssetKey([DELAY, "model"]), layer_key("raw", "planes")):  # owning changes nothing built
+        assert graph.get(key).code_version == before.get(key).code_version
+    raw["owners"] = ["nobody"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError, match="owners"):
+        load_project(pipelines)
+
+
 def test_a_partitioned_source_launched_without_partitions_says_to_pick_them(sample_project):
     pipelines, root = sample_project
     defs = build_definitions(pipelines, root)
-    raw = [a for a in defs.assets if dg.AssetKey(["raw", "flights"]) in a.keys]
+    raw = [a for a in defs.assets if layer_key("raw", "flights") in a.keys]
     result = dg.materialize(raw, resources=defs.resources, raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.message
-    assert "raw/flights is partitioned: launch it with partitions" in message, message
+    assert "raw/flights_raw is partitioned: launch it with partitions" in message, message
     assert "CheckError" not in message

@@ -77,9 +77,10 @@ def performance_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 **figure_metadata(artifacts, {"performance": figure}),
                 f"champion_test_{run.metric}": f"{run.expected:.4f}",
                 "latest_period": f"{latest['period_start']:%Y-%m-%d} ({latest['rows']} rows)",
-                "periods": md_table(
-                    performance.readable_periods(run.periods, pipeline.monitoring.performance.period),
-                    limit=26,
+                "periods": dg.MetadataValue.md(
+                    md_table(performance.readable_periods(run.periods), limit=26).value
+                    + "\n\n"
+                    + performance.periods_legend(run.metric, run.expected, pipeline.monitoring.performance)
                 ),
             }
         )
