@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -340,6 +341,26 @@ def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigge
         EVENT_TAG: event,
         "ml_assets/reason": request.tags["ml_assets/reason"],
     }
+
+
+def test_the_drift_summary_shows_the_drifted_columns_first_and_links_evidentlys_report(tmp_path):
+    columns = [
+        drift.ColumnDrift("distance", "wasserstein", 0.05, 0.1, False),
+        drift.ColumnDrift("wx_temp", "wasserstein", 0.4, 0.1, True),
+        drift.ColumnDrift("carrier", "jensenshannon", 0.2, 0.3, False),  # higher score, own threshold
+        drift.ColumnDrift("wx_wind", "wasserstein", 0.12, 0.1, True),
+    ]
+    result = drift.DriftResult(columns, 0.5, True, 1000, 200)
+    page, full = tmp_path / "r1.html", tmp_path / "r1_evidently.html"
+    drift.write_summary(
+        page, DELAY, "v1", "2013-12-01 to 2013-12-31", result, None, full, tmp_path / "r1.png"
+    )
+    text = page.read_text()
+    cells = re.findall(r"<tr><td>([^<]*)</td>", text)
+    assert cells == ["wx_temp", "wx_wind", "carrier", "distance"]
+    assert "<th>test</th><th>score</th><th>threshold</th>" in text
+    assert "2 of 4 columns drifted" in text and text.index("wx_temp") < text.index("<table>")
+    assert 'href="r1_evidently.html"' in text
 
 
 def test_only_full_weeks_of_enough_rows_are_judged_and_the_table_says_why_not():

@@ -7,6 +7,7 @@ and a report can embed them.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     return path
+
+
+def html_table(frame: pl.DataFrame) -> str:
+    """A frame as an HTML table for a report page, every cell escaped."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row) + "</tr>"
+        for row in frame.iter_rows()
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def drift_scores(columns: list[tuple[str, float, float, bool]], path: Path, top: int = 25) -> Path:

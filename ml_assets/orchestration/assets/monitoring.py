@@ -115,15 +115,6 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
             return dg.MaterializeResult(metadata={"status": "no champion yet: nothing to monitor"})
         with warehouse.get_connection() as conn:
             history = drift.drift_runs(conn, pipeline.name)
-        columns = pl.DataFrame(
-            [(c.column, c.method, round(c.score, 4), c.threshold, c.drifted) for c in run.result.columns],
-            schema=["column", "method", "score", "threshold", "drifted"],
-            orient="row",
-        ).sort("score", descending=True)
-        figure = figures.drift_scores(
-            [(c.column, c.score, c.threshold, c.drifted) for c in run.result.columns],
-            run.report.with_suffix(".png"),
-        )
         runs = history.sort("computed_at", descending=True).select(
             pl.col("computed_at").dt.strftime("%Y-%m-%d %H:%M"),
             pl.col("window_end").dt.strftime("%Y-%m-%d"),
@@ -137,9 +128,10 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "drifted_count": len(run.result.drifted),
                 "dataset_drift": run.result.dataset_drift,
                 "drifted_columns": ", ".join(run.result.drifted) or "(none)",
-                **figure_metadata(artifacts, {"drift_scores": figure}),
+                **figure_metadata(artifacts, {"drift_scores": run.figure}),
                 **report_metadata(artifacts, run.report),
-                "columns": md_table(columns, limit=40),
+                "evidently_report": dg.MetadataValue.url(artifacts.url_of(run.evidently_report)),
+                "columns": md_table(drift.drift_table(run.result), limit=40),
                 "champion": run.champion,
                 "window": f"{run.window_start} to {run.window_end}",
                 "rows_current_reference": f"{run.result.current_rows} / {run.result.reference_rows}",
