@@ -228,7 +228,35 @@ def test_drift_and_performance_pages_show_their_plots(browser, ui):
         images = _loaded_images(page, ui["reports"])
         page.screenshot(path=str(SHOTS / f"{asset}.png"), full_page=True)
         assert any(f"/{plot}/" in src for src in images), images
+        if asset == "performance":  # the weeks' table explains itself
+            assert "days with labelled rows" in page.inner_text("body")
         page.close()
+
+
+def test_the_drift_report_opens_on_the_drifted_columns(browser, ui):
+    page = _open(browser, ui, f"{DELAY}/drift_report", "drift_report")
+    links = page.eval_on_selector_all("a", "as => as.map(a => a.href)")
+    (summary,) = {
+        h for h in links if f"/{DELAY}/drift/" in h and h.endswith(".html") and "_evidently" not in h
+    }
+    page.close()
+    page = browser.new_page(viewport={"width": 1600, "height": 900})
+    page.goto(summary)
+    page.screenshot(path=str(SHOTS / "drift_summary.png"))
+    heading = page.locator("h1")
+    assert "columns drifted" in heading.inner_text() and heading.bounding_box()["y"] < 200
+    # Every row of the table, drifted ones first, within the first screen's reach: name, test, score, threshold.
+    rows = page.eval_on_selector_all("table tr", "rs => rs.map(r => [...r.cells].map(c => c.innerText))")
+    assert rows[0] == ["column", "test", "score", "threshold", "drifted"], rows[0]
+    flags = [r[4] == "True" for r in rows[1:]]
+    assert flags == sorted(flags, reverse=True) and len(flags) > 3, rows
+    drifted = [r[0] for r in rows[1:] if r[4] == "True"]
+    assert all(name in page.locator("#drifted").inner_text() for name in drifted)
+    with urllib.request.urlopen(
+        page.get_by_text("Evidently's full report").get_attribute("href"), timeout=30
+    ):
+        pass
+    page.close()
 
 
 def test_profile_page_shows_distributions_and_correlations(browser, ui):

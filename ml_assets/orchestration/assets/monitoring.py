@@ -139,7 +139,10 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "drift_run": run.id,
                 "current": spec.current,
                 **(
-                    {"prediction_drift": run.prediction.score, "prediction_drifted": run.prediction.drifted}
+                    {
+                        "prediction_drift": round(run.prediction.score, 4),
+                        "prediction_drifted": run.prediction.drifted,
+                    }
                     if run.prediction
                     else {}
                 ),

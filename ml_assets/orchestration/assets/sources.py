@@ -162,7 +162,7 @@ def validated_asset(name: str, spec: SourceSpec) -> dg.AssetsDefinition:
                 **valid_meta,
                 "raw_rows": result.raw_rows,
                 "quarantined_rows": result.quarantined_rows,
-                "quarantine_share": share,
+                "quarantine_share": round(share, 6),  # six digits: a limit of 0.1% is still readable
                 "quarantine_limit_hit": result.quarantine_limit_hit,
                 "quarantine_limit": result.quarantine.description,
                 "tz_offsets_normalised": dg.MetadataValue.json(result.tz_offsets_normalised),
