@@ -134,8 +134,9 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         if not accepted:
             done = [f"{row['status']} {Path(str(row['file'])).name}" for row in recorded]
             waiting = [f"waiting for {n} to settle" for scan in scans.values() for n in scan.settling]
-            reason = "; ".join(done + waiting) or "no new files"
-            return dg.SensorResult(skip_reason=logged_skip(context, reason), cursor=cursor)
+            # An idle tick (every 10 s) says so without writing a log.
+            reason = logged_skip(context, "; ".join(done + waiting)) if done or waiting else "no new files"
+            return dg.SensorResult(skip_reason=reason, cursor=cursor)
         records = [r for rows in accepted.values() for r in rows]
         tags = {
             TRIGGER_TAG: LANDING_TRIGGER,
