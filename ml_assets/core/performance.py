@@ -172,7 +172,7 @@ def readable_periods(periods: pl.DataFrame) -> pl.DataFrame:
 
 def periods_legend(metric: str, expected: float, spec: PerformanceSpec) -> str:
     return (
-        f"**{spec.period}**: its first day; **days**: days with labelled rows (partial: fewer than a full "
+        f"**period_start**: the {spec.period}'s first day; **days**: days with labelled rows (partial: fewer than a full "
         f"{spec.period}); **score**: the champion's real {metric}; **change**: relative to its test score "
         f"{expected:.4f}, positive = better; **judged**: `degraded` when change < -{spec.tolerance:g}, `ok` "
         f"otherwise, `not judged` when a full {spec.period} of at least {spec.min_rows} rows after the "

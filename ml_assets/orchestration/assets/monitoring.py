@@ -59,6 +59,9 @@ def performance_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         if run is None or run.periods.height == 0:
             return dg.MaterializeResult(metadata={"status": "no champion or no labelled rows yet"})
         latest = run.periods.row(-1, named=True)
+        shown = performance.readable_periods(run.periods)
+        newest = shown.row(0, named=True)
+        verdict = newest["judged"] + (f" ({newest['why']})" if newest["why"] else "")
         figure = figures.performance_over_time(
             run.periods,
             run.expected,
@@ -76,12 +79,14 @@ def performance_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "degraded_periods": int(run.periods.get_column("degraded").sum()),
                 **figure_metadata(artifacts, {"performance": figure}),
                 f"champion_test_{run.metric}": f"{run.expected:.4f}",
-                "latest_period": f"{latest['period_start']:%Y-%m-%d} ({latest['rows']} rows)",
-                "periods": dg.MetadataValue.md(
-                    md_table(performance.readable_periods(run.periods), limit=26).value
-                    + "\n\n"
-                    + performance.periods_legend(run.metric, run.expected, pipeline.monitoring.performance)
+                # The newest period's verdict inline (the periods table opens in a dialog).
+                "latest_period": f"{latest['period_start']:%Y-%m-%d} ({latest['rows']} rows, {latest['days']} "
+                f"days): {verdict}",
+                # Apart from the table: a markdown value that short renders inline, the table's does not.
+                "periods_legend": dg.MetadataValue.md(
+                    performance.periods_legend(run.metric, run.expected, pipeline.monitoring.performance)
                 ),
+                "periods": md_table(shown, limit=26),
             }
         )
 
