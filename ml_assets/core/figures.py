@@ -42,9 +42,10 @@ def html_table(frame: pl.DataFrame) -> str:
 
 
 def drift_scores(columns: list[tuple[str, float, float, bool]], path: Path, top: int = 25) -> Path:
-    """Horizontal bars of (column, score, threshold, drifted), highest first, each with its threshold:
-    the drifted columns are the first thing seen (Evidently's own report lists them mid-page)."""
-    shown = sorted(columns, key=lambda c: -c[1])[:top][::-1]
+    """Horizontal bars of (column, score, threshold, drifted), each with its threshold, drifted first and
+    then highest first: the drifted columns are the first thing seen (Evidently's own report lists them
+    mid-page), also a low score over a low threshold."""
+    shown = sorted(columns, key=lambda c: (not c[3], -c[1]))[:top][::-1]
     fig, ax = axes(5, 0.28 * len(shown) + 1.2)
     names = [c[0] for c in shown]
     ax.barh(names, [c[1] for c in shown], color=[ALERT_COLOUR if c[3] else MODEL_COLOUR for c in shown])
