@@ -23,7 +23,7 @@ from ml_assets.core import registry
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.promotion import Decision
 from ml_assets.core.report_server import serve_in_thread, url_of
-from ml_assets.core.spec import DEFAULT_OWNERS, default_pipelines_dir, load_project
+from ml_assets.core.spec import DEFAULT_OWNERS, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.assets.training import verdict_markdown
 from ml_assets.orchestration.definitions import build_definitions
@@ -197,11 +197,11 @@ def _resolved(instance: dg.DagsterInstance, check: dg.AssetCheckKey) -> AssetChe
 
 
 def test_a_launch_without_partitions_is_refused_before_it_starts_and_its_checks_are_skipped(
-    tmp_path, monkeypatch
+    sample_project, monkeypatch
 ):
     """What the UI's launch goes through (the instance's run coordinator, dagster.yaml): refused runs
     are canceled, so the checks they planned read "skipped", not "failed"."""
-    defs = build_definitions(default_pipelines_dir(), tmp_path)
+    defs = build_definitions(*sample_project)
     job = defs.resolve_implicit_global_asset_job_def()
     keys = {*source_keys("flights"), *source_keys("planes")}
     subset = job.get_subset(asset_selection=keys)
@@ -237,5 +237,5 @@ def test_a_launch_without_partitions_is_refused_before_it_starts_and_its_checks_
         # A launch with partitions goes on to Dagster's queue (which needs a code server: stood in for).
         queued = []
         monkeypatch.setattr(QueuedRunCoordinator, "submit_run", lambda _, context: queued.append(context))
-        submit(partition_range_tags("2013-01-01", "2013-01-31"))
+        submit(partition_range_tags("2013-01-01", "2013-02-01"))
         assert len(queued) == 1 and queued[0].dagster_run.status == dg.DagsterRunStatus.NOT_STARTED
