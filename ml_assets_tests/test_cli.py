@@ -29,6 +29,7 @@ from ml_assets.core.ingest.replay import STATE_FILE
 from ml_assets.core.spec import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.keys import source_keys
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, nycflights_file, write_pipelines
 
 TIMEOUT_S = 600
@@ -565,7 +566,7 @@ def ingested(replayed: Replayed) -> Ingested:
     defs = build_definitions(default_pipelines_dir(), root)
     with dg.build_sensor_context(cursor=None, resources=defs.resources) as context:
         (request,) = defs.resolve_sensor_def("landing_zone")(context).run_requests
-    layers = [dg.AssetKey([layer, s]) for s in SOURCES for layer in ("raw", "validated", "quarantine")]
+    layers = [key for s in SOURCES for key in source_keys(s)]
     assert dg.materialize(
         list(defs.assets), selection=layers, tags=request.tags, resources=defs.resources
     ).success

@@ -15,6 +15,7 @@ import yaml
 from ml_assets.core import ingest, validate
 from ml_assets.core.spec import SourceSpec
 from ml_assets.core.store import connect, warehouse_path
+from ml_assets.orchestration.keys import source_keys
 from ml_assets_tests.conftest import materialize_all
 
 JAN_1 = ingest.TimeWindow(start=dt.datetime(2013, 1, 1), end=dt.datetime(2013, 1, 2))
@@ -208,7 +209,7 @@ def _project(tmp_path: Path, rows: list[tuple[object, ...]], **options: Any) -> 
     return pipelines, tmp_path / "data"
 
 
-SOURCE = [dg.AssetKey([layer, "legs"]) for layer in ("raw", "validated", "quarantine")]
+SOURCE = source_keys("legs")
 TABLE = dg.AssetKey(["legs", "modelling_table"])
 
 
@@ -263,7 +264,7 @@ def test_an_id_in_two_partitions_blocks_the_modelling_table(tmp_path):
     # A later run of the consumer alone refuses, from the verdict recorded in the warehouse.
     later = materialize_all(pipelines, root, raise_on_error=False, selection=[TABLE], instance=instance)
     assert not later.success
-    assert "validated/legs:unique_ids" in _failures(later)
+    assert "validated/legs_validated:unique_ids" in _failures(later)
 
 
 def test_an_id_in_two_partitions_only_warns_when_configured(tmp_path):

@@ -22,6 +22,7 @@ from ml_assets.core.report_server import reports_url
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.keys import source_keys
 from ml_assets_tests.conftest import materialize_all, nycflights_file, write_pipelines
 
 # Known only after the plane has left the gate (domain knowledge, not read from the config).
@@ -70,7 +71,7 @@ def test_lineage(full_run):
     pipelines, root, _ = full_run
     graph = build_definitions(pipelines, root).resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    sources = {f"{layer}/{s}" for layer in ("raw", "validated", "quarantine") for s in SOURCES}
+    sources = {k.to_user_string() for s in SOURCES for k in source_keys(s)}
     steps = {f"{p}/{a}" for p in PIPELINES for a in STEPS}
     profiles = {f"profile/{s}_profile" for s in SOURCES}
     assert keys == sources | steps | profiles
@@ -81,9 +82,9 @@ def test_lineage(full_run):
     for p in PIPELINES:
         # Both pipelines read the same validated tables: each source is ingested once.
         assert parents(f"{p}/modelling_table") == {
-            "validated/flights",
-            "validated/weather",
-            "validated/planes",
+            "validated/flights_validated",
+            "validated/weather_validated",
+            "validated/planes_validated",
         }
         assert parents(f"{p}/features") == {f"{p}/modelling_table"}
         assert parents(f"{p}/model") == {f"{p}/features"}
@@ -96,9 +97,9 @@ def test_lineage(full_run):
         assert parents(f"{p}/predictions") == {f"{p}/modelling_table", f"{p}/champion"}
         assert parents(f"{p}/drift_report") == {f"{p}/modelling_table", f"{p}/champion", f"{p}/predictions"}
     for s in SOURCES:
-        assert parents(f"raw/{s}") == set()
-        assert parents(f"validated/{s}") == {f"raw/{s}"}
-        assert parents(f"quarantine/{s}") == {f"raw/{s}"}
+        assert parents(f"raw/{s}_raw") == set()
+        assert parents(f"validated/{s}_validated") == {f"raw/{s}_raw"}
+        assert parents(f"quarantine/{s}_quarantine") == {f"raw/{s}_raw"}
 
 
 SOURCE_CHECKS = (
@@ -118,17 +119,15 @@ def test_run_succeeds_with_every_check_passing(full_run):
     materialized = Counter(e.asset_key.to_user_string() for e in result.get_asset_materialization_events())
     # One run over every partition of the year (monthly in the tests, 2013-01 to 2014-01): one
     # materialization per partition of a partitioned source, one of everything else.
-    partitioned = {
-        f"{layer}/{s}": 13 for layer in ("raw", "validated", "quarantine") for s in ("flights", "weather")
-    }
+    partitioned = {k.to_user_string(): 13 for s in ("flights", "weather") for k in source_keys(s)}
     partitioned |= {f"{p}/predictions": 13 for p in PIPELINES}
-    once = [f"{layer}/planes" for layer in ("raw", "validated", "quarantine")]
+    once = [k.to_user_string() for k in source_keys("planes")]
     once += [f"{p}/{a}" for p in PIPELINES for a in STEPS if a != "predictions"]
     once += [f"profile/{s}_profile" for s in SOURCES]  # the whole validated table, once per run
     assert materialized == Counter(partitioned) + Counter(once)
     # Every check of every source and modelling table ran exactly once in the run, and passed.
     checks = result.get_asset_check_evaluations()
-    expected = [(f"validated/{s}", c) for s in SOURCES for c in SOURCE_CHECKS]
+    expected = [(f"validated/{s}_validated", c) for s in SOURCES for c in SOURCE_CHECKS]
     expected += [(f"{p}/modelling_table", c) for p in PIPELINES for c in MODELLING_CHECKS]
     expected += [(f"{p}/champion", c) for p in PIPELINES for c in CHAMPION_CHECKS]
     assert sorted((c.asset_key.to_user_string(), c.check_name) for c in checks) == sorted(expected)

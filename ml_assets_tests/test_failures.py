@@ -15,6 +15,7 @@ from ml_assets.core.registry import MODEL_FILE, read_manifest
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.assets import PIPELINE_ASSETS
+from ml_assets.orchestration.keys import layer_key
 from ml_assets_tests.conftest import materialize_all
 
 DOWNSTREAM = [dg.AssetKey([p, a]) for p in ("flight_delay", "flight_arr_delay") for a in PIPELINE_ASSETS]
@@ -94,7 +95,7 @@ def test_corrupt_file_fails_the_run_naming_the_file_and_keeps_previous_tables(go
     assert not result.success
     message = _failure_messages(result)
     assert "source 'flights'" in message and str(path) in message
-    assert not _materialized(result) & {dg.AssetKey(["raw", "flights"]), *DOWNSTREAM}
+    assert not _materialized(result) & {layer_key("raw", "flights"), *DOWNSTREAM}
     assert _counts(root) == before
     assert _versions(root) == versions
     ServableModel.load(Path(versions[-1]))  # the previous model is intact and loadable
@@ -150,10 +151,10 @@ def test_failed_blocking_check_stops_everything_downstream(sample_project):
     assert not result.success
     failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
     assert [(c.asset_key.to_user_string(), c.check_name) for c in failed] == [
-        ("validated/flights", "quarantine_share")
+        ("validated/flights_validated", "quarantine_share")
     ]
     assert "min on distance" in failed[0].description
-    assert dg.AssetKey(["validated", "flights"]) in _materialized(result)
+    assert layer_key("validated", "flights") in _materialized(result)
     assert not _materialized(result) & set(DOWNSTREAM)
 
 
@@ -168,7 +169,7 @@ def test_a_later_run_does_not_build_on_data_whose_check_failed(sample_project):
     table = dg.AssetKey(["flight_delay", "modelling_table"])
     result = materialize_all(pipelines, root, raise_on_error=False, selection=[table], instance=instance)
     assert not result.success
-    assert "validated/flights:quarantine_share" in _failure_messages(result)
+    assert "validated/flights_validated:quarantine_share" in _failure_messages(result)
     (sources / "flights.csv").write_bytes(original)
     assert materialize_all(pipelines, root, instance=instance).success
 

@@ -22,6 +22,7 @@ from ml_assets.core.ingest.database import read_database
 from ml_assets.core.spec import SourceSpec
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.keys import source_keys
 from ml_assets_tests.conftest import nycflights_file
 from ml_assets_tests.postgres_server import free_port, postgres_unavailable_reason, running_postgres
 
@@ -279,7 +280,7 @@ def test_dagster_asset_reads_postgres_incrementally_by_watermark(db, flights, tm
     assert "@" not in LIVE_PIPELINE  # credentials come from the environment only
     root = tmp_path / "data"
     defs = build_definitions(pipelines, root)
-    keys = [dg.AssetKey([layer, "pg_flights"]) for layer in ("raw", "validated", "quarantine")]
+    keys = source_keys("pg_flights")
 
     def materialize() -> tuple[int, int, int]:
         assert dg.materialize(list(defs.assets), selection=keys, resources=defs.resources).success

@@ -26,6 +26,7 @@ from ml_assets.core.ingest.http import read_http
 from ml_assets.core.spec import SourceSpec
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.keys import source_keys
 from ml_assets.orchestration.partitions import partition_range_tags
 from ml_assets_tests.conftest import nycflights_file
 
@@ -368,7 +369,7 @@ def test_dagster_partitions_of_an_http_source_replace_exactly_their_rows(api, fl
     (pipelines / "api_delay.yaml").write_text(API_PIPELINE.format(url=api.base))
     root = tmp_path / "data"
     defs = build_definitions(pipelines, root)
-    keys = [dg.AssetKey([layer, "api_flights"]) for layer in ("raw", "validated", "quarantine")]
+    keys = source_keys("api_flights")
 
     def materialize(first: str, last: str) -> dict[str, int]:
         result = dg.materialize(

@@ -18,6 +18,7 @@ from ml_assets.core.ingest import replay
 from ml_assets.core.spec import default_pipelines_dir, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.keys import TABLE_LAYERS, layer_key, source_keys
 from ml_assets_tests.conftest import FAST_MODEL, nycflights_file
 
 SOURCES = ("flights", "weather")
@@ -60,7 +61,7 @@ def project(tmp_path: Path):
     root = tmp_path / "data"
     defs = build_definitions(pipelines, root)
     # Planes is not a landing source: loaded once, as `ml-assets run` does before any batch lands.
-    planes = [dg.AssetKey([layer, "planes"]) for layer in ("raw", "validated", "quarantine")]
+    planes = source_keys("planes")
     assert dg.materialize(list(defs.assets), selection=planes, resources=defs.resources).success
     return load_project(pipelines), defs, root
 
@@ -183,7 +184,7 @@ def test_resampled_replay_moves_whole_reference_days_with_their_weather_and_cloc
     settle(root)
     (request,) = _tick(defs, None).run_requests
     assert request.tags["dagster/asset_partition_range_start"] == "2013-07-01"
-    layers = [k for k in request.asset_selection if k.path[0] in ("raw", "validated", "quarantine")]
+    layers = [k for k in request.asset_selection if k.path[0] in TABLE_LAYERS]
     assert _run(defs, request._replace(asset_selection=layers)).success
     counts = _counts(root, "flights", "2013-07-01", "2013-07-08")  # July 7's evening is July 8 in UTC
     assert counts == {"raw": flights.height, "validated": flights.height, "quarantine": 0}
@@ -200,7 +201,7 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
     (request,) = first.run_requests
     assert request.tags["dagster/asset_partition_range_start"] == "2013-01-01"
     assert request.tags["dagster/asset_partition_range_end"] == "2013-07-01"  # June 30 evening, New York
-    assert dg.AssetKey(["validated", "flights"]) in request.asset_selection
+    assert layer_key("validated", "flights") in request.asset_selection
     assert dg.AssetKey(["flight_delay", "drift_report"]) in request.asset_selection
     assert _run(defs, request).success
     expected = _rows_between(months["flights"], "2013-01-01", "2013-06-30")
@@ -245,7 +246,7 @@ def test_corrupt_landed_file_is_rejected_with_its_reason_and_loads_nothing(proje
     replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 1, 31))
     settle(root)
     first = _tick(defs, None)
-    sources_only = [dg.AssetKey([layer, s]) for s in SOURCES for layer in ("raw", "validated", "quarantine")]
+    sources_only = [key for s in SOURCES for key in source_keys(s)]
     request = dg.RunRequest(asset_selection=sources_only, tags=first.run_requests[0].tags)
     assert _run(defs, request).success
     before = _counts(root, "flights", "2013-01-01", "2013-01-31")

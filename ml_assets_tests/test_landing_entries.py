@@ -20,10 +20,9 @@ from ml_assets.core.hashing import sha256_file
 from ml_assets.core.spec import default_pipelines_dir, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.keys import TABLE_LAYERS
 from ml_assets_tests.conftest import nycflights_file
 from ml_assets_tests.test_landing import LANDED_AT, _tick, settle
-
-SOURCE_LAYERS = ("raw", "validated", "quarantine")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def _csv(frame: pl.DataFrame) -> bytes:
 
 
 def _ingest(defs: dg.Definitions, request: dg.RunRequest) -> None:
-    layers = [k for k in request.asset_selection if k.path[0] in SOURCE_LAYERS]
+    layers = [k for k in request.asset_selection if k.path[0] in TABLE_LAYERS]
     assert dg.materialize(
         list(defs.assets), selection=layers, tags=request.tags, resources=defs.resources
     ).success

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -17,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 from ml_assets.core import dataset, drift, performance, registry, retrain_policy
 from ml_assets.core import promotion as gate
 from ml_assets.core.serve import ServableModel
-from ml_assets.core.spec import MonitoringSpec, load_project
+from ml_assets.core.spec import MonitoringSpec, PerformanceSpec, load_project
 from ml_assets.core.spec.load import deep_merge
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
@@ -244,7 +246,7 @@ def _insert_runs(root, pipeline: str, windows: list[tuple[int, bool]]) -> None:
             )
 
 
-def test_sensor_requests_one_retrain_per_drift_event(sample_project):
+def test_sensor_requests_one_retrain_per_drift_event(sample_project, capsys):
     pipelines, root = sample_project
     defs = build_definitions(pipelines, root)
     sensor = defs.resolve_sensor_def("flight_delay_retrain")
@@ -255,6 +257,8 @@ def test_sensor_requests_one_retrain_per_drift_event(sample_project):
             return sensor.evaluate_tick(context)
 
     assert tick().skip_message == "no champion yet: nothing to monitor"
+    # The reason is in the tick's log too, readable in the UI without hovering over the tick.
+    assert "skipped: no champion yet: nothing to monitor" in capsys.readouterr().err
     _insert_runs(root, DELAY, [(1, True)])
     one_window = "drift in 1 of the last 1 window(s); 2 consecutive needed"
     assert tick().skip_message == QUIET.format(drift=one_window, degraded=0, periods=0)
@@ -262,6 +266,7 @@ def test_sensor_requests_one_retrain_per_drift_event(sample_project):
     result = tick()
     (request,) = result.run_requests
     reason = "drift in the last 2 windows (latest: share 0.60; wx_temp)"
+    assert f"retrain requested: {reason}" in capsys.readouterr().err
     assert request.run_key == "retrain-flight_delay-drift:r1"
     assert _own_tags(request) == {TRIGGER_TAG: "drift", EVENT_TAG: "drift:r1", "ml_assets/reason": reason}
     assert sensor.job_name == "flight_delay_retrain_job"
@@ -336,6 +341,70 @@ def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigge
         EVENT_TAG: event,
         "ml_assets/reason": request.tags["ml_assets/reason"],
     }
+
+
+def test_the_drift_summary_shows_the_drifted_columns_first_and_links_evidentlys_report(tmp_path):
+    columns = [
+        drift.ColumnDrift("distance", "wasserstein", 0.05, 0.1, False),
+        drift.ColumnDrift("wx_temp", "wasserstein", 0.4, 0.1, True),
+        drift.ColumnDrift("carrier", "jensenshannon", 0.2, 0.3, False),  # higher score, own threshold
+        drift.ColumnDrift("wx_wind", "wasserstein", 0.12, 0.1, True),
+    ]
+    result = drift.DriftResult(columns, 0.5, True, 1000, 200)
+    page, full = tmp_path / "r1.html", tmp_path / "r1_evidently.html"
+    drift.write_summary(
+        page, DELAY, "v1", "2013-12-01 to 2013-12-31", result, None, full, tmp_path / "r1.png"
+    )
+    text = page.read_text()
+    cells = re.findall(r"<tr><td>([^<]*)</td>", text)
+    assert cells == ["wx_temp", "wx_wind", "carrier", "distance"]
+    assert "<th>test</th><th>score</th><th>threshold</th>" in text
+    assert "2 of 4 columns drifted" in text and text.index("wx_temp") < text.index("<table>")
+    assert 'href="r1_evidently.html"' in text
+
+
+def test_only_full_weeks_of_enough_rows_are_judged_and_the_table_says_why_not():
+    spec = PerformanceSpec(period="week", tolerance=0.05, min_rows=500)
+    full = performance.PeriodFacts(rows=6000, days=7, full_days=7, change=-0.16, after_build=True)
+    assert performance.period_verdict(full, "roc_auc", spec) == (True, "")
+    assert performance.period_verdict(replace(full, change=-0.01), "roc_auc", spec) == (False, "")
+    # The same drop on a week labelled for two days only is not read as a full week's.
+    partial = replace(full, rows=1700, days=2)
+    assert performance.period_verdict(partial, "roc_auc", spec) == (None, "partial: 2 of 7 days labelled")
+    for facts, why in (
+        (replace(full, rows=499), "499 rows < min_rows 500"),
+        (replace(full, after_build=False), "within the champion's own data"),
+        (replace(full, change=None), "no roc_auc: one class only"),
+    ):
+        degraded, reason = performance.period_verdict(facts, "roc_auc", spec)
+        assert degraded is None and reason.startswith(why)
+    assert [performance.days_in_period(dt.datetime(2013, m, 1), "month") for m in (2, 12)] == [28, 31]
+
+    weeks = [dt.datetime(2013, 12, 16), dt.datetime(2013, 12, 23), dt.datetime(2013, 12, 30)]
+    verdicts = [
+        performance.period_verdict(f, "roc_auc", spec) for f in (full, replace(full, change=0.0), partial)
+    ]
+    periods = pl.DataFrame(
+        {
+            "period_start": weeks,
+            "rows": [6000, 6000, 1700],
+            "days": [7, 7, 2],
+            "score": [0.6, 0.7, 0.6],
+            "change": [-0.16, 0.0, -0.16],
+            "degraded": [v[0] for v in verdicts],
+            "why": [v[1] for v in verdicts],
+        }
+    )
+    shown = performance.readable_periods(periods)
+    assert shown.get_column("period_start").to_list() == ["2013-12-30", "2013-12-23", "2013-12-16"]
+    assert shown.select("days", "judged").rows() == [
+        ("2 (partial)", "not judged"),
+        ("7", "ok"),
+        ("7", "degraded"),
+    ]
+    assert shown.get_column("why")[0] == "partial: 2 of 7 days labelled"
+    legend = performance.periods_legend("roc_auc", 0.7123456, spec)
+    assert "0.7123" in legend and "change < -0.05" in legend and "500 rows" in legend
 
 
 def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_retrain(sample_project):

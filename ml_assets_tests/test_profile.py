@@ -13,10 +13,11 @@ import polars as pl
 from ml_assets.core.profile import profile_source
 from ml_assets.core.spec import load_project
 from ml_assets.core.store import connect, warehouse_path
+from ml_assets.orchestration.keys import layer_key
 from ml_assets_tests.conftest import materialize_all
 
 SOURCES = ("flights", "weather", "planes")
-PROFILES = [dg.AssetKey(["profile", f"{s}_profile"]) for s in SOURCES]
+PROFILES = [layer_key("profile", s) for s in SOURCES]
 WITH_SOURCES = dg.AssetSelection.assets(*PROFILES).upstream().required_multi_asset_neighbors()
 
 
@@ -85,5 +86,5 @@ def test_profiles_are_in_the_graph_beside_their_source(sample_project):
 
     graph = build_definitions(pipelines, root).resolve_asset_graph()
     for source, key in zip(SOURCES, PROFILES, strict=True):
-        assert graph.get(key).parent_keys == {dg.AssetKey(["validated", source])}
+        assert graph.get(key).parent_keys == {layer_key("validated", source)}
     assert set(load_project(pipelines).sources) == set(SOURCES)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from ml_assets.core import registry
 from ml_assets.core.report_server import URL_ENV, serve_in_thread
 from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
+from ml_assets.orchestration.keys import layer_key
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, stop_process, write_pipelines
 
 pytestmark = pytest.mark.slow
@@ -58,7 +60,7 @@ GATE = (
     .required_multi_asset_neighbors()
 )
 MONITORS = [dg.AssetKey([DELAY, "drift_report"]), dg.AssetKey([DELAY, "performance"])]
-PROFILES = [dg.AssetKey(["profile", "flights_profile"]), dg.AssetKey(["profile", "weather_profile"])]
+PROFILES = [layer_key("profile", s) for s in ("flights", "weather")]
 
 
 def _free_port() -> int:
@@ -227,7 +229,38 @@ def test_drift_and_performance_pages_show_their_plots(browser, ui):
         images = _loaded_images(page, ui["reports"])
         page.screenshot(path=str(SHOTS / f"{asset}.png"), full_page=True)
         assert any(f"/{plot}/" in src for src in images), images
+        if asset == "performance":  # the weeks' table explains itself
+            text = page.inner_text("body")
+            assert "days with labelled rows" in text
+            assert re.search(r"\(\d+ rows, \d days\): (ok|degraded|not judged)", text), text
         page.close()
+
+
+def test_the_drift_report_opens_on_the_drifted_columns(browser, ui):
+    page = _open(browser, ui, f"{DELAY}/drift_report", "drift_report")
+    links = page.eval_on_selector_all("a", "as => as.map(a => a.href)")
+    (summary,) = {
+        h for h in links if f"/{DELAY}/drift/" in h and h.endswith(".html") and "_evidently" not in h
+    }
+    page.close()
+    page = browser.new_page(viewport={"width": 1600, "height": 900})
+    page.goto(summary)
+    page.screenshot(path=str(SHOTS / "drift_summary.png"))
+    heading = page.locator("h1")
+    assert "columns drifted" in heading.inner_text() and heading.bounding_box()["y"] < 200
+    # Every row of the table, drifted ones first, within the first screen's reach: name, test, score, threshold.
+    rows = page.eval_on_selector_all("table tr", "rs => rs.map(r => [...r.cells].map(c => c.innerText))")
+    assert rows[0] == ["column", "test", "score", "threshold", "drifted"], rows[0]
+    flags = [r[4] == "True" for r in rows[1:]]
+    assert flags == sorted(flags, reverse=True) and len(flags) > 3, rows
+    drifted = [r[0] for r in rows[1:] if r[4] == "True"]
+    assert all(name in page.locator("#drifted").inner_text() for name in drifted)
+    full = page.get_by_text("Evidently's full report").evaluate("a => a.href")
+    with urllib.request.urlopen(full, timeout=30) as response:
+        body = response.read()
+    # Evidently's own page (served, and not the summary again).
+    assert body.lstrip().lower().startswith(b"<!doctype html") and b"columns drifted" not in body
+    page.close()
 
 
 def test_profile_page_shows_distributions_and_correlations(browser, ui):

@@ -4,21 +4,32 @@ source launched without partitions. (The rendered pages themselves: test_ui_brow
 
 from __future__ import annotations
 
+import asyncio
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 import pytest
 import yaml
+from dagster._core.execution.api import create_execution_plan
+from dagster._core.loader import LoadingContextForTest
+from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionResolvedStatus
+from dagster._core.test_utils import instance_for_test
 
 from ml_assets.core import registry
+from ml_assets.core.errors import ConfigError
 from ml_assets.core.promotion import Decision
 from ml_assets.core.report_server import serve_in_thread, url_of
+from ml_assets.core.spec import DEFAULT_OWNERS, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.assets.training import verdict_markdown
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.keys import layer_key, source_keys
 from ml_assets.orchestration.metadata import decisions_table, md_table, round_floats
+from ml_assets.orchestration.partitions import partition_range_tags
 from ml_assets_tests.conftest import materialize_all
 
 DELAY = "flight_delay"
@@ -68,7 +79,7 @@ def test_model_step_logs_each_trial_and_statuses_say_what_a_version_is_now(sampl
     assert [t.split(":")[0] for t in trials] == ["trial 1 of 2", "trial 2 of 2"], messages
     # The search gets SEARCH_SHARE of the 600 s budget; the final fit the rest.
     assert all("best so far 0." in t and "s of the 450 s search budget left" in t for t in trials)
-    raw = [e.message for e in instance.all_logs(result.run_id) if e.step_key == "raw__flights"]
+    raw = [e.message for e in instance.all_logs(result.run_id) if e.step_key == "raw__flights_raw"]
     assert any(m.startswith("loaded ") and "rows/s" in m for m in raw), raw
 
     with connect(warehouse_path(root)) as conn:
@@ -134,8 +145,8 @@ def test_every_asset_has_owners_and_a_code_version_that_follows_its_config(tmp_p
     pipelines, _ = sample_project
     graph = build_definitions(pipelines, tmp_path).resolve_asset_graph()
     nodes = {key: graph.get(key) for key in graph.get_all_asset_keys()}
-    assert all(n.owners == ["team:ml-platform"] and n.code_version for n in nodes.values())
-    model, flights = dg.AssetKey([DELAY, "model"]), dg.AssetKey(["raw", "flights"])
+    assert all(n.owners == DEFAULT_OWNERS and n.code_version for n in nodes.values())
+    model, flights = dg.AssetKey([DELAY, "model"]), layer_key("raw", "flights")
     path = pipelines / f"{DELAY}.yaml"
     raw = yaml.safe_load(path.read_text())
     raw["model"]["max_trials"] += 1
@@ -145,13 +156,86 @@ def test_every_asset_has_owners_and_a_code_version_that_follows_its_config(tmp_p
     assert changed.get(flights).code_version == nodes[flights].code_version
 
 
+def test_owners_come_from_the_pipeline_file(tmp_path, sample_project):
+    pipelines, _ = sample_project
+    before = build_definitions(pipelines, tmp_path).resolve_asset_graph()
+    path = pipelines / f"{DELAY}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["owners"] = ["team:flights", "ana@example.com"]
+    raw["sources"]["planes"]["owners"] = ["team:fleet"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    graph = build_definitions(pipelines, tmp_path).resolve_asset_graph()
+    owners = {key.to_user_string(): graph.get(key).owners for key in graph.get_all_asset_keys()}
+    # The pipeline's assets, and the sources its file defines unless a source names its own owners; the
+    # pipeline extending it inherits them with the rest of the file.
+    assert owners[f"{DELAY}/model"] == owners["validated/flights_validated"] == raw["owners"]
+    assert owners["profile/weather_profile"] == owners["flight_arr_delay/promotion"] == raw["owners"]
+    assert owners["raw/planes_raw"] == owners["profile/planes_profile"] == ["team:fleet"]
+    for key in (dg.AssetKey([DELAY, "model"]), layer_key("raw", "planes")):  # owning changes nothing built
+        assert graph.get(key).code_version == before.get(key).code_version
+    raw["owners"] = ["nobody"]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError, match="owners"):
+        load_project(pipelines)
+
+
 def test_a_partitioned_source_launched_without_partitions_says_to_pick_them(sample_project):
     pipelines, root = sample_project
     defs = build_definitions(pipelines, root)
-    raw = [a for a in defs.assets if dg.AssetKey(["raw", "flights"]) in a.keys]
+    raw = [a for a in defs.assets if layer_key("raw", "flights") in a.keys]
     result = dg.materialize(raw, resources=defs.resources, raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.message
-    assert "raw/flights is partitioned: launch it with partitions" in message, message
+    assert "raw/flights_raw is partitioned: launch it with partitions" in message, message
     assert "CheckError" not in message
+
+
+def _resolved(instance: dg.DagsterInstance, check: dg.AssetCheckKey) -> AssetCheckExecutionResolvedStatus:
+    (record,) = instance.event_log_storage.get_asset_check_execution_history(check, limit=1)
+    return asyncio.run(record.resolve_status(LoadingContextForTest(instance)))
+
+
+def test_a_launch_without_partitions_is_refused_before_it_starts_and_its_checks_are_skipped(
+    sample_project, monkeypatch
+):
+    """What the UI's launch goes through (the instance's run coordinator, dagster.yaml): refused runs
+    are canceled, so the checks they planned read "skipped", not "failed"."""
+    defs = build_definitions(*sample_project)
+    job = defs.resolve_implicit_global_asset_job_def()
+    keys = {*source_keys("flights"), *source_keys("planes")}
+    subset = job.get_subset(asset_selection=keys)
+    workspace = SimpleNamespace(asset_graph=defs.resolve_asset_graph())
+    check = dg.AssetCheckKey(layer_key("validated", "flights"), "unique_ids")
+    config = yaml.safe_load((Path(__file__).parents[1] / "dagster.yaml").read_text())
+    with instance_for_test(overrides={"run_coordinator": config["run_coordinator"]}) as instance:
+
+        def submit(tags: dict[str, str]) -> dg.DagsterRun:
+            run = instance.create_run_for_job(
+                subset,
+                execution_plan=create_execution_plan(subset, tags=tags),
+                asset_selection=frozenset(keys),
+                tags=tags,
+            )
+            return instance.run_coordinator.submit_run(SubmitRunContext(run, workspace))
+
+        refused = submit({})
+        assert refused.status == dg.DagsterRunStatus.CANCELED
+        message = [e.message for e in instance.all_logs(refused.run_id)][-1]
+        assert message.startswith(
+            "quarantine/flights_quarantine, raw/flights_raw, validated/flights_validated are"
+        )
+        assert "planes" not in message and "launch them with partitions" in message
+        assert _resolved(instance, check) == AssetCheckExecutionResolvedStatus.SKIPPED
+        # What Dagster reported before: the same planned check in a run that failed reads "failed".
+        failed = instance.create_run_for_job(
+            subset, execution_plan=create_execution_plan(subset), asset_selection=frozenset(keys)
+        )
+        instance.report_run_failed(failed)
+        assert _resolved(instance, check) == AssetCheckExecutionResolvedStatus.EXECUTION_FAILED
+
+        # A launch with partitions goes on to Dagster's queue (which needs a code server: stood in for).
+        queued = []
+        monkeypatch.setattr(QueuedRunCoordinator, "submit_run", lambda _, context: queued.append(context))
+        submit(partition_range_tags("2013-01-01", "2013-02-01"))
+        assert len(queued) == 1 and queued[0].dagster_run.status == dg.DagsterRunStatus.NOT_STARTED

@@ -11,6 +11,7 @@ depends on the row count itself (and Evidently switches methods by size unless t
 from __future__ import annotations
 
 import datetime as dt
+import html
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import polars as pl
 from evidently import DataDefinition, Dataset, Report
 from evidently.metrics import ValueDrift
 
-from ml_assets.core import registry
+from ml_assets.core import figures, registry
 from ml_assets.core.dataset import bounded_sample, table_name
 from ml_assets.core.errors import ArtifactError, ConfigError, DatasetError
 from ml_assets.core.progress import Progress, silent
@@ -179,7 +180,9 @@ class DriftRun:
     window_start: dt.datetime | None
     window_end: dt.datetime | None
     result: DriftResult
-    report: Path
+    report: Path  # our summary page, drifted columns first (write_summary)
+    evidently_report: Path  # Evidently's full report, linked from the summary
+    figure: Path  # drift score per column against its threshold
     # Drift of the champion's scores (column `_prediction`), when scores of the window exist.
     prediction: ColumnDrift | None = None
 
@@ -236,18 +239,24 @@ def run_drift(
     run_id = uuid.uuid4().hex[:12]
     start = stamps.min() if stamps is not None else None
     end = stamps.max() if stamps is not None else None
-    report = reports_root / pipeline.name / "drift" / f"{run_id}.html"
+    folder = reports_root / pipeline.name / "drift"
+    report, evidently_report = folder / f"{run_id}.html", folder / f"{run_id}_evidently.html"
     progress(
         f"Evidently: {len(numerical) + len(categorical)} columns, reference {reference.height} rows vs "
         f"current {current.height} rows (window of {rows.height} rows, bounded to {spec.sample_rows})"
     )
     started = time.monotonic()
-    result = check_window(spec, reference, current, numerical, categorical, html=report)
+    result = check_window(spec, reference, current, numerical, categorical, html=evidently_report)
     progress(
         f"Evidently done in {time.monotonic() - started:.1f} s: {len(result.drifted)} of "
         f"{len(result.columns)} columns drifted"
     )
     prediction = _prediction_drift(spec, model, reference, scores)
+    figure = figures.drift_scores(
+        [(c.column, c.score, c.threshold, c.drifted) for c in result.columns], folder / f"{run_id}.png"
+    )
+    window = f"{start} to {end}" if start is not None else f"{current.height} logged requests"
+    write_summary(report, pipeline.name, champion, window, result, prediction, evidently_report, figure)
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with connect() as conn, transaction(conn):
         insert(
@@ -285,7 +294,51 @@ def run_drift(
                 for c in [*result.columns, *([prediction] if prediction else [])]
             ),
         )
-    return DriftRun(run_id, champion, start, end, result, report, prediction)
+    return DriftRun(run_id, champion, start, end, result, report, evidently_report, figure, prediction)
+
+
+def drift_table(result: DriftResult, prediction: ColumnDrift | None = None) -> pl.DataFrame:
+    """One row per watched column (and the scores, `_prediction`), drifted first, then by score."""
+    rows = [(c.column, c.method, round(c.score, 4), c.threshold, c.drifted) for c in result.columns]
+    if prediction is not None:
+        rows.append(
+            (
+                prediction.column,
+                prediction.method,
+                round(prediction.score, 4),
+                prediction.threshold,
+                prediction.drifted,
+            )
+        )
+    frame = pl.DataFrame(rows, schema=["column", "test", "score", "threshold", "drifted"], orient="row")
+    return frame.sort(["drifted", "score"], descending=True)
+
+
+def write_summary(
+    path: Path,
+    pipeline: str,
+    champion: str,
+    window: str,
+    result: DriftResult,
+    prediction: ColumnDrift | None,
+    evidently_report: Path,
+    figure: Path,
+) -> None:
+    """The page a user opens first: the verdict and the drifted columns at the top (Evidently's own report
+    is some 18,000 px tall with them mid-page), the score chart, then a link to the full report."""
+    drifted = ", ".join(result.drifted) or "none"
+    verdict = "DATASET DRIFT" if result.dataset_drift else "no dataset drift"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>drift of {pipeline}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:14px}}
+td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head><body>
+<h1>{html.escape(pipeline)}: {verdict}: {len(result.drifted)} of {len(result.columns)} columns drifted</h1>
+<p id="drifted">Drifted: <b>{html.escape(drifted)}</b> (share {result.drift_share:.3f}). Champion
+{html.escape(champion)}; window {html.escape(window)}; {result.current_rows} current vs {result.reference_rows}
+reference rows.</p>
+{figures.html_table(drift_table(result, prediction))}
+<p><a href="{evidently_report.name}">Evidently's full report</a> (every column's distributions)</p>
+<img alt="drift scores" src="{figure.name}"></body></html>""")
 
 
 def _window_rows(conn: Any, pipeline: PipelineSpec) -> pl.DataFrame:

@@ -7,6 +7,7 @@ and a report can embed them.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,21 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def html_table(frame: pl.DataFrame) -> str:
+    """A frame as an HTML table for a report page, every cell escaped."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row) + "</tr>"
+        for row in frame.iter_rows()
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def drift_scores(columns: list[tuple[str, float, float, bool]], path: Path, top: int = 25) -> Path:
-    """Horizontal bars of (column, score, threshold, drifted), highest first, each with its threshold:
-    the drifted columns are the first thing seen (Evidently's own report lists them mid-page)."""
-    shown = sorted(columns, key=lambda c: -c[1])[:top][::-1]
+    """Horizontal bars of (column, score, threshold, drifted), each with its threshold, drifted first and
+    then highest first: the drifted columns are the first thing seen (Evidently's own report lists them
+    mid-page), also a low score over a low threshold."""
+    shown = sorted(columns, key=lambda c: (not c[3], -c[1]))[:top][::-1]
     fig, ax = axes(5, 0.28 * len(shown) + 1.2)
     names = [c[0] for c in shown]
     ax.barh(names, [c[1] for c in shown], color=[ALERT_COLOUR if c[3] else MODEL_COLOUR for c in shown])

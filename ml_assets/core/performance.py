@@ -18,7 +18,7 @@ from ml_assets.core.dataset import table_name
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.metrics import improvement
 from ml_assets.core.serve import ServableModel
-from ml_assets.core.spec import PipelineSpec
+from ml_assets.core.spec import PerformanceSpec, PipelineSpec
 from ml_assets.core.sql import q
 from ml_assets.core.store import PERFORMANCE_HISTORY, insert_many, transaction
 
@@ -63,15 +63,22 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
         change = (
             improvement(metric, value, expected) / abs(expected) if value is not None and expected else None
         )
-        judged = part.height >= spec.min_rows and change is not None and period > built_from
+        days = part.get_column(pipeline.timestamp).dt.date().n_unique()
+        degraded, why = period_verdict(
+            PeriodFacts(part.height, days, days_in_period(period, spec.period), change, period > built_from),
+            metric,
+            spec,
+        )
         scored.append(
             (
                 period,
                 part.get_column(pipeline.timestamp).max(),
                 part.height,
+                days,
                 value,
                 change,
-                change < -spec.tolerance if judged else None,
+                degraded,
+                why,
             )
         )
     periods = pl.DataFrame(
@@ -80,9 +87,11 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
             "period_start": pl.Datetime("us"),
             "period_end": pl.Datetime("us"),
             "rows": pl.Int64,
+            "days": pl.Int64,
             "score": pl.Float64,
             "change": pl.Float64,
             "degraded": pl.Boolean,
+            "why": pl.String,
         },
         orient="row",
     )
@@ -105,23 +114,49 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
                     "expected": expected,
                     "computed_at": now,
                 }
-                for r in periods.iter_rows(named=True)
+                # The labelled days and the reason are for people (readable_periods), not the history.
+                for r in periods.drop("days", "why").iter_rows(named=True)
             ),
         )
     return PerformanceRun(champion, metric, expected, periods)
 
 
-PERIOD_LENGTH = {"day": dt.timedelta(days=1), "week": dt.timedelta(weeks=1), "month": dt.timedelta(days=28)}
+@dataclass(frozen=True)
+class PeriodFacts:
+    rows: int
+    days: int  # distinct calendar days with labelled rows
+    full_days: int  # days in a full period
+    change: float | None  # relative to the test score, positive = better; None: no score
+    after_build: bool  # the period began after the data the champion was built from
 
 
-def readable_periods(periods: pl.DataFrame, period: str) -> pl.DataFrame:
-    """Newest first, for people: each period `judged` as `degraded`, `ok` or `not judged`, and a period
-    whose labelled rows stop before its end (the latest, still filling up) marked `partial`, so a partial
-    week's score is not read as a full week's."""
-    partial = (pl.col("period_end") - pl.col("period_start")) < PERIOD_LENGTH[period] - dt.timedelta(days=1)
+def days_in_period(start: dt.datetime, period: str) -> int:
+    if period == "month":
+        return ((start.replace(day=28) + dt.timedelta(days=4)).replace(day=1) - start.replace(day=1)).days
+    return {"day": 1, "week": 7}[period]
+
+
+def period_verdict(facts: PeriodFacts, metric: str, spec: PerformanceSpec) -> tuple[bool | None, str]:
+    """Degraded (True/False), or None with why the period is not judged: only a full period of enough
+    rows, after the champion's data, says anything (a partial week 16% worse is a few days' noise)."""
+    if facts.change is None:
+        return None, f"no {metric}: one class only"
+    if not facts.after_build:
+        return None, "within the champion's own data (known when it was promoted)"
+    if facts.days < facts.full_days:
+        return None, f"partial: {facts.days} of {facts.full_days} days labelled"
+    if facts.rows < spec.min_rows:
+        return None, f"{facts.rows} rows < min_rows {spec.min_rows}"
+    return facts.change < -spec.tolerance, ""
+
+
+def readable_periods(periods: pl.DataFrame) -> pl.DataFrame:
+    """Newest first, for people: each period `judged` as `degraded`, `ok` or `not judged` with `why`, and
+    a period with fewer labelled days than a full one marked `partial` (its `days` say how many)."""
     return periods.sort("period_start", descending=True).select(
         pl.col("period_start").dt.strftime("%Y-%m-%d"),
-        pl.when(partial).then(pl.lit("partial")).otherwise(pl.lit("")).alias("complete"),
+        pl.col("days").cast(pl.String)
+        + pl.when(pl.col("why").str.starts_with("partial")).then(pl.lit(" (partial)")).otherwise(pl.lit("")),
         "rows",
         pl.col("score").round(4),
         pl.col("change").round(4),
@@ -131,6 +166,17 @@ def readable_periods(periods: pl.DataFrame, period: str) -> pl.DataFrame:
         .then(pl.lit("degraded"))
         .otherwise(pl.lit("ok"))
         .alias("judged"),
+        "why",
+    )
+
+
+def periods_legend(metric: str, expected: float, spec: PerformanceSpec) -> str:
+    return (
+        f"**period_start**: the {spec.period}'s first day; **days**: days with labelled rows (partial: fewer than a full "
+        f"{spec.period}); **score**: the champion's real {metric}; **change**: relative to its test score "
+        f"{expected:.4f}, positive = better; **judged**: `degraded` when change < -{spec.tolerance:g}, `ok` "
+        f"otherwise, `not judged` when a full {spec.period} of at least {spec.min_rows} rows after the "
+        "champion's data is missing (**why** says which)."
     )
 
 

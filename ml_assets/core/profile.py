@@ -206,12 +206,7 @@ def _correlation_plot(correlations: dict[str, dict[str, float]], path: Path) -> 
 
 
 def _write_html(profile: Profile, path: Path) -> None:
-    shown = profile.columns.with_columns(pl.col(pl.Float64).round(4))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row) + "</tr>"
-        for row in shown.iter_rows()
-    )
+    table = figures.html_table(profile.columns.with_columns(pl.col(pl.Float64).round(4)))
     images = "".join(
         f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{n}</figcaption></figure>"
@@ -224,7 +219,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px}}figure{{display:inline-block;margi
 <h1>Profile of validated.{html.escape(profile.source)}</h1>
 <p>{profile.rows} rows; statistics on a sample of {profile.sampled_rows} rows.</p>
 <h2>Changes since the previous profile</h2><ul>{changes}</ul>
-<h2>Columns</h2><table><tr>{head}</tr>{body}</table><h2>Plots</h2>{images}</body></html>""")
+<h2>Columns</h2>{table}<h2>Plots</h2>{images}</body></html>""")
 
 
 def profile_source(

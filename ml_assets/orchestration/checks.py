@@ -16,6 +16,7 @@ from ml_assets.core import dataset, online, validate
 from ml_assets.core.spec import PipelineSpec, Project, SourceSpec
 from ml_assets.core.validate import CheckOutcome
 from ml_assets.orchestration.failures import user_errors_as_failures
+from ml_assets.orchestration.keys import layer_key
 from ml_assets.orchestration.metadata import as_metadata
 from ml_assets.orchestration.resources import Warehouse
 
@@ -40,7 +41,7 @@ def table_check(key: dg.AssetKey, name: str, description: str, outcome: Outcome)
 
 
 def source_checks(name: str, spec: SourceSpec) -> list[dg.AssetChecksDefinition]:
-    key = dg.AssetKey(["validated", name])
+    key = layer_key("validated", name)
     rules: list[tuple[str, str, Outcome]] = [
         (
             "schema_matches_config",

@@ -7,8 +7,7 @@ import dagster as dg
 
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets import LANDING_REFRESH
-from ml_assets.orchestration.assets.profiles import profile_key
-from ml_assets.orchestration.assets.sources import source_keys
+from ml_assets.orchestration.keys import layer_key, source_keys
 
 LANDING_JOB = "landing_ingest_job"
 
@@ -74,7 +73,7 @@ def landing_users(project: Project) -> dict[str, list[str]]:
 def landing_selection(users: dict[str, list[str]]) -> list[dg.AssetKey]:
     """What landed files of these sources refresh: their source tables and profiles (what changed is news
     after a landing), then each reader's monitors."""
-    keys = [key for name in users for key in (*source_keys(name), profile_key(name))]
+    keys = [key for name in users for key in (*source_keys(name), layer_key("profile", name))]
     keys += [dg.AssetKey([p, a]) for readers in users.values() for p in readers for a in LANDING_REFRESH]
     return sorted(set(keys))
 

@@ -16,14 +16,13 @@ from ml_assets.core import registry
 from ml_assets.core.promotion import Decision
 from ml_assets.core.spec import PipelineSpec
 
-# Who answers for the assets: shown on every asset page and filterable in the catalog.
-OWNERS = ["team:ml-platform"]
-
 
 def definition_version(spec: BaseModel) -> str:
     """Dagster's code_version of an asset: the package version and a hash of the config that defines it,
-    so the UI marks an asset stale when its pipeline or source file changes (not on every commit)."""
-    digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
+    so the UI marks an asset stale when its pipeline or source file changes (not on every commit). Who
+    owns an asset changes nothing it computes, so owners are left out."""
+    ownerless = {"owners": True, "sources": {"__all__": {"owners"}}}  # a pipeline's own sources too
+    digest = hashlib.sha256(spec.model_dump_json(exclude=ownerless).encode()).hexdigest()[:12]
     return f"{ml_assets.__version__}-{digest}"
 
 

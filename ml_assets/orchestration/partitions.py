@@ -47,16 +47,23 @@ def range_tags_for(project: Project, first: dt.datetime, last: dt.datetime) -> d
     )
 
 
+def pick_partitions_message(partitioned: list[str]) -> str:
+    """What a user launching partitioned assets without partitions reads, whichever way it is caught."""
+    named = ", ".join(partitioned[:5]) + (f" and {len(partitioned) - 5} more" if len(partitioned) > 5 else "")
+    return (
+        f"{named} {'is' if len(partitioned) == 1 else 'are'} partitioned: launch {'it' if len(partitioned) == 1 else 'them'} "
+        "with partitions (in the UI: Materialize, then pick a partition range, e.g. all; on the command line: "
+        "`ml-assets run`, which covers every partition landed so far)"
+    )
+
+
 def run_window(context: dg.AssetExecutionContext) -> TimeWindow:
     """The time window a partitioned step covers; one run may cover a range (single-run backfill)."""
     if not context.has_partition_key_range:
         # Launched from the UI without choosing partitions, Dagster would fail deep inside with an
         # internal CheckError ("Has a PartitionsDefinition..."): say what to do instead.
         raise dg.Failure(
-            description=f"{context.asset_key.to_user_string()} is partitioned: launch it with partitions "
-            "(in the UI: Materialize, then pick a partition range, e.g. all; on the command line: "
-            "`ml-assets run`, which covers every partition landed so far)",
-            allow_retries=False,
+            description=pick_partitions_message([context.asset_key.to_user_string()]), allow_retries=False
         )
     tw = context.partition_time_window
     return TimeWindow(start=tw.start.replace(tzinfo=None), end=tw.end.replace(tzinfo=None))

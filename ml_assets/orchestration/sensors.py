@@ -27,6 +27,13 @@ EVENT_TAG = "ml_assets/event"
 HANDLED_KEPT = 100
 
 
+def logged_skip(context: dg.SensorEvaluationContext, reason: str) -> str:
+    """A tick's skip reason, also in the tick's log: the UI's tick list shows the reason only on hover,
+    the log shows it as text (the sensor's page: a tick, then its logs)."""
+    context.log.info(f"skipped: {reason}")
+    return reason
+
+
 def retrain_sensor(pipeline: PipelineSpec, job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
     spec = pipeline.monitoring
     perf = spec.performance
@@ -55,7 +62,8 @@ def retrain_sensor(pipeline: PipelineSpec, job: dg.UnresolvedAssetJobDefinition)
             champion, runs, periods, spec, last, now, frozenset(handled)
         )
         if not decision.trigger or decision.event is None or decision.kind is None:
-            return dg.SkipReason(decision.reason)
+            return dg.SkipReason(logged_skip(context, decision.reason))
+        context.log.info(f"retrain requested: {decision.reason}")
         request = dg.RunRequest(
             run_key=f"retrain-{pipeline.name}-{decision.event}",
             tags={
@@ -126,7 +134,9 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
         if not accepted:
             done = [f"{row['status']} {Path(str(row['file'])).name}" for row in recorded]
             waiting = [f"waiting for {n} to settle" for scan in scans.values() for n in scan.settling]
-            return dg.SensorResult(skip_reason="; ".join(done + waiting) or "no new files", cursor=cursor)
+            # An idle tick (every 10 s) says so without writing a log.
+            reason = logged_skip(context, "; ".join(done + waiting)) if done or waiting else "no new files"
+            return dg.SensorResult(skip_reason=reason, cursor=cursor)
         records = [r for rows in accepted.values() for r in rows]
         tags = {
             TRIGGER_TAG: LANDING_TRIGGER,
@@ -166,7 +176,9 @@ def rescore_sensor(
         with warehouse.get_connection() as conn:
             champion, days = score.windows_to_rescore(conn, pipeline)
         if champion is None or not days:
-            return dg.SkipReason(f"champion {champion}: the latest partitions' scores are current")
+            return dg.SkipReason(
+                logged_skip(context, f"champion {champion}: the latest partitions' scores are current")
+            )
         keys = sorted(
             {partitions.get_partition_key_for_timestamp(d.replace(tzinfo=dt.UTC).timestamp()) for d in days}
         )

@@ -13,6 +13,7 @@ from ml_assets.core.spec.load import (
     pipelines_dir,
 )
 from ml_assets.core.spec.schema import (
+    DEFAULT_OWNERS,
     METRICS,
     AsofSpec,
     ColumnSpec,
@@ -37,6 +38,7 @@ from ml_assets.core.spec.schema import (
 )
 
 __all__ = [
+    "DEFAULT_OWNERS",
     "AsofSpec",
     "ColumnSpec",
     "ConfigError",

@@ -180,7 +180,7 @@ def load_project(directory: Path) -> Project:
                     f"{path}: sources.{name}: source already defined in {source_files[name]}; "
                     "list it under shared_sources instead"
                 )
-            sources[name] = source
+            sources[name] = source if source.owners else source.model_copy(update={"owners": spec.owners})
             source_files[name] = path
     partitioned = {n: s.partitions for n, s in sources.items() if s.partitions}
     if len(set(partitioned.values())) > 1:

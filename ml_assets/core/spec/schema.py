@@ -37,6 +37,9 @@ FEATURE_NAME = r"^[a-z][a-z0-9_]*$"
 ROW_ID = "_row_id"
 Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER)]
 ColumnName = Annotated[str, StringConstraints(pattern=FEATURE_NAME)]
+# Who answers for a pipeline's assets, as Dagster shows and filters them: an email or `team:<name>`.
+Owner = Annotated[str, StringConstraints(pattern=r"^(team:\S+|[^@\s]+@[^@\s]+\.[^@\s]+)$")]
+DEFAULT_OWNERS = ["team:ml-platform"]
 
 
 @functools.cache
@@ -196,6 +199,9 @@ class SchemaEvolutionSpec(_Strict):
 
 class SourceSpec(_Strict):
     description: str = ""
+    owners: list[Owner] | None = Field(
+        None, description="Omitted: the owners of the pipeline file that defines the source"
+    )
     path: str | None = Field(
         None,
         description="File, glob, or pkg://<package>/<file> for data shipped inside an installed package. "
@@ -526,6 +532,11 @@ class ServingSpec(_Strict):
 class PipelineSpec(_Strict):
     name: str = Field(pattern=IDENTIFIER)
     description: str = ""
+    owners: list[Owner] = Field(
+        default_factory=lambda: list(DEFAULT_OWNERS),
+        min_length=1,
+        description="Shown on every asset of the pipeline (and its sources): emails or team:<name>",
+    )
     task: Task
     sources: dict[Identifier, SourceSpec] = Field(default_factory=dict)
     shared_sources: list[str] = Field(

@@ -2,8 +2,10 @@
 (modelling table, features), `training` (model, evaluation, promotion), `monitoring` (champion,
 performance, drift) and `serving` (batch predictions). Each asset calls one function of the core and turns its result into metadata.
 
-Asset keys mirror where things live: `raw/<source>`, `validated/<source>`, `quarantine/<source>` are
-DuckDB tables shared by every pipeline that uses the source, `profile/<source>_profile` their EDA;
+Asset keys mirror where things live: `raw/<source>_raw`, `validated/<source>_validated`,
+`quarantine/<source>_quarantine` are the DuckDB tables raw.<source>, validated.<source>,
+quarantine.<source> shared by every pipeline that uses the source, `profile/<source>_profile` their EDA
+(orchestration.keys builds them);
 `<pipeline>/<asset>` belong to one pipeline's group.
 """
 

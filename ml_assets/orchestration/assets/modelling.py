@@ -11,7 +11,8 @@ from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.sql import q
 from ml_assets.orchestration.checks import require_passing_checks
 from ml_assets.orchestration.failures import user_errors_as_failures
-from ml_assets.orchestration.metadata import OWNERS, definition_version, table_metadata
+from ml_assets.orchestration.keys import layer_key
+from ml_assets.orchestration.metadata import definition_version, table_metadata
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
 
@@ -24,7 +25,7 @@ def common(pipeline: PipelineSpec) -> dict[str, Any]:
     return {
         "group_name": pipeline.name,
         "tags": {"pipeline": pipeline.name, "task": pipeline.task},
-        "owners": OWNERS,
+        "owners": pipeline.owners,
         "code_version": definition_version(pipeline),
         # Unpartitioned, but the CLI runs a partition range over a selection only if every asset in it
         # declares single-run backfills (`dagster asset materialize --select '*' --partition-range ...`).
@@ -35,7 +36,7 @@ def common(pipeline: PipelineSpec) -> dict[str, Any]:
 def modelling_table_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefinition:
     sources = project.sources_of(pipeline)
     upstream = [
-        dg.AssetKey(["validated", s]) for s in sorted({pipeline.base, *(j.source for j in pipeline.joins)})
+        layer_key("validated", s) for s in sorted({pipeline.base, *(j.source for j in pipeline.joins)})
     ]
 
     @dg.asset(

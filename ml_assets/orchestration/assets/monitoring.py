@@ -59,6 +59,9 @@ def performance_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         if run is None or run.periods.height == 0:
             return dg.MaterializeResult(metadata={"status": "no champion or no labelled rows yet"})
         latest = run.periods.row(-1, named=True)
+        shown = performance.readable_periods(run.periods)
+        newest = shown.row(0, named=True)
+        verdict = newest["judged"] + (f" ({newest['why']})" if newest["why"] else "")
         figure = figures.performance_over_time(
             run.periods,
             run.expected,
@@ -76,11 +79,14 @@ def performance_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "degraded_periods": int(run.periods.get_column("degraded").sum()),
                 **figure_metadata(artifacts, {"performance": figure}),
                 f"champion_test_{run.metric}": f"{run.expected:.4f}",
-                "latest_period": f"{latest['period_start']:%Y-%m-%d} ({latest['rows']} rows)",
-                "periods": md_table(
-                    performance.readable_periods(run.periods, pipeline.monitoring.performance.period),
-                    limit=26,
+                # The newest period's verdict inline (the periods table opens in a dialog).
+                "latest_period": f"{latest['period_start']:%Y-%m-%d} ({latest['rows']} rows, {latest['days']} "
+                f"days): {verdict}",
+                # Apart from the table: a markdown value that short renders inline, the table's does not.
+                "periods_legend": dg.MetadataValue.md(
+                    performance.periods_legend(run.metric, run.expected, pipeline.monitoring.performance)
                 ),
+                "periods": md_table(shown, limit=26),
             }
         )
 
@@ -114,15 +120,6 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
             return dg.MaterializeResult(metadata={"status": "no champion yet: nothing to monitor"})
         with warehouse.get_connection() as conn:
             history = drift.drift_runs(conn, pipeline.name)
-        columns = pl.DataFrame(
-            [(c.column, c.method, round(c.score, 4), c.threshold, c.drifted) for c in run.result.columns],
-            schema=["column", "method", "score", "threshold", "drifted"],
-            orient="row",
-        ).sort("score", descending=True)
-        figure = figures.drift_scores(
-            [(c.column, c.score, c.threshold, c.drifted) for c in run.result.columns],
-            run.report.with_suffix(".png"),
-        )
         runs = history.sort("computed_at", descending=True).select(
             pl.col("computed_at").dt.strftime("%Y-%m-%d %H:%M"),
             pl.col("window_end").dt.strftime("%Y-%m-%d"),
@@ -136,9 +133,10 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "drifted_count": len(run.result.drifted),
                 "dataset_drift": run.result.dataset_drift,
                 "drifted_columns": ", ".join(run.result.drifted) or "(none)",
-                **figure_metadata(artifacts, {"drift_scores": figure}),
+                **figure_metadata(artifacts, {"drift_scores": run.figure}),
                 **report_metadata(artifacts, run.report),
-                "columns": md_table(columns, limit=40),
+                "evidently_report": dg.MetadataValue.url(artifacts.url_of(run.evidently_report)),
+                "columns": md_table(drift.drift_table(run.result), limit=40),
                 "champion": run.champion,
                 "window": f"{run.window_start} to {run.window_end}",
                 "rows_current_reference": f"{run.result.current_rows} / {run.result.reference_rows}",
@@ -146,7 +144,10 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "drift_run": run.id,
                 "current": spec.current,
                 **(
-                    {"prediction_drift": run.prediction.score, "prediction_drifted": run.prediction.drifted}
+                    {
+                        "prediction_drift": round(run.prediction.score, 4),
+                        "prediction_drifted": run.prediction.drifted,
+                    }
                     if run.prediction
                     else {}
                 ),

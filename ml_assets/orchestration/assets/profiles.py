@@ -1,8 +1,5 @@
 """Profile assets: `profile/<source>_profile`, the EDA of each validated source (statistics, shares,
 histograms, top values, correlation with the targets built from it, changes since the last profile).
-
-The last key part names the layer too: the graph shows only that part, and `flights` alone would not
-tell the profile from the tables it describes.
 """
 
 import dagster as dg
@@ -10,27 +7,24 @@ import polars as pl
 
 from ml_assets.core.profile import DEFAULT_SAMPLE_ROWS, profile_source
 from ml_assets.core.spec import Project
-from ml_assets.orchestration.assets.sources import SOURCES_GROUP, source_keys
+from ml_assets.orchestration.assets.sources import SOURCES_GROUP
 from ml_assets.orchestration.figures import figure_metadata, report_metadata
-from ml_assets.orchestration.metadata import OWNERS, definition_version, md_table, rounded
+from ml_assets.orchestration.keys import layer_key
+from ml_assets.orchestration.metadata import definition_version, md_table, rounded
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
-
-
-def profile_key(source: str) -> dg.AssetKey:
-    return dg.AssetKey(["profile", f"{source}_profile"])
 
 
 def profile_asset(name: str, project: Project) -> dg.AssetsDefinition:
     readers = [p for p in project.pipelines.values() if name in project.sources_of(p)]
 
     @dg.asset(
-        key=profile_key(name),
-        deps=[source_keys(name)[1]],
+        key=layer_key("profile", name),
+        deps=[layer_key("validated", name)],
         group_name=SOURCES_GROUP,
         kinds={"duckdb", "matplotlib", "html"},
         # The profile covers the whole validated table, whichever partitions a run loaded.
         backfill_policy=dg.BackfillPolicy.single_run(),
-        owners=OWNERS,
+        owners=project.sources[name].owners,
         code_version=definition_version(project.sources[name]),
         description=f"Profile of validated.{name}: per-column statistics, null and distinct shares, "
         f"histograms and top values, correlation with the targets of {[p.name for p in readers]}, and "

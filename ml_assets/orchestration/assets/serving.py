@@ -12,6 +12,7 @@ from ml_assets.core.ingest import TimeWindow
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
+from ml_assets.orchestration.metadata import round_floats
 from ml_assets.orchestration.partitions import partitions_def, run_window
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
@@ -63,7 +64,7 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
                 "rows_replaced": run.replaced,
                 "version": run.version,
                 "window": f"{window.start} to {window.end}" if window else "all rows",
-                "score_summary": dg.MetadataValue.json(run.summary),
+                "score_summary": dg.MetadataValue.json(round_floats(run.summary, 4)),
                 "score_mean": float(run.summary["mean"]) if run.summary["mean"] is not None else 0.0,
                 **({"table_rebuilt": run.rebuilt} if run.rebuilt else {}),
             }

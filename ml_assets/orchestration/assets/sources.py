@@ -1,4 +1,5 @@
-"""Source assets: `raw/<source>` (loaded unchanged) and `validated/<source>` + `quarantine/<source>`.
+"""Source assets: `raw/<source>_raw` (loaded unchanged) and `validated/<source>_validated` +
+`quarantine/<source>_quarantine` (keys: orchestration.keys).
 
 They are DuckDB tables shared by every pipeline that uses the source; partitioned sources replace exactly
 the rows of the partitions a run covers.
@@ -17,16 +18,12 @@ from ml_assets.core.ingest import TimeWindow
 from ml_assets.core.spec import SourceSpec
 from ml_assets.core.sql import q
 from ml_assets.orchestration.failures import user_errors_as_failures
-from ml_assets.orchestration.metadata import OWNERS, definition_version, md_table, table_metadata
+from ml_assets.orchestration.keys import layer_key, source_keys
+from ml_assets.orchestration.metadata import definition_version, md_table, table_metadata
 from ml_assets.orchestration.partitions import partitions_def, run_window
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
 SOURCES_GROUP = "sources"
-LAYERS = ("raw", "validated", "quarantine")
-
-
-def source_keys(name: str) -> list[dg.AssetKey]:
-    return [dg.AssetKey([layer, name]) for layer in LAYERS]
 
 
 def _partitioning(spec: SourceSpec) -> dict[str, Any]:
@@ -38,7 +35,7 @@ def _partitioning(spec: SourceSpec) -> dict[str, Any]:
 
 
 def _ownership(spec: SourceSpec) -> dict[str, Any]:
-    return {"owners": OWNERS, "code_version": definition_version(spec)}
+    return {"owners": spec.owners, "code_version": definition_version(spec)}
 
 
 def read_batch(
@@ -89,7 +86,7 @@ def _describe(name: str, spec: SourceSpec) -> str:
 
 def raw_asset(name: str, spec: SourceSpec, base_dir: Path) -> dg.AssetsDefinition:
     @dg.asset(
-        key=dg.AssetKey(["raw", name]),
+        key=layer_key("raw", name),
         group_name=SOURCES_GROUP,
         kinds={"duckdb", spec.resolved_format if spec.kind == "files" else spec.kind},
         description=_describe(name, spec),
@@ -165,7 +162,7 @@ def validated_asset(name: str, spec: SourceSpec) -> dg.AssetsDefinition:
                 **valid_meta,
                 "raw_rows": result.raw_rows,
                 "quarantined_rows": result.quarantined_rows,
-                "quarantine_share": share,
+                "quarantine_share": round(share, 6),  # six digits: a limit of 0.1% is still readable
                 "quarantine_limit_hit": result.quarantine_limit_hit,
                 "quarantine_limit": result.quarantine.description,
                 "tz_offsets_normalised": dg.MetadataValue.json(result.tz_offsets_normalised),
