@@ -72,6 +72,8 @@ def measure_incremental_share(
         job, partition_range_tags(new_day, new_day), asset_selection=landing_selection(partitioned)
     )
     table_step = f"{pipeline}__modelling_table"
+    slowest = sorted(steps.items(), key=lambda kv: -kv[1])[:8]
+    print("one day's slowest steps: " + ", ".join(f"{k} {v:.2f} s" for k, v in slowest), file=sys.stderr)
     return {
         "new_day": new_day,
         "full_s": full_s,
