@@ -118,3 +118,26 @@ def test_a_corrected_partition_landed_again_gives_the_full_rebuild(
         result = build(conn, project)
     assert not result.equals(before)
     assert result.equals(expected)
+
+
+def test_a_partition_run_skips_only_landed_files_wholly_outside_its_window(tmp_path):
+    def loaded(sha: str, first: dt.datetime, last: dt.datetime) -> dict:
+        return {"sha256": sha, "file": f"{sha}.csv", "first_partition": first, "last_partition": last}
+
+    files = [
+        loaded("jan", JAN, dt.datetime(2013, 1, 31, 23)),
+        loaded("feb", dt.datetime(2013, 2, 1), dt.datetime(2013, 2, 28, 23)),
+    ]
+    with connect(tmp_path / "w.duckdb") as conn:
+        ingest.record_files(conn, "flights", [f | {"status": "loaded"} for f in files], "run")
+        ingest.record_files(conn, "weather", [loaded("other", JAN, JAN) | {"status": "loaded"}], "run")
+        assert ingest.loaded_outside(conn, "flights", dt.datetime(2013, 2, 5), dt.datetime(2013, 2, 6)) == {
+            "jan"
+        }
+        assert (
+            ingest.loaded_outside(conn, "flights", dt.datetime(2013, 1, 31), dt.datetime(2013, 2, 2)) == set()
+        )
+        assert ingest.loaded_outside(conn, "flights", dt.datetime(2013, 3, 1), dt.datetime(2013, 3, 2)) == {
+            "jan",
+            "feb",
+        }
