@@ -13,6 +13,7 @@ import duckdb
 import polars as pl
 import pytest
 
+from ml_assets.core import changes
 from ml_assets.core.dataset import (
     build_modelling_table,
     check_splits_populated,
@@ -84,10 +85,12 @@ def conn(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
 
 
 def put(conn: duckdb.DuckDBPyConnection, source: str, frame: pl.DataFrame) -> None:
-    """(Re)create `validated.<source>` with exactly the rows of a polars frame."""
+    """(Re)create `validated.<source>` with exactly the rows of a polars frame, logged as a whole-table
+    change as validation logs its writes (the modelling table rebuilds from what the log says changed)."""
     conn.register("_frame", frame.to_arrow())
     try:
         conn.execute(f"CREATE OR REPLACE TABLE validated.{source} AS SELECT * FROM _frame")
+        changes.record(conn, source, None, None)
     finally:
         conn.unregister("_frame")
 

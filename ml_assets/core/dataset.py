@@ -4,15 +4,18 @@ the target, built in DuckDB as `<pipeline>.modelling_table`, with a `_split` col
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 from dataclasses import dataclass
 
 import duckdb
 import polars as pl
 
+from ml_assets.core import changes
 from ml_assets.core.errors import DatasetError
 from ml_assets.core.spec import PipelineSpec, SourceSpec
 from ml_assets.core.spec.schema import ROW_ID
-from ml_assets.core.sql import lit, q
+from ml_assets.core.sql import lit, q, table_exists
 from ml_assets.core.validate import CheckOutcome
 
 
@@ -94,12 +97,13 @@ def _random_split(pipeline: PipelineSpec, classification: bool) -> str:
     )
 
 
-def _split_expr(pipeline: PipelineSpec) -> str:
+def _split_expr(pipeline: PipelineSpec, rows: str = "__t") -> str:
+    """The `_split` of every row of relation `rows` (which holds all the table's rows)."""
     split = pipeline.split
     if split.method == "random":
         return _random_split(pipeline, pipeline.task != "regression")
     ts = q(pipeline.timestamp)
-    labelled = f"FROM __t WHERE {q(pipeline.target.name)} IS NOT NULL"
+    labelled = f"FROM {rows} WHERE {q(pipeline.target.name)} IS NOT NULL"
     if split.valid_start:
         valid, test = lit(str(split.valid_start)), lit(str(split.test_start))
     elif split.test_days:
@@ -118,34 +122,131 @@ def _split_expr(pipeline: PipelineSpec) -> str:
     )
 
 
+# Bumped when the rows this module builds from the same config change: a table built before is rebuilt.
+BUILD_VERSION = 1
+
+
+def definition(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> str:
+    """Fingerprint of everything a modelling table row is made from: a new one means a full rebuild."""
+    parts = [
+        str(BUILD_VERSION),
+        joined_select(pipeline, sources),
+        derived_columns(pipeline),
+        pipeline.target.model_dump_json(),
+        pipeline.split.model_dump_json(),
+        *(sources[s].model_dump_json() for s in sorted(sources)),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _ts_lit(value: dt.datetime) -> str:
+    return f"TIMESTAMP '{value.isoformat(sep=' ')}'"
+
+
+def affected_rows(
+    pipeline: PipelineSpec, sources: dict[str, SourceSpec], since: list[changes.Change]
+) -> str | None:
+    """SQL condition on base rows `b` true for every row whose modelling-table row the changes can alter;
+    None when only a full rebuild can tell (a whole table replaced, a changed key join, an as-of join
+    not on its source's event time, a base without event times).
+
+    A base row changes with its own event time. A row of an as-of joined source at time t changed in
+    lo..hi can only be the match of base rows at or after lo, and only of those with no unchanged row
+    of the same keys after hi and at or before their own time (that row, or a later one, is their match
+    before and after the change): so a late or corrected hour of weather refreshes exactly the flights
+    whose weather it is or was, however late it arrives.
+    """
+    base = sources[pipeline.base]
+    conditions = []
+    for change in since:
+        if change.lo is None or change.hi is None:
+            return None
+        lo, hi = _ts_lit(change.lo), _ts_lit(change.hi)
+        if change.source == pipeline.base:
+            if base.partitions is None or base.timestamp is None:
+                return None
+            conditions.append(f"b.{q(base.timestamp)} BETWEEN {lo} AND {hi}")
+        for join in pipeline.joins:
+            if join.source != change.source:
+                continue
+            if join.asof is None or join.asof.right != sources[join.source].timestamp:
+                return None
+            left, right = f"b.{q(join.asof.left)}", f"w.{q(join.asof.right)}"
+            same_keys = "".join(f" AND w.{q(k)} = b.{q(k)}" for k in join.keys)
+            # The first unchanged row after the change, per keys: an equality join DuckDB decorrelates.
+            after = f"SELECT min({right}) FROM validated.{q(join.source)} w WHERE {right} > {hi}{same_keys}"
+            conditions.append(f"({left} >= {lo} AND {left} < coalesce(({after}), TIMESTAMP 'infinity'))")
+    return " OR ".join(conditions) or "false"
+
+
 def build_modelling_table(
     conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: dict[str, SourceSpec]
 ) -> DatasetResult:
-    base_rows = conn.execute(f"SELECT count(*) FROM validated.{q(pipeline.base)}").fetchone()[0]
-    derived = derived_columns(pipeline)
+    """Build `<pipeline>.modelling_table`: in full the first time (or after a change of config, or of a
+    whole source table), else only the rows the validated tables' changes since the last build affect
+    (`affected_rows`); either way the split is then recomputed over all rows. Both give the same rows."""
+    fingerprint = definition(pipeline, sources)
+    done = changes.built_up_to(conn, pipeline.name, fingerprint)
+    upto = changes.latest(conn) if changes.logging_enabled(conn) else 0
+    used = [pipeline.base, *(j.source for j in pipeline.joins)]
+    where = (
+        affected_rows(pipeline, sources, changes.since(conn, done, used))
+        if done is not None
+        and not pipeline.split.window_days
+        and table_exists(conn, pipeline.name, "modelling_table")
+        else None
+    )
+    result = _build(conn, pipeline, sources) if where is None else _update(conn, pipeline, sources, where)
+    changes.mark_built(conn, pipeline.name, fingerprint, upto)
+    return result
+
+
+def _joined_rows(
+    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: dict[str, SourceSpec], where: str
+) -> tuple[int, int]:
+    """`__t`: the joined, derived rows with their target of the base rows matching `where` (on `b`);
+    returns (base rows, rows without a target), after the checks that every build makes."""
     target = pipeline.target
     target_col = f", {target.expr} AS {q(target.name)}" if target.expr else ""
+    base = f"(SELECT * FROM validated.{q(pipeline.base)} b WHERE {where})"
+    carry = () if sources[pipeline.base].id else (ROW_ID,)
+    base_rows = conn.execute(f"SELECT count(*) FROM {base}").fetchone()[0]
     try:
-        try:
-            conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {joined_select(pipeline, sources)}")
-            conn.execute(f"CREATE OR REPLACE TEMP TABLE __t AS SELECT *{derived}{target_col} FROM __j")
-        except duckdb.Error as exc:
-            raise DatasetError(
-                f"pipeline '{pipeline.name}': building the modelling table failed (check joins, "
-                f"derived and target.expr): {exc}"
-            ) from exc
-        joined = conn.execute("SELECT count(*) FROM __t").fetchone()[0]
-        if joined != base_rows:
-            raise DatasetError(
-                f"pipeline '{pipeline.name}': the joins turned {base_rows} rows of '{pipeline.base}' into {joined}; "
-                "a joined source has duplicate keys (give it an id on the join keys)"
-            )
-        missing = conn.execute(f"SELECT count(*) FROM __t WHERE {q(target.name)} IS NULL").fetchone()[0]
-        if missing and target.missing == "fail":
-            raise DatasetError(
-                f"pipeline '{pipeline.name}': {missing} rows have no target '{target.name}' "
-                "(target.missing: fail)"
-            )
+        joined = joined_select(pipeline, sources, base=base, carry=carry)
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {joined}")
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE __t AS SELECT *{derived_columns(pipeline)}{target_col} FROM __j"
+        )
+    except duckdb.Error as exc:
+        raise DatasetError(
+            f"pipeline '{pipeline.name}': building the modelling table failed (check joins, "
+            f"derived and target.expr): {exc}"
+        ) from exc
+    joined_rows = conn.execute("SELECT count(*) FROM __t").fetchone()[0]
+    if joined_rows != base_rows:
+        raise DatasetError(
+            f"pipeline '{pipeline.name}': the joins turned {base_rows} rows of '{pipeline.base}' into "
+            f"{joined_rows}; a joined source has duplicate keys (give it an id on the join keys)"
+        )
+    missing = conn.execute(f"SELECT count(*) FROM __t WHERE {q(target.name)} IS NULL").fetchone()[0]
+    if missing and target.missing == "fail":
+        raise DatasetError(
+            f"pipeline '{pipeline.name}': {missing} rows have no target '{target.name}' "
+            "(target.missing: fail)"
+        )
+    return base_rows, missing
+
+
+def _order(pipeline: PipelineSpec) -> str:
+    return q(pipeline.timestamp) if pipeline.timestamp else ", ".join(q(c) for c in pipeline.row_id)
+
+
+def _build(
+    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: dict[str, SourceSpec]
+) -> DatasetResult:
+    target = pipeline.target
+    try:
+        base_rows, missing = _joined_rows(conn, pipeline, sources, "true")
         keep = f"{q(target.name)} IS NOT NULL"
         if pipeline.split.window_days:
             ts = q(pipeline.timestamp)
@@ -154,13 +255,53 @@ def build_modelling_table(
                 f"- INTERVAL {pipeline.split.window_days - 1} DAY"
             )
         conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(pipeline.name)}")
-        order = q(pipeline.timestamp) if pipeline.timestamp else ", ".join(q(c) for c in pipeline.row_id)
         conn.execute(f"""CREATE OR REPLACE TABLE {table_name(pipeline)} AS
             SELECT *, {_split_expr(pipeline)} AS _split FROM __t
-            WHERE {keep} ORDER BY {order}""")
+            WHERE {keep} ORDER BY {_order(pipeline)}""")
     finally:
         conn.execute("DROP TABLE IF EXISTS __j")
         conn.execute("DROP TABLE IF EXISTS __t")
+    return _result(conn, pipeline, base_rows, missing)
+
+
+def _update(
+    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: dict[str, SourceSpec], where: str
+) -> DatasetResult:
+    """Replace the rows `where` selects (on the table's base columns as on the validated base rows),
+    then the split of every row, in one transaction."""
+    table = table_name(pipeline)
+    try:
+        _joined_rows(conn, pipeline, sources, where)
+        conn.execute("BEGIN TRANSACTION")
+        try:
+            conn.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT b.rowid FROM {table} b WHERE {where})")
+            conn.execute(
+                f"INSERT INTO {table} BY NAME SELECT *, NULL AS _split FROM __t "
+                f"WHERE {q(pipeline.target.name)} IS NOT NULL"
+            )
+            if pipeline.split.method == "random":
+                # Exact shares of the whole: every row's place in the seeded order may have moved.
+                conn.execute(f"""CREATE OR REPLACE TABLE {table} AS SELECT * REPLACE
+                    ({_split_expr(pipeline, table)} AS _split) FROM {table} ORDER BY {_order(pipeline)}""")
+            else:
+                split = _split_expr(pipeline, table)
+                conn.execute(f"UPDATE {table} SET _split = {split} WHERE _split IS DISTINCT FROM {split}")
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.execute("DROP TABLE IF EXISTS __j")
+        conn.execute("DROP TABLE IF EXISTS __t")
+    base_rows = conn.execute(f"SELECT count(*) FROM validated.{q(pipeline.base)}").fetchone()[0]
+    return _result(
+        conn, pipeline, base_rows, base_rows - conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    )
+
+
+def _result(
+    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, base_rows: int, missing: int
+) -> DatasetResult:
     split_rows = dict(
         conn.execute(f"SELECT _split, count(*) FROM {table_name(pipeline)} GROUP BY 1").fetchall()
     )

@@ -36,6 +36,8 @@ DRIFT_HISTORY = "monitor.drift_history"
 PERFORMANCE_HISTORY = "monitor.performance_history"
 LANDING_FILES = "ingest.landing_files"
 CHECK_RESULTS = "monitor.check_results"
+VALIDATED_CHANGES = "ingest.validated_changes"
+MODELLING_BUILDS = "ingest.modelling_builds"
 SCHEMA_VERSION = "meta.schema_version"
 
 # Version 1 is the layout ml_assets had before this module existed (each stage created its own tables),
@@ -142,6 +144,17 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         "model versions record the sha256 of their manifest, which every load checks (versions registered "
         "before stay NULL: hashing their manifest now would bless whatever it says today)",
         f"ALTER TABLE {MODEL_VERSIONS} ADD COLUMN IF NOT EXISTS manifest_sha256 VARCHAR",
+    ),
+    (
+        "every write of a validated table records the event-time range it changed, and every modelling "
+        "table the change it was built up to, so a new partition rebuilds only the rows it affects",
+        f"""CREATE SCHEMA IF NOT EXISTS ingest;
+        CREATE TABLE IF NOT EXISTS {VALIDATED_CHANGES} (
+            seq BIGINT PRIMARY KEY, source VARCHAR NOT NULL, lo TIMESTAMP, hi TIMESTAMP,
+            recorded_at TIMESTAMP NOT NULL);
+        CREATE TABLE IF NOT EXISTS {MODELLING_BUILDS} (
+            pipeline VARCHAR PRIMARY KEY, definition VARCHAR NOT NULL, change_seq BIGINT NOT NULL,
+            built_at TIMESTAMP NOT NULL)""",
     ),
 )
 LATEST = len(MIGRATIONS)

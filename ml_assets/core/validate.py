@@ -24,6 +24,7 @@ from typing import Literal
 
 import duckdb
 
+from ml_assets.core import changes
 from ml_assets.core.errors import ValidationFailure
 from ml_assets.core.spec import ColumnSpec, SourceSpec
 from ml_assets.core.spec.schema import ROW_ID
@@ -323,12 +324,15 @@ def validate_source(
         try:
             conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
             conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
+            changed = _changed_range(conn, name, where, partitioned)
             for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
                 if where:
                     drop_unpartitioned(conn, schema, name)
                     replace_rows(conn, f"{schema}.{q(name)}", temp, where)
                 else:
                     conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
+            if changed is not None:
+                changes.record(conn, name, *changed)
             conn.execute("COMMIT")
         except Exception:
             conn.execute("ROLLBACK")
@@ -367,6 +371,22 @@ def validate_source(
         tz_offsets_normalised=dict(zip(datetimes, tz_counts, strict=True)),
         quarantine=check_quarantine_share(conn, name, spec),
     )
+
+
+def _changed_range(
+    conn: duckdb.DuckDBPyConnection, name: str, where: str | None, partitioned: bool
+) -> tuple[dt.datetime | None, dt.datetime | None] | None:
+    """Event times the write about to happen changes: those of the rows it removes and of the rows it
+    adds; (None, None): the whole table (no window, or no event times); None: no row at all."""
+    present = table_columns(conn, "validated", name)
+    if not where or not partitioned or (present and EVENT_TIME not in present):
+        return None, None
+    ranges = [conn.execute(f"SELECT min({EVENT_TIME}), max({EVENT_TIME}) FROM __valid").fetchone()]
+    if present:
+        old = f"SELECT min({EVENT_TIME}), max({EVENT_TIME}) FROM validated.{q(name)} WHERE {where}"
+        ranges.append(conn.execute(old).fetchone())
+    los = [lo for lo, _ in ranges if lo is not None]
+    return (min(los), max(hi for _, hi in ranges if hi is not None)) if los else None
 
 
 def _row_id(spec: SourceSpec, raw_ref: Callable[[str], str]) -> list[str]:

@@ -14,7 +14,7 @@ from ml_assets.core.ingest.files import (
     read_files,
     resolve_files,
 )
-from ml_assets.core.ingest.ledger import ledger, record_files, rejected_sha256
+from ml_assets.core.ingest.ledger import ledger, loaded_outside, record_files, rejected_sha256
 from ml_assets.core.ingest.raw import IngestResult, load_raw, read_remote, watermark
 from ml_assets.core.ingest.window import TimeWindow, event_time_sql, window_condition
 
@@ -28,6 +28,7 @@ __all__ = [
     "landing_dir",
     "ledger",
     "load_raw",
+    "loaded_outside",
     "package_file",
     "read_file",
     "read_files",

@@ -77,6 +77,19 @@ def rejected_sha256(conn: duckdb.DuckDBPyConnection, source: str) -> set[str]:
     return {r[0] for r in rows}
 
 
+def loaded_outside(
+    conn: duckdb.DuckDBPyConnection, source: str, start: dt.datetime, end: dt.datetime
+) -> set[str]:
+    """Contents already loaded whose rows all lie outside [start, end): a partition's run need not read
+    them again (a year of landed days would otherwise be re-read for each new day)."""
+    rows = conn.execute(
+        f"SELECT sha256 FROM {LANDING_FILES} WHERE source = ? AND status = 'loaded' "
+        "AND (first_partition >= ? OR last_partition < ?)",
+        [source, end, start],
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
 def ledger(conn: duckdb.DuckDBPyConnection, source: str | None = None) -> pl.DataFrame:
     where = "WHERE source = ?" if source else ""
     return conn.execute(

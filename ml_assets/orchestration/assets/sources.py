@@ -44,6 +44,8 @@ def read_batch(
     """Read what a raw materialization loads, before taking the warehouse's write lock."""
     with warehouse.get_connection() as conn:
         skip = ingest.rejected_sha256(conn, name) if spec.landing else set()
+        if spec.landing and window is not None and window.start and window.end:
+            skip |= ingest.loaded_outside(conn, name, window.start, window.end)
         if spec.kind != "files" and window is None:
             window = TimeWindow(after=ingest.watermark(conn, name))
     if spec.kind != "files":
