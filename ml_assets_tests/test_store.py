@@ -176,6 +176,36 @@ def test_migrate_reports_the_version_it_found(warehouse):
         conn.close()
 
 
+def test_failed_verdicts_under_the_old_source_keys_still_block_after_the_upgrade(warehouse, monkeypatch):
+    """Source keys gained their layer's name; a verdict recorded under `validated/flights` must keep
+    blocking as `validated/flights_validated`, and a key already in the new form is left alone."""
+    from ml_assets.core import validate
+
+    renamed = next(
+        n for n, (description, _) in enumerate(store.MIGRATIONS, 1) if "name their layer" in description
+    )
+    with monkeypatch.context() as m:
+        m.setattr(store, "MIGRATIONS", store.MIGRATIONS[: renamed - 1])
+        m.setattr(store, "LATEST", renamed - 1)
+        with store.connect(warehouse) as conn:
+            for asset, passed in (
+                ("validated/flights", False),
+                ("validated/weather", True),
+                ("validated/planes_validated", False),
+                ("flight_delay/champion", False),
+            ):
+                validate.record_check(
+                    conn, asset, "rules", validate.CheckOutcome(passed=passed, description="d"), "run-1"
+                )
+    with store.connect(warehouse) as conn:
+        assert store.schema_version(conn) == store.LATEST
+        assert validate.failed_checks(
+            conn, ["validated/flights_validated", "validated/weather_validated", "validated/planes_validated"]
+        ) == ["validated/flights_validated:rules", "validated/planes_validated:rules"]
+        assert validate.failed_checks(conn, ["flight_delay/champion"]) == ["flight_delay/champion:rules"]
+        assert validate.failed_checks(conn, ["validated/flights"]) == []
+
+
 # --- a data directory from a newer ml_assets ---------------------------------------------------------
 
 

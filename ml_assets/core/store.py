@@ -156,6 +156,14 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             pipeline VARCHAR PRIMARY KEY, definition VARCHAR NOT NULL, change_seq BIGINT NOT NULL,
             built_at TIMESTAMP NOT NULL)""",
     ),
+    (
+        "data-check verdicts follow the source keys that now name their layer (validated/flights became "
+        "validated/flights_validated): a failed verdict under the old key would no longer block anything",
+        f"""UPDATE {CHECK_RESULTS}
+            SET asset = regexp_replace(asset, '^(raw|validated|quarantine)/(.+)$', '\\1/\\2_\\1')
+            WHERE regexp_matches(asset, '^(raw|validated|quarantine)/[^/]+$')
+                AND NOT ends_with(asset, '_' || split_part(asset, '/', 1))""",
+    ),
 )
 LATEST = len(MIGRATIONS)
 
