@@ -342,7 +342,7 @@ def test_group_by_keeps_each_entity_in_one_split(tmp_path):
         {"s.csv": frame},
     )
     root = tmp_path / "data"
-    modelling = [["grouped", "modelling_table"]]
+    modelling = [["grouped", "modelling_table"], ["grouped", "features"]]
     import dagster as dg
 
     selection = (
@@ -356,7 +356,12 @@ def test_group_by_keeps_each_entity_in_one_split(tmp_path):
         shares = dict(
             conn.execute("SELECT _split, count(*) / 3000 FROM grouped.modelling_table GROUP BY 1").fetchall()
         )
-    assert spans == 1
+        # Training's CV folds keep these groups whole (train.cv_folds): the features carry them.
+        groups = conn.execute(
+            "SELECT count(*) FROM grouped.features f JOIN grouped.modelling_table m ON f._key = m._row_id "
+            'WHERE f._group = CAST(m."Customer" AS VARCHAR)'
+        ).fetchone()[0]
+    assert spans == 1 and groups == n
     # Whole groups of about 10 rows: the shares are exact to within a group or two.
     assert abs(shares["test"] - 0.2) < 0.01 and abs(shares["valid"] - 0.1) < 0.01
 

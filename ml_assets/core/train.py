@@ -1,8 +1,7 @@
 """Training: LightGBM tuned by time-aware cross-validation within a time budget, and a linear baseline.
 
 Tuning is a seeded random search over the config's search space. Each trial is scored by k-fold CV on
-the training split only: expanding-window folds in time order for time splits (no fold sees its
-future), shuffled k-fold for random splits. The best parameters are refitted on the whole training
+the training split only, folded as the split itself was made (see cv_folds). The best parameters are refitted on the whole training
 split with early stopping on the validation split; the test split is touched once, for the final metrics.
 """
 
@@ -23,7 +22,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import polars as pl
-from sklearn.model_selection import KFold, TimeSeriesSplit
+from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold, TimeSeriesSplit
 
 from ml_assets.core import registry
 from ml_assets.core.dataset import bounded_sample, table_name
@@ -45,6 +44,7 @@ class Split:
     X: pd.DataFrame
     y: np.ndarray
     key: np.ndarray
+    group: np.ndarray
 
 
 @dataclass
@@ -77,7 +77,8 @@ def training_data(pipeline: PipelineSpec, frame: pl.DataFrame, transform: Featur
     def part(name: str) -> Split:
         mask = (frame.get_column("_split") == name).to_numpy()
         X = frame.filter(pl.Series(mask)).select(features).to_pandas()
-        return Split(X, y_all[mask], frame.get_column("_key").to_numpy()[mask])
+        keys, groups = (frame.get_column(c).to_numpy()[mask] for c in ("_key", "_group"))
+        return Split(X, y_all[mask], keys, groups)
 
     train_ts = frame.filter(pl.col("_split") == "train").get_column("_ts")
     window = {"start": None, "end": None}
@@ -162,8 +163,31 @@ def _fit(
     )
 
 
-# Share of the time budget the search may use: the final fit on the whole training split (about one
-# fold's work) gets the rest, and is itself stopped at the budget's end.
+def cv_folds(pipeline: PipelineSpec, train: Split) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, validation rows) per fold of the training split, folded as the split was made, so CV
+    judges a trial on the kind of rows the test split holds: expanding windows in time order for a time
+    split (no fold sees its future); whole groups with `group_by` (no entity in both); each class's share
+    in every fold with `stratify`; else shuffled k-fold."""
+    folds, seed, split = pipeline.model.cv_folds, pipeline.model.seed, pipeline.split
+    if split.method == "time":
+        return list(TimeSeriesSplit(n_splits=folds).split(train.X))
+    if split.group_by:
+        groups = len(np.unique(train.group))
+        if groups < folds:
+            raise DatasetError(
+                f"pipeline '{pipeline.name}': the training split holds {groups} group(s) of "
+                f"split.group_by {split.group_by}, fewer than model.cv_folds ({folds})"
+            )
+        return list(GroupKFold(folds, shuffle=True, random_state=seed).split(train.X, groups=train.group))
+    if split.stratify and pipeline.task != "regression":
+        return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(train.X, train.y))
+    return list(KFold(folds, shuffle=True, random_state=seed).split(train.X))
+
+
+# Most of the time budget the baselines may use (the linear solver stops there); of what they leave, the
+# share the search may use: the final fit on the whole training split (about one fold's work) gets the
+# rest, and is itself stopped at the budget's end.
+BASELINE_SHARE = 0.25
 SEARCH_SHARE = 0.75
 
 
@@ -186,13 +210,7 @@ def tune(
     every trial, the first included, is stopped when the deadline passes and recorded as cut short
     (a cut trial's score is not comparable, so it never wins; with no complete trial the centre is used)."""
     X, y = data.train.X, data.train.y
-    folds = pipeline.model.cv_folds
-    splitter = (
-        TimeSeriesSplit(n_splits=folds)
-        if pipeline.split.method == "time"
-        else KFold(n_splits=folds, shuffle=True, random_state=pipeline.model.seed)
-    )
-    fold_indices = list(splitter.split(X))
+    fold_indices = cv_folds(pipeline, data.train)
     rng = np.random.default_rng(pipeline.model.seed)
     base = base_params(pipeline, len(data.classes) if data.classes else None)
     sign = 1 if pipeline.greater_is_better else -1
@@ -288,23 +306,28 @@ class Candidate:
     threshold: float
     test_metrics: dict[str, float]
     test_pred: np.ndarray
+    cut_short: bool = False
 
 
-def fit_candidates(pipeline: PipelineSpec, data: TrainingData) -> dict[str, Candidate]:
-    """The constant floor and the linear baseline, on the same features and split."""
+def fit_candidates(
+    pipeline: PipelineSpec, data: TrainingData, deadline: float | None = None
+) -> dict[str, Candidate]:
+    """The constant floor and the linear baseline, on the same features and split; the linear fit stops
+    at `deadline` (a time.monotonic() instant) with the coefficients it has, recorded as cut short."""
     n_classes = len(data.classes) if data.classes else None
+    linear, linear_cut = LinearModel.fit_linear(
+        pipeline.task, data.train.X, data.train.y, data.categorical, pipeline.model.seed, deadline
+    )
     models = {
-        "constant": LinearModel.fit_constant(pipeline.task, data.train.y, n_classes),
-        "linear": LinearModel.fit_linear(
-            pipeline.task, data.train.X, data.train.y, data.categorical, pipeline.model.seed
-        ),
+        "constant": (LinearModel.fit_constant(pipeline.task, data.train.y, n_classes), False),
+        "linear": (linear, linear_cut),
     }
     out = {}
-    for kind, model in models.items():
+    for kind, (model, cut_short) in models.items():
         threshold = decision_threshold(pipeline, data.valid.y, model.predict(data.valid.X))
         test_pred = model.predict(data.test.X)
         metrics = all_metrics(pipeline.task, data.test.y, test_pred, threshold)
-        out[kind] = Candidate(model, threshold, metrics, test_pred)
+        out[kind] = Candidate(model, threshold, metrics, test_pred, cut_short)
     return out
 
 
@@ -318,6 +341,8 @@ class TrainedModel:
     test_predictions: pl.DataFrame
     final_fit_cut_at: int | None = None
     elapsed_s: float = 0.0
+    baselines_s: float = 0.0
+    search_budget_s: float = 0.0
 
     @property
     def baseline_test_metrics(self) -> dict[str, float]:
@@ -343,20 +368,25 @@ def train_model(
                 f"pipeline '{pipeline.name}': the {name} split is empty; check the split settings"
             )
     started = time.monotonic()
+    deadline = started + time_budget_s
+    progress("fitting the linear and constant baselines")
+    # The baselines come first, bounded, so the whole model step (they included) fits the budget: the
+    # search and the final fit share what they leave.
+    candidates = fit_candidates(pipeline, data, started + time_budget_s * BASELINE_SHARE)
+    baselines_s = time.monotonic() - started
+    search_budget_s = max(0.0, deadline - time.monotonic()) * SEARCH_SHARE
     progress(
         f"tuning on {len(data.train.y)} training rows: up to {max_trials} trials of "
-        f"{pipeline.model.cv_folds}-fold CV within {time_budget_s * SEARCH_SHARE:.0f} s "
+        f"{pipeline.model.cv_folds}-fold CV within {search_budget_s:.0f} s "
         f"of the {time_budget_s:.0f} s budget"
     )
-    tuning = tune(pipeline, data, time_budget_s * SEARCH_SHARE, max_trials, progress)
+    tuning = tune(pipeline, data, search_budget_s, max_trials, progress)
     progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; fitting the final model")
-    booster, cut_at = fit_final(pipeline, data, tuning.best_params, started + time_budget_s)
+    booster, cut_at = fit_final(pipeline, data, tuning.best_params, deadline)
     best_iteration = booster.best_iteration or booster.current_iteration()
     valid_pred = predict(booster, data.valid.X, best_iteration)
     test_pred = predict(booster, data.test.X, best_iteration)
     threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
-    progress("fitting the linear and constant baselines")
-    candidates = fit_candidates(pipeline, data)
     predictions = pl.DataFrame(
         {
             "_key": data.test.key,
@@ -375,6 +405,8 @@ def train_model(
         test_predictions=predictions,
         final_fit_cut_at=cut_at,
         elapsed_s=time.monotonic() - started,
+        baselines_s=baselines_s,
+        search_budget_s=search_budget_s,
     )
 
 
@@ -442,7 +474,8 @@ def train_and_register(
             "trials": trained.tuning.trials,
             "elapsed_s": round(trained.tuning.elapsed_s, 2),
             "time_budget_s": budget,
-            "search_budget_s": round(budget * SEARCH_SHARE, 2),
+            "search_budget_s": round(trained.search_budget_s, 2),
+            "baselines_s": round(trained.baselines_s, 2),
             "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
             "final_fit_cut_at_round": trained.final_fit_cut_at,
             "model_step_s": round(trained.elapsed_s, 2),
@@ -454,7 +487,11 @@ def train_and_register(
         "baseline_threshold": trained.candidates["linear"].threshold,
         # The simpler models judged beside this one at a first promotion (registry.candidate_file).
         "candidates": {
-            kind: {"decision_threshold": c.threshold, "test_metrics": c.test_metrics}
+            kind: {
+                "decision_threshold": c.threshold,
+                "test_metrics": c.test_metrics,
+                "cut_short": c.cut_short,
+            }
             for kind, c in trained.candidates.items()
         },
     }
