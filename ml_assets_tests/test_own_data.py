@@ -19,7 +19,7 @@ from ml_assets.core.errors import ConfigError
 from ml_assets.core.evaluate import evaluate_version
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import load_project
-from ml_assets.core.store import connect, warehouse_path
+from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.core.validate import validate_source
 from ml_assets_tests.conftest import materialize_all
 
@@ -395,3 +395,60 @@ def test_validation_rules_work_on_any_column_name():
         ("x", "x: 'zz' is not a valid int; x: value is missing (rule not_null)"),
     ]
     assert rules.passed and rules.metadata["rules_checked"] == 4
+
+
+def _events(n: int = 400) -> pl.DataFrame:
+    rng = np.random.default_rng(5)
+    start = np.datetime64("2024-01-01T00:00:00")
+    return pl.DataFrame(
+        {
+            "Event Time": [str(start + np.timedelta64(int(h), "h")) for h in range(n)],
+            "amount": rng.normal(size=n).round(3),
+            "shop": rng.choice(["a", "b"], size=n),
+            "y": rng.normal(size=n).round(3),
+        }
+    )
+
+
+LANDED = """
+    name: landed
+    task: regression
+    sources:
+      s: {{landing: true, timestamp: Event Time{replay}}}
+    base: s
+    timestamp: Event Time
+    target: {{name: y}}
+    split: {{method: time}}
+"""
+
+
+def test_a_landing_source_without_columns_is_inferred_from_its_replay_origin(tmp_path):
+    history = tmp_path / "history.csv"
+    _events().write_csv(history)
+    pipelines = _project(tmp_path, "landed", LANDED.format(replay=f", replay: {{path: {history}}}"), {})
+    columns = load_project(pipelines).sources["s"].columns
+    assert {c: s.type for c, s in columns.items()} == {
+        "Event Time": "datetime",
+        "amount": "float",
+        "shop": "str",
+        "y": "float",
+    }
+    stored = json.loads((pipelines / ".inferred" / "s.json").read_text())
+    assert stored["inferred_from"] == [str(history)] and stored["rows_sampled"] == 400
+
+
+def test_a_landing_source_without_replay_is_inferred_from_the_landed_files(tmp_path, monkeypatch):
+    """Nothing landed yet: a one-line error naming the landing zone; once a file landed, its sample."""
+    root = tmp_path / "data"
+    monkeypatch.setenv(DATA_DIR_ENV, str(root))
+    pipelines = _project(tmp_path, "landed", LANDED.format(replay=""), {})
+    with pytest.raises(ConfigError) as excinfo:
+        load_project(pipelines)
+    (line,) = str(excinfo.value).splitlines()
+    assert "sources.s.columns: omitted" in line and f"landing zone {root / 'landing' / 's'}" in line
+    landed = root / "landing" / "s" / "2024-01.csv"
+    landed.parent.mkdir(parents=True)
+    _events().write_csv(landed)
+    columns = load_project(pipelines).sources["s"].columns
+    assert columns["Event Time"].type == "datetime" and columns["shop"].type == "str"
+    assert json.loads((pipelines / ".inferred" / "s.json").read_text())["inferred_from"] == [str(landed)]
