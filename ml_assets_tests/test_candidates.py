@@ -149,13 +149,8 @@ class _SlowLogisticRegression(LogisticRegression):
         return fitted
 
 
-@pytest.mark.parametrize("budget", [2.0, pytest.param(30.0, marks=pytest.mark.slow)])
-def test_the_time_budget_bounds_the_whole_model_step(monkeypatch, budget):
-    """A forced slow trial (every boosting round sleeps) and a forced slow linear baseline (every
-    solver chunk sleeps, and it never converges within its iterations): the baseline stops at its
-    share of the budget and is recorded as cut short, the first trial is cut at the deadline and
-    recorded as such, the final fit stops at the budget with the rounds it has, and the whole model step
-    stays within the budget plus a third (30 s -> 40 s)."""
+def _slow(monkeypatch) -> None:
+    """Every boosting round sleeps, and every solver chunk of the linear baseline sleeps and never converges."""
     real_train = lgb.train
 
     def slow_train(*args, **kwargs):
@@ -168,18 +163,41 @@ def test_the_time_budget_bounds_the_whole_model_step(monkeypatch, budget):
     monkeypatch.setattr(train.lgb, "train", slow_train)
     monkeypatch.setattr(linear, "LogisticRegression", _SlowLogisticRegression)
     monkeypatch.setattr(linear, "CHUNK_ITER", 1)
-    # Early stopping would never end a trial of 1000 rounds here: only the budget can.
-    spec = _spec({"max_rounds": 1000, "early_stopping_rounds": 1000, "max_trials": 5, "cv_folds": 2})
+
+
+@pytest.mark.parametrize("budget", [2.0, pytest.param(30.0, marks=pytest.mark.slow)])
+def test_the_time_budget_bounds_the_whole_model_step(monkeypatch, budget):
+    """A forced slow baseline and forced slow boosting that early stopping never ends: the baseline
+    stops at its share of the budget, recorded as cut short; the centre of the search space is fitted
+    until the budget's end with the rounds it has (the model), no search is started without time for
+    it, and the whole model step stays within the budget plus a third (30 s -> 40 s)."""
+    _slow(monkeypatch)
+    # 5000 rounds of 20 ms: longer than either budget, and early stopping never ends them.
+    spec = _spec({"max_rounds": 5000, "early_stopping_rounds": 5000, "max_trials": 5, "cv_folds": 2})
     trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
     assert trained.candidates["linear"].cut_short and not trained.candidates["constant"].cut_short
     assert trained.baselines_s <= budget * train.BASELINE_SHARE + 10 * ROUND_S + 0.5
-    first = trained.tuning.trials[0]
-    assert first["cut_short"] is True and first["cv_score"] is None
-    assert len(trained.tuning.trials) == 1  # nothing is started after a cut trial
-    assert trained.tuning.best_cv_score is None  # the centre of the space is refitted
-    assert trained.tuning.elapsed_s <= trained.search_budget_s + 10 * ROUND_S + 0.5
-    assert trained.final_fit_cut_at is not None and 0 < trained.final_fit_cut_at < 1000
+    assert trained.final_fit_cut_at is not None and 0 < trained.final_fit_cut_at < 5000
     assert trained.booster.current_iteration() == trained.final_fit_cut_at
+    assert trained.tuning.trials == [] and trained.params == trained.tuning.best_params
+    assert trained.elapsed_s <= budget + max(1.0, budget / 3)
+
+
+def test_a_trial_the_budget_cuts_is_recorded_and_never_wins(monkeypatch):
+    """The centre's fit completes (40 slow rounds) but leaves too little time for a whole CV trial of
+    ten such fits: the first trial is cut at the search's deadline and recorded as cut short, nothing is
+    started after it, and the centre's model stays. (The search gets 75% of the budget minus two centre
+    fits: with c the fit's time, a search and a cut need 0.075 < c / budget < 0.375, idle or busy.)"""
+    _slow(monkeypatch)
+    budget = 6.0
+    spec = _spec({"max_rounds": 40, "early_stopping_rounds": 1000, "max_trials": 5, "cv_folds": 10})
+    trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
+    assert trained.final_fit_cut_at is None and 0 < trained.booster.current_iteration() <= 40
+    (first,) = trained.tuning.trials
+    assert first["cut_short"] is True and first["cv_score"] is None
+    assert trained.tuning.best_cv_score is None and trained.params == trained.tuning.best_params
+    assert 0 < trained.search_budget_s < budget
+    assert trained.tuning.elapsed_s <= trained.search_budget_s + 10 * ROUND_S + 0.5
     assert trained.elapsed_s <= budget + max(1.0, budget / 3)
 
 
@@ -187,6 +205,7 @@ def test_a_budget_that_never_binds_completes_every_trial():
     spec = _spec({"max_rounds": 50, "early_stopping_rounds": 10, "max_trials": 3, "cv_folds": 2})
     trained = train.train_model(spec, _data(1200), 600.0, 3)
     assert [t["cut_short"] for t in trained.tuning.trials] == [False, False, False]
+    assert trained.params == trained.tuning.best_params  # the best CV parameters are the model's
     assert trained.final_fit_cut_at is None
     assert not any(c.cut_short for c in trained.candidates.values())
 

@@ -1,8 +1,10 @@
 """Training: LightGBM tuned by time-aware cross-validation within a time budget, and a linear baseline.
 
-Tuning is a seeded random search over the config's search space. Each trial is scored by k-fold CV on
-the training split only, folded as the split itself was made (see cv_folds). The best parameters are refitted on the whole training
-split with early stopping on the validation split; the test split is touched once, for the final metrics.
+Within `time_budget_s`: the baselines (bounded), then the centre of the search space fitted on the whole
+training split with early stopping on the validation split (the model if nothing better fits the budget),
+then a seeded random search whose trials are scored by k-fold CV on the training split, folded as the
+split itself was made (see cv_folds), and a refit of the best parameters if they are not the centre's.
+The test split is touched once, for the final metrics.
 """
 
 from __future__ import annotations
@@ -184,11 +186,8 @@ def cv_folds(pipeline: PipelineSpec, train: Split) -> list[tuple[np.ndarray, np.
     return list(KFold(folds, shuffle=True, random_state=seed).split(train.X))
 
 
-# Most of the time budget the baselines may use (the linear solver stops there); of what they leave, the
-# share the search may use: the final fit on the whole training split (about one fold's work) gets the
-# rest, and is itself stopped at the budget's end.
+# Most of the time budget the baselines may use (the linear solver stops there).
 BASELINE_SHARE = 0.25
-SEARCH_SHARE = 0.75
 
 
 @dataclass
@@ -339,6 +338,7 @@ class TrainedModel:
     test_metrics: dict[str, float]
     candidates: dict[str, Candidate]
     test_predictions: pl.DataFrame
+    params: dict[str, Any] = field(default_factory=dict)
     final_fit_cut_at: int | None = None
     elapsed_s: float = 0.0
     baselines_s: float = 0.0
@@ -370,19 +370,35 @@ def train_model(
     started = time.monotonic()
     deadline = started + time_budget_s
     progress("fitting the linear and constant baselines")
-    # The baselines come first, bounded, so the whole model step (they included) fits the budget: the
-    # search and the final fit share what they leave.
+    # The baselines come first, bounded, so the whole model step (they included) fits the budget.
     candidates = fit_candidates(pipeline, data, started + time_budget_s * BASELINE_SHARE)
     baselines_s = time.monotonic() - started
-    search_budget_s = max(0.0, deadline - time.monotonic()) * SEARCH_SHARE
-    progress(
-        f"tuning on {len(data.train.y)} training rows: up to {max_trials} trials of "
-        f"{pipeline.model.cv_folds}-fold CV within {search_budget_s:.0f} s "
-        f"of the {time_budget_s:.0f} s budget"
+    # Then the centre of the search space on the whole training split, stopped at the budget's end: on a
+    # machine too busy for even one CV trial, this is the model, trained as long as the budget allows
+    # (searching first left such a machine a cut trial and a final fit of a few rounds).
+    centre = base_params(pipeline, len(data.classes) if data.classes else None) | _sample(
+        pipeline.model.search_space, None
     )
-    tuning = tune(pipeline, data, search_budget_s, max_trials, progress)
-    progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; fitting the final model")
-    booster, cut_at = fit_final(pipeline, data, tuning.best_params, deadline)
+    progress(f"fitting the centre of the search space on {len(data.train.y)} training rows")
+    fitting = time.monotonic()
+    booster, cut_at = fit_final(pipeline, data, centre, deadline)
+    fit_s = time.monotonic() - fitting
+    # The search leaves time for one more fit like that one: the refit of the parameters it picks.
+    search_budget_s = max(0.0, deadline - time.monotonic() - fit_s)
+    tuning = Tuning(centre, None)
+    if search_budget_s > 0:
+        progress(
+            f"tuning: up to {max_trials} trials of {pipeline.model.cv_folds}-fold CV within "
+            f"{search_budget_s:.0f} s of the {time_budget_s:.0f} s budget"
+        )
+        tuning = tune(pipeline, data, search_budget_s, max_trials, progress)
+    params = centre
+    if tuning.best_params != centre:
+        progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; refitting the best parameters")
+        refit, refit_cut = fit_final(pipeline, data, tuning.best_params, deadline)
+        # A refit the deadline stopped is not the model its CV score promised: the centre's stays.
+        if refit_cut is None:
+            booster, cut_at, params = refit, None, tuning.best_params
     best_iteration = booster.best_iteration or booster.current_iteration()
     valid_pred = predict(booster, data.valid.X, best_iteration)
     test_pred = predict(booster, data.test.X, best_iteration)
@@ -403,6 +419,7 @@ def train_model(
         test_metrics=all_metrics(pipeline.task, data.test.y, test_pred, threshold),
         candidates=candidates,
         test_predictions=predictions,
+        params=params,
         final_fit_cut_at=cut_at,
         elapsed_s=time.monotonic() - started,
         baselines_s=baselines_s,
@@ -453,7 +470,7 @@ def train_and_register(
         "created_at": created.replace(tzinfo=None).isoformat(timespec="seconds"),
         "metric": pipeline.metric,
         "greater_is_better": pipeline.greater_is_better,
-        "params": trained.tuning.best_params,
+        "params": trained.params,
         "best_iteration": best_iteration,
         "features": data.features,
         "categorical_features": data.categorical,
