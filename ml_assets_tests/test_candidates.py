@@ -149,8 +149,9 @@ class _SlowLogisticRegression(LogisticRegression):
         return fitted
 
 
-def _slow(monkeypatch) -> None:
-    """Every boosting round sleeps, and every solver chunk of the linear baseline sleeps and never converges."""
+def _slow(monkeypatch, baseline: bool = True) -> None:
+    """Every boosting round sleeps, and (`baseline`) every solver chunk of the linear baseline sleeps and
+    never converges."""
     real_train = lgb.train
 
     def slow_train(*args, **kwargs):
@@ -161,8 +162,9 @@ def _slow(monkeypatch) -> None:
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(train.lgb, "train", slow_train)
-    monkeypatch.setattr(linear, "LogisticRegression", _SlowLogisticRegression)
-    monkeypatch.setattr(linear, "CHUNK_ITER", 1)
+    if baseline:
+        monkeypatch.setattr(linear, "LogisticRegression", _SlowLogisticRegression)
+        monkeypatch.setattr(linear, "CHUNK_ITER", 1)
 
 
 @pytest.mark.parametrize("budget", [2.0, pytest.param(30.0, marks=pytest.mark.slow)])
@@ -183,12 +185,31 @@ def test_the_time_budget_bounds_the_whole_model_step(monkeypatch, budget):
     assert trained.elapsed_s <= budget + max(1.0, budget / 3)
 
 
+def test_the_final_fit_leaves_time_to_score_the_splits(monkeypatch):
+    """Scoring is forced slow (50 ms per tree for the 600 validation and test rows): the final fit stops
+    early enough that scoring both splits with its trees still ends within the budget."""
+    _slow(monkeypatch, baseline=False)
+    real_predict = lgb.Booster.predict
+
+    def slow_predict(self, X, *args, **kwargs):
+        trees = kwargs.get("num_iteration") or (args[0] if args else None) or self.current_iteration()
+        time.sleep(0.05 * trees * len(X) / 600)
+        return real_predict(self, X, *args, **kwargs)
+
+    monkeypatch.setattr(lgb.Booster, "predict", slow_predict)
+    budget = 3.0
+    spec = _spec({"max_rounds": 5000, "early_stopping_rounds": 5000, "max_trials": 5, "cv_folds": 2})
+    trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
+    assert trained.final_fit_cut_at is not None
+    assert trained.elapsed_s <= budget + max(1.0, budget / 3)
+
+
 def test_a_trial_the_budget_cuts_is_recorded_and_never_wins(monkeypatch):
     """The centre's fit completes (40 slow rounds) but leaves too little time for a whole CV trial of
     ten such fits: the first trial is cut at the search's deadline and recorded as cut short, nothing is
-    started after it, and the centre's model stays. (The search gets 75% of the budget minus two centre
-    fits: with c the fit's time, a search and a cut need 0.075 < c / budget < 0.375, idle or busy.)"""
-    _slow(monkeypatch)
+    started after it, and the centre's model stays. (The search gets the budget minus two centre fits:
+    with c the fit's time, a search and a cut need 1/12 < c / budget < 1/2, idle or busy.)"""
+    _slow(monkeypatch, baseline=False)
     budget = 6.0
     spec = _spec({"max_rounds": 40, "early_stopping_rounds": 1000, "max_trials": 5, "cv_folds": 10})
     trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
