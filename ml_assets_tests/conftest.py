@@ -13,8 +13,10 @@ import polars as pl
 import pytest
 import yaml
 
+from ml_assets.core import registry
 from ml_assets.core.ingest import package_file
 from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.partitions import all_partitions_tags
 
@@ -84,15 +86,25 @@ def materialize_all(
     selection: Any = None,
     instance: dg.DagsterInstance | None = None,
 ) -> dg.ExecuteInProcessResult:
+    """Materialize the selection (default: everything); a pipeline whose promotion step ran ends the run
+    with a champion (issue 12: every pipeline of the suite, its first run included), or this fails."""
     defs = build_definitions(pipelines_dir, root)
-    return dg.materialize(
+    project = load_project(pipelines_dir)
+    result = dg.materialize(
         list(defs.assets),
         resources=defs.resources,
         raise_on_error=raise_on_error,
         selection=selection,
         instance=instance,
-        tags=all_partitions_tags(load_project(pipelines_dir)),
+        tags=all_partitions_tags(project),
     )
+    judged = {e.asset_key for e in result.get_asset_materialization_events()}
+    gated = [p for p in project.pipelines if dg.AssetKey([p, "promotion"]) in judged]
+    if gated:
+        with connect(warehouse_path(root)) as conn:
+            without = [p for p in gated if registry.alias_version(conn, p, registry.CHAMPION) is None]
+        assert not without, f"pipeline(s) {without}: the promotion step ran and left no champion"
+    return result
 
 
 # A process that holds a warehouse open read-write until its stdin is closed.

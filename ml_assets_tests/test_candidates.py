@@ -16,7 +16,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from ml_assets.core import train
+from ml_assets.core import linear, train
+from ml_assets.core.errors import DatasetError
 from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import choose_threshold, score
 from ml_assets.core.spec import PipelineSpec
@@ -47,7 +48,9 @@ def test_the_json_baseline_predicts_exactly_what_scikit_learn_fitted(task):
     )
     estimator = LogisticRegression(max_iter=1000) if task == "binary" else Ridge(alpha=1.0)
     reference = make_pipeline(prep, estimator).fit(X, y)
-    ours = LinearModel.from_json(LinearModel.fit_linear(task, X, y, ["c"]).to_json())
+    fitted, cut_short = LinearModel.fit_linear(task, X, y, ["c"])
+    assert not cut_short
+    ours = LinearModel.from_json(fitted.to_json())
     X_new, _, _ = _frame(300, 2)
     X_new.loc[0, "c"] = 9  # a code never seen in training: all one-hot columns zero, as scikit-learn
     expected = reference.predict_proba(X_new)[:, 1] if task == "binary" else reference.predict(X_new)
@@ -125,7 +128,8 @@ def _data(n: int) -> train.TrainingData:
         ("valid", slice(n // 2, 3 * n // 4)),
         ("test", slice(3 * n // 4, n)),
     ):
-        parts[name] = train.Split(X.iloc[idx].reset_index(drop=True), y[idx], np.arange(n)[idx].astype(str))
+        keys = np.arange(n)[idx].astype(str)
+        parts[name] = train.Split(X.iloc[idx].reset_index(drop=True), y[idx], keys, keys)
     return train.TrainingData(
         **parts, features=["a", "b", "c"], categorical=["c"], classes=[0, 1], time_window={}
     )
@@ -134,10 +138,20 @@ def _data(n: int) -> train.TrainingData:
 ROUND_S = 0.02
 
 
-def test_the_time_budget_cuts_the_first_trial_and_the_final_fit(monkeypatch):
-    """A forced slow trial (every boosting round sleeps): the first trial is cut at the deadline and
-    recorded as cut short, the final fit stops at the budget with the rounds it has, and the recorded
-    search and model-step times stay within the budget plus about one round."""
+class _SlowLogisticRegression(LogisticRegression):
+    """Each solver call sleeps and reports its iterations used up (never converged), so the linear
+    baseline alone would take several budgets."""
+
+    def fit(self, *args, **kwargs):
+        time.sleep(ROUND_S * 5)
+        fitted = super().fit(*args, **kwargs)
+        fitted.n_iter_ = np.array([self.max_iter])
+        return fitted
+
+
+def _slow(monkeypatch, baseline: bool = True) -> None:
+    """Every boosting round sleeps, and (`baseline`) every solver chunk of the linear baseline sleeps and
+    never converges."""
     real_train = lgb.train
 
     def slow_train(*args, **kwargs):
@@ -148,23 +162,123 @@ def test_the_time_budget_cuts_the_first_trial_and_the_final_fit(monkeypatch):
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(train.lgb, "train", slow_train)
-    budget = 2.0
-    # Early stopping would never end a trial of 1000 rounds here: only the budget can.
-    spec = _spec({"max_rounds": 1000, "early_stopping_rounds": 1000, "max_trials": 5, "cv_folds": 2})
+    if baseline:
+        monkeypatch.setattr(linear, "LogisticRegression", _SlowLogisticRegression)
+        monkeypatch.setattr(linear, "CHUNK_ITER", 1)
+
+
+@pytest.mark.parametrize("budget", [2.0, pytest.param(30.0, marks=pytest.mark.slow)])
+def test_the_time_budget_bounds_the_whole_model_step(monkeypatch, budget):
+    """A forced slow baseline and forced slow boosting that early stopping never ends: the baseline
+    stops at its share of the budget, recorded as cut short; the centre of the search space is fitted
+    until the budget's end with the rounds it has (the model), no search is started without time for
+    it, and the whole model step stays within the budget plus a third (30 s -> 40 s)."""
+    _slow(monkeypatch)
+    # 5000 rounds of 20 ms: longer than either budget, and early stopping never ends them.
+    spec = _spec({"max_rounds": 5000, "early_stopping_rounds": 5000, "max_trials": 5, "cv_folds": 2})
     trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
-    first = trained.tuning.trials[0]
-    assert first["cut_short"] is True and first["cv_score"] is None
-    assert len(trained.tuning.trials) == 1  # nothing is started after a cut trial
-    assert trained.tuning.best_cv_score is None  # the centre of the space is refitted
-    assert trained.tuning.elapsed_s <= budget * train.SEARCH_SHARE + 10 * ROUND_S + 0.5
-    assert trained.final_fit_cut_at is not None and 0 < trained.final_fit_cut_at < 1000
+    assert trained.candidates["linear"].cut_short and not trained.candidates["constant"].cut_short
+    assert trained.baselines_s <= budget * train.BASELINE_SHARE + 10 * ROUND_S + 0.5
+    assert trained.final_fit_cut_at is not None and 0 < trained.final_fit_cut_at < 5000
     assert trained.booster.current_iteration() == trained.final_fit_cut_at
-    assert trained.elapsed_s <= budget + 10 * ROUND_S + 1.0
-    assert set(trained.candidates) == {"constant", "linear"}
+    assert trained.tuning.trials == [] and trained.params == trained.tuning.best_params
+    assert trained.elapsed_s <= budget + max(1.0, budget / 3)
+
+
+def test_the_final_fit_leaves_time_to_score_the_splits(monkeypatch):
+    """Scoring is forced slow (50 ms per tree for the 600 validation and test rows): the final fit stops
+    early enough that scoring both splits with its trees still ends within the budget."""
+    _slow(monkeypatch, baseline=False)
+    real_predict = lgb.Booster.predict
+
+    def slow_predict(self, X, *args, **kwargs):
+        trees = kwargs.get("num_iteration") or (args[0] if args else None) or self.current_iteration()
+        time.sleep(0.05 * trees * len(X) / 600)
+        return real_predict(self, X, *args, **kwargs)
+
+    monkeypatch.setattr(lgb.Booster, "predict", slow_predict)
+    budget = 3.0
+    spec = _spec({"max_rounds": 5000, "early_stopping_rounds": 5000, "max_trials": 5, "cv_folds": 2})
+    trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
+    assert trained.final_fit_cut_at is not None
+    assert trained.elapsed_s <= budget + max(1.0, budget / 3)
+
+
+def test_a_trial_the_budget_cuts_is_recorded_and_never_wins(monkeypatch):
+    """The centre's fit completes (40 slow rounds) but leaves too little time for a whole CV trial of
+    ten such fits: the first trial is cut at the search's deadline and recorded as cut short, nothing is
+    started after it, and the centre's model stays. (The search gets the budget minus two centre fits:
+    with c the fit's time, a search and a cut need 1/12 < c / budget < 1/2, idle or busy.)"""
+    _slow(monkeypatch, baseline=False)
+    budget = 6.0
+    spec = _spec({"max_rounds": 40, "early_stopping_rounds": 1000, "max_trials": 5, "cv_folds": 10})
+    trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
+    assert trained.final_fit_cut_at is None and 0 < trained.booster.current_iteration() <= 40
+    (first,) = trained.tuning.trials
+    assert first["cut_short"] is True and first["cv_score"] is None
+    assert trained.tuning.best_cv_score is None and trained.params == trained.tuning.best_params
+    assert 0 < trained.search_budget_s < budget
+    assert trained.tuning.elapsed_s <= trained.search_budget_s + 10 * ROUND_S + 0.5
+    assert trained.elapsed_s <= budget + max(1.0, budget / 3)
 
 
 def test_a_budget_that_never_binds_completes_every_trial():
     spec = _spec({"max_rounds": 50, "early_stopping_rounds": 10, "max_trials": 3, "cv_folds": 2})
     trained = train.train_model(spec, _data(1200), 600.0, 3)
     assert [t["cut_short"] for t in trained.tuning.trials] == [False, False, False]
+    assert trained.params == trained.tuning.best_params  # the best CV parameters are the model's
     assert trained.final_fit_cut_at is None
+    assert not any(c.cut_short for c in trained.candidates.values())
+
+
+def _split_spec(split: dict, task: str = "binary") -> PipelineSpec:
+    return PipelineSpec.model_validate(
+        {
+            "name": "synthetic",
+            "task": task,
+            "base": "s",
+            "target": {"name": "y"},
+            "timestamp": "t",
+            "features": [{"name": "a", "type": "numeric"}],
+            "split": split,
+            "model": {"cv_folds": 3},
+        }
+    )
+
+
+def _train_split(n: int, groups: int, positive_share: float) -> train.Split:
+    rng = np.random.default_rng(3)
+    y = (rng.random(n) < positive_share).astype(int)
+    group = np.array([f"g{i}" for i in rng.integers(0, groups, size=n)], dtype=object)
+    keys = np.arange(n).astype(str)
+    return train.Split(pd.DataFrame({"a": rng.normal(size=n)}), y, keys, group)
+
+
+def test_cv_folds_keep_every_group_whole_with_group_by():
+    split = _train_split(600, 40, 0.5)
+    folds = train.cv_folds(_split_spec({"method": "random", "group_by": ["customer"]}), split)
+    assert len(folds) == 3
+    for fit_rows, valid_rows in folds:
+        assert not set(split.group[fit_rows]) & set(split.group[valid_rows])
+    assert sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(600))
+
+
+def test_cv_folds_keep_each_class_share_with_stratify():
+    split = _train_split(3000, 3000, 0.02)
+    positives = int(split.y.sum())
+    folds = train.cv_folds(_split_spec({"method": "random", "stratify": True}), split)
+    for _, valid_rows in folds:
+        # Stratified: each fold holds a third of the rare class, to one row.
+        assert abs(int(split.y[valid_rows].sum()) - positives / 3) <= 1
+
+
+def test_cv_folds_of_a_time_split_never_validate_on_the_past():
+    split = _train_split(600, 600, 0.5)
+    for fit_rows, valid_rows in train.cv_folds(_split_spec({"method": "time"}), split):
+        assert fit_rows.max() < valid_rows.min()
+
+
+def test_fewer_groups_than_folds_is_a_one_line_error():
+    split = _train_split(100, 2, 0.5)
+    with pytest.raises(DatasetError, match=r"2 group\(s\) of split.group_by \['customer'\].*cv_folds \(3\)"):
+        train.cv_folds(_split_spec({"method": "random", "group_by": ["customer"]}), split)

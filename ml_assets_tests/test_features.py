@@ -310,8 +310,9 @@ def test_feature_table_puts_meta_columns_first_and_joins_ids() -> None:
 
     table = feature_table(pipeline, frame, transform)
 
-    assert tuple(table.columns[:4]) == META_COLUMNS == ("_key", "_ts", "_split", "_target")
-    assert table.columns[4:] == transform.output_columns
+    assert tuple(table.columns[:5]) == META_COLUMNS == ("_key", "_ts", "_split", "_group", "_target")
+    assert table.columns[5:] == transform.output_columns
+    assert table.get_column("_group").to_list() == table.get_column("_key").to_list()  # no group_by: the row
     assert table.height == frame.height
     assert table.get_column("_key").to_list() == [
         f"{c}|{f}" for c, f in zip(frame["carrier"], frame["flight"], strict=True)

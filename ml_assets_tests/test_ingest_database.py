@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import traceback
 import zipfile
 from collections.abc import Iterator
@@ -16,10 +17,10 @@ import psycopg
 import pytest
 from polars.testing import assert_frame_equal
 
-from ml_assets.core.errors import SourceError
-from ml_assets.core.ingest import TimeWindow
+from ml_assets.core.errors import ConfigError, SourceError
+from ml_assets.core.ingest import TimeWindow, read_remote
 from ml_assets.core.ingest.database import read_database
-from ml_assets.core.spec import SourceSpec
+from ml_assets.core.spec import SourceSpec, infer, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import source_keys
@@ -309,3 +310,67 @@ def test_dagster_asset_reads_postgres_incrementally_by_watermark(db, flights, tm
         )
     raw2, valid2, bad2 = materialize()
     assert raw2 == day1 + day2 == valid2 + bad2
+
+
+def _inferred_pipeline(tmp_path: Path, source: str) -> Path:
+    """A pipeline file whose source gives no columns and which lists no features: both are inferred."""
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    (pipelines / "delays.yaml").write_text(
+        f"name: delays\ntask: regression\nsources:\n  flights: {source}\nbase: flights\n"
+        f"timestamp: {TS}\ntarget: {{name: dep_delay}}\nsplit: {{method: time}}\n"
+    )
+    return pipelines
+
+
+def test_a_database_source_without_columns_is_inferred_once_and_then_meets_schema_evolution(
+    tmp_path: Path, flights: pl.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Columns typed from the table's first rows in time order (a bounded sample), stored beside the
+    pipeline file without the URL's credentials; a column added to the table later does not change the
+    schema: the next batch meets the source's schema_evolution policy (extra column accepted, recorded)."""
+    path = tmp_path / "warehouse.duckdb"
+    with duckdb.connect(str(path)) as conn:
+        conn.register("csv", flights.to_arrow())
+        conn.execute(
+            "CREATE TABLE main.flights AS SELECT CAST(flight AS INTEGER) AS flight, "
+            "CAST(dep_delay AS DOUBLE) AS dep_delay, dep_delay IS NULL AS no_delay, origin, "
+            f"CAST({TS} AS TIMESTAMPTZ) AS {TS} FROM csv"
+        )
+    monkeypatch.setenv(ENV, f"duckdb://{path}")
+    monkeypatch.setattr(infer, "SAMPLE_ROWS", 500)
+    pipelines = _inferred_pipeline(
+        tmp_path, f"{{database: {{url_env: {ENV}, table: main.flights}}, timestamp: {TS}}}"
+    )
+
+    project = load_project(pipelines)
+    columns = {c: s.type for c, s in project.sources["flights"].columns.items()}
+    assert columns == {
+        "flight": "int",
+        "dep_delay": "float",
+        "no_delay": "bool",
+        "origin": "str",
+        TS: "datetime",
+    }
+    assert {f.name for f in project.pipelines["delays"].features} == {"flight", "no_delay", "origin", TS}
+    stored = json.loads((pipelines / ".inferred" / "flights.json").read_text())
+    assert stored["rows_sampled"] == 500 and stored["inferred_from"] == [
+        f"duckdb://{path} table main.flights"
+    ]
+
+    with duckdb.connect(str(path)) as conn:
+        conn.execute("ALTER TABLE main.flights ADD COLUMN gate VARCHAR DEFAULT 'A1'")
+    again = load_project(pipelines).sources["flights"]
+    assert {c: s.type for c, s in again.columns.items()} == columns
+    _, records = read_remote("flights", again, TimeWindow())
+    assert records[0]["extra_columns"] == "gate"
+
+
+def test_a_database_source_that_cannot_be_read_fails_at_load_in_one_line(tmp_path: Path) -> None:
+    pipelines = _inferred_pipeline(
+        tmp_path, f"{{database: {{url_env: UNSET_DB_URL, table: t}}, timestamp: {TS}}}"
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load_project(pipelines)
+    (line,) = str(excinfo.value).splitlines()
+    assert "sources.flights.columns: omitted, and they cannot be inferred" in line and "UNSET_DB_URL" in line

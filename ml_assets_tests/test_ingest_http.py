@@ -23,7 +23,7 @@ from polars.testing import assert_frame_equal
 from ml_assets.core.errors import SourceError
 from ml_assets.core.ingest import TimeWindow
 from ml_assets.core.ingest.http import read_http
-from ml_assets.core.spec import SourceSpec
+from ml_assets.core.spec import SourceSpec, infer, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import source_keys
@@ -397,3 +397,33 @@ def test_dagster_partitions_of_an_http_source_replace_exactly_their_rows(api, fl
             "SELECT (SELECT count(*) FROM validated.api_flights), (SELECT count(*) FROM quarantine.api_flights)"
         ).fetchone()
     assert valid + bad == flights.height
+
+
+def test_an_http_source_without_columns_is_inferred_from_its_first_pages_once(
+    api: Api, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Columns typed from the JSON records of the pages up to a bounded sample (numbers, booleans,
+    ISO instants, a nested object kept as JSON text), stored beside the pipeline file; later loads read
+    the stored schema and send no request."""
+    monkeypatch.setattr(infer, "SAMPLE_ROWS", 600)
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    (pipelines / "delays.yaml").write_text(
+        f"name: delays\ntask: regression\nsources:\n  flights: {{http: {{url: '{api.base}/flights', "
+        f"page_size: 500}}, timestamp: {TS}}}\nbase: flights\ntimestamp: {TS}\n"
+        "target: {name: arr_delay}\nsplit: {method: time}\n"
+    )
+    columns = load_project(pipelines).sources["flights"].columns
+    types = {c: s.type for c, s in columns.items()}
+    assert {types[c] for c in INT_COLUMNS} == {"int"} and {types[c] for c in FLOAT_COLUMNS} == {"float"}
+    assert (types[TS], types["cancelled"], types["route"], types["carrier"]) == (
+        "datetime",
+        "bool",
+        "str",
+        "str",
+    )
+    assert len(api.calls("flights")) == 2  # 600 records: the first two pages of 500
+    stored = json.loads((pipelines / ".inferred" / "flights.json").read_text())
+    assert stored["rows_sampled"] == 1000 and stored["inferred_from"] == [f"{api.base}/flights"]
+    assert load_project(pipelines).sources["flights"].columns == columns
+    assert len(api.calls("flights")) == 2

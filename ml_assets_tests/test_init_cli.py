@@ -84,7 +84,7 @@ def ran(sklearn_project) -> tuple[Path, Path, dict[str, str]]:
     pipelines, root, env = sklearn_project
     checked = cli("validate", env=env)
     assert checked.returncode == 0, str(checked)
-    assert "source 'breast_cancer': 1 file(s)" in checked.stdout
+    assert "source 'breast_cancer': 1 file(s) checked" in checked.stdout
     first = cli("run", "breast_cancer", env=env)
     assert first.returncode == 0, str(first)
     assert "diabetes" not in first.stdout  # neither run nor summarized
@@ -183,3 +183,32 @@ def test_init_on_the_shipped_flights_runs_with_no_edits_and_beats_a_plain_script
     plain = plain_lightgbm(root, "flights", "regression", "rmse")
     assert manifest["test_metrics"]["rmse"] <= plain * 1.02, (manifest["test_metrics"]["rmse"], plain)
     assert np.isfinite(manifest["test_metrics"]["rmse"])
+
+
+def test_validate_checks_every_file_not_only_the_first(tmp_path):
+    """A glob and a landing zone, each with a good first file, a second with a bad value and a third
+    lacking a column: validate names every later file, one line each, and exits 2."""
+    pipelines, root = tmp_path / "pipelines", tmp_path / "data"
+    pipelines.mkdir()
+    for name, folder, source in (
+        ("g", tmp_path / "in", "{path: ../in/*.csv"),
+        ("l", root / "landing" / "l", "{landing: true"),
+    ):
+        folder.mkdir(parents=True)
+        (folder / "a_good.csv").write_text("a,b\n1,2\n3,4\n")
+        (folder / "b_bad_value.csv").write_text("a,b\n1,2\n3,oops\n")
+        (folder / "c_no_b.csv").write_text("a\n5\n")
+        (pipelines / f"p_{name}.yaml").write_text(
+            f"name: p_{name}\ntask: binary\nsources: {{{name}: {source}, columns: {{a: {{type: int}}, "
+            f"b: {{type: int}}}}}}}}\nbase: {name}\ntarget: {{name: a}}\n"
+            "features: [{name: b, type: numeric}]\nsplit: {method: random}\n"
+        )
+    result = cli("validate", env=_env(root, pipelines))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, str(result)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 4, str(result)
+    for source, (bad_value, no_b) in zip("gl", (lines[:2], lines[2:]), strict=True):
+        assert f"source '{source}'" in bad_value and "b_bad_value.csv" in bad_value
+        assert "column 'b': 1 of 2 sampled values are not a valid int" in bad_value
+        assert f"source '{source}'" in no_b and "c_no_b.csv" in no_b and "required column(s) ['b']" in no_b
+    assert "a_good.csv" not in result.stderr

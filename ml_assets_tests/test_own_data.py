@@ -19,7 +19,7 @@ from ml_assets.core.errors import ConfigError
 from ml_assets.core.evaluate import evaluate_version
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import load_project
-from ml_assets.core.store import connect, warehouse_path
+from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.core.validate import validate_source
 from ml_assets_tests.conftest import materialize_all
 
@@ -342,7 +342,7 @@ def test_group_by_keeps_each_entity_in_one_split(tmp_path):
         {"s.csv": frame},
     )
     root = tmp_path / "data"
-    modelling = [["grouped", "modelling_table"]]
+    modelling = [["grouped", "modelling_table"], ["grouped", "features"]]
     import dagster as dg
 
     selection = (
@@ -356,7 +356,12 @@ def test_group_by_keeps_each_entity_in_one_split(tmp_path):
         shares = dict(
             conn.execute("SELECT _split, count(*) / 3000 FROM grouped.modelling_table GROUP BY 1").fetchall()
         )
-    assert spans == 1
+        # Training's CV folds keep these groups whole (train.cv_folds): the features carry them.
+        groups = conn.execute(
+            "SELECT count(*) FROM grouped.features f JOIN grouped.modelling_table m ON f._key = m._row_id "
+            'WHERE f._group = CAST(m."Customer" AS VARCHAR)'
+        ).fetchone()[0]
+    assert spans == 1 and groups == n
     # Whole groups of about 10 rows: the shares are exact to within a group or two.
     assert abs(shares["test"] - 0.2) < 0.01 and abs(shares["valid"] - 0.1) < 0.01
 
@@ -390,3 +395,93 @@ def test_validation_rules_work_on_any_column_name():
         ("x", "x: 'zz' is not a valid int; x: value is missing (rule not_null)"),
     ]
     assert rules.passed and rules.metadata["rules_checked"] == 4
+
+
+def _events(n: int = 400) -> pl.DataFrame:
+    rng = np.random.default_rng(5)
+    start = np.datetime64("2024-01-01T00:00:00")
+    return pl.DataFrame(
+        {
+            "Event Time": [str(start + np.timedelta64(int(h), "h")) for h in range(n)],
+            "amount": rng.normal(size=n).round(3),
+            "shop": rng.choice(["a", "b"], size=n),
+            "y": rng.normal(size=n).round(3),
+        }
+    )
+
+
+LANDED = """
+    name: landed
+    task: regression
+    sources:
+      s: {{landing: true, timestamp: Event Time{replay}}}
+    base: s
+    timestamp: Event Time
+    target: {{name: y}}
+    split: {{method: time}}
+"""
+
+
+def test_a_landing_source_without_columns_is_inferred_from_its_replay_origin(tmp_path):
+    history = tmp_path / "history.csv"
+    _events().write_csv(history)
+    pipelines = _project(tmp_path, "landed", LANDED.format(replay=f", replay: {{path: {history}}}"), {})
+    columns = load_project(pipelines).sources["s"].columns
+    assert {c: s.type for c, s in columns.items()} == {
+        "Event Time": "datetime",
+        "amount": "float",
+        "shop": "str",
+        "y": "float",
+    }
+    stored = json.loads((pipelines / ".inferred" / "s.json").read_text())
+    assert stored["inferred_from"] == [str(history)] and stored["rows_sampled"] == 400
+
+
+def test_a_landing_source_without_replay_is_inferred_from_the_landed_files(tmp_path, monkeypatch):
+    """Nothing landed yet: a one-line error naming the landing zone; once a file landed, its sample."""
+    root = tmp_path / "data"
+    monkeypatch.setenv(DATA_DIR_ENV, str(root))
+    pipelines = _project(tmp_path, "landed", LANDED.format(replay=""), {})
+    with pytest.raises(ConfigError) as excinfo:
+        load_project(pipelines)
+    (line,) = str(excinfo.value).splitlines()
+    assert "sources.s.columns: omitted" in line and f"landing zone {root / 'landing' / 's'}" in line
+    landed = root / "landing" / "s" / "2024-01.csv"
+    landed.parent.mkdir(parents=True)
+    _events().write_csv(landed)
+    columns = load_project(pipelines).sources["s"].columns
+    assert columns["Event Time"].type == "datetime" and columns["shop"].type == "str"
+    assert json.loads((pipelines / ".inferred" / "s.json").read_text())["inferred_from"] == [str(landed)]
+
+
+def test_a_budget_too_short_for_any_trial_still_registers_a_model(tmp_path):
+    """No time for a CV trial leaves no CV score: the model step registers the centre of the search space,
+    cut at the budget's end (its metadata has no CV score rather than failing on one)."""
+    import dagster as dg
+
+    pipelines = _project(
+        tmp_path,
+        "hurried",
+        """
+        name: hurried
+        task: binary
+        sources:
+          s: {path: ../s.csv}
+        base: s
+        target: {name: Purchase}
+        split: {method: random}
+        model: {time_budget_s: 0.001, max_trials: 3, cv_folds: 2}
+        """,
+        {"s.csv": _shop(600)},
+    )
+    root = tmp_path / "data"
+    model = dg.AssetKey(["hurried", "model"])
+    selection = dg.AssetSelection.assets(model).upstream().required_multi_asset_neighbors()
+    result = materialize_all(pipelines, root, selection=selection)
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == model]
+    metadata = event.step_materialization_data.materialization.metadata
+    assert metadata["trials"].value == 0 and "cv_roc_auc" not in metadata
+    with connect(warehouse_path(root)) as conn:
+        (manifest,) = conn.execute("SELECT manifest FROM registry.model_versions").fetchone()
+    cv = json.loads(manifest)["cv"]
+    assert cv["score"] is None and cv["trials"] == [] and cv["final_fit_cut_at_round"] is not None

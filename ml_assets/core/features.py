@@ -197,7 +197,7 @@ class FeatureTransform:
 TARGET = "_target"
 # The sha256 of the transform that produced a features table row (see build_features).
 TRANSFORM_COLUMN = "_transform"
-META_COLUMNS = ("_key", "_ts", "_split", TARGET)
+META_COLUMNS = ("_key", "_ts", "_split", "_group", TARGET)
 
 
 def row_key(id_columns: list[str]) -> pl.Expr:
@@ -209,12 +209,18 @@ def feature_table(pipeline: PipelineSpec, frame: pl.DataFrame, transform: Featur
     """Features of every modelling-table row, with the platform's meta columns in front.
 
     `_key` joins predictions back to source rows, `_ts` orders rows in time, `_split` and `_target`
-    come from the modelling table.
+    come from the modelling table, and `_group` is the unit the split assigns (the `group_by` values,
+    else the row), so cross-validation folds can keep a group whole as the split does.
     """
     key = row_key(pipeline.row_id)
     ts = pl.col(pipeline.timestamp) if pipeline.timestamp else pl.lit(None, dtype=pl.Datetime("us"))
     meta = frame.select(
-        key.alias("_key"), ts.alias("_ts"), pl.col("_split"), pl.col(pipeline.target.name).alias(TARGET)
+        key.alias("_key"),
+        ts.alias("_ts"),
+        pl.col("_split"),
+        # Rows missing a group value form one group (folds need a comparable value for every row).
+        row_key(pipeline.split.group_by or pipeline.row_id).fill_null("").alias("_group"),
+        pl.col(pipeline.target.name).alias(TARGET),
     )
     return pl.concat([meta, transform.apply(frame)], how="horizontal")
 

@@ -12,15 +12,22 @@ gate judged at training time is what serves.
 from __future__ import annotations
 
 import json
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import polars as pl
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 
 FORMAT_VERSION = 1
+MAX_ITER = 1000
+# With a deadline, the solver runs this many iterations at a time (warm-started), so the fit stops at
+# most one chunk after the deadline instead of whenever it converges.
+CHUNK_ITER = 50
 KINDS = ("constant", "linear")
 
 
@@ -50,8 +57,16 @@ class LinearModel:
 
     @classmethod
     def fit_linear(
-        cls, task: str, X: pd.DataFrame, y: np.ndarray, categorical: list[str], seed: int = 0
-    ) -> LinearModel:
+        cls,
+        task: str,
+        X: pd.DataFrame,
+        y: np.ndarray,
+        categorical: list[str],
+        seed: int = 0,
+        deadline: float | None = None,
+    ) -> tuple[LinearModel, bool]:
+        """The fitted model, and whether `deadline` (a time.monotonic() instant) stopped the solver
+        before it converged (the coefficients so far are kept). Ridge is one direct solve."""
         numeric = []
         for column in [c for c in X.columns if c not in categorical]:
             values = X[column].astype(float)
@@ -66,13 +81,29 @@ class LinearModel:
         ]
         model = cls("linear", task, numeric, cats, [], [])
         design = model._design(X)
+        cut_short = False
         if task == "regression":
             fitted = Ridge(alpha=1.0).fit(design, y)
             coef, intercept = [np.atleast_1d(fitted.coef_).tolist()], [float(fitted.intercept_)]
         else:
-            fitted = LogisticRegression(max_iter=1000, random_state=seed).fit(design, y)
+            chunk = MAX_ITER if deadline is None else CHUNK_ITER
+            fitted = LogisticRegression(max_iter=chunk, warm_start=True, random_state=seed)
+            iterations = 0
+            with warnings.catch_warnings():
+                # An unconverged chunk is expected: the next one continues from its coefficients.
+                if deadline is not None:
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                while True:
+                    fitted.fit(design, y)
+                    ran = int(np.max(fitted.n_iter_))
+                    iterations += ran
+                    if ran < chunk or iterations >= MAX_ITER:
+                        break
+                    if time.monotonic() > deadline:
+                        cut_short = True
+                        break
             coef, intercept = fitted.coef_.tolist(), fitted.intercept_.tolist()
-        return cls("linear", task, numeric, cats, coef, intercept)
+        return cls("linear", task, numeric, cats, coef, intercept), cut_short
 
     def _design(self, X: pd.DataFrame) -> np.ndarray:
         parts = [

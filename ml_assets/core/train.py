@@ -1,9 +1,10 @@
 """Training: LightGBM tuned by time-aware cross-validation within a time budget, and a linear baseline.
 
-Tuning is a seeded random search over the config's search space. Each trial is scored by k-fold CV on
-the training split only: expanding-window folds in time order for time splits (no fold sees its
-future), shuffled k-fold for random splits. The best parameters are refitted on the whole training
-split with early stopping on the validation split; the test split is touched once, for the final metrics.
+Within `time_budget_s`: the baselines (bounded), then the centre of the search space fitted on the whole
+training split with early stopping on the validation split (the model if nothing better fits the budget),
+then a seeded random search whose trials are scored by k-fold CV on the training split, folded as the
+split itself was made (see cv_folds), and a refit of the best parameters if they are not the centre's.
+The test split is touched once, for the final metrics.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import polars as pl
-from sklearn.model_selection import KFold, TimeSeriesSplit
+from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold, TimeSeriesSplit
 
 from ml_assets.core import registry
 from ml_assets.core.dataset import bounded_sample, table_name
@@ -45,6 +46,7 @@ class Split:
     X: pd.DataFrame
     y: np.ndarray
     key: np.ndarray
+    group: np.ndarray
 
 
 @dataclass
@@ -77,7 +79,8 @@ def training_data(pipeline: PipelineSpec, frame: pl.DataFrame, transform: Featur
     def part(name: str) -> Split:
         mask = (frame.get_column("_split") == name).to_numpy()
         X = frame.filter(pl.Series(mask)).select(features).to_pandas()
-        return Split(X, y_all[mask], frame.get_column("_key").to_numpy()[mask])
+        keys, groups = (frame.get_column(c).to_numpy()[mask] for c in ("_key", "_group"))
+        return Split(X, y_all[mask], keys, groups)
 
     train_ts = frame.filter(pl.col("_split") == "train").get_column("_ts")
     window = {"start": None, "end": None}
@@ -132,12 +135,27 @@ def _stop_at(deadline: float) -> Callable[[Any], None]:
     return callback
 
 
-def _finish_at(deadline: float, cut: list[int]) -> Callable[[Any], None]:
-    """Stop boosting at the deadline but keep the rounds so far (the final fit must yield a model)."""
+# Rows of the validation and test splits timed to estimate what scoring them all with the trees so far
+# costs (scoring is part of the model step, and on a busy machine 1000 trees took 17 s for 98k rows).
+SCORING_SAMPLE_ROWS = 2000
+
+
+def _finish_at(
+    deadline: float, cut: list[int], scored: pd.DataFrame, scored_rows: int
+) -> Callable[[Any], None]:
+    """Stop boosting when the deadline, less the estimated time to score `scored_rows` rows with the trees
+    so far, has passed, keeping the rounds so far (the final fit must yield a model, scored within the
+    budget). The estimate times `scored` (a sample of those rows) after rounds 1, 2, 4, 8, ..."""
+    per_round = [0.0]
 
     def callback(env: Any) -> None:
-        if time.monotonic() > deadline:
-            cut.append(env.iteration + 1)
+        rounds = env.iteration + 1
+        if len(scored) and rounds & (rounds - 1) == 0:
+            began = time.monotonic()
+            env.model.predict(scored)
+            per_round[0] = (time.monotonic() - began) / rounds * scored_rows / len(scored)
+        if time.monotonic() + per_round[0] * rounds > deadline:
+            cut.append(rounds)
             raise lgb.callback.EarlyStopException(env.iteration, env.evaluation_result_list or [])
 
     callback.order = 40  # after early stopping's own bookkeeping
@@ -162,9 +180,29 @@ def _fit(
     )
 
 
-# Share of the time budget the search may use: the final fit on the whole training split (about one
-# fold's work) gets the rest, and is itself stopped at the budget's end.
-SEARCH_SHARE = 0.75
+def cv_folds(pipeline: PipelineSpec, train: Split) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, validation rows) per fold of the training split, folded as the split was made, so CV
+    judges a trial on the kind of rows the test split holds: expanding windows in time order for a time
+    split (no fold sees its future); whole groups with `group_by` (no entity in both); each class's share
+    in every fold with `stratify`; else shuffled k-fold."""
+    folds, seed, split = pipeline.model.cv_folds, pipeline.model.seed, pipeline.split
+    if split.method == "time":
+        return list(TimeSeriesSplit(n_splits=folds).split(train.X))
+    if split.group_by:
+        groups = len(np.unique(train.group))
+        if groups < folds:
+            raise DatasetError(
+                f"pipeline '{pipeline.name}': the training split holds {groups} group(s) of "
+                f"split.group_by {split.group_by}, fewer than model.cv_folds ({folds})"
+            )
+        return list(GroupKFold(folds, shuffle=True, random_state=seed).split(train.X, groups=train.group))
+    if split.stratify and pipeline.task != "regression":
+        return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(train.X, train.y))
+    return list(KFold(folds, shuffle=True, random_state=seed).split(train.X))
+
+
+# Most of the time budget the baselines may use (the linear solver stops there).
+BASELINE_SHARE = 0.25
 
 
 @dataclass
@@ -186,13 +224,7 @@ def tune(
     every trial, the first included, is stopped when the deadline passes and recorded as cut short
     (a cut trial's score is not comparable, so it never wins; with no complete trial the centre is used)."""
     X, y = data.train.X, data.train.y
-    folds = pipeline.model.cv_folds
-    splitter = (
-        TimeSeriesSplit(n_splits=folds)
-        if pipeline.split.method == "time"
-        else KFold(n_splits=folds, shuffle=True, random_state=pipeline.model.seed)
-    )
-    fold_indices = list(splitter.split(X))
+    fold_indices = cv_folds(pipeline, data.train)
     rng = np.random.default_rng(pipeline.model.seed)
     base = base_params(pipeline, len(data.classes) if data.classes else None)
     sign = 1 if pipeline.greater_is_better else -1
@@ -251,8 +283,10 @@ def tune(
 def fit_final(
     pipeline: PipelineSpec, data: TrainingData, params: dict[str, Any], deadline: float | None = None
 ) -> tuple[lgb.Booster, int | None]:
-    """The chosen parameters refitted on the whole training split; stopped at `deadline` if it passes
-    (returns the round it was cut at, else None)."""
+    """The chosen parameters refitted on the whole training split; stopped so that scoring the validation
+    and test splits ends by `deadline` (returns the round it was cut at, else None)."""
+    half = SCORING_SAMPLE_ROWS // 2
+    scored = pd.concat([data.valid.X.head(half), data.test.X.head(half)], ignore_index=True)
     cut: list[int] = []
     booster = _fit(
         params,
@@ -260,7 +294,9 @@ def fit_final(
         (data.train.X, data.train.y),
         (data.valid.X, data.valid.y),
         data.categorical,
-        _finish_at(deadline, cut) if deadline is not None else None,
+        _finish_at(deadline, cut, scored, len(data.valid.y) + len(data.test.y))
+        if deadline is not None
+        else None,
     )
     return booster, (cut[0] if cut else None)
 
@@ -288,23 +324,28 @@ class Candidate:
     threshold: float
     test_metrics: dict[str, float]
     test_pred: np.ndarray
+    cut_short: bool = False
 
 
-def fit_candidates(pipeline: PipelineSpec, data: TrainingData) -> dict[str, Candidate]:
-    """The constant floor and the linear baseline, on the same features and split."""
+def fit_candidates(
+    pipeline: PipelineSpec, data: TrainingData, deadline: float | None = None
+) -> dict[str, Candidate]:
+    """The constant floor and the linear baseline, on the same features and split; the linear fit stops
+    at `deadline` (a time.monotonic() instant) with the coefficients it has, recorded as cut short."""
     n_classes = len(data.classes) if data.classes else None
+    linear, linear_cut = LinearModel.fit_linear(
+        pipeline.task, data.train.X, data.train.y, data.categorical, pipeline.model.seed, deadline
+    )
     models = {
-        "constant": LinearModel.fit_constant(pipeline.task, data.train.y, n_classes),
-        "linear": LinearModel.fit_linear(
-            pipeline.task, data.train.X, data.train.y, data.categorical, pipeline.model.seed
-        ),
+        "constant": (LinearModel.fit_constant(pipeline.task, data.train.y, n_classes), False),
+        "linear": (linear, linear_cut),
     }
     out = {}
-    for kind, model in models.items():
+    for kind, (model, cut_short) in models.items():
         threshold = decision_threshold(pipeline, data.valid.y, model.predict(data.valid.X))
         test_pred = model.predict(data.test.X)
         metrics = all_metrics(pipeline.task, data.test.y, test_pred, threshold)
-        out[kind] = Candidate(model, threshold, metrics, test_pred)
+        out[kind] = Candidate(model, threshold, metrics, test_pred, cut_short)
     return out
 
 
@@ -316,8 +357,11 @@ class TrainedModel:
     test_metrics: dict[str, float]
     candidates: dict[str, Candidate]
     test_predictions: pl.DataFrame
+    params: dict[str, Any] = field(default_factory=dict)
     final_fit_cut_at: int | None = None
     elapsed_s: float = 0.0
+    baselines_s: float = 0.0
+    search_budget_s: float = 0.0
 
     @property
     def baseline_test_metrics(self) -> dict[str, float]:
@@ -343,20 +387,41 @@ def train_model(
                 f"pipeline '{pipeline.name}': the {name} split is empty; check the split settings"
             )
     started = time.monotonic()
-    progress(
-        f"tuning on {len(data.train.y)} training rows: up to {max_trials} trials of "
-        f"{pipeline.model.cv_folds}-fold CV within {time_budget_s * SEARCH_SHARE:.0f} s "
-        f"of the {time_budget_s:.0f} s budget"
+    deadline = started + time_budget_s
+    progress("fitting the linear and constant baselines")
+    # The baselines come first, bounded, so the whole model step (they included) fits the budget.
+    candidates = fit_candidates(pipeline, data, started + time_budget_s * BASELINE_SHARE)
+    baselines_s = time.monotonic() - started
+    # Then the centre of the search space on the whole training split, stopped at the budget's end: on a
+    # machine too busy for even one CV trial, this is the model, trained as long as the budget allows
+    # (searching first left such a machine a cut trial and a final fit of a few rounds).
+    centre = base_params(pipeline, len(data.classes) if data.classes else None) | _sample(
+        pipeline.model.search_space, None
     )
-    tuning = tune(pipeline, data, time_budget_s * SEARCH_SHARE, max_trials, progress)
-    progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; fitting the final model")
-    booster, cut_at = fit_final(pipeline, data, tuning.best_params, started + time_budget_s)
+    progress(f"fitting the centre of the search space on {len(data.train.y)} training rows")
+    fitting = time.monotonic()
+    booster, cut_at = fit_final(pipeline, data, centre, deadline)
+    fit_s = time.monotonic() - fitting
+    # The search leaves time for one more fit like that one: the refit of the parameters it picks.
+    search_budget_s = max(0.0, deadline - time.monotonic() - fit_s)
+    tuning = Tuning(centre, None)
+    if search_budget_s > 0:
+        progress(
+            f"tuning: up to {max_trials} trials of {pipeline.model.cv_folds}-fold CV within "
+            f"{search_budget_s:.0f} s of the {time_budget_s:.0f} s budget"
+        )
+        tuning = tune(pipeline, data, search_budget_s, max_trials, progress)
+    params = centre
+    if tuning.best_params != centre:
+        progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; refitting the best parameters")
+        refit, refit_cut = fit_final(pipeline, data, tuning.best_params, deadline)
+        # A refit the deadline stopped is not the model its CV score promised: the centre's stays.
+        if refit_cut is None:
+            booster, cut_at, params = refit, None, tuning.best_params
     best_iteration = booster.best_iteration or booster.current_iteration()
     valid_pred = predict(booster, data.valid.X, best_iteration)
     test_pred = predict(booster, data.test.X, best_iteration)
     threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
-    progress("fitting the linear and constant baselines")
-    candidates = fit_candidates(pipeline, data)
     predictions = pl.DataFrame(
         {
             "_key": data.test.key,
@@ -373,8 +438,11 @@ def train_model(
         test_metrics=all_metrics(pipeline.task, data.test.y, test_pred, threshold),
         candidates=candidates,
         test_predictions=predictions,
+        params=params,
         final_fit_cut_at=cut_at,
         elapsed_s=time.monotonic() - started,
+        baselines_s=baselines_s,
+        search_budget_s=search_budget_s,
     )
 
 
@@ -421,7 +489,7 @@ def train_and_register(
         "created_at": created.replace(tzinfo=None).isoformat(timespec="seconds"),
         "metric": pipeline.metric,
         "greater_is_better": pipeline.greater_is_better,
-        "params": trained.tuning.best_params,
+        "params": trained.params,
         "best_iteration": best_iteration,
         "features": data.features,
         "categorical_features": data.categorical,
@@ -442,7 +510,8 @@ def train_and_register(
             "trials": trained.tuning.trials,
             "elapsed_s": round(trained.tuning.elapsed_s, 2),
             "time_budget_s": budget,
-            "search_budget_s": round(budget * SEARCH_SHARE, 2),
+            "search_budget_s": round(trained.search_budget_s, 2),
+            "baselines_s": round(trained.baselines_s, 2),
             "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
             "final_fit_cut_at_round": trained.final_fit_cut_at,
             "model_step_s": round(trained.elapsed_s, 2),
@@ -454,7 +523,11 @@ def train_and_register(
         "baseline_threshold": trained.candidates["linear"].threshold,
         # The simpler models judged beside this one at a first promotion (registry.candidate_file).
         "candidates": {
-            kind: {"decision_threshold": c.threshold, "test_metrics": c.test_metrics}
+            kind: {
+                "decision_threshold": c.threshold,
+                "test_metrics": c.test_metrics,
+                "cut_short": c.cut_short,
+            }
             for kind, c in trained.candidates.items()
         },
     }

@@ -25,8 +25,11 @@ from ml_assets.core.sql import LINEAGE, q
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-def read_database(name: str, spec: SourceSpec, window: TimeWindow) -> tuple[pl.DataFrame, str]:
-    """(rows of the window as strings plus `_source_row`, label of where they came from, no credentials)."""
+def read_database(
+    name: str, spec: SourceSpec, window: TimeWindow, limit: int | None = None
+) -> tuple[pl.DataFrame, str]:
+    """(rows of the window as strings plus `_source_row`, label of where they came from, no credentials);
+    with `limit`, only the window's first rows in time order (a sample to infer the schema from)."""
     db = spec.database
     if db is None or spec.timestamp is None:
         raise ConfigError(f"source '{name}': a database source needs database: and timestamp:")
@@ -43,7 +46,7 @@ def read_database(name: str, spec: SourceSpec, window: TimeWindow) -> tuple[pl.D
     source = ".".join(q(p) for p in db.table.split(".")) if db.table else f"({db.query})"
     try:
         if parts.scheme in POSTGRES_SCHEMES:
-            names, rows = _read_postgres(url, source, spec.timestamp, window, db.timeout_s)
+            names, rows = _read_postgres(url, source, spec.timestamp, window, db.timeout_s, limit)
         elif parts.scheme == "duckdb":
             path = unquote(parts.path)
             if parts.netloc or not os.path.isabs(path):
@@ -51,7 +54,7 @@ def read_database(name: str, spec: SourceSpec, window: TimeWindow) -> tuple[pl.D
                     f"source '{name}': {db.url_env}: a DuckDB URL needs an absolute path "
                     "(duckdb:///abs/path/file.duckdb)"
                 )
-            names, rows = _read_duckdb(path, source, spec.timestamp, window, db.timeout_s)
+            names, rows = _read_duckdb(path, source, spec.timestamp, window, db.timeout_s, limit)
         else:
             raise SourceError(
                 f"source '{name}': {db.url_env}: unsupported URL scheme '{parts.scheme}' "
@@ -77,7 +80,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _read_postgres(
-    url: str, source: str, ts: str, window: TimeWindow, timeout_s: float
+    url: str, source: str, ts: str, window: TimeWindow, timeout_s: float, limit: int | None
 ) -> tuple[list[str], list[tuple]]:
     password = urlsplit(url).password
     try:
@@ -104,11 +107,11 @@ def _read_postgres(
             )
             # psycopg reads every % of a query with parameters as a placeholder; a user query may hold
             # literal ones (LIKE 'a%').
-            return _select(cur, source.replace("%", "%%"), ts, window, "%s")
+            return _select(cur, source.replace("%", "%%"), ts, window, "%s", limit)
 
 
 def _read_duckdb(
-    path: str, source: str, ts: str, window: TimeWindow, timeout_s: float
+    path: str, source: str, ts: str, window: TimeWindow, timeout_s: float, limit: int | None
 ) -> tuple[list[str], list[tuple]]:
     with duckdb.connect(path, read_only=True) as conn:
         conn.execute("SET TimeZone = 'UTC'")
@@ -116,12 +119,14 @@ def _read_duckdb(
         timer = threading.Timer(timeout_s, conn.interrupt)
         timer.start()
         try:
-            return _select(conn, source, ts, window, "?")
+            return _select(conn, source, ts, window, "?", limit)
         finally:
             timer.cancel()
 
 
-def _select(cur, source: str, ts: str, window: TimeWindow, placeholder: str) -> tuple[list[str], list[tuple]]:
+def _select(
+    cur, source: str, ts: str, window: TimeWindow, placeholder: str, limit: int | None
+) -> tuple[list[str], list[tuple]]:
     """Column names and rows (all text) of `source` inside the window, ordered by the timestamp."""
     cur.execute(f"SELECT * FROM {source} AS s LIMIT 0", [])
     names = [d[0] for d in cur.description]
@@ -140,5 +145,6 @@ def _select(cur, source: str, ts: str, window: TimeWindow, placeholder: str) -> 
             params.append(value)
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
     columns = ", ".join(f"CAST({q(n)} AS TEXT) AS {q(n)}" for n in names)
-    cur.execute(f"SELECT {columns} FROM {source} AS s{where} ORDER BY {q(ts)}", params)
+    bound = f" LIMIT {int(limit)}" if limit is not None else ""
+    cur.execute(f"SELECT {columns} FROM {source} AS s{where} ORDER BY {q(ts)}{bound}", params)
     return names, cur.fetchall()

@@ -120,7 +120,9 @@ def _header(data: Path | bytes) -> list[str]:
         return next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")), [])
 
 
-def _read_csv(name: str, label: str, data: Path | bytes, spec: SourceSpec) -> pl.DataFrame:
+def _read_csv(
+    name: str, label: str, data: Path | bytes, spec: SourceSpec, rows: int | None = None
+) -> pl.DataFrame:
     # Polars would load a repeated column name as `<name>_duplicated_0`: a column nobody configured,
     # and an ambiguous source for the configured one.
     repeated = {c: n for c, n in Counter(_header(data)).items() if n > 1}
@@ -138,16 +140,21 @@ def _read_csv(name: str, label: str, data: Path | bytes, spec: SourceSpec) -> pl
         null_values=spec.null_values,
         row_index_name="_source_row",
         row_index_offset=1,
+        n_rows=rows,
     )
 
 
-def read_file(name: str, path: Path, spec: SourceSpec) -> list[tuple[str, pl.DataFrame]]:
-    """(label, frame) per data file; a zip archive yields one entry per member, a `.csv.gz` is gunzipped.
-    A name without a known extension (a `path:` source) is read in the source's format."""
+def read_file(
+    name: str, path: Path, spec: SourceSpec, rows: int | None = None
+) -> list[tuple[str, pl.DataFrame]]:
+    """(label, frame) per data file, of its first `rows` rows if given; a zip archive yields one entry per
+    member, a `.csv.gz` is gunzipped. A name without a known extension (a `path:` source) is read in the
+    source's format."""
     suffix = data_suffix(path)
     try:
         if suffix == ".parquet" or (suffix is None and spec.resolved_format == "parquet"):
-            return [(str(path), pl.read_parquet(path, row_index_name="_source_row", row_index_offset=1))]
+            frame = pl.read_parquet(path, row_index_name="_source_row", row_index_offset=1, n_rows=rows)
+            return [(str(path), frame)]
         batches: list[tuple[str, Path | bytes]] = [(str(path), path)]
         if suffix == ".zip":
             with zipfile.ZipFile(path) as archive:
@@ -155,7 +162,7 @@ def read_file(name: str, path: Path, spec: SourceSpec) -> list[tuple[str, pl.Dat
                 batches = [(f"{path}!{m}", archive.read(m)) for m in members]
         elif suffix == ".csv.gz":
             batches = [(str(path), gzip.decompress(path.read_bytes()))]
-        return [(label, _read_csv(name, label, data, spec)) for label, data in batches]
+        return [(label, _read_csv(name, label, data, spec, rows)) for label, data in batches]
     except (
         pl.exceptions.PolarsError,
         OSError,

@@ -29,8 +29,12 @@ RESERVED = (*LINEAGE, EVENT_TIME)
 JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
-def read_http(name: str, spec: SourceSpec, window: TimeWindow) -> tuple[pl.DataFrame, str]:
-    """(rows of the window as strings plus `_source_row`, the API's URL without its query string)."""
+def read_http(
+    name: str, spec: SourceSpec, window: TimeWindow, limit: int | None = None
+) -> tuple[pl.DataFrame, str]:
+    """(rows of the window as strings plus `_source_row`, the API's URL without its query string); with
+    `limit`, the pages up to the first that reaches that many records (a sample to infer the schema
+    from)."""
     http = spec.http
     if http is None or spec.timestamp is None:
         raise ConfigError(f"source '{name}': an HTTP source needs http: and timestamp:")
@@ -63,6 +67,8 @@ def read_http(name: str, spec: SourceSpec, window: TimeWindow) -> tuple[pl.DataF
         encoded = urlencode(query + position)
         doc, batch = _fetch(name, f"{label}?{encoded}" if encoded else label, headers, http)
         records += batch
+        if limit is not None and len(records) >= limit:
+            break
         if http.paging == "page":
             if not batch or (http.page_size_param and len(batch) < http.page_size):
                 break

@@ -1,6 +1,7 @@
 """`ml-assets validate`: what can be checked about a pipeline's sources in seconds, without loading or
-training: every file source resolves to files, each file's header fits the source's schema-evolution
-policy, and a sample of its values parses as the configured types."""
+training: every file source resolves to files, and every file it would read (each file of a glob or
+landing zone, each member of a zip) has a header that fits the source's schema-evolution policy and a
+sample of values (its first SAMPLE_ROWS rows) that parses as the configured types."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ SAMPLE_ROWS = 5000
 
 def _unparsed(spec: SourceSpec, frame: pl.DataFrame) -> list[str]:
     """'column: N of M sampled values are not a valid <type> (e.g. 'x')' for the sample's bad columns."""
-    sample = frame.head(SAMPLE_ROWS).select([c for c in frame.columns if c in spec.columns])
+    sample = frame.select([c for c in frame.columns if c in spec.columns])
     problems = []
     with duckdb.connect(":memory:") as conn:
         conn.register("sample", sample.cast(pl.String).to_arrow())
@@ -48,11 +49,11 @@ def check_source(name: str, spec: SourceSpec, base_dir: Path, root: Path) -> tup
     if not files:
         return f"source '{name}': landing zone empty (nothing to check yet)", []
     problems = []
-    try:
-        batches = read_file(name, files[0], spec)
-        for label, frame in batches[:1]:
-            check_batch(name, spec, label, frame)
-            problems += [f"source '{name}': file {label}: {p}" for p in _unparsed(spec, frame)]
-    except SourceError as exc:
-        problems.append(str(exc))
-    return f"source '{name}': {len(files)} file(s), first {files[0].name}, columns fit the config", problems
+    for path in files:
+        try:
+            for label, frame in read_file(name, path, spec, SAMPLE_ROWS):
+                check_batch(name, spec, label, frame)
+                problems += [f"source '{name}': file {label}: {p}" for p in _unparsed(spec, frame)]
+        except SourceError as exc:
+            problems.append(str(exc))
+    return f"source '{name}': {len(files)} file(s) checked, columns fit the config", problems

@@ -21,6 +21,7 @@ from typing import Any
 import polars as pl
 
 from ml_assets.core.errors import ConfigError, SourceError
+from ml_assets.core.spec.schema import SourceSpec
 
 PKG_SCHEME = "pkg://"
 SAMPLE_ROWS = 20_000
@@ -184,24 +185,51 @@ def stored_columns(pipeline_file: Path, source: str) -> Path:
     return pipeline_file.parent / INFERRED_DIR / f"{source}.json"
 
 
+def _typed_sample(spec: SourceSpec, name: str, pipeline_file: Path) -> tuple[pl.DataFrame, list[str]]:
+    """A typed sample of what the source reads, and where it came from (no credentials): its files; for
+    a landing zone, the replay origin (the whole history) if it has one, else the files landed so far;
+    a database's or HTTP API's first SAMPLE_ROWS rows in time order."""
+    # The readers import spec (for SourceSpec): imported here, when a source is inferred.
+    from ml_assets.core.ingest import TimeWindow, database, http, landing_dir, resolve_files
+    from ml_assets.core.store import data_dir
+
+    base = pipeline_file.parent
+    if spec.path or spec.replay:
+        paths = resolve_paths(spec.path or spec.replay.path, base)
+        return sample_frame(paths, spec.null_values), [str(p) for p in paths[:5]]
+    if spec.landing:
+        paths = resolve_files(name, spec, base, data_dir())
+        if not paths:
+            raise SourceError(f"landing zone {landing_dir(data_dir(), name)} holds no data file yet")
+        return sample_frame(paths, spec.null_values), [str(p) for p in paths[:5]]
+    reader = database.read_database if spec.database else http.read_http
+    text, label = reader(name, spec, TimeWindow(), limit=SAMPLE_ROWS)
+    text = text.drop("_source_row")
+    return text.with_columns(_typed(text.get_column(c)) for c in text.columns), [label]
+
+
 def source_columns(
-    pipeline_file: Path, source: str, raw: dict[str, Any]
+    pipeline_file: Path, source: str, spec: SourceSpec
 ) -> tuple[dict[str, dict[str, Any]], bool]:
     """The columns of a source whose file leaves them out: the stored inference if there is one, else
-    inferred now from the data and stored. Returns (columns, inferred now)."""
+    inferred now from a sample of its data and stored. Returns (columns, inferred now)."""
     stored = stored_columns(pipeline_file, source)
     if stored.exists():
         return json.loads(stored.read_text())["columns"], False
-    paths = resolve_paths(raw["path"], pipeline_file.parent)
     try:
-        frame = sample_frame(paths, raw.get("null_values", ["", "NA"]))
+        frame, origin = _typed_sample(spec, source, pipeline_file)
     except (SourceError, pl.exceptions.PolarsError, OSError) as exc:
         raise ConfigError(
-            f"{pipeline_file}: sources.{source}.columns: omitted, and they cannot be inferred from "
-            f"{raw['path']}: {str(exc).splitlines()[0]}"
+            f"{pipeline_file}: sources.{source}.columns: omitted, and they cannot be inferred ("
+            f"{str(exc).splitlines()[0]}); list them, or make the data readable"
         ) from exc
+    if frame.width == 0 or frame.height == 0:
+        raise ConfigError(
+            f"{pipeline_file}: sources.{source}.columns: omitted, and {origin[0]} holds no rows to infer "
+            "them from; list them"
+        )
     columns = infer_columns(frame)
     stored.parent.mkdir(parents=True, exist_ok=True)
-    record = {"source": source, "inferred_from": [str(p) for p in paths[:5]], "rows_sampled": frame.height}
+    record = {"source": source, "inferred_from": origin, "rows_sampled": frame.height}
     stored.write_text(json.dumps(record | {"columns": columns}, indent=1))
     return columns, True

@@ -101,9 +101,14 @@ def _with_inferred_columns(raw: dict[str, Any], path: Path) -> dict[str, Any]:
         return raw
     filled = {}
     for name, source in sources.items():
-        if isinstance(source, dict) and source.get("columns") is None and isinstance(source.get("path"), str):
-            columns, _ = source_columns(path, str(name), source)
-            source = source | {"columns": columns}
+        if isinstance(source, dict) and source.get("columns") is None:
+            try:
+                spec = SourceSpec.model_validate(source)
+            except ValidationError:
+                spec = None  # validating the whole file reports it, with the field's full path
+            if spec is not None:
+                columns, _ = source_columns(path, str(name), spec)
+                source = source | {"columns": columns}
         filled[name] = source
     return raw | {"sources": filled}
 

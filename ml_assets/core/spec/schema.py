@@ -218,8 +218,9 @@ class SourceSpec(_Strict):
     null_values: list[str] = Field(default_factory=lambda: ["", "NA"])
     columns: dict[str, ColumnSpec] | None = Field(
         None,
-        description="Omitted: inferred from the files' header and a sample when the pipeline loads, and "
-        "stored beside the pipeline file (.inferred/<source>.json) so later loads use the same schema",
+        description="Omitted: inferred from a sample when the pipeline loads (the files; a landing zone's "
+        "replay origin, else its landed files; a database's or API's first rows), and stored beside the "
+        "pipeline file (.inferred/<source>.json) so later loads use the same schema",
     )
     max_quarantine_share: float = Field(0.05, ge=0, le=1)
     schema_evolution: SchemaEvolutionSpec = Field(default_factory=SchemaEvolutionSpec)
@@ -238,11 +239,6 @@ class SourceSpec(_Strict):
 
     @model_validator(mode="after")
     def _keys_are_columns(self) -> SourceSpec:
-        if self.columns is None:
-            # Filled in by the loader (spec.infer), which validates the source again with its columns.
-            if not self.path:
-                raise ValueError("columns can only be inferred from a path source; list them")
-            return self
         kinds = [
             k
             for k, v in (
@@ -255,6 +251,9 @@ class SourceSpec(_Strict):
         ]
         if len(kinds) != 1:
             raise ValueError(f"give exactly one of path, landing, database or http (got {kinds or 'none'})")
+        if self.columns is None:
+            # Filled in by the loader (spec.infer), which validates the source again with its columns.
+            return self
         for name in [*self.id, *([self.timestamp] if self.timestamp else [])]:
             if name not in self.columns:
                 raise ValueError(f"'{name}' is used as id/timestamp but is not listed under columns")

@@ -85,14 +85,18 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 progress=context.log.info,
             )
         )
-        metric = manifest["metric"]
+        metric, cv = manifest["metric"], manifest["cv"]
+        # No CV score when the budget cut the first trial short (the centre of the space was refitted).
+        cv_score = {} if cv["score"] is None else {f"cv_{metric}": round(cv["score"], 4)}
         return dg.MaterializeResult(
             metadata={
                 "version": manifest["version"],
                 f"test_{metric}": round(manifest["test_metrics"][metric], 4),
                 f"baseline_test_{metric}": round(manifest["baseline_test_metrics"][metric], 4),
-                f"cv_{metric}": round(manifest["cv"]["score"], 4),
-                "trials": len(manifest["cv"]["trials"]),
+                **cv_score,
+                "trials": len(cv["trials"]),
+                "trials_cut_short": cv["trials_cut_short"],
+                "model_step_s": cv["model_step_s"],
                 "path": dg.MetadataValue.path(str(version_dir)),
                 "best_iteration": manifest["best_iteration"],
                 "params": dg.MetadataValue.json(manifest["params"]),
