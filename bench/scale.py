@@ -172,6 +172,11 @@ def measure(rows: int, repeats: int, max_trials: int, tmp: Path) -> dict[str, An
                 file=sys.stderr,
             )
     shutil.rmtree(data)
+    for side, done in runs.items():
+        for i, (report, _) in enumerate(done):
+            if report["outputs"] != runs["dagster"][0][0]["outputs"]:
+                print(f"outputs of {side} run {i} differ: {report['outputs']}", file=sys.stderr)
+                print(f"dagster run 0 had: {runs['dagster'][0][0]['outputs']}", file=sys.stderr)
     seconds = {side: statistics.median(r["seconds"] for r, _ in done) for side, done in runs.items()}
     return {
         "rows": rows,

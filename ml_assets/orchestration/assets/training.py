@@ -93,6 +93,9 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 f"baseline_test_{metric}": round(manifest["baseline_test_metrics"][metric], 4),
                 f"cv_{metric}": round(manifest["cv"]["score"], 4),
                 "trials": len(manifest["cv"]["trials"]),
+                # Below the available rows when model.max_train_rows capped the training split.
+                "train_rows": manifest["rows"]["train"],
+                "train_rows_available": manifest["train_rows_available"],
                 "path": dg.MetadataValue.path(str(version_dir)),
                 "best_iteration": manifest["best_iteration"],
                 "params": dg.MetadataValue.json(manifest["params"]),
