@@ -100,7 +100,7 @@ def outputs(root: Path) -> dict[str, Any]:
     with connect(warehouse_path(root)) as conn:
 
         def digest(table: str, drop: str = "") -> list[int]:
-            # _source_file names each side's own landing path: not part of the data.
+            # Excluded: when and by which version id (a timestamp) each side scored.
             columns = f"* EXCLUDE ({drop})" if drop else "*"
             return list(
                 conn.execute(
@@ -115,7 +115,7 @@ def outputs(root: Path) -> dict[str, Any]:
             "modelling_table": digest(f"{pipeline.name}.modelling_table"),
             "features": digest(f"{pipeline.name}.features"),
             "models": [list(m) for m in model],
-            "predictions": digest(predictions_table(pipeline), "scored_at"),
+            "predictions": digest(predictions_table(pipeline), "scored_at, version"),
         }
 
 
