@@ -381,7 +381,7 @@ def train_model(
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 
-def _features_for_training(
+def features_for_training(
     conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec
 ) -> tuple[pl.DataFrame, int]:
     """The feature table with the training split capped at `model.max_train_rows` (rows ranked by a
@@ -416,7 +416,7 @@ def train_and_register(
     other steps and runs can write to DuckDB meanwhile.
     """
     with connect() as conn:
-        frame, train_available = _features_for_training(conn, pipeline)
+        frame, train_available = features_for_training(conn, pipeline)
         # Input rows kept with the version, so a fresh process can prove it reproduces these predictions.
         sample = conn.execute(
             f"SELECT * FROM (SELECT * FROM {table_name(pipeline)} WHERE _split = 'test') "
