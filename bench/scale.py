@@ -100,7 +100,6 @@ def outputs(root: Path) -> dict[str, Any]:
     with connect(warehouse_path(root)) as conn:
 
         def digest(table: str, drop: str = "") -> list[int]:
-            # Excluded: when and by which version id (a timestamp) each side scored.
             columns = f"* EXCLUDE ({drop})" if drop else "*"
             return list(
                 conn.execute(
@@ -115,6 +114,7 @@ def outputs(root: Path) -> dict[str, Any]:
             "modelling_table": digest(f"{pipeline.name}.modelling_table"),
             "features": digest(f"{pipeline.name}.features"),
             "models": [list(m) for m in model],
+            # Without when and by which version id (a timestamp) each side scored.
             "predictions": digest(predictions_table(pipeline), "scored_at, version"),
         }
 
