@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 
 from ml_assets.core.errors import StoreError
-from ml_assets.core.sql import table_exists
+from ml_assets.core.sql import lit, table_exists
 
 DATA_DIR_ENV = "ML_ASSETS_DATA_DIR"
 LOCK_WAIT_ENV = "ML_ASSETS_LOCK_WAIT_S"
@@ -271,7 +271,13 @@ def connect(database: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
     try:
         # Timestamps are stored as naive UTC; a fixed session zone makes casts independent of the host.
         conn.execute("SET TimeZone = 'UTC'")
-        conn.execute(f"SET memory_limit = '{os.environ.get(DUCKDB_MEMORY_ENV, DEFAULT_DUCKDB_MEMORY)}'")
+        memory = os.environ.get(DUCKDB_MEMORY_ENV, DEFAULT_DUCKDB_MEMORY)
+        try:
+            conn.execute(f"SET memory_limit = {lit(memory)}")
+        except duckdb.Error as exc:
+            raise StoreError(
+                f"{DUCKDB_MEMORY_ENV}={memory!r} is not a memory size DuckDB accepts (e.g. 2GB, 512MB): {exc}"
+            ) from exc
         migrate(conn, database)
         yield conn
     finally:
