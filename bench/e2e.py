@@ -74,7 +74,6 @@ def run_plain(pipelines: Path, root: Path) -> None:
     with connect(db) as conn:
         for name, spec in project.sources_of(pipeline).items():
             files = ingest.resolve_files(name, spec, project.source_files[name].parent, root)
-            frame, records = ingest.read_files(name, spec, files)
             window = (
                 ingest.TimeWindow(
                     dt.datetime.combine(spec.partitions.start, dt.time()),
@@ -83,7 +82,8 @@ def run_plain(pipelines: Path, root: Path) -> None:
                 if spec.partitions
                 else None
             )
-            ingest.load_raw(conn, name, spec, frame, records, window)
+            # The read batch is passed, not kept: it is freed once loaded, as the Dagster asset frees it.
+            ingest.load_raw(conn, name, spec, *ingest.read_files(name, spec, files), window)
             validate.validate_source(conn, name, spec, ingest.window_condition(window) if window else None)
             assert validate.check_row_conservation(conn, name).passed
             for check in SOURCE_CHECKS:

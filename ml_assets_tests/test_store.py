@@ -420,3 +420,18 @@ def test_the_change_marker_moves_with_a_committed_write_and_not_with_a_read(tmp_
     finally:
         conn.close()
     assert during != before and store.change_marker(path) != before
+
+
+def test_a_memory_limit_duckdb_refuses_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv(store.DUCKDB_MEMORY_ENV, "lots")
+    with (
+        pytest.raises(StoreError, match="ML_ASSETS_DUCKDB_MEMORY='lots'"),
+        store.connect(tmp_path / "warehouse.duckdb"),
+    ):
+        pass
+    monkeypatch.setenv(store.DUCKDB_MEMORY_ENV, "300MB")
+    with store.connect(tmp_path / "warehouse.duckdb") as conn:
+        assert conn.execute("SELECT current_setting('memory_limit')").fetchone()[0] in (
+            "300.0 MB",
+            "286.1 MiB",
+        )

@@ -21,10 +21,14 @@ from typing import Any
 import duckdb
 
 from ml_assets.core.errors import StoreError
-from ml_assets.core.sql import table_exists
+from ml_assets.core.sql import lit, table_exists
 
 DATA_DIR_ENV = "ML_ASSETS_DATA_DIR"
 LOCK_WAIT_ENV = "ML_ASSETS_LOCK_WAIT_S"
+DUCKDB_MEMORY_ENV = "ML_ASSETS_DUCKDB_MEMORY"
+# DuckDB's own default is 80% of the machine's RAM per connection, which lets a big join or sort take the
+# memory the Python side needs; with a bound it spills to `<warehouse>.tmp/` instead (bench/scale.py).
+DEFAULT_DUCKDB_MEMORY = "2GB"
 # A step of another run may hold the file for a while on a busy machine; waiting is cheap, failing is not.
 DEFAULT_LOCK_WAIT_S = 600.0
 
@@ -302,6 +306,13 @@ def connect(database: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
     try:
         # Timestamps are stored as naive UTC; a fixed session zone makes casts independent of the host.
         conn.execute("SET TimeZone = 'UTC'")
+        memory = os.environ.get(DUCKDB_MEMORY_ENV, DEFAULT_DUCKDB_MEMORY)
+        try:
+            conn.execute(f"SET memory_limit = {lit(memory)}")
+        except duckdb.Error as exc:
+            raise StoreError(
+                f"{DUCKDB_MEMORY_ENV}={memory!r} is not a memory size DuckDB accepts (e.g. 2GB, 512MB): {exc}"
+            ) from exc
         migrate(conn, database)
         yield conn
     finally:

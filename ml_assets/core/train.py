@@ -449,6 +449,24 @@ def train_model(
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 
+def features_for_training(
+    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec
+) -> tuple[pl.DataFrame, int]:
+    """The feature table with the training split capped at `model.max_train_rows` (rows ranked by a
+    seeded hash of their key: the same rows every run, spread over the whole training window), and how
+    many training rows there were. Capped in SQL so the rows left out never reach Python."""
+    table = features_table_name(pipeline)
+    available = conn.execute(f"SELECT count(*) FROM {table} WHERE _split = 'train'").fetchone()[0]
+    cap = pipeline.model.max_train_rows
+    if cap is None or available <= cap:
+        return conn.execute(f"SELECT * FROM {table}").pl(), available
+    frame = conn.execute(
+        f"SELECT * FROM {table} WHERE _split <> 'train' UNION ALL "
+        f"(SELECT * FROM {table} WHERE _split = 'train' ORDER BY hash(_key, {pipeline.model.seed}) LIMIT {cap})"
+    ).pl()
+    return frame, available
+
+
 def train_and_register(
     connect: Connect,
     pipeline: PipelineSpec,
@@ -466,7 +484,7 @@ def train_and_register(
     other steps and runs can write to DuckDB meanwhile.
     """
     with connect() as conn:
-        frame = conn.execute(f"SELECT * FROM {features_table_name(pipeline)}").pl()
+        frame, train_available = features_for_training(conn, pipeline)
         # Input rows kept with the version, so a fresh process can prove it reproduces these predictions.
         sample = conn.execute(
             f"SELECT * FROM (SELECT * FROM {table_name(pipeline)} WHERE _split = 'test') "
@@ -499,6 +517,8 @@ def train_and_register(
         "classes": data.classes,
         "decision_threshold": trained.threshold,
         "rows": {s: len(getattr(data, s).y) for s in ("train", "valid", "test")},
+        "train_rows_available": train_available,
+        "max_train_rows": pipeline.model.max_train_rows,
         "train_window": data.time_window,
         "test_start": str(test_ts.min()) if test_ts.len() else None,
         "data_end": str(frame.get_column("_ts").max()) if test_ts.len() else None,

@@ -44,6 +44,22 @@ def watermark(conn: duckdb.DuckDBPyConnection, name: str) -> dt.datetime | None:
     return conn.execute(f"SELECT max({EVENT_TIME}) FROM raw.{q(name)}").fetchone()[0]
 
 
+# Rows handed to DuckDB at a time: a whole batch as one Arrow table would hold a second copy of every
+# file in memory (10M flights: +2.2 GB) while DuckDB, bounded by its memory_limit, can spill its own.
+STAGE_ROWS = 500_000
+
+
+def _stage(conn: duckdb.DuckDBPyConnection, frame: pl.DataFrame, select: str) -> None:
+    """`select` over `_incoming` run on the frame slice by slice into the temp table `__batch`."""
+    for offset in range(0, max(frame.height, 1), STAGE_ROWS):
+        conn.register("_incoming", frame.slice(offset, STAGE_ROWS).to_arrow())
+        try:
+            into = "INSERT INTO __batch " if offset else "CREATE OR REPLACE TEMP TABLE __batch AS "
+            conn.execute(into + select)
+        finally:
+            conn.unregister("_incoming")
+
+
 def load_raw(
     conn: duckdb.DuckDBPyConnection,
     name: str,
@@ -70,19 +86,21 @@ def load_raw(
             schema={"_source_file": pl.String, "_source_row": pl.Int64},
         )
     frame = frame.select([c for c in frame.columns if c not in LINEAGE] + list(LINEAGE))
-    conn.register("_incoming", frame.to_arrow())
+    if window is None:
+        select = "SELECT * FROM _incoming"
+    elif spec.timestamp in frame.columns:
+        select = (
+            f"SELECT * FROM (SELECT *, {event_time_sql(spec)} AS {EVENT_TIME} FROM _incoming) "
+            f"WHERE {window_condition(window)}"
+        )
+    else:
+        select = f"SELECT *, CAST(NULL AS TIMESTAMP) AS {EVENT_TIME} FROM _incoming WHERE false"
     try:
+        _stage(conn, frame, select)
         if window is None:
-            conn.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _incoming")
+            conn.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM __batch")
             rows = frame.height
         else:
-            timed = (
-                f"SELECT * FROM (SELECT *, {event_time_sql(spec)} AS {EVENT_TIME} FROM _incoming) "
-                f"WHERE {window_condition(window)}"
-                if spec.timestamp in frame.columns
-                else f"SELECT *, CAST(NULL AS TIMESTAMP) AS {EVENT_TIME} FROM _incoming WHERE false"
-            )
-            conn.execute(f"CREATE OR REPLACE TEMP TABLE __batch AS {timed}")
             rows = conn.execute("SELECT count(*) FROM __batch").fetchone()[0]
             conn.execute("BEGIN TRANSACTION")
             try:
@@ -94,10 +112,8 @@ def load_raw(
             except Exception:
                 conn.execute("ROLLBACK")
                 raise
-            finally:
-                conn.execute("DROP TABLE IF EXISTS __batch")
     finally:
-        conn.unregister("_incoming")
+        conn.execute("DROP TABLE IF EXISTS __batch")
     return IngestResult(
         rows=rows,
         files=records,

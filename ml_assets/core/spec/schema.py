@@ -432,6 +432,13 @@ class ModelSpec(_Strict):
     cv_folds: int = Field(3, ge=2)
     seed: int = 42
     max_rounds: int = Field(1000, ge=10)
+    max_train_rows: int | None = Field(
+        None,
+        ge=1000,
+        description="Train on at most this many training-split rows (a seeded random sample; the valid and "
+        "test splits stay whole): bounds the model step's memory and time on big tables. The manifest "
+        "records the rows used and available",
+    )
     early_stopping_rounds: int = Field(50, ge=1)
     num_threads: int = Field(
         1,

@@ -97,6 +97,9 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "trials": len(cv["trials"]),
                 "trials_cut_short": cv["trials_cut_short"],
                 "model_step_s": cv["model_step_s"],
+                # Below the available rows when model.max_train_rows capped the training split.
+                "train_rows": manifest["rows"]["train"],
+                "train_rows_available": manifest["train_rows_available"],
                 "path": dg.MetadataValue.path(str(version_dir)),
                 "best_iteration": manifest["best_iteration"],
                 "params": dg.MetadataValue.json(manifest["params"]),
