@@ -34,8 +34,8 @@ import polars as pl
 import yaml
 
 from ml_assets.core.spec import default_pipelines_dir
-from ml_assets.core.spec.infer import package_file
 from ml_assets.core.spec.load import deep_merge
+from ml_assets.core.spec.package_data import package_file
 
 PIPELINE = "flight_delay"
 START = dt.date(2013, 1, 1)

@@ -19,7 +19,7 @@ import psycopg
 
 from ml_assets.core.errors import ConfigError, SourceError
 from ml_assets.core.ingest.window import TimeWindow
-from ml_assets.core.spec import SourceSpec
+from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.sql import LINEAGE, q
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")

@@ -23,8 +23,8 @@ import polars as pl
 from ml_assets.core.errors import ConfigError, RejectedFile, SourceError
 from ml_assets.core.hashing import sha256_file
 from ml_assets.core.ingest.window import event_time_sql
-from ml_assets.core.spec import SourceSpec
-from ml_assets.core.spec.infer import PKG_SCHEME, package_file
+from ml_assets.core.spec.package_data import PKG_SCHEME, package_file
+from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.sql import LINEAGE
 
 # Extensions of data files, matched case-insensitively (`.CSV`, `.Csv.GZ`); `.csv.gz` before `.csv`.

@@ -22,7 +22,7 @@ import polars as pl
 
 from ml_assets.core.errors import ConfigError, SourceError
 from ml_assets.core.ingest.window import TimeWindow
-from ml_assets.core.spec import HttpSpec, SourceSpec
+from ml_assets.core.spec.schema import HttpSpec, SourceSpec
 from ml_assets.core.sql import EVENT_TIME, LINEAGE
 
 RESERVED = (*LINEAGE, EVENT_TIME)

@@ -21,7 +21,7 @@ import polars as pl
 
 from ml_assets.core.errors import RejectedFile
 from ml_assets.core.ingest.files import ENTRY_KEY, content_key, entry_key, landing_entries, read_files
-from ml_assets.core.spec import SourceSpec
+from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.store import LANDING_FILES, insert_many
 
 # A data file modified less than this long ago may still be growing (a copy in progress, a writer that

@@ -12,7 +12,7 @@ import polars as pl
 
 from ml_assets.core.errors import SourceError
 from ml_assets.core.ingest.files import check_batch, read_file, resolve_files
-from ml_assets.core.spec import SourceSpec
+from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.sql import cast_expr, q
 
 SAMPLE_ROWS = 5000

@@ -15,7 +15,7 @@ import polars as pl
 from ml_assets.core.ingest import database, http
 from ml_assets.core.ingest.files import check_batch
 from ml_assets.core.ingest.window import TimeWindow, event_time_sql, window_condition
-from ml_assets.core.spec import SourceSpec
+from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.sql import EVENT_TIME, LINEAGE, drop_unpartitioned, q, replace_rows, table_exists
 
 

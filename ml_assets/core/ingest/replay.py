@@ -23,7 +23,7 @@ import polars as pl
 from ml_assets.core.errors import ConfigError, SourceError, UsageError
 from ml_assets.core.ingest.files import PKG_SCHEME, landing_dir, package_file, read_file
 from ml_assets.core.ingest.window import event_time_sql
-from ml_assets.core.spec import PipelineSpec, Project, ReplaySpec, SourceSpec
+from ml_assets.core.spec.schema import PipelineSpec, Project, ReplaySpec, SourceSpec
 from ml_assets.core.sql import cast_expr, lit, q
 
 STATE_FILE = ".replayed_until"

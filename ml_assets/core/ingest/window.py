@@ -7,7 +7,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from ml_assets.core.errors import ConfigError
-from ml_assets.core.spec import SourceSpec
+from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.sql import EVENT_TIME, cast_expr, q
 
 

