@@ -9,6 +9,7 @@ import time
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
@@ -37,7 +38,7 @@ def _frame(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("task", ["binary", "regression"])
-def test_the_json_baseline_predicts_exactly_what_scikit_learn_fitted(task):
+def test_the_json_baseline_predicts_exactly_what_scikit_learn_fitted(task, monkeypatch):
     X, labels, values = _frame(800, 1)
     y = labels if task == "binary" else values
     prep = ColumnTransformer(
@@ -55,6 +56,16 @@ def test_the_json_baseline_predicts_exactly_what_scikit_learn_fitted(task):
     X_new.loc[0, "c"] = 9  # a code never seen in training: all one-hot columns zero, as scikit-learn
     expected = reference.predict_proba(X_new)[:, 1] if task == "binary" else reference.predict(X_new)
     np.testing.assert_allclose(ours.predict(X_new), expected, rtol=1e-6, atol=1e-8)
+    # The transform's polars frame (a missing value is a null there) is served without pandas, with the
+    # same numbers.
+    features = pl.from_pandas(X_new).with_columns(pl.col("b").fill_nan(None))
+    assert features.get_column("b").null_count() > 0
+
+    def _no_pandas(*_: object, **__: object) -> None:
+        raise AssertionError("a polars frame went through pandas")
+
+    monkeypatch.setattr(pl.DataFrame, "to_pandas", _no_pandas)
+    np.testing.assert_allclose(ours.predict(features), ours.predict(X_new), rtol=0, atol=1e-12)
 
 
 def test_the_constant_floor_predicts_the_training_prior():

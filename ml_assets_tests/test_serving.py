@@ -9,6 +9,7 @@ One module fixture trains both pipelines once (flight_delay twice: two versions 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import json
 import math
@@ -700,3 +701,34 @@ def test_the_request_log_holds_at_most_max_rows_between_flushes(tmp_path):
     assert logged.get_column("_latency_ms").to_list() == [0.0, 0.0, 1.0, 1.0]
     log.record(rows, scored, 9.0)  # a flush frees the room
     assert pl.read_parquet(log.flush()).height == 2
+
+
+def test_request_times_and_dates_parse_to_the_values_polars_holds_and_answer_as_its_text():
+    """parse_rows builds times from integers and _records formats them in Python: the same values and
+    the same text as polars' own conversion and cast, before the epoch, with offsets and nulls too."""
+    from ml_assets.core.spec import ColumnSpec
+
+    fields = {"at": ColumnSpec(type="datetime"), "on": ColumnSpec(type="date"), "n": ColumnSpec(type="int")}
+    payload = [
+        {"at": "2013-01-01T05:00:00.000120", "on": "2013-01-02", "n": 1},
+        {"at": "1969-12-31T23:59:59.999999", "on": "1901-03-04", "n": 2},
+        {"at": "2013-06-01T12:30:00+02:00", "on": None, "n": None},
+        {"at": None, "on": "2024-02-29", "n": 3},
+    ]
+    parsed = online.parse_rows(fields, payload, 10)
+    expected = pl.DataFrame(
+        {
+            "at": [
+                dt.datetime(2013, 1, 1, 5, 0, 0, 120),
+                dt.datetime(1969, 12, 31, 23, 59, 59, 999999),
+                dt.datetime(2013, 6, 1, 10, 30),
+                None,
+            ],
+            "on": [dt.date(2013, 1, 2), dt.date(1901, 3, 4), None, dt.date(2024, 2, 29)],
+            "n": [1, 2, None, 3],
+        },
+        schema={"at": pl.Datetime("us"), "on": pl.Date, "n": pl.Int64},
+    )
+    assert parsed.equals(expected)
+    as_text = expected.with_columns(pl.col("at", "on").cast(pl.String)).to_dicts()
+    assert online.request_rows(parsed, list(fields)) == as_text

@@ -31,8 +31,14 @@ CHUNK_ITER = 50
 KINDS = ("constant", "linear")
 
 
-def _frame(features: pl.DataFrame | pd.DataFrame) -> pd.DataFrame:
-    return features.to_pandas() if isinstance(features, pl.DataFrame) else features
+def _column(X: pl.DataFrame | pd.DataFrame, name: str, dtype: type | None = None) -> np.ndarray:
+    """One column as numpy, NaN for a missing float; a polars frame never goes through pandas (one
+    online request's conversion costs more than the whole prediction)."""
+    if isinstance(X, pl.DataFrame):
+        column = X.get_column(name)
+        return (column.cast(pl.Float64) if dtype is float else column).to_numpy()
+    column = X[name]
+    return (column.astype(float) if dtype is float else column).to_numpy()
 
 
 @dataclass(frozen=True)
@@ -105,18 +111,17 @@ class LinearModel:
             coef, intercept = fitted.coef_.tolist(), fitted.intercept_.tolist()
         return cls("linear", task, numeric, cats, coef, intercept), cut_short
 
-    def _design(self, X: pd.DataFrame) -> np.ndarray:
+    def _design(self, X: pl.DataFrame | pd.DataFrame) -> np.ndarray:
         # Filled in place: with a few hundred one-hot columns the matrix is the model step's largest
         # allocation (1M flights: ~2 GB), and stacking per-column parts would hold it twice.
         width = len(self.numeric) + sum(len(c["categories"]) for c in self.categorical)
         design = np.empty((len(X), width))
         for j, n in enumerate(self.numeric):
-            design[:, j] = (X[n["name"]].astype(float).fillna(n["impute"]).to_numpy() - n["mean"]) / n[
-                "scale"
-            ]
+            values = _column(X, n["name"], float)
+            design[:, j] = (np.where(np.isnan(values), n["impute"], values) - n["mean"]) / n["scale"]
         offset = len(self.numeric)
         for c in self.categorical:
-            codes = X[c["name"]].to_numpy()
+            codes = _column(X, c["name"])
             categories = np.asarray(c["categories"])
             # An unseen code matches no column: all zeros, as OneHotEncoder(handle_unknown="ignore").
             design[:, offset : offset + len(categories)] = codes[:, None] == categories[None, :]
@@ -125,14 +130,13 @@ class LinearModel:
 
     def predict(self, features: pl.DataFrame | pd.DataFrame) -> np.ndarray:
         """P(positive) (binary), class probabilities (multiclass) or values, like the booster's."""
-        X = _frame(features)
-        n = len(X)
+        n = len(features)
         intercept = np.asarray(self.intercept, dtype=float)
         if self.kind == "constant":
             if self.task == "multiclass":
                 return np.tile(intercept, (n, 1))
             return np.full(n, intercept[0])
-        z = self._design(X) @ np.asarray(self.coef, dtype=float).T + intercept
+        z = self._design(features) @ np.asarray(self.coef, dtype=float).T + intercept
         if self.task == "regression":
             return z[:, 0]
         if self.task == "binary":

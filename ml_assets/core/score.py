@@ -120,7 +120,9 @@ def score_frame(
     """Entity columns and scores of completed rows. A request's rows have no built-in row id (it is made
     at ingestion), so a file scored by `ml-assets predict` keeps the entity columns it has."""
     entities = [c for c in entity_columns(pipeline) if c in rows.columns]
-    return pl.concat([rows.select(entities), score_columns(model, rows, version)], how="horizontal")
+    # Columns gathered, not selected: the same frame without a query (`rows[[]]` would not be empty).
+    chosen = pl.DataFrame([rows.get_column(c) for c in entities])
+    return pl.concat([chosen, score_columns(model, rows, version)], how="horizontal")
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,8 @@ class ServableModel:
         return cls.load(version.path, version.manifest_sha256)
 
     def predict_features(self, features: pl.DataFrame) -> np.ndarray:
-        selected = features.select(self.manifest["features"])
+        # Indexing, not select: the same columns without a query (a fifth of the cost on one row).
+        selected = features[self.manifest["features"]]
         if self.booster is None:
             return self.model.predict(selected)
         # A float matrix, not pandas: the features are numbers already (categories are their codes), and
