@@ -157,10 +157,8 @@ def test_a_query_source_is_read_as_a_subquery(db: str, flights: pl.DataFrame) ->
     assert label.endswith("/ml query")
 
 
-def test_a_duckdb_file_is_read(
-    tmp_path: Path, flights: pl.DataFrame, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "warehouse.duckdb"
+def _typed_flights_file(path: Path, flights: pl.DataFrame) -> Path:
+    """A DuckDB file whose `main.flights` has real types (integer, double, boolean, timestamptz)."""
     with duckdb.connect(str(path)) as conn:
         conn.register("csv", flights.to_arrow())
         conn.execute(
@@ -168,6 +166,13 @@ def test_a_duckdb_file_is_read(
             "CAST(dep_delay AS DOUBLE) AS dep_delay, dep_delay IS NULL AS no_delay, origin, "
             f"CAST({TS} AS TIMESTAMPTZ) AS {TS} FROM csv"
         )
+    return path
+
+
+def test_a_duckdb_file_is_read(
+    tmp_path: Path, flights: pl.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _typed_flights_file(tmp_path / "warehouse.duckdb", flights)
     monkeypatch.setenv(ENV, f"duckdb://{path}")
     day = TimeWindow(start=dt.datetime(2013, 1, 3), end=dt.datetime(2013, 1, 4))
     frame, label = read_database("flights", source(table="main.flights"), day)
@@ -329,14 +334,7 @@ def test_a_database_source_without_columns_is_inferred_once_and_then_meets_schem
     """Columns typed from the table's first rows in time order (a bounded sample), stored beside the
     pipeline file without the URL's credentials; a column added to the table later does not change the
     schema: the next batch meets the source's schema_evolution policy (extra column accepted, recorded)."""
-    path = tmp_path / "warehouse.duckdb"
-    with duckdb.connect(str(path)) as conn:
-        conn.register("csv", flights.to_arrow())
-        conn.execute(
-            "CREATE TABLE main.flights AS SELECT CAST(flight AS INTEGER) AS flight, "
-            "CAST(dep_delay AS DOUBLE) AS dep_delay, dep_delay IS NULL AS no_delay, origin, "
-            f"CAST({TS} AS TIMESTAMPTZ) AS {TS} FROM csv"
-        )
+    path = _typed_flights_file(tmp_path / "warehouse.duckdb", flights)
     monkeypatch.setenv(ENV, f"duckdb://{path}")
     monkeypatch.setattr(infer, "SAMPLE_ROWS", 500)
     pipelines = _inferred_pipeline(

@@ -16,6 +16,7 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.spec import PipelineSpec, SourceSpec
 from ml_assets.core.spec.schema import ROW_ID
 from ml_assets.core.sql import lit, q, table_exists
+from ml_assets.core.store import transaction
 from ml_assets.core.validate import CheckOutcome
 
 
@@ -272,8 +273,7 @@ def _update(
     table = table_name(pipeline)
     try:
         _joined_rows(conn, pipeline, sources, where)
-        conn.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(conn):
             conn.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT b.rowid FROM {table} b WHERE {where})")
             conn.execute(
                 f"INSERT INTO {table} BY NAME SELECT *, NULL AS _split FROM __t "
@@ -286,10 +286,6 @@ def _update(
             else:
                 split = _split_expr(pipeline, table)
                 conn.execute(f"UPDATE {table} SET _split = {split} WHERE _split IS DISTINCT FROM {split}")
-            conn.execute("COMMIT")
-        except Exception:
-            conn.execute("ROLLBACK")
-            raise
     finally:
         conn.execute("DROP TABLE IF EXISTS __j")
         conn.execute("DROP TABLE IF EXISTS __t")

@@ -39,7 +39,7 @@ from ml_assets.core.sql import (
     replace_rows,
     table_columns,
 )
-from ml_assets.core.store import CHECK_RESULTS, insert
+from ml_assets.core.store import CHECK_RESULTS, insert, transaction
 
 
 @dataclass(frozen=True)
@@ -320,8 +320,7 @@ def validate_source(
             SELECT {raw_cols}, __f[1].rule AS _rule, __f[1].column AS _column,
                    array_to_string(list_transform(__f, lambda __r: __r.reason), '; ') AS _reasons
             FROM __checked WHERE len(__f) > 0 ORDER BY _source_file, _source_row""")
-        conn.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(conn):
             conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
             conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
             changed = _changed_range(conn, name, where, partitioned)
@@ -333,10 +332,6 @@ def validate_source(
                     conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
             if changed is not None:
                 changes.record(conn, name, *changed)
-            conn.execute("COMMIT")
-        except Exception:
-            conn.execute("ROLLBACK")
-            raise
         raw_rows = conn.execute("SELECT count(*) FROM __checked").fetchone()[0]
         valid_rows = conn.execute("SELECT count(*) FROM __valid").fetchone()[0]
         by_rule = [

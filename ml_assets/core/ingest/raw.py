@@ -17,6 +17,7 @@ from ml_assets.core.ingest.files import check_batch
 from ml_assets.core.ingest.window import TimeWindow, event_time_sql, window_condition
 from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.sql import EVENT_TIME, LINEAGE, drop_unpartitioned, q, replace_rows, table_exists
+from ml_assets.core.store import transaction
 
 
 @dataclass(frozen=True)
@@ -102,16 +103,11 @@ def load_raw(
             rows = frame.height
         else:
             rows = conn.execute("SELECT count(*) FROM __batch").fetchone()[0]
-            conn.execute("BEGIN TRANSACTION")
-            try:
+            with transaction(conn):
                 drop_unpartitioned(conn, "raw", name)
                 replace_rows(
                     conn, table, "__batch", None if window.after is not None else window_condition(window)
                 )
-                conn.execute("COMMIT")
-            except Exception:
-                conn.execute("ROLLBACK")
-                raise
     finally:
         conn.execute("DROP TABLE IF EXISTS __batch")
     return IngestResult(
