@@ -19,7 +19,7 @@ from ml_assets.core.spec import SourceSpec
 from ml_assets.core.sql import q
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.keys import layer_key, source_keys
-from ml_assets.orchestration.metadata import definition_version, md_table, table_metadata
+from ml_assets.orchestration.metadata import definition_version, md_table, once_per_range, table_metadata
 from ml_assets.orchestration.partitions import partitions_def, run_window
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
@@ -115,14 +115,17 @@ def raw_asset(name: str, spec: SourceSpec, base_dir: Path) -> dg.AssetsDefinitio
         context.log.info(f"loaded {_rate(frame, started)} into raw.{name}")
         files = pl.DataFrame(result.files).drop("path", strict=False) if result.files else pl.DataFrame()
         return dg.MaterializeResult(
-            metadata={
-                **meta,
-                "rows_loaded": result.rows,
-                "window": str(window) if window else "whole source",
-                "files": md_table(files, limit=50),
-                "sha256": ",".join(str(f.get("sha256", "")) for f in result.files),
-                "ingested_at": result.ingested_at,
-            }
+            metadata=once_per_range(
+                context,
+                {
+                    **meta,
+                    "rows_loaded": result.rows,
+                    "window": str(window) if window else "whole source",
+                    "files": md_table(files, limit=50),
+                    "sha256": ",".join(str(f.get("sha256", "")) for f in result.files),
+                    "ingested_at": result.ingested_at,
+                },
+            )
         )
 
     return raw
@@ -160,28 +163,36 @@ def validated_asset(name: str, spec: SourceSpec) -> dg.AssetsDefinition:
             context.log.warning(result.quarantine.description)
         yield dg.MaterializeResult(
             asset_key=valid_key,
-            metadata={
-                **valid_meta,
-                "raw_rows": result.raw_rows,
-                "quarantined_rows": result.quarantined_rows,
-                "quarantine_share": round(share, 6),  # six digits: a limit of 0.1% is still readable
-                "quarantine_limit_hit": result.quarantine_limit_hit,
-                "quarantine_limit": result.quarantine.description,
-                "tz_offsets_normalised": dg.MetadataValue.json(result.tz_offsets_normalised),
-                # The schema validated against: written, or inferred and stored beside the pipeline file.
-                "schema": dg.MetadataValue.json({c: s.type for c, s in spec.columns.items()}),
-            },
+            metadata=once_per_range(
+                context,
+                {
+                    **valid_meta,
+                    "raw_rows": result.raw_rows,
+                    "quarantined_rows": result.quarantined_rows,
+                    "quarantine_share": round(share, 6),  # six digits: a limit of 0.1% is still readable
+                    "quarantine_limit_hit": result.quarantine_limit_hit,
+                    "quarantine_limit": result.quarantine.description,
+                    "tz_offsets_normalised": dg.MetadataValue.json(result.tz_offsets_normalised),
+                    # The schema validated against: written, or inferred and stored beside the pipeline file.
+                    "schema": dg.MetadataValue.json({c: s.type for c, s in spec.columns.items()}),
+                },
+                valid_key,
+            ),
         )
         by_rule = pl.DataFrame(
             result.by_rule, schema={"rule": pl.String, "column": pl.String, "rows": pl.Int64}
         )
         yield dg.MaterializeResult(
             asset_key=quarantine_key,
-            metadata={
-                **quarantine_meta,
-                "by_rule": md_table(by_rule),
-                "examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in result.examples) or "none"),
-            },
+            metadata=once_per_range(
+                context,
+                {
+                    **quarantine_meta,
+                    "by_rule": md_table(by_rule),
+                    "examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in result.examples) or "none"),
+                },
+                quarantine_key,
+            ),
         )
 
     return validated
