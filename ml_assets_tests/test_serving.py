@@ -268,7 +268,7 @@ def test_per_key_lookups_complete_requests_exactly_as_the_sql(served):
     model.refresh()
     lookups = model.served.lookups
     assert lookups.keyed is not None, lookups.keyed_problem
-    assert lookups.keyed._memo is not None  # the flagship's derived columns are remembered: tested too
+    assert lookups.keyed._memos is not None  # the flagship's derived columns are remembered: tested too
     with served.db() as conn:
         rows = conn.execute(
             f"SELECT * FROM {table_name(spec)} USING SAMPLE reservoir(2000 ROWS) REPEATABLE (1)"
@@ -312,6 +312,35 @@ def test_per_key_lookups_complete_requests_exactly_as_the_sql(served):
     assert edge["plane_seats"].is_null().to_list()[4:6] == [True, True]
     assert edge["wx_temp"][6] is None
     assert edge["route"][3] == edges["origin"][3] + "-" + edges["dest"][3]
+
+
+def test_derived_values_of_the_base_sources_inputs_are_ready_before_the_first_request(served, monkeypatch):
+    """A refresh remembers each derived expression's value for every distinct input of the validated
+    base table, so requests like the data trained on complete without a DuckDB query; an input never
+    seen is computed (and then remembered), and both equal the modelling table's SQL."""
+    project, spec = served.spec()
+    model = online.OnlineModel(spec, project.sources_of(spec), served.db)
+    model.refresh()
+    lookups = model.served.lookups
+    with served.db() as conn:
+        rows = conn.execute(
+            f"SELECT * FROM {table_name(spec)} USING SAMPLE reservoir(300 ROWS) REPEATABLE (2)"
+        ).pl()
+    request = online.parse_rows(model.fields, online.request_rows(rows, list(model.fields)), 1_000)
+    unseen = request.head(1).with_columns(
+        origin=pl.lit("XYZ"), sched_dep_time=pl.lit(2399, dtype=request.schema["sched_dep_time"])
+    )
+    expected = lookups.complete_sql(pl.concat([request, unseen]))
+    queries = []
+    run = lookups._run
+    monkeypatch.setattr(lookups, "_run", lambda sql, params: queries.append(sql) or run(sql, params))
+    seen = pl.concat([lookups.complete(request.slice(i, 1)) for i in range(request.height)])
+    assert queries == []
+    assert seen.equals(expected.head(request.height))
+    assert lookups.complete(unseen).equals(expected.tail(1))
+    assert len(queries) == 1
+    assert lookups.complete(unseen).equals(expected.tail(1))
+    assert len(queries) == 1  # remembered
 
 
 def test_keyed_completion_steps_aside_for_duplicate_keys(served):

@@ -268,7 +268,10 @@ class Lookups:
         tables = {}
         for name in _joined_sources(pipeline):
             tables[name] = conn.execute(f"SELECT * FROM validated.{q(name)}").fetch_arrow_table()
-        return cls(pipeline, sources, tables, lookup_fingerprint(conn, pipeline))
+        lookups = cls(pipeline, sources, tables, lookup_fingerprint(conn, pipeline))
+        if lookups.keyed is not None:
+            lookups.keyed.warm(conn)
+        return lookups
 
     def complete(self, rows: pl.DataFrame) -> pl.DataFrame:
         """Modelling-table rows (joins and derived columns; no target) for request rows, in their order.
@@ -335,6 +338,7 @@ def _expression_reads(db: duckdb.DuckDBPyConnection, expression: str) -> tuple[s
 # Derived values are remembered only in types whose Python values convert back to polars exactly.
 _MEMO_TYPES = (pl.Int64, pl.Int32, pl.Float64, pl.String, pl.Boolean, pl.Date, pl.Datetime)
 _MEMO_SIZE = 100_000
+_UNKNOWN = object()
 
 
 @dataclass(frozen=True)
@@ -388,16 +392,21 @@ class KeyedCompletion:
         indexes: list[_JoinIndex],
         derived_sql: str | None,
         reads: list[str],
-        memo: bool = False,
+        expression_reads: Mapping[str, list[str]] | None = None,
     ) -> None:
         self._lookups, self._indexes = lookups, indexes
         self._derived_sql, self._reads = derived_sql, reads
         schema = lookups.schema
         self._derived_schema = {n: schema[n] for n in lookups.pipeline.derived}
-        # Derived values by the values of the columns they read: a deterministic expression gives the
-        # same answer for the same inputs, and a cache hit skips DuckDB's fixed cost per query.
-        self._memo: dict[tuple, tuple] | None = (
-            {} if memo and all(isinstance(t, _MEMO_TYPES) for t in self._derived_schema.values()) else None
+        # Each derived value by the values of the base columns its expression reads: a deterministic
+        # expression gives the same answer for the same inputs, and a hit skips DuckDB's fixed cost per
+        # query (about a millisecond). Per expression, not per row: few distinct inputs each (a time of
+        # day, a route) where whole rows are nearly all distinct.
+        remembered = expression_reads is not None and all(
+            isinstance(t, _MEMO_TYPES) for t in self._derived_schema.values()
+        )
+        self._memos: dict[str, tuple[list[str], dict[tuple, Any]]] | None = (
+            {n: (expression_reads[n], {}) for n in self._derived_schema} if remembered else None
         )
         self._base = [
             pl.col(c) if c in lookups.fields else pl.lit(None, dtype=schema[c]).alias(c)
@@ -421,8 +430,8 @@ class KeyedCompletion:
             indexes.append(index)
         if not pipeline.derived:
             return cls(lookups, indexes, None, []), None
-        analysed = [_expression_reads(db, e) for e in pipeline.derived.values()]
-        read = set().union(*(columns for columns, _ in analysed))
+        analysed = {n: _expression_reads(db, e) for n, e in pipeline.derived.items()}
+        read = set().union(*(columns for columns, _ in analysed.values()))
         reads = [c for c in lookups.schema if c in read and c not in pipeline.derived]
         empty = [[] for _ in lookups._columns]
         types = {d[0]: str(d[1]) for d in db.execute(f"{lookups._sql} LIMIT 0", empty).description}
@@ -431,8 +440,10 @@ class KeyedCompletion:
         derived = ", ".join(f"{e} AS {q(n)}" for n, e in pipeline.derived.items())
         sql = f"SELECT {derived} FROM (SELECT {unnested}{numbers}) ORDER BY {ROW}"
         # Float inputs are not remembered: -0.0 == 0.0 in a dictionary, but an expression may tell them apart.
-        memo = all(pure for _, pure in analysed) and not any(lookups.schema[c].is_float() for c in reads)
-        return cls(lookups, indexes, sql, reads, memo=memo), None
+        memo = all(pure for _, pure in analysed.values()) and not any(
+            lookups.schema[c].is_float() for c in reads
+        )
+        return cls(lookups, indexes, sql, reads, _base_reads(analysed) if memo else None), None
 
     def complete(self, rows: pl.DataFrame) -> pl.DataFrame:
         data = {c: rows.get_column(c).to_list() for c in self._base_columns if c in rows.columns}
@@ -443,19 +454,67 @@ class KeyedCompletion:
         return pl.concat(parts, how="horizontal")
 
     def _derived(self, completed: pl.DataFrame) -> pl.DataFrame:
-        values = [completed.get_column(c).to_list() for c in self._reads]
-        memo = self._memo
-        if memo is None:
-            return self._lookups._run(self._derived_sql, [*values, completed.height])
-        inputs = list(zip(*values, strict=True)) if values else [()] * completed.height
-        known = [memo.get(i) for i in inputs]
-        if None not in known:
-            return pl.DataFrame(known, schema=self._derived_schema, orient="row")
-        derived = self._lookups._run(self._derived_sql, [*values, completed.height])
-        if len(memo) > _MEMO_SIZE:
-            memo.clear()  # bounded: a long tail of distinct inputs must not grow the process
-        memo.update(zip(inputs, derived.rows(), strict=True))
+        values = {c: completed.get_column(c).to_list() for c in self._reads}
+        if self._memos is not None:
+            found = {
+                n: self._recall(values, reads, memo, completed.height)
+                for n, (reads, memo) in self._memos.items()
+            }
+            if all(v is not None for v in found.values()):
+                return pl.DataFrame(found, schema=self._derived_schema)
+        return self._compute(values, completed.height)
+
+    @staticmethod
+    def _recall(
+        values: Mapping[str, list[Any]], reads: list[str], memo: dict[tuple, Any], height: int
+    ) -> list[Any] | None:
+        keys = zip(*(values[c] for c in reads), strict=True) if reads else [()] * height
+        known = [memo.get(k, _UNKNOWN) for k in keys]
+        return None if _UNKNOWN in known else known
+
+    def _compute(self, values: Mapping[str, list[Any]], height: int) -> pl.DataFrame:
+        """The derived columns by DuckDB, remembered per expression when they may be."""
+        derived = self._lookups._run(self._derived_sql, [*(values[c] for c in self._reads), height])
+        for name, (reads, memo) in (self._memos or {}).items():
+            if len(memo) > _MEMO_SIZE:
+                memo.clear()  # bounded: a long tail of distinct inputs must not grow the process
+            keys = zip(*(values[c] for c in reads), strict=True) if reads else [()] * height
+            memo.update(zip(keys, derived.get_column(name).to_list(), strict=True))
         return derived
+
+    def warm(self, conn: duckdb.DuckDBPyConnection) -> None:
+        """Remember the derived values of every distinct input the base source holds (up to the memo's
+        bound), so that requests like the rows trained on never wait for DuckDB: one query per expression
+        over the warehouse's validated base table, each computed by the same SQL as a request's (the
+        modelling table has computed them on these inputs already, so none fails here)."""
+        if self._memos is None:
+            return
+        table = f"validated.{q(self._lookups.pipeline.base)}"
+        for reads, _ in self._memos.values():
+            # Only expressions of base columns: a joined column's values are not in the base table.
+            if not reads or not set(reads) <= set(self._base_columns):
+                continue
+            inputs = conn.execute(
+                f"SELECT DISTINCT {', '.join(map(q, reads))} FROM {table} LIMIT {_MEMO_SIZE}"
+            ).pl()
+            none = [None] * inputs.height
+            self._compute(
+                {c: inputs.get_column(c).to_list() if c in reads else none for c in self._reads},
+                inputs.height,
+            )
+
+
+def _base_reads(analysed: Mapping[str, tuple[set[str], bool]]) -> dict[str, list[str]]:
+    """The base columns each derived expression depends on, through the derived columns it reads."""
+
+    def close(name: str, seen: frozenset[str] = frozenset()) -> set[str]:
+        # A derived column reads only those listed before it (DuckDB's aliases); `seen` ends a loop
+        # anyway.
+        direct = analysed[name][0]
+        inner = direct & analysed.keys() - seen - {name}
+        return (direct - analysed.keys()).union(*(close(d, seen | {name}) for d in inner))
+
+    return {n: sorted(close(n)) for n in analysed}
 
 
 def _keyed_problem(
