@@ -107,6 +107,14 @@ def materialize_all(
     return result
 
 
+def run_metadata(result: dg.ExecuteInProcessResult, key: dg.AssetKey | None = None) -> Any:
+    """A run's metadata of an asset (the only one materialized, or `key`): over a range of partitions it is
+    on the range's last partition (orchestration.metadata.once_per_range)."""
+    events = [e for e in result.get_asset_materialization_events() if key is None or e.asset_key == key]
+    assert key is not None or len({e.asset_key for e in events}) == 1
+    return max(events, key=lambda e: e.partition or "").materialization.metadata
+
+
 # A process that holds a warehouse open read-write until its stdin is closed.
 _HOLD = """
 import sys, duckdb

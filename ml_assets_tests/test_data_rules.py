@@ -16,7 +16,7 @@ from ml_assets.core import ingest, validate
 from ml_assets.core.spec import SourceSpec
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.keys import source_keys
-from ml_assets_tests.conftest import materialize_all
+from ml_assets_tests.conftest import materialize_all, run_metadata
 
 JAN_1 = ingest.TimeWindow(start=dt.datetime(2013, 1, 1), end=dt.datetime(2013, 1, 2))
 JAN_2 = ingest.TimeWindow(start=dt.datetime(2013, 1, 2), end=dt.datetime(2013, 1, 3))
@@ -232,9 +232,7 @@ def _check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluat
 
 
 def _validated_metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
-    # A run over a range of partitions records the same materialization once per partition.
-    event = next(e for e in result.get_asset_materialization_events() if e.asset_key == SOURCE[1])
-    return {k: v.value for k, v in event.materialization.metadata.items()}
+    return {k: v.value for k, v in run_metadata(result, SOURCE[1]).items()}
 
 
 def _failures(result: dg.ExecuteInProcessResult) -> str:

@@ -14,7 +14,7 @@ from ml_assets.core import online, registry
 from ml_assets.core.registry import read_manifest
 from ml_assets.core.spec import load_project
 from ml_assets.core.store import connect, warehouse_path
-from ml_assets_tests.conftest import materialize_all
+from ml_assets_tests.conftest import materialize_all, run_metadata
 
 
 def test_a_yaml_file_is_a_whole_new_pipeline(tmp_path):
@@ -117,7 +117,7 @@ def _new_id_columns_rebuild_the_predictions_table(pipelines, root) -> None:
     path = pipelines / "items.yaml"
     path.write_text(path.read_text().replace("id: [item]\ntarget", "id: [item, shade]\ntarget"))
     result = materialize_all(pipelines, root, selection=[dg.AssetKey(["items", "predictions"])])
-    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    metadata = run_metadata(result)
     assert "items.predictions" in metadata["table_rebuilt"].value
     assert "['item', 'shade']" in metadata["table_rebuilt"].value
     with connect(warehouse_path(root)) as conn:
@@ -126,4 +126,4 @@ def _new_id_columns_rebuild_the_predictions_table(pipelines, root) -> None:
     exported = pl.read_parquet(root / "predictions" / "items" / "all.parquet")
     assert exported.columns == rebuilt.columns and exported.height == rebuilt.height
     again = materialize_all(pipelines, root, selection=[dg.AssetKey(["items", "predictions"])])
-    assert "table_rebuilt" not in again.get_asset_materialization_events()[0].materialization.metadata
+    assert "table_rebuilt" not in run_metadata(again)

@@ -38,7 +38,7 @@ from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, change_marker, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.resources import Warehouse
-from ml_assets_tests.conftest import FAST_MODEL, materialize_all, stop_process, write_pipelines
+from ml_assets_tests.conftest import FAST_MODEL, materialize_all, run_metadata, stop_process, write_pipelines
 
 DELAY, ARR = "flight_delay", "flight_arr_delay"
 MAX_BATCH, MAX_BODY = 50, 64 * 1024
@@ -152,6 +152,19 @@ def test_predictions_score_every_row_once_with_the_champion_and_the_skew_check_p
         assert check.passed, check.description
         assert check.metadata["rows"].value > 0 and check.metadata["max_abs_diff"].value <= 1e-9
         assert check.metadata["single_row_requests"].value == online.SKEW_SINGLE_ROWS
+        # Over the run's range of partitions, the scores' metadata is on the last one, which the UI shows.
+        events = sorted(
+            (
+                e
+                for e in result.get_asset_materialization_events()
+                if e.asset_key == dg.AssetKey([name, "predictions"])
+            ),
+            key=lambda e: e.partition,
+        )
+        *earlier, last = (e.materialization.metadata for e in events)
+        assert earlier and all(set(m) == {"run_range"} for m in earlier)
+        assert last["rows"].value > 0
+        assert last["version"].value in _predictions(served, name).get_column("version").to_list()
     # The regression model's scores vary, so its agreement is not that of a constant.
     with served.db() as conn:
         modelling = conn.execute(f"SELECT count(*) FROM {table_name(served.spec(ARR)[1])}").fetchone()[0]
@@ -170,12 +183,7 @@ def test_predictions_score_every_row_once_with_the_champion_and_the_skew_check_p
     delay = _predictions(served, DELAY)
     expected = pl.when(pl.col("score") >= threshold).then(pl.lit("true")).otherwise(pl.lit("false"))
     assert delay.select((pl.col("decision") == expected).all()).item()
-    event = next(
-        e
-        for e in result.get_asset_materialization_events()
-        if e.asset_key == dg.AssetKey([DELAY, "predictions"])
-    )
-    meta = event.materialization.metadata
+    meta = run_metadata(result, dg.AssetKey([DELAY, "predictions"]))
     assert meta["version"].value == served.first and meta["rows"].value == modelling
     # Readable as Parquet: one file per (monthly) partition, together the table's rows.
     files = sorted((served.root / "predictions" / DELAY).glob("*.parquet"))
@@ -209,7 +217,7 @@ def test_rescoring_a_partition_replaces_its_rows_and_the_sensor_rescores_after_a
     assert after.height == before.height and after.select(served.spec()[1].id).is_duplicated().sum() == 0
     assert after.filter(rescored).get_column("version").unique().to_list() == [served.second]
     assert after.filter(~rescored).get_column("version").unique().to_list() == [served.first]
-    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    meta = run_metadata(result)
     assert meta["rows_replaced"].value == meta["rows"].value == before.filter(rescored).height > 0
     # Each re-scored partition's Parquet file was replaced by the new scores; the others were not touched.
     for month in months:
@@ -227,7 +235,7 @@ def test_predictions_without_a_champion_are_skipped_with_a_message(tmp_path, sam
     key = dg.AssetKey([DELAY, "predictions"])
     result = materialize_all(pipelines, tmp_path / "data", selection=dg.AssetSelection.assets(key))
     assert result.success
-    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    meta = run_metadata(result)
     assert meta["status"].value == "skipped: no champion yet"
 
 

@@ -12,7 +12,7 @@ from ml_assets.core.ingest import TimeWindow
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
-from ml_assets.orchestration.metadata import round_floats
+from ml_assets.orchestration.metadata import once_per_range, round_floats
 from ml_assets.orchestration.partitions import partitions_def, run_window
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
@@ -55,19 +55,22 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
             for stale in set(files[0].parent.glob("*.parquet")) - set(files):
                 stale.unlink()
         return dg.MaterializeResult(
-            metadata={
-                "table": score.predictions_table(pipeline),
-                "parquet": dg.MetadataValue.path(str(files[0].parent)),
-                "parquet_files": len(files),
-                "dagster/row_count": run.rows,
-                "rows": run.rows,
-                "rows_replaced": run.replaced,
-                "version": run.version,
-                "window": f"{window.start} to {window.end}" if window else "all rows",
-                "score_summary": dg.MetadataValue.json(round_floats(run.summary, 4)),
-                "score_mean": float(run.summary["mean"]) if run.summary["mean"] is not None else 0.0,
-                **({"table_rebuilt": run.rebuilt} if run.rebuilt else {}),
-            }
+            metadata=once_per_range(
+                context,
+                {
+                    "table": score.predictions_table(pipeline),
+                    "parquet": dg.MetadataValue.path(str(files[0].parent)),
+                    "parquet_files": len(files),
+                    "dagster/row_count": run.rows,
+                    "rows": run.rows,
+                    "rows_replaced": run.replaced,
+                    "version": run.version,
+                    "window": f"{window.start} to {window.end}" if window else "all rows",
+                    "score_summary": dg.MetadataValue.json(round_floats(run.summary, 4)),
+                    "score_mean": float(run.summary["mean"]) if run.summary["mean"] is not None else 0.0,
+                    **({"table_rebuilt": run.rebuilt} if run.rebuilt else {}),
+                },
+            )
         )
 
     return predictions
