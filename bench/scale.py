@@ -5,6 +5,11 @@ same core functions (bench/e2e.py's two runners), alternating, each side in its 
 peak memory is its own: wall time is measured inside the subprocess (imports excluded), peak RSS of the
 subprocess and everything it starts by sampling /proc from this process.
 
+The overlay caps the training sample with the config option a user has (`model.max_train_rows`,
+scalegen.MAX_TRAIN_ROWS = 2,000,000: a no-op at 1M rows, whose training split is ~0.9M, a cap at 10M);
+the manifest records the rows used (`rows.train`) and available (`train_rows_available`), and the
+transform is fitted on the same bounded number of training rows.
+
 After the first full Dagster build of each size, one more local day (held back by the generator) lands
 and the landing job refreshes what it touches (ingest, validate, modelling table, monitors, batch
 scores), as the landing sensor would launch it; its time over the median full Dagster rebuild is the

@@ -213,12 +213,16 @@ def write_landing(
     return held
 
 
+MAX_TRAIN_ROWS = 2_000_000
+
+
 def overlay(years: int, max_trials: int) -> dict[str, Any]:
     """What the flagship file needs on top to run on generated landing files (see the module docstring)."""
     axis = {"granularity": "daily", "start": str(START), "end": str(dt.date(START.year + years, 1, 2))}
     return {
         "sources": {name: {"replay": None, "partitions": axis} for name in ("flights", "weather")},
-        "model": {"max_trials": max_trials, "time_budget_s": 1e9},
+        # The training sample cap: a no-op at 1M rows (~0.7M in the train split), a cap at 10M.
+        "model": {"max_trials": max_trials, "time_budget_s": 1e9, "max_train_rows": MAX_TRAIN_ROWS},
     }
 
 

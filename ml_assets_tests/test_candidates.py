@@ -293,3 +293,22 @@ def test_fewer_groups_than_folds_is_a_one_line_error():
     split = _train_split(100, 2, 0.5)
     with pytest.raises(DatasetError, match=r"2 group\(s\) of split.group_by \['customer'\].*cv_folds \(3\)"):
         train.cv_folds(_split_spec({"method": "random", "group_by": ["customer"]}), split)
+
+
+def test_the_linear_baseline_fits_on_a_bounded_seeded_sample_and_predicts_in_chunks(monkeypatch):
+    """Beyond LINEAR_MAX_ROWS training rows the baseline fits on a seeded sample of that many (recorded),
+    the constant floor still on every row; predicting chunk by chunk gives the one-piece numbers."""
+    data, spec = _data(1200), _spec({"seed": 3})
+    whole = train.fit_candidates(spec, data)
+    monkeypatch.setattr(train, "LINEAR_MAX_ROWS", 200)
+    capped = train.fit_candidates(spec, data)
+    assert capped["linear"].train_rows == 200 and whole["linear"].train_rows == 600
+    assert capped["constant"].train_rows == 600
+    assert capped["constant"].model == whole["constant"].model
+    assert capped["linear"].model != whole["linear"].model
+    assert train.fit_candidates(spec, data)["linear"].model == capped["linear"].model  # seeded
+    model = whole["linear"].model
+    expected = model.predict(data.test.X)
+    monkeypatch.setattr(linear, "PREDICT_ROWS", 7)
+    np.testing.assert_allclose(model.predict(data.test.X), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(model.predict(pl.from_pandas(data.test.X)), expected, rtol=0, atol=1e-12)

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import duckdb
 import polars as pl
 import pytest
 
+from ml_assets.core import features
 from ml_assets.core.errors import ArtifactError
 from ml_assets.core.features import META_COLUMNS, MISSING, FeatureTransform, feature_table
 from ml_assets.core.spec import PipelineSpec
@@ -356,3 +358,54 @@ def test_categorical_input_column_named_n() -> None:
         make_pipeline([{"name": "n", "type": "categorical", "min_frequency": 1}]), train
     )
     assert transform.apply(pl.DataFrame({"n": ["b", "a", "c"]})).get_column("n").to_list() == [1, 0, 2]
+
+
+def test_build_features_in_chunks_and_on_a_capped_fit_sample(tmp_path: Path, monkeypatch) -> None:
+    """Applied chunk by chunk, the features table is the one-piece table row for row; with
+    `model.max_train_rows` below the training split, the transform is fitted on that many training rows
+    (a seeded choice), and a failed build leaves the previous table."""
+    n = 2500
+    frame = pl.DataFrame(
+        {
+            "row_id": list(range(n)),
+            "x": [float(i % 37) if i % 11 else None for i in range(n)],
+            "c": [f"k{i % 7 if i < 1500 else 9}" for i in range(n)],
+            "_split": ["train" if i < 2000 else "test" for i in range(n)],
+            "label": [i % 3 == 0 for i in range(n)],
+        }
+    )
+    specs = [{"name": "x", "type": "numeric"}, {"name": "c", "type": "categorical", "min_frequency": 1}]
+
+    def built(pipeline: PipelineSpec, folder: str) -> tuple[pl.DataFrame, features.FeaturesResult]:
+        with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
+            conn.execute("CREATE SCHEMA IF NOT EXISTS demo")
+            conn.register("_frame", frame.to_arrow())
+            conn.execute("CREATE OR REPLACE TABLE demo.modelling_table AS SELECT * FROM _frame")
+            result = features.build_features(conn, pipeline, tmp_path / folder)
+            return conn.execute("SELECT * FROM demo.features").pl(), result
+
+    whole, _ = built(make_pipeline(specs), "a")
+    monkeypatch.setattr(features, "APPLY_ROWS", 300)
+    chunked, result = built(make_pipeline(specs), "b")
+    assert result.rows == n and chunked.sort("_key").equals(whole.sort("_key"))
+
+    capped = make_pipeline(specs, model={"max_train_rows": 1000, "seed": 5})
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
+        sample = features._fit_rows(conn, capped)
+    assert sample.height == 1000 and set(sample.get_column("_split")) == {"train"}
+    assert sample.get_column("row_id").n_unique() == 1000
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
+        assert features._fit_rows(conn, capped).equals(sample)  # the same rows every run
+    fitted = FeatureTransform.fit(capped, sample)
+    assert built(capped, "c")[0].get_column("_transform").unique().to_list() == [fitted.save(tmp_path / "d")]
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("failed part-way")
+
+    monkeypatch.setattr(features, "feature_table", broken)
+    with pytest.raises(RuntimeError):
+        built(make_pipeline(specs), "e")
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as conn:
+        after = conn.execute("SELECT * FROM demo.features").pl()
+        tables = conn.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'demo'").fetchall()
+    assert after.height == n and sorted(tables) == [("features",), ("modelling_table",)]

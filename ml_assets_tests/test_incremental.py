@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 
 from ml_assets.core import dataset, ingest, validate
+from ml_assets.core.ingest.batch import batch_of
 from ml_assets.core.spec import load_project
 from ml_assets.core.store import connect
 from ml_assets_tests.conftest import write_pipelines
@@ -24,7 +25,7 @@ def project(sample_sources: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def frames(project) -> dict[str, tuple[pl.DataFrame, list]]:
+def frames(project) -> dict[str, tuple[ingest.Batch, list]]:
     """Every source's file as read (strings), once."""
     out = {}
     for name in project.sources_of(project.pipelines[PIPELINE]):
@@ -86,18 +87,22 @@ def test_batches_in_any_order_give_the_full_rebuild(tmp_path, project, frames, i
     assert result.equals(expected)
 
 
-def corrected(frames) -> dict[str, tuple[pl.DataFrame, list]]:
+def _edited(batch: ingest.Batch, edit: pl.Expr) -> ingest.Batch:
+    return batch_of(pl.read_parquet(batch.parts).with_columns(edit))
+
+
+def corrected(frames) -> dict[str, tuple[ingest.Batch, list]]:
     """A day of weather re-measured and a day of flights with corrected arrival delays."""
     (weather, weather_files), (flights, flight_files) = frames["weather"], frames["flights"]
     on = pl.col("time_hour").str.starts_with
     temp = pl.col("temp").cast(pl.Float64)
     return frames | {
         "weather": (
-            weather.with_columns(pl.when(on("2013-03-05")).then(temp + 20).otherwise(temp).cast(pl.String)),
+            _edited(weather, pl.when(on("2013-03-05")).then(temp + 20).otherwise(temp).cast(pl.String)),
             weather_files,
         ),
         "flights": (
-            flights.with_columns(pl.when(on("2013-08-20")).then(pl.lit("60")).otherwise(pl.col("arr_delay"))),
+            _edited(flights, pl.when(on("2013-08-20")).then(pl.lit("60")).otherwise(pl.col("arr_delay"))),
             flight_files,
         ),
     }

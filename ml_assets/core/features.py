@@ -23,6 +23,7 @@ from ml_assets.core.errors import ArtifactError, DatasetError
 from ml_assets.core.hashing import sha256_file
 from ml_assets.core.spec import FeatureSpec, PipelineSpec, resolve_function
 from ml_assets.core.sql import q
+from ml_assets.core.store import transaction
 
 MISSING = "__missing__"
 FORMAT_VERSION = 1
@@ -241,27 +242,62 @@ class FeaturesResult:
     vocabulary_sizes: dict[str, int]
 
 
+# Modelling-table rows transformed at a time.
+APPLY_ROWS = 500_000
+
+
+def _fit_rows(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> pl.DataFrame:
+    """The training split, or, when `model.max_train_rows` caps the model's training sample, a sample of
+    as many rows ranked by a seeded hash of the row id: the transform is fitted on bounded memory too."""
+    table, cap = table_name(pipeline), pipeline.model.max_train_rows
+    train = f"SELECT * FROM {table} WHERE _split = 'train'"
+    if cap is None or conn.execute(f"SELECT count(*) FROM ({train})").fetchone()[0] <= cap:
+        return conn.execute(train).pl()
+    rank = f"hash({', '.join(q(c) for c in pipeline.row_id)}, {pipeline.model.seed})"
+    # The cut-off rank first, over one integer a row: sorting whole rows to keep the first `cap` of them
+    # costs DuckDB gigabytes at 10M rows.
+    cutoff = conn.execute(
+        f"SELECT max(r) FROM (SELECT {rank} r FROM {table} WHERE _split = 'train' ORDER BY r LIMIT {cap})"
+    ).fetchone()[0]
+    return conn.execute(f"{train} AND {rank} <= {cutoff}").pl()
+
+
 def build_features(
     conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, transforms_dir: Path
 ) -> FeaturesResult:
-    """Fit the transform on the training split of the modelling table, apply it to every row, and write
+    """Fit the transform on the training split of the modelling table (_fit_rows), apply it to every row, and write
     `<pipeline>.features` and the transform file.
 
     Transform files are named by their content's sha256, which every row of the table carries
     (`_transform`): a later step (or run) reading the table finds the exact transform that made it,
     even if another run has fitted a different one since.
     """
-    frame = conn.execute(f"SELECT * FROM {table_name(pipeline)}").pl()
-    transform = FeatureTransform.fit(pipeline, frame.filter(pl.col("_split") == "train"))
+    transform = FeatureTransform.fit(pipeline, _fit_rows(conn, pipeline))
     sha = transform.save(transforms_dir)
-    table = feature_table(pipeline, frame, transform).with_columns(pl.lit(sha).alias(TRANSFORM_COLUMN))
-    conn.register("_features", table.to_arrow())
+    target, building, rows = features_table_name(pipeline), f"{q(pipeline.name)}.__features_building", 0
+    # Applied chunk by chunk (the transform is row-wise): the modelling table never is in Python whole.
+    # Written to a table of its own, committed chunk by chunk, and swapped in at the end: a failure
+    # part-way leaves the previous features table, and one transaction over every chunk would hold all
+    # of them in memory until it commits (10M rows: +4.5 GiB).
     try:
-        conn.execute(f"CREATE OR REPLACE TABLE {features_table_name(pipeline)} AS SELECT * FROM _features")
+        with conn.cursor() as reader:
+            chunks = reader.execute(f"SELECT * FROM {table_name(pipeline)}").to_arrow_reader(APPLY_ROWS)
+            for chunk in chunks:
+                table = feature_table(pipeline, pl.from_arrow(chunk), transform)
+                conn.register("_features", table.with_columns(pl.lit(sha).alias(TRANSFORM_COLUMN)).to_arrow())
+                try:
+                    into = f"INSERT INTO {building} " if rows else f"CREATE OR REPLACE TABLE {building} AS "
+                    conn.execute(into + "SELECT * FROM _features")
+                finally:
+                    conn.unregister("_features")
+                rows += table.height
+        with transaction(conn):
+            conn.execute(f"DROP TABLE IF EXISTS {target}")
+            conn.execute(f"ALTER TABLE {building} RENAME TO features")
     finally:
-        conn.unregister("_features")
+        conn.execute(f"DROP TABLE IF EXISTS {building}")
     return FeaturesResult(
-        table.height,
+        rows,
         transform.output_columns,
         sha,
         {f["name"]: len(f["categories"]) for f in transform.features if "categories" in f},

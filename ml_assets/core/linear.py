@@ -29,6 +29,8 @@ MAX_ITER = 1000
 # most one chunk after the deadline instead of whenever it converges.
 CHUNK_ITER = 50
 KINDS = ("constant", "linear")
+# Rows whose design matrix `predict` builds at a time.
+PREDICT_ROWS = 200_000
 
 
 def _column(X: pl.DataFrame | pd.DataFrame, name: str, dtype: type | None = None) -> np.ndarray:
@@ -39,6 +41,10 @@ def _column(X: pl.DataFrame | pd.DataFrame, name: str, dtype: type | None = None
         return (column.cast(pl.Float64) if dtype is float else column).to_numpy()
     column = X[name]
     return (column.astype(float) if dtype is float else column).to_numpy()
+
+
+def _rows(X: pl.DataFrame | pd.DataFrame, offset: int, length: int) -> pl.DataFrame | pd.DataFrame:
+    return X.slice(offset, length) if isinstance(X, pl.DataFrame) else X.iloc[offset : offset + length]
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,17 @@ class LinearModel:
             if self.task == "multiclass":
                 return np.tile(intercept, (n, 1))
             return np.full(n, intercept[0])
-        z = self._design(features) @ np.asarray(self.coef, dtype=float).T + intercept
+        coef = np.asarray(self.coef, dtype=float).T
+        # Chunk by chunk: the dense design matrix of a whole test split would be its largest allocation.
+        z = (
+            np.concatenate(
+                [
+                    self._design(_rows(features, i, PREDICT_ROWS)) @ coef
+                    for i in range(0, max(n, 1), PREDICT_ROWS)
+                ]
+            )
+            + intercept
+        )
         if self.task == "regression":
             return z[:, 0]
         if self.task == "binary":

@@ -194,14 +194,16 @@ def score_window(
     # Functions of features may read any column, so only a transform without them reads fewer columns.
     select = "*" if any(f.get("function") for f in model.transform.features) else ", ".join(map(q, needed))
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    reader = conn.cursor()
+    table, rows = predictions_table(pipeline), 0
+    # Scored chunk by chunk into a temp table (DuckDB bounds and spills it), then swapped in by one
+    # statement in a transaction: inserting every chunk inside the transaction would hold them all in
+    # memory until it commits (10M rows: +4 GiB).
     try:
-        batches = reader.execute(
-            f"SELECT {select} FROM {table_name(pipeline)} WHERE {where}"
-        ).fetch_record_batch(pipeline.serving.chunk_rows)
-        with transaction(conn):
-            replaced = conn.execute(f"DELETE FROM {predictions_table(pipeline)} WHERE {where}").fetchone()[0]
-            rows = 0
+        with conn.cursor() as reader:
+            batches = reader.execute(
+                f"SELECT {select} FROM {table_name(pipeline)} WHERE {where}"
+            ).to_arrow_reader(pipeline.serving.chunk_rows)
+            conn.execute(f"CREATE OR REPLACE TEMP TABLE __scored AS SELECT * FROM {table} LIMIT 0")
             for batch in batches:
                 chunk = pl.from_arrow(batch)
                 if not isinstance(chunk, pl.DataFrame) or chunk.height == 0:
@@ -212,14 +214,15 @@ def score_window(
                 conn.register("__scores", scored.to_arrow())
                 try:
                     names = ", ".join(q(c) for c in scored.columns)
-                    conn.execute(
-                        f"INSERT INTO {predictions_table(pipeline)} ({names}) SELECT {names} FROM __scores"
-                    )
+                    conn.execute(f"INSERT INTO __scored ({names}) SELECT {names} FROM __scores")
                 finally:
                     conn.unregister("__scores")
                 rows += chunk.height
+        with transaction(conn):
+            replaced = conn.execute(f"DELETE FROM {table} WHERE {where}").fetchone()[0]
+            conn.execute(f"INSERT INTO {table} SELECT * FROM __scored")
     finally:
-        reader.close()
+        conn.execute("DROP TABLE IF EXISTS __scored")
     return ScoreRun(found.version, rows, replaced, window, score_summary(conn, pipeline, where), rebuilt)
 
 

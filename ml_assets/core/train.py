@@ -325,6 +325,12 @@ class Candidate:
     test_metrics: dict[str, float]
     test_pred: np.ndarray
     cut_short: bool = False
+    train_rows: int = 0
+
+
+# Training rows the linear baseline is fitted on at most (a seeded sample beyond): its design matrix is
+# dense, one column per category (~2 GB a million flights), where LightGBM bins its features.
+LINEAR_MAX_ROWS = 1_000_000
 
 
 def fit_candidates(
@@ -333,8 +339,14 @@ def fit_candidates(
     """The constant floor and the linear baseline, on the same features and split; the linear fit stops
     at `deadline` (a time.monotonic() instant) with the coefficients it has, recorded as cut short."""
     n_classes = len(data.classes) if data.classes else None
+    X, y = data.train.X, data.train.y
+    if len(y) > LINEAR_MAX_ROWS:
+        rows = np.sort(
+            np.random.default_rng(pipeline.model.seed).choice(len(y), LINEAR_MAX_ROWS, replace=False)
+        )
+        X, y = X.iloc[rows], y[rows]
     linear, linear_cut = LinearModel.fit_linear(
-        pipeline.task, data.train.X, data.train.y, data.categorical, pipeline.model.seed, deadline
+        pipeline.task, X, y, data.categorical, pipeline.model.seed, deadline
     )
     models = {
         "constant": (LinearModel.fit_constant(pipeline.task, data.train.y, n_classes), False),
@@ -345,7 +357,8 @@ def fit_candidates(
         threshold = decision_threshold(pipeline, data.valid.y, model.predict(data.valid.X))
         test_pred = model.predict(data.test.X)
         metrics = all_metrics(pipeline.task, data.test.y, test_pred, threshold)
-        out[kind] = Candidate(model, threshold, metrics, test_pred, cut_short)
+        used = len(y) if kind == "linear" else len(data.train.y)
+        out[kind] = Candidate(model, threshold, metrics, test_pred, cut_short, used)
     return out
 
 
@@ -547,6 +560,7 @@ def train_and_register(
                 "decision_threshold": c.threshold,
                 "test_metrics": c.test_metrics,
                 "cut_short": c.cut_short,
+                "train_rows": c.train_rows,
             }
             for kind, c in trained.candidates.items()
         },

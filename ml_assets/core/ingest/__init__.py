@@ -6,6 +6,7 @@ drops recorded history into a landing zone as if it arrived over time.
 """
 
 from ml_assets.core.errors import RejectedFile, SourceError
+from ml_assets.core.ingest.batch import Batch
 from ml_assets.core.ingest.files import (
     PKG_SCHEME,
     landing_dir,
@@ -20,6 +21,7 @@ from ml_assets.core.ingest.window import TimeWindow, event_time_sql, window_cond
 
 __all__ = [
     "PKG_SCHEME",
+    "Batch",
     "IngestResult",
     "RejectedFile",
     "SourceError",

@@ -14,6 +14,8 @@ import stat
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +24,11 @@ import polars as pl
 
 from ml_assets.core.errors import ConfigError, RejectedFile, SourceError
 from ml_assets.core.hashing import sha256_file
+from ml_assets.core.ingest.batch import Batch
 from ml_assets.core.ingest.window import event_time_sql
 from ml_assets.core.spec.package_data import PKG_SCHEME, package_file
 from ml_assets.core.spec.schema import SourceSpec
-from ml_assets.core.sql import LINEAGE
+from ml_assets.core.sql import LINEAGE, lit, q
 
 # Extensions of data files, matched case-insensitively (`.CSV`, `.Csv.GZ`); `.csv.gz` before `.csv`.
 DATA_SUFFIXES = (".csv.gz", ".csv", ".parquet", ".zip")
@@ -120,9 +123,7 @@ def _header(data: Path | bytes) -> list[str]:
         return next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")), [])
 
 
-def _read_csv(
-    name: str, label: str, data: Path | bytes, spec: SourceSpec, rows: int | None = None
-) -> pl.DataFrame:
+def _scan_csv(name: str, label: str, data: Path | bytes, spec: SourceSpec, rows: int | None) -> pl.LazyFrame:
     # Polars would load a repeated column name as `<name>_duplicated_0`: a column nobody configured,
     # and an ambiguous source for the configured one.
     repeated = {c: n for c, n in Counter(_header(data)).items() if n > 1}
@@ -134,35 +135,35 @@ def _read_csv(
         )
     # Everything as strings: typing is validation's job, and a wrong type must become a quarantined
     # row with a reason, not a failed or silently coerced load.
-    return pl.read_csv(
+    return pl.scan_csv(
         io.BytesIO(data) if isinstance(data, bytes) else data,
         infer_schema=False,
         null_values=spec.null_values,
-        row_index_name="_source_row",
-        row_index_offset=1,
         n_rows=rows,
-    )
+    ).with_row_index("_source_row", offset=1)
 
 
-def read_file(
-    name: str, path: Path, spec: SourceSpec, rows: int | None = None
-) -> list[tuple[str, pl.DataFrame]]:
-    """(label, frame) per data file, of its first `rows` rows if given; a zip archive yields one entry per
-    member, a `.csv.gz` is gunzipped. A name without a known extension (a `path:` source) is read in the
-    source's format."""
+def _scan_file(name: str, path: Path, spec: SourceSpec, rows: int | None) -> list[tuple[str, pl.LazyFrame]]:
     suffix = data_suffix(path)
+    if suffix == ".parquet" or (suffix is None and spec.resolved_format == "parquet"):
+        return [
+            (str(path), pl.scan_parquet(path, row_index_name="_source_row", row_index_offset=1, n_rows=rows))
+        ]
+    batches: list[tuple[str, Path | bytes]] = [(str(path), path)]
+    if suffix == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.namelist() if not m.endswith("/")]
+            batches = [(f"{path}!{m}", archive.read(m)) for m in members]
+    elif suffix == ".csv.gz":
+        batches = [(str(path), gzip.decompress(path.read_bytes()))]
+    return [(label, _scan_csv(name, label, data, spec, rows)) for label, data in batches]
+
+
+@contextmanager
+def _reading(name: str, path: Path) -> Iterator[None]:
+    """What reading a file can raise, as the source's one-line error naming the file."""
     try:
-        if suffix == ".parquet" or (suffix is None and spec.resolved_format == "parquet"):
-            frame = pl.read_parquet(path, row_index_name="_source_row", row_index_offset=1, n_rows=rows)
-            return [(str(path), frame)]
-        batches: list[tuple[str, Path | bytes]] = [(str(path), path)]
-        if suffix == ".zip":
-            with zipfile.ZipFile(path) as archive:
-                members = [m for m in archive.namelist() if not m.endswith("/")]
-                batches = [(f"{path}!{m}", archive.read(m)) for m in members]
-        elif suffix == ".csv.gz":
-            batches = [(str(path), gzip.decompress(path.read_bytes()))]
-        return [(label, _read_csv(name, label, data, spec, rows)) for label, data in batches]
+        yield
     except (
         pl.exceptions.PolarsError,
         OSError,
@@ -176,15 +177,26 @@ def read_file(
         raise SourceError(f"source '{name}': cannot read file {path}: {first_line}") from exc
 
 
-def check_batch(name: str, spec: SourceSpec, label: str, frame: pl.DataFrame) -> dict[str, object]:
-    """Apply the source's schema-evolution policy to one batch; what was accepted is returned as a record."""
-    if frame.height == 0:
+def read_file(
+    name: str, path: Path, spec: SourceSpec, rows: int | None = None
+) -> list[tuple[str, pl.DataFrame]]:
+    """(label, frame) per data file, of its first `rows` rows if given; a zip archive yields one entry per
+    member, a `.csv.gz` is gunzipped. A name without a known extension (a `path:` source) is read in the
+    source's format."""
+    with _reading(name, path):
+        return [(label, scan.collect()) for label, scan in _scan_file(name, path, spec, rows)]
+
+
+def check_batch(name: str, spec: SourceSpec, label: str, columns: list[str], rows: int) -> dict[str, object]:
+    """Apply the source's schema-evolution policy to one batch (its columns and row count); what was
+    accepted is returned as a record."""
+    if rows == 0:
         raise SourceError(
             f"source '{name}': file {label} has no data rows (empty batch); nothing was "
             "loaded and the previous raw table is unchanged"
         )
     policy = spec.schema_evolution
-    present = [c for c in frame.columns if c not in LINEAGE]
+    present = [c for c in columns if c not in LINEAGE]
     extra = [c for c in present if c not in spec.columns]
     if extra and policy.extra_columns == "fail":
         raise SourceError(
@@ -205,7 +217,7 @@ def check_batch(name: str, spec: SourceSpec, label: str, frame: pl.DataFrame) ->
         )
     return {
         "file": label,
-        "rows": frame.height,
+        "rows": rows,
         "extra_columns": ",".join(extra),
         "missing_columns_null": ",".join(missing),
     }
@@ -242,13 +254,14 @@ def content_key(name: str, path: Path) -> str:
 
 def read_files(
     name: str, spec: SourceSpec, files: list[Path], skip_sha256: set[str] = frozenset()
-) -> tuple[pl.DataFrame | None, list[dict[str, object]]]:
-    """Every batch of a file source, checked; a file whose content was already read (same sha256 under
-    another name) or was rejected before is skipped, so re-dropping a file never duplicates rows.
+) -> tuple[Batch | None, list[dict[str, object]]]:
+    """Every batch of a file source, checked and staged file by file (batch.Batch); a file whose content
+    was already read (same sha256 under another name) or was rejected before is skipped, so re-dropping a
+    file never duplicates rows.
 
     `skip_sha256` holds ledger keys: rejected contents, and the `path:<name>` of entries set aside (an
     unreadable file, a copy): such a name is read only for content no other file holds."""
-    frames: list[pl.DataFrame] = []
+    batch = Batch()
     records: list[dict[str, object]] = []
     seen = set(skip_sha256)
     keyed: list[tuple[Path, str]] = []
@@ -265,34 +278,36 @@ def read_files(
             continue
         seen.add(sha)
         try:
-            for label, frame in read_file(name, path, spec):
-                record = check_batch(name, spec, label, frame)
-                frame = frame.with_columns(pl.lit(label).alias("_source_file"))
-                if spec.partitions:
-                    first, last = file_time_range(name, spec, frame)
-                    _within_partitions(name, spec, label, first, last)
-                    record["first_partition"], record["last_partition"] = first, last
-                frames.append(frame)
-                records.append({**record, "path": str(path), "sha256": sha})
+            with _reading(name, path):
+                for label, scan in _scan_file(name, path, spec, None):
+                    # Streamed to disk: one file's values are never all in memory, let alone every file's.
+                    part = batch.next_part()
+                    scan.with_columns(pl.lit(label).alias("_source_file")).sink_parquet(part)
+                    record = check_batch(name, spec, label, *batch.add(part))
+                    if spec.partitions:
+                        first, last = file_time_range(name, spec, label, part)
+                        _within_partitions(name, spec, label, first, last)
+                        record["first_partition"], record["last_partition"] = first, last
+                    records.append({**record, "path": str(path), "sha256": sha})
         except SourceError as exc:
+            batch.folder.cleanup()  # now, not whenever the traceback holding the batch is collected
             raise RejectedFile(str(exc), path, sha) from exc
-    if not frames:
-        return None, records
-    # Files of one source may differ in columns (schema evolution): keep the union, missing values null.
-    return pl.concat(frames, how="diagonal_relaxed"), records
+    return (batch if batch.parts else None), records
 
 
-def file_time_range(name: str, spec: SourceSpec, frame: pl.DataFrame) -> tuple[dt.datetime, dt.datetime]:
-    """First and last event time of a batch (the partitions a landed file touches)."""
+def file_time_range(name: str, spec: SourceSpec, label: str, part: Path) -> tuple[dt.datetime, dt.datetime]:
+    """First and last event time of a staged batch (the partitions a landed file touches)."""
     with duckdb.connect() as conn:
         conn.execute("SET TimeZone = 'UTC'")
-        conn.register("_batch", frame.select(spec.timestamp, "_source_file").to_arrow())
+        conn.execute(
+            f"CREATE VIEW _batch AS SELECT {q(spec.timestamp)}, _source_file FROM read_parquet({lit(str(part))})"
+        )
         first, last = conn.execute(
             f"SELECT min(t), max(t) FROM (SELECT {event_time_sql(spec)} t FROM _batch)"
         ).fetchone()
     if first is None:
         raise SourceError(
-            f"source '{name}': no row of {frame.get_column('_source_file')[0]} has a valid "
+            f"source '{name}': no row of {label} has a valid "
             f"'{spec.timestamp}' (rule: type); the batch cannot be placed in a partition"
         )
     return first, last

@@ -52,7 +52,7 @@ def check_source(name: str, spec: SourceSpec, base_dir: Path, root: Path) -> tup
     for path in files:
         try:
             for label, frame in read_file(name, path, spec, SAMPLE_ROWS):
-                check_batch(name, spec, label, frame)
+                check_batch(name, spec, label, frame.columns, frame.height)
                 problems += [f"source '{name}': file {label}: {p}" for p in _unparsed(spec, frame)]
         except SourceError as exc:
             problems.append(str(exc))

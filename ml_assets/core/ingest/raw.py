@@ -13,6 +13,7 @@ import duckdb
 import polars as pl
 
 from ml_assets.core.ingest import database, http
+from ml_assets.core.ingest.batch import Batch, batch_of
 from ml_assets.core.ingest.files import check_batch
 from ml_assets.core.ingest.window import TimeWindow, event_time_sql, window_condition
 from ml_assets.core.spec.schema import SourceSpec
@@ -28,14 +29,14 @@ class IngestResult:
     ingested_at: str
 
 
-def read_remote(name: str, spec: SourceSpec, window: TimeWindow) -> tuple[pl.DataFrame | None, list[dict]]:
+def read_remote(name: str, spec: SourceSpec, window: TimeWindow) -> tuple[Batch | None, list[dict]]:
     """Rows of a database or HTTP source inside the window, as strings (like a CSV file)."""
     reader = database.read_database if spec.database else http.read_http
     frame, label = reader(name, spec, window)
     if frame.height == 0:
         return None, []
-    record = check_batch(name, spec, label, frame)
-    return frame.with_columns(pl.lit(label).alias("_source_file")), [record]
+    record = check_batch(name, spec, label, frame.columns, frame.height)
+    return batch_of(frame.with_columns(pl.lit(label).alias("_source_file"))), [record]
 
 
 def watermark(conn: duckdb.DuckDBPyConnection, name: str) -> dt.datetime | None:
@@ -45,27 +46,11 @@ def watermark(conn: duckdb.DuckDBPyConnection, name: str) -> dt.datetime | None:
     return conn.execute(f"SELECT max({EVENT_TIME}) FROM raw.{q(name)}").fetchone()[0]
 
 
-# Rows handed to DuckDB at a time: a whole batch as one Arrow table would hold a second copy of every
-# file in memory (10M flights: +2.2 GB) while DuckDB, bounded by its memory_limit, can spill its own.
-STAGE_ROWS = 500_000
-
-
-def _stage(conn: duckdb.DuckDBPyConnection, frame: pl.DataFrame, select: str) -> None:
-    """`select` over `_incoming` run on the frame slice by slice into the temp table `__batch`."""
-    for offset in range(0, max(frame.height, 1), STAGE_ROWS):
-        conn.register("_incoming", frame.slice(offset, STAGE_ROWS).to_arrow())
-        try:
-            into = "INSERT INTO __batch " if offset else "CREATE OR REPLACE TEMP TABLE __batch AS "
-            conn.execute(into + select)
-        finally:
-            conn.unregister("_incoming")
-
-
 def load_raw(
     conn: duckdb.DuckDBPyConnection,
     name: str,
     spec: SourceSpec,
-    frame: pl.DataFrame | None,
+    batch: Batch | None,
     records: list[dict[str, object]],
     window: TimeWindow | None,
 ) -> IngestResult:
@@ -78,18 +63,20 @@ def load_raw(
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     table = f"raw.{q(name)}"
     conn.execute("CREATE SCHEMA IF NOT EXISTS raw")
-    if frame is None:
+    if batch is None:
         if window is None or window.after is not None:
             return IngestResult(0, records, [], now)
         # An empty window still replaces what the window held (the batch now has no rows there).
-        frame = pl.DataFrame(
-            {"_source_file": [], "_source_row": []},
-            schema={"_source_file": pl.String, "_source_row": pl.Int64},
+        batch = batch_of(
+            pl.DataFrame(
+                {"_source_file": [], "_source_row": []},
+                schema={"_source_file": pl.String, "_source_row": pl.Int64},
+            )
         )
-    frame = frame.select([c for c in frame.columns if c not in LINEAGE] + list(LINEAGE))
+    conn.execute(f"CREATE OR REPLACE TEMP VIEW _incoming AS {batch.sql()}")
     if window is None:
         select = "SELECT * FROM _incoming"
-    elif spec.timestamp in frame.columns:
+    elif spec.timestamp in batch.columns:
         select = (
             f"SELECT * FROM (SELECT *, {event_time_sql(spec)} AS {EVENT_TIME} FROM _incoming) "
             f"WHERE {window_condition(window)}"
@@ -97,11 +84,12 @@ def load_raw(
     else:
         select = f"SELECT *, CAST(NULL AS TIMESTAMP) AS {EVENT_TIME} FROM _incoming WHERE false"
     try:
-        _stage(conn, frame, select)
+        # DuckDB streams the staged parts, bounded by its memory_limit (it can spill; Python cannot).
         if window is None:
-            conn.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM __batch")
-            rows = frame.height
+            conn.execute(f"CREATE OR REPLACE TABLE {table} AS {select}")
+            rows = batch.rows
         else:
+            conn.execute(f"CREATE OR REPLACE TEMP TABLE __batch AS {select}")
             rows = conn.execute("SELECT count(*) FROM __batch").fetchone()[0]
             with transaction(conn):
                 drop_unpartitioned(conn, "raw", name)
@@ -110,9 +98,10 @@ def load_raw(
                 )
     finally:
         conn.execute("DROP TABLE IF EXISTS __batch")
+        conn.execute("DROP VIEW IF EXISTS _incoming")
     return IngestResult(
         rows=rows,
         files=records,
-        columns=[c for c in frame.columns if c not in LINEAGE],
+        columns=[c for c in batch.columns if c not in LINEAGE],
         ingested_at=now,
     )

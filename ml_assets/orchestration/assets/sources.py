@@ -40,7 +40,7 @@ def _ownership(spec: SourceSpec) -> dict[str, Any]:
 
 def read_batch(
     name: str, spec: SourceSpec, base_dir: Path, root: Path, warehouse: Warehouse, window: TimeWindow | None
-) -> tuple[pl.DataFrame | None, list[dict[str, Any]], TimeWindow | None]:
+) -> tuple[ingest.Batch | None, list[dict[str, Any]], TimeWindow | None]:
     """Read what a raw materialization loads, before taking the warehouse's write lock."""
     with warehouse.get_connection() as conn:
         skip = ingest.rejected_sha256(conn, name) if spec.landing else set()
@@ -49,21 +49,21 @@ def read_batch(
         if spec.kind != "files" and window is None:
             window = TimeWindow(after=ingest.watermark(conn, name))
     if spec.kind != "files":
-        frame, records = ingest.read_remote(name, spec, window)
-        return frame, records, window
+        batch, records = ingest.read_remote(name, spec, window)
+        return batch, records, window
     files = ingest.resolve_files(name, spec, base_dir, root)
     try:
-        frame, records = ingest.read_files(name, spec, files, skip)
+        batch, records = ingest.read_files(name, spec, files, skip)
     except ingest.RejectedFile as exc:
         if spec.landing:
             with warehouse.get_connection() as conn:
                 ingest.record_files(conn, name, [exc.ledger_row()], "")
         raise
-    return frame, records, window
+    return batch, records, window
 
 
-def _rate(frame: pl.DataFrame | None, started: float) -> str:
-    rows, seconds = (frame.height if frame is not None else 0), time.monotonic() - started
+def _rate(batch: ingest.Batch | None, started: float) -> str:
+    rows, seconds = (batch.rows if batch is not None else 0), time.monotonic() - started
     return f"{rows} rows in {seconds:.1f} s ({rows / seconds if seconds > 0 else 0:,.0f} rows/s)"
 
 
@@ -100,19 +100,19 @@ def raw_asset(name: str, spec: SourceSpec, base_dir: Path) -> dg.AssetsDefinitio
     ) -> dg.MaterializeResult:
         window = run_window(context) if spec.partitions else None
         started = time.monotonic()
-        frame, records, window = user_errors_as_failures(
+        batch, records, window = user_errors_as_failures(
             lambda: read_batch(name, spec, base_dir, Path(artifacts.root), warehouse, window)
         )
-        context.log.info(f"read {_rate(frame, started)} from {len(records)} file(s)/page(s)")
+        context.log.info(f"read {_rate(batch, started)} from {len(records)} file(s)/page(s)")
         started = time.monotonic()
         with warehouse.get_connection() as conn:
             result = user_errors_as_failures(
-                lambda: ingest.load_raw(conn, name, spec, frame, records, window)
+                lambda: ingest.load_raw(conn, name, spec, batch, records, window)
             )
             if spec.landing:
                 ingest.record_files(conn, name, [r | {"status": "loaded"} for r in records], context.run_id)
             meta = table_metadata(conn, f"raw.{q(name)}")
-        context.log.info(f"loaded {_rate(frame, started)} into raw.{name}")
+        context.log.info(f"loaded {_rate(batch, started)} into raw.{name}")
         files = pl.DataFrame(result.files).drop("path", strict=False) if result.files else pl.DataFrame()
         return dg.MaterializeResult(
             metadata=once_per_range(
