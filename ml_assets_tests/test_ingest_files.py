@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -13,6 +18,7 @@ import polars as pl
 import pytest
 
 from ml_assets.core import ingest
+from ml_assets.core.ingest import batch as batch_module
 from ml_assets.core.spec import SourceSpec
 
 WINDOW = ingest.TimeWindow(start=dt.datetime(2013, 1, 1), end=dt.datetime(2013, 1, 4))
@@ -115,3 +121,24 @@ def test_a_broken_later_file_leaves_raw_untouched_and_no_staged_parts(conn, tmp_
 
     assert conn.execute("SELECT * FROM raw.legs ORDER BY _source_row").fetchall() == before
     assert set(Path(batch.folder.name).parent.glob("ml-assets-batch-*")) == staged
+
+
+def test_a_killed_runs_staged_parts_are_removed_by_the_next_batch(tmp_path: Path):
+    """A process killed while reading cannot remove its staging folder; the next batch removes the
+    folders of processes that no longer exist and keeps those of live ones."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = Path(tempfile.gettempdir())
+    orphan = root / f"{batch_module.PREFIX}{dead.pid}-killed"
+    (orphan / "part-00000.parquet").parent.mkdir()
+    (orphan / "part-00000.parquet").write_bytes(b"PAR1")
+    live = tempfile.TemporaryDirectory(prefix=f"{batch_module.PREFIX}{os.getpid()}-")
+    try:
+        batch = ingest.Batch()
+        assert not orphan.exists()
+        assert Path(live.name).exists() and Path(batch.folder.name).name.startswith(
+            f"{batch_module.PREFIX}{os.getpid()}-"
+        )
+    finally:
+        live.cleanup()
+        shutil.rmtree(orphan, ignore_errors=True)

@@ -3,6 +3,8 @@ values in memory at once. DuckDB reads the parts back, streaming, with the union
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +12,29 @@ from pathlib import Path
 import polars as pl
 
 from ml_assets.core.sql import LINEAGE, lit, q
+
+PREFIX = "ml-assets-batch-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def staging_folder() -> tempfile.TemporaryDirectory:
+    """A new folder for a batch's parts, named after this process. A run killed while reading (kill -9, an
+    out-of-memory kill) cannot remove its folder, which may hold gigabytes: the next batch of any process
+    removes the folders of processes that no longer exist."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{PREFIX}*-*"):
+        pid = stale.name[len(PREFIX) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{PREFIX}{os.getpid()}-")
 
 
 @dataclass
@@ -19,9 +44,7 @@ class Batch:
     # Union of the parts' columns in first-seen order (files of one source may differ: schema evolution).
     columns: list[str] = field(default_factory=list)
     # Removed with the batch (or at exit): a batch never outlives the run that read it.
-    folder: tempfile.TemporaryDirectory = field(
-        default_factory=lambda: tempfile.TemporaryDirectory(prefix="ml-assets-batch-")
-    )
+    folder: tempfile.TemporaryDirectory = field(default_factory=staging_folder)
 
     def next_part(self) -> Path:
         return Path(self.folder.name) / f"part-{len(self.parts):05d}.parquet"
