@@ -107,7 +107,9 @@ def batch(pipelines: Path, root: Path) -> tuple[int, float, float]:
         if e.dagster_event is not None and e.dagster_event.step_key
     }
     step_s = stamps["STEP_SUCCESS"] - stamps["STEP_START"]
-    rows = int(result.get_asset_materialization_events()[0].materialization.metadata["rows"].value)
+    # The run's metadata is on its last partition (orchestration.metadata.once_per_range).
+    last = max(result.get_asset_materialization_events(), key=lambda e: e.partition or "")
+    rows = int(last.materialization.metadata["rows"].value)
     with connect(warehouse_path(root)) as conn:
         found = registry.registered(conn, registry.alias_version(conn, PIPELINE, registry.CHAMPION), PIPELINE)
         frame = conn.execute(f"SELECT * FROM {table_name(load_project(pipelines).pipelines[PIPELINE])}").pl()

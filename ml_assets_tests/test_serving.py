@@ -727,6 +727,42 @@ def test_a_poll_with_an_unchanged_warehouse_does_not_connect_and_a_swap_is_seen(
         served.make_champion(before)
 
 
+def test_the_request_log_writes_the_requests_rows_and_scores_as_they_were(tmp_path):
+    """The logged file holds each request's completed rows and scores with their own types (times,
+    NULLs, a multiclass model's probabilities), around a swap that changed the columns too."""
+    at = dt.datetime(2013, 5, 1, 12, 30)
+    first = pl.DataFrame(
+        {"origin": ["JFK", None], "time_hour": [at, None], "n": pl.Series([1, 2], dtype=pl.Int32)}
+    )
+    scored = pl.DataFrame(
+        {
+            "score": [0.25, 0.5],
+            "decision": ["a", "b"],
+            "version": ["v1", "v1"],
+            "probabilities": [[{"class": "a", "probability": 0.75}], [{"class": "b", "probability": 0.5}]],
+        }
+    )
+    swapped = first.head(1).with_columns(wx_temp=pl.lit(3.5))
+    log = RequestLog(tmp_path)
+    log.record(first, scored, 1.5)
+    log.record(swapped, scored.head(1).with_columns(version=pl.lit("v2")), 2.5)
+    logged = pl.read_parquet(log.flush())
+    expected = pl.concat(
+        [
+            first.hstack(scored).with_columns(_latency_ms=pl.lit(1.5)),
+            swapped.hstack(scored.head(1).with_columns(version=pl.lit("v2"))).with_columns(
+                _latency_ms=pl.lit(2.5)
+            ),
+        ],
+        how="diagonal_relaxed",
+    )
+    assert logged.drop("_logged_at").equals(expected.select(logged.drop("_logged_at").columns))
+    assert set(logged.columns) == set(expected.columns) | {"_logged_at"}
+    assert (
+        logged.schema["_logged_at"] == pl.Datetime("us") and logged.get_column("_logged_at").null_count() == 0
+    )
+
+
 def test_the_request_log_holds_at_most_max_rows_between_flushes(tmp_path):
     rows = pl.DataFrame({"origin": ["JFK", "EWR"], "distance": [1.0, 2.0]})
     scored = pl.DataFrame({"score": [0.1, 0.2], "decision": ["false", "false"], "version": ["v1", "v1"]})
