@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import duckdb
 import polars as pl
 import pytest
 import yaml
@@ -77,6 +78,14 @@ def sample_project(tmp_path: Path, sample_sources: Path) -> tuple[Path, Path]:
     for f in sample_sources.iterdir():
         (sources / f.name).write_bytes(f.read_bytes())
     return write_pipelines(tmp_path / "pipelines", sources, FAST_MODEL), tmp_path / "data"
+
+
+@pytest.fixture
+def conn():
+    """An in-memory DuckDB in UTC, as store.connect sets the warehouse's."""
+    with duckdb.connect() as c:
+        c.execute("SET TimeZone = 'UTC'")
+        yield c
 
 
 def materialize_all(

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import duckdb
 import pytest
 import yaml
 
@@ -50,13 +49,6 @@ def _source(**options: Any) -> dict[str, Any]:
 def _csv(path: Path, rows: list[tuple[object, ...]]) -> Path:
     path.write_text("leg,t,x,y\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture
-def conn():
-    with duckdb.connect() as c:
-        c.execute("SET TimeZone = 'UTC'")
-        yield c
 
 
 def _validate(conn, spec: SourceSpec, path: Path, window: ingest.TimeWindow) -> validate.ValidationResult:

@@ -13,7 +13,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import duckdb
 import polars as pl
 import pytest
 
@@ -37,13 +36,6 @@ SPEC = SourceSpec.model_validate(
         },
     }
 )
-
-
-@pytest.fixture
-def conn():
-    with duckdb.connect() as c:
-        c.execute("SET TimeZone = 'UTC'")
-        yield c
 
 
 def _day(day: int, legs: range) -> pl.DataFrame:

@@ -6,7 +6,6 @@ import datetime as dt
 import zipfile
 from pathlib import Path
 
-import duckdb
 import polars as pl
 import pytest
 
@@ -50,13 +49,6 @@ def _spec(**policy: str) -> SourceSpec:
             },
         }
     )
-
-
-@pytest.fixture
-def conn():
-    with duckdb.connect() as c:
-        c.execute("SET TimeZone = 'UTC'")
-        yield c
 
 
 def _load(
