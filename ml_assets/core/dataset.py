@@ -329,6 +329,16 @@ def check_splits_populated(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSp
     )
 
 
+def capped_train_rows(conn: duckdb.DuckDBPyConnection, table: str, rank: str, cap: int) -> str:
+    """A condition holding the training rows of `table` whose `rank` (a seeded hash) is among the `cap`
+    lowest: the same rows every run, spread over the whole training window. The cut-off rank is found over
+    one integer a row: sorting whole rows to keep the first `cap` of them costs DuckDB gigabytes at 10M."""
+    cutoff = conn.execute(
+        f"SELECT max(r) FROM (SELECT {rank} r FROM {table} WHERE _split = 'train' ORDER BY r LIMIT {cap})"
+    ).fetchone()[0]
+    return f"_split = 'train' AND {rank} <= {cutoff}"
+
+
 def bounded_sample(
     frame: pl.DataFrame, bound: int, time_column: str | None = None, seed: int = 0
 ) -> pl.DataFrame:

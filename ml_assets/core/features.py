@@ -18,7 +18,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from ml_assets.core.dataset import table_name
+from ml_assets.core.dataset import capped_train_rows, table_name
 from ml_assets.core.errors import ArtifactError, DatasetError
 from ml_assets.core.hashing import sha256_file
 from ml_assets.core.spec import FeatureSpec, PipelineSpec, resolve_function
@@ -254,12 +254,7 @@ def _fit_rows(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> pl.Dat
     if cap is None or conn.execute(f"SELECT count(*) FROM ({train})").fetchone()[0] <= cap:
         return conn.execute(train).pl()
     rank = f"hash({', '.join(q(c) for c in pipeline.row_id)}, {pipeline.model.seed})"
-    # The cut-off rank first, over one integer a row: sorting whole rows to keep the first `cap` of them
-    # costs DuckDB gigabytes at 10M rows.
-    cutoff = conn.execute(
-        f"SELECT max(r) FROM (SELECT {rank} r FROM {table} WHERE _split = 'train' ORDER BY r LIMIT {cap})"
-    ).fetchone()[0]
-    return conn.execute(f"{train} AND {rank} <= {cutoff}").pl()
+    return conn.execute(f"SELECT * FROM {table} WHERE {capped_train_rows(conn, table, rank, cap)}").pl()
 
 
 def build_features(

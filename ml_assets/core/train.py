@@ -27,7 +27,7 @@ import polars as pl
 from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold, TimeSeriesSplit
 
 from ml_assets.core import registry
-from ml_assets.core.dataset import bounded_sample, table_name
+from ml_assets.core.dataset import bounded_sample, capped_train_rows, table_name
 from ml_assets.core.errors import DatasetError
 from ml_assets.core.features import TARGET, FeatureTransform, features_table_name, transform_of
 from ml_assets.core.hashing import frame_fingerprint
@@ -473,9 +473,10 @@ def features_for_training(
     cap = pipeline.model.max_train_rows
     if cap is None or available <= cap:
         return conn.execute(f"SELECT * FROM {table}").pl(), available
+    rank = f"hash(_key, {pipeline.model.seed})"
     frame = conn.execute(
-        f"SELECT * FROM {table} WHERE _split <> 'train' UNION ALL "
-        f"(SELECT * FROM {table} WHERE _split = 'train' ORDER BY hash(_key, {pipeline.model.seed}) LIMIT {cap})"
+        f"SELECT * FROM {table} WHERE _split <> 'train' UNION ALL (SELECT * FROM {table} WHERE "
+        f"{capped_train_rows(conn, table, rank, cap)} ORDER BY {rank} LIMIT {cap})"
     ).pl()
     return frame, available
 
