@@ -26,7 +26,8 @@ from ml_assets.orchestration.sensors import landing_sensor, rescore_sensor, retr
 # range. Dagster's trade-off: a run that fails does not mark each of its partitions failed; the run
 # and its steps still show failed. Read when a run is created, so it must be set in every process
 # that creates runs: those importing this module (the CLI, in-process runs) and, via the Makefile, the
-# webserver and daemon of `make dev`.
+# webserver and daemon of `make dev`. Undocumented in Dagster and with no public equivalent: a test
+# (test_public_dagster) fails when Dagster stops honouring it (docs/design.md, "The planned-events switch").
 PLANNED_EVENTS_ENV = "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"
 os.environ.setdefault(PLANNED_EVENTS_ENV, "1")
 
