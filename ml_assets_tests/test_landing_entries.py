@@ -22,7 +22,7 @@ from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import TABLE_LAYERS
 from ml_assets_tests.conftest import nycflights_file
-from ml_assets_tests.test_landing import LANDED_AT, _tick, settle
+from ml_assets_tests.landing_helpers import LANDED_AT, land, run_intake, settle, tick
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,8 @@ def test_every_entry_is_loaded_rejected_or_ignored_once_and_nothing_crashes_the_
         "ghost.csv",
     } | ({"locked.csv"} if os.geteuid() != 0 else set())
 
-    first = _tick(defs, None)
-    (request,) = first.run_requests
+    request, cursor = land(defs, None)
+    assert request is not None
     assert set(request.tags["ml_assets/files"].split(", ")) == {p.name for p in loaded}
     _ingest(defs, request)
 
@@ -149,21 +149,21 @@ def test_every_entry_is_loaded_rejected_or_ignored_once_and_nothing_crashes_the_
     for name, fragments in rejected.items():
         row = by_name[name]
         assert row["status"] == "rejected" and str(folder / name) in row["reason"], row
-        assert all(f in row["reason"] for f in fragments), row["reason"]
+        missing = [f for f in fragments if f not in row["reason"]]
+        assert not missing, row["reason"]
     # The repeated column was never loaded under polars' silent rename.
     assert not any("duplicated" in c for frame in raw.values() for c in frame.columns)
 
     # Seen again, by the same sensor or a fresh one reading the ledger: no run, no new or rewritten row.
-    again = _tick(defs, first.cursor)
-    assert not again.run_requests
-    assert not _tick(defs, None).run_requests
+    assert not tick(defs, cursor).run_requests
+    assert not tick(defs, None).run_requests
     assert _ledger(root).sort("file").equals(ledger.sort("file"))
 
     # A batch renamed into place once complete is then read like any other.
     (folder / "jan04.csv.tmp").rename(folder / "jan04.csv")
     settle(root)
-    (request,) = _tick(defs, again.cursor).run_requests
-    assert request.tags["ml_assets/files"] == "jan04.csv"
+    request, _ = land(defs, cursor)
+    assert request is not None and request.tags["ml_assets/files"] == "jan04.csv"
 
 
 def test_a_file_still_being_written_is_read_once_it_has_settled(landing, days):
@@ -172,30 +172,81 @@ def test_a_file_still_being_written_is_read_once_it_has_settled(landing, days):
     path = folder / "jan01.csv"
     path.write_bytes(content[: len(content) // 2])  # half a file, cut mid-line, just written
 
-    first = _tick(defs, None)
+    first = tick(defs, None)
     assert not first.run_requests and "waiting for jan01.csv to settle" in first.skip_reason.skip_message
     # The writer finishes; its mtime says "long ago" (as a writer with a slow clock would), but the size
     # changed since the last tick: still not read.
     path.write_bytes(content)
     os.utime(path, (LANDED_AT, LANDED_AT))
-    second = _tick(defs, first.cursor)
+    second = tick(defs, first.cursor)
     assert not second.run_requests and "waiting for jan01.csv to settle" in second.skip_reason.skip_message
     assert _ledger(root).is_empty()
 
-    (request,) = _tick(defs, second.cursor).run_requests
+    request, _ = land(defs, second.cursor)
+    assert request is not None
     _ingest(defs, request)
     (loaded,) = _raw_by_file(root).values()
     assert loaded.select(days[1].columns).equals(days[1])
     assert _ledger(root).get_column("status").to_list() == ["loaded"]
 
 
-def test_a_cursor_of_the_first_format_still_works(landing, days):
+def test_a_cursor_of_an_earlier_format_defers_to_the_ledger(landing, days):
+    """Cursors of earlier releases held content hashes ({source: [sha256]}, then {keys, files}): now the
+    ledger answers what they did, so whatever they say, nothing handled is handed over twice."""
     defs, root, folder = landing
-    for day in (1, 2):
-        (folder / f"jan0{day}.csv").write_bytes(_csv(days[day]))
+    (folder / "jan01.csv").write_bytes(_csv(days[1]))
     settle(root)
-    old_cursor = json.dumps({"flights": [sha256_file(folder / "jan01.csv")]})  # {source: [sha256, ...]}
-    result = _tick(defs, old_cursor)
-    (request,) = result.run_requests
-    assert request.tags["ml_assets/files"] == "jan02.csv"
-    assert not _tick(defs, result.cursor).run_requests
+    request, _ = land(defs, None)
+    assert request is not None
+    _ingest(defs, request)
+    (folder / "jan02.csv").write_bytes(_csv(days[2]))
+    settle(root)
+    for old in ({"flights": []}, {"flights": {"keys": {}, "files": {}}}):
+        (intake,) = tick(defs, json.dumps(old)).run_requests
+        assert intake.tags["ml_assets/files"] == "jan02.csv"
+
+
+def test_a_tick_opens_no_landed_file(landing, days, monkeypatch):
+    """Detection is by name, size and modification time: a huge file and a file nobody may open are
+    handed over like any other, and no file under the landing zone is opened during the tick."""
+    defs, root, folder = landing
+    huge = folder / "huge.csv"
+    with open(huge, "wb") as sparse:
+        sparse.truncate(64 * 2**30)  # 64 GiB of holes: reading it would take minutes
+    (folder / "jan01.csv").write_bytes(_csv(days[1]))
+    settle(root)
+    landing_zone = str(root / "landing")
+    real_open, opened = open, []
+
+    def watched_open(file, *args, **kwargs):
+        if str(file).startswith(landing_zone):
+            opened.append(str(file))
+            raise PermissionError(f"the tick opened {file}")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watched_open)
+    monkeypatch.setattr("io.open", watched_open)
+    (intake,) = tick(defs, None).run_requests
+    monkeypatch.undo()
+    assert opened == []
+    assert set(intake.tags["ml_assets/files"].split(", ")) == {"huge.csv", "jan01.csv"}
+    assert intake.run_config == {
+        "ops": {"landing_intake": {"config": {"files": {"flights": ["huge.csv", "jan01.csv"]}}}}
+    }
+
+
+def test_the_cursor_holds_only_entries_not_yet_in_the_ledger(landing):
+    """The ledger is the memory: after many entries are recorded, the cursor is as small as before any
+    landed; while their intake is pending it names only those."""
+    defs, root, folder = landing
+    empty = tick(defs, None).cursor
+    for i in range(300):
+        (folder / f"note_{i:03d}.txt").write_text("not data\n")  # ignored by the intake, with the reason
+    pending = tick(defs, empty)
+    (intake,) = pending.run_requests
+    assert len(json.loads(pending.cursor)["flights"]["requested"]) == 300
+    assert not tick(defs, pending.cursor).run_requests  # pending: not requested again
+    run_intake(defs, intake)
+    after = tick(defs, pending.cursor)
+    assert not after.run_requests and after.cursor == empty
+    assert _ledger(root).get_column("status").to_list() == ["ignored"] * 300

@@ -16,6 +16,7 @@ from ml_assets.core.store import warehouse_path
 from ml_assets.orchestration import jobs
 from ml_assets.orchestration.assets import build_assets
 from ml_assets.orchestration.assets.serving import predictions_partitions
+from ml_assets.orchestration.intake import intake_job
 from ml_assets.orchestration.resources import ArtifactStore, TrainingOverrides, Warehouse
 from ml_assets.orchestration.schedules import daily_drift_schedule, predictions_schedule
 from ml_assets.orchestration.sensors import landing_sensor, rescore_sensor, retrain_sensor
@@ -42,7 +43,7 @@ def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
 
 def build_definitions(pipelines: Path, root: Path) -> dg.Definitions:
     project = load_project(pipelines)
-    all_jobs: list[dg.UnresolvedAssetJobDefinition] = []
+    all_jobs: list[dg.UnresolvedAssetJobDefinition | dg.JobDefinition] = []
     sensors, schedules = [], []
     for pipeline in project.pipelines.values():
         retrain, drift = jobs.retrain_job(pipeline), jobs.drift_job(pipeline)
@@ -57,8 +58,9 @@ def build_definitions(pipelines: Path, root: Path) -> dg.Definitions:
             schedules.append(predictions_schedule(scoring))
     landing = jobs.landing_job(project)
     if landing is not None:
-        all_jobs.append(landing)
-        sensors.append(landing_sensor(project, root, landing))
+        intake = intake_job(project)
+        all_jobs += [landing, intake]
+        sensors.append(landing_sensor(project, root, landing, intake))
     return dg.Definitions(
         assets=build_assets(project),
         jobs=all_jobs,

@@ -15,7 +15,7 @@ from ml_assets.core.ingest.files import (
     read_files,
     resolve_files,
 )
-from ml_assets.core.ingest.ledger import ledger, loaded_outside, record_files, rejected_sha256
+from ml_assets.core.ingest.ledger import ledger, ledger_names, loaded_outside, record_files, rejected_sha256
 from ml_assets.core.ingest.raw import IngestResult, load_raw, read_remote, watermark
 from ml_assets.core.ingest.window import TimeWindow, event_time_sql, window_condition
 
@@ -29,6 +29,7 @@ __all__ = [
     "event_time_sql",
     "landing_dir",
     "ledger",
+    "ledger_names",
     "load_raw",
     "loaded_outside",
     "package_file",

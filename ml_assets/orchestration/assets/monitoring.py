@@ -32,7 +32,7 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
     )
     def champion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
         decision = user_errors_as_failures(
-            lambda: gate.check_champion(warehouse.get_connection, pipeline, context.run_id)
+            lambda: gate.check_champion(warehouse.get_connection, pipeline, context.run.run_id)
         )
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)

@@ -110,7 +110,9 @@ def raw_asset(name: str, spec: SourceSpec, base_dir: Path) -> dg.AssetsDefinitio
                 lambda: ingest.load_raw(conn, name, spec, batch, records, window)
             )
             if spec.landing:
-                ingest.record_files(conn, name, [r | {"status": "loaded"} for r in records], context.run_id)
+                ingest.record_files(
+                    conn, name, [r | {"status": "loaded"} for r in records], context.run.run_id
+                )
             meta = table_metadata(conn, f"raw.{q(name)}")
         context.log.info(f"loaded {_rate(batch, started)} into raw.{name}")
         files = pl.DataFrame(result.files).drop("path", strict=False) if result.files else pl.DataFrame()
