@@ -49,9 +49,8 @@ from ml_assets.orchestration.assets.sources import SOURCES_GROUP
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.intake import INTAKE_JOB
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, release, write_pipelines
+from ml_assets_tests.helpers import assert_registry_consistent, insert_drift_runs
 from ml_assets_tests.landing_helpers import run_intake
-from ml_assets_tests.test_monitor import _insert_runs
-from ml_assets_tests.test_registry import _assert_consistent
 
 PIPELINE = "flight_delay"
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +195,7 @@ def _consistent(pipelines: Path, root: Path) -> Snapshot:
         ]
         challenger = registry.alias_version(conn, PIPELINE, registry.CHALLENGER)
         decisions = registry.decisions(conn, PIPELINE).height
-    champion = _assert_consistent(root)
+    champion = assert_registry_consistent(root)
     # Under a final name a folder is complete: its manifest is there and every file matches its sha256.
     for folder in (root / "models" / PIPELINE).iterdir():
         if not folder.name.startswith(".tmp-"):
@@ -550,7 +549,7 @@ def test_a_failed_retrain_tick_keeps_its_cursor_and_the_next_tick_retrains_once(
     sample_project, fault, hold, monkeypatch
 ):
     pipelines, root = sample_project
-    _insert_runs(root, PIPELINE, [(1, True), (2, True)])  # two drifted windows: one retrain event
+    insert_drift_runs(root, PIPELINE, [(1, True), (2, True)])  # two drifted windows: one retrain event
     defs = build_definitions(pipelines, root)
     sensor = defs.resolve_sensor_def(f"{PIPELINE}_retrain")
     cursor = json.dumps({"last_retrain_at": None, "handled": []})

@@ -34,7 +34,7 @@ from ml_assets.core.serve import ServableModel, reproduces_training_predictions
 from ml_assets.core.spec import PIPELINES_DIR_ENV, PipelineSpec, Project, load_project
 from ml_assets.core.store import DATA_DIR_ENV, LATEST, MIGRATIONS, connect, schema_version, warehouse_path
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
-from ml_assets_tests.test_promotion import FLAGSHIP
+from ml_assets_tests.helpers import FLAGSHIP
 
 DELAY = "flight_delay"
 TIMEOUT_S = 600
