@@ -137,7 +137,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
             found.path,
             registry.read_manifest(found.path, manifest_sha256=found.manifest_sha256),
             [("plots", p) for p in (*ev.plots.values(), versions_plot)] + [("report", ev.report_path)],
-            context.run_id,
+            context.run.run_id,
             context.log.warning,
         )
         # Only the primary metric as numbers: the UI plots each number across materializations, and
