@@ -1,10 +1,15 @@
 """The suite's own rules: a test module imports shared helpers from conftest.py or a helpers module, never
-from another test module (importing one re-runs its module-level set-up and ties the two together)."""
+from another test module (importing one re-runs its module-level set-up and ties the two together); and
+Dagster's deprecation and beta warnings are errors."""
 
 from __future__ import annotations
 
 import ast
+import warnings
 from pathlib import Path
+
+import dagster as dg
+import pytest
 
 TESTS = Path(__file__).parent
 
@@ -38,3 +43,15 @@ def test_the_finder_sees_both_import_forms(tmp_path):
         "ml_assets_tests.test_b.x",
         "ml_assets_tests.test_c",
     ]
+
+
+def test_dagster_deprecations_and_beta_warnings_fail_the_test_that_triggers_them():
+    """pyproject's filterwarnings: Dagster's deprecation text, beta and preview warnings are errors; other
+    libraries' deprecations are not ours to fix and stay quiet."""
+    with pytest.raises(DeprecationWarning, match="is deprecated and will be removed in"):
+        warnings.warn("Foo is deprecated and will be removed in 2.0.", DeprecationWarning, stacklevel=1)
+    with pytest.raises(dg.BetaWarning):
+        warnings.warn("Parameter `x` of function `y` is currently in beta", dg.BetaWarning, stacklevel=1)
+    with pytest.raises(dg.PreviewWarning):
+        warnings.warn("`z` is currently in preview", dg.PreviewWarning, stacklevel=1)
+    warnings.warn("numpy.core is deprecated and has been renamed", DeprecationWarning, stacklevel=1)
