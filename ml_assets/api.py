@@ -1,9 +1,9 @@
 """The online REST API on each pipeline's champion (`ml-assets serve`): FastAPI on uvicorn.
 
 Routes: `POST /v1/<pipeline>/predict` (one object or a list), `GET /v1/<pipeline>/model`, `GET /health`,
-`GET /ready`, OpenAPI at `/docs`. The scoring itself is core.online's; this module only speaks HTTP: a bad
+`GET /ready`, OpenAPI at `/docs`. The scoring itself is core.serving's; this module only speaks HTTP: a bad
 request is a 4xx whose JSON names the field and the problem, never a 500 with a traceback. A poller thread
-refreshes every served pipeline every `serving.poll_s` seconds (hot swap; see core.online).
+refreshes every served pipeline every `serving.poll_s` seconds (hot swap; see core.serving.online_model).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ml_assets.core.errors import ArtifactError, UsageError
-from ml_assets.core.online import OnlineModel, RequestError
-from ml_assets.core.request_log import RequestLog, log_dir
+from ml_assets.core.serving.online_model import OnlineModel
+from ml_assets.core.serving.request_log import RequestLog, log_dir
+from ml_assets.core.serving.request_parsing import RequestError
 from ml_assets.core.spec import Project
 
 log = logging.getLogger("ml_assets.api")

@@ -29,9 +29,9 @@ from ml_assets.core import figures, registry
 from ml_assets.core.dataset import bounded_sample, table_name
 from ml_assets.core.errors import ArtifactError, ConfigError, DatasetError
 from ml_assets.core.progress import Progress, silent
-from ml_assets.core.request_log import LOGGED_AT, read_window
-from ml_assets.core.score import predictions_table
-from ml_assets.core.serve import ServableModel
+from ml_assets.core.serving.batch_scores import predictions_table
+from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.serving.request_log import LOGGED_AT, read_window
 from ml_assets.core.spec import MonitoringSpec, PipelineSpec
 from ml_assets.core.sql import q, table_exists
 from ml_assets.core.store import DRIFT_HISTORY, DRIFT_RUNS, insert, insert_many, transaction

@@ -17,7 +17,7 @@ from ml_assets.core import registry
 from ml_assets.core.dataset import table_name
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.metrics import improvement
-from ml_assets.core.serve import ServableModel
+from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PerformanceSpec, PipelineSpec
 from ml_assets.core.sql import q
 from ml_assets.core.store import PERFORMANCE_HISTORY, insert_many, transaction

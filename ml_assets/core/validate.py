@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import duckdb
 
 from ml_assets.core import changes
+from ml_assets.core.check_results import CheckOutcome
 from ml_assets.core.errors import ValidationFailure
 from ml_assets.core.spec import ColumnSpec, SourceSpec
 from ml_assets.core.spec.schema import ROW_ID
@@ -39,53 +39,7 @@ from ml_assets.core.sql import (
     replace_rows,
     table_columns,
 )
-from ml_assets.core.store import CHECK_RESULTS, insert, transaction
-
-
-@dataclass(frozen=True)
-class CheckOutcome:
-    passed: bool
-    description: str
-    metadata: dict[str, object] = field(default_factory=dict)
-    # A failed "warn" outcome is reported but stops nothing (Dagster's WARN severity).
-    severity: Literal["error", "warn"] = "error"
-
-    @property
-    def blocks(self) -> bool:
-        return not self.passed and self.severity == "error"
-
-
-def record_check(
-    conn: duckdb.DuckDBPyConnection, asset: str, check: str, outcome: CheckOutcome, run_id: str | None
-) -> None:
-    """Keep a check's latest verdict beside the data it judges: a blocking check stops downstream steps
-    only inside its own run, so a consumer launched later reads this to refuse failed data. A warning is
-    kept as passed (its description says it): what a consumer reads here is whether to refuse."""
-    insert(
-        conn,
-        CHECK_RESULTS,
-        {
-            "asset": asset,
-            "check_name": check,
-            "passed": not outcome.blocks,
-            "description": outcome.description,
-            "run_id": run_id,
-            "checked_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
-        },
-        replace=True,
-    )
-
-
-def failed_checks(conn: duckdb.DuckDBPyConnection, assets: list[str]) -> list[str]:
-    """'asset:check' for every check of these assets whose latest verdict failed."""
-    if not assets:
-        return []
-    rows = conn.execute(
-        f"SELECT asset || ':' || check_name FROM {CHECK_RESULTS} WHERE NOT passed AND list_contains(?, asset) "
-        "ORDER BY 1",
-        [assets],
-    ).fetchall()
-    return [r[0] for r in rows]
+from ml_assets.core.store import transaction
 
 
 def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str, str, str]]:
