@@ -14,11 +14,10 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +29,7 @@ from ml_assets.core.serving.online_model import OnlineModel
 from ml_assets.core.serving.request_log import RequestLog, log_dir
 from ml_assets.core.serving.request_parsing import RequestError
 from ml_assets.core.spec import Project
+from ml_assets.core.store import Connect
 
 log = logging.getLogger("ml_assets.api")
 JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}
@@ -116,7 +116,7 @@ def _poll(models: Sequence[OnlineModel], stop: threading.Event, interval: float)
 
 def create_app(
     project: Project,
-    connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
+    connect: Connect,
     pipelines: Sequence[str] | None = None,
     poll: bool = True,
     log_root: Path | None = None,
@@ -125,6 +125,27 @@ def create_app(
     """The API over `pipelines` (default: all), each loaded once now; with `poll`, a thread keeps them
     current while the app runs (and flushes the request logs under `log_root`, when given). `marker`
     (store.change_marker of the warehouse) lets a poll that finds nothing changed skip the warehouse."""
+    models = _online_models(project, connect, pipelines, log_root, marker)
+    app = FastAPI(
+        title="ml_assets",
+        description="Scores of each pipeline's champion; inputs are what a caller knows at request time, "
+        "completed with the modelling table's own joins.",
+        lifespan=_lifespan(models, poll),
+    )
+    app.state.models = models
+    _error_handlers(app)
+    _routes(app, models)
+    return app
+
+
+def _online_models(
+    project: Project,
+    connect: Connect,
+    pipelines: Sequence[str] | None,
+    log_root: Path | None,
+    marker: Callable[[], Hashable] | None,
+) -> dict[str, OnlineModel]:
+    """The served pipelines, each loaded once now (a problem is kept to report, not raised)."""
     names = list(pipelines or project.pipelines)
     unknown = [n for n in names if n not in project.pipelines]
     if unknown:
@@ -141,6 +162,12 @@ def create_app(
             model.refresh()
         except ArtifactError as exc:
             model.problem = str(exc)
+    return models
+
+
+def _lifespan(models: dict[str, OnlineModel], poll: bool) -> Callable[[FastAPI], Any]:
+    """With `poll`, a thread keeps the models current while the app runs; the request logs are flushed
+    at the end either way."""
     interval = min(m.pipeline.serving.poll_s for m in models.values())
 
     @asynccontextmanager
@@ -162,13 +189,11 @@ def create_app(
                 if model.log is not None:
                     model.log.flush()
 
-    app = FastAPI(
-        title="ml_assets",
-        description="Scores of each pipeline's champion; inputs are what a caller knows at request time, "
-        "completed with the modelling table's own joins.",
-        lifespan=lifespan,
-    )
-    app.state.models = models
+    return lifespan
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error a JSON body naming the problem; a bug a 500 without its traceback."""
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -183,6 +208,8 @@ def create_app(
         log.exception("internal error")
         return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
+
+def _routes(app: FastAPI, models: dict[str, OnlineModel]) -> None:
     def _model(pipeline: str) -> OnlineModel | JSONResponse:
         if pipeline not in models:
             return _error(404, f"unknown pipeline '{pipeline}'; served: {', '.join(models)}")
@@ -242,8 +269,6 @@ def create_app(
             return _error(status, str(exc), errors)
         except ArtifactError as exc:
             return _error(503, str(exc))
-
-    return app
 
 
 def post_in_process(app: FastAPI, path: str, body: Any) -> dict[str, Any]:

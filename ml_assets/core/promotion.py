@@ -25,6 +25,7 @@ from ml_assets.core.errors import ArtifactError
 from ml_assets.core.metrics import improvement, score
 from ml_assets.core.serving.loader import ServableModel, reproduces_training_predictions
 from ml_assets.core.spec import GateSpec, PipelineSpec
+from ml_assets.core.store import Connect
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class Decision:
 
 
 def promote_or_refuse(
-    connect: Any,
+    connect: Connect,
     pipeline: PipelineSpec,
     challenger: str | None = None,
     run_id: str | None = None,
@@ -223,7 +224,7 @@ DESCRIBED = {
 
 
 def _first_champion(
-    connect: Any,
+    connect: Connect,
     pipeline: PipelineSpec,
     trained: registry.Registered,
     model: ServableModel,
@@ -288,7 +289,7 @@ def _first_champion(
 
 
 def _register_candidate(
-    connect: Any, trained: registry.Registered, model: ServableModel, run_id: str | None
+    connect: Connect, trained: registry.Registered, model: ServableModel, run_id: str | None
 ) -> registry.Registered:
     """Register a simpler candidate of a LightGBM version as a version of its own (model.json), so it can
     be served, monitored and rolled back like any other: same transform and drift reference, its own

@@ -16,9 +16,10 @@ from ml_assets.core.promotion import Decision
 from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PipelineSpec, SourceSpec, modelling_columns
 from ml_assets.core.sql import q
+from ml_assets.core.store import Connect
 
 
-def check_champion(connect: Any, pipeline: PipelineSpec, run_id: str | None = None) -> Decision:
+def check_champion(connect: Connect, pipeline: PipelineSpec, run_id: str | None = None) -> Decision:
     """Roll back automatically when the champion trails the previous champion on recent labelled data."""
     window = (
         f"{q(pipeline.timestamp)} >= (SELECT max({q(pipeline.timestamp)}) FROM {table_name(pipeline)}) "
@@ -90,7 +91,7 @@ def serving_mismatch(
 
 
 def rollback(
-    connect: Any,
+    connect: Connect,
     pipeline: PipelineSpec,
     sources: dict[str, SourceSpec],
     to: str | None = None,

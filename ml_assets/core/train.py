@@ -3,7 +3,7 @@
 Within `time_budget_s`: the baselines (bounded), then the centre of the search space fitted on the whole
 training split with early stopping on the validation split (the model if nothing better fits the budget),
 then a seeded random search whose trials are scored by k-fold CV on the training split, folded as the
-split itself was made (see cv_folds), and a refit of the best parameters if they are not the centre's.
+split itself was made (tuning.py), and a refit of the best parameters if they are not the centre's.
 The test split is touched once, for the final metrics.
 """
 
@@ -13,7 +13,6 @@ import datetime as dt
 import io
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import all_metrics, choose_threshold
 from ml_assets.core.progress import Progress, silent
 from ml_assets.core.spec import PipelineSpec
+from ml_assets.core.store import Connect
 from ml_assets.core.tuning import (
     Split,
     TrainingData,
@@ -289,9 +289,6 @@ def train_model(
     )
 
 
-Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
-
-
 def features_for_training(
     conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec
 ) -> tuple[pl.DataFrame, int]:
@@ -341,10 +338,56 @@ def train_and_register(
     created = dt.datetime.now(dt.UTC)
     version = registry.new_version_id(created)
     best_iteration = trained.booster.best_iteration or trained.booster.current_iteration()
+    manifest = _manifest(
+        pipeline, frame, data, trained, transform, version, created, budget, train_available, best_iteration
+    )
+    sample_scores = trained.booster.predict(
+        transform.apply(sample).select(data.features).to_pandas(), num_iteration=best_iteration
+    )
+    predictions, sample_rows, reference = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    # The drift reference: a bounded sample of the training features, drawn once per version.
+    train_rows = frame.filter(pl.col("_split") == "train").select("_ts", *data.features)
+    bounded_sample(train_rows, pipeline.monitoring.sample_rows, "_ts", pipeline.model.seed).write_parquet(
+        reference
+    )
+    trained.test_predictions.write_parquet(predictions)
+    sample.with_columns(**_as_columns(pipeline.task, sample_scores, "_prediction")).write_parquet(sample_rows)
+    version_dir = registry.write_version(
+        models_root,
+        pipeline.name,
+        version,
+        {
+            registry.MODEL_FILE: trained.booster.model_to_string(num_iteration=best_iteration).encode(),
+            registry.TRANSFORM_FILE: transform_path,
+            registry.PREDICTIONS_FILE: predictions.getvalue(),
+            registry.SAMPLE_FILE: sample_rows.getvalue(),
+            registry.REFERENCE_FILE: reference.getvalue(),
+            **{registry.candidate_file(k): c.model.to_json().encode() for k, c in trained.candidates.items()},
+        },
+        manifest,
+    )
+    with connect() as conn:
+        manifest = registry.register(conn, version_dir, run_id)
+    return version_dir, manifest
+
+
+def _manifest(
+    pipeline: PipelineSpec,
+    frame: pl.DataFrame,
+    data: TrainingData,
+    trained: TrainedModel,
+    transform: FeatureTransform,
+    version: str,
+    created: dt.datetime,
+    budget: float,
+    train_available: int,
+    best_iteration: int,
+) -> dict[str, Any]:
+    """What a version records about itself: how it was trained, on what, and how it scored."""
     # Performance monitoring scores the model from its test split on, and judges it only on data that
     # arrived after the data it was built from.
     test_ts = frame.filter(pl.col("_split") == "test").get_column("_ts").drop_nulls()
-    manifest = {
+    return {
         "version": version,
         "pipeline": pipeline.name,
         "task": pipeline.task,
@@ -396,31 +439,3 @@ def train_and_register(
             for kind, c in trained.candidates.items()
         },
     }
-    sample_scores = trained.booster.predict(
-        transform.apply(sample).select(data.features).to_pandas(), num_iteration=best_iteration
-    )
-    predictions, sample_rows, reference = io.BytesIO(), io.BytesIO(), io.BytesIO()
-    # The drift reference: a bounded sample of the training features, drawn once per version.
-    train_rows = frame.filter(pl.col("_split") == "train").select("_ts", *data.features)
-    bounded_sample(train_rows, pipeline.monitoring.sample_rows, "_ts", pipeline.model.seed).write_parquet(
-        reference
-    )
-    trained.test_predictions.write_parquet(predictions)
-    sample.with_columns(**_as_columns(pipeline.task, sample_scores, "_prediction")).write_parquet(sample_rows)
-    version_dir = registry.write_version(
-        models_root,
-        pipeline.name,
-        version,
-        {
-            registry.MODEL_FILE: trained.booster.model_to_string(num_iteration=best_iteration).encode(),
-            registry.TRANSFORM_FILE: transform_path,
-            registry.PREDICTIONS_FILE: predictions.getvalue(),
-            registry.SAMPLE_FILE: sample_rows.getvalue(),
-            registry.REFERENCE_FILE: reference.getvalue(),
-            **{registry.candidate_file(k): c.model.to_json().encode() for k, c in trained.candidates.items()},
-        },
-        manifest,
-    )
-    with connect() as conn:
-        manifest = registry.register(conn, version_dir, run_id)
-    return version_dir, manifest
