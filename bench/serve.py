@@ -43,7 +43,7 @@ from ml_assets.core.dataset import table_name
 from ml_assets.core.ingest import package_file
 from ml_assets.core.serving import request_parsing
 from ml_assets.core.serving.loader import ServableModel
-from ml_assets.core.spec import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.partitions import all_partitions_tags

@@ -22,8 +22,9 @@ from ml_assets.core.ingest import preflight, replay
 from ml_assets.core.scaffold import scaffold
 from ml_assets.core.serving import online_model, request_parsing
 from ml_assets.core.serving.batch_scores import score_frame
-from ml_assets.core.spec import PipelineSpec, Project, load_default_project
+from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.spec.infer import safe_name
+from ml_assets.core.spec.load import load_default_project
 from ml_assets.core.sql import q
 from ml_assets.core.store import MODEL_VERSIONS, change_marker, connect, data_dir, warehouse_path
 from ml_assets.orchestration.build import build_definitions

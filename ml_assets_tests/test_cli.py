@@ -25,7 +25,7 @@ import pytest
 from ml_assets.core import registry, rollback
 from ml_assets.core.ingest import landing_dir
 from ml_assets.core.ingest.replay import STATE_FILE
-from ml_assets.core.spec import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import source_keys

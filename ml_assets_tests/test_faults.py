@@ -36,7 +36,7 @@ from ml_assets.core import drift, ingest, registry, rollback
 from ml_assets.core import promotion as gate
 from ml_assets.core.errors import StoreError
 from ml_assets.core.ingest.ledger import FolderState
-from ml_assets.core.spec import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
 from ml_assets.core.store import (
     DATA_DIR_ENV,
     DECISION_LOG,

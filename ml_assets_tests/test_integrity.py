@@ -31,7 +31,8 @@ from ml_assets.core.errors import ArtifactError
 from ml_assets.core.evaluate import evaluate_version
 from ml_assets.core.hashing import sha256_file
 from ml_assets.core.serving.loader import ServableModel, reproduces_training_predictions
-from ml_assets.core.spec import PIPELINES_DIR_ENV, PipelineSpec, Project, load_project
+from ml_assets.core.spec import PipelineSpec, Project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, LATEST, MIGRATIONS, connect, schema_version, warehouse_path
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
 from ml_assets_tests.test_promotion import FLAGSHIP

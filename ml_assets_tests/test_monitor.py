@@ -18,8 +18,8 @@ from sklearn.metrics import roc_auc_score
 
 from ml_assets.core import dataset, drift, performance, registry, retrain_policy, rollback, store
 from ml_assets.core.serving.loader import ServableModel
-from ml_assets.core.spec import MonitoringSpec, PerformanceSpec, load_project
-from ml_assets.core.spec.load import deep_merge
+from ml_assets.core.spec import MonitoringSpec, PerformanceSpec
+from ml_assets.core.spec.load import deep_merge, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.resources import Warehouse

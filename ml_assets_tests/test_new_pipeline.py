@@ -13,7 +13,7 @@ from ml_assets.api import create_app, post_in_process
 from ml_assets.core import registry
 from ml_assets.core.registry import read_manifest
 from ml_assets.core.serving import request_parsing
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all, run_metadata
 

@@ -19,7 +19,7 @@ from ml_assets.core.errors import ConfigError
 from ml_assets.core.evaluate import evaluate_version
 from ml_assets.core.serving import online_model
 from ml_assets.core.serving.loader import ServableModel
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.core.validate import validate_source
 from ml_assets_tests.conftest import materialize_all

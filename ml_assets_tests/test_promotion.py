@@ -12,7 +12,7 @@ import yaml
 from ml_assets.core import promotion as gate
 from ml_assets.core import registry
 from ml_assets.core import rollback as rollbacks
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
 

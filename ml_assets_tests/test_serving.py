@@ -35,7 +35,7 @@ from ml_assets.core.registry import MODEL_FILE
 from ml_assets.core.serving import online_model, request_parsing, skew
 from ml_assets.core.serving.lookups import Lookups
 from ml_assets.core.serving.request_log import RequestLog, log_dir, read_window
-from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, change_marker, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.resources import Warehouse

@@ -29,7 +29,7 @@ from playwright.sync_api import sync_playwright
 
 from ml_assets.core import registry, rollback
 from ml_assets.core.report_server import URL_ENV, serve_in_thread
-from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.orchestration.keys import layer_key
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, stop_process, write_pipelines

@@ -6,12 +6,10 @@ tables refuse to build on data whose latest verdict failed, whichever run produc
 """
 
 from collections.abc import Callable
-from typing import Any
 
 import dagster as dg
 import duckdb
 
-from ml_assets.api import create_app, post_in_process
 from ml_assets.core import check_results, dataset, validate
 from ml_assets.core.check_results import CheckOutcome
 from ml_assets.core.serving import skew
@@ -98,9 +96,9 @@ def modelling_checks(pipeline: PipelineSpec) -> list[dg.AssetChecksDefinition]:
 
 
 def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefinition:
-    """Online and batch scores of the champion agree (core.skew.compare_paths), through the real ASGI app
-    in-process: blocking, so a champion served differently than it batch-scores stops the run's
-    predictions and monitors."""
+    """Online and batch scores of the champion agree (core.serving.skew.compare_paths), through the online
+    path every API request takes, in-process: blocking, so a champion served differently than it
+    batch-scores stops the run's predictions and monitors."""
     key = dg.AssetKey([pipeline.name, "champion"])
     sources = project.sources_of(pipeline)
 
@@ -108,15 +106,12 @@ def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefini
         asset=key,
         name="online_matches_batch",
         blocking=True,
-        description=f"{pipeline.serving.skew_sample_rows} test rows scored through the REST API (request-time "
-        "fields, completed from its lookups) and through the batch path give identical predictions (1e-9).",
+        description=f"{pipeline.serving.skew_sample_rows} test rows scored through the online path (request-time "
+        "fields as JSON, completed from the API's lookups) and through the batch path give identical "
+        "predictions (1e-9).",
     )
     def _run(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
-        app = create_app(project, warehouse.get_connection, [pipeline.name], poll=False)
-
-        def post(rows: list[dict[str, Any]]) -> dict[str, Any]:
-            return post_in_process(app, f"/v1/{pipeline.name}/predict", rows)
-
+        post = skew.online_path(warehouse.get_connection, pipeline, sources)
         result = user_errors_as_failures(
             lambda: skew.compare_paths(warehouse.get_connection, pipeline, sources, post)
         )

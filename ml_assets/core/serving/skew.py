@@ -1,9 +1,10 @@
-"""The skew check: the champion's test rows scored by the batch path and by the online path (through the
-API, which completes them from its lookups) must agree.
+"""The skew check: the champion's test rows scored by the batch path and by the online path (their
+request-time fields completed from the lookups, as every API request is) must agree.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,14 +13,38 @@ import polars as pl
 from ml_assets.core import registry
 from ml_assets.core.check_results import CheckOutcome
 from ml_assets.core.dataset import table_name
+from ml_assets.core.errors import ArtifactError, UserError
 from ml_assets.core.serving.batch_scores import PROBABILITIES, score_frame
 from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.serving.online_model import OnlineModel
 from ml_assets.core.serving.request_parsing import not_servable_online, request_fields, request_rows
 from ml_assets.core.spec import PipelineSpec, SourceSpec
 from ml_assets.core.store import Connect
 
 # How many of the skew check's rows it sends as single objects, one request each.
 SKEW_SINGLE_ROWS = 20
+
+
+def online_path(
+    connect: Connect, pipeline: PipelineSpec, sources: Mapping[str, SourceSpec]
+) -> Callable[[Any], dict[str, Any]]:
+    """`post` for compare_paths without a server: the champion loaded now as the API loads it, and each
+    request and answer passed through JSON text as over HTTP (an unusable request, or no model, answers
+    {"error": ...} as the API's 4xx and 5xx do)."""
+    model = OnlineModel(pipeline, sources, connect)
+    try:
+        model.refresh()
+    except ArtifactError as exc:
+        model.problem = str(exc)
+
+    def post(rows: Any) -> dict[str, Any]:
+        try:
+            answer = model.predict(json.loads(json.dumps(rows, allow_nan=False)))
+            return json.loads(json.dumps(answer, allow_nan=False))
+        except (UserError, ValueError) as exc:
+            return {"error": str(exc)}
+
+    return post
 
 
 def compare_paths(
