@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ml_assets.core.spec import PIPELINES_DIR_ENV
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV
 from ml_assets.core.store import DATA_DIR_ENV
 
 TIMEOUT_S = 600

@@ -13,8 +13,8 @@ import dagster as dg
 import polars as pl
 
 from ml_assets.core import registry
-from ml_assets.core.serve import ServableModel
-from ml_assets.core.spec import PIPELINES_DIR_ENV
+from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV
 from ml_assets.core.store import connect, warehouse_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ml_assets.core.spec import default_pipelines_dir
+from ml_assets.core.spec.load import default_pipelines_dir
 from ml_assets_tests.helpers import validate_definitions
 
 ROOT = Path(__file__).resolve().parents[1]
