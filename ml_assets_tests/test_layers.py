@@ -302,6 +302,8 @@ CORE_STAGES: list[tuple[str, ...]] = [
     ("serving",),
     ("promotion",),
     ("rollback",),
+    # The MLflow mirror of what the registry, the gate and rollback decided.
+    ("tracking",),
     # The monitors watch what serving produced (batch scores, the request log).
     ("drift", "performance", "retrain_policy"),
     # Tools of the CLI (`ml-assets init`, the report server).
