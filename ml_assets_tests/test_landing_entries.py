@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
+import yaml
 
 from ml_assets.core import ingest
 from ml_assets.core.hashing import sha256_file
@@ -199,3 +200,81 @@ def test_a_cursor_of_the_first_format_still_works(landing, days):
     (request,) = result.run_requests
     assert request.tags["ml_assets/files"] == "jan02.csv"
     assert not _tick(defs, result.cursor).run_requests
+
+
+def _quarantine(root: Path) -> dict[tuple[str, int], tuple[str, str, str]]:
+    with connect(warehouse_path(root)) as conn:
+        rows = conn.execute(
+            "SELECT _source_file, _source_row, _rule, _column, _reasons FROM quarantine.flights"
+        )
+        return {(file, row): (rule, column, reasons) for file, row, rule, column, reasons in rows.fetchall()}
+
+
+def test_nan_is_missing_and_infinity_is_quarantined_with_its_column_file_and_row(landing, days):
+    defs, root, folder = landing
+    path = folder / "jan01.csv"
+    day = days[1].with_row_index("i", offset=1)
+    day.with_columns(
+        pl.when(pl.col("i") == 1).then(pl.lit("NaN")).otherwise(pl.col("arr_delay")).alias("arr_delay"),
+        pl.when(pl.col("i") == 2).then(pl.lit("inf")).otherwise(pl.col("dep_delay")).alias("dep_delay"),
+        pl.when(pl.col("i") == 3).then(pl.lit("-inf")).otherwise(pl.col("distance")).alias("distance"),
+    ).drop("i").write_csv(path)
+    settle(root)
+    (request,) = _tick(defs, None).run_requests
+    _ingest(defs, request)
+    assert _ledger(root).get_column("status").to_list() == ["loaded"]
+    quarantined = _quarantine(root)
+    assert set(quarantined) == {(str(path), 2), (str(path), 3)}  # the NaN row is valid, its delay missing
+    rule, column, reasons = quarantined[(str(path), 2)]
+    assert (rule, column) == ("finite", "dep_delay") and "dep_delay: inf is not a finite number" in reasons
+    rule, column, reasons = quarantined[(str(path), 3)]
+    assert (rule, column) == ("min", "distance") and "distance: -inf is below min 1" in reasons
+    with connect(warehouse_path(root)) as conn:
+        first = conn.execute(
+            "SELECT arr_delay FROM validated.flights WHERE flight = ? AND carrier = ? AND origin = ?",
+            [int(days[1]["flight"][0]), days[1]["carrier"][0], days[1]["origin"][0]],
+        ).fetchall()
+    assert first == [(None,)]
+
+
+def test_a_parser_error_names_the_file_the_line_and_the_fix(landing, days):
+    defs, root, folder = landing
+    lines = _csv(days[1].head(20)).splitlines(keepends=True)
+    lines[4] = lines[4].rstrip(b"\n") + b",surplus\n"  # line 5: one field more than the header
+    (folder / "jan01.csv").write_bytes(b"".join(lines))
+    text = days[2].head(20).with_columns(pl.lit("Montr\u00e9al").alias("tailnum")).write_csv()
+    (folder / "jan02.csv").write_bytes(text.encode("latin-1"))  # line 2 holds 0xe9: not UTF-8
+    (folder / "jan03.csv").write_bytes(_csv(days[3]))
+    settle(root)
+    (request,) = _tick(defs, None).run_requests
+    assert request.tags["ml_assets/files"] == "jan03.csv"
+    _ingest(defs, request)
+    reasons = {Path(r["file"]).name: (r["status"], r["reason"]) for r in _ledger(root).iter_rows(named=True)}
+    status, reason = reasons["jan01.csv"]
+    assert status == "rejected" and str(folder / "jan01.csv") in reason
+    assert f"line 5 has {len(days[1].columns) + 1} fields, the header has {len(days[1].columns)}" in reason
+    status, reason = reasons["jan02.csv"]
+    assert status == "rejected" and str(folder / "jan02.csv") in reason
+    assert "line 2: byte 0xe9" in reason and "save the file as UTF-8" in reason and "encoding:" in reason
+
+
+def test_a_source_that_declares_its_encoding_loads_a_latin1_file(tmp_path, days):
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    for path in default_pipelines_dir().glob("*.yaml"):
+        raw = yaml.safe_load(path.read_text())
+        if "flights" in raw.get("sources", {}):
+            raw["sources"]["flights"]["encoding"] = "latin-1"
+        (pipelines / path.name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = tmp_path / "data"
+    folder = ingest.landing_dir(root, "flights")
+    folder.mkdir(parents=True)
+    defs = build_definitions(pipelines, root)
+    day = days[1].with_columns(pl.lit("Montr\u00e9al").alias("tailnum"))
+    (folder / "jan01.csv").write_bytes(day.write_csv().encode("latin-1"))
+    settle(root)
+    (request,) = _tick(defs, None).run_requests
+    _ingest(defs, request)
+    with connect(warehouse_path(root)) as conn:
+        names = conn.execute("SELECT DISTINCT tailnum FROM validated.flights").fetchall()
+    assert names == [("Montr\u00e9al",)] and _quarantine(root) == {}
