@@ -278,3 +278,45 @@ def test_a_source_that_declares_its_encoding_loads_a_latin1_file(tmp_path, days)
     with connect(warehouse_path(root)) as conn:
         names = conn.execute("SELECT DISTINCT tailnum FROM validated.flights").fetchall()
     assert names == [("Montr\u00e9al",)] and _quarantine(root) == {}
+
+
+def test_a_slow_writer_file_changed_after_it_was_loaded_is_loaded_again_whole(landing, days):
+    defs, root, folder = landing
+    path = folder / "jan01.csv"
+    day = days[1]
+    half = day.height // 2
+    path.write_bytes(_csv(day.head(half)))  # half the rows; the writer pauses past the settle time
+    settle(root)
+    first = _tick(defs, None)
+    (request,) = first.run_requests
+    _ingest(defs, request)
+    assert _raw_by_file(root)[str(path)].height == half
+    with path.open("ab") as out:  # the rest appended, without a header
+        out.write(day.slice(half).write_csv(include_header=False).encode())
+    os.utime(path, (LANDED_AT + 60, LANDED_AT + 60))  # settled, a minute after the first half
+
+    waiting = _tick(defs, first.cursor)  # a new size and mtime: the file settles again first
+    assert not waiting.run_requests and "waiting for jan01.csv to settle" in waiting.skip_reason.skip_message
+    (again,) = _tick(defs, waiting.cursor).run_requests
+    assert again.tags["ml_assets/files"] == "jan01.csv"
+    _ingest(defs, again)
+
+    # Every row once: the file's first rows were replaced, not duplicated, and none of the rest was lost.
+    (loaded,) = _raw_by_file(root).values()
+    assert loaded.select(day.columns).equals(day)
+    assert loaded.get_column("_source_row").to_list() == list(range(1, day.height + 1))
+    with connect(warehouse_path(root)) as conn:
+        valid, quarantined = conn.execute(
+            "SELECT (SELECT count(*) FROM validated.flights), (SELECT count(*) FROM quarantine.flights)"
+        ).fetchone()
+    assert valid + quarantined == day.height
+    rows = {r["status"]: r for r in _ledger(root).iter_rows(named=True)}
+    assert set(rows) == {"loaded", "replaced"}
+    assert rows["loaded"]["sha256"] == sha256_file(path) and rows["loaded"]["rows"] == day.height
+    assert (rows["loaded"]["size"], rows["loaded"]["mtime_ns"]) == (
+        path.stat().st_size,
+        path.stat().st_mtime_ns,
+    )
+    assert rows["replaced"]["rows"] == half and "changed after it was loaded" in rows["replaced"]["reason"]
+    assert "loaded again whole" in rows["replaced"]["reason"]
+    assert not _tick(defs, None).run_requests  # a fresh sensor reading the ledger: nothing left to load

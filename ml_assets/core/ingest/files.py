@@ -332,48 +332,77 @@ def content_key(name: str, path: Path) -> str:
         ) from exc
 
 
+def file_facts(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file as the ledger keeps them; None when it cannot be stat'ed."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
+def _stage(name: str, spec: SourceSpec, batch: Batch, path: Path) -> list[dict[str, object]]:
+    """Stage every piece of one file into the batch; a checked record per piece."""
+    records = []
+    with _reading(name, path):
+        for piece in _scan_file(name, path, spec, None):
+            # Streamed to disk: one file's values are never all in memory, let alone every file's.
+            part = batch.next_part()
+            with piece.named_rows(name):
+                piece.scan.with_columns(pl.lit(piece.label).alias("_source_file")).sink_parquet(part)
+            record = check_batch(name, spec, piece.label, *batch.add(part))
+            if spec.partitions:
+                first, last = file_time_range(name, spec, piece.label, part)
+                _within_partitions(name, spec, piece.label, first, last)
+                record["first_partition"], record["last_partition"] = first, last
+            records.append(record)
+    return records
+
+
 def read_files(
     name: str, spec: SourceSpec, files: list[Path], skip_sha256: set[str] = frozenset()
 ) -> tuple[Batch | None, list[dict[str, object]]]:
     """Every batch of a file source, checked and staged file by file (batch.Batch); a file whose content
     was already read (same sha256 under another name) or was rejected before is skipped, so re-dropping a
-    file never duplicates rows.
+    file never duplicates rows. Each record carries the file's size and mtime_ns as they were before it
+    was hashed; a file whose size or mtime changed while it was read is still being written: the read
+    fails and nothing of it is loaded (a later run reads it whole).
 
     `skip_sha256` holds ledger keys: rejected contents, and the `path:<name>` of entries set aside (an
     unreadable file, a copy): such a name is read only for content no other file holds."""
     batch = Batch()
     records: list[dict[str, object]] = []
     seen = set(skip_sha256)
-    keyed: list[tuple[Path, str]] = []
+    keyed: list[tuple[Path, str, tuple[int, int] | None]] = []
     for path in files:
+        facts = file_facts(path)
         try:
-            keyed.append((path, content_key(name, path)))
+            keyed.append((path, content_key(name, path), facts))
         except RejectedFile as exc:
             if exc.sha256 not in seen:  # unreadable, and not already rejected as such
                 raise
     # A content under several names keeps the name the ledger gave it: recorded copies come last (stable).
     keyed.sort(key=lambda entry: entry_key(entry[0]) in seen)
-    for path, sha in keyed:
+    for path, sha, facts in keyed:
         if sha in seen:
             continue
         seen.add(sha)
         try:
-            with _reading(name, path):
-                for piece in _scan_file(name, path, spec, None):
-                    label = piece.label
-                    # Streamed to disk: one file's values are never all in memory, let alone every file's.
-                    part = batch.next_part()
-                    with piece.named_rows(name):
-                        piece.scan.with_columns(pl.lit(label).alias("_source_file")).sink_parquet(part)
-                    record = check_batch(name, spec, label, *batch.add(part))
-                    if spec.partitions:
-                        first, last = file_time_range(name, spec, label, part)
-                        _within_partitions(name, spec, label, first, last)
-                        record["first_partition"], record["last_partition"] = first, last
-                    records.append({**record, "path": str(path), "sha256": sha})
+            staged = _stage(name, spec, batch, path)
         except SourceError as exc:
             batch.folder.cleanup()  # now, not whenever the traceback holding the batch is collected
             raise RejectedFile(str(exc), path, sha) from exc
+        if file_facts(path) != facts:
+            batch.folder.cleanup()
+            raise SourceError(
+                f"source '{name}': file {path} changed while it was read (still being written); nothing was "
+                "loaded. A later run reads it whole once it has settled; a writer that cannot finish in one "
+                "go should write .<name>.tmp and rename it when complete"
+            )
+        size, mtime_ns = facts or (None, None)
+        records += [
+            {**r, "path": str(path), "sha256": sha, "size": size, "mtime_ns": mtime_ns} for r in staged
+        ]
     return (batch if batch.parts else None), records
 
 

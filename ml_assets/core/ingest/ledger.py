@@ -4,7 +4,9 @@ ignored, and why; and the scan the landing sensor runs over a folder on each tic
 Rows are keyed by (source, sha256): a data file by its content, so a re-dropped or renamed copy is the same
 row; an entry with no content to hash (a directory, a socket, an unreadable file) or whose content another
 entry already holds (a copy) by `path:<name>` (files.entry_key), so it keeps one row however often it is
-seen. Batches still being written (files.landing_entries' naming rule) get no row: each upload would leave
+seen. A data file's row also keeps its size and mtime_ns when it was read. A file loaded under a name
+that held other content before changed after it was loaded: the run read it again whole (replacing its
+rows, never adding to them) and the earlier content's row becomes `replaced`, with the reason. Batches still being written (files.landing_entries' naming rule) get no row: each upload would leave
 one for a name that exists for seconds, and replay keeps its own state file there.
 """
 
@@ -20,7 +22,14 @@ import duckdb
 import polars as pl
 
 from ml_assets.core.errors import RejectedFile
-from ml_assets.core.ingest.files import ENTRY_KEY, content_key, entry_key, landing_entries, read_files
+from ml_assets.core.ingest.files import (
+    ENTRY_KEY,
+    content_key,
+    entry_key,
+    file_facts,
+    landing_entries,
+    read_files,
+)
 from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.store import LANDING_FILES, insert_many
 
@@ -28,12 +37,15 @@ from ml_assets.core.store import LANDING_FILES, insert_many
 # does not rename): the sensor reads it on a later tick. Writers flush far more often than this, and it
 # stays well under the sensor's 10 s interval, so a finished file waits one or two ticks at most.
 SETTLE_SECONDS = 5.0
+# The reason a file's earlier content gets (status `replaced`) once the file was loaded again whole.
+CHANGED = "changed after it was loaded"
 
 
 def record_files(
     conn: duckdb.DuckDBPyConnection, source: str, rows: list[dict[str, object]], run_id: str
 ) -> None:
-    """Upsert ledger rows (keys: source, sha256; fields: file, rows, first/last_partition, status, reason).
+    """Upsert ledger rows (keys: source, sha256; fields: file, size, mtime_ns, rows, first/last_partition,
+    status, reason). A loaded file whose name held other content marks that content `replaced`.
 
     A row keyed by content replaces its entry's `path:<name>` row: the file was unreadable, or a
     directory, before it became this content."""
@@ -47,6 +59,7 @@ def record_files(
         conn.execute(
             f"DELETE FROM {LANDING_FILES} WHERE source = ? AND list_contains(?, sha256)", [source, superseded]
         )
+    _replace_earlier(conn, source, [r for r in rows if r["status"] == "loaded"], run_id, now)
     insert_many(
         conn,
         LANDING_FILES,
@@ -55,6 +68,8 @@ def record_files(
                 "source": source,
                 "sha256": r["sha256"],
                 "file": r["file"],
+                "size": r.get("size"),
+                "mtime_ns": r.get("mtime_ns"),
                 "rows": r.get("rows"),
                 "first_partition": r.get("first_partition"),
                 "last_partition": r.get("last_partition"),
@@ -67,6 +82,49 @@ def record_files(
         ),
         replace=True,
     )
+
+
+def _replace_earlier(
+    conn: duckdb.DuckDBPyConnection,
+    source: str,
+    loaded: list[dict[str, object]],
+    run_id: str,
+    now: dt.datetime,
+) -> None:
+    """A file loaded under a name that held other content before changed after it was loaded: the run
+    read it again whole and replaced its rows, and the earlier content's row says so."""
+    for r in loaded:
+        conn.execute(
+            f"UPDATE {LANDING_FILES} SET status = 'replaced', reason = ?, recorded_at = ? "
+            "WHERE source = ? AND file = ? AND status = 'loaded' AND sha256 <> ?",
+            [
+                f"{CHANGED} (now {r.get('size')} bytes, sha256 {str(r['sha256'])[:12]}...): loaded again whole "
+                f"by run {run_id or '(unknown)'}, its rows replaced",
+                now,
+                source,
+                r["file"],
+                r["sha256"],
+            ],
+        )
+
+
+def changed_after_load(conn: duckdb.DuckDBPyConnection, source: str, files: list[Path]) -> list[str]:
+    """'<file>: <what changed>' for each file whose size or modification time differs from what the ledger
+    kept when it was loaded: a run reads it again whole (its new content is not in the ledger)."""
+    kept = conn.execute(
+        f"SELECT file, size, mtime_ns FROM {LANDING_FILES} WHERE source = ? AND status = 'loaded' "
+        "AND size IS NOT NULL",
+        [source],
+    ).fetchall()
+    facts = {file: (size, mtime_ns) for file, size, mtime_ns in kept}
+    changed = []
+    for path in files:
+        before, now = facts.get(str(path)), file_facts(path)
+        if before and now and before != now:
+            changed.append(
+                f"{path}: {before[0]} -> {now[0]} bytes, modified {dt.datetime.fromtimestamp(now[1] / 1e9, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+            )
+    return changed
 
 
 def rejected_sha256(conn: duckdb.DuckDBPyConnection, source: str) -> set[str]:
