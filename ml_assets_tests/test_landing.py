@@ -248,3 +248,57 @@ def test_corrupt_landed_file_is_rejected_with_its_reason_and_loads_nothing(proje
     # A run over January (e.g. a backfill) skips the rejected file; nothing loaded changes.
     assert _run(defs, request).success
     assert _counts(root, "flights", "2013-01-01", "2013-01-31") == before
+
+
+@pytest.mark.slow  # a whole run (2 min); test_landing_entries lands such a file through the source layers
+def test_nan_and_infinity_in_a_landed_file_are_quarantined_or_missing_and_the_run_succeeds(project, months):
+    proj, defs, root = project
+    replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 6, 30))
+    path = ingest.landing_dir(root, "flights") / "flights_2013-02-01_2013-02-28.csv"
+    rows = pl.read_csv(path, infer_schema=False).with_row_index("i", offset=1)
+    # Rows 1-10: a NaN arrival delay (the target's input); 11-15: +inf departure delay (no range: the
+    # finite rule); 16-18: -inf air time (below its min 0). Polars and DuckDB read all of them as floats.
+    rows.with_columns(
+        pl.when(pl.col("i") <= 10).then(pl.lit("NaN")).otherwise(pl.col("arr_delay")).alias("arr_delay"),
+        pl.when(pl.col("i").is_between(11, 15))
+        .then(pl.lit("inf"))
+        .otherwise(pl.col("dep_delay"))
+        .alias("dep_delay"),
+        pl.when(pl.col("i").is_between(16, 18))
+        .then(pl.lit("-inf"))
+        .otherwise(pl.col("air_time"))
+        .alias("air_time"),
+    ).drop("i").write_csv(path)
+    settle(root)
+    (request,) = _tick(defs, None).run_requests
+    assert _run(defs, request).success  # training, plots, profile and monitors saw no NaN or infinity
+
+    with connect(warehouse_path(root)) as conn:
+        quarantined = conn.execute(
+            "SELECT _source_row, _rule, _column, _reasons FROM quarantine.flights WHERE _source_file = ? "
+            "AND _source_row <= 18 ORDER BY _source_row",
+            [str(path)],
+        ).fetchall()
+        nan_rows = conn.execute(
+            "SELECT count(*), count(v.arr_delay) FROM validated.flights v JOIN raw.flights r USING "
+            "(year, month, day, carrier, flight, origin) WHERE r._source_file = ? AND r._source_row <= 10",
+            [str(path)],
+        ).fetchone()
+        non_finite = conn.execute(
+            "SELECT count(*) FROM validated.flights WHERE isinf(dep_delay) OR isnan(dep_delay) "
+            "OR isinf(arr_delay) OR isnan(arr_delay) OR isinf(air_time) OR isnan(air_time)"
+        ).fetchone()[0]
+        trained_on = conn.execute(
+            "SELECT count(*) FROM flight_delay.modelling_table m JOIN raw.flights r USING "
+            "(year, month, day, carrier, flight, origin) WHERE r._source_file = ? AND r._source_row <= 10",
+            [str(path)],
+        ).fetchone()[0]
+    assert [(r, rule, column) for r, rule, column, _ in quarantined] == [
+        *((r, "finite", "dep_delay") for r in range(11, 16)),
+        *((r, "min", "air_time") for r in range(16, 19)),
+    ]
+    assert "dep_delay: inf is not a finite number (rule finite)" in quarantined[0][3]
+    assert "air_time: -inf is below min 0" in quarantined[-1][3]
+    # The NaN delays are missing values: the rows stay valid, and without a target they are not trained on.
+    assert nan_rows == (10, 0)
+    assert non_finite == 0 and trained_on == 0

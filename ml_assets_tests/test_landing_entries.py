@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
+import yaml
 
 from ml_assets.core import ingest
 from ml_assets.core.hashing import sha256_file
@@ -250,3 +251,124 @@ def test_the_cursor_holds_only_entries_not_yet_in_the_ledger(landing):
     after = tick(defs, pending.cursor)
     assert not after.run_requests and after.cursor == empty
     assert _ledger(root).get_column("status").to_list() == ["ignored"] * 300
+
+
+def _quarantine(root: Path) -> dict[tuple[str, int], tuple[str, str, str]]:
+    with connect(warehouse_path(root)) as conn:
+        rows = conn.execute(
+            "SELECT _source_file, _source_row, _rule, _column, _reasons FROM quarantine.flights"
+        )
+        return {(file, row): (rule, column, reasons) for file, row, rule, column, reasons in rows.fetchall()}
+
+
+def test_nan_is_missing_and_infinity_is_quarantined_with_its_column_file_and_row(landing, days):
+    defs, root, folder = landing
+    path = folder / "jan01.csv"
+    day = days[1].with_row_index("i", offset=1)
+    day.with_columns(
+        pl.when(pl.col("i") == 1).then(pl.lit("NaN")).otherwise(pl.col("arr_delay")).alias("arr_delay"),
+        pl.when(pl.col("i") == 2).then(pl.lit("inf")).otherwise(pl.col("dep_delay")).alias("dep_delay"),
+        pl.when(pl.col("i") == 3).then(pl.lit("-inf")).otherwise(pl.col("distance")).alias("distance"),
+    ).drop("i").write_csv(path)
+    settle(root)
+    request, _ = land(defs, None)
+    assert request is not None
+    _ingest(defs, request)
+    assert _ledger(root).get_column("status").to_list() == ["loaded"]
+    quarantined = _quarantine(root)
+    assert set(quarantined) == {(str(path), 2), (str(path), 3)}  # the NaN row is valid, its delay missing
+    rule, column, reasons = quarantined[(str(path), 2)]
+    assert (rule, column) == ("finite", "dep_delay") and "dep_delay: inf is not a finite number" in reasons
+    rule, column, reasons = quarantined[(str(path), 3)]
+    assert (rule, column) == ("min", "distance") and "distance: -inf is below min 1" in reasons
+    with connect(warehouse_path(root)) as conn:
+        first = conn.execute(
+            "SELECT arr_delay FROM validated.flights WHERE flight = ? AND carrier = ? AND origin = ?",
+            [int(days[1]["flight"][0]), days[1]["carrier"][0], days[1]["origin"][0]],
+        ).fetchall()
+    assert first == [(None,)]
+
+
+def test_a_parser_error_names_the_file_the_line_and_the_fix(landing, days):
+    defs, root, folder = landing
+    lines = _csv(days[1].head(20)).splitlines(keepends=True)
+    lines[4] = lines[4].rstrip(b"\n") + b",surplus\n"  # line 5: one field more than the header
+    (folder / "jan01.csv").write_bytes(b"".join(lines))
+    text = days[2].head(20).with_columns(pl.lit("Montr\u00e9al").alias("tailnum")).write_csv()
+    (folder / "jan02.csv").write_bytes(text.encode("latin-1"))  # line 2 holds 0xe9: not UTF-8
+    (folder / "jan03.csv").write_bytes(_csv(days[3]))
+    settle(root)
+    request, _ = land(defs, None)
+    assert request is not None and request.tags["ml_assets/files"] == "jan03.csv"
+    _ingest(defs, request)
+    reasons = {Path(r["file"]).name: (r["status"], r["reason"]) for r in _ledger(root).iter_rows(named=True)}
+    status, reason = reasons["jan01.csv"]
+    assert status == "rejected" and str(folder / "jan01.csv") in reason
+    assert f"line 5 has {len(days[1].columns) + 1} fields, the header has {len(days[1].columns)}" in reason
+    status, reason = reasons["jan02.csv"]
+    assert status == "rejected" and str(folder / "jan02.csv") in reason
+    assert "line 2: byte 0xe9" in reason and "save the file as UTF-8" in reason and "encoding:" in reason
+
+
+def test_a_source_that_declares_its_encoding_loads_a_latin1_file(tmp_path, days):
+    pipelines = tmp_path / "pipelines"
+    pipelines.mkdir()
+    for path in default_pipelines_dir().glob("*.yaml"):
+        raw = yaml.safe_load(path.read_text())
+        if "flights" in raw.get("sources", {}):
+            raw["sources"]["flights"]["encoding"] = "latin-1"
+        (pipelines / path.name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = tmp_path / "data"
+    folder = ingest.landing_dir(root, "flights")
+    folder.mkdir(parents=True)
+    defs = build_definitions(pipelines, root)
+    day = days[1].with_columns(pl.lit("Montr\u00e9al").alias("tailnum"))
+    (folder / "jan01.csv").write_bytes(day.write_csv().encode("latin-1"))
+    settle(root)
+    request, _ = land(defs, None)
+    assert request is not None
+    _ingest(defs, request)
+    with connect(warehouse_path(root)) as conn:
+        names = conn.execute("SELECT DISTINCT tailnum FROM validated.flights").fetchall()
+    assert names == [("Montr\u00e9al",)] and _quarantine(root) == {}
+
+
+def test_a_slow_writer_file_changed_after_it_was_loaded_is_loaded_again_whole(landing, days):
+    defs, root, folder = landing
+    path = folder / "jan01.csv"
+    day = days[1]
+    half = day.height // 2
+    path.write_bytes(_csv(day.head(half)))  # half the rows; the writer pauses past the settle time
+    settle(root)
+    request, cursor = land(defs, None)
+    assert request is not None
+    _ingest(defs, request)
+    assert _raw_by_file(root)[str(path)].height == half
+    with path.open("ab") as out:  # the rest appended, without a header
+        out.write(day.slice(half).write_csv(include_header=False).encode())
+    os.utime(path, (LANDED_AT + 60, LANDED_AT + 60))  # settled, a minute after the first half
+
+    # The ledger recorded the first half's size and mtime: the tick sees the file changed, and hands it over.
+    again, cursor = land(defs, cursor)
+    assert again is not None and again.tags["ml_assets/files"] == "jan01.csv"
+    _ingest(defs, again)
+
+    # Every row once: the file's first rows were replaced, not duplicated, and none of the rest was lost.
+    (loaded,) = _raw_by_file(root).values()
+    assert loaded.select(day.columns).equals(day)
+    assert loaded.get_column("_source_row").to_list() == list(range(1, day.height + 1))
+    with connect(warehouse_path(root)) as conn:
+        valid, quarantined = conn.execute(
+            "SELECT (SELECT count(*) FROM validated.flights), (SELECT count(*) FROM quarantine.flights)"
+        ).fetchone()
+    assert valid + quarantined == day.height
+    rows = {r["status"]: r for r in _ledger(root).iter_rows(named=True)}
+    assert set(rows) == {"loaded", "replaced"}
+    assert rows["loaded"]["sha256"] == sha256_file(path) and rows["loaded"]["rows"] == day.height
+    assert (rows["loaded"]["size"], rows["loaded"]["mtime_ns"]) == (
+        path.stat().st_size,
+        path.stat().st_mtime_ns,
+    )
+    assert rows["replaced"]["rows"] == half and "changed after it was loaded" in rows["replaced"]["reason"]
+    assert "loaded again whole" in rows["replaced"]["reason"]
+    assert land(defs, None)[0] is None  # a fresh sensor reading the ledger: nothing left to load

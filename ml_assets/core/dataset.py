@@ -239,7 +239,11 @@ def _joined_rows(
 
 
 def _order(pipeline: PipelineSpec) -> str:
-    return q(pipeline.timestamp) if pipeline.timestamp else ", ".join(q(c) for c in pipeline.row_id)
+    """The modelling table's row order, a total one: rows share timestamps (flights of one scheduled hour)
+    and DuckDB's parallel sort leaves ties in whatever order its threads finished, so a busy machine gave
+    the model its rows in another order (a different model, bench/scale.py's same_outputs=False)."""
+    ids = [q(c) for c in pipeline.row_id]
+    return ", ".join([q(pipeline.timestamp), *ids] if pipeline.timestamp else ids)
 
 
 def _build(

@@ -172,6 +172,12 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             WHERE regexp_matches(asset, '^(raw|validated|quarantine)/[^/]+$')
                 AND NOT ends_with(asset, '_' || split_part(asset, '/', 1))""",
     ),
+    (
+        "the landing ledger keeps each file's size and modification time when it was read, so a file that "
+        "changes after it was loaded is seen without hashing it (and loaded again whole)",
+        f"""ALTER TABLE {LANDING_FILES} ADD COLUMN IF NOT EXISTS size BIGINT;
+        ALTER TABLE {LANDING_FILES} ADD COLUMN IF NOT EXISTS mtime_ns BIGINT""",
+    ),
 )
 LATEST = len(MIGRATIONS)
 

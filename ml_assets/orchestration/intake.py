@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from ml_assets.core import ingest
-from ml_assets.core.ingest.ledger import content_holders, intake
+from ml_assets.core.ingest.ledger import content_holders, intake, ledger_names
 from ml_assets.core.spec import Project
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
@@ -38,10 +38,10 @@ def intake_job(project: Project) -> dg.JobDefinition:
             )
         for name, names in config.files.items():
             with warehouse.get_connection() as conn:
-                holders = content_holders(conn, name)
+                holders, known = content_holders(conn, name), ledger_names(conn, name)
             # Read outside the warehouse connection: a large file must not hold the write lock.
             folder = ingest.landing_dir(Path(artifacts.root), name)
-            rows = intake(name, landing[name], folder, set(names), holders)
+            rows = intake(name, landing[name], folder, set(names), holders, known)
             with warehouse.get_connection() as conn:
                 ingest.record_files(conn, name, rows, context.run.run_id)
             for row in rows:  # a rejection's reason names the file

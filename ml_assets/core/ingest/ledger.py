@@ -5,7 +5,9 @@ times, never contents); and the intake a run does for what it detected (hash, re
 Rows are keyed by (source, sha256): a data file by its content, so a re-dropped or renamed copy is the same
 row; an entry with no content to hash (a directory, a socket, an unreadable file) or whose content another
 entry already holds (a copy) by `path:<name>` (files.entry_key), so it keeps one row however often it is
-seen. Batches still being written (files.landing_entries' naming rule) get no row: each upload would leave
+seen. A data file's row also keeps its size and mtime_ns when it was read. A file loaded under a name
+that held other content before changed after it was loaded: the run read it again whole (replacing its
+rows, never adding to them) and the earlier content's row becomes `replaced`, with the reason. Batches still being written (files.landing_entries' naming rule) get no row: each upload would leave
 one for a name that exists for seconds, and replay keeps its own state file there.
 """
 
@@ -21,7 +23,14 @@ import duckdb
 import polars as pl
 
 from ml_assets.core.errors import RejectedFile
-from ml_assets.core.ingest.files import ENTRY_KEY, content_key, entry_key, landing_entries, read_files
+from ml_assets.core.ingest.files import (
+    ENTRY_KEY,
+    content_key,
+    entry_key,
+    file_facts,
+    landing_entries,
+    read_files,
+)
 from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.store import LANDING_FILES, insert_many
 
@@ -29,12 +38,15 @@ from ml_assets.core.store import LANDING_FILES, insert_many
 # does not rename): the sensor hands it over on a later tick. Writers flush far more often than this, and it
 # stays well under the sensor's 10 s interval, so a finished file waits one or two ticks at most.
 SETTLE_SECONDS = 5.0
+# The reason a file's earlier content gets (status `replaced`) once the file was loaded again whole.
+CHANGED = "changed after it was loaded"
 
 
 def record_files(
     conn: duckdb.DuckDBPyConnection, source: str, rows: list[dict[str, object]], run_id: str
 ) -> None:
-    """Upsert ledger rows (keys: source, sha256; fields: file, rows, first/last_partition, status, reason).
+    """Upsert ledger rows (keys: source, sha256; fields: file, size, mtime_ns, rows, first/last_partition,
+    status, reason). A loaded file whose name held other content marks that content `replaced`.
 
     A row keyed by content replaces its entry's `path:<name>` row: the file was unreadable, or a
     directory, before it became this content."""
@@ -48,6 +60,7 @@ def record_files(
         conn.execute(
             f"DELETE FROM {LANDING_FILES} WHERE source = ? AND list_contains(?, sha256)", [source, superseded]
         )
+    _replace_earlier(conn, source, [r for r in rows if r["status"] == "loaded"], run_id, now)
     insert_many(
         conn,
         LANDING_FILES,
@@ -56,6 +69,8 @@ def record_files(
                 "source": source,
                 "sha256": r["sha256"],
                 "file": r["file"],
+                "size": r.get("size"),
+                "mtime_ns": r.get("mtime_ns"),
                 "rows": r.get("rows"),
                 "first_partition": r.get("first_partition"),
                 "last_partition": r.get("last_partition"),
@@ -68,6 +83,49 @@ def record_files(
         ),
         replace=True,
     )
+
+
+def _replace_earlier(
+    conn: duckdb.DuckDBPyConnection,
+    source: str,
+    loaded: list[dict[str, object]],
+    run_id: str,
+    now: dt.datetime,
+) -> None:
+    """A file loaded under a name that held other content before changed after it was loaded: the run
+    read it again whole and replaced its rows, and the earlier content's row says so."""
+    for r in loaded:
+        conn.execute(
+            f"UPDATE {LANDING_FILES} SET status = 'replaced', reason = ?, recorded_at = ? "
+            "WHERE source = ? AND file = ? AND status = 'loaded' AND sha256 <> ?",
+            [
+                f"{CHANGED} (now {r.get('size')} bytes, sha256 {str(r['sha256'])[:12]}...): loaded again whole "
+                f"by run {run_id or '(unknown)'}, its rows replaced",
+                now,
+                source,
+                r["file"],
+                r["sha256"],
+            ],
+        )
+
+
+def changed_after_load(conn: duckdb.DuckDBPyConnection, source: str, files: list[Path]) -> list[str]:
+    """'<file>: <what changed>' for each file whose size or modification time differs from what the ledger
+    kept when it was loaded: a run reads it again whole (its new content is not in the ledger)."""
+    kept = conn.execute(
+        f"SELECT file, size, mtime_ns FROM {LANDING_FILES} WHERE source = ? AND status = 'loaded' "
+        "AND size IS NOT NULL",
+        [source],
+    ).fetchall()
+    facts = {file: (size, mtime_ns) for file, size, mtime_ns in kept}
+    changed = []
+    for path in files:
+        before, now = facts.get(str(path)), file_facts(path)
+        if before and now and before != now:
+            changed.append(
+                f"{path}: {before[0]} -> {now[0]} bytes, modified {dt.datetime.fromtimestamp(now[1] / 1e9, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+            )
+    return changed
 
 
 def rejected_sha256(conn: duckdb.DuckDBPyConnection, source: str) -> set[str]:
@@ -103,10 +161,34 @@ def _entry_name(file: str) -> str:
     return Path(re.split(r"(?i)(?<=\.zip)!", file, maxsplit=1)[0]).name
 
 
-def ledger_names(conn: duckdb.DuckDBPyConnection, source: str) -> set[str]:
-    """Names of the landing entries the ledger holds a row for (loaded, checked, rejected or ignored)."""
-    rows = conn.execute(f"SELECT file FROM {LANDING_FILES} WHERE source = ?", [source]).fetchall()
-    return {_entry_name(file) for (file,) in rows}
+Stamp = tuple[int, int]
+
+
+def ledger_names(conn: duckdb.DuckDBPyConnection, source: str) -> dict[str, Stamp | None]:
+    """Names of the landing entries the ledger holds a row for (loaded, checked, rejected or ignored),
+    each with the (size, mtime_ns) its latest loaded or checked content had when it was read: an entry
+    whose stamp differs now changed after it was read, and is handed over again (None: no stamp kept)."""
+    rows = conn.execute(
+        f"SELECT file, size, mtime_ns, status IN ('loaded', 'checked') AND size IS NOT NULL AS stamped "
+        f"FROM {LANDING_FILES} WHERE source = ? ORDER BY recorded_at",
+        [source],
+    ).fetchall()
+    known: dict[str, Stamp | None] = {}
+    for file, size, mtime_ns, stamped in rows:
+        name = _entry_name(file)
+        if stamped and "!" not in file:
+            known[name] = (int(size), int(mtime_ns))
+        else:
+            known.setdefault(name, None)
+    return known
+
+
+def unchanged(known: dict[str, Stamp | None], name: str, stamp: list[int] | tuple[int, int] | None) -> bool:
+    """The ledger holds the entry as it is now (or keeps no stamp of it to tell otherwise)."""
+    if name not in known:
+        return False
+    recorded = known[name]
+    return recorded is None or stamp is None or tuple(stamp) == recorded
 
 
 def checked_rows(conn: duckdb.DuckDBPyConnection, sources: list[str]) -> pl.DataFrame:
@@ -147,9 +229,10 @@ class Detection:
     settling: list[str]  # data files modified too recently to hand over yet
 
 
-def detect(folder: Path, known: set[str], watch: FolderWatch) -> Detection:
+def detect(folder: Path, known: dict[str, Stamp | None], watch: FolderWatch) -> Detection:
     """One sensor tick over a landing folder, from names, sizes and modification times only: no file is
-    opened. `known` are the names the ledger holds; `watch` is updated for the next tick.
+    opened. `known` are the names the ledger holds (ledger_names); one whose size or mtime differs from
+    what the ledger recorded is detected again; `watch` is updated for the next tick.
 
     A data file is handed over once stable: modified at least SETTLE_SECONDS ago, and with the size and
     mtime the previous tick saw, if it saw the file (that test holds even when the writer's clock is not
@@ -162,13 +245,13 @@ def detect(folder: Path, known: set[str], watch: FolderWatch) -> Detection:
     now = time.time()
     for entry in landing_entries(folder):
         name = entry.path.name
-        if name in known:
-            continue
         try:
             info = entry.path.stat()
             stamp: list[int] | None = [info.st_size, info.st_mtime_ns]
         except OSError:
             stamp = None  # a dangling symlink: the intake run says why it cannot be read
+        if unchanged(known, name, stamp):
+            continue
         if name in watch.requested and watch.requested[name] == stamp:
             requested[name] = watch.requested[name]  # its intake run has not recorded it yet
             continue
@@ -194,6 +277,8 @@ def _checked(path: Path, records: list[dict[str, object]]) -> dict[str, object]:
         "rows": sum(int(r["rows"]) for r in records),  # type: ignore[call-overload]
         "first_partition": min(firsts) if firsts else None,
         "last_partition": max(lasts) if lasts else None,
+        "size": records[0].get("size"),
+        "mtime_ns": records[0].get("mtime_ns"),
         "status": "checked",
         "reason": "",
     }
@@ -206,19 +291,23 @@ def content_holders(conn: duckdb.DuckDBPyConnection, source: str) -> dict[str, s
 
 
 def intake(
-    name: str, spec: SourceSpec, folder: Path, names: set[str], holders: dict[str, str]
+    name: str,
+    spec: SourceSpec,
+    folder: Path,
+    names: set[str],
+    holders: dict[str, str],
+    known: dict[str, Stamp | None],
 ) -> list[dict[str, object]]:
     """Hash, read and check these entries of a landing folder, as the raw asset would read them, so an
     unusable file is rejected before a load touches a table; returns the ledger rows to record: checked
     (with the partitions it touches), rejected or ignored with the reason. `holders` is content_holders:
-    an entry the ledger already holds is skipped, so a repeated or overlapping intake records nothing
-    twice."""
+    an entry the ledger already holds as it is now (`known`: ledger_names) is skipped, so a repeated or
+    overlapping intake records nothing twice, while one that changed after it was read is read again."""
     holders = dict(holders)
-    known = set(holders.values())
     rows: list[dict[str, object]] = []
     for entry in landing_entries(folder):
         path = entry.path
-        if path.name not in names or path.name in known:
+        if path.name not in names or unchanged(known, path.name, file_facts(path)):
             continue
         if entry.reason:
             rows.append(

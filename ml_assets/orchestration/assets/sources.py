@@ -99,6 +99,11 @@ def raw_asset(name: str, spec: SourceSpec, base_dir: Path) -> dg.AssetsDefinitio
         context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
     ) -> dg.MaterializeResult:
         window = run_window(context) if spec.partitions else None
+        if spec.landing:
+            with warehouse.get_connection() as conn:
+                files = ingest.resolve_files(name, spec, base_dir, Path(artifacts.root))
+                for change in ingest.changed_after_load(conn, name, files):
+                    context.log.info(f"changed after it was loaded, read again whole: {change}")
         started = time.monotonic()
         batch, records, window = user_errors_as_failures(
             lambda: read_batch(name, spec, base_dir, Path(artifacts.root), warehouse, window)
