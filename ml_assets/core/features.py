@@ -23,7 +23,7 @@ from ml_assets.core.errors import ArtifactError, DatasetError
 from ml_assets.core.hashing import sha256_file
 from ml_assets.core.spec import FeatureSpec, PipelineSpec, resolve_function
 from ml_assets.core.sql import q
-from ml_assets.core.store import transaction
+from ml_assets.core.store import transactions
 
 MISSING = "__missing__"
 FORMAT_VERSION = 1
@@ -286,9 +286,10 @@ def build_features(
                 finally:
                     conn.unregister("_features")
                 rows += table.height
-        with transaction(conn):
-            conn.execute(f"DROP TABLE IF EXISTS {target}")
-            conn.execute(f"ALTER TABLE {building} RENAME TO features")
+        for attempt in transactions(conn, target):
+            with attempt:
+                conn.execute(f"DROP TABLE IF EXISTS {target}")
+                conn.execute(f"ALTER TABLE {building} RENAME TO features")
     finally:
         conn.execute(f"DROP TABLE IF EXISTS {building}")
     return FeaturesResult(

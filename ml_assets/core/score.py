@@ -4,7 +4,7 @@ asset (`<pipeline>.predictions`), the `ml-assets predict` command and the online
 Batch scores live in a per-pipeline table, beside the pipeline's modelling table: their columns are the
 pipeline's id columns, which differ from pipeline to pipeline, so they cannot be one platform table of
 store.py. Every row names the version that scored it and when. A partition window is re-scored by deleting
-its rows and inserting the new ones in one transaction, chunk by chunk, so memory stays bounded by
+its rows and inserting the new ones in one transactions, chunk by chunk, so memory stays bounded by
 `serving.chunk_rows` whatever the partition's size, and a reader sees the old scores or the new ones.
 
 The same rows are readable as Parquet: one file per partition, `<data>/predictions/<pipeline>/<partition>
@@ -33,7 +33,7 @@ from ml_assets.core.ingest import TimeWindow, window_condition
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.sql import lit, q, table_exists
-from ml_assets.core.store import transaction
+from ml_assets.core.store import transactions
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 SCORE_COLUMNS = ("score", "decision", "version", "scored_at")
@@ -218,9 +218,10 @@ def score_window(
                 finally:
                     conn.unregister("__scores")
                 rows += chunk.height
-        with transaction(conn):
-            replaced = conn.execute(f"DELETE FROM {table} WHERE {where}").fetchone()[0]
-            conn.execute(f"INSERT INTO {table} SELECT * FROM __scored")
+        for attempt in transactions(conn, table):
+            with attempt:
+                replaced = conn.execute(f"DELETE FROM {table} WHERE {where}").fetchone()[0]
+                conn.execute(f"INSERT INTO {table} SELECT * FROM __scored")
     finally:
         conn.execute("DROP TABLE IF EXISTS __scored")
     return ScoreRun(found.version, rows, replaced, window, score_summary(conn, pipeline, where), rebuilt)

@@ -3,7 +3,7 @@
 Every configured column is coerced to its type; a row that fails any rule (wrong type, not-null, range,
 allowed values, pattern, timezone, duplicate id) goes to quarantine with the first failing rule and
 column, a readable reason for every failure, and its file and line. Both tables are replaced in one
-transaction, so a failed validation never leaves a half-written pair.
+transactions, so a failed validation never leaves a half-written pair.
 
 Datetimes are stored as naive UTC: a value with an offset (`-05:00`, `Z`) is converted to its UTC instant,
 one without is taken as UTC. `timezones: reject` instead quarantines values whose offset is not the most
@@ -39,7 +39,7 @@ from ml_assets.core.sql import (
     replace_rows,
     table_columns,
 )
-from ml_assets.core.store import CHECK_RESULTS, insert, transaction
+from ml_assets.core.store import CHECK_RESULTS, insert, transactions
 
 
 @dataclass(frozen=True)
@@ -320,18 +320,19 @@ def validate_source(
             SELECT {raw_cols}, __f[1].rule AS _rule, __f[1].column AS _column,
                    array_to_string(list_transform(__f, lambda __r: __r.reason), '; ') AS _reasons
             FROM __checked WHERE len(__f) > 0 ORDER BY _source_file, _source_row""")
-        with transaction(conn):
-            conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
-            conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
-            changed = _changed_range(conn, name, where, partitioned)
-            for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
-                if where:
-                    drop_unpartitioned(conn, schema, name)
-                    replace_rows(conn, f"{schema}.{q(name)}", temp, where)
-                else:
-                    conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
-            if changed is not None:
-                changes.record(conn, name, *changed)
+        for attempt in transactions(conn, f"validated.{name}"):
+            with attempt:
+                conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
+                conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
+                changed = _changed_range(conn, name, where, partitioned)
+                for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
+                    if where:
+                        drop_unpartitioned(conn, schema, name)
+                        replace_rows(conn, f"{schema}.{q(name)}", temp, where)
+                    else:
+                        conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
+                if changed is not None:
+                    changes.record(conn, name, *changed)
         raw_rows = conn.execute("SELECT count(*) FROM __checked").fetchone()[0]
         valid_rows = conn.execute("SELECT count(*) FROM __valid").fetchone()[0]
         by_rule = [
