@@ -21,7 +21,7 @@ import yaml
 from ml_assets.core import registry
 from ml_assets.core.ingest import package_file
 from ml_assets.core.spec import default_pipelines_dir, load_project
-from ml_assets.core.store import connect, warehouse_path
+from ml_assets.core.store import connect, warehouse
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.partitions import all_partitions_tags
 from ml_assets_tests.postgres_server import postgres_unavailable_reason, running_postgres
@@ -115,7 +115,7 @@ def materialize_all(
     judged = {e.asset_key for e in result.get_asset_materialization_events()}
     gated = [p for p in project.pipelines if dg.AssetKey([p, "promotion"]) in judged]
     if gated:
-        with connect(warehouse_path(root)) as conn:
+        with connect(warehouse(root)) as conn:
             without = [p for p in gated if registry.alias_version(conn, p, registry.CHAMPION) is None]
         assert not without, f"pipeline(s) {without}: the promotion step ran and left no champion"
     return result

@@ -113,6 +113,9 @@ WRITER = textwrap.dedent("""
 """)
 
 
+# Slow: ~30 s on a busy machine, most of it two interpreters starting; the in-process conflict test below
+# covers the retry in the default run.
+@pytest.mark.slow
 def test_two_processes_writing_the_same_tables_at_once_both_succeed_with_all_rows(new_lake, tmp_path):
     url, data = new_lake()
     with store.connect(url, data) as conn:
