@@ -33,7 +33,7 @@ from ml_assets.core.ingest import TimeWindow, window_condition
 from ml_assets.core.serve import ServableModel
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.sql import lit, q, table_exists
-from ml_assets.core.store import transactions
+from ml_assets.core.store import cursor, transactions
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 SCORE_COLUMNS = ("score", "decision", "version", "scored_at")
@@ -199,7 +199,7 @@ def score_window(
     # statement in a transaction: inserting every chunk inside the transaction would hold them all in
     # memory until it commits (10M rows: +4 GiB).
     try:
-        with conn.cursor() as reader:
+        with cursor(conn) as reader:
             batches = reader.execute(
                 f"SELECT {select} FROM {table_name(pipeline)} WHERE {where}"
             ).to_arrow_reader(pipeline.serving.chunk_rows)

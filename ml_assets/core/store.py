@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 
 from ml_assets.core.errors import StoreError
-from ml_assets.core.sql import lit, table_exists
+from ml_assets.core.sql import lit, q, table_exists
 
 DATA_DIR_ENV = "ML_ASSETS_DATA_DIR"
 # Where the tables live: unset, `<data dir>/warehouse.duckdb`; else a DuckDB file path or a DuckLake
@@ -411,6 +411,15 @@ def transactions(conn: duckdb.DuckDBPyConnection, table: str) -> Iterator[Attemp
             next(waits)
         except StoreError as timeout:
             raise timeout from attempt.conflict
+
+
+def cursor(conn: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """Another connection to the same database (to stream a read while `conn` writes), resolving table
+    names as `conn` does: a plain cursor starts in DuckDB's default database, not in an attached lake."""
+    (database,) = conn.execute("SELECT current_database()").fetchone()
+    other = conn.cursor()
+    other.execute(f"USE {q(database)}")
+    return other
 
 
 def change_marker(database: str | Path) -> tuple:
