@@ -30,7 +30,7 @@ def contents(database: str, data_path: str | None) -> dict[str, list[tuple]]:
         for schema, name in names:
             table = f'{schema}."{name}"'
             kept = [c for (c, *_) in conn.execute(f"DESCRIBE {table}").fetchall() if c not in PER_RUN]
-            cols = ", ".join(f'"{c}"' for c in kept)
+            cols = ", ".join(f'"{c}"' for c in kept) or "count(*)"  # only per-run columns: their count
             rows = conn.execute(f"SELECT {cols} FROM {table}").fetchall()
             out[f"{schema}.{name}"] = sorted(rows, key=repr)
     return out
