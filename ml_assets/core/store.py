@@ -16,8 +16,8 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,10 @@ import duckdb
 
 from ml_assets.core.errors import StoreError
 from ml_assets.core.sql import lit, q, table_exists
+
+# What every stage that opens its own connections takes: a callable giving a connection for one `with`
+# block (`connect` bound to a data directory, the CLI's, or a Dagster resource's `get_connection`).
+Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 DATA_DIR_ENV = "ML_ASSETS_DATA_DIR"
 # Where the tables live: unset, `<data dir>/warehouse.duckdb`; else a DuckDB file path or a DuckLake
