@@ -42,7 +42,7 @@ from ml_assets.core.sql import (
     replace_rows,
     table_columns,
 )
-from ml_assets.core.store import transaction
+from ml_assets.core.store import transactions
 
 NUMBER_TYPES = ("int", "float")
 
@@ -323,18 +323,19 @@ def _failure_list(spec: SourceSpec, raw_ref: Callable[[str], str], partitioned: 
 
 def _replace_tables(conn: duckdb.DuckDBPyConnection, name: str, where: str | None, partitioned: bool) -> None:
     """validated and quarantine from the temp tables, both in one transaction (whole, or the window)."""
-    with transaction(conn):
-        conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
-        conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
-        changed = _changed_range(conn, name, where, partitioned)
-        for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
-            if where:
-                drop_unpartitioned(conn, schema, name)
-                replace_rows(conn, f"{schema}.{q(name)}", temp, where)
-            else:
-                conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
-        if changed is not None:
-            changes.record(conn, name, *changed)
+    for attempt in transactions(conn, f"validated.{name}"):
+        with attempt:
+            conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
+            conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
+            changed = _changed_range(conn, name, where, partitioned)
+            for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
+                if where:
+                    drop_unpartitioned(conn, schema, name)
+                    replace_rows(conn, f"{schema}.{q(name)}", temp, where)
+                else:
+                    conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
+            if changed is not None:
+                changes.record(conn, name, *changed)
 
 
 def _result(

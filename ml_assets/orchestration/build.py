@@ -12,7 +12,7 @@ import dagster as dg
 
 from ml_assets.core.report_server import reports_url
 from ml_assets.core.spec.load import load_project
-from ml_assets.core.store import warehouse_path
+from ml_assets.core.store import warehouse
 from ml_assets.orchestration import jobs
 from ml_assets.orchestration.assets import build_assets
 from ml_assets.orchestration.assets.serving import predictions_partitions
@@ -35,7 +35,7 @@ os.environ.setdefault(PLANNED_EVENTS_ENV, "1")
 
 def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
     return {
-        "warehouse": Warehouse(database=str(warehouse_path(root))),
+        "warehouse": Warehouse(database=warehouse(root)),
         "artifacts": ArtifactStore(root=str(root), reports_url=reports_url()),
         "training": TrainingOverrides(),
     }
