@@ -270,7 +270,8 @@ def test_nan_and_infinity_in_a_landed_file_are_quarantined_or_missing_and_the_ru
         .alias("air_time"),
     ).drop("i").write_csv(path)
     settle(root)
-    (request,) = _tick(defs, None).run_requests
+    request, _ = land(defs, None)
+    assert request is not None
     assert _run(defs, request).success  # training, plots, profile and monitors saw no NaN or infinity
 
     with connect(warehouse_path(root)) as conn:
