@@ -13,44 +13,7 @@ import pytest
 
 from ml_assets.core import check_results, store
 from ml_assets.core.errors import StoreError
-
-PLATFORM_TABLES = {
-    "registry.model_versions",
-    "registry.aliases",
-    "registry.decision_log",
-    "monitor.drift_runs",
-    "monitor.drift_history",
-    "monitor.performance_history",
-    "monitor.check_results",
-    "ingest.landing_files",
-}
-
-
-def tables(conn: duckdb.DuckDBPyConnection) -> set[str]:
-    return {
-        f"{schema}.{name}"
-        for schema, name in conn.execute(
-            "SELECT table_schema, table_name FROM information_schema.tables"
-        ).fetchall()
-    }
-
-
-def columns(conn: duckdb.DuckDBPyConnection, qualified: str) -> list[str]:
-    schema, name = qualified.split(".")
-    return [
-        row[0]
-        for row in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
-            "ORDER BY ordinal_position",
-            [schema, name],
-        ).fetchall()
-    ]
-
-
-def version_rows(conn: duckdb.DuckDBPyConnection) -> list[tuple]:
-    return conn.execute(
-        f"SELECT version, description, applied_at FROM {store.SCHEMA_VERSION} ORDER BY version"
-    ).fetchall()
+from ml_assets_tests.store_helpers import PLATFORM_TABLES, columns, tables, version_rows
 
 
 def snapshot(path: Path) -> dict[str, list[tuple]]:

@@ -15,7 +15,7 @@ import pytest
 
 from ml_assets.core import changes, store
 from ml_assets.core.errors import StoreError
-from ml_assets_tests.test_store import PLATFORM_TABLES, columns, tables, version_rows
+from ml_assets_tests.store_helpers import PLATFORM_TABLES, columns, tables, version_rows
 
 
 def local_files(folder: Path) -> list[Path]:
