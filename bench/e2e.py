@@ -97,7 +97,8 @@ def run_plain(pipelines: Path, root: Path) -> None:
     version_dir, manifest = train_and_register(warehouse, pipeline, transforms, root / "models")
     evaluate_version(version_dir, root / "reports")
     gate.promote_or_refuse(warehouse, pipeline, manifest["version"])
-    gate.check_champion(warehouse, pipeline)
+    # What the champion step settled is what every step after it judges, as on the Dagster side.
+    champion = gate.check_champion(warehouse, pipeline).champion_after
     # The skew check and the batch scores, as the Dagster side runs them since serving (issue 13).
     app = create_app(project, warehouse, [PIPELINE], poll=False)
     online.compare_paths(
@@ -105,11 +106,12 @@ def run_plain(pipelines: Path, root: Path) -> None:
         pipeline,
         project.sources_of(pipeline),
         lambda rows: post_in_process(app, f"/v1/{PIPELINE}/predict", rows),
+        champion,
     )
-    performance.run_performance(warehouse, pipeline)
+    performance.run_performance(warehouse, pipeline, champion)
     with connect(db) as conn:
-        score.score_window(conn, pipeline, None)
-    drift.run_drift(warehouse, pipeline, root / "reports")
+        score.score_window(conn, pipeline, None, champion)
+    drift.run_drift(warehouse, pipeline, champion, None, root / "reports")
 
 
 def main() -> int:

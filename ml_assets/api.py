@@ -13,7 +13,7 @@ import gc
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -120,16 +120,24 @@ def create_app(
     poll: bool = True,
     log_root: Path | None = None,
     marker: Callable[[], Hashable] | None = None,
+    pinned: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """The API over `pipelines` (default: all), each loaded once now; with `poll`, a thread keeps them
     current while the app runs (and flushes the request logs under `log_root`, when given). `marker`
-    (store.change_marker of the warehouse) lets a poll that finds nothing changed skip the warehouse."""
+    (store.change_marker of the warehouse) lets a poll that finds nothing changed skip the warehouse.
+    `pinned` serves these versions instead of the champions (pipeline -> version: the skew check)."""
     names = list(pipelines or project.pipelines)
     unknown = [n for n in names if n not in project.pipelines]
     if unknown:
         raise UsageError(f"unknown pipeline(s) {unknown}; pipelines: {', '.join(sorted(project.pipelines))}")
     models = {
-        n: OnlineModel(project.pipelines[n], project.sources_of(project.pipelines[n]), connect, marker=marker)
+        n: OnlineModel(
+            project.pipelines[n],
+            project.sources_of(project.pipelines[n]),
+            connect,
+            marker=marker,
+            pinned=(pinned or {}).get(n),
+        )
         for n in names
     }
     for name, model in models.items():

@@ -190,12 +190,15 @@ class DriftRun:
 def run_drift(
     connect: Any,
     pipeline: PipelineSpec,
+    champion: str | None,
+    run_id: str | None,
     reports_root: Path,
     request_log: Path | None = None,
     progress: Progress = silent,
 ) -> DriftRun | None:
     """Compare the champion's training reference with the current window, as the champion sees it (its
-    own saved transform), and append the result to the drift tables. None when there is no champion yet.
+    own saved transform), and append the result to the drift tables with the `run_id` that judged it.
+    `champion` is the version the caller's champion step settled; None: no champion yet, nothing to do.
 
     The current window is the latest `window_days` of the modelling table, or of the online API's request
     log in `request_log` (`monitoring.current: request_log`). When the champion's scores of the window
@@ -203,10 +206,9 @@ def run_drift(
     its reference too: recorded as the column `_prediction`, reported apart from the features' drift share
     (which alone triggers retraining)."""
     spec = pipeline.monitoring
+    if champion is None:
+        return None
     with connect() as conn:
-        champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
-        if champion is None:
-            return None
         version = registry.registered(conn, champion, pipeline.name)
         if spec.current == "request_log":
             rows, time_column = _logged_rows(pipeline, request_log), LOGGED_AT
@@ -236,11 +238,11 @@ def run_drift(
         [c for c in numerical if c not in empty],
         [c for c in categorical if c not in empty],
     )
-    run_id = uuid.uuid4().hex[:12]
+    drift_id = uuid.uuid4().hex[:12]
     start = stamps.min() if stamps is not None else None
     end = stamps.max() if stamps is not None else None
     folder = reports_root / pipeline.name / "drift"
-    report, evidently_report = folder / f"{run_id}.html", folder / f"{run_id}_evidently.html"
+    report, evidently_report = folder / f"{drift_id}.html", folder / f"{drift_id}_evidently.html"
     progress(
         f"Evidently: {len(numerical) + len(categorical)} columns, reference {reference.height} rows vs "
         f"current {current.height} rows (window of {rows.height} rows, bounded to {spec.sample_rows})"
@@ -253,7 +255,7 @@ def run_drift(
     )
     prediction = _prediction_drift(spec, model, reference, scores)
     figure = figures.drift_scores(
-        [(c.column, c.score, c.threshold, c.drifted) for c in result.columns], folder / f"{run_id}.png"
+        [(c.column, c.score, c.threshold, c.drifted) for c in result.columns], folder / f"{drift_id}.png"
     )
     window = f"{start} to {end}" if start is not None else f"{current.height} logged requests"
     write_summary(report, pipeline.name, champion, window, result, prediction, evidently_report, figure)
@@ -263,7 +265,7 @@ def run_drift(
             conn,
             DRIFT_RUNS,
             {
-                "id": run_id,
+                "id": drift_id,
                 "pipeline": pipeline.name,
                 "computed_at": now,
                 "champion": champion,
@@ -275,6 +277,7 @@ def run_drift(
                 "dataset_drift": result.dataset_drift,
                 "drifted": result.drifted,
                 "report": str(report),
+                "run_id": run_id,
             },
         )
         insert_many(
@@ -282,7 +285,7 @@ def run_drift(
             DRIFT_HISTORY,
             (
                 {
-                    "drift_run": run_id,
+                    "drift_run": drift_id,
                     "pipeline": pipeline.name,
                     "window_end": end,
                     "column_name": c.column,
@@ -290,11 +293,12 @@ def run_drift(
                     "score": c.score,
                     "threshold": c.threshold,
                     "drifted": c.drifted,
+                    "run_id": run_id,
                 }
                 for c in [*result.columns, *([prediction] if prediction else [])]
             ),
         )
-    return DriftRun(run_id, champion, start, end, result, report, evidently_report, figure, prediction)
+    return DriftRun(drift_id, champion, start, end, result, report, evidently_report, figure, prediction)
 
 
 def drift_table(result: DriftResult, prediction: ColumnDrift | None = None) -> pl.DataFrame:

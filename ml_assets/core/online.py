@@ -600,6 +600,8 @@ class OnlineModel:
     # When given, a cheap reading that changes whenever the warehouse does (store.change_marker): a poll
     # that finds it unchanged skips the connection and the queries.
     marker: Callable[[], Hashable] | None = None
+    # A version served instead of the champion alias's: the skew check tests the one its run settled.
+    pinned: str | None = None
     _refused: str | None = None
     _seen: Hashable = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -632,7 +634,7 @@ class OnlineModel:
     def _refresh(self) -> bool:
         current = self.served
         with self.connect() as conn:
-            version = registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
+            version = self.pinned or registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
             if version is None:
                 self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
                 self.problem = f"pipeline '{self.pipeline.name}' has no champion yet"
@@ -712,20 +714,21 @@ def compare_paths(
     pipeline: PipelineSpec,
     sources: Mapping[str, SourceSpec],
     post: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    version: str | None,
     tolerance: float = 1e-9,
 ) -> CheckOutcome:
     """The skew check: a sample of the champion's test rows scored by the batch path (modelling-table
     rows) and by the online path (`post`: their request-time fields sent to the API, which completes them
-    from its lookups) must agree to `tolerance`, decision and version included."""
+    from its lookups) must agree to `tolerance`, decision and version included. `version` is the champion
+    the caller's champion step settled (None: none yet); an API serving another one fails the check."""
     offline = not_servable_online(pipeline)
     if offline:
         # Nothing is served online, so nothing online can disagree with the batch scores.
         return CheckOutcome(True, f"{offline}: nothing to compare", {"rows": 0})
     n = pipeline.serving.skew_sample_rows
+    if version is None:
+        return CheckOutcome(True, "no champion yet: nothing to compare", {"rows": 0})
     with connect() as conn:
-        version = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
-        if version is None:
-            return CheckOutcome(True, "no champion yet: nothing to compare", {"rows": 0})
         found = registry.registered(conn, version, pipeline.name)
         # Sampled from the test rows: USING SAMPLE applies before the WHERE of its own SELECT.
         sample = conn.execute(

@@ -16,6 +16,7 @@ from ml_assets.core import dataset, online, validate
 from ml_assets.core.spec import PipelineSpec, Project, SourceSpec
 from ml_assets.core.validate import CheckOutcome
 from ml_assets.orchestration.failures import user_errors_as_failures
+from ml_assets.orchestration.handoff import SettledChampion
 from ml_assets.orchestration.keys import layer_key
 from ml_assets.orchestration.metadata import as_metadata
 from ml_assets.orchestration.resources import Warehouse
@@ -97,9 +98,9 @@ def modelling_checks(pipeline: PipelineSpec) -> list[dg.AssetChecksDefinition]:
 
 
 def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefinition:
-    """Online and batch scores of the champion agree (core.online.compare_paths), through the real ASGI app
-    in-process: blocking, so a champion served differently than it batch-scores stops the run's
-    predictions and monitors."""
+    """Online and batch scores of the champion the champion asset settled (its value, loaded as the check's
+    `champion` input) agree (core.online.compare_paths), through the real ASGI app in-process: blocking, so
+    a champion served differently than it batch-scores stops the run's predictions and monitors."""
     key = dg.AssetKey([pipeline.name, "champion"])
     sources = project.sources_of(pipeline)
 
@@ -110,14 +111,18 @@ def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefini
         description=f"{pipeline.serving.skew_sample_rows} test rows scored through the REST API (request-time "
         "fields, completed from its lookups) and through the batch path give identical predictions (1e-9).",
     )
-    def _run(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
-        app = create_app(project, warehouse.get_connection, [pipeline.name], poll=False)
+    def _run(
+        context: dg.AssetCheckExecutionContext, warehouse: Warehouse, champion: SettledChampion
+    ) -> dg.AssetCheckResult:
+        # The API serves the settled version too, whatever the alias says by now.
+        pinned = {pipeline.name: champion.version} if champion.version else None
+        app = create_app(project, warehouse.get_connection, [pipeline.name], poll=False, pinned=pinned)
 
         def post(rows: list[dict[str, Any]]) -> dict[str, Any]:
             return post_in_process(app, f"/v1/{pipeline.name}/predict", rows)
 
         result = user_errors_as_failures(
-            lambda: online.compare_paths(warehouse.get_connection, pipeline, sources, post)
+            lambda: online.compare_paths(warehouse.get_connection, pipeline, sources, post, champion.version)
         )
         with warehouse.get_connection() as conn:
             validate.record_check(
