@@ -96,7 +96,7 @@ def run_plain(pipelines: Path, root: Path) -> None:
     warehouse = functools.partial(connect, db)
     version_dir, manifest = train_and_register(warehouse, pipeline, transforms, root / "models")
     evaluate_version(version_dir, root / "reports")
-    gate.promote_or_refuse(warehouse, pipeline, manifest["version"])
+    gate.promote_or_refuse(warehouse, pipeline, manifest.version)
     # What the champion step settled is what every step after it judges, as on the Dagster side.
     champion = gate.check_champion(warehouse, pipeline).champion_after
     # The skew check and the batch scores, as the Dagster side runs them since serving (issue 13).

@@ -79,7 +79,7 @@ def _register_copy(trained_dir: Path, connect_to, pipeline: str, **changes) -> s
         trained_dir.parent.parent,
         pipeline,
         version,
-        {name: trained_dir / name for name in manifest["files"]},
+        {name: trained_dir / name for name in manifest.files},
         manifest | changes | {"version": version, "pipeline": pipeline},
     )
     with connect_to() as conn:
@@ -383,7 +383,7 @@ def test_a_version_registered_before_manifest_hashes_still_loads(trained, tmp_pa
         assert schema_version(conn) == LATEST
         found = registry.registered(conn, trained.first, DELAY)
     assert found.manifest_sha256 is None and found.path == trained.found(trained.first).path
-    assert ServableModel.from_registry(found).manifest["version"] == trained.first
+    assert ServableModel.from_registry(found).manifest.version == trained.first
     # Its artifacts are still checked against its manifest, as before manifests were hashed.
     model_file = found.path / registry.MODEL_FILE
     original = model_file.read_bytes()

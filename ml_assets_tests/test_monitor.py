@@ -419,8 +419,8 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
     db = _db(root)
     perf_key = _key("performance")
     model = ServableModel.load(_champion_dir(db))
-    start = dt.datetime.fromisoformat(model.manifest["test_start"])
-    built_from = dt.datetime.fromisoformat(model.manifest["data_end"])
+    start = dt.datetime.fromisoformat(model.manifest.test_start)
+    built_from = dt.datetime.fromisoformat(model.manifest.data_end)
     # Labels arriving after the champion was built: its test quarter again, 13 weeks later.
     with db() as conn:
         conn.execute(
@@ -442,7 +442,7 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
     assert history.get_column("period_start").dt.weekday().unique().to_list() == [1]
     assert history.get_column("period_start").is_unique().all()
     assert history.get_column("period_start")[0] <= start < history.get_column("period_start")[1]
-    assert history.get_column("expected").unique().to_list() == [model.manifest["test_metrics"]["roc_auc"]]
+    assert history.get_column("expected").unique().to_list() == [model.manifest.test_metrics["roc_auc"]]
     # Its own test weeks are scored but not judged: they were known when it was promoted.
     judged = history.filter(pl.col("degraded").is_not_null())
     assert judged.height >= 10 and (judged.get_column("period_start") > built_from).all()
@@ -452,7 +452,7 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
         (pl.col("time_hour") >= week["period_start"])
         & (pl.col("time_hour") < week["period_start"] + dt.timedelta(weeks=1))
     )
-    y = (rows.get_column("late") == model.manifest["classes"][1]).to_numpy()
+    y = (rows.get_column("late") == model.manifest.classes[1]).to_numpy()
     assert week["score"] == pytest.approx(roc_auc_score(y, model.predict(rows)))
     assert not history.get_column("degraded").any()
 

@@ -136,17 +136,17 @@ def drift_reference(pipeline: PipelineSpec, version_dir: Path) -> pl.DataFrame:
     return pl.read_parquet(reference_file)
 
 
-def watched_features(pipeline: PipelineSpec, manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+def watched_features(pipeline: PipelineSpec, manifest: registry.Manifest) -> tuple[list[str], list[str]]:
     """(numerical, categorical) features of a version that drift monitoring watches."""
     spec = pipeline.monitoring
-    watched = spec.columns or manifest["features"]
-    unknown = sorted((set(watched) | set(spec.column_thresholds)) - set(manifest["features"]))
+    watched = spec.columns or manifest.features
+    unknown = sorted((set(watched) | set(spec.column_thresholds)) - set(manifest.features))
     if unknown:
         raise ConfigError(
             f"pipeline '{pipeline.name}': monitoring columns {unknown} are not features of version "
-            f"{manifest['version']}; its features: {manifest['features']}"
+            f"{manifest.version}; its features: {manifest.features}"
         )
-    categorical = [c for c in manifest["categorical_features"] if c in watched]
+    categorical = [c for c in manifest.categorical_features if c in watched]
     return [c for c in watched if c not in categorical], categorical
 
 
@@ -390,7 +390,7 @@ def _batch_scores(conn: Any, pipeline: PipelineSpec, champion: str, rows: pl.Dat
 def _prediction_drift(
     spec: MonitoringSpec, model: ServableModel, reference: pl.DataFrame, scores: pl.Series | None
 ) -> ColumnDrift | None:
-    if scores is None or scores.len() == 0 or model.manifest["task"] == "multiclass":
+    if scores is None or scores.len() == 0 or model.manifest.task == "multiclass":
         return None
     ours = pl.DataFrame({PREDICTION: model.predict_features(reference)})
     theirs = bounded_sample(pl.DataFrame({PREDICTION: scores}), spec.sample_rows)

@@ -50,12 +50,12 @@ def run_performance(
     with connect() as conn:
         model = ServableModel.from_registry(registry.registered(conn, champion, pipeline.name))
         manifest = model.manifest
-        start = manifest.get("test_start") or manifest["train_window"]["end"]
-        built_from = dt.datetime.fromisoformat(manifest.get("data_end") or start)
+        start = manifest.test_start or manifest.train_window["end"]
+        built_from = dt.datetime.fromisoformat(manifest.data_end or start)
         rows = conn.execute(
             f"SELECT * FROM {table_name(pipeline)} WHERE {ts} >= CAST(? AS TIMESTAMP) ORDER BY {ts}", [start]
         ).pl()
-    metric, expected = pipeline.metric, float(manifest["test_metrics"][pipeline.metric])
+    metric, expected = pipeline.metric, float(manifest.test_metrics[pipeline.metric])
     rows = rows.with_columns(pl.col(pipeline.timestamp).dt.truncate(TRUNCATE[spec.period]).alias("_period"))
     scored = []
     for (period,), part in rows.group_by("_period", maintain_order=True):

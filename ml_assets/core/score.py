@@ -78,7 +78,7 @@ def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.
     (regression); decision: the class at the champion's threshold (binary) or the most likely class,
     None for regression."""
     predicted = np.asarray(model.predict(rows), dtype=np.float64)
-    task = model.manifest["task"]
+    task = model.manifest.task
     decision: pl.Series
     extra: list[pl.Series] = []
     if task == "regression":
@@ -193,7 +193,7 @@ def score_window(
     row names the version and the `run_id` that scored it."""
     found = registry.registered(conn, version, pipeline.name)
     model = ServableModel.from_registry(found)
-    rebuilt = _ensure_table(conn, pipeline, model.manifest["task"])
+    rebuilt = _ensure_table(conn, pipeline, model.manifest.task)
     where = _window_sql(pipeline, window)
     needed = sorted({*model.transform.input_columns, *entity_columns(pipeline)})
     # Functions of features may read any column, so only a transform without them reads fewer columns.

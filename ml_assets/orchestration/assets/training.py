@@ -86,28 +86,28 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 progress=context.log.info,
             )
         )
-        pause.after_registering(context.run_id, manifest["version"])
-        metric, cv = manifest["metric"], manifest["cv"]
+        pause.after_registering(context.run_id, manifest.version)
+        metric, cv = manifest.metric, manifest.cv
         # No CV score when the budget cut the first trial short (the centre of the space was refitted).
-        cv_score = {} if cv["score"] is None else {f"cv_{metric}": round(cv["score"], 4)}
+        cv_score = {} if cv.score is None else {f"cv_{metric}": round(cv.score, 4)}
         return dg.MaterializeResult(
             metadata={
-                "version": manifest["version"],
-                f"test_{metric}": round(manifest["test_metrics"][metric], 4),
-                f"baseline_test_{metric}": round(manifest["baseline_test_metrics"][metric], 4),
+                "version": manifest.version,
+                f"test_{metric}": round(manifest.test_metrics[metric], 4),
+                f"baseline_test_{metric}": round(manifest.baseline_test_metrics[metric], 4),
                 **cv_score,
-                "trials": len(cv["trials"]),
-                "trials_cut_short": cv["trials_cut_short"],
-                "model_step_s": cv["model_step_s"],
+                "trials": len(cv.trials),
+                "trials_cut_short": cv.trials_cut_short,
+                "model_step_s": cv.model_step_s,
                 # Below the available rows when model.max_train_rows capped the training split.
-                "train_rows": manifest["rows"]["train"],
-                "train_rows_available": manifest["train_rows_available"],
+                "train_rows": manifest.rows["train"],
+                "train_rows_available": manifest.train_rows_available,
                 "path": dg.MetadataValue.path(str(version_dir)),
-                "best_iteration": manifest["best_iteration"],
-                "params": dg.MetadataValue.json(manifest["params"]),
-                "train_window": dg.MetadataValue.json(manifest["train_window"]),
-                "data_fingerprint": manifest["data_fingerprint"],
-                "code_version": manifest["code_version"],
+                "best_iteration": manifest.best_iteration,
+                "params": dg.MetadataValue.json(manifest.params),
+                "train_window": dg.MetadataValue.json(manifest.train_window),
+                "data_fingerprint": manifest.data_fingerprint,
+                "code_version": manifest.code_version,
             }
         )
 
