@@ -1,7 +1,7 @@
 """The online REST API on each pipeline's champion (`ml-assets serve`): FastAPI on uvicorn.
 
 Routes: `POST /v1/<pipeline>/predict` (one object or a list), `GET /v1/<pipeline>/model`, `GET /health`,
-`GET /ready`, OpenAPI at `/docs`. The scoring itself is core.online's; this module only speaks HTTP: a bad
+`GET /ready`, `GET /metrics` (Prometheus, see api_metrics), OpenAPI at `/docs`. The scoring itself is core.online's; this module only speaks HTTP: a bad
 request is a 4xx whose JSON names the field and the problem, never a 500 with a traceback. A poller thread
 refreshes every served pipeline every `serving.poll_s` seconds (hot swap; see core.online).
 """
@@ -22,9 +22,10 @@ import duckdb
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ml_assets.api_metrics import ApiMetrics, MetricsMiddleware, monitor_watcher
 from ml_assets.core.errors import ArtifactError, UsageError
 from ml_assets.core.online import OnlineModel, RequestError
 from ml_assets.core.request_log import RequestLog, log_dir
@@ -98,19 +99,27 @@ def _model_info(model: OnlineModel) -> dict[str, Any]:
     }
 
 
-def _poll(models: Sequence[OnlineModel], stop: threading.Event, interval: float) -> None:
+def _poll(
+    models: Sequence[OnlineModel],
+    stop: threading.Event,
+    interval: float,
+    metrics: ApiMetrics,
+    watch_monitors: Callable[[], None],
+) -> None:
     while not stop.wait(interval):
         for model in models:
             try:
                 if model.log is not None:
                     model.log.flush()
                 if model.refresh():
+                    metrics.swaps.labels(model.pipeline.name).inc()
                     log.warning(
                         "%s now serves %s", model.pipeline.name, model.served and model.served.version
                     )
             except Exception as exc:  # keep serving what is loaded; a later poll retries
                 model.problem = f"refreshing from the warehouse failed: {exc}"
                 log.warning("%s: %s", model.pipeline.name, model.problem)
+        watch_monitors()
 
 
 def create_app(
@@ -149,11 +158,16 @@ def create_app(
         except ArtifactError as exc:
             model.problem = str(exc)
     interval = min(m.pipeline.serving.poll_s for m in models.values())
+    metrics = ApiMetrics(lambda: {n: m.served.version if m.served else None for n, m in models.items()})
+    watch_monitors = monitor_watcher(connect, names, metrics, marker)
+    watch_monitors()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
-        thread = threading.Thread(target=_poll, args=(list(models.values()), stop, interval), daemon=True)
+        thread = threading.Thread(
+            target=_poll, args=(list(models.values()), stop, interval, metrics, watch_monitors), daemon=True
+        )
         if poll:
             thread.start()
         # Everything loaded so far (Dagster, polars, the models, the lookups) lives as long as the
@@ -176,6 +190,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.models = models
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics, pipelines=frozenset(models))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -212,6 +228,11 @@ def create_app(
         ok = all(m.served is not None for m in models.values())
         return JSONResponse({"ready": ok, "pipelines": state}, status_code=200 if ok else 503)
 
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/{pipeline}/model", summary="The version that serves: features, metrics, trained window")
     def model_info(pipeline: str) -> Any:
         found = _model(pipeline)
@@ -241,8 +262,10 @@ def create_app(
         except ValueError as exc:
             return _error(400, f"body: not valid JSON ({exc})")
         try:
+            answer = found.predict(payload)
+            metrics.rows_scored.labels(pipeline).inc(len(answer["predictions"]))
             # A response of plain JSON types already: skips FastAPI's encoding walk over it.
-            return JSONResponse(found.predict(payload))
+            return JSONResponse(answer)
         except RequestError as exc:
             status = 413 if any("more than the limit" in p for _, _, p in exc.problems) else 422
             errors = [{"row": r, "field": f, "problem": p} for r, f, p in exc.problems]

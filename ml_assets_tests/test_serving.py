@@ -27,6 +27,7 @@ import httpx
 import polars as pl
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from ml_assets.api import create_app
 from ml_assets.core import online, registry
@@ -805,3 +806,67 @@ def test_request_times_and_dates_parse_to_the_values_polars_holds_and_answer_as_
     assert parsed.equals(expected)
     as_text = expected.with_columns(pl.col("at", "on").cast(pl.String)).to_dicts()
     assert online.request_rows(parsed, list(fields)) == as_text
+
+
+def _scrape(server: httpx.Client) -> dict[tuple[str, frozenset], float]:
+    response = server.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_the_requests_made_and_name_the_version_served(served, server):
+    route = "/v1/{pipeline}/predict"
+    body = online.request_rows(_test_rows(served, 3), _fields(served))
+    before = _scrape(server)
+    for _ in range(4):
+        assert server.post(f"/v1/{DELAY}/predict", json=body).status_code == 200
+    assert server.post(f"/v1/{DELAY}/predict", json={"year": 2013}).status_code == 422
+    assert server.post("/v1/no_such_pipeline/predict", json=body[0]).status_code == 404
+    assert server.get("/no/such/route").status_code == 404
+    after = _scrape(server)
+    version = server.get(f"/v1/{DELAY}/model").json()["version"]
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    requests = "ml_assets_http_requests_total"
+    assert grew(requests, route=route, method="POST", status="200", pipeline=DELAY) == 4
+    assert grew(requests, route=route, method="POST", status="422", pipeline=DELAY) == 1
+    # An unknown pipeline or path gets no label of its own: probing cannot grow the series.
+    assert grew(requests, route=route, method="POST", status="404", pipeline="") == 1
+    assert grew(requests, route="unmatched", method="GET", status="404", pipeline="") == 1
+    assert grew("ml_assets_rows_scored_total", pipeline=DELAY) == 4 * len(body)
+    assert grew("ml_assets_http_request_duration_seconds_count", route=route, method="POST") == 6
+    assert after[("ml_assets_model_info", frozenset({("pipeline", DELAY), ("version", version)}))] == 1
+
+
+def test_metrics_count_a_model_swap_and_follow_the_served_version(served, server):
+    def served_version() -> str:
+        return server.get(f"/v1/{DELAY}/model").json()["version"]
+
+    def wait_for(version: str) -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while served_version() != version:
+            assert time.monotonic() < deadline, f"the server did not swap to {version} in time"
+            time.sleep(0.2)
+
+    start = served.champion()
+    assert served_version() == start
+    other = served.second if start == served.first else served.first
+    swaps = ("ml_assets_model_swaps_total", frozenset({("pipeline", DELAY)}))
+    before = _scrape(server).get(swaps, 0.0)
+    try:
+        served.make_champion(other)
+        wait_for(other)
+        after = _scrape(server)
+        assert after.get(swaps, 0.0) - before == 1
+        assert after[("ml_assets_model_info", frozenset({("pipeline", DELAY), ("version", other)}))] == 1
+        assert ("ml_assets_model_info", frozenset({("pipeline", DELAY), ("version", start)})) not in after
+    finally:
+        served.make_champion(start)
+        wait_for(start)

@@ -24,6 +24,7 @@ from ml_assets.core.spec.infer import (
     safe_name,
     sample_frame,
 )
+from ml_assets.core.spec.reference import SCHEMA_COMMENT, SCHEMA_FILE
 from ml_assets.core.spec.schema import DEFAULT_METRIC
 
 # A column this correlated with the target, or missing exactly where the target is, is usually recorded
@@ -127,6 +128,8 @@ def scaffold(
     }
     features = infer_features(candidates, "features")
     lines = [
+        # Editors that speak the YAML language server validate and complete the file against it.
+        f"{SCHEMA_COMMENT}{SCHEMA_FILE}",
         f"# Written by `ml-assets init {pattern} --target {target}` from {frame.height} rows of {paths[0].name}.",
         "# Every value below was read from the data: check the types, the rules (ranges have headroom), the",
         "# features, and the columns flagged LEAKAGE? (move those known only after the outcome to leakage:).",
