@@ -27,7 +27,7 @@ from ml_assets.orchestration.handoff import HandOffStore, SettledChampion
 from ml_assets.orchestration.partitions import all_partitions_tags
 from ml_assets.orchestration.resources import Warehouse
 from ml_assets.orchestration.sensors import EVENT_TAG, TRIGGER_TAG
-from ml_assets_tests.conftest import materialize_all
+from ml_assets_tests.conftest import materialize_all, run_metadata
 
 NUMERIC = [f"x{i}" for i in range(5)]
 
@@ -293,8 +293,8 @@ def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigge
     champion = _train_champion(pipelines, root)
     db = _db(root)
     for _ in range(2):  # the same window twice: one window for the sensor
-        result = materialize_all(pipelines, root, selection=[_key("drift_report")])
-    meta = result.get_asset_materialization_events()[0].materialization.metadata
+        result = materialize_all(pipelines, root, selection=[_key("champion"), _key("drift_report")])
+    meta = run_metadata(result, _key("drift_report"))
     assert meta["champion"].value == champion
     # The window is December; the reference is January to mid-September: the weather has drifted.
     assert meta["dataset_drift"].value is True
@@ -428,7 +428,7 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
             "FROM flight_delay.modelling_table WHERE time_hour >= ?",
             [start],
         )
-    assert materialize_all(pipelines, root, selection=[_key("drift_report")]).success
+    assert materialize_all(pipelines, root, selection=[_key("champion"), _key("drift_report")]).success
     for _ in range(2):  # scoring again replaces each period's row
         assert materialize_all(pipelines, root, selection=[perf_key]).success
     with db() as conn:
