@@ -333,6 +333,7 @@ def _register_candidate(
     constant = model.manifest.candidates["constant"]
     manifest = model.manifest.model_copy(
         update={
+            # Written now: this code's schema, whatever the trained version's was.
             "schema_version": registry.MANIFEST_SCHEMA_VERSION,
             "files": {},
             "candidates": {},

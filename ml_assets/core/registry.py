@@ -68,10 +68,10 @@ class CrossValidation(BaseModel):
 class Candidate(BaseModel):
     """A simpler model trained beside a LightGBM version (its JSON is one of the version's files)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     decision_threshold: float
-    test_metrics: dict[str, float]
+    test_metrics: dict[str, float | None]
     cut_short: bool = False
     train_rows: int | None = None
 
@@ -85,7 +85,8 @@ class Manifest(BaseModel):
     # never rewritten (its sha256 is registered), only read.
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    schema_version: int = 1
+    # What this code writes; parse_manifest reads a file without the key as version 1.
+    schema_version: int = MANIFEST_SCHEMA_VERSION
     version: str
     pipeline: str
     task: Literal["binary", "multiclass", "regression"]
@@ -112,9 +113,9 @@ class Manifest(BaseModel):
     cv: CrossValidation
     # lightgbm, linear or constant (versions from before candidates existed are LightGBM).
     model_kind: Literal["lightgbm", "linear", "constant"] = "lightgbm"
-    test_metrics: dict[str, float]
+    test_metrics: dict[str, float | None]
     baseline: str
-    baseline_test_metrics: dict[str, float]
+    baseline_test_metrics: dict[str, float | None]
     baseline_threshold: float | None = None
     # The simpler models judged beside this one at a first promotion (candidate_file).
     candidates: dict[str, Candidate] = {}
