@@ -387,6 +387,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         pipeline = _pipeline(project, args.pipeline)
         decision = gate.rollback(_connect, pipeline, project.sources_of(pipeline), args.to)
         print(decision.reason)
+        from ml_assets.core.tracking import sync_champion
+
+        sync_champion(pipeline, _connect, lambda message: print(message, file=sys.stderr))
     else:
         summary(load_default_project())
     return 0

@@ -621,6 +621,19 @@ class ServingSpec(_Strict):
     )
 
 
+class MlflowSpec(_Strict):
+    """MLflow tracking (optional): each trained version logged as a run, the champion alias mirrored.
+    Our registry stays the source of truth; MLflow being down makes a run warn, not fail."""
+
+    tracking_uri: str | None = None
+    """Tracking server (http://host:port) or store URI; omitted: $ML_ASSETS_MLFLOW_TRACKING_URI, and
+    neither means off"""
+    experiment: str | None = None
+    """Experiment the runs go to (default: ml_assets/<pipeline>)"""
+    registered_model: str | None = None
+    """Registered model whose versions mirror ours (default: the pipeline's name)"""
+
+
 class PipelineSpec(_Strict):
     """One pipeline: where its rows come from, how they become a modelling table, and how its model is trained, judged, served and watched."""
 
@@ -671,6 +684,8 @@ class PipelineSpec(_Strict):
     """Drift and performance monitoring, and when they trigger a retraining run"""
     serving: ServingSpec = Field(default_factory=ServingSpec)
     """Batch scores and the online API"""
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    """MLflow tracking and registry mirroring (optional)"""
 
     @property
     def metric(self) -> str:

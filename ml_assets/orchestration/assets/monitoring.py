@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from ml_assets.core import drift, figures, performance
+from ml_assets.core import drift, figures, performance, tracking
 from ml_assets.core import promotion as gate
 from ml_assets.core.request_log import log_dir
 from ml_assets.core.spec import PipelineSpec
@@ -36,6 +36,7 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         decision = user_errors_as_failures(
             lambda: gate.check_champion(warehouse.get_connection, pipeline, context.run_id)
         )
+        tracking.sync_champion(pipeline, warehouse.get_connection, context.log.warning)
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)
         settled = SettledChampion(
