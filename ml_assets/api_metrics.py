@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from ml_assets.core.store import DRIFT_RUNS, PERFORMANCE_HISTORY
+from ml_assets.core.store import DRIFT_RUNS, PERFORMANCE_HISTORY, Connect
 
 log = logging.getLogger("ml_assets.api")
 # Online requests take milliseconds (the serve bench's p99 goal is 5 ms); the top buckets catch stalls.
@@ -176,7 +175,7 @@ class MetricsMiddleware:
 
 
 def monitor_watcher(
-    connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
+    connect: Connect,
     pipelines: list[str],
     metrics: ApiMetrics,
     marker: Callable[[], Hashable] | None,

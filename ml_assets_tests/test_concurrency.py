@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ml_assets.core.spec import PIPELINES_DIR_ENV
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV
 from ml_assets.core.store import DATA_DIR_ENV, LOCK_WAIT_ENV, connect, warehouse_path
 from ml_assets.orchestration.resources import PAUSE_SOCKET_ENV
 

@@ -25,8 +25,8 @@ import yaml
 
 from ml_assets import cli
 from ml_assets.core import registry
-from ml_assets.core.serve import ServableModel
-from ml_assets.core.spec import PIPELINES_DIR_ENV
+from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.core.tracking import VERSION_TAG, reference_features
 from ml_assets_tests.conftest import materialize_all

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ml_assets.core.scaffold import scaffold
-from ml_assets.core.spec import default_pipelines_dir
+from ml_assets.core.spec.load import default_pipelines_dir
 from ml_assets.core.spec.reference import SCHEMA_COMMENT, SCHEMA_FILE, file_schema, rendered
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from ml_assets.core import score, store
+from ml_assets.core import check_results, store
 from ml_assets.core.errors import StoreError
+from ml_assets.core.serving import batch_scores
 from ml_assets.core.spec import default_pipelines_dir, load_project
 
 PLATFORM_TABLES = {
@@ -180,7 +181,6 @@ def test_migrate_reports_the_version_it_found(warehouse):
 def test_failed_verdicts_under_the_old_source_keys_still_block_after_the_upgrade(warehouse, monkeypatch):
     """Source keys gained their layer's name; a verdict recorded under `validated/flights` must keep
     blocking as `validated/flights_validated`, and a key already in the new form is left alone."""
-    from ml_assets.core import validate
 
     renamed = next(
         n for n, (description, _) in enumerate(store.MIGRATIONS, 1) if "name their layer" in description
@@ -195,16 +195,16 @@ def test_failed_verdicts_under_the_old_source_keys_still_block_after_the_upgrade
                 ("validated/planes_validated", False),
                 ("flight_delay/champion", False),
             ):
-                validate.record_check(
-                    conn, asset, "rules", validate.CheckOutcome(passed=passed, description="d"), "run-1"
+                check_results.record_check(
+                    conn, asset, "rules", check_results.CheckOutcome(passed=passed, description="d"), "run-1"
                 )
     with store.connect(warehouse) as conn:
         assert store.schema_version(conn) == store.LATEST
-        assert validate.failed_checks(
+        assert check_results.failed_checks(
             conn, ["validated/flights_validated", "validated/weather_validated", "validated/planes_validated"]
         ) == ["validated/flights_validated:rules", "validated/planes_validated:rules"]
-        assert validate.failed_checks(conn, ["flight_delay/champion"]) == ["flight_delay/champion:rules"]
-        assert validate.failed_checks(conn, ["validated/flights"]) == []
+        assert check_results.failed_checks(conn, ["flight_delay/champion"]) == ["flight_delay/champion:rules"]
+        assert check_results.failed_checks(conn, ["validated/flights"]) == []
 
 
 def test_monitor_and_score_rows_gain_a_run_id_and_keep_their_rows_on_upgrade(warehouse, monkeypatch):
@@ -212,7 +212,7 @@ def test_monitor_and_score_rows_gain_a_run_id_and_keep_their_rows_on_upgrade(war
     (a table per pipeline, written by the code before) get a `run_id`, NULL on the rows written before;
     the scores table is then the one the current code writes, so scoring does not rebuild it."""
     pipeline = load_project(default_pipelines_dir()).pipelines["flight_delay"]
-    entities = score.entity_columns(pipeline)
+    entities = batch_scores.entity_columns(pipeline)
     added = next(n for n, (description, _) in enumerate(store.MIGRATIONS, 1) if "monitor rows" in description)
     old_row = {"pipeline": "flight_delay", "computed_at": dt.datetime(2013, 7, 1)}
     with monkeypatch.context() as m:
@@ -255,7 +255,7 @@ def test_monitor_and_score_rows_gain_a_run_id_and_keep_their_rows_on_upgrade(war
             "flight_delay.predictions",
         ):
             assert conn.execute(f"SELECT count(*), count(run_id) FROM {table}").fetchone() == (1, 0), table
-        assert score._ensure_table(conn, pipeline, pipeline.task) is None  # not rebuilt: same columns
+        assert batch_scores._ensure_table(conn, pipeline, pipeline.task) is None  # not rebuilt: same columns
         assert conn.execute("SELECT version FROM flight_delay.predictions").fetchall() == [("v1",)]
 
 

@@ -168,6 +168,11 @@ def scaffold(
         lines.append(f"  - {_yaml(feature)}{flag}")
     for col in sorted(constant - {target}):
         lines.append(f"  # {_yaml(col)} is constant in the data: not a feature")
+    return "\n".join(lines + _split_and_model(task, time))
+
+
+def _split_and_model(task: str, time: str | None) -> list[str]:
+    """The pipeline file's last lines: a split by time when there is a time column, else by shares."""
     classification = task != "regression"
     if time:
         split = {"method": "time", "test_fraction": 0.2, "valid_fraction": 0.1}
@@ -175,10 +180,9 @@ def scaffold(
     else:
         split = {"method": "random", "test_fraction": 0.2, "valid_fraction": 0.1, "stratify": classification}
         why = "exact shares of the whole" + (", each class keeping its share" if classification else "")
-    lines += [
+    return [
         "",
         f"split: {_yaml(split)}   # {why}; train is the remaining 70%",
         f"model: {{metric: {DEFAULT_METRIC[task]}, time_budget_s: 60, max_trials: 10}}",
         "",
     ]
-    return "\n".join(lines)

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,10 @@ import duckdb
 
 from ml_assets.core.errors import StoreError
 from ml_assets.core.sql import lit, q, table_exists
+
+# What every stage that opens its own connections takes: a callable giving a connection for one `with`
+# block (`connect` bound to a data directory, the CLI's, or a Dagster resource's `get_connection`).
+Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 DATA_DIR_ENV = "ML_ASSETS_DATA_DIR"
 LOCK_WAIT_ENV = "ML_ASSETS_LOCK_WAIT_S"
@@ -132,8 +136,9 @@ CREATE TABLE IF NOT EXISTS {LANDING_FILES} (
 
 
 def add_score_run_ids(conn: duckdb.DuckDBPyConnection) -> None:
-    """Add `run_id` to every pipeline's batch scores (`<pipeline>.predictions`, owned by core.score: one
-    table per pipeline, so found by shape here rather than declared). Rows scored before keep NULL."""
+    """Add `run_id` to every pipeline's batch scores (`<pipeline>.predictions`, owned by
+    core.serving.batch_scores: one table per pipeline, so found by shape here rather than declared). Rows
+    scored before keep NULL."""
     schemas = conn.execute(
         "SELECT table_schema FROM information_schema.columns WHERE table_catalog = current_database() "
         "AND table_name = 'predictions' GROUP BY table_schema "
