@@ -14,7 +14,7 @@ import pytest
 from ml_assets.core import check_results, store
 from ml_assets.core.errors import StoreError
 from ml_assets.core.serving import batch_scores
-from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.spec.load import default_pipelines_dir, load_project
 
 PLATFORM_TABLES = {
     "registry.model_versions",
