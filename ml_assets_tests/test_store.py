@@ -409,12 +409,15 @@ def test_replace_upserts_on_the_primary_key(warehouse):
 def test_transaction_rolls_back_on_error(warehouse):
     row = {"pipeline": "p", "alias": "champion", "version": "v1", "updated_at": dt.datetime(2024, 1, 1)}
     with store.connect(warehouse) as conn:
-        with pytest.raises(RuntimeError), store.transaction(conn):
-            store.insert(conn, store.ALIASES, row)
-            raise RuntimeError("boom")
+        with pytest.raises(RuntimeError):
+            for attempt in store.transactions(conn, store.ALIASES):
+                with attempt:
+                    store.insert(conn, store.ALIASES, row)
+                    raise RuntimeError("boom")
         assert conn.execute(f"SELECT count(*) FROM {store.ALIASES}").fetchone()[0] == 0
-        with store.transaction(conn):
-            store.insert(conn, store.ALIASES, row)
+        for attempt in store.transactions(conn, store.ALIASES):
+            with attempt:
+                store.insert(conn, store.ALIASES, row)
         assert conn.execute(f"SELECT count(*) FROM {store.ALIASES}").fetchone()[0] == 1
 
 

@@ -34,7 +34,7 @@ from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.serving.request_log import LOGGED_AT, read_window
 from ml_assets.core.spec import MonitoringSpec, PipelineSpec
 from ml_assets.core.sql import q, table_exists
-from ml_assets.core.store import DRIFT_HISTORY, DRIFT_RUNS, Connect, insert, insert_many, transaction
+from ml_assets.core.store import DRIFT_HISTORY, DRIFT_RUNS, Connect, insert, insert_many, transactions
 
 DEFAULT_BOUND = 50_000
 PREDICTION = "_prediction"
@@ -285,44 +285,46 @@ def _record(
     drift run's own id and the Dagster run that judged it."""
     (drift_id, run_id), (start, end) = ids, window
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    with connect() as conn, transaction(conn):
-        insert(
-            conn,
-            DRIFT_RUNS,
-            {
-                "id": drift_id,
-                "pipeline": pipeline.name,
-                "computed_at": now,
-                "champion": champion,
-                "window_start": start,
-                "window_end": end,
-                "current_rows": result.current_rows,
-                "reference_rows": result.reference_rows,
-                "drift_share": result.drift_share,
-                "dataset_drift": result.dataset_drift,
-                "drifted": result.drifted,
-                "report": str(report),
-                "run_id": run_id,
-            },
-        )
-        insert_many(
-            conn,
-            DRIFT_HISTORY,
-            (
-                {
-                    "drift_run": drift_id,
-                    "pipeline": pipeline.name,
-                    "window_end": end,
-                    "column_name": c.column,
-                    "method": c.method,
-                    "score": c.score,
-                    "threshold": c.threshold,
-                    "drifted": c.drifted,
-                    "run_id": run_id,
-                }
-                for c in [*result.columns, *([prediction] if prediction else [])]
-            ),
-        )
+    with connect() as conn:
+        for attempt in transactions(conn, DRIFT_RUNS):
+            with attempt:
+                insert(
+                    conn,
+                    DRIFT_RUNS,
+                    {
+                        "id": drift_id,
+                        "pipeline": pipeline.name,
+                        "computed_at": now,
+                        "champion": champion,
+                        "window_start": start,
+                        "window_end": end,
+                        "current_rows": result.current_rows,
+                        "reference_rows": result.reference_rows,
+                        "drift_share": result.drift_share,
+                        "dataset_drift": result.dataset_drift,
+                        "drifted": result.drifted,
+                        "report": str(report),
+                        "run_id": run_id,
+                    },
+                )
+                insert_many(
+                    conn,
+                    DRIFT_HISTORY,
+                    (
+                        {
+                            "drift_run": drift_id,
+                            "pipeline": pipeline.name,
+                            "window_end": end,
+                            "column_name": c.column,
+                            "method": c.method,
+                            "score": c.score,
+                            "threshold": c.threshold,
+                            "drifted": c.drifted,
+                            "run_id": run_id,
+                        }
+                        for c in [*result.columns, *([prediction] if prediction else [])]
+                    ),
+                )
 
 
 def drift_table(result: DriftResult, prediction: ColumnDrift | None = None) -> pl.DataFrame:

@@ -21,7 +21,7 @@ from ml_assets.core.metrics import improvement
 from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PerformanceSpec, PipelineSpec
 from ml_assets.core.sql import q
-from ml_assets.core.store import PERFORMANCE_HISTORY, Connect, insert_many, transaction
+from ml_assets.core.store import PERFORMANCE_HISTORY, Connect, insert_many, transactions
 
 TRUNCATE = {"day": "1d", "week": "1w", "month": "1mo"}
 
@@ -58,29 +58,31 @@ def run_performance(
     metric, expected = pipeline.metric, float(manifest.test_metrics[pipeline.metric])
     periods = score_periods(pipeline, rows, expected, built_from, lambda part: model.score(part, metric))
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    with connect() as conn, transaction(conn):
-        # A period is rescored as more of its labels arrive: its row is replaced, never duplicated.
-        conn.execute(
-            f"DELETE FROM {PERFORMANCE_HISTORY} WHERE pipeline = ? AND champion = ?",
-            [pipeline.name, champion],
-        )
-        insert_many(
-            conn,
-            PERFORMANCE_HISTORY,
-            (
-                r
-                | {
-                    "pipeline": pipeline.name,
-                    "champion": champion,
-                    "metric": metric,
-                    "expected": expected,
-                    "computed_at": now,
-                    "run_id": run_id,
-                }
-                # The labelled days and the reason are for people (readable_periods), not the history.
-                for r in periods.drop("days", "why").iter_rows(named=True)
-            ),
-        )
+    with connect() as conn:
+        for attempt in transactions(conn, PERFORMANCE_HISTORY):
+            with attempt:
+                # A period is rescored as more of its labels arrive: its row is replaced, never duplicated.
+                conn.execute(
+                    f"DELETE FROM {PERFORMANCE_HISTORY} WHERE pipeline = ? AND champion = ?",
+                    [pipeline.name, champion],
+                )
+                insert_many(
+                    conn,
+                    PERFORMANCE_HISTORY,
+                    (
+                        r
+                        | {
+                            "pipeline": pipeline.name,
+                            "champion": champion,
+                            "metric": metric,
+                            "expected": expected,
+                            "computed_at": now,
+                            "run_id": run_id,
+                        }
+                        # The labelled days and the reason are for people (readable_periods), not the history.
+                        for r in periods.drop("days", "why").iter_rows(named=True)
+                    ),
+                )
     return PerformanceRun(champion, metric, expected, periods)
 
 

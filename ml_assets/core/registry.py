@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 import ml_assets
 from ml_assets.core.errors import ArtifactError
 from ml_assets.core.hashing import sha256_file
-from ml_assets.core.store import ALIASES, DECISION_LOG, MODEL_VERSIONS, insert, transaction
+from ml_assets.core.store import ALIASES, DECISION_LOG, MODEL_VERSIONS, insert, transactions
 
 MODEL_FILE = "model.txt"
 TRANSFORM_FILE = "transform.json"
@@ -329,26 +329,27 @@ def record_decision(
     run_id: str | None = None,
 ) -> None:
     """Log a decision and, when `new_champion` is given, move the champion alias, in one transaction."""
-    with transaction(conn):
-        before = alias_version(conn, pipeline, CHAMPION)
-        if new_champion is not None:
-            version_dir(conn, new_champion, pipeline)  # never point the alias at another pipeline's model
-            _set_alias(conn, pipeline, CHAMPION, new_champion)
-        insert(
-            conn,
-            DECISION_LOG,
-            {
-                "decided_at": _now(),
-                "pipeline": pipeline,
-                "action": action,
-                "challenger": challenger,
-                "champion_before": before,
-                "champion_after": new_champion or before,
-                "reason": reason,
-                "details": json.dumps(details or {}, default=str),
-                "run_id": run_id,
-            },
-        )
+    for attempt in transactions(conn, ALIASES):
+        with attempt:
+            before = alias_version(conn, pipeline, CHAMPION)
+            if new_champion is not None:
+                version_dir(conn, new_champion, pipeline)  # never point the alias at another pipeline's model
+                _set_alias(conn, pipeline, CHAMPION, new_champion)
+            insert(
+                conn,
+                DECISION_LOG,
+                {
+                    "decided_at": _now(),
+                    "pipeline": pipeline,
+                    "action": action,
+                    "challenger": challenger,
+                    "champion_before": before,
+                    "champion_after": new_champion or before,
+                    "reason": reason,
+                    "details": json.dumps(details or {}, default=str),
+                    "run_id": run_id,
+                },
+            )
 
 
 def previous_champion(conn: duckdb.DuckDBPyConnection, pipeline: str) -> str | None:
@@ -383,33 +384,34 @@ def register(
     manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     # The artifacts are checked against the manifest now, and the manifest against this hash ever after.
     manifest = read_manifest(version_dir, manifest_sha256=manifest_sha256)
-    with transaction(conn):
-        insert(
-            conn,
-            MODEL_VERSIONS,
-            {
-                "version": manifest.version,
-                "pipeline": manifest.pipeline,
-                "created_at": manifest.created_at,
-                "task": manifest.task,
-                "metric": manifest.metric,
-                "cv_score": manifest.cv.score,
-                "test_score": manifest.test_metrics[manifest.metric],
-                "baseline_test_score": manifest.baseline_test_metrics[manifest.metric],
-                "train_start": manifest.train_window["start"],
-                "train_end": manifest.train_window["end"],
-                "data_fingerprint": manifest.data_fingerprint,
-                "code_version": manifest.code_version,
-                "model_sha256": manifest.files.get(MODEL_FILE) or manifest.files[MODEL_JSON_FILE],
-                "path": str(version_dir),
-                # The registered bytes as they are: what `manifest_sha256` hashes.
-                "manifest": manifest_bytes.decode(),
-                "manifest_sha256": manifest_sha256,
-                "run_id": run_id,
-            },
-        )
-        if challenger:
-            _set_alias(conn, manifest.pipeline, CHALLENGER, manifest.version)
+    for attempt in transactions(conn, MODEL_VERSIONS):
+        with attempt:
+            insert(
+                conn,
+                MODEL_VERSIONS,
+                {
+                    "version": manifest.version,
+                    "pipeline": manifest.pipeline,
+                    "created_at": manifest.created_at,
+                    "task": manifest.task,
+                    "metric": manifest.metric,
+                    "cv_score": manifest.cv.score,
+                    "test_score": manifest.test_metrics[manifest.metric],
+                    "baseline_test_score": manifest.baseline_test_metrics[manifest.metric],
+                    "train_start": manifest.train_window["start"],
+                    "train_end": manifest.train_window["end"],
+                    "data_fingerprint": manifest.data_fingerprint,
+                    "code_version": manifest.code_version,
+                    "model_sha256": manifest.files.get(MODEL_FILE) or manifest.files[MODEL_JSON_FILE],
+                    "path": str(version_dir),
+                    # The registered bytes as they are: what `manifest_sha256` hashes.
+                    "manifest": manifest_bytes.decode(),
+                    "manifest_sha256": manifest_sha256,
+                    "run_id": run_id,
+                },
+            )
+            if challenger:
+                _set_alias(conn, manifest.pipeline, CHALLENGER, manifest.version)
     return manifest
 
 

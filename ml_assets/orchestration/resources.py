@@ -18,15 +18,19 @@ from ml_assets.core.store import connect
 
 
 class Warehouse(DuckDBResource):
-    """The project's DuckDB file: raw, validated, quarantine, feature, registry and monitoring tables.
+    """The project's tables (raw, validated, quarantine, feature, registry, monitoring): `database` is a
+    DuckDB file, or a DuckLake catalog (`ducklake:postgres:...`) whose Parquet files live under
+    `data_path` (a folder every worker sees; unset: `$ML_ASSETS_SHARED_ROOT/warehouse`).
 
-    Connections are short-lived (opened per step, closed on error too) and wait while another process
-    holds the file's single write lock, with the platform's tables migrated on open.
+    Connections are short-lived (opened per step, closed on error too), with the platform's tables
+    migrated on open; a file's single write lock is waited for, a DuckLake write conflict retried.
     """
+
+    data_path: str | None = Field(None, description="DuckLake only: the folder of the warehouse's data files")
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with connect(self.database) as conn:
+        with connect(self.database, self.data_path) as conn:
             yield conn
 
 

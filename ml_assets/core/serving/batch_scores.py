@@ -4,7 +4,7 @@ asset (`<pipeline>.predictions`), the `ml-assets predict` command and the online
 Batch scores live in a per-pipeline table, beside the pipeline's modelling table: their columns are the
 pipeline's id columns, which differ from pipeline to pipeline, so they cannot be one platform table of
 store.py. Every row names the version that scored it and when. A partition window is re-scored by deleting
-its rows and inserting the new ones in one transaction, chunk by chunk, so memory stays bounded by
+its rows and inserting the new ones in one transactions, chunk by chunk, so memory stays bounded by
 `serving.chunk_rows` whatever the partition's size, and a reader sees the old scores or the new ones.
 
 The same rows are readable as Parquet: one file per partition, `<data>/predictions/<pipeline>/<partition>
@@ -31,7 +31,7 @@ from ml_assets.core.ingest import TimeWindow, window_condition
 from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.sql import lit, q, table_exists
-from ml_assets.core.store import transaction
+from ml_assets.core.store import cursor, transactions
 
 SCORE_COLUMNS = ("score", "decision", "version", "scored_at", "run_id")
 
@@ -150,7 +150,7 @@ def _ensure_table(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, task:
     ]
     if task == "multiclass":
         scores.append((PROBABILITIES, 'STRUCT("class" VARCHAR, probability DOUBLE)[]'))
-    # Last: where the migration to schema version 8 (store.add_score_run_ids) added it to older tables.
+    # Last: where the migration to schema version 9 (store.add_score_run_ids) added it to older tables.
     scores.append(("run_id", "VARCHAR"))
     table = predictions_table(pipeline)
     rebuilt = None
@@ -201,7 +201,7 @@ def score_window(
     # statement in a transaction: inserting every chunk inside the transaction would hold them all in
     # memory until it commits (10M rows: +4 GiB).
     try:
-        with conn.cursor() as reader:
+        with cursor(conn) as reader:
             batches = reader.execute(
                 f"SELECT {select} FROM {table_name(pipeline)} WHERE {where}"
             ).to_arrow_reader(pipeline.serving.chunk_rows)
@@ -220,9 +220,10 @@ def score_window(
                 finally:
                     conn.unregister("__scores")
                 rows += chunk.height
-        with transaction(conn):
-            replaced = conn.execute(f"DELETE FROM {table} WHERE {where}").fetchone()[0]
-            conn.execute(f"INSERT INTO {table} SELECT * FROM __scored")
+        for attempt in transactions(conn, table):
+            with attempt:
+                replaced = conn.execute(f"DELETE FROM {table} WHERE {where}").fetchone()[0]
+                conn.execute(f"INSERT INTO {table} SELECT * FROM __scored")
     finally:
         conn.execute("DROP TABLE IF EXISTS __scored")
     return ScoreRun(found.version, rows, replaced, window, score_summary(conn, pipeline, where), rebuilt)

@@ -33,7 +33,7 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
     )
     def champion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.Output[SettledChampion]:
         decision = user_errors_as_failures(
-            lambda: rollback.check_champion(warehouse.get_connection, pipeline, context.run_id)
+            lambda: rollback.check_champion(warehouse.get_connection, pipeline, context.run.run_id)
         )
         tracking.sync_champion(pipeline, warehouse.get_connection, context.log.warning)
         with warehouse.get_connection() as conn:

@@ -82,7 +82,7 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 artifacts.models,
                 training.time_budget_s,
                 training.max_trials,
-                context.run_id,
+                context.run.run_id,
                 progress=context.log.info,
             )
         )
@@ -126,7 +126,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
     def evaluation(
         context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
     ) -> dg.MaterializeResult:
-        version = version_under_judgement(warehouse, pipeline, context.run_id)
+        version = version_under_judgement(warehouse, pipeline, context.run.run_id)
         with warehouse.get_connection() as conn:
             found = user_errors_as_failures(lambda: registry.registered(conn, version, pipeline.name))
             history = registry.versions(conn, pipeline.name)
@@ -139,7 +139,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
             found.path,
             registry.read_manifest(found.path, manifest_sha256=found.manifest_sha256),
             [("plots", p) for p in (*ev.plots.values(), versions_plot)] + [("report", ev.report_path)],
-            context.run_id,
+            context.run.run_id,
             context.log.warning,
         )
         # Only the primary metric as numbers: the UI plots each number across materializations, and
@@ -172,12 +172,12 @@ def promotion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         "regresses, and it reproduces its predictions in a fresh process. The verdict is logged either way.",
     )
     def promotion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
-        version = version_under_judgement(warehouse, pipeline, context.run_id)
+        version = version_under_judgement(warehouse, pipeline, context.run.run_id)
         # What launched this run (e.g. the drift result behind a sensor's retrain) goes into the log.
         trigger = {k: v for k, v in context.run.tags.items() if k.startswith("ml_assets/")}
         decision = user_errors_as_failures(
             lambda: gate.promote_or_refuse(
-                warehouse.get_connection, pipeline, version, context.run_id, trigger
+                warehouse.get_connection, pipeline, version, context.run.run_id, trigger
             )
         )
         tracking.sync_champion(pipeline, warehouse.get_connection, context.log.warning)
