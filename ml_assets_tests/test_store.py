@@ -208,7 +208,7 @@ def test_failed_verdicts_under_the_old_source_keys_still_block_after_the_upgrade
 
 
 def test_monitor_and_score_rows_gain_a_run_id_and_keep_their_rows_on_upgrade(warehouse, monkeypatch):
-    """Migrations 7 and 8: drift, drift column and performance rows, and every pipeline's batch scores
+    """Migrations 8 and 9: drift, drift column and performance rows, and every pipeline's batch scores
     (a table per pipeline, written by the code before) get a `run_id`, NULL on the rows written before;
     the scores table is then the one the current code writes, so scoring does not rebuild it."""
     pipeline = load_project(default_pipelines_dir()).pipelines["flight_delay"]
