@@ -14,7 +14,6 @@ dataset and a last line `worst_ratio=` (ours relative to plain, >= 1 means at le
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -48,7 +47,7 @@ def cli(*args: str, env: dict[str, str]) -> None:
         raise SystemExit(f"ml-assets {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
 
 
-def champion(root: Path, name: str) -> dict:
+def champion(root: Path, name: str) -> registry.Manifest:
     with connect(warehouse_path(root)) as conn:
         version = registry.alias_version(conn, name, registry.CHAMPION)
         if version is None:
@@ -56,7 +55,7 @@ def champion(root: Path, name: str) -> dict:
         (manifest,) = conn.execute(
             "SELECT manifest FROM registry.model_versions WHERE version = ?", [version]
         ).fetchone()
-    return json.loads(manifest)
+    return registry.parse_manifest(manifest, f"the registry's manifest of {version}")
 
 
 def plain_script(root: Path, name: str, task: str, metric: str, target: str) -> float:
@@ -111,14 +110,14 @@ def main() -> None:
         cli("run", name, env=env)
         run_s = time.perf_counter() - started
         manifest = champion(root, name)
-        metric, task = manifest["metric"], manifest["task"]
-        ours = manifest["test_metrics"][metric]
+        metric, task = manifest.metric, manifest.task
+        ours = manifest.test_metrics[metric]
         plain = plain_script(root, name, task, metric, target)
         # Ours relative to plain, oriented so that >= 1 means at least as good.
         ratio = ours / plain if GREATER_IS_BETTER[metric] else plain / ours
         ratios.append(ratio)
         print(
-            f"{name}: rows={sum(manifest['rows'].values())} champion={manifest.get('model_kind', 'lightgbm')} "
+            f"{name}: rows={sum(manifest.rows.values())} champion={manifest.model_kind} "
             f"{metric} ours={ours:.4f} plain={plain:.4f} ratio={ratio:.3f} run_s={run_s:.0f}",
             flush=True,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import json
 import os
 import sys
 import time
@@ -191,17 +190,16 @@ def summary(project: Project, pipelines: list[str] | None = None) -> None:
             # The latest trained model (a baseline registered as it became champion is not one).
             challenger = registry.alias_version(conn, name, registry.CHALLENGER)
             latest = next((r for r in rows if r[0] == challenger), rows[0])
-            version, path, manifest = latest[0], latest[1], json.loads(latest[2])
-            metric = manifest["metric"]
-            ours, base = manifest["test_metrics"][metric], manifest["baseline_test_metrics"][metric]
+            version, path = latest[0], latest[1]
+            manifest = registry.parse_manifest(latest[2], f"the registry's manifest of {version}")
+            metric = manifest.metric
+            ours, base = manifest.test_metrics[metric], manifest.baseline_test_metrics[metric]
             print(
                 f"  model {version} ({len(rows)} version(s) registered), rows train/valid/test "
-                f"{manifest['rows']['train']}/{manifest['rows']['valid']}/{manifest['rows']['test']}"
+                f"{manifest.rows['train']}/{manifest.rows['valid']}/{manifest.rows['test']}"
             )
-            print(
-                f"  test {metric}: model {ours:.4f} vs {manifest['baseline']} {base:.4f} ({ours - base:+.4f})"
-            )
-            others = ", ".join(f"{m} {v:.4f}" for m, v in manifest["test_metrics"].items() if m != metric)
+            print(f"  test {metric}: model {ours:.4f} vs {manifest.baseline} {base:.4f} ({ours - base:+.4f})")
+            others = ", ".join(f"{m} {v:.4f}" for m, v in manifest.test_metrics.items() if m != metric)
             print(f"  other test metrics: {others}")
             champion = registry.alias_version(conn, name, registry.CHAMPION)
             log = registry.decisions(conn, name)

@@ -84,7 +84,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path, one_
     first promotion then makes a baseline the champion): a manual rollback (the real code, as an operator
     would) then makes the model the champion. The second model is
     judged against it, and another manual rollback makes the second the champion, so the first is the
-    previous champion. Monitoring assets are left out (nothing here reads them), and the independent
+    previous champion. Monitoring assets and batch scores are left out (nothing here reads them), and the independent
     commands of `one_shots_started` run meanwhile.
     """
     base = tmp_path_factory.mktemp("trained")
@@ -95,7 +95,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path, one_
             dg.AssetKey([p, a])
             for p in ("flight_delay", "flight_arr_delay")
             # The rollback check too: it would put back a baseline that beat the model made champion by hand.
-            for a in ("drift_report", "performance", "champion")
+            for a in ("drift_report", "performance", "champion", "predictions")
         )
     )
     assert materialize_all(pipelines, root, selection=dg.AssetSelection.all() - monitoring).success

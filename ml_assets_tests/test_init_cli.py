@@ -5,7 +5,6 @@ same split. Config errors print one line per problem, no traceback, exit 2."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightgbm as lgb
@@ -32,14 +31,14 @@ def plain_lightgbm(root: Path, pipeline: str, task: str, metric: str) -> float:
     return score(task, metric, y_test, booster.predict(test.select(features).to_pandas()))
 
 
-def champion_manifest(root: Path, pipeline: str) -> dict:
+def champion_manifest(root: Path, pipeline: str) -> registry.Manifest:
     with connect(warehouse_path(root)) as conn:
         champion = registry.alias_version(conn, pipeline, registry.CHAMPION)
         assert champion is not None, f"{pipeline}: the first run ended without a champion"
         (manifest,) = conn.execute(
             "SELECT manifest FROM registry.model_versions WHERE version = ?", [champion]
         ).fetchone()
-    return json.loads(manifest)
+    return registry.parse_manifest(manifest, f"the registry's manifest of {champion}")
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +106,10 @@ def test_the_generated_files_run_unedited_to_a_champion_at_least_as_good_as_plai
 ):
     _, root, _ = ran
     manifest = champion_manifest(root, name)
-    metric, task = manifest["metric"], manifest["task"]
-    ours, plain = manifest["test_metrics"][metric], plain_lightgbm(root, name, task, metric)
+    metric, task = manifest.metric, manifest.task
+    ours, plain = manifest.test_metrics[metric], plain_lightgbm(root, name, task, metric)
     # At least as good as the plain script (roc_auc higher is better, rmse lower), within noise.
-    if manifest["greater_is_better"]:
+    if manifest.greater_is_better:
         assert ours >= plain - tolerance, (name, ours, plain)
     else:
         assert ours <= plain * (1 + tolerance), (name, ours, plain)
@@ -181,8 +180,8 @@ def test_init_on_the_shipped_flights_runs_with_no_edits_and_beats_a_plain_script
     assert result.returncode == 0, str(result)
     manifest = champion_manifest(root, "flights")
     plain = plain_lightgbm(root, "flights", "regression", "rmse")
-    assert manifest["test_metrics"]["rmse"] <= plain * 1.02, (manifest["test_metrics"]["rmse"], plain)
-    assert np.isfinite(manifest["test_metrics"]["rmse"])
+    assert manifest.test_metrics["rmse"] <= plain * 1.02, (manifest.test_metrics["rmse"], plain)
+    assert np.isfinite(manifest.test_metrics["rmse"])
 
 
 def test_validate_checks_every_file_not_only_the_first(tmp_path):

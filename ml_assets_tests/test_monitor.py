@@ -22,9 +22,11 @@ from ml_assets.core.spec import MonitoringSpec, PerformanceSpec
 from ml_assets.core.spec.load import deep_merge, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.handoff import HandOffStore, SettledChampion
+from ml_assets.orchestration.partitions import all_partitions_tags
 from ml_assets.orchestration.resources import Warehouse
 from ml_assets.orchestration.sensors import EVENT_TAG, TRIGGER_TAG
-from ml_assets_tests.conftest import materialize_all
+from ml_assets_tests.conftest import materialize_all, run_metadata
 from ml_assets_tests.helpers import drift_run_rows, insert_drift_runs
 
 NUMERIC = [f"x{i}" for i in range(5)]
@@ -257,8 +259,8 @@ def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigge
     champion = _train_champion(pipelines, root)
     db = _db(root)
     for _ in range(2):  # the same window twice: one window for the sensor
-        result = materialize_all(pipelines, root, selection=[_key("drift_report")])
-    meta = result.get_asset_materialization_events()[0].materialization.metadata
+        result = materialize_all(pipelines, root, selection=[_key("champion"), _key("drift_report")])
+    meta = run_metadata(result, _key("drift_report"))
     assert meta["champion"].value == champion
     # The window is December; the reference is January to mid-September: the weather has drifted.
     assert meta["dataset_drift"].value is True
@@ -383,8 +385,8 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
     db = _db(root)
     perf_key = _key("performance")
     model = ServableModel.load(_champion_dir(db))
-    start = dt.datetime.fromisoformat(model.manifest["test_start"])
-    built_from = dt.datetime.fromisoformat(model.manifest["data_end"])
+    start = dt.datetime.fromisoformat(model.manifest.test_start)
+    built_from = dt.datetime.fromisoformat(model.manifest.data_end)
     # Labels arriving after the champion was built: its test quarter again, 13 weeks later.
     with db() as conn:
         conn.execute(
@@ -392,7 +394,7 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
             "FROM flight_delay.modelling_table WHERE time_hour >= ?",
             [start],
         )
-    assert materialize_all(pipelines, root, selection=[_key("drift_report")]).success
+    assert materialize_all(pipelines, root, selection=[_key("champion"), _key("drift_report")]).success
     for _ in range(2):  # scoring again replaces each period's row
         assert materialize_all(pipelines, root, selection=[perf_key]).success
     with db() as conn:
@@ -406,7 +408,7 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
     assert history.get_column("period_start").dt.weekday().unique().to_list() == [1]
     assert history.get_column("period_start").is_unique().all()
     assert history.get_column("period_start")[0] <= start < history.get_column("period_start")[1]
-    assert history.get_column("expected").unique().to_list() == [model.manifest["test_metrics"]["roc_auc"]]
+    assert history.get_column("expected").unique().to_list() == [model.manifest.test_metrics["roc_auc"]]
     # Its own test weeks are scored but not judged: they were known when it was promoted.
     judged = history.filter(pl.col("degraded").is_not_null())
     assert judged.height >= 10 and (judged.get_column("period_start") > built_from).all()
@@ -416,7 +418,7 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
         (pl.col("time_hour") >= week["period_start"])
         & (pl.col("time_hour") < week["period_start"] + dt.timedelta(weeks=1))
     )
-    y = (rows.get_column("late") == model.manifest["classes"][1]).to_numpy()
+    y = (rows.get_column("late") == model.manifest.classes[1]).to_numpy()
     assert week["score"] == pytest.approx(roc_auc_score(y, model.predict(rows)))
     assert not history.get_column("degraded").any()
 
@@ -445,7 +447,23 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
     assert "worse than the champion's test score" in request.tags["ml_assets/reason"]
 
 
-def test_monitors_in_a_run_with_a_rollback_judge_the_rolled_back_champion(sample_project):
+class RollbackAfterSettling(HandOffStore):
+    """The hand-off store, with an operator's manual rollback landing right after the champion step
+    stored what it settled: between `champion` and the steps after it, in the same run."""
+
+    pipelines: str
+    to: str
+
+    def handle_output(self, context: dg.OutputContext, obj: SettledChampion) -> None:
+        super().handle_output(context, obj)
+        project = load_project(Path(self.pipelines))
+        spec = project.pipelines[DELAY]
+        rollback.rollback(_db(Path(self.root).parent), spec, project.sources_of(spec), to=self.to)
+
+
+def test_monitors_judge_the_champion_the_run_settled_whatever_the_alias_says_after(sample_project):
+    """The champion step rolls back a bad champion, then an operator's manual rollback lands before the
+    steps after it: they judge what the champion step settled (the rolled-back-to version), not the alias."""
     pipelines, root = sample_project
     db = _db(root)
     previous = _train_champion(pipelines, root)
@@ -469,8 +487,13 @@ def test_monitors_in_a_run_with_a_rollback_judge_the_rolled_back_champion(sample
         conn.execute(f"DELETE FROM {store.MODELLING_BUILDS} WHERE pipeline = ?", [DELAY])
     assert materialize_all(pipelines, root, selection=[_key("modelling_table")]).success
 
-    result = materialize_all(
-        pipelines, root, selection=[_key("champion"), _key("drift_report"), _key("performance")]
+    defs = build_definitions(pipelines, root)
+    meanwhile = RollbackAfterSettling(root=str(root / "handoff"), pipelines=str(pipelines), to=worse)
+    result = dg.materialize(
+        list(defs.assets),
+        resources=defs.resources | {"handoff": meanwhile},
+        selection=[_key(n) for n in ("champion", "performance", "predictions", "drift_report")],
+        tags=all_partitions_tags(load_project(pipelines)),
     )
     assert result.success
     meta = {
@@ -480,19 +503,23 @@ def test_monitors_in_a_run_with_a_rollback_judge_the_rolled_back_champion(sample
     assert meta["champion"]["champion"].value == previous
     with db() as conn:
         champion = registry.alias_version(conn, DELAY, registry.CHAMPION)
-        last = registry.decisions(conn, DELAY).row(-1, named=True)
-        runs = drift.drift_runs(conn, DELAY)
-        scored = performance.performance_history(conn, DELAY)
-    assert champion == previous
-    assert (last["action"], last["champion_before"], last["champion_after"]) == (
+        auto, manual = registry.decisions(conn, DELAY).rows(named=True)[-2:]
+        drifts = conn.execute("SELECT champion, run_id FROM monitor.drift_runs").fetchall()
+        periods = conn.execute("SELECT DISTINCT champion, run_id FROM monitor.performance_history").fetchall()
+        scores = conn.execute(f"SELECT DISTINCT version, run_id FROM {DELAY}.predictions").fetchall()
+    assert (auto["action"], auto["champion_before"], auto["champion_after"]) == (
         "auto_rollback",
         worse,
         previous,
     )
-    assert f"champion {worse} trails previous champion {previous} on roc_auc" in last["reason"]
-    # Neither monitor had run before this run: every result it wrote names the champion the rollback
-    # restored, not the one that was champion when the run started.
-    assert runs.get_column("champion").to_list() == [previous]
+    assert f"champion {worse} trails previous champion {previous} on roc_auc" in auto["reason"]
+    # The operator's rollback landed mid-run, after the champion step settled.
+    assert (manual["action"], manual["champion_after"], champion) == ("rollback", worse, worse)
+    # No monitor or score had run before this run: every row it wrote names the champion the automatic
+    # rollback restored (not the one that was champion when the run started, nor the one serving after
+    # the manual rollback) and this run.
+    assert drifts == [(previous, result.run_id)]
     assert meta["drift_report"]["champion"].value == previous
-    assert scored.height > 0 and scored.get_column("champion").unique().to_list() == [previous]
+    assert periods == [(previous, result.run_id)]
     assert meta["performance"]["scored_champion"].value == previous
+    assert scores == [(previous, result.run_id)]

@@ -89,8 +89,8 @@ def test_any_header_and_no_id_run_end_to_end_with_inferred_columns_and_features(
         rows = conn.execute("SELECT * FROM shop.modelling_table LIMIT 100").pl()
     assert ids == (data.height, data.height)
     model = ServableModel.from_registry(found)
-    assert model.manifest["classes"] == ["no", "yes"]
-    assert model.manifest["input_columns"] == sorted(["Age Group", "Select", "order", "x", "y"])
+    assert model.manifest.classes == ["no", "yes"]
+    assert model.manifest.input_columns == sorted(["Age Group", "Select", "order", "x", "y"])
     scores = model.predict(rows)
     assert scores.shape == (100,) and ((scores >= 0) & (scores <= 1)).all()
 
@@ -137,9 +137,9 @@ def test_first_run_ends_with_a_champion_judged_with_the_reports_numbers(shop_run
     assert decision["action"] == "promote_first" and decision["champion_after"] is not None
     assert decision["reason"].startswith("first champion: the ")
     manifest = ServableModel.from_registry(trained).manifest
-    metric = manifest["metric"]
-    test_metric = {k: v["test_metrics"][metric] for k, v in manifest["candidates"].items()}
-    test_metric["lightgbm"] = manifest["test_metrics"][metric]
+    metric = manifest.metric
+    test_metric = {k: v.test_metrics[metric] for k, v in manifest.candidates.items()}
+    test_metric["lightgbm"] = manifest.test_metrics[metric]
     assert [s["candidate"] for s in details["ladder"]] == ["linear", "lightgbm"]
     for step in details["ladder"]:
         gain = test_metric[step["candidate"]] - test_metric[step["against"]]
@@ -262,7 +262,7 @@ def test_a_lag_of_the_target_is_a_feature_and_the_pipeline_learns_from_it(tmp_pa
         rows = conn.execute("SELECT count(*) FROM level.modelling_table").fetchone()[0]
     test = ServableModel.from_registry(manifest).manifest
     # The random walk is predictable only from its last value: far better than the constant floor.
-    assert test["test_metrics"]["rmse"] < 0.5 * test["candidates"]["constant"]["test_metrics"]["rmse"]
+    assert test.test_metrics["rmse"] < 0.5 * test.candidates["constant"].test_metrics["rmse"]
     # One request carries no earlier rows, so the lag cannot be completed online: the pipeline is scored
     # in batch only (every row, by the champion), and the online path says why instead of serving skew.
     assert champion is not None and scored == (rows, 1)

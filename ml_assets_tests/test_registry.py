@@ -25,8 +25,8 @@ db, source = sys.argv[1], Path(sys.argv[2])
 manifest = registry.read_manifest(source)
 for i in itertools.count():
     version = registry.new_version_id()
-    files = {name: source / name for name in manifest["files"]}
-    folder = registry.write_version(source.parent.parent, "flight_delay", version, files, manifest | {"version": version})
+    files = {name: source / name for name in manifest.files}
+    folder = registry.write_version(source.parent.parent, "flight_delay", version, files, manifest.model_copy(update={"version": version}))
     with connect(db) as conn:
         registry.register(conn, folder)
         registry.record_decision(conn, "flight_delay", "promote", f"crash test {i}", version, version)

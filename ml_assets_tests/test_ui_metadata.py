@@ -55,8 +55,10 @@ def _copy(root: Path, source: Path) -> str:
     """Register a copy of a version under a new id (as test_registry's crash writer does)."""
     manifest = registry.read_manifest(source)
     version = registry.new_version_id()
-    files = {name: source / name for name in manifest["files"]}
-    folder = registry.write_version(root / "models", DELAY, version, files, manifest | {"version": version})
+    files = {name: source / name for name in manifest.files}
+    folder = registry.write_version(
+        root / "models", DELAY, version, files, manifest.model_copy(update={"version": version})
+    )
     with connect(warehouse_path(root)) as conn:
         registry.register(conn, folder)
     return version

@@ -157,8 +157,24 @@ CREATE TABLE IF NOT EXISTS {LANDING_FILES} (
 );
 """
 
-# Forward migrations, in order: MIGRATIONS[n - 1] brings a data directory from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, str], ...] = (
+
+def add_score_run_ids(conn: duckdb.DuckDBPyConnection) -> None:
+    """Add `run_id` to every pipeline's batch scores (`<pipeline>.predictions`, owned by
+    core.serving.batch_scores: one table per pipeline, so found by shape here rather than declared). Rows
+    scored before keep NULL."""
+    schemas = conn.execute(
+        "SELECT table_schema FROM information_schema.columns WHERE table_catalog = current_database() "
+        "AND table_name = 'predictions' GROUP BY table_schema "
+        "HAVING bool_or(column_name = 'scored_at') AND NOT bool_or(column_name = 'run_id')"
+    ).fetchall()
+    for (schema,) in schemas:
+        conn.execute(f"ALTER TABLE {q(schema)}.predictions ADD COLUMN run_id VARCHAR")
+
+
+Migration = str | Callable[[duckdb.DuckDBPyConnection], None]
+# Forward migrations, in order: MIGRATIONS[n - 1] brings a data directory from version n - 1 to n (SQL, or
+# a function where the tables to change are found in the warehouse).
+MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("the registry, monitoring and landing-ledger tables", _V1),
     (
         "model versions record the run that trained them (stages hand off by run, not by 'latest')",
@@ -201,6 +217,13 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         f"""ALTER TABLE {LANDING_FILES} ADD COLUMN IF NOT EXISTS size BIGINT;
         ALTER TABLE {LANDING_FILES} ADD COLUMN IF NOT EXISTS mtime_ns BIGINT""",
     ),
+    (
+        "monitor rows (drift runs and columns, performance periods) record the run that judged them",
+        f"""ALTER TABLE {DRIFT_RUNS} ADD COLUMN IF NOT EXISTS run_id VARCHAR;
+        ALTER TABLE {DRIFT_HISTORY} ADD COLUMN IF NOT EXISTS run_id VARCHAR;
+        ALTER TABLE {PERFORMANCE_HISTORY} ADD COLUMN IF NOT EXISTS run_id VARCHAR""",
+    ),
+    ("every pipeline's batch scores record the run that scored them", add_score_run_ids),
 )
 LATEST = len(MIGRATIONS)
 
@@ -285,8 +308,11 @@ def migrate(conn: duckdb.DuckDBPyConnection, database: str | Path = "") -> int:
             conn.execute(_without_keys(ddl) if lake else ddl)
             # A directory from before versioning gets the baseline too: CREATE IF NOT EXISTS adds what it lacks.
             for version in range(found + 1 if versioned else 1, LATEST + 1):
-                description, ddl = MIGRATIONS[version - 1]
-                conn.execute(_without_keys(ddl) if lake else ddl)
+                description, step = MIGRATIONS[version - 1]
+                if callable(step):
+                    step(conn)
+                else:
+                    conn.execute(_without_keys(step) if lake else step)
                 row = {"version": version, "description": description, "applied_at": _now()}
                 insert(conn, SCHEMA_VERSION, row)
     return found

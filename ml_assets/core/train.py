@@ -317,7 +317,7 @@ def train_and_register(
     max_trials: int | None = None,
     run_id: str | None = None,
     progress: Progress = silent,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, registry.Manifest]:
     """Train on `<pipeline>.features`, write a new model version folder and register it, stamped with
     `run_id` so the later stages of the same run judge exactly this version.
 
@@ -382,60 +382,62 @@ def _manifest(
     budget: float,
     train_available: int,
     best_iteration: int,
-) -> dict[str, Any]:
+) -> registry.Manifest:
     """What a version records about itself: how it was trained, on what, and how it scored."""
     # Performance monitoring scores the model from its test split on, and judges it only on data that
     # arrived after the data it was built from.
     test_ts = frame.filter(pl.col("_split") == "test").get_column("_ts").drop_nulls()
-    return {
-        "version": version,
-        "pipeline": pipeline.name,
-        "task": pipeline.task,
-        "created_at": created.replace(tzinfo=None).isoformat(timespec="seconds"),
-        "metric": pipeline.metric,
-        "greater_is_better": pipeline.greater_is_better,
-        "params": trained.params,
-        "best_iteration": best_iteration,
-        "features": data.features,
-        "categorical_features": data.categorical,
-        "input_columns": transform.input_columns,
-        "id_columns": pipeline.row_id,
-        "target": pipeline.target.name,
-        "classes": data.classes,
-        "decision_threshold": trained.threshold,
-        "rows": {s: len(getattr(data, s).y) for s in ("train", "valid", "test")},
-        "train_rows_available": train_available,
-        "max_train_rows": pipeline.model.max_train_rows,
-        "train_window": data.time_window,
-        "test_start": str(test_ts.min()) if test_ts.len() else None,
-        "data_end": str(frame.get_column("_ts").max()) if test_ts.len() else None,
-        "data_fingerprint": frame_fingerprint(frame.filter(pl.col("_split") == "train")),
-        "code_version": registry.code_version(),
-        "cv": {
-            "score": trained.tuning.best_cv_score,
-            "folds": pipeline.model.cv_folds,
-            "trials": trained.tuning.trials,
-            "elapsed_s": round(trained.tuning.elapsed_s, 2),
-            "time_budget_s": budget,
-            "search_budget_s": round(trained.search_budget_s, 2),
-            "baselines_s": round(trained.baselines_s, 2),
-            "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
-            "final_fit_cut_at_round": trained.final_fit_cut_at,
-            "model_step_s": round(trained.elapsed_s, 2),
-        },
-        "model_kind": "lightgbm",
-        "test_metrics": trained.test_metrics,
-        "baseline": BASELINE_NAME[pipeline.task != "regression"],
-        "baseline_test_metrics": trained.baseline_test_metrics,
-        "baseline_threshold": trained.candidates["linear"].threshold,
-        # The simpler models judged beside this one at a first promotion (registry.candidate_file).
-        "candidates": {
-            kind: {
-                "decision_threshold": c.threshold,
-                "test_metrics": c.test_metrics,
-                "cut_short": c.cut_short,
-                "train_rows": c.train_rows,
-            }
-            for kind, c in trained.candidates.items()
-        },
-    }
+    return registry.Manifest.model_validate(
+        {
+            "version": version,
+            "pipeline": pipeline.name,
+            "task": pipeline.task,
+            "created_at": created.replace(tzinfo=None).isoformat(timespec="seconds"),
+            "metric": pipeline.metric,
+            "greater_is_better": pipeline.greater_is_better,
+            "params": trained.params,
+            "best_iteration": best_iteration,
+            "features": data.features,
+            "categorical_features": data.categorical,
+            "input_columns": transform.input_columns,
+            "id_columns": pipeline.row_id,
+            "target": pipeline.target.name,
+            "classes": data.classes,
+            "decision_threshold": trained.threshold,
+            "rows": {s: len(getattr(data, s).y) for s in ("train", "valid", "test")},
+            "train_rows_available": train_available,
+            "max_train_rows": pipeline.model.max_train_rows,
+            "train_window": data.time_window,
+            "test_start": str(test_ts.min()) if test_ts.len() else None,
+            "data_end": str(frame.get_column("_ts").max()) if test_ts.len() else None,
+            "data_fingerprint": frame_fingerprint(frame.filter(pl.col("_split") == "train")),
+            "code_version": registry.code_version(),
+            "cv": {
+                "score": trained.tuning.best_cv_score,
+                "folds": pipeline.model.cv_folds,
+                "trials": trained.tuning.trials,
+                "elapsed_s": round(trained.tuning.elapsed_s, 2),
+                "time_budget_s": budget,
+                "search_budget_s": round(trained.search_budget_s, 2),
+                "baselines_s": round(trained.baselines_s, 2),
+                "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
+                "final_fit_cut_at_round": trained.final_fit_cut_at,
+                "model_step_s": round(trained.elapsed_s, 2),
+            },
+            "model_kind": "lightgbm",
+            "test_metrics": trained.test_metrics,
+            "baseline": BASELINE_NAME[pipeline.task != "regression"],
+            "baseline_test_metrics": trained.baseline_test_metrics,
+            "baseline_threshold": trained.candidates["linear"].threshold,
+            # The simpler models judged beside this one at a first promotion (registry.candidate_file).
+            "candidates": {
+                kind: {
+                    "decision_threshold": c.threshold,
+                    "test_metrics": c.test_metrics,
+                    "cut_short": c.cut_short,
+                    "train_rows": c.train_rows,
+                }
+                for kind, c in trained.candidates.items()
+            },
+        }
+    )

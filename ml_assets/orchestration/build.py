@@ -16,8 +16,15 @@ from ml_assets.core.store import warehouse
 from ml_assets.orchestration import jobs
 from ml_assets.orchestration.assets import build_assets
 from ml_assets.orchestration.assets.serving import predictions_partitions
+from ml_assets.orchestration.handoff import HandOffStore
 from ml_assets.orchestration.intake import intake_job
-from ml_assets.orchestration.resources import ArtifactStore, TrainingOverrides, Warehouse
+from ml_assets.orchestration.resources import (
+    PAUSE_SOCKET_ENV,
+    ArtifactStore,
+    RunPause,
+    TrainingOverrides,
+    Warehouse,
+)
 from ml_assets.orchestration.schedules import daily_drift_schedule, predictions_schedule
 from ml_assets.orchestration.sensors import landing_sensor, rescore_sensor, retrain_sensor
 
@@ -38,6 +45,8 @@ def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
         "warehouse": Warehouse(database=warehouse(root)),
         "artifacts": ArtifactStore(root=str(root), reports_url=reports_url()),
         "training": TrainingOverrides(),
+        "handoff": HandOffStore(root=str(root / "handoff")),
+        "pause": RunPause(socket=os.environ.get(PAUSE_SOCKET_ENV, "")),
     }
 
 

@@ -1,7 +1,9 @@
-"""Dagster resources: the DuckDB warehouse, the artifact store, and per-launch training overrides."""
+"""Dagster resources: the DuckDB warehouse, the artifact store, per-launch training overrides, and the
+point where a test can hold a run."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,3 +69,24 @@ class TrainingOverrides(ConfigurableResource):
 
     time_budget_s: float | None = Field(None, description="Seconds of hyper-parameter search per model")
     max_trials: int | None = Field(None, description="At most this many search trials per model")
+
+
+# A Unix socket where the model step of every run started with it set reports its version and waits.
+PAUSE_SOCKET_ENV = "ML_ASSETS_PAUSE_SOCKET"
+
+
+class RunPause(ConfigurableResource):
+    """Where a test holds a run to interleave it with another in a known order, without sleeps: with
+    `socket` set (from ML_ASSETS_PAUSE_SOCKET), the model step, once its version is registered, connects
+    to that Unix socket, sends `<run id> <version>` and waits until the other end answers or closes.
+    Unset (always, outside tests), it does nothing."""
+
+    socket: str = ""
+
+    def after_registering(self, run_id: str, version: str) -> None:
+        if not self.socket:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+            held.connect(self.socket)
+            held.sendall(f"{run_id} {version}\n".encode())
+            held.recv(1)

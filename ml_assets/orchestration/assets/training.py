@@ -17,7 +17,7 @@ from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.figures import figure_metadata, report_metadata
 from ml_assets.orchestration.metadata import decision_metadata, shorten, versions_table
-from ml_assets.orchestration.resources import ArtifactStore, TrainingOverrides, Warehouse
+from ml_assets.orchestration.resources import ArtifactStore, RunPause, TrainingOverrides, Warehouse
 
 VERDICT = {"promote": "PROMOTED", "promote_first": "PROMOTED (first champion)", "refuse": "REFUSED"}
 # Under 1,000 characters the UI renders markdown inline; longer, it hides it behind a button.
@@ -72,6 +72,7 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         warehouse: Warehouse,
         artifacts: ArtifactStore,
         training: TrainingOverrides,
+        pause: RunPause,
     ) -> dg.MaterializeResult:
         version_dir, manifest = user_errors_as_failures(
             lambda: train_and_register(
@@ -85,27 +86,28 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 progress=context.log.info,
             )
         )
-        metric, cv = manifest["metric"], manifest["cv"]
+        pause.after_registering(context.run_id, manifest.version)
+        metric, cv = manifest.metric, manifest.cv
         # No CV score when the budget cut the first trial short (the centre of the space was refitted).
-        cv_score = {} if cv["score"] is None else {f"cv_{metric}": round(cv["score"], 4)}
+        cv_score = {} if cv.score is None else {f"cv_{metric}": round(cv.score, 4)}
         return dg.MaterializeResult(
             metadata={
-                "version": manifest["version"],
-                f"test_{metric}": round(manifest["test_metrics"][metric], 4),
-                f"baseline_test_{metric}": round(manifest["baseline_test_metrics"][metric], 4),
+                "version": manifest.version,
+                f"test_{metric}": round(manifest.test_metrics[metric], 4),
+                f"baseline_test_{metric}": round(manifest.baseline_test_metrics[metric], 4),
                 **cv_score,
-                "trials": len(cv["trials"]),
-                "trials_cut_short": cv["trials_cut_short"],
-                "model_step_s": cv["model_step_s"],
+                "trials": len(cv.trials),
+                "trials_cut_short": cv.trials_cut_short,
+                "model_step_s": cv.model_step_s,
                 # Below the available rows when model.max_train_rows capped the training split.
-                "train_rows": manifest["rows"]["train"],
-                "train_rows_available": manifest["train_rows_available"],
+                "train_rows": manifest.rows["train"],
+                "train_rows_available": manifest.train_rows_available,
                 "path": dg.MetadataValue.path(str(version_dir)),
-                "best_iteration": manifest["best_iteration"],
-                "params": dg.MetadataValue.json(manifest["params"]),
-                "train_window": dg.MetadataValue.json(manifest["train_window"]),
-                "data_fingerprint": manifest["data_fingerprint"],
-                "code_version": manifest["code_version"],
+                "best_iteration": manifest.best_iteration,
+                "params": dg.MetadataValue.json(manifest.params),
+                "train_window": dg.MetadataValue.json(manifest.train_window),
+                "data_fingerprint": manifest.data_fingerprint,
+                "code_version": manifest.code_version,
             }
         )
 
