@@ -54,6 +54,8 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
             f"SELECT * FROM {table_name(pipeline)} WHERE {ts} >= CAST(? AS TIMESTAMP) ORDER BY {ts}", [start]
         ).pl()
     metric, expected = pipeline.metric, float(manifest["test_metrics"][pipeline.metric])
+    # A date (a daily series) is its day's midnight here: periods are datetimes, compared with built_from.
+    rows = rows.with_columns(pl.col(pipeline.timestamp).cast(pl.Datetime("us")))
     rows = rows.with_columns(pl.col(pipeline.timestamp).dt.truncate(TRUNCATE[spec.period]).alias("_period"))
     scored = []
     for (period,), part in rows.group_by("_period", maintain_order=True):

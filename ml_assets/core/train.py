@@ -1,10 +1,12 @@
 """Training: LightGBM tuned by time-aware cross-validation within a time budget, and a linear baseline.
 
-Within `time_budget_s`: the baselines (bounded), then the centre of the search space fitted on the whole
-training split with early stopping on the validation split (the model if nothing better fits the budget),
-then a seeded random search whose trials are scored by k-fold CV on the training split, folded as the
-split itself was made (see cv_folds), and a refit of the best parameters if they are not the centre's.
-The test split is touched once, for the final metrics.
+Within `time_budget_s`: the baselines (bounded), then LightGBM's own defaults fitted on the whole training
+split with early stopping on the validation split (the model if nothing better fits the budget, so the
+model is never worse than a plain LightGBM script for want of time), then a seeded random search whose
+trials (the defaults first) are scored by k-fold CV on the training split, folded as the split itself was
+made (see cv_folds), and a refit of the best parameters if they are not the defaults, kept only when it
+also scores at least as well on the validation split. The test split is touched once, for the final
+metrics; the defaults fit is recorded as a candidate (`lightgbm_defaults`) beside the model.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.features import TARGET, FeatureTransform, features_table_name, transform_of
 from ml_assets.core.hashing import frame_fingerprint
 from ml_assets.core.linear import LinearModel
-from ml_assets.core.metrics import all_metrics, choose_threshold, score
+from ml_assets.core.metrics import all_metrics, choose_threshold, improvement, score
 from ml_assets.core.progress import Progress, silent
 from ml_assets.core.spec import ParamRange, PipelineSpec
 
@@ -108,12 +110,12 @@ def base_params(pipeline: PipelineSpec, n_classes: int | None) -> dict[str, Any]
     return params | pipeline.model.params
 
 
-def _sample(space: dict[str, ParamRange], rng: np.random.Generator | None) -> dict[str, Any]:
-    """A random point of the space, or its centre (geometric for log ranges) when rng is None."""
+def _sample(space: dict[str, ParamRange], rng: np.random.Generator) -> dict[str, Any]:
+    """A random point of the space (uniform, in log space for log ranges)."""
     out: dict[str, Any] = {}
     for name, r in space.items():
         lo, hi = (math.log(r.low), math.log(r.high)) if r.log else (r.low, r.high)
-        u = (lo + hi) / 2 if rng is None else rng.uniform(lo, hi)
+        u = rng.uniform(lo, hi)
         value = math.exp(u) if r.log else u
         out[name] = int(round(value)) if r.type == "int" else float(value)
     return out
@@ -220,9 +222,10 @@ def tune(
     max_trials: int,
     progress: Progress = silent,
 ) -> Tuning:
-    """Seeded random search within `time_budget_s`: the first trial is the centre of the search space;
-    every trial, the first included, is stopped when the deadline passes and recorded as cut short
-    (a cut trial's score is not comparable, so it never wins; with no complete trial the centre is used)."""
+    """Seeded random search within `time_budget_s`: the first trial is LightGBM's defaults (no searched
+    parameter); every trial, the first included, is stopped when the deadline passes and recorded as cut
+    short (a cut trial's score is not comparable, so it never wins; with no complete trial the defaults
+    are used)."""
     X, y = data.train.X, data.train.y
     fold_indices = cv_folds(pipeline, data.train)
     rng = np.random.default_rng(pipeline.model.seed)
@@ -237,7 +240,7 @@ def tune(
         # Never start a trial that is expected to overrun the budget.
         if trials and (not done or elapsed + elapsed / len(trials) > time_budget_s):
             break
-        sampled = _sample(pipeline.model.search_space, None if not trials else rng)
+        sampled = _sample(pipeline.model.search_space, rng) if trials else {}
         params = base | sampled
         fold_scores, rounds = [], []
         cut_short = False
@@ -369,6 +372,7 @@ class TrainedModel:
     threshold: float
     test_metrics: dict[str, float]
     candidates: dict[str, Candidate]
+    lightgbm_defaults: dict[str, Any]
     test_predictions: pl.DataFrame
     params: dict[str, Any] = field(default_factory=dict)
     final_fit_cut_at: int | None = None
@@ -379,6 +383,20 @@ class TrainedModel:
     @property
     def baseline_test_metrics(self) -> dict[str, float]:
         return self.candidates["linear"].test_metrics
+
+
+def _fitted(pipeline: PipelineSpec, data: TrainingData, booster: lgb.Booster) -> dict[str, Any]:
+    """A fit's validation score (what the defaults and a tuned refit are compared on), rounds, and test
+    metrics at its own decision threshold (what the report shows beside the model's)."""
+    rounds = booster.best_iteration or booster.current_iteration()
+    valid_pred = predict(booster, data.valid.X, rounds)
+    threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
+    return {
+        "rounds": rounds,
+        "valid_score": score(pipeline.task, pipeline.metric, data.valid.y, valid_pred, threshold),
+        "decision_threshold": threshold,
+        "test_metrics": all_metrics(pipeline.task, data.test.y, predict(booster, data.test.X, rounds), threshold),
+    }
 
 
 def _as_columns(task: str, pred: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
@@ -405,32 +423,35 @@ def train_model(
     # The baselines come first, bounded, so the whole model step (they included) fits the budget.
     candidates = fit_candidates(pipeline, data, started + time_budget_s * BASELINE_SHARE)
     baselines_s = time.monotonic() - started
-    # Then the centre of the search space on the whole training split, stopped at the budget's end: on a
-    # machine too busy for even one CV trial, this is the model, trained as long as the budget allows
-    # (searching first left such a machine a cut trial and a final fit of a few rounds).
-    centre = base_params(pipeline, len(data.classes) if data.classes else None) | _sample(
-        pipeline.model.search_space, None
-    )
-    progress(f"fitting the centre of the search space on {len(data.train.y)} training rows")
+    # Then LightGBM's own defaults on the whole training split, stopped at the budget's end: on a machine
+    # too busy for even one CV trial this is the model, trained as long as the budget allows, and no
+    # search can leave the model worse than what a plain LightGBM script gets on the same split.
+    defaults = base_params(pipeline, len(data.classes) if data.classes else None)
+    progress(f"fitting LightGBM's defaults on {len(data.train.y)} training rows")
     fitting = time.monotonic()
-    booster, cut_at = fit_final(pipeline, data, centre, deadline)
+    booster, cut_at = fit_final(pipeline, data, defaults, deadline)
     fit_s = time.monotonic() - fitting
+    defaults_fit = _fitted(pipeline, data, booster)
     # The search leaves time for one more fit like that one: the refit of the parameters it picks.
     search_budget_s = max(0.0, deadline - time.monotonic() - fit_s)
-    tuning = Tuning(centre, None)
+    tuning = Tuning(defaults, None)
     if search_budget_s > 0:
         progress(
             f"tuning: up to {max_trials} trials of {pipeline.model.cv_folds}-fold CV within "
             f"{search_budget_s:.0f} s of the {time_budget_s:.0f} s budget"
         )
         tuning = tune(pipeline, data, search_budget_s, max_trials, progress)
-    params = centre
-    if tuning.best_params != centre:
+    params = defaults
+    if tuning.best_params != defaults:
         progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; refitting the best parameters")
         refit, refit_cut = fit_final(pipeline, data, tuning.best_params, deadline)
-        # A refit the deadline stopped is not the model its CV score promised: the centre's stays.
-        if refit_cut is None:
+        # A refit the deadline stopped is not the model its CV score promised, and one that scores worse
+        # than the defaults on the validation split won on CV by chance: the defaults' model stays.
+        if refit_cut is None and improvement(
+            pipeline.metric, _fitted(pipeline, data, refit)["valid_score"], defaults_fit["valid_score"]
+        ) >= 0:
             booster, cut_at, params = refit, None, tuning.best_params
+    defaults_fit["chosen"] = params == defaults
     best_iteration = booster.best_iteration or booster.current_iteration()
     valid_pred = predict(booster, data.valid.X, best_iteration)
     test_pred = predict(booster, data.test.X, best_iteration)
@@ -450,6 +471,7 @@ def train_model(
         threshold=threshold,
         test_metrics=all_metrics(pipeline.task, data.test.y, test_pred, threshold),
         candidates=candidates,
+        lightgbm_defaults=defaults_fit,
         test_predictions=predictions,
         params=params,
         final_fit_cut_at=cut_at,
@@ -564,7 +586,9 @@ def train_and_register(
                 "train_rows": c.train_rows,
             }
             for kind, c in trained.candidates.items()
-        },
+        }
+        # LightGBM's defaults, early-stopped on the validation split: the model itself when `chosen`.
+        | {"lightgbm_defaults": trained.lightgbm_defaults},
     }
     sample_scores = trained.booster.predict(
         transform.apply(sample).select(data.features).to_pandas(), num_iteration=best_iteration
