@@ -30,6 +30,7 @@ from ml_assets.core.store import MODEL_VERSIONS, change_marker, connect, data_di
 if TYPE_CHECKING:
     import dagster as dg
 
+
 def _pipeline(project: Project, name: str) -> PipelineSpec:
     if name not in project.pipelines:
         raise UsageError(f"unknown pipeline '{name}'; pipelines: {', '.join(sorted(project.pipelines))}")

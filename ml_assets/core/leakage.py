@@ -101,7 +101,11 @@ def _prepared(
         rows = rows.sort(time)
     y_col = rows.get_column(target)
     y = _numeric(y_col) if task == "regression" else y_col.cast(pl.String).to_numpy()
-    X = np.column_stack([_numeric(rows.get_column(c)) for c in columns]) if columns else np.empty((rows.height, 0))
+    X = (
+        np.column_stack([_numeric(rows.get_column(c)) for c in columns])
+        if columns
+        else np.empty((rows.height, 0))
+    )
     cut = int(round(rows.height * (1 - HOLDOUT)))
     if time is not None:
         hold = np.arange(rows.height) >= cut

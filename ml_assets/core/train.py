@@ -395,7 +395,9 @@ def _fitted(pipeline: PipelineSpec, data: TrainingData, booster: lgb.Booster) ->
         "rounds": rounds,
         "valid_score": score(pipeline.task, pipeline.metric, data.valid.y, valid_pred, threshold),
         "decision_threshold": threshold,
-        "test_metrics": all_metrics(pipeline.task, data.test.y, predict(booster, data.test.X, rounds), threshold),
+        "test_metrics": all_metrics(
+            pipeline.task, data.test.y, predict(booster, data.test.X, rounds), threshold
+        ),
     }
 
 
@@ -447,9 +449,13 @@ def train_model(
         refit, refit_cut = fit_final(pipeline, data, tuning.best_params, deadline)
         # A refit the deadline stopped is not the model its CV score promised, and one that scores worse
         # than the defaults on the validation split won on CV by chance: the defaults' model stays.
-        if refit_cut is None and improvement(
-            pipeline.metric, _fitted(pipeline, data, refit)["valid_score"], defaults_fit["valid_score"]
-        ) >= 0:
+        if (
+            refit_cut is None
+            and improvement(
+                pipeline.metric, _fitted(pipeline, data, refit)["valid_score"], defaults_fit["valid_score"]
+            )
+            >= 0
+        ):
             booster, cut_at, params = refit, None, tuning.best_params
     defaults_fit["chosen"] = params == defaults
     best_iteration = booster.best_iteration or booster.current_iteration()
