@@ -181,7 +181,7 @@ def _slow(monkeypatch, baseline: bool = True) -> None:
 @pytest.mark.parametrize("budget", [2.0, pytest.param(30.0, marks=pytest.mark.slow)])
 def test_the_time_budget_bounds_the_whole_model_step(monkeypatch, budget):
     """A forced slow baseline and forced slow boosting that early stopping never ends: the baseline
-    stops at its share of the budget, recorded as cut short; the centre of the search space is fitted
+    stops at its share of the budget, recorded as cut short; LightGBM's defaults are fitted
     until the budget's end with the rounds it has (the model), no search is started without time for
     it, and the whole model step stays within the budget plus a third (30 s -> 40 s)."""
     _slow(monkeypatch)
@@ -216,9 +216,9 @@ def test_the_final_fit_leaves_time_to_score_the_splits(monkeypatch):
 
 
 def test_a_trial_the_budget_cuts_is_recorded_and_never_wins(monkeypatch):
-    """The centre's fit completes (40 slow rounds) but leaves too little time for a whole CV trial of
+    """The defaults' fit completes (40 slow rounds) but leaves too little time for a whole CV trial of
     ten such fits: the first trial is cut at the search's deadline and recorded as cut short, nothing is
-    started after it, and the centre's model stays. (The search gets the budget minus two centre fits:
+    started after it, and the defaults' model stays. (The search gets the budget minus two such fits:
     with c the fit's time, a search and a cut need 1/12 < c / budget < 1/2, idle or busy.)"""
     _slow(monkeypatch, baseline=False)
     budget = 6.0

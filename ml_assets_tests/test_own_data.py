@@ -455,7 +455,7 @@ def test_a_landing_source_without_replay_is_inferred_from_the_landed_files(tmp_p
 
 
 def test_a_budget_too_short_for_any_trial_still_registers_a_model(tmp_path):
-    """No time for a CV trial leaves no CV score: the model step registers the centre of the search space,
+    """No time for a CV trial leaves no CV score: the model step registers LightGBM's defaults,
     cut at the budget's end (its metadata has no CV score rather than failing on one)."""
     import dagster as dg
 

@@ -385,20 +385,35 @@ class TrainedModel:
         return self.candidates["linear"].test_metrics
 
 
-def _fitted(pipeline: PipelineSpec, data: TrainingData, booster: lgb.Booster) -> dict[str, Any]:
-    """A fit's validation score (what the defaults and a tuned refit are compared on), rounds, and test
-    metrics at its own decision threshold (what the report shows beside the model's)."""
-    rounds = booster.best_iteration or booster.current_iteration()
-    valid_pred = predict(booster, data.valid.X, rounds)
-    threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
-    return {
-        "rounds": rounds,
-        "valid_score": score(pipeline.task, pipeline.metric, data.valid.y, valid_pred, threshold),
-        "decision_threshold": threshold,
-        "test_metrics": all_metrics(
-            pipeline.task, data.test.y, predict(booster, data.test.X, rounds), threshold
-        ),
-    }
+@dataclass
+class _Scored:
+    """A LightGBM fit scored once on the validation and test splits at its own decision threshold."""
+
+    booster: lgb.Booster
+    test_pred: np.ndarray
+    threshold: float
+    valid_score: float
+    test_metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, pipeline: PipelineSpec, data: TrainingData, booster: lgb.Booster) -> _Scored:
+        rounds = booster.best_iteration or booster.current_iteration()
+        valid_pred = predict(booster, data.valid.X, rounds)
+        test_pred = predict(booster, data.test.X, rounds)
+        threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
+        valid_score = score(pipeline.task, pipeline.metric, data.valid.y, valid_pred, threshold)
+        metrics = all_metrics(pipeline.task, data.test.y, test_pred, threshold)
+        return cls(booster, test_pred, threshold, valid_score, metrics)
+
+    def summary(self, chosen: bool) -> dict[str, Any]:
+        """What the manifest records of LightGBM's defaults as a candidate beside the model."""
+        return {
+            "rounds": self.booster.best_iteration or self.booster.current_iteration(),
+            "valid_score": self.valid_score,
+            "decision_threshold": self.threshold,
+            "test_metrics": self.test_metrics,
+            "chosen": chosen,
+        }
 
 
 def _as_columns(task: str, pred: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
@@ -433,7 +448,7 @@ def train_model(
     fitting = time.monotonic()
     booster, cut_at = fit_final(pipeline, data, defaults, deadline)
     fit_s = time.monotonic() - fitting
-    defaults_fit = _fitted(pipeline, data, booster)
+    defaults_fit = chosen = _Scored.of(pipeline, data, booster)
     # The search leaves time for one more fit like that one: the refit of the parameters it picks.
     search_budget_s = max(0.0, deadline - time.monotonic() - fit_s)
     tuning = Tuning(defaults, None)
@@ -449,35 +464,25 @@ def train_model(
         refit, refit_cut = fit_final(pipeline, data, tuning.best_params, deadline)
         # A refit the deadline stopped is not the model its CV score promised, and one that scores worse
         # than the defaults on the validation split won on CV by chance: the defaults' model stays.
-        if (
-            refit_cut is None
-            and improvement(
-                pipeline.metric, _fitted(pipeline, data, refit)["valid_score"], defaults_fit["valid_score"]
-            )
-            >= 0
-        ):
-            booster, cut_at, params = refit, None, tuning.best_params
-    defaults_fit["chosen"] = params == defaults
-    best_iteration = booster.best_iteration or booster.current_iteration()
-    valid_pred = predict(booster, data.valid.X, best_iteration)
-    test_pred = predict(booster, data.test.X, best_iteration)
-    threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
+        tuned = _Scored.of(pipeline, data, refit) if refit_cut is None else None
+        if tuned and improvement(pipeline.metric, tuned.valid_score, defaults_fit.valid_score) >= 0:
+            chosen, cut_at, params = tuned, None, tuning.best_params
     predictions = pl.DataFrame(
         {
             "_key": data.test.key,
             "y_true": data.test.y,
-            **_as_columns(pipeline.task, test_pred, "model"),
+            **_as_columns(pipeline.task, chosen.test_pred, "model"),
             **_as_columns(pipeline.task, candidates["linear"].test_pred, "baseline"),
             **_as_columns(pipeline.task, candidates["constant"].test_pred, "constant"),
         }
     )
     return TrainedModel(
-        booster=booster,
+        booster=chosen.booster,
         tuning=tuning,
-        threshold=threshold,
-        test_metrics=all_metrics(pipeline.task, data.test.y, test_pred, threshold),
+        threshold=chosen.threshold,
+        test_metrics=chosen.test_metrics,
         candidates=candidates,
-        lightgbm_defaults=defaults_fit,
+        lightgbm_defaults=defaults_fit.summary(chosen is defaults_fit),
         test_predictions=predictions,
         params=params,
         final_fit_cut_at=cut_at,
