@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work here (kept) instead of a temporary directory")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="own_data_"))
+    work.mkdir(parents=True, exist_ok=True)
     pipelines, root = work / "pipelines", work / "data"
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     env |= {DATA_DIR_ENV: str(root), PIPELINES_DIR_ENV: str(pipelines)}

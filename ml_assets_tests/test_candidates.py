@@ -228,6 +228,7 @@ def test_a_trial_the_budget_cuts_is_recorded_and_never_wins(monkeypatch):
     (first,) = trained.tuning.trials
     assert first["cut_short"] is True and first["cv_score"] is None
     assert trained.tuning.best_cv_score is None and trained.params == trained.tuning.best_params
+    assert trained.lightgbm_defaults["chosen"] and trained.tuning.trials[0]["params"] == {}
     assert 0 < trained.search_budget_s < budget
     assert trained.tuning.elapsed_s <= trained.search_budget_s + 10 * ROUND_S + 0.5
     assert trained.elapsed_s <= budget + max(1.0, budget / 3)
@@ -240,6 +241,30 @@ def test_a_budget_that_never_binds_completes_every_trial():
     assert trained.params == trained.tuning.best_params  # the best CV parameters are the model's
     assert trained.final_fit_cut_at is None
     assert not any(c.cut_short for c in trained.candidates.values())
+
+
+def test_lightgbm_defaults_are_the_first_fit_a_candidate_and_never_beaten_on_validation():
+    """The first fit is LightGBM's own defaults with early stopping on the validation split, exactly, and
+    recorded as the candidate `lightgbm_defaults`; the model is either that fit or a tuned refit that
+    scores at least as well on the validation split."""
+    spec = _spec({"max_rounds": 300, "early_stopping_rounds": 20, "max_trials": 4, "cv_folds": 2})
+    data = _data(1600)
+    trained = train.train_model(spec, data, 600.0, 4)
+    assert trained.tuning.trials[0]["params"] == {}  # the first trial searched nothing: the defaults
+    defaults = trained.lightgbm_defaults
+    plain = train._fit(
+        train.base_params(spec, 2), spec, (data.train.X, data.train.y), (data.valid.X, data.valid.y), ["c"]
+    )
+    assert defaults["rounds"] == plain.best_iteration
+    expected = score(
+        "binary", "roc_auc", data.test.y, plain.predict(data.test.X, num_iteration=plain.best_iteration)
+    )
+    assert defaults["test_metrics"]["roc_auc"] == pytest.approx(expected, abs=1e-12)
+    valid = score("binary", "roc_auc", data.valid.y, trained.booster.predict(data.valid.X))
+    assert valid >= defaults["valid_score"] - 1e-12
+    assert defaults["chosen"] == (trained.params == train.base_params(spec, 2))
+    if defaults["chosen"]:
+        assert trained.test_metrics == defaults["test_metrics"]
 
 
 def _split_spec(split: dict, task: str = "binary") -> PipelineSpec:

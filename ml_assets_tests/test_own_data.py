@@ -144,6 +144,10 @@ def test_first_run_ends_with_a_champion_judged_with_the_reports_numbers(shop_run
         gain = test_metric[step["candidate"]] - test_metric[step["against"]]
         assert step["bootstrap"]["improvement"] == pytest.approx(gain, abs=1e-12), step
     report = evaluate_version(trained.path, root / "reports", trained.manifest_sha256)
+    # LightGBM's defaults are a candidate the gate decision and the report show beside the others.
+    assert set(details["candidates"]) == {"constant", "linear", "lightgbm_defaults"}
+    assert details["candidates"]["lightgbm_defaults"] == test_metric["lightgbm_defaults"]
+    assert "lightgbm_defaults" in report.report_path.read_text()
     assert report.model[metric] - report.baseline[metric] == pytest.approx(
         test_metric["lightgbm"] - test_metric["linear"], abs=1e-12
     )
