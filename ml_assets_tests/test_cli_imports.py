@@ -61,4 +61,3 @@ def test_registry_and_ledger_commands_do_not_import_the_training_stack(tmp_path)
     for command, found in seen.items():
         assert found["code"] == 0, (command, found)
         assert found["imported"] == [], f"`ml-assets {command}` imported {found['imported']}"
-
