@@ -215,3 +215,19 @@ def test_validate_checks_every_file_not_only_the_first(tmp_path):
         assert "column 'b': 1 of 2 sampled values are not a valid int" in bad_value
         assert f"source '{source}'" in no_b and "c_no_b.csv" in no_b and "required column(s) ['b']" in no_b
     assert "a_good.csv" not in result.stderr
+
+
+def test_init_keeps_every_value_of_a_text_column_up_to_a_thousand(tmp_path):
+    """A text column of more values than a feature keeps by default (50) keeps them all (up to 1000):
+    the values past the cap would be one "other" value, and lose the signal they carry."""
+    from ml_assets.core.scaffold import INIT_MAX_CATEGORIES, scaffold
+
+    rng = np.random.default_rng(0)
+    shops, cities = rng.integers(0, 400, size=5000), rng.integers(0, 10, size=5000)
+    (tmp_path / "s.csv").write_text(
+        "shop,city,y\n" + "".join(f"s{a},c{b},{a % 7 + b}\n" for a, b in zip(shops, cities, strict=True))
+    )
+    raw = yaml.safe_load(scaffold(str(tmp_path / "s.csv"), "y", tmp_path / "s.yaml"))
+    features = {f["name"]: f for f in raw["features"]}
+    assert features["shop"]["max_categories"] == len(set(shops.tolist())) <= INIT_MAX_CATEGORIES
+    assert "max_categories" not in features["city"]
