@@ -82,6 +82,17 @@ def leakage_hints(
     return hints
 
 
+def _keeping_categories(features: list[dict[str, Any]], frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """Text features with more values than the default `max_categories` keep them all, up to
+    INIT_MAX_CATEGORIES."""
+    default_max = FeatureSpec.model_fields["max_categories"].default
+    for feature in features:
+        distinct = frame.get_column(feature.get("column", feature["name"])).n_unique()
+        if feature["type"] == "categorical" and distinct > default_max:
+            feature["max_categories"] = min(distinct, INIT_MAX_CATEGORIES)
+    return features
+
+
 def _pick_time(frame: pl.DataFrame, time: str | None) -> str | None:
     if time is not None:
         if time not in frame.columns:
@@ -126,12 +137,7 @@ def scaffold(
         c: columns[c]["type"] for c in frame.columns if c not in {target, *ids} and c not in constant
     }
     hints = leakage_hints(frame, target, task, list(candidates), time)
-    features = infer_features(candidates, "features")
-    default_max = FeatureSpec.model_fields["max_categories"].default
-    for feature in features:
-        distinct = frame.get_column(feature.get("column", feature["name"])).n_unique()
-        if feature["type"] == "categorical" and distinct > default_max:
-            feature["max_categories"] = min(distinct, INIT_MAX_CATEGORIES)
+    features = _keeping_categories(infer_features(candidates, "features"), frame)
     lines = [
         # Editors that speak the YAML language server validate and complete the file against it.
         f"{SCHEMA_COMMENT}{SCHEMA_FILE}",
