@@ -252,8 +252,8 @@ def test_lightgbm_defaults_are_the_first_fit_a_candidate_and_never_beaten_on_val
     trained = train.train_model(spec, data, 600.0, 4)
     assert trained.tuning.trials[0]["params"] == {}  # the first trial searched nothing: the defaults
     defaults = trained.lightgbm_defaults
-    plain = train._fit(
-        train.base_params(spec, 2), spec, (data.train.X, data.train.y), (data.valid.X, data.valid.y), ["c"]
+    plain = tuning.fit_booster(
+        tuning.base_params(spec, 2), spec, (data.train.X, data.train.y), (data.valid.X, data.valid.y), ["c"]
     )
     assert defaults["rounds"] == plain.best_iteration
     expected = score(
@@ -262,7 +262,7 @@ def test_lightgbm_defaults_are_the_first_fit_a_candidate_and_never_beaten_on_val
     assert defaults["test_metrics"]["roc_auc"] == pytest.approx(expected, abs=1e-12)
     valid = score("binary", "roc_auc", data.valid.y, trained.booster.predict(data.valid.X))
     assert valid >= defaults["valid_score"] - 1e-12
-    assert defaults["chosen"] == (trained.params == train.base_params(spec, 2))
+    assert defaults["chosen"] == (trained.params == tuning.base_params(spec, 2))
     if defaults["chosen"]:
         assert trained.test_metrics == defaults["test_metrics"]
 

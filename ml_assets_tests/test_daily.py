@@ -23,7 +23,7 @@ import pytest
 from ml_assets import cli
 from ml_assets.api import create_app
 from ml_assets.core import registry
-from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 
 FIRST_DAY, LAST_DAY = dt.date(2021, 1, 4), dt.date(2023, 12, 31)
