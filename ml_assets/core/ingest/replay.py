@@ -21,9 +21,8 @@ import duckdb
 import polars as pl
 
 from ml_assets.core.errors import ConfigError, SourceError, UsageError
-from ml_assets.core.ingest.files import landing_dir, read_file
+from ml_assets.core.ingest.files import PKG_SCHEME, landing_dir, package_file, read_file
 from ml_assets.core.ingest.window import event_time_sql
-from ml_assets.core.spec.infer import resolve_paths
 from ml_assets.core.spec.schema import PipelineSpec, Project, ReplaySpec, SourceSpec
 from ml_assets.core.sql import cast_expr, lit, q
 
@@ -165,7 +164,9 @@ def _history(name: str, spec: SourceSpec, base: Path) -> pl.DataFrame:
     """The source's whole recorded history with each row's event time (as partitioning computes it); a
     relative `replay.path` is read from beside the pipeline file, `base`, as every other path is."""
     path = _replay_spec(name, spec).path
-    frames = [f for part in resolve_paths(path, base) for _, f in read_file(name, part, spec)]
+    # base / path is path itself when path is absolute.
+    file = package_file(path) if path.startswith(PKG_SCHEME) else base / path
+    frames = [f for _, f in read_file(name, file, spec)]
     frame = pl.concat(frames, how="diagonal_relaxed").with_columns(pl.lit(path).alias("_source_file"))
     with duckdb.connect() as conn:
         conn.execute("SET TimeZone = 'UTC'")
