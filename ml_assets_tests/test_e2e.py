@@ -227,7 +227,7 @@ RELOAD = """
 import sys, polars as pl
 from ml_assets.core.features import feature_table
 from ml_assets.core.serving.loader import ServableModel
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect
 pipelines, version_dir, db, out = sys.argv[1:]
 pipeline = load_project(pipelines).pipelines["flight_delay"]
