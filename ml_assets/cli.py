@@ -10,26 +10,32 @@ import sys
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dagster as dg
 import duckdb
 import polars as pl
 
-from ml_assets.core import ingest, registry, rollback
+from ml_assets.core import ingest, registry
 from ml_assets.core.errors import Problems, UsageError, UserError
 from ml_assets.core.ingest import preflight, replay
-from ml_assets.core.scaffold import scaffold
-from ml_assets.core.serving import online_model, request_parsing
-from ml_assets.core.serving.batch_scores import score_frame
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.spec.infer import safe_name
 from ml_assets.core.spec.load import load_default_project
 from ml_assets.core.sql import q
-from ml_assets.core.store import MODEL_VERSIONS, change_marker, connect, data_dir, is_lake, warehouse
-from ml_assets.orchestration.build import build_definitions
-from ml_assets.orchestration.jobs import pipeline_selection, retrain_selection
-from ml_assets.orchestration.partitions import RANGE_END, RANGE_START, all_partitions_tags, range_tags_for
-from ml_assets.orchestration.resources import TrainingOverrides
+from ml_assets.core.store import (
+    MODEL_VERSIONS,
+    change_marker,
+    connect,
+    data_dir,
+    is_lake,
+    warehouse,
+)
+
+# The training and orchestration stack (Dagster, LightGBM, scikit-learn, Evidently) is imported by the
+# commands that use it, inside them: `versions`, `landing`, `validate` and `--help` answer in a fraction
+# of the seconds that stack takes to import (a test proves they leave it unimported).
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 def _pipeline(project: Project, name: str) -> PipelineSpec:
@@ -39,6 +45,8 @@ def _pipeline(project: Project, name: str) -> PipelineSpec:
 
 
 def _instance() -> dg.DagsterInstance:
+    import dagster as dg
+
     # With DAGSTER_HOME set (as `make` does) runs land in the same history `dagster dev` shows.
     return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
@@ -51,6 +59,13 @@ def run(
 ) -> int:
     """Materialize every asset, or only these pipelines' assets and the sources they read, or (retrain)
     one pipeline from its modelling table on; then print the summary."""
+    import dagster as dg
+
+    from ml_assets.orchestration.build import build_definitions
+    from ml_assets.orchestration.jobs import pipeline_selection, retrain_selection
+    from ml_assets.orchestration.partitions import RANGE_END, RANGE_START
+    from ml_assets.orchestration.resources import TrainingOverrides
+
     project = load_default_project()
     names = [_pipeline(project, name).name for name in pipelines or []]
     defs = build_definitions(project.directory, data_dir())
@@ -121,6 +136,8 @@ def init(args: argparse.Namespace) -> int:
     )
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
+    from ml_assets.core.scaffold import scaffold
+
     text = scaffold(args.file, args.target, out, args.task, args.time, args.id)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -134,6 +151,8 @@ def landed_partitions(project: Project) -> dict[str, str]:
     Re-materializing the whole landed range is idempotent (each partition replaces its own rows), so
     running twice never duplicates rows.
     """
+    from ml_assets.orchestration.partitions import all_partitions_tags, range_tags_for
+
     if project.time_axis is None:
         return {}
     lasts = []
@@ -224,6 +243,9 @@ def show_versions(pipeline: str) -> None:
 
 def predict(pipeline: PipelineSpec, project: Project, file: Path, output: Path | None) -> None:
     """Score a CSV or Parquet file of request-time inputs with the champion, exactly as the API does."""
+    from ml_assets.core.serving import online_model, request_parsing
+    from ml_assets.core.serving.batch_scores import score_frame
+
     if not file.is_file():
         raise UsageError(f"{file}: no such file")
     try:
@@ -390,6 +412,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "rollback":
         project = load_default_project()
         pipeline = _pipeline(project, args.pipeline)
+        from ml_assets.core import rollback
+
         decision = rollback.rollback(_connect, pipeline, project.sources_of(pipeline), args.to)
         print(decision.reason)
         from ml_assets.core.tracking import sync_champion

@@ -145,6 +145,10 @@ def test_first_run_ends_with_a_champion_judged_with_the_reports_numbers(shop_run
         gain = test_metric[step["candidate"]] - test_metric[step["against"]]
         assert step["bootstrap"]["improvement"] == pytest.approx(gain, abs=1e-12), step
     report = evaluate_version(trained.path, root / "reports", trained.manifest_sha256)
+    # LightGBM's defaults are a candidate the gate decision and the report show beside the others.
+    assert set(details["candidates"]) == {"constant", "linear", "lightgbm_defaults"}
+    assert details["candidates"]["lightgbm_defaults"] == test_metric["lightgbm_defaults"]
+    assert "lightgbm_defaults" in report.report_path.read_text()
     assert report.model[metric] - report.baseline[metric] == pytest.approx(
         test_metric["lightgbm"] - test_metric["linear"], abs=1e-12
     )
@@ -456,7 +460,7 @@ def test_a_landing_source_without_replay_is_inferred_from_the_landed_files(tmp_p
 
 
 def test_a_budget_too_short_for_any_trial_still_registers_a_model(tmp_path):
-    """No time for a CV trial leaves no CV score: the model step registers the centre of the search space,
+    """No time for a CV trial leaves no CV score: the model step registers LightGBM's defaults,
     cut at the budget's end (its metadata has no CV score rather than failing on one)."""
     import dagster as dg
 

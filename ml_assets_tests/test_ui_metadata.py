@@ -73,7 +73,7 @@ def test_model_step_logs_each_trial_and_statuses_say_what_a_version_is_now(sampl
     trials = [m for m in messages if m.startswith("trial ")]
     # FAST_MODEL: two trials, each with the best score so far and what is left of the budget.
     assert [t.split(":")[0] for t in trials] == ["trial 1 of 2", "trial 2 of 2"], messages
-    # The search gets what the baselines and the centre's fit leave of the 600 s budget, minus one fit.
+    # The search gets what the baselines and the defaults' fit leave of the 600 s budget, minus one fit.
     assert all(re.search(r"best so far 0\.\d+; \d+ s of the 5\d\d s search budget left", t) for t in trials)
     raw = [e.message for e in instance.all_logs(result.run_id) if e.step_key == "raw__flights_raw"]
     assert any(m.startswith("loaded ") and "rows/s" in m for m in raw), raw

@@ -142,6 +142,7 @@ def _write_html(
         if k in ("confusion_matrix", "calibration", "decision_threshold")
     )
     params = _table([[k, v] for k, v in sorted(manifest.params.items())], ["parameter", "value"])
+    candidates = _table(candidate_rows(manifest), ["candidate", f"test {manifest.metric}", "note"])
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>{html.escape(manifest.pipeline)} {html.escape(manifest.version)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
@@ -152,10 +153,31 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:i
 (train {manifest.rows["train"]}, validation {manifest.rows["valid"]}). Training window:
 {manifest.train_window["start"]} to {manifest.train_window["end"]}. Code: {html.escape(manifest.code_version)}.</p>
 <h2>Test metrics</h2>{_table(ev_rows, ["metric", "model", manifest.baseline, "difference"])}
+<h2>Candidates</h2>{candidates}
 {extras}<h2>Plots</h2>{images}
 <h2>Parameters ({manifest.model_kind}; best of {len(manifest.cv.trials)} CV trials, CV
 {manifest.metric} {_fmt(manifest.cv.score)})</h2>{params}
 </body></html>""")
+
+
+CANDIDATE_NOTES = {
+    "constant": "the training split's prior",
+    "linear": "the linear baseline",
+    "lightgbm_defaults": "LightGBM's defaults, early-stopped on the validation split",
+}
+
+
+def candidate_rows(manifest: Manifest) -> list[list[Any]]:
+    """The models fitted beside this one, with their test metric: a tuned model shown next to
+    LightGBM's defaults on the same split (the model is the defaults' fit when marked so)."""
+    metric = manifest.metric
+    rows = []
+    for kind, found in manifest.candidates.items():
+        note = CANDIDATE_NOTES.get(kind, kind)
+        if found.chosen:
+            note += " (this model: the tuned parameters did not beat it on validation)"
+        rows.append([kind, found.test_metrics[metric], note])
+    return rows + [["model", manifest.test_metrics[metric], manifest.model_kind]]
 
 
 def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str | None = None) -> Evaluation:

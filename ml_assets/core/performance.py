@@ -98,6 +98,8 @@ def score_periods(
     periods starting after `built_from` are judged)."""
     spec = pipeline.monitoring.performance
     metric = pipeline.metric
+    # A date (a daily series) is its day's midnight here: periods are datetimes, compared with built_from.
+    rows = rows.with_columns(pl.col(pipeline.timestamp).cast(pl.Datetime("us")))
     rows = rows.with_columns(pl.col(pipeline.timestamp).dt.truncate(TRUNCATE[spec.period]).alias("_period"))
     scored = []
     for (period,), part in rows.group_by("_period", maintain_order=True):

@@ -272,6 +272,8 @@ def _first_champion(
         reason = f"{infra}; {reason}"
     details = {
         "ladder": steps,
+        # Every model fitted beside LightGBM's, LightGBM's defaults among them, by its test metric.
+        "candidates": {k: c.test_metrics[pipeline.metric] for k, c in model.manifest.candidates.items()},
         "champion_kind": best,
         "rows": len(y),
         "infra_check": {"passed": infra_ok, "detail": infra},

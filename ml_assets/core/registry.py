@@ -74,6 +74,11 @@ class Candidate(BaseModel):
     test_metrics: dict[str, float | None]
     cut_short: bool = False
     train_rows: int | None = None
+    # LightGBM's defaults (`lightgbm_defaults`): its rounds and validation score, and whether it is the
+    # version's model itself (the tuned parameters did not beat it on validation).
+    rounds: int | None = None
+    valid_score: float | None = None
+    chosen: bool = False
 
 
 class Manifest(BaseModel):
