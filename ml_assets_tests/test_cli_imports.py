@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from ml_assets_tests.test_cli import _env
+from ml_assets_tests.cli_helpers import cli_env
 
 HEAVY = ("dagster", "lightgbm", "sklearn", "evidently")
 
@@ -49,7 +49,7 @@ def test_registry_and_ledger_commands_do_not_import_the_training_stack(tmp_path)
     script = _SCRIPT.format(heavy=HEAVY, commands=COMMANDS)
     done = subprocess.run(
         [sys.executable, "-c", script],
-        env=_env(tmp_path / "data", pipelines),
+        env=cli_env(tmp_path / "data", pipelines),
         capture_output=True,
         text=True,
         timeout=300,
