@@ -7,15 +7,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distributed import Client
+from distributed import Client, Event
 
 from ml_assets_tests.postgres_server import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 # Generous: starting a Python process that imports Dask takes seconds on a busy 2-core machine.
 START_DEADLINE_S = 180.0
 
@@ -68,6 +69,8 @@ def running_dask(base_dir: Path, workers: int, env: Mapping[str, str]) -> Iterat
     address = f"tcp://127.0.0.1:{free_port()}"
     # Workers import the code location, which reads the same settings as every other process.
     env = {**env, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0", "ML_ASSETS_DASK_SCHEDULER": address}
+    # Tasks of this module (holding a worker) unpickle on workers by importing it.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     with ExitStack() as stack:
         scheduler = _dask(
             "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard",
@@ -94,3 +97,44 @@ def wait_until(condition, what: str, deadline_s: float = START_DEADLINE_S) -> No
         if time.monotonic() > end:
             raise TimeoutError(f"gave up after {deadline_s:.0f} s waiting for {what}")
         time.sleep(0.2)
+
+
+def wait_for_release(name: str) -> None:
+    Event(name).wait()
+
+
+def queued_wants(prefix: str):
+    """A scheduler function: how many clients want tasks whose key starts with `prefix`."""
+
+    def count(dask_scheduler) -> int:
+        return sum(
+            len(ts.who_wants or ()) for key, ts in dask_scheduler.tasks.items() if str(key).startswith(prefix)
+        )
+
+    return count
+
+
+@contextmanager
+def workers_held(cluster: DaskCluster, deadline_s: float) -> Iterator[Callable[[str, int], None]]:
+    """Keep every worker busy; the function yielded waits until `n` clients want tasks whose key starts
+    with a prefix, then lets the workers go, so that the tasks submitted meanwhile were all queued on the
+    scheduler at once (the workers are let go on leaving, in any case)."""
+    with cluster.client() as client:
+        workers = list(client.scheduler_info()["workers"])
+        held = [
+            client.submit(wait_for_release, "release", workers=[w], pure=False, key=f"hold-{w}")
+            for w in workers
+        ]
+        release = Event("release", client=client)
+
+        def release_when_wanted(prefix: str, n: int) -> None:
+            wait_until(
+                lambda: client.run_on_scheduler(queued_wants(prefix)) >= n, f"{n} queued task(s) {prefix}*"
+            )
+            release.set()
+
+        try:
+            yield release_when_wanted
+        finally:
+            release.set()
+            client.gather(held)

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from ml_assets.orchestration.build import build_definitions
 from ml_assets.orchestration.jobs import RUN_JOB
 from ml_assets.orchestration.keys import source_keys
 from ml_assets_tests.conftest import FAST_MODEL, write_pipelines
-from ml_assets_tests.dask_cluster import DaskCluster, running_dask, wait_until
+from ml_assets_tests.dask_cluster import DaskCluster, running_dask, wait_until, workers_held
 from ml_assets_tests.postgres_server import postgres_unavailable_reason, running_postgres
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +45,10 @@ needs_postgres = pytest.mark.skipif(
 # so the launching process must hold the cluster's environment when it imports it): argv = partition,
 # asset keys; prints the run id and whether it succeeded.
 LAUNCH_PARTITION = """
-import sys, dagster as dg
-from ml_assets.orchestration import definitions
+import os, sys, dagster as dg
+from ml_assets.orchestration import dask_executor, definitions
+if os.environ.get("UPSTREAM_DASK_KEYS"):  # dagster-dask's own key, to show the collision it causes
+    dask_executor.step_key = lambda run, step: f"{run.job_name}.{step}"
 with dg.DagsterInstance.get() as instance:
     result = dg.execute_job(dg.reconstructable(definitions.all_assets_job), instance,
         tags={"dagster/asset_partition_range_start": sys.argv[1], "dagster/asset_partition_range_end": sys.argv[1]},
@@ -102,7 +105,11 @@ def test_cluster_definitions_run_steps_on_dask(monkeypatch: pytest.MonkeyPatch, 
     pipelines = write_pipelines(tmp_path / "pipelines", None, FAST_MODEL)
     defs = build_definitions(pipelines, deployments.current())
     job = defs.resolve_job_def(RUN_JOB)
-    assert job.executor_def.name == "dask"
+    # The sensors' and schedules' jobs too: they take the deployment's executor from Definitions.
+    sensor_jobs = {s.job_name for s in defs.sensors} | {s.job_name for s in defs.schedules}
+    assert {"flight_delay_retrain_job", "flight_delay_drift_job"} <= sensor_jobs
+    for name in [RUN_JOB, *sensor_jobs]:
+        assert defs.resolve_job_def(name).executor_def.name == "dask", name
     assert job.executor_def.config_schema.resolve_config({}).value["config"] == {
         "cluster": {"existing": {"address": "tcp://10.1.2.3:8786"}}
     }
@@ -179,13 +186,20 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> Iterator[Cluster]:
+def cluster(sample_sources: Path) -> Iterator[Cluster]:
     """PostgreSQL, a scheduler and two workers (one `training` unit each), the flagship pipeline alone on
     the sample data, a shared root and a DAGSTER_HOME with the cluster dagster.yaml."""
     if postgres_unavailable_reason():
         pytest.skip(postgres_unavailable_reason())
-    base = tmp_path_factory.mktemp("cluster")
-    pipelines = write_pipelines(base / "pipelines", sample_sources, FAST_MODEL)
+    # Not under pytest's numbered temporary folders: another pytest session of the same user prunes old
+    # ones, and this fixture outlives a test.
+    with tempfile.TemporaryDirectory(prefix="ml_assets-cluster-") as tmp:
+        yield from _cluster(Path(tmp), sample_sources)
+
+
+def _cluster(base: Path, sample_sources: Path) -> Iterator[Cluster]:
+    sources = shutil.copytree(sample_sources, base / "sources")
+    pipelines = write_pipelines(base / "pipelines", sources, FAST_MODEL)
     for other in pipelines.glob("*.yaml"):
         if other.stem != "flight_delay":
             other.unlink()
@@ -213,34 +227,46 @@ def scheduler_keys(dask: DaskCluster) -> set[str]:
         )
 
 
-def test_concurrent_runs_of_one_job_both_execute(cluster: Cluster) -> None:
-    """dagster-dask keys a step `<job>.<step>`, so the second of two concurrent runs of a job would be handed
-    the first's result and ingest nothing (dagster issue 21418); each run here ingests its own month."""
+@pytest.mark.parametrize(
+    "run_scoped_keys", [True, pytest.param(False, marks=pytest.mark.slow, id="upstream-keys")], ids=str
+)
+def test_concurrent_runs_of_one_job_both_execute(cluster: Cluster, run_scoped_keys: bool) -> None:
+    """Two runs of one job, each ingesting its own month, queued on Dask at the same time (workers held
+    until both have submitted). With dagster-dask's keys (`<job>.<step>`, dagster issue 21418) the second
+    run is handed the first's result and its month is never ingested; with ours both are."""
     months = ["2013-03-01", "2013-04-01"]
     done: dict[str, subprocess.CompletedProcess] = {}
+    upstream = {} if run_scoped_keys else {"UPSTREAM_DASK_KEYS": "1"}
 
     def launch(month: str) -> None:
         keys = [k.to_user_string() for k in source_keys("flights")]
-        done[month] = cluster.run(sys.executable, "-c", LAUNCH_PARTITION, month, *keys)
+        done[month] = cluster.run(sys.executable, "-c", LAUNCH_PARTITION, month, *keys, env=upstream)
 
     threads = [threading.Thread(target=launch, args=(m,)) for m in months]
-    for t in threads:
-        t.start()
+    with workers_held(cluster.dask, RUN_DEADLINE_S) as release_when_wanted:
+        for t in threads:
+            t.start()
+        release_when_wanted(RUN_JOB, len(months))
     for t in threads:
         t.join()
+    with duckdb.connect(str(cluster.root / "warehouse.duckdb"), read_only=True) as conn:
+        ingested = {
+            m: conn.execute(
+                "SELECT count(*) FROM raw.flights WHERE date_trunc('month', _event_time) = ?::TIMESTAMP", [m]
+            ).fetchone()[0]
+            > 0
+            for m in months
+        }
+    if not run_scoped_keys:
+        assert not all(ingested.values()), ingested
+        return
     runs = {}
     for month in months:
         assert done[month].returncode == 0, done[month].stderr[-3000:]
         run_id, success = done[month].stdout.split()[-2:]
         assert success == "True", done[month].stderr[-3000:]
         runs[month] = run_id
-    with duckdb.connect(str(cluster.root / "warehouse.duckdb"), read_only=True) as conn:
-        counts = dict(
-            conn.execute(
-                "SELECT strftime(date_trunc('month', _event_time), '%Y-%m-%d'), count(*) FROM raw.flights GROUP BY 1"
-            ).fetchall()
-        )
-    assert set(months) <= set(counts) and all(counts[m] > 0 for m in months)
+    assert all(ingested.values()), ingested
     keys = scheduler_keys(cluster.dask)
     for run_id in runs.values():
         assert any(k.startswith(f"{RUN_JOB}.{run_id}.") for k in keys), sorted(keys)
