@@ -121,7 +121,7 @@ def test_cluster_definitions_run_steps_on_dask(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_fit_threads_come_from_the_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from ml_assets.core.spec import load_project
+    from ml_assets.core.spec.load import load_project
 
     pipeline = load_project(write_pipelines(tmp_path / "p", None)).pipelines["flight_delay"]
     monkeypatch.delenv(deployments.FIT_THREADS_ENV, raising=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.orchestration import deployments, jobs
 from ml_assets.orchestration.assets import build_assets
 from ml_assets.orchestration.assets.serving import predictions_partitions

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ml_assets.core.spec import pipelines_dir
+from ml_assets.core.spec.load import pipelines_dir
 from ml_assets.orchestration import deployments, jobs
 from ml_assets.orchestration.build import build_definitions, resources
 
