@@ -105,11 +105,11 @@ def test_cluster_definitions_run_steps_on_dask(monkeypatch: pytest.MonkeyPatch, 
     pipelines = write_pipelines(tmp_path / "pipelines", None, FAST_MODEL)
     defs = build_definitions(pipelines, deployments.current())
     job = defs.resolve_job_def(RUN_JOB)
-    # The sensors' and schedules' jobs too: they take the deployment's executor from Definitions.
-    sensor_jobs = {s.job_name for s in defs.sensors} | {s.job_name for s in defs.schedules}
-    assert {"flight_delay_retrain_job", "flight_delay_drift_job"} <= sensor_jobs
-    for name in [RUN_JOB, *sensor_jobs]:
-        assert defs.resolve_job_def(name).executor_def.name == "dask", name
+    # The sensors' and schedules' jobs too: every job takes the deployment's executor from Definitions.
+    sensor_jobs = {s.job_name for s in defs.sensors}
+    assert "flight_delay_retrain_job" in sensor_jobs
+    executors = {j.name: j.executor_def.name for j in defs.resolve_all_job_defs()}
+    assert sensor_jobs <= set(executors) and set(executors.values()) == {"dask"}, executors
     assert job.executor_def.config_schema.resolve_config({}).value["config"] == {
         "cluster": {"existing": {"address": "tcp://10.1.2.3:8786"}}
     }
