@@ -22,14 +22,7 @@ from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.spec.infer import safe_name
 from ml_assets.core.spec.load import load_default_project
 from ml_assets.core.sql import q
-from ml_assets.core.store import (
-    MODEL_VERSIONS,
-    change_marker,
-    connect,
-    data_dir,
-    is_lake,
-    warehouse,
-)
+from ml_assets.core.store import MODEL_VERSIONS, change_marker, connect, data_root, is_lake, warehouse
 
 # The training and orchestration stack (Dagster, LightGBM, scikit-learn, Evidently) is imported by the
 # commands that use it, inside them: `versions`, `landing`, `validate` and `--help` answer in a fraction
@@ -59,8 +52,8 @@ def run(
 ) -> int:
     """Materialize every asset, or only these pipelines' assets and the sources they read, or (retrain)
     one pipeline from its modelling table on; then print the summary."""
-    import dagster as dg
 
+    from ml_assets.orchestration import deployments, execute
     from ml_assets.orchestration.build import build_definitions
     from ml_assets.orchestration.jobs import pipeline_selection, retrain_selection
     from ml_assets.orchestration.partitions import RANGE_END, RANGE_START
@@ -68,10 +61,7 @@ def run(
 
     project = load_default_project()
     names = [_pipeline(project, name).name for name in pipelines or []]
-    defs = build_definitions(project.directory, data_dir())
-    resources = dict(defs.resources) | {
-        "training": TrainingOverrides(time_budget_s=time_budget_s, max_trials=max_trials)
-    }
+    deployment = deployments.current()
     selection = None
     if retrain:
         selection = retrain_selection(names[0])
@@ -79,22 +69,20 @@ def run(
         selection = pipeline_selection(*names)
     tags: dict[str, str] = {}
     if not retrain:
-        for name, files in replay.seed(project, data_dir()).items():
+        for name, files in replay.seed(project, data_root()).items():
             print(f"landing zone of '{name}' seeded with {len(files)} batch(es) of its initial period")
         tags = landed_partitions(project)
     if tags:
         print(f"partitions {tags[RANGE_START]}...{tags[RANGE_END]} (everything landed so far)")
     started = time.monotonic()
+    overrides = TrainingOverrides(time_budget_s=time_budget_s, max_trials=max_trials)
     with _instance() as instance:
-        result = dg.materialize(
-            list(defs.assets),
-            resources=resources,
-            instance=instance,
-            tags=tags,
-            selection=selection,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        )
+        if deployment.name == "cluster":
+            result = execute.on_cluster(instance, selection, tags, overrides)
+        else:
+            result = execute.in_process(
+                build_definitions(project.directory, deployment), instance, selection, tags, overrides
+            )
     elapsed = time.monotonic() - started
     print(f"\nml_assets run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'} in {elapsed:.1f} s")
     if not result.success:
@@ -119,7 +107,7 @@ def validate(pipeline: str | None) -> int:
     sources = sorted({s for n in names for s in project.sources_of(project.pipelines[n])})
     for name in sources:
         base = project.source_files[name].parent
-        line, found = preflight.check_source(name, project.sources[name], base, data_dir())
+        line, found = preflight.check_source(name, project.sources[name], base, data_root())
         print(f"  {line}" if not found else f"  source '{name}': {len(found)} problem(s)")
         problems += found
     for name in names:
@@ -160,7 +148,7 @@ def landed_partitions(project: Project) -> dict[str, str]:
         if not spec.partitions:
             continue
         base = project.source_files[name].parent
-        for path in ingest.resolve_files(name, spec, base, data_dir()):
+        for path in ingest.resolve_files(name, spec, base, data_root()):
             try:
                 _, records = ingest.read_files(name, spec, [path])
             except ingest.RejectedFile:
@@ -173,7 +161,7 @@ def landed_partitions(project: Project) -> dict[str, str]:
 
 
 def summary(project: Project, pipelines: list[str] | None = None) -> None:
-    root = data_dir()
+    root = data_root()
     with connect(warehouse(root)) as conn:
         print(
             f"\nData directory: {root}\n\n{'source':<12}{'raw':>10}{'validated':>11}{'quarantined':>13}  reasons"
@@ -230,7 +218,7 @@ def summary(project: Project, pipelines: list[str] | None = None) -> None:
 
 
 def _connect() -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-    return connect(warehouse(data_dir()))
+    return connect(warehouse(data_root()))
 
 
 def show_versions(pipeline: str) -> None:
@@ -286,10 +274,10 @@ def serve(pipelines: list[str], host: str, port: int) -> None:
 
     project = load_default_project()
     names = [_pipeline(project, p).name for p in pipelines] or None
-    database = warehouse(data_dir())
+    database = warehouse(data_root())
     # A DuckLake warehouse has no local file whose changes could be watched: every poll reads it.
     marker = None if is_lake(database) else functools.partial(change_marker, database)
-    app = create_app(project, _connect, names, log_root=data_dir(), marker=marker)
+    app = create_app(project, _connect, names, log_root=data_root(), marker=marker)
     print(f"serving {', '.join(app.state.models)} on http://{host}:{port} (docs: http://{host}:{port}/docs)")
     # The poller's thread (refreshing lookups, flushing the request log) runs Python beside the event
     # loop: a request then waits for the GIL up to the switch interval, 5 ms by default.
@@ -372,10 +360,10 @@ def _replay(args: argparse.Namespace) -> int:
     project = load_default_project()
     pipeline = _pipeline(project, args.pipeline)
     written = replay.replay(
-        project, data_dir(), pipeline, args.until, args.batch, tuple(args.shift), args.resample_from
+        project, data_root(), pipeline, args.until, args.batch, tuple(args.shift), args.resample_from
     )
     for name, files in written.items():
-        print(f"{name}: {len(files)} file(s) -> {ingest.landing_dir(data_dir(), name)}")
+        print(f"{name}: {len(files)} file(s) -> {ingest.landing_dir(data_root(), name)}")
         for f in files:
             print(f"  {f.name}")
     return 0

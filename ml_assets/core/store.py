@@ -35,6 +35,8 @@ DATA_DIR_ENV = "ML_ASSETS_DATA_DIR"
 # catalog (`ducklake:postgres:dbname=... host=...`), whose Parquet files go under the shared root.
 WAREHOUSE_ENV = "ML_ASSETS_WAREHOUSE"
 SHARED_ROOT_ENV = "ML_ASSETS_SHARED_ROOT"
+# local (default) or cluster: orchestration/deployments.py picks resources and executor by it.
+DEPLOYMENT_ENV = "ML_ASSETS_DEPLOYMENT"
 DUCKLAKE_PREFIX = "ducklake:"
 # The attached catalog's name: unqualified `registry.model_versions` resolves into it after USE.
 LAKE_ALIAS = "warehouse"
@@ -226,6 +228,17 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("every pipeline's batch scores record the run that scored them", add_score_run_ids),
 )
 LATEST = len(MIGRATIONS)
+
+
+def data_root() -> Path:
+    """Where the deployment keeps data, model files and reports: the shared root in a cluster, else the
+    data directory. Read without Dagster, so the CLI's light commands stay light."""
+    if os.environ.get(DEPLOYMENT_ENV, "").strip() != "cluster":
+        return data_dir()
+    shared = os.environ.get(SHARED_ROOT_ENV, "").strip()
+    if not shared:
+        raise StoreError(f"{DEPLOYMENT_ENV}=cluster needs {SHARED_ROOT_ENV}: a folder every machine mounts")
+    return Path(shared).resolve()
 
 
 def data_dir() -> Path:

@@ -10,21 +10,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from ml_assets.core.report_server import reports_url
 from ml_assets.core.spec.load import load_project
-from ml_assets.core.store import warehouse
-from ml_assets.orchestration import jobs
+from ml_assets.orchestration import deployments, jobs
 from ml_assets.orchestration.assets import build_assets
 from ml_assets.orchestration.assets.serving import predictions_partitions
-from ml_assets.orchestration.handoff import HandOffStore
+from ml_assets.orchestration.deployments import Deployment
 from ml_assets.orchestration.intake import intake_job
-from ml_assets.orchestration.resources import (
-    PAUSE_SOCKET_ENV,
-    ArtifactStore,
-    RunPause,
-    TrainingOverrides,
-    Warehouse,
-)
 from ml_assets.orchestration.schedules import daily_drift_schedule, predictions_schedule
 from ml_assets.orchestration.sensors import landing_sensor, rescore_sensor, retrain_sensor
 
@@ -41,18 +32,16 @@ os.environ.setdefault(PLANNED_EVENTS_ENV, "1")
 
 
 def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
-    return {
-        "warehouse": Warehouse(database=warehouse(root)),
-        "artifacts": ArtifactStore(root=str(root), reports_url=reports_url()),
-        "training": TrainingOverrides(),
-        "handoff": HandOffStore(root=str(root / "handoff")),
-        "pause": RunPause(socket=os.environ.get(PAUSE_SOCKET_ENV, "")),
-    }
+    """The local deployment's resources over a data directory."""
+    return deployments.local(root).resources()
 
 
-def build_definitions(pipelines: Path, root: Path) -> dg.Definitions:
+def build_definitions(pipelines: Path, root: Path | Deployment) -> dg.Definitions:
+    """Definitions over the pipelines of a directory, with the resources and executor of a deployment (a
+    data directory: the local deployment over it)."""
+    deployment = root if isinstance(root, Deployment) else deployments.local(root)
     project = load_project(pipelines)
-    all_jobs: list[dg.UnresolvedAssetJobDefinition | dg.JobDefinition] = []
+    all_jobs: list[dg.UnresolvedAssetJobDefinition | dg.JobDefinition] = [jobs.run_job()]
     sensors, schedules = [], []
     for pipeline in project.pipelines.values():
         retrain, drift = jobs.retrain_job(pipeline), jobs.drift_job(pipeline)
@@ -69,14 +58,12 @@ def build_definitions(pipelines: Path, root: Path) -> dg.Definitions:
     if landing is not None:
         intake = intake_job(project)
         all_jobs += [landing, intake]
-        sensors.append(landing_sensor(project, root, landing, intake))
+        sensors.append(landing_sensor(project, deployment.root, landing, intake))
     return dg.Definitions(
         assets=build_assets(project),
         jobs=all_jobs,
         sensors=sensors,
         schedules=schedules,
-        resources=resources(root),
-        # One process per run: steps are short compared with a fresh process each (~1.5 s), and DuckDB
-        # has one writer per file anyway. Training uses LightGBM's own threads.
-        executor=dg.in_process_executor,
+        resources=deployment.resources(),
+        executor=deployment.executor,
     )

@@ -10,6 +10,7 @@ from ml_assets.orchestration.assets import LANDING_REFRESH
 from ml_assets.orchestration.keys import layer_key, source_keys
 
 LANDING_JOB = "landing_ingest_job"
+RUN_JOB = "ml_assets_run_job"
 
 
 def pipeline_selection(*names: str) -> dg.AssetSelection:
@@ -32,6 +33,14 @@ def pipeline_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
         f"{pipeline.name}_job",
         selection=pipeline_selection(pipeline.name),
         description=f"Everything pipeline '{pipeline.name}' needs, from raw sources to its monitors.",
+    )
+
+
+def run_job() -> dg.UnresolvedAssetJobDefinition:
+    """Every asset: what `ml-assets run` launches on a cluster, a selection of it at a time (the
+    implicit asset job cannot be rebuilt by name on a Dask worker)."""
+    return dg.define_asset_job(
+        RUN_JOB, selection=dg.AssetSelection.all(), description="Every asset (ml-assets run on a cluster)."
     )
 
 

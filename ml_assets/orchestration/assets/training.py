@@ -14,6 +14,7 @@ from ml_assets.core.evaluate import evaluate_version, markdown_summary
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.train import train_and_register
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
+from ml_assets.orchestration.deployments import TRAINING_STEP_TAGS, with_fit_threads
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.figures import figure_metadata, report_metadata
 from ml_assets.orchestration.metadata import decision_metadata, shorten, versions_table
@@ -63,6 +64,7 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         deps=[pipeline_key(pipeline, "features")],
         kinds={"lightgbm", "scikit-learn"},
         **common(pipeline),
+        op_tags=TRAINING_STEP_TAGS,
         description=f"LightGBM tuned by {'time-series' if pipeline.split.method == 'time' else 'k-fold'} "
         f"CV on {pipeline.metric} within a time budget, and a linear baseline; registered "
         "as a new model version (text model + JSON manifest), stamped with this run.",
@@ -77,7 +79,7 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         version_dir, manifest = user_errors_as_failures(
             lambda: train_and_register(
                 warehouse.get_connection,
-                pipeline,
+                with_fit_threads(pipeline),
                 artifacts.transforms(pipeline.name),
                 artifacts.models,
                 training.time_budget_s,
