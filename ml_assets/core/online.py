@@ -30,7 +30,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from ml_assets.core import registry
+from ml_assets.core import history, registry
 from ml_assets.core.dataset import derived_columns, joined_select, table_name
 from ml_assets.core.errors import ArtifactError, UserError
 from ml_assets.core.request_log import RequestLog
@@ -80,11 +80,11 @@ def not_servable_online(pipeline: PipelineSpec) -> str | None:
     window (a lag of the target, a moving average) needs the rows before the request, which one request
     does not carry. Completing it from the request alone would silently serve a different feature than
     the model learned from (the skew check caught exactly that), so such a pipeline is scored in batch."""
-    history = [name for name, expr in pipeline.derived.items() if reads_other_rows(expr)]
-    if not history:
+    windowed = [name for name, expr in pipeline.derived.items() if reads_other_rows(expr)]
+    if not windowed:
         return None
     return (
-        f"pipeline '{pipeline.name}' is not served online: derived column(s) {', '.join(map(repr, history))} "
+        f"pipeline '{pipeline.name}' is not served online: derived column(s) {', '.join(map(repr, windowed))} "
         "read earlier rows (a window function), which a request does not carry; its batch scores "
         f"(`{pipeline.name}/predictions`) score it"
     )
@@ -214,9 +214,11 @@ def _joined_sources(pipeline: PipelineSpec) -> list[str]:
 
 def lookup_fingerprint(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> tuple:
     """Changes whenever a joined validated table changes (rows added, replaced or re-validated)."""
+    tables = [f"validated.{q(s)}" for s in _joined_sources(pipeline)]
+    tables += [history.table_name(pipeline)] if pipeline.history else []
     return tuple(
-        conn.execute(f"SELECT count(*), coalesce(sum(hash(t)), 0) FROM validated.{q(s)} t").fetchone()
-        for s in _joined_sources(pipeline)
+        conn.execute(f"SELECT count(*), coalesce(sum(hash(t)), 0) FROM {table} t").fetchone()
+        for table in tables
     )
 
 
@@ -268,7 +270,11 @@ class Lookups:
         tables = {}
         for name in _joined_sources(pipeline):
             tables[name] = conn.execute(f"SELECT * FROM validated.{q(name)}").fetch_arrow_table()
-        lookups = cls(pipeline, sources, tables, lookup_fingerprint(conn, pipeline))
+        fingerprint = lookup_fingerprint(conn, pipeline)
+        if pipeline.history is not None:
+            tables[history.LOOKUP_SOURCE] = conn.execute(history.lookup_select(pipeline)).fetch_arrow_table()
+            pipeline, sources = history.as_lookup_join(pipeline, dict(sources))
+        lookups = cls(pipeline, sources, tables, fingerprint)
         if lookups.keyed is not None:
             lookups.keyed.warm(conn)
         return lookups

@@ -148,7 +148,7 @@ def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefin
                 min(r["first_partition"] for r in records),
                 max(r["last_partition"] for r in records),
             )
-        selection = landing_selection({n: users[n] for n in accepted})
+        selection = landing_selection({n: users[n] for n in accepted}, project)
         batch = hashlib.sha256("".join(sorted(str(r["sha256"]) for r in records)).encode()).hexdigest()[:16]
         request = dg.RunRequest(run_key=f"landing-{batch}", asset_selection=selection, tags=tags)
         return dg.SensorResult(run_requests=[request], cursor=cursor)
