@@ -134,3 +134,22 @@ def test_the_guard_fails_a_feature_set_that_sees_values_known_after_as_of(landed
     assert not outcome.passed
     assert outcome.metadata["mismatches"] > 0
     assert "known before as_of" in outcome.description
+
+
+def test_a_pipeline_with_the_same_history_copies_its_twin(landed, monkeypatch):
+    project, path = landed
+    first, second = project.pipelines[PIPELINE], project.pipelines["flight_arr_delay"]
+    with connect(path) as conn:
+        history.build_history(conn, first, project.sources_of(first))
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("computed again instead of copied")
+
+        monkeypatch.setattr(history, "_build", refuse)
+        result = history.build_history(conn, second, project.sources_of(second))
+        tables = [
+            conn.execute(f"SELECT * FROM {history.table_name(p)}").pl().sort(p.row_id)
+            for p in (first, second)
+        ]
+    assert result.rows == tables[0].height > 0
+    assert tables[1].equals(tables[0])

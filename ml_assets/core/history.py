@@ -28,7 +28,7 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.spec import PipelineSpec, SourceSpec
 from ml_assets.core.spec.schema import ColumnSpec, HistoryFamily, HistorySpec, JoinSpec, duration_minutes
 from ml_assets.core.sql import q, table_exists
-from ml_assets.core.store import transaction
+from ml_assets.core.store import MODELLING_BUILDS, transaction
 
 BUILD_VERSION = 1
 # Values are summed exactly (see the module docstring); a value beyond 10^12 does not fit.
@@ -307,7 +307,9 @@ def build_history(
     )
     try:
         if since is None or not complete or any(c.lo is None or c.hi is None for c in since):
-            recomputed, lo, hi = _build(conn, pipeline, sources), None, None
+            twin = _twin(conn, pipeline, fingerprint)
+            built = _copy(conn, pipeline, twin) if twin else _build(conn, pipeline, sources)
+            recomputed, lo, hi = built, None, None
         else:
             recomputed, lo, hi = _update(conn, pipeline, sources, since)
     except duckdb.Error as exc:
@@ -338,6 +340,36 @@ def _build(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: dic
         f"CREATE OR REPLACE TABLE {table_name(pipeline)} AS SELECT * FROM __hf "
         f"ORDER BY {', '.join(map(q, pipeline.row_id))}"
     )
+    return conn.execute(f"SELECT count(*) FROM {table_name(pipeline)}").fetchone()[0]
+
+
+def _twin(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, fingerprint: str) -> str | None:
+    """Another pipeline whose feature set has this very definition and is built up to the same change
+    (the flagship's two pipelines share theirs): its tables are copied instead of computed again."""
+    if not changes.logging_enabled(conn):
+        return None
+    rows = conn.execute(
+        f"SELECT pipeline, change_seq FROM {MODELLING_BUILDS} WHERE definition = ? AND pipeline <> ? "
+        "AND pipeline LIKE '%.history' ORDER BY pipeline",
+        [fingerprint, consumer(pipeline)],
+    ).fetchall()
+    tables = ["history", *(f"history_events_{f}" for f in spec_of(pipeline).families)]
+    for other, seq in rows:
+        name = other.removesuffix(".history")
+        # Current: no source it reads changed since it was built.
+        if not changes.since(conn, seq, used_sources(pipeline)) and all(
+            table_exists(conn, name, t) for t in tables
+        ):
+            return name
+    return None
+
+
+def _copy(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, twin: str) -> int:
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(pipeline.name)}")
+    for table in ["history", *(f"history_events_{f}" for f in spec_of(pipeline).families)]:
+        conn.execute(
+            f"CREATE OR REPLACE TABLE {q(pipeline.name)}.{q(table)} AS SELECT * FROM {q(twin)}.{q(table)}"
+        )
     return conn.execute(f"SELECT count(*) FROM {table_name(pipeline)}").fetchone()[0]
 
 
