@@ -28,8 +28,8 @@ from ml_assets.core import registry
 from ml_assets.core.dataset import bounded_sample, table_name
 from ml_assets.core.drift import check_window, drift_reference, watched_features
 from ml_assets.core.ingest.replay import Resample
-from ml_assets.core.serve import ServableModel
-from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.spec.load import default_pipelines_dir, load_project
 from ml_assets.core.store import connect, data_dir, warehouse_path
 
 FAR = dt.date(2030, 1, 7)  # any Monday: the window's days only need their weekdays

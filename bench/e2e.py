@@ -22,22 +22,12 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from ml_assets.api import create_app, post_in_process
-from ml_assets.core import (
-    dataset,
-    drift,
-    history,
-    history_guard,
-    ingest,
-    online,
-    performance,
-    score,
-    validate,
-)
+from ml_assets.core import dataset, drift, history, history_guard, ingest, performance, rollback, validate
 from ml_assets.core import promotion as gate
 from ml_assets.core.evaluate import evaluate_version
 from ml_assets.core.features import build_features
-from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.serving import batch_scores, skew
+from ml_assets.core.spec.load import default_pipelines_dir, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.core.train import train_and_register
 from ml_assets.orchestration.definitions import build_definitions
@@ -110,18 +100,13 @@ def run_plain(pipelines: Path, root: Path) -> None:
     version_dir, manifest = train_and_register(warehouse, pipeline, transforms, root / "models")
     evaluate_version(version_dir, root / "reports")
     gate.promote_or_refuse(warehouse, pipeline, manifest["version"])
-    gate.check_champion(warehouse, pipeline)
+    rollback.check_champion(warehouse, pipeline)
     # The skew check and the batch scores, as the Dagster side runs them since serving (issue 13).
-    app = create_app(project, warehouse, [PIPELINE], poll=False)
-    online.compare_paths(
-        warehouse,
-        pipeline,
-        project.sources_of(pipeline),
-        lambda rows: post_in_process(app, f"/v1/{PIPELINE}/predict", rows),
-    )
+    sources = project.sources_of(pipeline)
+    skew.compare_paths(warehouse, pipeline, sources, skew.online_path(warehouse, pipeline, sources))
     performance.run_performance(warehouse, pipeline)
     with connect(db) as conn:
-        score.score_window(conn, pipeline, None)
+        batch_scores.score_window(conn, pipeline, None)
     drift.run_drift(warehouse, pipeline, root / "reports")
 
 

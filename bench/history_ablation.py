@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ml_assets.core import dataset, history, ingest, validate
 from ml_assets.core.features import build_features
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect
 from ml_assets.core.train import train_and_register
 

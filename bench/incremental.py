@@ -23,7 +23,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.jobs import landing_selection
 from ml_assets.orchestration.partitions import partition_range_tags, partitions_def

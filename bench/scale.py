@@ -41,8 +41,8 @@ import e2e
 import scalegen
 
 from ml_assets.core import ingest
-from ml_assets.core.score import predictions_table
-from ml_assets.core.spec import load_project
+from ml_assets.core.serving.batch_scores import predictions_table
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import MODEL_VERSIONS, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.jobs import LANDING_JOB

@@ -33,8 +33,7 @@ import numpy as np
 import polars as pl
 import yaml
 
-from ml_assets.core.spec import default_pipelines_dir
-from ml_assets.core.spec.load import deep_merge
+from ml_assets.core.spec.load import deep_merge, default_pipelines_dir
 from ml_assets.core.spec.package_data import package_file
 
 PIPELINE = "flight_delay"

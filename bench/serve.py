@@ -38,12 +38,12 @@ import numpy as np
 import polars as pl
 import yaml
 
-from ml_assets.core import online, registry
-from ml_assets.core import promotion as gate
+from ml_assets.core import registry, rollback
 from ml_assets.core.dataset import table_name
 from ml_assets.core.ingest import package_file
-from ml_assets.core.serve import ServableModel
-from ml_assets.core.spec import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
+from ml_assets.core.serving import request_parsing
+from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.partitions import all_partitions_tags
@@ -90,7 +90,7 @@ def train(pipelines: Path, root: Path) -> None:
     if champion is None:  # the gate refused a first model: the operator's manual move, as in the tests
         project = load_project(pipelines)
         spec = project.pipelines[PIPELINE]
-        gate.rollback(db, spec, project.sources_of(spec), to=latest)
+        rollback.rollback(db, spec, project.sources_of(spec), to=latest)
 
 
 def batch(pipelines: Path, root: Path) -> tuple[int, float, float]:
@@ -146,7 +146,9 @@ def load(
     spec = project.pipelines[PIPELINE]
     with connect(warehouse_path(root)) as conn:
         rows = conn.execute(f"SELECT * FROM {table_name(spec)} WHERE _split = 'test' LIMIT 1000").pl()
-    bodies = online.request_rows(rows, list(online.request_fields(spec, project.sources_of(spec))))
+    bodies = request_parsing.request_rows(
+        rows, list(request_parsing.request_fields(spec, project.sources_of(spec)))
+    )
     port = _free_port()
     env = os.environ | {DATA_DIR_ENV: str(root), PIPELINES_DIR_ENV: str(pipelines)}
     server = subprocess.Popen(

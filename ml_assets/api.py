@@ -1,9 +1,9 @@
 """The online REST API on each pipeline's champion (`ml-assets serve`): FastAPI on uvicorn.
 
 Routes: `POST /v1/<pipeline>/predict` (one object or a list), `GET /v1/<pipeline>/model`, `GET /health`,
-`GET /ready`, OpenAPI at `/docs`. The scoring itself is core.online's; this module only speaks HTTP: a bad
+`GET /ready`, `GET /metrics` (Prometheus, see api_metrics), OpenAPI at `/docs`. The scoring itself is core.serving's; this module only speaks HTTP: a bad
 request is a 4xx whose JSON names the field and the problem, never a 500 with a traceback. A poller thread
-refreshes every served pipeline every `serving.poll_s` seconds (hot swap; see core.online).
+refreshes every served pipeline every `serving.poll_s` seconds (hot swap; see core.serving.online_model).
 """
 
 from __future__ import annotations
@@ -14,21 +14,23 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ml_assets.api_metrics import ApiMetrics, MetricsMiddleware, monitor_watcher
 from ml_assets.core.errors import ArtifactError, UsageError
-from ml_assets.core.online import OnlineModel, RequestError
-from ml_assets.core.request_log import RequestLog, log_dir
+from ml_assets.core.serving.online_model import OnlineModel
+from ml_assets.core.serving.request_log import RequestLog, log_dir
+from ml_assets.core.serving.request_parsing import RequestError
 from ml_assets.core.spec import Project
+from ml_assets.core.store import Connect
 
 log = logging.getLogger("ml_assets.api")
 JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}
@@ -98,24 +100,32 @@ def _model_info(model: OnlineModel) -> dict[str, Any]:
     }
 
 
-def _poll(models: Sequence[OnlineModel], stop: threading.Event, interval: float) -> None:
+def _poll(
+    models: Sequence[OnlineModel],
+    stop: threading.Event,
+    interval: float,
+    metrics: ApiMetrics,
+    watch_monitors: Callable[[], None],
+) -> None:
     while not stop.wait(interval):
         for model in models:
             try:
                 if model.log is not None:
                     model.log.flush()
                 if model.refresh():
+                    metrics.swaps.labels(model.pipeline.name).inc()
                     log.warning(
                         "%s now serves %s", model.pipeline.name, model.served and model.served.version
                     )
             except Exception as exc:  # keep serving what is loaded; a later poll retries
                 model.problem = f"refreshing from the warehouse failed: {exc}"
                 log.warning("%s: %s", model.pipeline.name, model.problem)
+        watch_monitors()
 
 
 def create_app(
     project: Project,
-    connect: Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]],
+    connect: Connect,
     pipelines: Sequence[str] | None = None,
     poll: bool = True,
     log_root: Path | None = None,
@@ -124,6 +134,32 @@ def create_app(
     """The API over `pipelines` (default: all), each loaded once now; with `poll`, a thread keeps them
     current while the app runs (and flushes the request logs under `log_root`, when given). `marker`
     (store.change_marker of the warehouse) lets a poll that finds nothing changed skip the warehouse."""
+    models = _online_models(project, connect, pipelines, log_root, marker)
+    metrics = ApiMetrics(lambda: {n: m.served.version if m.served else None for n, m in models.items()})
+    watch_monitors = monitor_watcher(connect, list(models), metrics, marker)
+    watch_monitors()
+    app = FastAPI(
+        title="ml_assets",
+        description="Scores of each pipeline's champion; inputs are what a caller knows at request time, "
+        "completed with the modelling table's own joins.",
+        lifespan=_lifespan(models, poll, metrics, watch_monitors),
+    )
+    app.state.models = models
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics, pipelines=frozenset(models))
+    _error_handlers(app)
+    _routes(app, models, metrics)
+    return app
+
+
+def _online_models(
+    project: Project,
+    connect: Connect,
+    pipelines: Sequence[str] | None,
+    log_root: Path | None,
+    marker: Callable[[], Hashable] | None,
+) -> dict[str, OnlineModel]:
+    """The served pipelines, each loaded once now (a problem is kept to report, not raised)."""
     names = list(pipelines or project.pipelines)
     unknown = [n for n in names if n not in project.pipelines]
     if unknown:
@@ -140,12 +176,22 @@ def create_app(
             model.refresh()
         except ArtifactError as exc:
             model.problem = str(exc)
+    return models
+
+
+def _lifespan(
+    models: dict[str, OnlineModel], poll: bool, metrics: ApiMetrics, watch_monitors: Callable[[], None]
+) -> Callable[[FastAPI], Any]:
+    """With `poll`, a thread keeps the models (and the monitors' metrics) current while the app runs; the
+    request logs are flushed at the end either way."""
     interval = min(m.pipeline.serving.poll_s for m in models.values())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
-        thread = threading.Thread(target=_poll, args=(list(models.values()), stop, interval), daemon=True)
+        thread = threading.Thread(
+            target=_poll, args=(list(models.values()), stop, interval, metrics, watch_monitors), daemon=True
+        )
         if poll:
             thread.start()
         # Everything loaded so far (Dagster, polars, the models, the lookups) lives as long as the
@@ -161,13 +207,11 @@ def create_app(
                 if model.log is not None:
                     model.log.flush()
 
-    app = FastAPI(
-        title="ml_assets",
-        description="Scores of each pipeline's champion; inputs are what a caller knows at request time, "
-        "completed with the modelling table's own joins.",
-        lifespan=lifespan,
-    )
-    app.state.models = models
+    return lifespan
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error a JSON body naming the problem; a bug a 500 without its traceback."""
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -182,6 +226,8 @@ def create_app(
         log.exception("internal error")
         return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
+
+def _routes(app: FastAPI, models: dict[str, OnlineModel], metrics: ApiMetrics) -> None:
     def _model(pipeline: str) -> OnlineModel | JSONResponse:
         if pipeline not in models:
             return _error(404, f"unknown pipeline '{pipeline}'; served: {', '.join(models)}")
@@ -203,6 +249,11 @@ def create_app(
         }
         ok = all(m.served is not None for m in models.values())
         return JSONResponse({"ready": ok, "pipelines": state}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/{pipeline}/model", summary="The version that serves: features, metrics, trained window")
     def model_info(pipeline: str) -> Any:
@@ -233,16 +284,16 @@ def create_app(
         except ValueError as exc:
             return _error(400, f"body: not valid JSON ({exc})")
         try:
+            answer = found.predict(payload)
+            metrics.rows_scored.labels(pipeline).inc(len(answer["predictions"]))
             # A response of plain JSON types already: skips FastAPI's encoding walk over it.
-            return JSONResponse(found.predict(payload))
+            return JSONResponse(answer)
         except RequestError as exc:
             status = 413 if any("more than the limit" in p for _, _, p in exc.problems) else 422
             errors = [{"row": r, "field": f, "problem": p} for r, f, p in exc.problems]
             return _error(status, str(exc), errors)
         except ArtifactError as exc:
             return _error(503, str(exc))
-
-    return app
 
 
 def post_in_process(app: FastAPI, path: str, body: Any) -> dict[str, Any]:

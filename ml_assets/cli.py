@@ -16,14 +16,15 @@ import dagster as dg
 import duckdb
 import polars as pl
 
-from ml_assets.core import ingest, online, registry
-from ml_assets.core import promotion as gate
+from ml_assets.core import ingest, registry, rollback
 from ml_assets.core.errors import Problems, UsageError, UserError
 from ml_assets.core.ingest import preflight, replay
 from ml_assets.core.scaffold import scaffold
-from ml_assets.core.score import score_frame
-from ml_assets.core.spec import PipelineSpec, Project, load_default_project
+from ml_assets.core.serving import online_model, request_parsing
+from ml_assets.core.serving.batch_scores import score_frame
+from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.spec.infer import safe_name
+from ml_assets.core.spec.load import load_default_project
 from ml_assets.core.sql import q
 from ml_assets.core.store import MODEL_VERSIONS, change_marker, connect, data_dir, warehouse_path
 from ml_assets.orchestration.build import build_definitions
@@ -235,12 +236,14 @@ def predict(pipeline: PipelineSpec, project: Project, file: Path, output: Path |
         )
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise UsageError(f"{file}: cannot be read as {file.suffix or 'CSV'} ({exc})") from exc
-    model = online.OnlineModel(pipeline, project.sources_of(pipeline), _connect)
+    model = online_model.OnlineModel(pipeline, project.sources_of(pipeline), _connect)
     model.refresh()
     if model.served is None:
         raise UsageError(model.problem or f"pipeline '{pipeline.name}': no champion to score with")
     fields = model.fields
-    rows = online.cast_frame(fields, frame.drop([c for c in frame.columns if c not in fields]), str(file))
+    rows = request_parsing.cast_frame(
+        fields, frame.drop([c for c in frame.columns if c not in fields]), str(file)
+    )
     scored = score_frame(
         model.served.model, pipeline, model.served.lookups.complete(rows), model.served.version
     )
@@ -387,8 +390,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "rollback":
         project = load_default_project()
         pipeline = _pipeline(project, args.pipeline)
-        decision = gate.rollback(_connect, pipeline, project.sources_of(pipeline), args.to)
+        decision = rollback.rollback(_connect, pipeline, project.sources_of(pipeline), args.to)
         print(decision.reason)
+        from ml_assets.core.tracking import sync_champion
+
+        sync_champion(pipeline, _connect, lambda message: print(message, file=sys.stderr))
     else:
         summary(load_default_project())
     return 0

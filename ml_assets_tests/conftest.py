@@ -16,7 +16,7 @@ import yaml
 
 from ml_assets.core import registry
 from ml_assets.core.ingest import package_file
-from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.spec.load import default_pipelines_dir, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.partitions import all_partitions_tags

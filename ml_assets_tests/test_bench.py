@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 
 ROOT = Path(__file__).resolve().parents[1]
 

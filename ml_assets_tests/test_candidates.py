@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from ml_assets.core import linear, train
+from ml_assets.core import linear, train, tuning
 from ml_assets.core.errors import DatasetError
 from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import choose_threshold, score
@@ -131,7 +131,7 @@ def _spec(model: dict) -> PipelineSpec:
     )
 
 
-def _data(n: int) -> train.TrainingData:
+def _data(n: int) -> tuning.TrainingData:
     X, y, _ = _frame(n, 7)
     parts = {}
     for name, idx in (
@@ -140,8 +140,8 @@ def _data(n: int) -> train.TrainingData:
         ("test", slice(3 * n // 4, n)),
     ):
         keys = np.arange(n)[idx].astype(str)
-        parts[name] = train.Split(X.iloc[idx].reset_index(drop=True), y[idx], keys, keys)
-    return train.TrainingData(
+        parts[name] = tuning.Split(X.iloc[idx].reset_index(drop=True), y[idx], keys, keys)
+    return tuning.TrainingData(
         **parts, features=["a", "b", "c"], categorical=["c"], classes=[0, 1], time_window={}
     )
 
@@ -257,17 +257,17 @@ def _split_spec(split: dict, task: str = "binary") -> PipelineSpec:
     )
 
 
-def _train_split(n: int, groups: int, positive_share: float) -> train.Split:
+def _train_split(n: int, groups: int, positive_share: float) -> tuning.Split:
     rng = np.random.default_rng(3)
     y = (rng.random(n) < positive_share).astype(int)
     group = np.array([f"g{i}" for i in rng.integers(0, groups, size=n)], dtype=object)
     keys = np.arange(n).astype(str)
-    return train.Split(pd.DataFrame({"a": rng.normal(size=n)}), y, keys, group)
+    return tuning.Split(pd.DataFrame({"a": rng.normal(size=n)}), y, keys, group)
 
 
 def test_cv_folds_keep_every_group_whole_with_group_by():
     split = _train_split(600, 40, 0.5)
-    folds = train.cv_folds(_split_spec({"method": "random", "group_by": ["customer"]}), split)
+    folds = tuning.cv_folds(_split_spec({"method": "random", "group_by": ["customer"]}), split)
     assert len(folds) == 3
     for fit_rows, valid_rows in folds:
         assert not set(split.group[fit_rows]) & set(split.group[valid_rows])
@@ -277,7 +277,7 @@ def test_cv_folds_keep_every_group_whole_with_group_by():
 def test_cv_folds_keep_each_class_share_with_stratify():
     split = _train_split(3000, 3000, 0.02)
     positives = int(split.y.sum())
-    folds = train.cv_folds(_split_spec({"method": "random", "stratify": True}), split)
+    folds = tuning.cv_folds(_split_spec({"method": "random", "stratify": True}), split)
     for _, valid_rows in folds:
         # Stratified: each fold holds a third of the rare class, to one row.
         assert abs(int(split.y[valid_rows].sum()) - positives / 3) <= 1
@@ -285,14 +285,14 @@ def test_cv_folds_keep_each_class_share_with_stratify():
 
 def test_cv_folds_of_a_time_split_never_validate_on_the_past():
     split = _train_split(600, 600, 0.5)
-    for fit_rows, valid_rows in train.cv_folds(_split_spec({"method": "time"}), split):
+    for fit_rows, valid_rows in tuning.cv_folds(_split_spec({"method": "time"}), split):
         assert fit_rows.max() < valid_rows.min()
 
 
 def test_fewer_groups_than_folds_is_a_one_line_error():
     split = _train_split(100, 2, 0.5)
     with pytest.raises(DatasetError, match=r"2 group\(s\) of split.group_by \['customer'\].*cv_folds \(3\)"):
-        train.cv_folds(_split_spec({"method": "random", "group_by": ["customer"]}), split)
+        tuning.cv_folds(_split_spec({"method": "random", "group_by": ["customer"]}), split)
 
 
 def test_the_linear_baseline_fits_on_a_bounded_seeded_sample_and_predicts_in_chunks(monkeypatch):

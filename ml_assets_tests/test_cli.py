@@ -22,11 +22,10 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from ml_assets.core import promotion as gate
-from ml_assets.core import registry
+from ml_assets.core import registry, rollback
 from ml_assets.core.ingest import landing_dir
 from ml_assets.core.ingest.replay import STATE_FILE
-from ml_assets.core.spec import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import source_keys
@@ -175,13 +174,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path, one_
         champion = registry.alias_version(conn, "flight_delay", registry.CHAMPION)
     assert champion is not None  # every first run ends with a champion
     if champion != first:
-        gate.rollback(db, spec, project.sources_of(spec), to=first)
+        rollback.rollback(db, spec, project.sources_of(spec), to=first)
     again = dg.AssetSelection.groups("flight_delay") - monitoring
     assert materialize_all(pipelines, root, selection=again).success
     with db() as conn:
         second = registry.latest_version(conn, "flight_delay")
         assert registry.alias_version(conn, "flight_delay", registry.CHAMPION) == first != second
-    gate.rollback(db, spec, project.sources_of(spec), to=second)
+    rollback.rollback(db, spec, project.sources_of(spec), to=second)
     return Trained(pipelines, root, _env(root, pipelines), first, second)
 
 

@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 
-from ml_assets.core.spec import PIPELINES_DIR_ENV
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV
 from ml_assets.core.store import DATA_DIR_ENV, LOCK_WAIT_ENV, connect, warehouse_path
 
 # Generous on purpose: on a loaded 2-core machine one run can wait minutes for the other's lock.

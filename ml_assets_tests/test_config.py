@@ -18,11 +18,10 @@ from ml_assets.core.spec import (
     GateSpec,
     MonitoringSpec,
     PerformanceSpec,
-    default_pipelines_dir,
-    load_project,
     modelling_columns,
     sql_words,
 )
+from ml_assets.core.spec.load import default_pipelines_dir, load_project
 
 SHIPPED = default_pipelines_dir()
 FLAGSHIP = "flight_delay"

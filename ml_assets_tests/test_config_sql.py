@@ -16,8 +16,9 @@ import duckdb
 import pytest
 import yaml
 
-from ml_assets.core.spec import ConfigError, default_pipelines_dir, load_project
+from ml_assets.core.spec import ConfigError
 from ml_assets.core.spec.expressions import STATEMENT_KEYWORDS, expression_problem
+from ml_assets.core.spec.load import default_pipelines_dir, load_project
 from ml_assets_tests.test_definitions import _validate
 
 SHIPPED = default_pipelines_dir()

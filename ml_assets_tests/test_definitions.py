@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ml_assets.core.spec import PIPELINES_DIR_ENV, default_pipelines_dir
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, default_pipelines_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

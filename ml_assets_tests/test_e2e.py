@@ -19,7 +19,7 @@ import yaml
 from ml_assets.core import registry
 from ml_assets.core.registry import PREDICTIONS_FILE, read_manifest
 from ml_assets.core.report_server import reports_url
-from ml_assets.core.serve import ServableModel
+from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import source_keys
@@ -226,7 +226,7 @@ def test_evaluation_report_and_metadata(full_run):
 RELOAD = """
 import sys, polars as pl
 from ml_assets.core.features import feature_table
-from ml_assets.core.serve import ServableModel
+from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import load_project
 from ml_assets.core.store import connect
 pipelines, version_dir, db, out = sys.argv[1:]

@@ -12,7 +12,7 @@ import pytest
 
 from ml_assets.core.errors import ArtifactError
 from ml_assets.core.registry import MODEL_FILE, read_manifest
-from ml_assets.core.serve import ServableModel
+from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.assets import PIPELINE_ASSETS
 from ml_assets.orchestration.keys import layer_key

@@ -32,11 +32,11 @@ import pytest
 import yaml
 
 from ml_assets import cli
-from ml_assets.core import drift, ingest, registry
+from ml_assets.core import drift, ingest, registry, rollback
 from ml_assets.core import promotion as gate
 from ml_assets.core.errors import StoreError
 from ml_assets.core.ingest.ledger import FolderState
-from ml_assets.core.spec import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
 from ml_assets.core.store import (
     DATA_DIR_ENV,
     DECISION_LOG,
@@ -228,7 +228,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> 
     with db() as conn:
         version = registry.version_of_run(conn, PIPELINE, result.run_id)
     spec = load_project(pipelines)
-    gate.rollback(db, spec.pipelines[PIPELINE], spec.sources_of(spec.pipelines[PIPELINE]), to=version)
+    rollback.rollback(db, spec.pipelines[PIPELINE], spec.sources_of(spec.pipelines[PIPELINE]), to=version)
     shutil.copytree(project, base / "pristine")
     return project
 

@@ -11,7 +11,7 @@ import yaml
 
 from ml_assets.core import dataset, history, history_guard, ingest, validate
 from ml_assets.core.errors import ConfigError, DatasetError
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect
 from ml_assets_tests.conftest import write_pipelines
 

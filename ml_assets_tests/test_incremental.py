@@ -11,7 +11,7 @@ import pytest
 
 from ml_assets.core import dataset, history, ingest, validate
 from ml_assets.core.ingest.batch import batch_of
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect
 from ml_assets_tests.conftest import write_pipelines
 

@@ -20,7 +20,8 @@ from polars.testing import assert_frame_equal
 from ml_assets.core.errors import ConfigError, SourceError
 from ml_assets.core.ingest import TimeWindow, read_remote
 from ml_assets.core.ingest.database import read_database
-from ml_assets.core.spec import SourceSpec, infer, load_project
+from ml_assets.core.spec import SourceSpec, infer
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import source_keys

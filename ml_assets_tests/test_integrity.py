@@ -26,12 +26,13 @@ import polars as pl
 import pytest
 
 from ml_assets.core import promotion as gate
-from ml_assets.core import registry
+from ml_assets.core import registry, rollback
 from ml_assets.core.errors import ArtifactError
 from ml_assets.core.evaluate import evaluate_version
 from ml_assets.core.hashing import sha256_file
-from ml_assets.core.serve import ServableModel, reproduces_training_predictions
-from ml_assets.core.spec import PIPELINES_DIR_ENV, PipelineSpec, Project, load_project
+from ml_assets.core.serving.loader import ServableModel, reproduces_training_predictions
+from ml_assets.core.spec import PipelineSpec, Project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, LATEST, MIGRATIONS, connect, schema_version, warehouse_path
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
 from ml_assets_tests.test_promotion import FLAGSHIP
@@ -68,7 +69,7 @@ class Trained:
             return registry.alias_version(conn, DELAY, registry.CHAMPION), registry.decisions(conn, DELAY)
 
     def rollback(self, to: str | None = None) -> gate.Decision:
-        return gate.rollback(self.connect, self.spec, self.project.sources_of(self.spec), to)
+        return rollback.rollback(self.connect, self.spec, self.project.sources_of(self.spec), to)
 
 
 def _register_copy(trained_dir: Path, connect_to, pipeline: str, **changes) -> str:
@@ -201,10 +202,10 @@ def test_the_rollback_check_refuses_a_modified_champion_or_previous_champion(tra
         found = trained.found(modified)
         with tampered_manifest(found.path) as path:
             with pytest.raises(ArtifactError) as refused:
-                gate.check_champion(trained.connect, trained.spec)
+                rollback.check_champion(trained.connect, trained.spec)
             assert str(refused.value).startswith(_refusal(path, found.manifest_sha256))
     # Intact, both load and compare: the same model twice, nothing to roll back.
-    assert gate.check_champion(trained.connect, trained.spec).action == "keep"
+    assert rollback.check_champion(trained.connect, trained.spec).action == "keep"
     champion, log = trained.state()
     assert champion == before[0] and log.equals(before[1])
 
@@ -331,7 +332,7 @@ def test_the_rollback_check_never_falls_back_on_a_version_of_another_task(traine
         registry.record_decision(conn, DELAY, "rollback", "test: a champion of old", None, trained.regression)
         registry.record_decision(conn, DELAY, "rollback", "test: back", None, trained.first)
     try:
-        decision = gate.check_champion(trained.connect, trained.spec)
+        decision = rollback.check_champion(trained.connect, trained.spec)
         assert (decision.action, decision.champion_after) == ("keep", trained.first)
         assert f"previous champion {trained.regression} cannot serve it now" in decision.reason
         assert "trained for task 'regression'" in decision.reason

@@ -17,7 +17,7 @@ import pytest
 
 from ml_assets.core import ingest
 from ml_assets.core.hashing import sha256_file
-from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.spec.load import default_pipelines_dir, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import TABLE_LAYERS

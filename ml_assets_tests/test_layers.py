@@ -1,6 +1,7 @@
 """The package's layering: `ml_assets.core` never imports Dagster, the import graph has no cycles, core
-never imports orchestration or the CLI, orchestration never imports the CLI, and orchestration's
-functions stay short enough to read.
+never imports orchestration or the CLI, orchestration never imports the CLI or the API, inside core a
+stage imports its own or earlier stages only (CORE_STAGES), and no function of the package is longer
+than 80 lines.
 
 Everything here reads the package as it is on disk (pkgutil, ast): no list of modules is written down,
 so a module added later is covered without touching this file.
@@ -22,6 +23,7 @@ PACKAGE = "ml_assets"
 CORE = "ml_assets.core"
 ORCHESTRATION = "ml_assets.orchestration"
 CLI = "ml_assets.cli"
+API = "ml_assets.api"
 MAX_FUNCTION_LINES = 80
 
 
@@ -253,18 +255,153 @@ def test_orchestration_does_not_import_cli():
     assert not bad, f"orchestration modules reaching the CLI: {bad}"
 
 
-# --- c: orchestration stays thin -------------------------------------------------------------------
+def test_orchestration_does_not_import_the_api():
+    """The HTTP door and the Dagster layer are two doors over the core: neither imports the other."""
+    graph = import_graph()
+    bad = {}
+    for module in graph:
+        if in_layer(module, ORCHESTRATION) or in_layer(module, API):
+            other = API if in_layer(module, ORCHESTRATION) else ORCHESTRATION
+            chain = path_between(graph, module, lambda m, other=other: in_layer(m, other))
+            if chain:
+                bad[module] = " -> ".join(chain)
+    assert not bad, f"orchestration and the API reaching each other: {bad}"
 
 
-def test_no_orchestration_function_is_longer_than_80_lines():
+# --- c: inside core, a stage imports its own or earlier stages, never a later one ------------------
+
+# The core's stages in the order the code runs them (docs/design.md, "The house"). An entry names a
+# module or a package of ml_assets.core (then every module under it, unless a longer entry names it).
+CORE_STAGES: list[tuple[str, ...]] = [
+    # The shared bottom: the spec's models, the warehouse and its platform tables (check verdicts, model
+    # versions), SQL helpers, metrics, and the model formats every later stage reads.
+    (
+        "errors",
+        "sql",
+        "hashing",
+        "metrics",
+        "progress",
+        "figures",
+        "linear",
+        "store",
+        "changes",
+        "check_results",
+        "registry",
+        "spec",
+    ),
+    ("ingest",),
+    # Loading pipeline files: a source that leaves its columns out is read (through ingest) to infer them.
+    ("spec.load", "spec.infer"),
+    ("validate",),
+    ("dataset", "profile"),
+    # Point-in-time history features, joined into the modelling table, and their guard.
+    ("history", "history_guard"),
+    ("features",),
+    ("tuning",),
+    ("train",),
+    ("evaluate",),
+    # Everything a prediction needs; the gate below loads a version with its loader.
+    ("serving",),
+    ("promotion",),
+    ("rollback",),
+    # The MLflow mirror of what the registry, the gate and rollback decided.
+    ("tracking",),
+    # The monitors watch what serving produced (batch scores, the request log).
+    ("drift", "performance", "retrain_policy"),
+    # Tools of the CLI (`ml-assets init`, the report server).
+    ("scaffold", "report_server"),
+]
+
+
+def core_stage(module: str, stages: list[tuple[str, ...]] = CORE_STAGES) -> int | None:
+    """The rank of a core module's stage (the longest entry naming it), or None when none does."""
+    name = module.removeprefix(f"{CORE}.")
+    best: tuple[int, int] | None = None
+    for rank, entries in enumerate(stages):
+        for entry in entries:
+            if (name == entry or name.startswith(f"{entry}.")) and (best is None or len(entry) > best[1]):
+                best = (rank, len(entry))
+    return best[0] if best else None
+
+
+def upward_imports(graph: dict[str, set[str]], stages: list[tuple[str, ...]] = CORE_STAGES) -> list[str]:
+    """Every import of a core module by a core module of an earlier stage."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        if not in_layer(module, CORE) or module == CORE:
+            continue
+        for target in sorted(targets):
+            if in_layer(target, CORE) and target != CORE:
+                here, there = core_stage(module, stages), core_stage(target, stages)
+                if here is not None and there is not None and there > here:
+                    found.append(f"{module} (stage {here}) imports {target} (stage {there})")
+    return found
+
+
+def test_every_core_module_has_a_stage():
+    graph = import_graph()
+    core_modules = [m for m in graph if in_layer(m, CORE) and m != CORE]
+    assert len(core_modules) > 30
+    unplaced = [m for m in core_modules if core_stage(m) is None]
+    assert not unplaced, f"core modules in no stage of CORE_STAGES (place them): {unplaced}"
+
+
+def test_core_stages_import_earlier_stages_only():
+    graph = import_graph()
+    # Not vacuous: stages do import earlier ones (the gate loads with serving's loader, drift reads the
+    # request log), and within a stage (tuning's fit used by train is across two).
+    assert f"{CORE}.serving.loader" in graph[f"{CORE}.promotion"]
+    assert f"{CORE}.serving.request_log" in graph[f"{CORE}.drift"]
+    bad = upward_imports(graph)
+    assert not bad, "imports of a later stage:\n" + "\n".join(bad)
+
+
+def test_a_planted_upward_import_is_caught(tmp_path):
+    """The check above fails on an upward import, at any depth of a module's code: planted in a copy of
+    the real core (a function-level import of the serving package in dataset, as drift once had)."""
+    root = tmp_path / "ml_assets"
+    for path in PACKAGE_DIR.rglob("*.py"):
+        copy = root / path.relative_to(PACKAGE_DIR)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(path.read_text())
+    assert upward_imports(import_graph(root)) == []
+    dataset = root / "core" / "dataset.py"
+    dataset.write_text(
+        dataset.read_text() + "\n\ndef planted():\n    from ml_assets.core.serving import skew\n"
+    )
+
+    found = upward_imports(import_graph(root))
+
+    assert found == [
+        f"{CORE}.dataset (stage {core_stage(CORE + '.dataset')}) imports {CORE}.serving.skew "
+        f"(stage {core_stage(CORE + '.serving.skew')})"
+    ]
+
+
+def test_stage_lookup_takes_the_longest_entry():
+    stages = [("a",), ("b", "a.late")]
+    assert core_stage(f"{CORE}.a.early", stages) == 0
+    assert core_stage(f"{CORE}.a.late", stages) == 1
+    assert core_stage(f"{CORE}.a.late.deeper", stages) == 1
+    assert core_stage(f"{CORE}.c", stages) is None
+    graph = {f"{CORE}.a.early": {f"{CORE}.a.late"}, f"{CORE}.a.late": {f"{CORE}.a.early"}}
+    assert upward_imports(graph, stages) == [f"{CORE}.a.early (stage 0) imports {CORE}.a.late (stage 1)"]
+
+
+# --- d: functions stay short enough to read --------------------------------------------------------
+
+
+def test_no_function_is_longer_than_80_lines():
     functions = []
-    for path in sorted((PACKAGE_DIR / "orchestration").rglob("*.py")):
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):  # nested functions too; a factory's length includes its inner asset
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 length = node.end_lineno - node.lineno + 1
                 functions.append((f"{path.relative_to(PACKAGE_DIR.parent)}:{node.lineno}", node.name, length))
-    assert len(functions) > 20  # the walk found the layer's functions
+    # The walk found every layer's functions.
+    for layer in ("core", "orchestration"):
+        assert sum(where.startswith(f"ml_assets/{layer}/") for where, _, _ in functions) > 20
     too_long = [
         f"{where} {name}() is {length} lines"
         for where, name, length in functions

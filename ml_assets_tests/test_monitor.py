@@ -16,11 +16,10 @@ import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from ml_assets.core import dataset, drift, performance, registry, retrain_policy, store
-from ml_assets.core import promotion as gate
-from ml_assets.core.serve import ServableModel
-from ml_assets.core.spec import MonitoringSpec, PerformanceSpec, load_project
-from ml_assets.core.spec.load import deep_merge
+from ml_assets.core import dataset, drift, performance, registry, retrain_policy, rollback, store
+from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.spec import MonitoringSpec, PerformanceSpec
+from ml_assets.core.spec.load import deep_merge, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.resources import Warehouse
@@ -208,7 +207,7 @@ def _train_champion(pipelines: Path, root: Path) -> str:
     assert version is not None
     project = load_project(pipelines)
     spec = project.pipelines[DELAY]
-    gate.rollback(_db(root), spec, project.sources_of(spec), to=version)
+    rollback.rollback(_db(root), spec, project.sources_of(spec), to=version)
     return version
 
 

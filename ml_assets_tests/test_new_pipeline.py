@@ -10,9 +10,10 @@ import numpy as np
 import polars as pl
 
 from ml_assets.api import create_app, post_in_process
-from ml_assets.core import online, registry
+from ml_assets.core import registry
 from ml_assets.core.registry import read_manifest
-from ml_assets.core.spec import load_project
+from ml_assets.core.serving import request_parsing
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all, run_metadata
 
@@ -95,9 +96,11 @@ def _every_class_probability_is_served(pipelines, root, classes: list[str], cham
     project = load_project(pipelines)
     app = create_app(project, functools.partial(connect, warehouse_path(root)), ["items"], poll=False)
     fields = list(
-        online.request_fields(project.pipelines["items"], project.sources_of(project.pipelines["items"]))
+        request_parsing.request_fields(
+            project.pipelines["items"], project.sources_of(project.pipelines["items"])
+        )
     )
-    answer = post_in_process(app, "/v1/items/predict", online.request_rows(rows, fields))
+    answer = post_in_process(app, "/v1/items/predict", request_parsing.request_rows(rows, fields))
     assert answer["version"] == champion
     expected = batch.filter(pl.col("item").is_in(rows.get_column("item").to_list()))
     assert [a["probabilities"] for a in answer["predictions"]] == expected.get_column(

@@ -14,11 +14,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ml_assets.core import online, registry
+from ml_assets.core import registry
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.evaluate import evaluate_version
-from ml_assets.core.serve import ServableModel
-from ml_assets.core.spec import load_project
+from ml_assets.core.serving import online_model
+from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.core.validate import validate_source
 from ml_assets_tests.conftest import materialize_all
@@ -267,7 +268,7 @@ def test_a_lag_of_the_target_is_a_feature_and_the_pipeline_learns_from_it(tmp_pa
     assert champion is not None and scored == (rows, 1)
     (skew,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "online_matches_batch"]
     assert skew.passed and "not served online" in skew.description and "'previous'" in skew.description
-    served = online.OnlineModel(
+    served = online_model.OnlineModel(
         spec, load_project(pipelines).sources_of(spec), lambda: connect(warehouse_path(root))
     )
     assert not served.refresh() and served.served is None
@@ -356,7 +357,7 @@ def test_group_by_keeps_each_entity_in_one_split(tmp_path):
         shares = dict(
             conn.execute("SELECT _split, count(*) / 3000 FROM grouped.modelling_table GROUP BY 1").fetchall()
         )
-        # Training's CV folds keep these groups whole (train.cv_folds): the features carry them.
+        # Training's CV folds keep these groups whole (tuning.cv_folds): the features carry them.
         groups = conn.execute(
             "SELECT count(*) FROM grouped.features f JOIN grouped.modelling_table m ON f._key = m._row_id "
             'WHERE f._group = CAST(m."Customer" AS VARCHAR)'

@@ -11,7 +11,7 @@ import duckdb
 import polars as pl
 
 from ml_assets.core.profile import profile_source
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.keys import layer_key
 from ml_assets_tests.conftest import materialize_all

@@ -11,7 +11,8 @@ import yaml
 
 from ml_assets.core import promotion as gate
 from ml_assets.core import registry
-from ml_assets.core.spec import load_project
+from ml_assets.core import rollback as rollbacks
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
 
@@ -48,7 +49,9 @@ def rollback(pipelines: Path, root: Path, to: str | None = None) -> gate.Decisio
     """A manual rollback of flight_delay, checked against the pipeline as configured in `pipelines`."""
     project = load_project(pipelines)
     spec = project.pipelines["flight_delay"]
-    return gate.rollback(functools.partial(connect, warehouse_path(root)), spec, project.sources_of(spec), to)
+    return rollbacks.rollback(
+        functools.partial(connect, warehouse_path(root)), spec, project.sources_of(spec), to
+    )
 
 
 def _state(root: Path) -> tuple[str | None, dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ml_assets.core import registry
-from ml_assets.core.serve import ServableModel
+from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
 from ml_assets_tests.test_promotion import FLAGSHIP

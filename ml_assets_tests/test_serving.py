@@ -27,14 +27,16 @@ import httpx
 import polars as pl
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from ml_assets.api import create_app
-from ml_assets.core import online, registry
-from ml_assets.core import promotion as gate
+from ml_assets.core import registry, rollback
 from ml_assets.core.dataset import table_name
 from ml_assets.core.registry import MODEL_FILE
-from ml_assets.core.request_log import RequestLog, log_dir, read_window
-from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
+from ml_assets.core.serving import online_model, request_parsing, skew
+from ml_assets.core.serving.lookups import Lookups
+from ml_assets.core.serving.request_log import RequestLog, log_dir, read_window
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, change_marker, connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.resources import Warehouse
@@ -68,7 +70,7 @@ class Served:
 
     def make_champion(self, version: str) -> None:
         project, spec = self.spec()
-        gate.rollback(
+        rollback.rollback(
             functools.partial(connect, warehouse_path(self.root)), spec, project.sources_of(spec), version
         )
 
@@ -109,7 +111,7 @@ def trained(
             champion = registry.alias_version(conn, name, registry.CHAMPION)
         if champion is None:
             spec = project.pipelines[name]
-            gate.rollback(db, spec, project.sources_of(spec), to=latest)
+            rollback.rollback(db, spec, project.sources_of(spec), to=latest)
     with db() as conn:
         first = registry.alias_version(conn, DELAY, registry.CHAMPION)
     again = (
@@ -151,7 +153,7 @@ def test_predictions_score_every_row_once_with_the_champion_and_the_skew_check_p
         check = checks[(name, "online_matches_batch")]
         assert check.passed, check.description
         assert check.metadata["rows"].value > 0 and check.metadata["max_abs_diff"].value <= 1e-9
-        assert check.metadata["single_row_requests"].value == online.SKEW_SINGLE_ROWS
+        assert check.metadata["single_row_requests"].value == skew.SKEW_SINGLE_ROWS
         # Over the run's range of partitions, the scores' metadata is on the last one, which the UI shows.
         events = sorted(
             (
@@ -244,7 +246,7 @@ def test_predictions_without_a_champion_are_skipped_with_a_message(tmp_path, sam
 
 def test_an_online_request_gets_the_as_of_weather_the_modelling_table_has(served):
     project, spec = served.spec()
-    model = online.OnlineModel(spec, project.sources_of(spec), served.db)
+    model = online_model.OnlineModel(spec, project.sources_of(spec), served.db)
     model.refresh()
     with served.db() as conn:
         # Rows whose origin has no reading at their exact hour: only an as-of join finds their weather.
@@ -258,7 +260,9 @@ def test_an_online_request_gets_the_as_of_weather_the_modelling_table_has(served
             [rows["origin"][0], rows["time_hour"][0]],
         ).fetchone()[0]
     assert rows.height > 0
-    request = online.parse_rows(model.fields, online.request_rows(rows, list(model.fields)), MAX_BATCH)
+    request = request_parsing.parse_rows(
+        model.fields, request_parsing.request_rows(rows, list(model.fields)), MAX_BATCH
+    )
     done = model.served.lookups.complete(request)
     wx = [c for c in rows.columns if c.startswith("wx_")]
     assert done.select(wx).equals(rows.select(wx))
@@ -272,7 +276,7 @@ def test_per_key_lookups_complete_requests_exactly_as_the_sql(served):
     """The path every API request takes (per-key dictionaries, bisect for the as-of join) against the
     modelling table's SQL on the same lookups, on many rows and the as-of edge cases."""
     project, spec = served.spec()
-    model = online.OnlineModel(spec, project.sources_of(spec), served.db)
+    model = online_model.OnlineModel(spec, project.sources_of(spec), served.db)
     model.refresh()
     lookups = model.served.lookups
     assert lookups.keyed is not None, lookups.keyed_problem
@@ -287,7 +291,9 @@ def test_per_key_lookups_complete_requests_exactly_as_the_sql(served):
         exact = conn.execute(
             "SELECT time_hour FROM validated.weather WHERE origin = 'JFK' ORDER BY time_hour LIMIT 1 OFFSET 50"
         ).fetchone()[0]
-    request = online.parse_rows(model.fields, online.request_rows(rows, list(model.fields)), 10_000)
+    request = request_parsing.parse_rows(
+        model.fields, request_parsing.request_rows(rows, list(model.fields)), 10_000
+    )
     one = request.head(1)
     edges = pl.concat(
         [
@@ -327,14 +333,16 @@ def test_derived_values_of_the_base_sources_inputs_are_ready_before_the_first_re
     base table, so requests like the data trained on complete without a DuckDB query; an input never
     seen is computed (and then remembered), and both equal the modelling table's SQL."""
     project, spec = served.spec()
-    model = online.OnlineModel(spec, project.sources_of(spec), served.db)
+    model = online_model.OnlineModel(spec, project.sources_of(spec), served.db)
     model.refresh()
     lookups = model.served.lookups
     with served.db() as conn:
         rows = conn.execute(
             f"SELECT * FROM {table_name(spec)} USING SAMPLE reservoir(300 ROWS) REPEATABLE (2)"
         ).pl()
-    request = online.parse_rows(model.fields, online.request_rows(rows, list(model.fields)), 1_000)
+    request = request_parsing.parse_rows(
+        model.fields, request_parsing.request_rows(rows, list(model.fields)), 1_000
+    )
     unseen = request.head(1).with_columns(
         origin=pl.lit("XYZ"), sched_dep_time=pl.lit(2399, dtype=request.schema["sched_dep_time"])
     )
@@ -362,10 +370,10 @@ def test_keyed_completion_steps_aside_for_duplicate_keys(served):
             ).fetch_arrow_table(),
         }
         rows = conn.execute(f"SELECT * FROM {table_name(spec)} LIMIT 20").pl()
-    lookups = online.Lookups(spec, sources, tables, ())
+    lookups = Lookups(spec, sources, tables, ())
     assert lookups.keyed is None and "duplicate keys" in lookups.keyed_problem
-    request = online.parse_rows(
-        online.request_fields(spec, sources), online.request_rows(rows, _fields(served)), 50
+    request = request_parsing.parse_rows(
+        request_parsing.request_fields(spec, sources), request_parsing.request_rows(rows, _fields(served)), 50
     )
     assert lookups.complete(request).equals(lookups.complete_sql(request))
 
@@ -477,18 +485,18 @@ def server(served: Served):
 
 def _fields(s: Served) -> list[str]:
     project, spec = s.spec()
-    return list(online.request_fields(spec, project.sources_of(spec)))
+    return list(request_parsing.request_fields(spec, project.sources_of(spec)))
 
 
 def _request(s: Served) -> dict:
-    (row,) = online.request_rows(_test_rows(s, 1), _fields(s))
+    (row,) = request_parsing.request_rows(_test_rows(s, 1), _fields(s))
     return row
 
 
 def test_the_server_scores_one_object_or_a_list_like_the_batch_asset(served, server):
     spec = served.spec()[1]
     rows = _test_rows(served, 10)
-    body = online.request_rows(rows, _fields(served))
+    body = request_parsing.request_rows(rows, _fields(served))
     one = server.post(f"/v1/{DELAY}/predict", json=body[0])
     many = server.post(f"/v1/{DELAY}/predict", json=body)
     assert one.status_code == many.status_code == 200, many.text
@@ -714,7 +722,7 @@ def test_a_poll_with_an_unchanged_warehouse_does_not_connect_and_a_swap_is_seen(
         return served.db()
 
     marker = functools.partial(change_marker, warehouse_path(served.root))
-    model = online.OnlineModel(spec, project.sources_of(spec), counting, marker=marker)
+    model = online_model.OnlineModel(spec, project.sources_of(spec), counting, marker=marker)
     model.refresh()
     before = model.served.version
     assert len(opened) == 1
@@ -788,7 +796,7 @@ def test_request_times_and_dates_parse_to_the_values_polars_holds_and_answer_as_
         {"at": "2013-06-01T12:30:00+02:00", "on": None, "n": None},
         {"at": None, "on": "2024-02-29", "n": 3},
     ]
-    parsed = online.parse_rows(fields, payload, 10)
+    parsed = request_parsing.parse_rows(fields, payload, 10)
     expected = pl.DataFrame(
         {
             "at": [
@@ -804,4 +812,68 @@ def test_request_times_and_dates_parse_to_the_values_polars_holds_and_answer_as_
     )
     assert parsed.equals(expected)
     as_text = expected.with_columns(pl.col("at", "on").cast(pl.String)).to_dicts()
-    assert online.request_rows(parsed, list(fields)) == as_text
+    assert request_parsing.request_rows(parsed, list(fields)) == as_text
+
+
+def _scrape(server: httpx.Client) -> dict[tuple[str, frozenset], float]:
+    response = server.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_the_requests_made_and_name_the_version_served(served, server):
+    route = "/v1/{pipeline}/predict"
+    body = request_parsing.request_rows(_test_rows(served, 3), _fields(served))
+    before = _scrape(server)
+    for _ in range(4):
+        assert server.post(f"/v1/{DELAY}/predict", json=body).status_code == 200
+    assert server.post(f"/v1/{DELAY}/predict", json={"year": 2013}).status_code == 422
+    assert server.post("/v1/no_such_pipeline/predict", json=body[0]).status_code == 404
+    assert server.get("/no/such/route").status_code == 404
+    after = _scrape(server)
+    version = server.get(f"/v1/{DELAY}/model").json()["version"]
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    requests = "ml_assets_http_requests_total"
+    assert grew(requests, route=route, method="POST", status="200", pipeline=DELAY) == 4
+    assert grew(requests, route=route, method="POST", status="422", pipeline=DELAY) == 1
+    # An unknown pipeline or path gets no label of its own: probing cannot grow the series.
+    assert grew(requests, route=route, method="POST", status="404", pipeline="") == 1
+    assert grew(requests, route="unmatched", method="GET", status="404", pipeline="") == 1
+    assert grew("ml_assets_rows_scored_total", pipeline=DELAY) == 4 * len(body)
+    assert grew("ml_assets_http_request_duration_seconds_count", route=route, method="POST") == 6
+    assert after[("ml_assets_model_info", frozenset({("pipeline", DELAY), ("version", version)}))] == 1
+
+
+def test_metrics_count_a_model_swap_and_follow_the_served_version(served, server):
+    def served_version() -> str:
+        return server.get(f"/v1/{DELAY}/model").json()["version"]
+
+    def wait_for(version: str) -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while served_version() != version:
+            assert time.monotonic() < deadline, f"the server did not swap to {version} in time"
+            time.sleep(0.2)
+
+    start = served.champion()
+    assert served_version() == start
+    other = served.second if start == served.first else served.first
+    swaps = ("ml_assets_model_swaps_total", frozenset({("pipeline", DELAY)}))
+    before = _scrape(server).get(swaps, 0.0)
+    try:
+        served.make_champion(other)
+        wait_for(other)
+        after = _scrape(server)
+        assert after.get(swaps, 0.0) - before == 1
+        assert after[("ml_assets_model_info", frozenset({("pipeline", DELAY), ("version", other)}))] == 1
+        assert ("ml_assets_model_info", frozenset({("pipeline", DELAY), ("version", start)})) not in after
+    finally:
+        served.make_champion(start)
+        wait_for(start)

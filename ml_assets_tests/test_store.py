@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from ml_assets.core import store
+from ml_assets.core import check_results, store
 from ml_assets.core.errors import StoreError
 
 PLATFORM_TABLES = {
@@ -179,7 +179,6 @@ def test_migrate_reports_the_version_it_found(warehouse):
 def test_failed_verdicts_under_the_old_source_keys_still_block_after_the_upgrade(warehouse, monkeypatch):
     """Source keys gained their layer's name; a verdict recorded under `validated/flights` must keep
     blocking as `validated/flights_validated`, and a key already in the new form is left alone."""
-    from ml_assets.core import validate
 
     renamed = next(
         n for n, (description, _) in enumerate(store.MIGRATIONS, 1) if "name their layer" in description
@@ -194,16 +193,16 @@ def test_failed_verdicts_under_the_old_source_keys_still_block_after_the_upgrade
                 ("validated/planes_validated", False),
                 ("flight_delay/champion", False),
             ):
-                validate.record_check(
-                    conn, asset, "rules", validate.CheckOutcome(passed=passed, description="d"), "run-1"
+                check_results.record_check(
+                    conn, asset, "rules", check_results.CheckOutcome(passed=passed, description="d"), "run-1"
                 )
     with store.connect(warehouse) as conn:
         assert store.schema_version(conn) == store.LATEST
-        assert validate.failed_checks(
+        assert check_results.failed_checks(
             conn, ["validated/flights_validated", "validated/weather_validated", "validated/planes_validated"]
         ) == ["validated/flights_validated:rules", "validated/planes_validated:rules"]
-        assert validate.failed_checks(conn, ["flight_delay/champion"]) == ["flight_delay/champion:rules"]
-        assert validate.failed_checks(conn, ["validated/flights"]) == []
+        assert check_results.failed_checks(conn, ["flight_delay/champion"]) == ["flight_delay/champion:rules"]
+        assert check_results.failed_checks(conn, ["validated/flights"]) == []
 
 
 # --- a data directory from a newer ml_assets ---------------------------------------------------------

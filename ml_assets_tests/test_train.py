@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import duckdb
 
-from ml_assets.core.spec import default_pipelines_dir, load_project
+from ml_assets.core.spec.load import default_pipelines_dir, load_project
 from ml_assets.core.train import features_for_training
 
 

@@ -27,10 +27,9 @@ import pytest
 from playwright.sync_api import TimeoutError as PageTimeout
 from playwright.sync_api import sync_playwright
 
-from ml_assets.core import promotion as gate
-from ml_assets.core import registry
+from ml_assets.core import registry, rollback
 from ml_assets.core.report_server import URL_ENV, serve_in_thread
-from ml_assets.core.spec import PIPELINES_DIR_ENV, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.orchestration.keys import layer_key
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, stop_process, write_pipelines
@@ -103,7 +102,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> Iterat
             version = registry.alias_version(conn, DELAY, registry.CHALLENGER)
         spec = load_project(pipelines).pipelines[DELAY]
         db = functools.partial(connect, warehouse_path(root))
-        gate.rollback(db, spec, load_project(pipelines).sources_of(spec), to=version)
+        rollback.rollback(db, spec, load_project(pipelines).sources_of(spec), to=version)
         assert materialize_all(pipelines, root, selection=MONITORS + PROFILES, instance=instance).success
         instance.dispose()
         port = _free_port()

@@ -24,7 +24,8 @@ from ml_assets.core import registry
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.promotion import Decision
 from ml_assets.core.report_server import serve_in_thread, url_of
-from ml_assets.core.spec import DEFAULT_OWNERS, load_project
+from ml_assets.core.spec import DEFAULT_OWNERS
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.assets.training import verdict_markdown
 from ml_assets.orchestration.definitions import build_definitions

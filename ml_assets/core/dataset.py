@@ -12,12 +12,12 @@ import duckdb
 import polars as pl
 
 from ml_assets.core import changes
+from ml_assets.core.check_results import CheckOutcome
 from ml_assets.core.errors import DatasetError
 from ml_assets.core.spec import PipelineSpec, SourceSpec
 from ml_assets.core.spec.schema import ROW_ID
 from ml_assets.core.sql import lit, q, table_exists
 from ml_assets.core.store import transaction
-from ml_assets.core.validate import CheckOutcome
 
 
 @dataclass(frozen=True)

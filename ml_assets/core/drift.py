@@ -29,12 +29,12 @@ from ml_assets.core import figures, registry
 from ml_assets.core.dataset import bounded_sample, table_name
 from ml_assets.core.errors import ArtifactError, ConfigError, DatasetError
 from ml_assets.core.progress import Progress, silent
-from ml_assets.core.request_log import LOGGED_AT, read_window
-from ml_assets.core.score import predictions_table
-from ml_assets.core.serve import ServableModel
+from ml_assets.core.serving.batch_scores import predictions_table
+from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.serving.request_log import LOGGED_AT, read_window
 from ml_assets.core.spec import MonitoringSpec, PipelineSpec
 from ml_assets.core.sql import q, table_exists
-from ml_assets.core.store import DRIFT_HISTORY, DRIFT_RUNS, insert, insert_many, transaction
+from ml_assets.core.store import DRIFT_HISTORY, DRIFT_RUNS, Connect, insert, insert_many, transaction
 
 DEFAULT_BOUND = 50_000
 PREDICTION = "_prediction"
@@ -188,7 +188,7 @@ class DriftRun:
 
 
 def run_drift(
-    connect: Any,
+    connect: Connect,
     pipeline: PipelineSpec,
     reports_root: Path,
     request_log: Path | None = None,
@@ -223,18 +223,8 @@ def run_drift(
         "_ts" if stamps is not None else None,
     )
     reference = drift_reference(pipeline, version.path)
-    numerical, categorical = watched_features(pipeline, model.manifest)
-    # A column with no value on one side has no distribution to compare (Evidently refuses it): a short
-    # request log can hold no wind gust at all. It is left out of this run's columns.
-    empty = {
-        c
-        for c in numerical + categorical
-        for f in (reference, current)
-        if f.get_column(c).null_count() == f.height
-    }
-    numerical, categorical = (
-        [c for c in numerical if c not in empty],
-        [c for c in categorical if c not in empty],
+    numerical, categorical = comparable_columns(
+        reference, current, *watched_features(pipeline, model.manifest)
     )
     run_id = uuid.uuid4().hex[:12]
     start = stamps.min() if stamps is not None else None
@@ -257,6 +247,40 @@ def run_drift(
     )
     window = f"{start} to {end}" if start is not None else f"{current.height} logged requests"
     write_summary(report, pipeline.name, champion, window, result, prediction, evidently_report, figure)
+    _record(connect, pipeline, run_id, champion, (start, end), result, report, prediction)
+    return DriftRun(run_id, champion, start, end, result, report, evidently_report, figure, prediction)
+
+
+def comparable_columns(
+    reference: pl.DataFrame, current: pl.DataFrame, numerical: list[str], categorical: list[str]
+) -> tuple[list[str], list[str]]:
+    """The watched columns that have a value on both sides, (numerical, categorical)."""
+    # A column with no value on one side has no distribution to compare (Evidently refuses it): a short
+    # request log can hold no wind gust at all. It is left out of this run's columns.
+    empty = {
+        c
+        for c in numerical + categorical
+        for f in (reference, current)
+        if f.get_column(c).null_count() == f.height
+    }
+    return (
+        [c for c in numerical if c not in empty],
+        [c for c in categorical if c not in empty],
+    )
+
+
+def _record(
+    connect: Connect,
+    pipeline: PipelineSpec,
+    run_id: str,
+    champion: str,
+    window: tuple[Any, Any],
+    result: DriftResult,
+    report: Path,
+    prediction: ColumnDrift | None,
+) -> None:
+    """Append the run and every column's verdict to the drift tables, in one transaction."""
+    start, end = window
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with connect() as conn, transaction(conn):
         insert(
@@ -294,7 +318,6 @@ def run_drift(
                 for c in [*result.columns, *([prediction] if prediction else [])]
             ),
         )
-    return DriftRun(run_id, champion, start, end, result, report, evidently_report, figure, prediction)
 
 
 def drift_table(result: DriftResult, prediction: ColumnDrift | None = None) -> pl.DataFrame:

@@ -8,6 +8,7 @@ can trigger retraining (see retrain_policy).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +18,10 @@ from ml_assets.core import registry
 from ml_assets.core.dataset import table_name
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.metrics import improvement
-from ml_assets.core.serve import ServableModel
+from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PerformanceSpec, PipelineSpec
 from ml_assets.core.sql import q
-from ml_assets.core.store import PERFORMANCE_HISTORY, insert_many, transaction
+from ml_assets.core.store import PERFORMANCE_HISTORY, Connect, insert_many, transaction
 
 TRUNCATE = {"day": "1d", "week": "1w", "month": "1mo"}
 
@@ -33,12 +34,11 @@ class PerformanceRun:
     periods: pl.DataFrame
 
 
-def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | None:
+def run_performance(connect: Connect, pipeline: PipelineSpec) -> PerformanceRun | None:
     """Score the champion on every labelled period from its own test split on (rows it never learned
     from) and record each period's metric against the test score it was promoted on. Only periods that
     begin after the data it was built from are judged: its test weeks were known when it was promoted,
     and a seasonal dip inside them is no news. None when there is no champion yet."""
-    spec = pipeline.monitoring.performance
     if not pipeline.timestamp:
         raise ConfigError(f"pipeline '{pipeline.name}': performance monitoring needs a timestamp column")
     ts = q(pipeline.timestamp)
@@ -54,47 +54,7 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
             f"SELECT * FROM {table_name(pipeline)} WHERE {ts} >= CAST(? AS TIMESTAMP) ORDER BY {ts}", [start]
         ).pl()
     metric, expected = pipeline.metric, float(manifest["test_metrics"][pipeline.metric])
-    rows = rows.with_columns(pl.col(pipeline.timestamp).dt.truncate(TRUNCATE[spec.period]).alias("_period"))
-    scored = []
-    for (period,), part in rows.group_by("_period", maintain_order=True):
-        # A week of one class only has no ROC-AUC: scored as missing, never judged.
-        scorable = pipeline.task == "regression" or part.get_column(pipeline.target.name).n_unique() > 1
-        value = model.score(part, metric) if scorable else None
-        change = (
-            improvement(metric, value, expected) / abs(expected) if value is not None and expected else None
-        )
-        days = part.get_column(pipeline.timestamp).dt.date().n_unique()
-        degraded, why = period_verdict(
-            PeriodFacts(part.height, days, days_in_period(period, spec.period), change, period > built_from),
-            metric,
-            spec,
-        )
-        scored.append(
-            (
-                period,
-                part.get_column(pipeline.timestamp).max(),
-                part.height,
-                days,
-                value,
-                change,
-                degraded,
-                why,
-            )
-        )
-    periods = pl.DataFrame(
-        scored,
-        schema={
-            "period_start": pl.Datetime("us"),
-            "period_end": pl.Datetime("us"),
-            "rows": pl.Int64,
-            "days": pl.Int64,
-            "score": pl.Float64,
-            "change": pl.Float64,
-            "degraded": pl.Boolean,
-            "why": pl.String,
-        },
-        orient="row",
-    )
+    periods = score_periods(pipeline, rows, expected, built_from, lambda part: model.score(part, metric))
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with connect() as conn, transaction(conn):
         # A period is rescored as more of its labels arrive: its row is replaced, never duplicated.
@@ -119,6 +79,61 @@ def run_performance(connect: Any, pipeline: PipelineSpec) -> PerformanceRun | No
             ),
         )
     return PerformanceRun(champion, metric, expected, periods)
+
+
+def score_periods(
+    pipeline: PipelineSpec,
+    rows: pl.DataFrame,
+    expected: float,
+    built_from: dt.datetime,
+    score: Callable[[pl.DataFrame], float],
+) -> pl.DataFrame:
+    """One row per period of labelled `rows` (frames in, a frame out): its `score` (the champion's metric
+    on the period's rows), its change against `expected`, and whether it counts as degraded (only
+    periods starting after `built_from` are judged)."""
+    spec = pipeline.monitoring.performance
+    metric = pipeline.metric
+    rows = rows.with_columns(pl.col(pipeline.timestamp).dt.truncate(TRUNCATE[spec.period]).alias("_period"))
+    scored = []
+    for (period,), part in rows.group_by("_period", maintain_order=True):
+        # A week of one class only has no ROC-AUC: scored as missing, never judged.
+        scorable = pipeline.task == "regression" or part.get_column(pipeline.target.name).n_unique() > 1
+        value = score(part) if scorable else None
+        change = (
+            improvement(metric, value, expected) / abs(expected) if value is not None and expected else None
+        )
+        days = part.get_column(pipeline.timestamp).dt.date().n_unique()
+        degraded, why = period_verdict(
+            PeriodFacts(part.height, days, days_in_period(period, spec.period), change, period > built_from),
+            metric,
+            spec,
+        )
+        scored.append(
+            (
+                period,
+                part.get_column(pipeline.timestamp).max(),
+                part.height,
+                days,
+                value,
+                change,
+                degraded,
+                why,
+            )
+        )
+    return pl.DataFrame(
+        scored,
+        schema={
+            "period_start": pl.Datetime("us"),
+            "period_end": pl.Datetime("us"),
+            "rows": pl.Int64,
+            "days": pl.Int64,
+            "score": pl.Float64,
+            "change": pl.Float64,
+            "degraded": pl.Boolean,
+            "why": pl.String,
+        },
+        orient="row",
+    )
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from ml_assets.core.spec.infer import (
     safe_name,
     sample_frame,
 )
+from ml_assets.core.spec.reference import SCHEMA_COMMENT, SCHEMA_FILE
 from ml_assets.core.spec.schema import DEFAULT_METRIC
 
 # A column this correlated with the target, or missing exactly where the target is, is usually recorded
@@ -127,6 +128,8 @@ def scaffold(
     }
     features = infer_features(candidates, "features")
     lines = [
+        # Editors that speak the YAML language server validate and complete the file against it.
+        f"{SCHEMA_COMMENT}{SCHEMA_FILE}",
         f"# Written by `ml-assets init {pattern} --target {target}` from {frame.height} rows of {paths[0].name}.",
         "# Every value below was read from the data: check the types, the rules (ranges have headroom), the",
         "# features, and the columns flagged LEAKAGE? (move those known only after the outcome to leakage:).",
@@ -165,6 +168,11 @@ def scaffold(
         lines.append(f"  - {_yaml(feature)}{flag}")
     for col in sorted(constant - {target}):
         lines.append(f"  # {_yaml(col)} is constant in the data: not a feature")
+    return "\n".join(lines + _split_and_model(task, time))
+
+
+def _split_and_model(task: str, time: str | None) -> list[str]:
+    """The pipeline file's last lines: a split by time when there is a time column, else by shares."""
     classification = task != "regression"
     if time:
         split = {"method": "time", "test_fraction": 0.2, "valid_fraction": 0.1}
@@ -172,10 +180,9 @@ def scaffold(
     else:
         split = {"method": "random", "test_fraction": 0.2, "valid_fraction": 0.1, "stratify": classification}
         why = "exact shares of the whole" + (", each class keeping its share" if classification else "")
-    lines += [
+    return [
         "",
         f"split: {_yaml(split)}   # {why}; train is the remaining 70%",
         f"model: {{metric: {DEFAULT_METRIC[task]}, time_budget_s: 60, max_trials: 10}}",
         "",
     ]
-    return "\n".join(lines)

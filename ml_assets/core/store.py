@@ -13,8 +13,8 @@ import datetime as dt
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,10 @@ import duckdb
 
 from ml_assets.core.errors import StoreError
 from ml_assets.core.sql import lit, table_exists
+
+# What every stage that opens its own connections takes: a callable giving a connection for one `with`
+# block (`connect` bound to a data directory, the CLI's, or a Dagster resource's `get_connection`).
+Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 DATA_DIR_ENV = "ML_ASSETS_DATA_DIR"
 LOCK_WAIT_ENV = "ML_ASSETS_LOCK_WAIT_S"

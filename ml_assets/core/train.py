@@ -3,7 +3,7 @@
 Within `time_budget_s`: the baselines (bounded), then the centre of the search space fitted on the whole
 training split with early stopping on the validation split (the model if nothing better fits the budget),
 then a seeded random search whose trials are scored by k-fold CV on the training split, folded as the
-split itself was made (see cv_folds), and a refit of the best parameters if they are not the centre's.
+split itself was made (tuning.py), and a refit of the best parameters if they are not the centre's.
 The test split is touched once, for the final metrics.
 """
 
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import math
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import polars as pl
-from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold, TimeSeriesSplit
 
 from ml_assets.core import registry
 from ml_assets.core.dataset import bounded_sample, capped_train_rows, table_name
@@ -32,32 +29,23 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.features import TARGET, FeatureTransform, features_table_name, transform_of
 from ml_assets.core.hashing import frame_fingerprint
 from ml_assets.core.linear import LinearModel
-from ml_assets.core.metrics import all_metrics, choose_threshold, score
+from ml_assets.core.metrics import all_metrics, choose_threshold
 from ml_assets.core.progress import Progress, silent
-from ml_assets.core.spec import ParamRange, PipelineSpec
+from ml_assets.core.spec import PipelineSpec
+from ml_assets.core.store import Connect
+from ml_assets.core.tuning import (
+    Split,
+    TrainingData,
+    Tuning,
+    base_params,
+    fit_booster,
+    predict,
+    sample_params,
+    tune,
+)
 
 SAMPLE_ROWS = 2000
 BASELINE_NAME = {True: "logistic regression", False: "ridge regression"}
-LGB_METRIC = {"roc_auc": "auc", "pr_auc": "average_precision", "rmse": "rmse", "mae": "l1", "r2": "l2"}
-
-
-@dataclass
-class Split:
-    X: pd.DataFrame
-    y: np.ndarray
-    key: np.ndarray
-    group: np.ndarray
-
-
-@dataclass
-class TrainingData:
-    train: Split
-    valid: Split
-    test: Split
-    features: list[str]
-    categorical: list[str]
-    classes: list[Any] | None
-    time_window: dict[str, str | None]
 
 
 def training_data(pipeline: PipelineSpec, frame: pl.DataFrame, transform: FeatureTransform) -> TrainingData:
@@ -91,50 +79,6 @@ def training_data(pipeline: PipelineSpec, frame: pl.DataFrame, transform: Featur
     )
 
 
-def base_params(pipeline: PipelineSpec, n_classes: int | None) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "verbosity": -1,
-        "seed": pipeline.model.seed,
-        "deterministic": True,
-        "force_row_wise": True,
-        "num_threads": pipeline.model.num_threads,
-    }
-    if pipeline.task == "binary":
-        params |= {"objective": "binary", "metric": LGB_METRIC.get(pipeline.metric, "binary_logloss")}
-    elif pipeline.task == "multiclass":
-        params |= {"objective": "multiclass", "num_class": n_classes, "metric": "multi_logloss"}
-    else:
-        params |= {"objective": "regression", "metric": LGB_METRIC.get(pipeline.metric, "l2")}
-    return params | pipeline.model.params
-
-
-def _sample(space: dict[str, ParamRange], rng: np.random.Generator | None) -> dict[str, Any]:
-    """A random point of the space, or its centre (geometric for log ranges) when rng is None."""
-    out: dict[str, Any] = {}
-    for name, r in space.items():
-        lo, hi = (math.log(r.low), math.log(r.high)) if r.log else (r.low, r.high)
-        u = (lo + hi) / 2 if rng is None else rng.uniform(lo, hi)
-        value = math.exp(u) if r.log else u
-        out[name] = int(round(value)) if r.type == "int" else float(value)
-    return out
-
-
-def predict(booster: lgb.Booster, X: pd.DataFrame, num_iteration: int | None = None) -> np.ndarray:
-    return booster.predict(X, num_iteration=num_iteration)
-
-
-class _OverBudget(Exception):
-    """Raised from inside LightGBM's boosting loop when the tuning deadline has passed."""
-
-
-def _stop_at(deadline: float) -> Callable[[Any], None]:
-    def callback(env: Any) -> None:
-        if time.monotonic() > deadline:
-            raise _OverBudget
-
-    return callback
-
-
 # Rows of the validation and test splits timed to estimate what scoring them all with the trees so far
 # costs (scoring is part of the model step, and on a busy machine 1000 trees took 17 s for 98k rows).
 SCORING_SAMPLE_ROWS = 2000
@@ -162,122 +106,8 @@ def _finish_at(
     return callback
 
 
-def _fit(
-    params: dict[str, Any],
-    pipeline: PipelineSpec,
-    train: tuple[pd.DataFrame, np.ndarray],
-    valid: tuple[pd.DataFrame, np.ndarray],
-    categorical: list[str],
-    deadline: Callable[[Any], None] | None = None,
-) -> lgb.Booster:
-    dtrain = lgb.Dataset(train[0], train[1], categorical_feature=categorical, free_raw_data=False)
-    dvalid = lgb.Dataset(valid[0], valid[1], reference=dtrain, categorical_feature=categorical)
-    callbacks = [lgb.early_stopping(pipeline.model.early_stopping_rounds, verbose=False)]
-    if deadline is not None:
-        callbacks.append(deadline)
-    return lgb.train(
-        params, dtrain, num_boost_round=pipeline.model.max_rounds, valid_sets=[dvalid], callbacks=callbacks
-    )
-
-
-def cv_folds(pipeline: PipelineSpec, train: Split) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fit rows, validation rows) per fold of the training split, folded as the split was made, so CV
-    judges a trial on the kind of rows the test split holds: expanding windows in time order for a time
-    split (no fold sees its future); whole groups with `group_by` (no entity in both); each class's share
-    in every fold with `stratify`; else shuffled k-fold."""
-    folds, seed, split = pipeline.model.cv_folds, pipeline.model.seed, pipeline.split
-    if split.method == "time":
-        return list(TimeSeriesSplit(n_splits=folds).split(train.X))
-    if split.group_by:
-        groups = len(np.unique(train.group))
-        if groups < folds:
-            raise DatasetError(
-                f"pipeline '{pipeline.name}': the training split holds {groups} group(s) of "
-                f"split.group_by {split.group_by}, fewer than model.cv_folds ({folds})"
-            )
-        return list(GroupKFold(folds, shuffle=True, random_state=seed).split(train.X, groups=train.group))
-    if split.stratify and pipeline.task != "regression":
-        return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(train.X, train.y))
-    return list(KFold(folds, shuffle=True, random_state=seed).split(train.X))
-
-
 # Most of the time budget the baselines may use (the linear solver stops there).
 BASELINE_SHARE = 0.25
-
-
-@dataclass
-class Tuning:
-    best_params: dict[str, Any]
-    best_cv_score: float | None
-    trials: list[dict[str, Any]] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-
-def tune(
-    pipeline: PipelineSpec,
-    data: TrainingData,
-    time_budget_s: float,
-    max_trials: int,
-    progress: Progress = silent,
-) -> Tuning:
-    """Seeded random search within `time_budget_s`: the first trial is the centre of the search space;
-    every trial, the first included, is stopped when the deadline passes and recorded as cut short
-    (a cut trial's score is not comparable, so it never wins; with no complete trial the centre is used)."""
-    X, y = data.train.X, data.train.y
-    fold_indices = cv_folds(pipeline, data.train)
-    rng = np.random.default_rng(pipeline.model.seed)
-    base = base_params(pipeline, len(data.classes) if data.classes else None)
-    sign = 1 if pipeline.greater_is_better else -1
-    started = time.monotonic()
-    deadline = started + time_budget_s
-    trials: list[dict[str, Any]] = []
-    while len(trials) < max_trials:
-        elapsed = time.monotonic() - started
-        done = [t for t in trials if not t["cut_short"]]
-        # Never start a trial that is expected to overrun the budget.
-        if trials and (not done or elapsed + elapsed / len(trials) > time_budget_s):
-            break
-        sampled = _sample(pipeline.model.search_space, None if not trials else rng)
-        params = base | sampled
-        fold_scores, rounds = [], []
-        cut_short = False
-        try:
-            for tr, va in fold_indices:
-                booster = _fit(
-                    params,
-                    pipeline,
-                    (X.iloc[tr], y[tr]),
-                    (X.iloc[va], y[va]),
-                    data.categorical,
-                    _stop_at(deadline),
-                )
-                pred = predict(booster, X.iloc[va], booster.best_iteration)
-                fold_scores.append(score(pipeline.task, pipeline.metric, y[va], pred))
-                rounds.append(booster.best_iteration)
-        except _OverBudget:
-            cut_short = True
-        trials.append(
-            {
-                "params": sampled,
-                "cv_score": float(np.mean(fold_scores)) if fold_scores and not cut_short else None,
-                "cv_std": float(np.std(fold_scores)) if fold_scores and not cut_short else None,
-                "rounds": rounds,
-                "cut_short": cut_short,
-                "elapsed_s": round(time.monotonic() - started - elapsed, 3),
-            }
-        )
-        left = max(0.0, time_budget_s - (time.monotonic() - started))
-        if cut_short:
-            progress(f"trial {len(trials)} of {max_trials} cut short at the deadline ({time_budget_s:.0f} s)")
-            break
-        best_so_far = max(t["cv_score"] * sign for t in trials if not t["cut_short"]) * sign
-        progress(
-            f"trial {len(trials)} of {max_trials}: CV {pipeline.metric} {trials[-1]['cv_score']:.4f}, "
-            f"best so far {best_so_far:.4f}; {left:.0f} s of the {time_budget_s:.0f} s search budget left"
-        )
-    complete = [t for t in trials if not t["cut_short"]]
-    best = max(complete, key=lambda t: sign * t["cv_score"]) if complete else trials[0]
-    return Tuning(base | best["params"], best["cv_score"], trials, time.monotonic() - started)
 
 
 def fit_final(
@@ -288,7 +118,7 @@ def fit_final(
     half = SCORING_SAMPLE_ROWS // 2
     scored = pd.concat([data.valid.X.head(half), data.test.X.head(half)], ignore_index=True)
     cut: list[int] = []
-    booster = _fit(
+    booster = fit_booster(
         params,
         pipeline,
         (data.train.X, data.train.y),
@@ -408,7 +238,7 @@ def train_model(
     # Then the centre of the search space on the whole training split, stopped at the budget's end: on a
     # machine too busy for even one CV trial, this is the model, trained as long as the budget allows
     # (searching first left such a machine a cut trial and a final fit of a few rounds).
-    centre = base_params(pipeline, len(data.classes) if data.classes else None) | _sample(
+    centre = base_params(pipeline, len(data.classes) if data.classes else None) | sample_params(
         pipeline.model.search_space, None
     )
     progress(f"fitting the centre of the search space on {len(data.train.y)} training rows")
@@ -457,9 +287,6 @@ def train_model(
         baselines_s=baselines_s,
         search_budget_s=search_budget_s,
     )
-
-
-Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 
 def features_for_training(
@@ -511,10 +338,56 @@ def train_and_register(
     created = dt.datetime.now(dt.UTC)
     version = registry.new_version_id(created)
     best_iteration = trained.booster.best_iteration or trained.booster.current_iteration()
+    manifest = _manifest(
+        pipeline, frame, data, trained, transform, version, created, budget, train_available, best_iteration
+    )
+    sample_scores = trained.booster.predict(
+        transform.apply(sample).select(data.features).to_pandas(), num_iteration=best_iteration
+    )
+    predictions, sample_rows, reference = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    # The drift reference: a bounded sample of the training features, drawn once per version.
+    train_rows = frame.filter(pl.col("_split") == "train").select("_ts", *data.features)
+    bounded_sample(train_rows, pipeline.monitoring.sample_rows, "_ts", pipeline.model.seed).write_parquet(
+        reference
+    )
+    trained.test_predictions.write_parquet(predictions)
+    sample.with_columns(**_as_columns(pipeline.task, sample_scores, "_prediction")).write_parquet(sample_rows)
+    version_dir = registry.write_version(
+        models_root,
+        pipeline.name,
+        version,
+        {
+            registry.MODEL_FILE: trained.booster.model_to_string(num_iteration=best_iteration).encode(),
+            registry.TRANSFORM_FILE: transform_path,
+            registry.PREDICTIONS_FILE: predictions.getvalue(),
+            registry.SAMPLE_FILE: sample_rows.getvalue(),
+            registry.REFERENCE_FILE: reference.getvalue(),
+            **{registry.candidate_file(k): c.model.to_json().encode() for k, c in trained.candidates.items()},
+        },
+        manifest,
+    )
+    with connect() as conn:
+        manifest = registry.register(conn, version_dir, run_id)
+    return version_dir, manifest
+
+
+def _manifest(
+    pipeline: PipelineSpec,
+    frame: pl.DataFrame,
+    data: TrainingData,
+    trained: TrainedModel,
+    transform: FeatureTransform,
+    version: str,
+    created: dt.datetime,
+    budget: float,
+    train_available: int,
+    best_iteration: int,
+) -> dict[str, Any]:
+    """What a version records about itself: how it was trained, on what, and how it scored."""
     # Performance monitoring scores the model from its test split on, and judges it only on data that
     # arrived after the data it was built from.
     test_ts = frame.filter(pl.col("_split") == "test").get_column("_ts").drop_nulls()
-    manifest = {
+    return {
         "version": version,
         "pipeline": pipeline.name,
         "task": pipeline.task,
@@ -566,31 +439,3 @@ def train_and_register(
             for kind, c in trained.candidates.items()
         },
     }
-    sample_scores = trained.booster.predict(
-        transform.apply(sample).select(data.features).to_pandas(), num_iteration=best_iteration
-    )
-    predictions, sample_rows, reference = io.BytesIO(), io.BytesIO(), io.BytesIO()
-    # The drift reference: a bounded sample of the training features, drawn once per version.
-    train_rows = frame.filter(pl.col("_split") == "train").select("_ts", *data.features)
-    bounded_sample(train_rows, pipeline.monitoring.sample_rows, "_ts", pipeline.model.seed).write_parquet(
-        reference
-    )
-    trained.test_predictions.write_parquet(predictions)
-    sample.with_columns(**_as_columns(pipeline.task, sample_scores, "_prediction")).write_parquet(sample_rows)
-    version_dir = registry.write_version(
-        models_root,
-        pipeline.name,
-        version,
-        {
-            registry.MODEL_FILE: trained.booster.model_to_string(num_iteration=best_iteration).encode(),
-            registry.TRANSFORM_FILE: transform_path,
-            registry.PREDICTIONS_FILE: predictions.getvalue(),
-            registry.SAMPLE_FILE: sample_rows.getvalue(),
-            registry.REFERENCE_FILE: reference.getvalue(),
-            **{registry.candidate_file(k): c.model.to_json().encode() for k, c in trained.candidates.items()},
-        },
-        manifest,
-    )
-    with connect() as conn:
-        manifest = registry.register(conn, version_dir, run_id)
-    return version_dir, manifest

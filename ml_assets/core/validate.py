@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import duckdb
 
 from ml_assets.core import changes
+from ml_assets.core.check_results import CheckOutcome
 from ml_assets.core.errors import ValidationFailure
 from ml_assets.core.spec import ColumnSpec, SourceSpec
 from ml_assets.core.spec.schema import ROW_ID
@@ -39,53 +39,7 @@ from ml_assets.core.sql import (
     replace_rows,
     table_columns,
 )
-from ml_assets.core.store import CHECK_RESULTS, insert, transaction
-
-
-@dataclass(frozen=True)
-class CheckOutcome:
-    passed: bool
-    description: str
-    metadata: dict[str, object] = field(default_factory=dict)
-    # A failed "warn" outcome is reported but stops nothing (Dagster's WARN severity).
-    severity: Literal["error", "warn"] = "error"
-
-    @property
-    def blocks(self) -> bool:
-        return not self.passed and self.severity == "error"
-
-
-def record_check(
-    conn: duckdb.DuckDBPyConnection, asset: str, check: str, outcome: CheckOutcome, run_id: str | None
-) -> None:
-    """Keep a check's latest verdict beside the data it judges: a blocking check stops downstream steps
-    only inside its own run, so a consumer launched later reads this to refuse failed data. A warning is
-    kept as passed (its description says it): what a consumer reads here is whether to refuse."""
-    insert(
-        conn,
-        CHECK_RESULTS,
-        {
-            "asset": asset,
-            "check_name": check,
-            "passed": not outcome.blocks,
-            "description": outcome.description,
-            "run_id": run_id,
-            "checked_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
-        },
-        replace=True,
-    )
-
-
-def failed_checks(conn: duckdb.DuckDBPyConnection, assets: list[str]) -> list[str]:
-    """'asset:check' for every check of these assets whose latest verdict failed."""
-    if not assets:
-        return []
-    rows = conn.execute(
-        f"SELECT asset || ':' || check_name FROM {CHECK_RESULTS} WHERE NOT passed AND list_contains(?, asset) "
-        "ORDER BY 1",
-        [assets],
-    ).fetchall()
-    return [r[0] for r in rows]
+from ml_assets.core.store import transaction
 
 
 def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str, str, str]]:
@@ -249,40 +203,15 @@ def validate_source(
     partition window on _event_time: exactly those rows of validated/quarantine are replaced)."""
     present = table_columns(conn, "raw", name)
     source = f"(SELECT * FROM raw.{q(name)} WHERE {where})" if where else f"raw.{q(name)}"
-    files = [r[0] for r in conn.execute(f"SELECT DISTINCT _source_file FROM {source}").fetchall()]
+    _require_columns(conn, name, spec, present, source)
     policy = spec.schema_evolution
-    missing = [c for c in spec.columns if c not in present]
-    keys = {*spec.id, *([spec.timestamp] if spec.timestamp else [])}
-    fatal = [c for c in missing if policy.missing_columns == "fail" or spec.columns[c].not_null or c in keys]
-    if fatal:
-        raise ValidationFailure(
-            f"source '{name}': required column(s) {fatal} missing (rule: schema) in file(s) {files}; "
-            f"columns found: {[c for c in present if c not in LINEAGE]}. The previous validated table is kept."
-        )
 
     def raw_ref(column: str) -> str:
         # An optional column no batch has carried yet is all null (schema_evolution.missing_columns: null).
         return q(column) if column in present else "CAST(NULL AS VARCHAR)"
 
     partitioned = spec.partitions is not None and EVENT_TIME in present
-    failures = []
-    for column, cspec in spec.columns.items():
-        typed = q("__t_" + column)
-        failures.append(
-            _failure(
-                "type",
-                column,
-                f"{raw_ref(column)} IS NOT NULL AND {typed} IS NULL",
-                f"{lit(column + ': ')} || {_quoted(raw_ref(column))} || ' is not a valid {cspec.type}'",
-            )
-        )
-        if cspec.type == "datetime" and spec.timezones == "reject":
-            failures.append(_timezone_failure(column, raw_ref(column), partitioned))
-        failures += [
-            _failure(rule, column, cond, reason)
-            for rule, cond, reason in rule_conditions(column, cspec, typed)
-        ]
-    failure_list = f"list_filter([{', '.join(failures)}], lambda __r: __r IS NOT NULL)"
+    failure_list = _failure_list(spec, raw_ref, partitioned)
     id_cols = ", ".join(q("__t_" + c) for c in spec.id)
     duplicate_of_earlier = (
         f"len(__f) = 0 AND row_number() OVER (PARTITION BY len(__f) = 0, __p, {id_cols} "
@@ -320,43 +249,94 @@ def validate_source(
             SELECT {raw_cols}, __f[1].rule AS _rule, __f[1].column AS _column,
                    array_to_string(list_transform(__f, lambda __r: __r.reason), '; ') AS _reasons
             FROM __checked WHERE len(__f) > 0 ORDER BY _source_file, _source_row""")
-        with transaction(conn):
-            conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
-            conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
-            changed = _changed_range(conn, name, where, partitioned)
-            for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
-                if where:
-                    drop_unpartitioned(conn, schema, name)
-                    replace_rows(conn, f"{schema}.{q(name)}", temp, where)
-                else:
-                    conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
-            if changed is not None:
-                changes.record(conn, name, *changed)
-        raw_rows = conn.execute("SELECT count(*) FROM __checked").fetchone()[0]
-        valid_rows = conn.execute("SELECT count(*) FROM __valid").fetchone()[0]
-        by_rule = [
-            {"rule": r, "column": c, "rows": n}
-            for r, c, n in conn.execute(
-                "SELECT _rule, _column, count(*) n FROM __quarantined GROUP BY ALL ORDER BY n DESC, _rule"
-            ).fetchall()
-        ]
-        examples = [
-            f"{f} row {row}: {reason}"
-            for f, row, reason in conn.execute(
-                "SELECT _source_file, _source_row, _reasons FROM __quarantined LIMIT 5"
-            ).fetchall()
-        ]
-        normalised = [
-            f"count(*) FILTER (WHERE {q('__o_' + c)} NOT IN ('+00:00', {lit(NO_OFFSET)}))" for c in datetimes
-        ]
-        tz_counts = (
-            conn.execute(f"SELECT {', '.join(normalised)} FROM __checked WHERE len(__f) = 0").fetchone()
-            if datetimes
-            else ()
-        )
+        _replace_tables(conn, name, where, partitioned)
+        result = _result(conn, name, spec, datetimes)
     finally:
         for temp in ("__typed", "__checked", "__valid", "__quarantined"):
             conn.execute(f"DROP TABLE IF EXISTS {temp}")
+    return result
+
+
+def _require_columns(
+    conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec, present: list[str], source: str
+) -> None:
+    """Refuse, before anything is written, a batch lacking a column it must have."""
+    files = [r[0] for r in conn.execute(f"SELECT DISTINCT _source_file FROM {source}").fetchall()]
+    policy = spec.schema_evolution
+    missing = [c for c in spec.columns if c not in present]
+    keys = {*spec.id, *([spec.timestamp] if spec.timestamp else [])}
+    fatal = [c for c in missing if policy.missing_columns == "fail" or spec.columns[c].not_null or c in keys]
+    if fatal:
+        raise ValidationFailure(
+            f"source '{name}': required column(s) {fatal} missing (rule: schema) in file(s) {files}; "
+            f"columns found: {[c for c in present if c not in LINEAGE]}. The previous validated table is kept."
+        )
+
+
+def _failure_list(spec: SourceSpec, raw_ref: Callable[[str], str], partitioned: bool) -> str:
+    """SQL for a typed row's list of failed rules (empty when the row is valid)."""
+    failures = []
+    for column, cspec in spec.columns.items():
+        typed = q("__t_" + column)
+        failures.append(
+            _failure(
+                "type",
+                column,
+                f"{raw_ref(column)} IS NOT NULL AND {typed} IS NULL",
+                f"{lit(column + ': ')} || {_quoted(raw_ref(column))} || ' is not a valid {cspec.type}'",
+            )
+        )
+        if cspec.type == "datetime" and spec.timezones == "reject":
+            failures.append(_timezone_failure(column, raw_ref(column), partitioned))
+        failures += [
+            _failure(rule, column, cond, reason)
+            for rule, cond, reason in rule_conditions(column, cspec, typed)
+        ]
+    return f"list_filter([{', '.join(failures)}], lambda __r: __r IS NOT NULL)"
+
+
+def _replace_tables(conn: duckdb.DuckDBPyConnection, name: str, where: str | None, partitioned: bool) -> None:
+    """validated and quarantine from the temp tables, both in one transaction (whole, or the window)."""
+    with transaction(conn):
+        conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
+        changed = _changed_range(conn, name, where, partitioned)
+        for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
+            if where:
+                drop_unpartitioned(conn, schema, name)
+                replace_rows(conn, f"{schema}.{q(name)}", temp, where)
+            else:
+                conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
+        if changed is not None:
+            changes.record(conn, name, *changed)
+
+
+def _result(
+    conn: duckdb.DuckDBPyConnection, name: str, spec: SourceSpec, datetimes: list[str]
+) -> ValidationResult:
+    """What the validation did, counted on its temp tables (still present)."""
+    raw_rows = conn.execute("SELECT count(*) FROM __checked").fetchone()[0]
+    valid_rows = conn.execute("SELECT count(*) FROM __valid").fetchone()[0]
+    by_rule = [
+        {"rule": r, "column": c, "rows": n}
+        for r, c, n in conn.execute(
+            "SELECT _rule, _column, count(*) n FROM __quarantined GROUP BY ALL ORDER BY n DESC, _rule"
+        ).fetchall()
+    ]
+    examples = [
+        f"{f} row {row}: {reason}"
+        for f, row, reason in conn.execute(
+            "SELECT _source_file, _source_row, _reasons FROM __quarantined LIMIT 5"
+        ).fetchall()
+    ]
+    normalised = [
+        f"count(*) FILTER (WHERE {q('__o_' + c)} NOT IN ('+00:00', {lit(NO_OFFSET)}))" for c in datetimes
+    ]
+    tz_counts = (
+        conn.execute(f"SELECT {', '.join(normalised)} FROM __checked WHERE len(__f) = 0").fetchone()
+        if datetimes
+        else ()
+    )
     return ValidationResult(
         raw_rows=raw_rows,
         valid_rows=valid_rows,

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from ml_assets.core.report_server import reports_url
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import warehouse_path
 from ml_assets.orchestration import jobs
 from ml_assets.orchestration.assets import build_assets

@@ -1,20 +1,19 @@
 """Blocking asset checks on the tables the core builds, and the consumer-side guard across runs.
 
 A failed blocking check stops downstream steps only inside its own run. Every check therefore also
-records its verdict in the warehouse (core.validate.record_check), and the assets that read checked
+records its verdict in the warehouse (core.check_results.record_check), and the assets that read checked
 tables refuse to build on data whose latest verdict failed, whichever run produced it.
 """
 
 from collections.abc import Callable
-from typing import Any
 
 import dagster as dg
 import duckdb
 
-from ml_assets.api import create_app, post_in_process
-from ml_assets.core import dataset, online, validate
+from ml_assets.core import check_results, dataset, validate
+from ml_assets.core.check_results import CheckOutcome
+from ml_assets.core.serving import skew
 from ml_assets.core.spec import PipelineSpec, Project, SourceSpec
-from ml_assets.core.validate import CheckOutcome
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.keys import layer_key
 from ml_assets.orchestration.metadata import as_metadata
@@ -28,7 +27,7 @@ def table_check(key: dg.AssetKey, name: str, description: str, outcome: Outcome)
     def _run(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
         with warehouse.get_connection() as conn:
             result = outcome(conn)
-            validate.record_check(conn, key.to_user_string(), name, result, context.run.run_id)
+            check_results.record_check(conn, key.to_user_string(), name, result, context.run.run_id)
         return dg.AssetCheckResult(
             passed=result.passed,
             # A WARN failure shows in the UI but stops nothing, even on a blocking check.
@@ -97,9 +96,9 @@ def modelling_checks(pipeline: PipelineSpec) -> list[dg.AssetChecksDefinition]:
 
 
 def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefinition:
-    """Online and batch scores of the champion agree (core.online.compare_paths), through the real ASGI app
-    in-process: blocking, so a champion served differently than it batch-scores stops the run's
-    predictions and monitors."""
+    """Online and batch scores of the champion agree (core.serving.skew.compare_paths), through the online
+    path every API request takes, in-process: blocking, so a champion served differently than it
+    batch-scores stops the run's predictions and monitors."""
     key = dg.AssetKey([pipeline.name, "champion"])
     sources = project.sources_of(pipeline)
 
@@ -107,20 +106,17 @@ def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefini
         asset=key,
         name="online_matches_batch",
         blocking=True,
-        description=f"{pipeline.serving.skew_sample_rows} test rows scored through the REST API (request-time "
-        "fields, completed from its lookups) and through the batch path give identical predictions (1e-9).",
+        description=f"{pipeline.serving.skew_sample_rows} test rows scored through the online path (request-time "
+        "fields as JSON, completed from the API's lookups) and through the batch path give identical "
+        "predictions (1e-9).",
     )
     def _run(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
-        app = create_app(project, warehouse.get_connection, [pipeline.name], poll=False)
-
-        def post(rows: list[dict[str, Any]]) -> dict[str, Any]:
-            return post_in_process(app, f"/v1/{pipeline.name}/predict", rows)
-
+        post = skew.online_path(warehouse.get_connection, pipeline, sources)
         result = user_errors_as_failures(
-            lambda: online.compare_paths(warehouse.get_connection, pipeline, sources, post)
+            lambda: skew.compare_paths(warehouse.get_connection, pipeline, sources, post)
         )
         with warehouse.get_connection() as conn:
-            validate.record_check(
+            check_results.record_check(
                 conn, key.to_user_string(), "online_matches_batch", result, context.run.run_id
             )
         return dg.AssetCheckResult(
@@ -132,7 +128,7 @@ def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefini
 
 def require_passing_checks(conn: duckdb.DuckDBPyConnection, upstream: list[dg.AssetKey]) -> None:
     """Refuse to build on an upstream table whose latest check verdict failed (see the module's doc)."""
-    failed = validate.failed_checks(conn, [k.to_user_string() for k in upstream])
+    failed = check_results.failed_checks(conn, [k.to_user_string() for k in upstream])
     if failed:
         raise dg.Failure(
             description=f"upstream check(s) failed: {', '.join(failed)}; fix the data and re-materialize "

@@ -8,7 +8,7 @@ pipelines shipped in the package).
 
 from __future__ import annotations
 
-from ml_assets.core.spec import pipelines_dir
+from ml_assets.core.spec.load import pipelines_dir
 from ml_assets.core.store import data_dir
 from ml_assets.orchestration.build import build_definitions, resources
 

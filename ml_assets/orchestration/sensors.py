@@ -14,8 +14,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from ml_assets.core import drift, ingest, performance, registry, retrain_policy, score
+from ml_assets.core import drift, ingest, performance, registry, retrain_policy
 from ml_assets.core.ingest.ledger import FolderState, folder_states, scan_folder
+from ml_assets.core.serving import batch_scores
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.jobs import landing_selection, landing_users
 from ml_assets.orchestration.partitions import partition_range_tags, range_tags_for
@@ -174,7 +175,7 @@ def rescore_sensor(
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
         with warehouse.get_connection() as conn:
-            champion, days = score.windows_to_rescore(conn, pipeline)
+            champion, days = batch_scores.windows_to_rescore(conn, pipeline)
         if champion is None or not days:
             return dg.SkipReason(
                 logged_skip(context, f"champion {champion}: the latest partitions' scores are current")

@@ -1,17 +1,9 @@
-"""Pipeline specs: the YAML schema (`schema`), reading files with `extends` (`load`), and the
-cross-checks that need several blocks or files (`checks`)."""
+"""Pipeline specs: the YAML schema (`schema`) and the cross-checks that need several blocks or files
+(`checks`). Reading pipeline files (`load`: `extends`, and the columns a source leaves out, inferred from
+its data by `infer` through ingest's readers) is a later stage, imported as `ml_assets.core.spec.load`."""
 
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.spec.checks import modelling_columns, sql_words
-from ml_assets.core.spec.load import (
-    PIPELINES_DIR_ENV,
-    deep_merge,
-    default_pipelines_dir,
-    load_default_project,
-    load_pipeline_file,
-    load_project,
-    pipelines_dir,
-)
 from ml_assets.core.spec.schema import (
     DEFAULT_OWNERS,
     METRICS,
@@ -50,7 +42,6 @@ __all__ = [
     "METRICS",
     "ModelSpec",
     "MonitoringSpec",
-    "PIPELINES_DIR_ENV",
     "ParamRange",
     "PartitionSpec",
     "PerformanceSpec",
@@ -61,13 +52,7 @@ __all__ = [
     "SourceSpec",
     "SplitSpec",
     "TargetSpec",
-    "deep_merge",
-    "default_pipelines_dir",
-    "load_default_project",
-    "load_pipeline_file",
-    "load_project",
     "modelling_columns",
-    "pipelines_dir",
     "resolve_function",
     "sql_words",
 ]

@@ -20,8 +20,10 @@ from typing import Any
 import polars as pl
 
 from ml_assets.core.errors import ConfigError, SourceError
+from ml_assets.core.ingest import TimeWindow, database, http, landing_dir, resolve_files
 from ml_assets.core.spec.package_data import PKG_SCHEME, package_file
 from ml_assets.core.spec.schema import SourceSpec
+from ml_assets.core.store import data_dir
 
 SAMPLE_ROWS = 20_000
 # Observed ranges widen by this share of their span (and never cross zero from a non-negative range): a
@@ -178,10 +180,6 @@ def _typed_sample(spec: SourceSpec, name: str, pipeline_file: Path) -> tuple[pl.
     """A typed sample of what the source reads, and where it came from (no credentials): its files; for
     a landing zone, the replay origin (the whole history) if it has one, else the files landed so far;
     a database's or HTTP API's first SAMPLE_ROWS rows in time order."""
-    # The readers import spec (for SourceSpec): imported here, when a source is inferred.
-    from ml_assets.core.ingest import TimeWindow, database, http, landing_dir, resolve_files
-    from ml_assets.core.store import data_dir
-
     base = pipeline_file.parent
     if spec.path or spec.replay:
         paths = resolve_paths(spec.path or spec.replay.path, base)

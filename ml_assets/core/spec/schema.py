@@ -72,15 +72,22 @@ DEFAULT_METRIC = {"binary": "roc_auc", "multiclass": "log_loss", "regression": "
 
 class _Strict(BaseModel):
     # Unknown keys are almost always typos; silently ignoring them hides mistakes.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ColumnSpec(_Strict):
+    """A column's type and the rules its values must pass (failing rows go to quarantine, with the rule named)."""
+
     type: ColumnType
+    """int, float, str, bool, datetime or date"""
     not_null: bool = False
+    """A missing value breaks the rule"""
     min: float | None = None
+    """Smallest allowed value (int and float columns)"""
     max: float | None = None
+    """Largest allowed value (int and float columns)"""
     allowed: list[str | int | float] | None = None
+    """The only values allowed"""
     pattern: str | None = Field(
         None, description="Regular expression the whole value must match (str columns)"
     )
@@ -106,7 +113,9 @@ class PartitionSpec(_Strict):
     """Time partitions of a source, on its timestamp column (UTC days)."""
 
     granularity: Literal["daily", "weekly", "monthly"] = "daily"
+    """One partition per day, week or month"""
     start: dt.date
+    """First day of the first partition"""
     end: dt.date | None = Field(None, description="First day after the last partition (default: open-ended)")
 
     @model_validator(mode="after")
@@ -150,6 +159,7 @@ class DatabaseSpec(_Strict):
     table: str | None = Field(None, description="Table (optionally schema.table) to read")
     query: str | None = Field(None, description="SELECT to read from instead of a table")
     timeout_s: float = Field(30.0, gt=0)
+    """Seconds before a query is abandoned"""
 
     @model_validator(mode="after")
     def _table_or_query(self) -> DatabaseSpec:
@@ -162,13 +172,20 @@ class HttpSpec(_Strict):
     """Records paged from a JSON HTTP API."""
 
     url: str
+    """Endpoint returning JSON"""
     records: str = Field("data", description="Field of the JSON response that holds the list of records")
     paging: Literal["page", "cursor"] = "page"
+    """page: numbered pages; cursor: the response names the next cursor"""
     page_param: str = "page"
+    """Query parameter of the page number"""
     first_page: int = 1
+    """Number of the first page"""
     page_size_param: str | None = "per_page"
+    """Query parameter of the page size (null: none sent)"""
     page_size: int = Field(1000, ge=1)
+    """Records asked for per page"""
     cursor_param: str = "cursor"
+    """Query parameter of the cursor"""
     next_cursor: str = Field("next_cursor", description="Field of the response holding the next cursor")
     start_param: str | None = Field(None, description="Query parameter for the window's first instant")
     end_param: str | None = Field(None, description="Query parameter for the window's end (exclusive)")
@@ -177,9 +194,13 @@ class HttpSpec(_Strict):
         default_factory=dict, description="Header -> environment variable holding its value (tokens)"
     )
     timeout_s: float = Field(30.0, gt=0)
+    """Seconds before a request is abandoned"""
     retries: int = Field(3, ge=0)
+    """Retries of a failed request (5xx, timeouts) before the batch fails"""
     backoff_s: float = Field(0.5, ge=0)
+    """First retry delay, doubled each retry"""
     max_pages: int = Field(10_000, ge=1)
+    """Most pages one batch reads: a guard against an API that never stops paging"""
 
 
 class SchemaEvolutionSpec(_Strict):
@@ -198,7 +219,10 @@ class SchemaEvolutionSpec(_Strict):
 
 
 class SourceSpec(_Strict):
+    """Where one table's rows come from, their columns and rules, and what bad rows do."""
+
     description: str = ""
+    """Shown on the source's assets in the UI"""
     owners: list[Owner] | None = Field(
         None, description="Omitted: the owners of the pipeline file that defines the source"
     )
@@ -209,13 +233,20 @@ class SourceSpec(_Strict):
     )
     landing: bool = Field(False, description="Files arrive in <data dir>/landing/<source>/ (sensor-watched)")
     database: DatabaseSpec | None = None
+    """Rows read with SQL from PostgreSQL or DuckDB"""
     http: HttpSpec | None = None
+    """Records paged from a JSON HTTP API"""
     replay: ReplaySpec | None = None
+    """Where `ml-assets replay` cuts batches from (landing sources)"""
     format: Literal["csv", "parquet"] | None = None
+    """File format (default: from the file name: parquet for .parquet, else csv)"""
     id: list[str] = Field(default_factory=list, description="Columns that identify a row (must be unique)")
     timestamp: str | None = None
+    """Time column of the rows: partitions and incremental reads follow it"""
     partitions: PartitionSpec | None = None
+    """Time partitions (Dagster partitions) of the source's assets"""
     null_values: list[str] = Field(default_factory=lambda: ["", "NA"])
+    """Strings read as missing"""
     columns: dict[str, ColumnSpec] | None = Field(
         None,
         description="Omitted: inferred from a sample when the pipeline loads (the files; a landing zone's "
@@ -223,7 +254,9 @@ class SourceSpec(_Strict):
         "pipeline file (.inferred/<source>.json) so later loads use the same schema",
     )
     max_quarantine_share: float = Field(0.05, ge=0, le=1)
+    """Largest share of a batch's rows that may be quarantined before the quarantine_share check fails the batch"""
     schema_evolution: SchemaEvolutionSpec = Field(default_factory=SchemaEvolutionSpec)
+    """What a batch whose columns differ from `columns` does"""
     timezones: Literal["normalize", "reject"] = Field(
         "normalize",
         description="Datetime values are stored as naive UTC (a value without an offset is taken as UTC). "
@@ -279,6 +312,8 @@ class SourceSpec(_Strict):
 
 
 class AsofSpec(_Strict):
+    """The time columns of an as-of join (DuckDB ASOF: never a later row)."""
+
     left: str = Field(description="Time column of the base table")
     right: str = Field(
         description="Time column of the joined source; the latest row at or before left is taken"
@@ -286,14 +321,22 @@ class AsofSpec(_Strict):
 
 
 class JoinSpec(_Strict):
+    """A source joined onto the base rows."""
+
     source: str
+    """Source to join (defined here or shared)"""
     keys: list[str] = Field(min_length=1)
+    """Columns equal on both sides"""
     asof: AsofSpec | None = None
+    """Join the latest row at or before a time instead of an exact match"""
     columns: list[str] | None = Field(None, description="Columns to bring in (default: all but the keys)")
     prefix: str = ""
+    """Put before the joined columns' names"""
 
 
 class TargetSpec(_Strict):
+    """The column the model predicts."""
+
     name: str = Field(min_length=1, description="Column of the modelling table (any name a file can hold)")
     expr: str | None = Field(
         None, description="SQL expression over the modelling table (default: column `name`)"
@@ -302,25 +345,35 @@ class TargetSpec(_Strict):
         default_factory=list, description="Columns the target is computed from: never allowed as features"
     )
     missing: Literal["drop", "fail"] = "drop"
+    """drop: rows without a target are left out of the modelling table (counted in its metadata); fail: the run fails"""
     missing_reason: str = ""
+    """Why targets can be missing, shown in the metadata"""
 
 
 class FeatureSpec(_Strict):
+    """One model input and how it is encoded (fitted on the training split only)."""
+
     name: str = Field(pattern=FEATURE_NAME)
+    """Feature name (lower case)"""
     type: Literal["numeric", "categorical", "datetime", "boolean"]
+    """numeric, categorical, datetime (expanded into parts) or boolean"""
     column: str | None = Field(None, description="Input column (default: name)")
     function: str | None = Field(
         None, description="Dotted path 'package.module:function' of a custom feature"
     )
     impute: Literal["median", "mean", "zero", "none"] = "median"
+    """How missing numeric values are filled (fitted on train)"""
     parts: list[Literal["year", "month", "day", "dayofweek", "dayofyear", "hour", "minute"]] = Field(
         default_factory=lambda: ["month", "dayofweek", "hour"]
     )
+    """Datetime parts used as features"""
     timezone: Timezone | None = Field(
         None, description="Convert datetimes (stored as UTC) to this zone first"
     )
     max_categories: int = Field(50, ge=1)
+    """Most categories kept (the rest become other)"""
     min_frequency: int = Field(20, ge=1)
+    """Rarer categories become other"""
 
     @property
     def input_column(self) -> str:
@@ -338,7 +391,6 @@ class FeatureSpec(_Strict):
 # A span of time: minutes, hours or days ("30m", "2h", "7d").
 DURATION = r"^-?[0-9]+(m|h|d)$"
 Duration = Annotated[str, StringConstraints(pattern=DURATION)]
-HISTORY_FUNCTIONS = ("mean", "sum", "count", "std", "min", "max", "share", "last")
 
 
 def duration_minutes(text: str) -> int:
@@ -358,7 +410,9 @@ class HistoryFamily(_Strict):
         None, description="SQL condition over a source row: `share` is the share of rows where it holds"
     )
     functions: list[Literal["mean", "sum", "count", "std", "min", "max", "share", "last"]] = Field(
-        min_length=1
+        min_length=1,
+        description="Aggregates per window: one feature <family>_<function>_<window> each (`last`: the "
+        "value of the latest row known)",
     )
     windows: list[Duration] = Field(
         min_length=1, description="Spans before the prediction time (as_of) whose rows are aggregated"
@@ -417,7 +471,9 @@ class HistorySpec(_Strict):
     horizon: Duration = Field(
         "0m", description="Rows are predicted this long before `at`: as_of = at - horizon"
     )
-    families: dict[ColumnName, HistoryFamily] = Field(min_length=1)
+    families: dict[ColumnName, HistoryFamily] = Field(
+        min_length=1, description="Feature families by name: the features' prefix"
+    )
 
     def columns(self) -> dict[str, str]:
         """The feature set's columns, `<family>_<function>_<window>`, with their config types."""
@@ -440,11 +496,18 @@ class HistorySpec(_Strict):
 
 
 class SplitSpec(_Strict):
+    """How the modelling table is split into train, validation (early stopping, threshold) and test."""
+
     method: Literal["time", "random"] = "time"
+    """time: later rows are validation and test; random: exact random shares"""
     valid_start: dt.date | None = None
+    """time: first day of validation (with test_start)"""
     test_start: dt.date | None = None
+    """time: first day of test"""
     valid_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of rows for validation"""
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of rows for test"""
     test_days: int | None = Field(
         None, ge=1, description="Test = the last N days of labelled data (moves with new partitions)"
     )
@@ -453,6 +516,7 @@ class SplitSpec(_Strict):
         None, ge=1, description="Train on the latest N days only (default: every loaded partition)"
     )
     seed: int = 0
+    """Seed of a random split"""
     stratify: bool = Field(
         True, description="random: each class keeps its share in every split (classification targets)"
     )
@@ -486,10 +550,16 @@ class SplitSpec(_Strict):
 
 
 class ParamRange(_Strict):
+    """A searched parameter's range."""
+
     low: float
+    """Lowest value"""
     high: float
+    """Highest value"""
     log: bool = False
+    """Sample on a log scale"""
     type: Literal["float", "int"] = "float"
+    """float or int"""
 
     @model_validator(mode="after")
     def _is_range(self) -> ParamRange:
@@ -520,8 +590,11 @@ class DecisionSpec(_Strict):
         "target_recall",
     )
     false_positive_cost: float = Field(1.0, ge=0)
+    """Cost of a false positive (optimise: cost)"""
     false_negative_cost: float = Field(1.0, ge=0)
+    """Cost of a false negative (optimise: cost)"""
     target_recall: float = Field(0.8, gt=0, le=1)
+    """Recall to reach (optimise: recall)"""
 
     def objective(self, metric: str) -> str:
         if self.optimise != "auto":
@@ -530,12 +603,20 @@ class DecisionSpec(_Strict):
 
 
 class ModelSpec(_Strict):
+    """Training: a LightGBM model tuned by cross-validation within a time budget, beside linear and constant baselines."""
+
     metric: str | None = None
+    """Metric tuned and judged (default: roc_auc, log_loss or rmse by task)"""
     time_budget_s: float = Field(60.0, gt=0)
+    """Ceiling on the whole model step (baselines, search, refit), in seconds"""
     max_trials: int = Field(20, ge=1)
+    """Most search trials"""
     cv_folds: int = Field(3, ge=2)
+    """Cross-validation folds per trial (folded as the split is)"""
     seed: int = 42
+    """Seed of the search and the fits"""
     max_rounds: int = Field(1000, ge=10)
+    """Most boosting rounds"""
     max_train_rows: int | None = Field(
         None,
         ge=1000,
@@ -544,6 +625,7 @@ class ModelSpec(_Strict):
         "records the rows used and available",
     )
     early_stopping_rounds: int = Field(50, ge=1)
+    """Rounds without improvement on validation before a fit stops"""
     num_threads: int = Field(
         1,
         ge=1,
@@ -552,7 +634,9 @@ class ModelSpec(_Strict):
     )
     params: dict[str, Any] = Field(default_factory=dict, description="Fixed LightGBM parameters")
     decision_threshold: DecisionSpec = Field(default_factory=DecisionSpec)
+    """How a binary model's decision threshold is chosen"""
     search_space: dict[str, ParamRange] = Field(default_factory=_default_search_space)
+    """LightGBM parameter -> range searched"""
 
 
 class GateSpec(_Strict):
@@ -561,6 +645,7 @@ class GateSpec(_Strict):
     margin: float = Field(0.0, ge=0, description="Least improvement of the primary metric, in its own units")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Level of the paired bootstrap interval")
     bootstrap_samples: int = Field(200, ge=50)
+    """Paired bootstrap resamples of the test split"""
     guarded_metrics: dict[str, float] = Field(
         default_factory=dict, description="Metric -> largest tolerated regression (in its units)"
     )
@@ -600,7 +685,9 @@ class MonitoringSpec(_Strict):
     )
     sample_rows: int = Field(50_000, ge=1000, description="Bound on rows Evidently sees, per side")
     num_method: str = "wasserstein"
+    """Evidently drift method for numeric columns"""
     cat_method: str = "jensenshannon"
+    """Evidently drift method for categorical columns"""
     threshold: float = Field(0.1, gt=0, description="Per-column drift threshold of the methods above")
     column_thresholds: dict[str, float] = Field(
         default_factory=dict,
@@ -611,7 +698,9 @@ class MonitoringSpec(_Strict):
     persist_windows: int = Field(2, ge=1, description="Consecutive drifted windows before retraining")
     cooldown_hours: float = Field(24.0, ge=0, description="Least time between two automatic retrains")
     sensor_interval_s: int = Field(30, ge=5)
+    """Seconds between two ticks of the retraining sensor"""
     performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
+    """The champion's real metric per labelled period"""
 
 
 class ServingSpec(_Strict):
@@ -639,21 +728,41 @@ class ServingSpec(_Strict):
     )
 
 
+class MlflowSpec(_Strict):
+    """MLflow tracking (optional): each trained version logged as a run, the champion alias mirrored.
+    Our registry stays the source of truth; MLflow being down makes a run warn, not fail."""
+
+    tracking_uri: str | None = None
+    """Tracking server (http://host:port) or store URI; omitted: $ML_ASSETS_MLFLOW_TRACKING_URI, and
+    neither means off"""
+    experiment: str | None = None
+    """Experiment the runs go to (default: ml_assets/<pipeline>)"""
+    registered_model: str | None = None
+    """Registered model whose versions mirror ours (default: the pipeline's name)"""
+
+
 class PipelineSpec(_Strict):
+    """One pipeline: where its rows come from, how they become a modelling table, and how its model is trained, judged, served and watched."""
+
     name: str = Field(pattern=IDENTIFIER)
+    """The pipeline's name: equal to the file name without .yaml; prefixes its assets, tables and files"""
     description: str = ""
+    """Shown on the pipeline's assets in the UI"""
     owners: list[Owner] = Field(
         default_factory=lambda: list(DEFAULT_OWNERS),
         min_length=1,
         description="Shown on every asset of the pipeline (and its sources): emails or team:<name>",
     )
     task: Task
+    """binary, multiclass or regression: decides the metrics, the model objective and the baselines"""
     sources: dict[Identifier, SourceSpec] = Field(default_factory=dict)
+    """Sources this file defines: name -> where rows come from (exactly one of path, landing, database, http)"""
     shared_sources: list[str] = Field(
         default_factory=list, description="Sources this pipeline uses but another pipeline file defines"
     )
     base: str = Field(description="Source whose rows become the modelling table's rows")
     joins: list[JoinSpec] = Field(default_factory=list)
+    """Sources joined onto base rows by keys, optionally as of a time (the latest row at or before)"""
     derived: dict[ColumnName, str] = Field(
         default_factory=dict, description="New columns: name -> SQL expression"
     )
@@ -662,7 +771,9 @@ class PipelineSpec(_Strict):
         description="Columns identifying a row; omitted: the built-in _row_id (a hash of the row's content)",
     )
     timestamp: str | None = None
+    """Time column of the modelling table: time splits, partitions, performance periods, drift windows"""
     target: TargetSpec
+    """What the model predicts"""
     history: HistorySpec | None = Field(
         None, description="Point-in-time aggregates of earlier rows, joined to the modelling table"
     )
@@ -674,10 +785,17 @@ class PipelineSpec(_Strict):
         default_factory=list, description="Columns not known at prediction time: never allowed as features"
     )
     split: SplitSpec = Field(default_factory=SplitSpec)
+    """How rows are split into train, validation and test"""
     model: ModelSpec = Field(default_factory=ModelSpec)
+    """LightGBM tuning and its baselines (linear, constant)"""
     gate: GateSpec = Field(default_factory=GateSpec)
+    """The promotion gate and the rollback check"""
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    """Drift and performance monitoring, and when they trigger a retraining run"""
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    """Batch scores and the online API"""
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+    """MLflow tracking and registry mirroring (optional)"""
 
     @property
     def metric(self) -> str:
@@ -700,6 +818,7 @@ class Project:
     directory: Path
     pipelines: dict[str, PipelineSpec]
     sources: dict[str, SourceSpec]
+    """Sources this file defines: name -> where rows come from (exactly one of path, landing, database, http)"""
     source_files: dict[str, Path] = field(default_factory=dict)
     pipeline_files: dict[str, Path] = field(default_factory=dict)
 

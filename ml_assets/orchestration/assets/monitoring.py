@@ -8,9 +8,8 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from ml_assets.core import drift, figures, performance
-from ml_assets.core import promotion as gate
-from ml_assets.core.request_log import log_dir
+from ml_assets.core import drift, figures, performance, rollback, tracking
+from ml_assets.core.serving.request_log import log_dir
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
@@ -32,8 +31,9 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
     )
     def champion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
         decision = user_errors_as_failures(
-            lambda: gate.check_champion(warehouse.get_connection, pipeline, context.run_id)
+            lambda: rollback.check_champion(warehouse.get_connection, pipeline, context.run_id)
         )
+        tracking.sync_champion(pipeline, warehouse.get_connection, context.log.warning)
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)
         # The check's verdict first: the UI lists metadata in the order given.

@@ -1,5 +1,5 @@
 """Serving assets of a pipeline: `<pipeline>/predictions`, the champion's batch scores, partitioned like the
-project's time axis; each partition's rows replace its previous scores (core.score), and its Parquet file
+project's time axis; each partition's rows replace its previous scores (core.serving.batch_scores), and its Parquet file
 under `<data>/predictions/<pipeline>/` is rewritten."""
 
 from pathlib import Path
@@ -7,8 +7,8 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
-from ml_assets.core import score
 from ml_assets.core.ingest import TimeWindow
+from ml_assets.core.serving import batch_scores
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
@@ -42,12 +42,12 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
     ) -> dg.MaterializeResult:
         window = run_window(context) if partitions is not None else None
         with warehouse.get_connection() as conn:
-            champion = score.champion_version(conn, pipeline)
+            champion = batch_scores.champion_version(conn, pipeline)
             if champion is None:
                 # Not an error: the landing runs before the first model is trained refresh this asset too.
                 context.log.warning(f"{pipeline.name}: no champion yet, nothing scored")
                 return dg.MaterializeResult(metadata={"status": "skipped: no champion yet", "rows": 0})
-            run = user_errors_as_failures(lambda: score.score_window(conn, pipeline, window))
+            run = user_errors_as_failures(lambda: batch_scores.score_window(conn, pipeline, window))
             files = _export(context, conn, pipeline, partitions, Path(artifacts.root))
         if run.rebuilt:
             context.log.warning(run.rebuilt)
@@ -58,7 +58,7 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
             metadata=once_per_range(
                 context,
                 {
-                    "table": score.predictions_table(pipeline),
+                    "table": batch_scores.predictions_table(pipeline),
                     "parquet": dg.MetadataValue.path(str(files[0].parent)),
                     "parquet_files": len(files),
                     "dagster/row_count": run.rows,
@@ -85,10 +85,10 @@ def _export(
 ) -> list[Path]:
     """One Parquet file per partition of the run (one file for an unpartitioned pipeline)."""
     if partitions is None:
-        return [score.export_parquet(conn, pipeline, root, None, None)]
+        return [batch_scores.export_parquet(conn, pipeline, root, None, None)]
     files = []
     for key in context.partition_keys:
         tw = partitions.time_window_for_partition_key(key)
         window = TimeWindow(start=tw.start.replace(tzinfo=None), end=tw.end.replace(tzinfo=None))
-        files.append(score.export_parquet(conn, pipeline, root, key, window))
+        files.append(batch_scores.export_parquet(conn, pipeline, root, key, window))
     return files

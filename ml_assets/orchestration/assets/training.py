@@ -8,7 +8,7 @@ materialized without the model in its run does it fall back to the registry's ch
 
 import dagster as dg
 
-from ml_assets.core import figures, registry
+from ml_assets.core import figures, registry, tracking
 from ml_assets.core import promotion as gate
 from ml_assets.core.evaluate import evaluate_version, markdown_summary
 from ml_assets.core.spec import PipelineSpec
@@ -132,6 +132,14 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
             lambda: evaluate_version(found.path, artifacts.reports, found.manifest_sha256)
         )
         versions_plot = figures.versions_over_time(history, ev.metric, ev.report_path.parent / "versions.png")
+        mlflow_run = tracking.log_version(
+            pipeline,
+            found.path,
+            registry.read_manifest(found.path, manifest_sha256=found.manifest_sha256),
+            [("plots", p) for p in (*ev.plots.values(), versions_plot)] + [("report", ev.report_path)],
+            context.run_id,
+            context.log.warning,
+        )
         # Only the primary metric as numbers: the UI plots each number across materializations, and
         # two series (model, baseline) say more than eighteen; every metric is in the summary table.
         return dg.MaterializeResult(
@@ -144,6 +152,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "version": ev.version,
                 "beats_baseline": ev.beats_baseline,
                 "model_versions": versions_table(history),
+                **({"mlflow_run_id": mlflow_run} if mlflow_run else {}),
             }
         )
 
@@ -169,6 +178,7 @@ def promotion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 warehouse.get_connection, pipeline, version, context.run_id, trigger
             )
         )
+        tracking.sync_champion(pipeline, warehouse.get_connection, context.log.warning)
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)
         # The verdict first: the UI lists metadata in the order given.

@@ -1,6 +1,6 @@
 """Serving: load a registered model version (hash-verified, no pickle) and score modelling-table rows.
 
-`python -m ml_assets.core.serve <version dir> [<manifest sha256>]` reloads a version in a fresh process and
+`python -m ml_assets.core.serving.loader <version dir> [<manifest sha256>]` reloads a version in a fresh process and
 re-predicts the sample rows saved with it: the promotion gate's proof that what was trained is what will
 serve. A registered version is loaded with the sha256 the registry recorded for its manifest
 (`registry.registered`), so an edited manifest is refused like an edited model file.
@@ -138,7 +138,7 @@ def reproduces_training_predictions(
         [
             sys.executable,
             "-m",
-            "ml_assets.core.serve",
+            "ml_assets.core.serving.loader",
             str(version_dir),
             *([manifest_sha256] if manifest_sha256 else []),
         ],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ml_assets.core.score import PROBABILITIES
+from ml_assets.core.serving.batch_scores import PROBABILITIES
 
 LOGGED_AT = "_logged_at"
 # What a request's scores add to its completed row (`probabilities` for a multiclass model only).

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,11 @@ from ml_assets.core import registry
 from ml_assets.core.dataset import table_name
 from ml_assets.core.errors import ArtifactError
 from ml_assets.core.ingest import TimeWindow, window_condition
-from ml_assets.core.serve import ServableModel
+from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.sql import lit, q, table_exists
 from ml_assets.core.store import transaction
 
-Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 SCORE_COLUMNS = ("score", "decision", "version", "scored_at")
 
 
