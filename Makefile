@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-stamp
 # Run history lives inside the project so `make dev` shows the runs of `make run` and survives restarts.
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export DO_NOT_TRACK := 1
-# One "planned" event per asset for a run over a partition range, not one per partition (see
+# One "planned" event per asset for a run over a partition range, not one per partition (undocumented
+# Dagster switch, guarded by ml_assets_tests/test_public_dagster.py; docs/design.md says why; see
 # ml_assets/orchestration/build.py): read by whichever process creates the run.
 export DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS := 1
 

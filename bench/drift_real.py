@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         version = registry.registered(conn, champion, pipeline.name)
         version_dir = version.path
         model = ServableModel.from_registry(version)
-        window = model.manifest["train_window"]
+        window = model.manifest.train_window
         ts = pipeline.timestamp
         rows = conn.execute(
             f'SELECT * FROM {table_name(pipeline)} WHERE "{ts}" BETWEEN CAST(? AS TIMESTAMP) AND CAST(? AS TIMESTAMP)',

@@ -99,15 +99,17 @@ def run_plain(pipelines: Path, root: Path) -> None:
     warehouse = functools.partial(connect, db)
     version_dir, manifest = train_and_register(warehouse, pipeline, transforms, root / "models")
     evaluate_version(version_dir, root / "reports")
-    gate.promote_or_refuse(warehouse, pipeline, manifest["version"])
-    rollback.check_champion(warehouse, pipeline)
+    gate.promote_or_refuse(warehouse, pipeline, manifest.version)
+    # What the champion step settled is what every step after it judges, as on the Dagster side.
+    champion = rollback.check_champion(warehouse, pipeline).champion_after
     # The skew check and the batch scores, as the Dagster side runs them since serving (issue 13).
     sources = project.sources_of(pipeline)
-    skew.compare_paths(warehouse, pipeline, sources, skew.online_path(warehouse, pipeline, sources))
-    performance.run_performance(warehouse, pipeline)
+    post = skew.online_path(warehouse, pipeline, sources, pinned=champion)
+    skew.compare_paths(warehouse, pipeline, sources, post, champion)
+    performance.run_performance(warehouse, pipeline, champion)
     with connect(db) as conn:
-        batch_scores.score_window(conn, pipeline, None)
-    drift.run_drift(warehouse, pipeline, root / "reports")
+        batch_scores.score_window(conn, pipeline, None, champion)
+    drift.run_drift(warehouse, pipeline, champion, None, root / "reports")
 
 
 def main() -> int:

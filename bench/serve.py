@@ -114,7 +114,7 @@ def batch(pipelines: Path, root: Path) -> tuple[int, float, float]:
         found = registry.registered(conn, registry.alias_version(conn, PIPELINE, registry.CHAMPION), PIPELINE)
         frame = conn.execute(f"SELECT * FROM {table_name(load_project(pipelines).pipelines[PIPELINE])}").pl()
     model = ServableModel.from_registry(found)
-    matrix = model.transform.apply(frame).select(model.manifest["features"]).to_numpy().astype(np.float64)
+    matrix = model.transform.apply(frame).select(model.manifest.features).to_numpy().astype(np.float64)
     bare = []
     for _ in range(3):
         started = time.perf_counter()

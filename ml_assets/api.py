@@ -83,14 +83,14 @@ def _model_info(model: OnlineModel) -> dict[str, Any]:
     return {
         "pipeline": model.pipeline.name,
         "version": served.version,
-        "task": manifest["task"],
-        "decision_threshold": served.model.threshold if manifest["task"] == "binary" else None,
-        "classes": manifest.get("classes"),
-        "features": manifest["features"],
+        "task": manifest.task,
+        "decision_threshold": served.model.threshold if manifest.task == "binary" else None,
+        "classes": manifest.classes,
+        "features": manifest.features,
         "request_fields": {n: {"type": s.type, "required": s.not_null} for n, s in model.fields.items()},
-        "metric": manifest["metric"],
-        "test_metrics": manifest["test_metrics"],
-        "train_window": manifest["train_window"],
+        "metric": manifest.metric,
+        "test_metrics": manifest.test_metrics,
+        "train_window": manifest.train_window,
         "loaded_at": str(served.loaded_at),
         # How requests are completed: per-key lookups, or the SQL (and why the joins need it).
         "completion": "per-key lookups"

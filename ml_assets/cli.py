@@ -5,32 +5,37 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
-import json
 import os
 import sys
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dagster as dg
 import duckdb
 import polars as pl
 
-from ml_assets.core import ingest, registry, rollback
+from ml_assets.core import ingest, registry
 from ml_assets.core.errors import Problems, UsageError, UserError
 from ml_assets.core.ingest import preflight, replay
-from ml_assets.core.scaffold import scaffold
-from ml_assets.core.serving import online_model, request_parsing
-from ml_assets.core.serving.batch_scores import score_frame
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.spec.infer import safe_name
 from ml_assets.core.spec.load import load_default_project
 from ml_assets.core.sql import q
-from ml_assets.core.store import MODEL_VERSIONS, change_marker, connect, data_dir, warehouse_path
-from ml_assets.orchestration.build import build_definitions
-from ml_assets.orchestration.jobs import pipeline_selection, retrain_selection
-from ml_assets.orchestration.partitions import RANGE_END, RANGE_START, all_partitions_tags, range_tags_for
-from ml_assets.orchestration.resources import TrainingOverrides
+from ml_assets.core.store import (
+    MODEL_VERSIONS,
+    change_marker,
+    connect,
+    data_dir,
+    is_lake,
+    warehouse,
+)
+
+# The training and orchestration stack (Dagster, LightGBM, scikit-learn, Evidently) is imported by the
+# commands that use it, inside them: `versions`, `landing`, `validate` and `--help` answer in a fraction
+# of the seconds that stack takes to import (a test proves they leave it unimported).
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 def _pipeline(project: Project, name: str) -> PipelineSpec:
@@ -40,6 +45,8 @@ def _pipeline(project: Project, name: str) -> PipelineSpec:
 
 
 def _instance() -> dg.DagsterInstance:
+    import dagster as dg
+
     # With DAGSTER_HOME set (as `make` does) runs land in the same history `dagster dev` shows.
     return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
@@ -52,6 +59,13 @@ def run(
 ) -> int:
     """Materialize every asset, or only these pipelines' assets and the sources they read, or (retrain)
     one pipeline from its modelling table on; then print the summary."""
+    import dagster as dg
+
+    from ml_assets.orchestration.build import build_definitions
+    from ml_assets.orchestration.jobs import pipeline_selection, retrain_selection
+    from ml_assets.orchestration.partitions import RANGE_END, RANGE_START
+    from ml_assets.orchestration.resources import TrainingOverrides
+
     project = load_default_project()
     names = [_pipeline(project, name).name for name in pipelines or []]
     defs = build_definitions(project.directory, data_dir())
@@ -122,6 +136,8 @@ def init(args: argparse.Namespace) -> int:
     )
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
+    from ml_assets.core.scaffold import scaffold
+
     text = scaffold(args.file, args.target, out, args.task, args.time, args.id)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -135,6 +151,8 @@ def landed_partitions(project: Project) -> dict[str, str]:
     Re-materializing the whole landed range is idempotent (each partition replaces its own rows), so
     running twice never duplicates rows.
     """
+    from ml_assets.orchestration.partitions import all_partitions_tags, range_tags_for
+
     if project.time_axis is None:
         return {}
     lasts = []
@@ -156,7 +174,7 @@ def landed_partitions(project: Project) -> dict[str, str]:
 
 def summary(project: Project, pipelines: list[str] | None = None) -> None:
     root = data_dir()
-    with connect(warehouse_path(root)) as conn:
+    with connect(warehouse(root)) as conn:
         print(
             f"\nData directory: {root}\n\n{'source':<12}{'raw':>10}{'validated':>11}{'quarantined':>13}  reasons"
         )
@@ -191,17 +209,16 @@ def summary(project: Project, pipelines: list[str] | None = None) -> None:
             # The latest trained model (a baseline registered as it became champion is not one).
             challenger = registry.alias_version(conn, name, registry.CHALLENGER)
             latest = next((r for r in rows if r[0] == challenger), rows[0])
-            version, path, manifest = latest[0], latest[1], json.loads(latest[2])
-            metric = manifest["metric"]
-            ours, base = manifest["test_metrics"][metric], manifest["baseline_test_metrics"][metric]
+            version, path = latest[0], latest[1]
+            manifest = registry.parse_manifest(latest[2], f"the registry's manifest of {version}")
+            metric = manifest.metric
+            ours, base = manifest.test_metrics[metric], manifest.baseline_test_metrics[metric]
             print(
                 f"  model {version} ({len(rows)} version(s) registered), rows train/valid/test "
-                f"{manifest['rows']['train']}/{manifest['rows']['valid']}/{manifest['rows']['test']}"
+                f"{manifest.rows['train']}/{manifest.rows['valid']}/{manifest.rows['test']}"
             )
-            print(
-                f"  test {metric}: model {ours:.4f} vs {manifest['baseline']} {base:.4f} ({ours - base:+.4f})"
-            )
-            others = ", ".join(f"{m} {v:.4f}" for m, v in manifest["test_metrics"].items() if m != metric)
+            print(f"  test {metric}: model {ours:.4f} vs {manifest.baseline} {base:.4f} ({ours - base:+.4f})")
+            others = ", ".join(f"{m} {v:.4f}" for m, v in manifest.test_metrics.items() if m != metric)
             print(f"  other test metrics: {others}")
             champion = registry.alias_version(conn, name, registry.CHAMPION)
             log = registry.decisions(conn, name)
@@ -213,7 +230,7 @@ def summary(project: Project, pipelines: list[str] | None = None) -> None:
 
 
 def _connect() -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-    return connect(warehouse_path(data_dir()))
+    return connect(warehouse(data_dir()))
 
 
 def show_versions(pipeline: str) -> None:
@@ -226,6 +243,9 @@ def show_versions(pipeline: str) -> None:
 
 def predict(pipeline: PipelineSpec, project: Project, file: Path, output: Path | None) -> None:
     """Score a CSV or Parquet file of request-time inputs with the champion, exactly as the API does."""
+    from ml_assets.core.serving import online_model, request_parsing
+    from ml_assets.core.serving.batch_scores import score_frame
+
     if not file.is_file():
         raise UsageError(f"{file}: no such file")
     try:
@@ -266,7 +286,9 @@ def serve(pipelines: list[str], host: str, port: int) -> None:
 
     project = load_default_project()
     names = [_pipeline(project, p).name for p in pipelines] or None
-    marker = functools.partial(change_marker, warehouse_path(data_dir()))
+    database = warehouse(data_dir())
+    # A DuckLake warehouse has no local file whose changes could be watched: every poll reads it.
+    marker = None if is_lake(database) else functools.partial(change_marker, database)
     app = create_app(project, _connect, names, log_root=data_dir(), marker=marker)
     print(f"serving {', '.join(app.state.models)} on http://{host}:{port} (docs: http://{host}:{port}/docs)")
     # The poller's thread (refreshing lookups, flushing the request log) runs Python beside the event
@@ -390,6 +412,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "rollback":
         project = load_default_project()
         pipeline = _pipeline(project, args.pipeline)
+        from ml_assets.core import rollback
+
         decision = rollback.rollback(_connect, pipeline, project.sources_of(pipeline), args.to)
         print(decision.reason)
         from ml_assets.core.tracking import sync_champion

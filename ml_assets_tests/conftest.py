@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import dagster as dg
 import duckdb
 import polars as pl
+import psycopg
 import pytest
 import yaml
 
 from ml_assets.core import registry
 from ml_assets.core.ingest import package_file
 from ml_assets.core.spec.load import default_pipelines_dir, load_project
-from ml_assets.core.store import connect, warehouse_path
+from ml_assets.core.store import connect, warehouse
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.partitions import all_partitions_tags
+from ml_assets_tests.postgres_server import postgres_unavailable_reason, running_postgres
 
 # Small enough for seconds per run. A fixed number of trials with a budget that never binds keeps the
 # tests deterministic (LightGBM runs with deterministic=True): a time budget would make results depend
@@ -110,7 +115,7 @@ def materialize_all(
     judged = {e.asset_key for e in result.get_asset_materialization_events()}
     gated = [p for p in project.pipelines if dg.AssetKey([p, "promotion"]) in judged]
     if gated:
-        with connect(warehouse_path(root)) as conn:
+        with connect(warehouse(root)) as conn:
             without = [p for p in gated if registry.alias_version(conn, p, registry.CHAMPION) is None]
         assert not without, f"pipeline(s) {without}: the promotion step ran and left no champion"
     return result
@@ -170,3 +175,33 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate(timeout=timeout)
+
+
+# DuckLake warehouses: one throwaway PostgreSQL server per module, one catalog database per lake (so tests
+# share no tables), the Parquet data under the test's own folder.
+@pytest.fixture(scope="module")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with running_postgres(tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
+def catalog_url(server: str, dbname: str) -> str:
+    """The warehouse setting naming a DuckLake catalog in database `dbname` of the server."""
+    u = urlparse(server)
+    return f"ducklake:postgres:dbname={dbname} host={u.hostname} port={u.port} user={u.username} password={u.password}"
+
+
+@pytest.fixture
+def new_lake(pg_server: str, tmp_path: Path) -> Callable[[], tuple[str, str]]:
+    """Makes a fresh, empty DuckLake: (warehouse setting, data path)."""
+
+    def make() -> tuple[str, str]:
+        name = f"lake_{secrets.token_hex(4)}"
+        with psycopg.connect(pg_server, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return catalog_url(pg_server, name), str(tmp_path / name)
+
+    return make

@@ -25,7 +25,8 @@ def _drift(conn, run: str, pipeline: str, at: dt.datetime, share: float, drift: 
 
 def _period(conn, pipeline: str, start: dt.datetime, score: float | None, degraded: bool) -> None:
     conn.execute(
-        f"INSERT INTO {PERFORMANCE_HISTORY} VALUES (?, 'v1', ?, ?, 900, 'roc_auc', ?, 0.7, NULL, ?, ?)",
+        f"INSERT INTO {PERFORMANCE_HISTORY} (pipeline, champion, period_start, period_end, rows, metric, "
+        "score, expected, change, degraded, computed_at) VALUES (?, 'v1', ?, ?, 900, 'roc_auc', ?, 0.7, NULL, ?, ?)",
         [pipeline, start, start + dt.timedelta(days=7), score, degraded, T0],
     )
 

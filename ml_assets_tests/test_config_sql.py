@@ -19,7 +19,7 @@ import yaml
 from ml_assets.core.spec import ConfigError
 from ml_assets.core.spec.expressions import STATEMENT_KEYWORDS, expression_problem
 from ml_assets.core.spec.load import default_pipelines_dir, load_project
-from ml_assets_tests.test_definitions import _validate
+from ml_assets_tests.helpers import validate_definitions
 
 SHIPPED = default_pipelines_dir()
 FLAGSHIP = "flight_delay"
@@ -222,7 +222,7 @@ def test_dagster_definitions_validate_refuses_a_second_statement(tmp_path):
     pipelines = tmp_path / "pipelines"
     shipped_copy(pipelines, derived("route", "origin || '-' || dest; DROP TABLE registry.aliases; SELECT 1"))
 
-    result = _validate(pipelines, tmp_path / "home")
+    result = validate_definitions(pipelines, tmp_path / "home")
 
     output = result.stdout + result.stderr
     assert result.returncode != 0, output

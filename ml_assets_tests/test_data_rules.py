@@ -283,3 +283,49 @@ def test_a_mostly_broken_batch_names_its_share_and_the_limit(tmp_path):
     meta = _validated_metadata(result)
     assert meta["quarantine_limit_hit"] is True
     assert meta["quarantine_limit"].startswith(expected)
+
+
+# --- non-finite numbers ----------------------------------------------------------------------------------
+
+
+def test_nan_is_missing_and_infinity_breaks_a_range_or_the_finite_rule(conn, tmp_path):
+    spec = SourceSpec.model_validate(
+        _source(
+            path="legs.csv",
+            columns={
+                "leg": {"type": "int", "not_null": True},
+                "t": {"type": "datetime", "not_null": True},
+                "x": {"type": "float"},  # no range: the finite rule applies
+                "y": {"type": "float", "not_null": True, "min": -100, "max": 100},
+            },
+        )
+    )
+    path = _csv(
+        tmp_path / "legs.csv",
+        [
+            (1, "2013-01-01 10:00", "NaN", 1.5),  # NaN in an optional column: missing, kept
+            (2, "2013-01-01 10:00", 2.0, "nan"),  # NaN where a value is required
+            (3, "2013-01-01 10:00", "inf", 3.0),
+            (4, "2013-01-01 10:00", "-Infinity", 4.0),
+            (5, "2013-01-01 10:00", 5.0, "inf"),  # above the range
+            ("NaN", "2013-01-01 10:00", 6.0, 6.0),  # an int column's NaN is missing too
+            (7, "2013-01-01 10:00", 7.0, 7.0),
+        ],
+    )
+    result = _validate(conn, spec, path, JAN_1)
+    assert (result.valid_rows, result.quarantined_rows) == (2, 5)
+    valid = conn.execute("SELECT leg, x, y FROM validated.legs ORDER BY leg").fetchall()
+    assert valid == [(1, None, 1.5), (7, 7.0, 7.0)]
+    quarantined = {
+        row: (rule, column, reasons)
+        for row, rule, column, reasons in conn.execute(
+            "SELECT _source_row, _rule, _column, _reasons FROM quarantine.legs"
+        ).fetchall()
+    }
+    assert quarantined[2][:2] == ("not_null", "y") and "NaN counts as missing" in quarantined[2][2]
+    assert quarantined[3][:2] == ("finite", "x") and "x: inf is not a finite number" in quarantined[3][2]
+    assert quarantined[4][:2] == ("finite", "x") and "-inf" in quarantined[4][2]
+    assert quarantined[5][:2] == ("max", "y") and "y: inf is above max 100" in quarantined[5][2]
+    assert quarantined[6][:2] == ("not_null", "leg")
+    # Every value left in the validated table is a finite number or NULL, as the checks re-verify.
+    assert validate.check_rules(conn, "legs", spec).passed

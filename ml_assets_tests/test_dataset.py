@@ -464,3 +464,18 @@ def test_time_split_fractions_apply_to_rows_with_a_target(conn: duckdb.DuckDBPyC
     assert result.rows == kept
     assert abs(result.split_rows["test"] - test_fraction * kept) <= 1
     assert abs(result.split_rows["valid"] - valid_fraction * kept) <= 1
+
+
+def test_rows_sharing_a_timestamp_are_ordered_by_id_on_every_build(conn: duckdb.DuckDBPyConnection) -> None:
+    # 40 rows an hour, inserted shuffled: DuckDB's parallel sort leaves ties in any order unless the order
+    # is total, and the model's rows (hence the model) follow the table's order.
+    rows = [(i, "JFK", T(2013, 1, 1) + dt.timedelta(hours=i // 40), 20.0) for i in range(20_000)]
+    random.Random(5).shuffle(rows)
+    conn.execute("SET threads = 2")
+    pipeline = make_pipeline(split={"method": "random", "valid_fraction": 0.1, "test_fraction": 0.2})
+    orders = set()
+    for _ in range(3):
+        put(conn, "flights", flights(rows))  # a whole-table change: each build sorts every row again
+        build_modelling_table(conn, pipeline, pipeline.sources)
+        orders.add(tuple(table(conn, pipeline).get_column("fid")))
+    assert orders == {tuple(range(20_000))}

@@ -188,7 +188,7 @@ def test_models_are_sane_leak_free_and_beat_their_baselines(full_run):
     assert 0.0 < reg["test_metrics"]["r2"] < 0.5
     assert not (POST_DEPARTURE - {"arr_delay"}) & set(reg["input_columns"])
     for manifest in (clf, reg):
-        assert manifest["cv"]["trials"] and manifest["data_fingerprint"] and manifest["code_version"]
+        assert manifest.cv.trials and manifest.data_fingerprint and manifest.code_version
 
 
 def test_evaluation_report_and_metadata(full_run):
@@ -227,7 +227,7 @@ RELOAD = """
 import sys, polars as pl
 from ml_assets.core.features import feature_table
 from ml_assets.core.serving.loader import ServableModel
-from ml_assets.core.spec import load_project
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect
 pipelines, version_dir, db, out = sys.argv[1:]
 pipeline = load_project(pipelines).pipelines["flight_delay"]

@@ -35,7 +35,7 @@ from ml_assets import cli
 from ml_assets.core import drift, ingest, registry, rollback
 from ml_assets.core import promotion as gate
 from ml_assets.core.errors import StoreError
-from ml_assets.core.ingest.ledger import FolderState
+from ml_assets.core.ingest.ledger import FolderWatch
 from ml_assets.core.spec.load import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
 from ml_assets.core.store import (
     DATA_DIR_ENV,
@@ -47,9 +47,10 @@ from ml_assets.core.store import (
 )
 from ml_assets.orchestration.assets.sources import SOURCES_GROUP
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.intake import INTAKE_JOB
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, release, write_pipelines
-from ml_assets_tests.test_monitor import _insert_runs
-from ml_assets_tests.test_registry import _assert_consistent
+from ml_assets_tests.helpers import assert_registry_consistent, insert_drift_runs
+from ml_assets_tests.landing_helpers import run_intake
 
 PIPELINE = "flight_delay"
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +195,7 @@ def _consistent(pipelines: Path, root: Path) -> Snapshot:
         ]
         challenger = registry.alias_version(conn, PIPELINE, registry.CHALLENGER)
         decisions = registry.decisions(conn, PIPELINE).height
-    champion = _assert_consistent(root)
+    champion = assert_registry_consistent(root)
     # Under a final name a folder is complete: its manifest is there and every file matches its sha256.
     for folder in (root / "models" / PIPELINE).iterdir():
         if not folder.name.startswith(".tmp-"):
@@ -495,7 +496,7 @@ def landing_project(tmp_path: Path, sample_sources: Path) -> tuple[dg.Definition
         january.write_csv(folder / f"{name}_2013-01.csv")
         if name == "flights":
             january.head(50).drop("distance").write_csv(folder / "flights_broken.csv")
-        for path in folder.iterdir():  # landed an hour ago: settled, the sensor reads them on its next tick
+        for path in folder.iterdir():  # landed an hour ago: settled, handed over on the sensor's next tick
             os.utime(path, (time.time() - 3600,) * 2)
     with connect(warehouse_path(root)):  # an existing warehouse, as after `ml-assets run`
         pass
@@ -513,28 +514,34 @@ def test_a_failed_landing_tick_keeps_its_cursor_and_the_next_tick_ingests_each_f
 ):
     defs, root = landing_project
     sensor = defs.resolve_sensor_def("landing_zone")
-    cursor = json.dumps({n: FolderState().to_json() for n in ("flights", "weather")})  # has seen nothing yet
-    # Locked: every file is read, then recording the broken one's rejection cannot open the warehouse.
-    match, end_fault = _inject(fault, root, hold, monkeypatch, (INGEST_LEDGER, "read_files"))
+    cursor = json.dumps({n: FolderWatch().to_json() for n in ("flights", "weather")})  # has seen nothing yet
+    # Locked: the tick cannot read the ledger's names. Read error: listing a landing folder fails.
+    match, end_fault = _inject(fault, root, hold, monkeypatch, (INGEST_LEDGER, "landing_entries"))
     _failing_tick(sensor, defs.resources, cursor, match)
     end_fault()
     assert _ledger(root).height == 0  # the failed tick recorded nothing
 
     healthy = _tick(sensor, defs.resources, cursor)
-    (request,) = healthy.run_requests
-    assert request.run_key.startswith("landing-")
-    assert request.tags["ml_assets/files"] == "flights_2013-01.csv, weather_2013-01.csv"
-    rejected = _ledger(root)
-    assert rejected.select("file", "status").rows() == [
-        (str(ingest.landing_dir(root, "flights") / "flights_broken.csv"), "rejected")
-    ]
-    # With the cursor the healthy tick returned, nothing is ingested twice.
+    (intake,) = healthy.run_requests
+    assert intake.run_key.startswith("intake-") and intake.job_name == INTAKE_JOB
+    assert intake.tags["ml_assets/files"] == "flights_2013-01.csv, flights_broken.csv, weather_2013-01.csv"
+    # With the cursor the healthy tick returned, nothing is requested twice while the intake is pending.
     again = _tick(sensor, defs.resources, healthy.cursor)
     assert not again.run_requests and again.skip_message == "no new files"
-    # Had Dagster kept the old cursor, the same batch gets the same run_key: launched once.
+    # Had Dagster kept the old cursor, the same entries get the same run_key: launched once.
     (repeat,) = _tick(sensor, defs.resources, cursor).run_requests
-    assert repeat.run_key == request.run_key
-    assert _ledger(root).height == 1
+    assert repeat.run_key == intake.run_key
+
+    run_intake(defs, intake)
+    assert sorted(_ledger(root).select("file", "status").rows()) == [
+        (str(ingest.landing_dir(root, "flights") / "flights_2013-01.csv"), "checked"),
+        (str(ingest.landing_dir(root, "flights") / "flights_broken.csv"), "rejected"),
+        (str(ingest.landing_dir(root, "weather") / "weather_2013-01.csv"), "checked"),
+    ]
+    (load,) = _tick(sensor, defs.resources, again.cursor).run_requests
+    assert load.run_key.startswith("landing-") and load.tags["ml_assets/files"] == (
+        "flights_2013-01.csv, weather_2013-01.csv"
+    )
 
 
 @pytest.mark.parametrize("fault", ["locked", "read_error"])
@@ -542,7 +549,7 @@ def test_a_failed_retrain_tick_keeps_its_cursor_and_the_next_tick_retrains_once(
     sample_project, fault, hold, monkeypatch
 ):
     pipelines, root = sample_project
-    _insert_runs(root, PIPELINE, [(1, True), (2, True)])  # two drifted windows: one retrain event
+    insert_drift_runs(root, PIPELINE, [(1, True), (2, True)])  # two drifted windows: one retrain event
     defs = build_definitions(pipelines, root)
     sensor = defs.resolve_sensor_def(f"{PIPELINE}_retrain")
     cursor = json.dumps({"last_retrain_at": None, "handled": []})

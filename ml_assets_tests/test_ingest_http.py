@@ -288,10 +288,10 @@ def test_bad_responses_name_the_page_and_the_problem(api: Api, endpoint: str, pr
 
 
 def test_slow_server_times_out(api: Api) -> None:
-    began = time.monotonic()
+    # No clock in the assertion: the server answers after 1 s, so only a client that gave up at
+    # timeout_s raises (a client ignoring it would read the page), however busy the machine.
     with pytest.raises(SourceError, match=r"timed out \(timeout_s=0.2\) after 2 attempt"):
         read_http("flights", source(f"{api.base}/slow", timeout_s=0.2, retries=1), TimeWindow())
-    assert time.monotonic() - began < 1
     assert len(api.calls("slow")) == 2
 
 

@@ -35,7 +35,7 @@ from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, LATEST, MIGRATIONS, connect, schema_version, warehouse_path
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
-from ml_assets_tests.test_promotion import FLAGSHIP
+from ml_assets_tests.helpers import FLAGSHIP
 
 DELAY = "flight_delay"
 TIMEOUT_S = 600
@@ -80,8 +80,8 @@ def _register_copy(trained_dir: Path, connect_to, pipeline: str, **changes) -> s
         trained_dir.parent.parent,
         pipeline,
         version,
-        {name: trained_dir / name for name in manifest["files"]},
-        manifest | changes | {"version": version, "pipeline": pipeline},
+        {name: trained_dir / name for name in manifest.files},
+        manifest.model_copy(update=changes | {"version": version, "pipeline": pipeline}),
     )
     with connect_to() as conn:
         registry.register(conn, folder)
@@ -102,7 +102,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> T
         "foreign": _register_copy(source, db, "flight_arr_delay"),
         "regression": _register_copy(source, db, DELAY, task="regression"),
         "unknown_column": _register_copy(
-            source, db, DELAY, input_columns=[*registry.read_manifest(source)["input_columns"], "runway"]
+            source, db, DELAY, input_columns=[*registry.read_manifest(source).input_columns, "runway"]
         ),
         "second": _register_copy(source, db, DELAY),
     }
@@ -110,6 +110,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> T
     # Whatever the gate said about the first model on the sample: `first` serves, `second` served before.
     result.rollback(to=result.second)
     result.rollback(to=first)
+    assert result.state()[0] == first
+    # The champion step settles `first` (it keeps it: `second` is a copy of it), so the monitors
+    # materialized alone below judge `first`.
+    assert materialize_all(pipelines, root, selection=_asset_keys("champion")).success
     assert result.state()[0] == first
     with db() as conn:
         assert registry.alias_version(conn, DELAY, registry.CHALLENGER) == result.second
@@ -384,7 +388,7 @@ def test_a_version_registered_before_manifest_hashes_still_loads(trained, tmp_pa
         assert schema_version(conn) == LATEST
         found = registry.registered(conn, trained.first, DELAY)
     assert found.manifest_sha256 is None and found.path == trained.found(trained.first).path
-    assert ServableModel.from_registry(found).manifest["version"] == trained.first
+    assert ServableModel.from_registry(found).manifest.version == trained.first
     # Its artifacts are still checked against its manifest, as before manifests were hashed.
     model_file = found.path / registry.MODEL_FILE
     original = model_file.read_bytes()

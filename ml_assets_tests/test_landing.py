@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import TABLE_LAYERS, layer_key, source_keys
 from ml_assets_tests.conftest import FAST_MODEL, nycflights_file
+from ml_assets_tests.landing_helpers import land, settle, tick
 
 SOURCES = ("flights", "weather")
 
@@ -64,26 +64,6 @@ def project(tmp_path: Path):
     planes = source_keys("planes")
     assert dg.materialize(list(defs.assets), selection=planes, resources=defs.resources).success
     return load_project(pipelines), defs, root
-
-
-# Landed "a while ago": the sensor reads only files that settled (ingest.ledger.SETTLE_SECONDS). One fixed
-# time, so settling again leaves files the sensor has already seen unchanged.
-LANDED_AT = dt.datetime(2024, 1, 1, tzinfo=dt.UTC).timestamp()
-
-
-def settle(root: Path) -> None:
-    for path in (root / "landing").glob("*/*"):
-        if path.is_file():
-            os.utime(path, (LANDED_AT, LANDED_AT))
-
-
-def _sensor(defs: dg.Definitions) -> dg.SensorDefinition:
-    return defs.resolve_sensor_def("landing_zone")
-
-
-def _tick(defs: dg.Definitions, cursor: str | None) -> dg.SensorResult:
-    with dg.build_sensor_context(cursor=cursor, resources=defs.resources) as context:
-        return _sensor(defs)(context)
 
 
 def _run(defs: dg.Definitions, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
@@ -182,8 +162,8 @@ def test_resampled_replay_moves_whole_reference_days_with_their_weather_and_cloc
     # The batch ingests like any other: every row valid, no duplicated id (one week alone is too little
     # to split for training, so only the source layers run here).
     settle(root)
-    (request,) = _tick(defs, None).run_requests
-    assert request.tags["dagster/asset_partition_range_start"] == "2013-07-01"
+    request, _ = land(defs, None)
+    assert request is not None and request.tags["dagster/asset_partition_range_start"] == "2013-07-01"
     layers = [k for k in request.asset_selection if k.path[0] in TABLE_LAYERS]
     assert _run(defs, request._replace(asset_selection=layers)).success
     counts = _counts(root, "flights", "2013-07-01", "2013-07-08")  # July 7's evening is July 8 in UTC
@@ -197,9 +177,8 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
     # Six months, as `ml-assets run` seeds: fewer leave the time split (92 + 14 days) little to train on.
     replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 6, 30))
     settle(root)
-    first = _tick(defs, None)
-    (request,) = first.run_requests
-    assert request.tags["dagster/asset_partition_range_start"] == "2013-01-01"
+    request, cursor = land(defs, None)
+    assert request is not None and request.tags["dagster/asset_partition_range_start"] == "2013-01-01"
     assert request.tags["dagster/asset_partition_range_end"] == "2013-07-01"  # June 30 evening, New York
     assert layer_key("validated", "flights") in request.asset_selection
     assert dg.AssetKey(["flight_delay", "drift_report"]) in request.asset_selection
@@ -208,14 +187,16 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
     counts = _counts(root, "flights", "2013-01-01", "2013-06-30")
     assert counts["raw"] == expected == counts["validated"] + counts["quarantine"]
 
-    # Nothing new: no run. The same content under another name: still nothing.
-    assert not _tick(defs, first.cursor).run_requests
-    # A fresh sensor (no cursor, e.g. the first `dagster dev` after `make run`) reads the ledger instead.
-    assert not _tick(defs, None).run_requests
+    # Nothing new: no run, neither from this sensor nor from a fresh one (no cursor, e.g. the first
+    # `dagster dev` after `make run`): the ledger is the memory.
+    assert not tick(defs, cursor).run_requests
+    assert not tick(defs, None).run_requests
+    # The same content under another name: a new name is checked, found to be a copy, and loads nothing.
     landing = ingest.landing_dir(root, "flights")
     shutil.copy(landing / "flights_2013-01-01_2013-01-31.csv", landing / "copy_of_january.csv")
     settle(root)
-    assert not _tick(defs, first.cursor).run_requests
+    load, cursor = land(defs, cursor)
+    assert load is None
 
     # Re-materializing the same partitions leaves identical counts (the copy is skipped by content).
     assert _run(defs, request).success
@@ -224,8 +205,8 @@ def test_sensor_ingests_landed_partitions_once_and_ignores_a_redropped_file(proj
     # A new month: its run covers only July; January-June stay as they were.
     replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 7, 31))
     settle(root)
-    (july,) = _tick(defs, first.cursor).run_requests
-    assert july.tags["dagster/asset_partition_range_start"] == "2013-07-01"
+    july, cursor = land(defs, cursor)
+    assert july is not None and july.tags["dagster/asset_partition_range_start"] == "2013-07-01"
     assert july.run_key != request.run_key
     assert _run(defs, july).success
     assert _counts(root, "flights", "2013-01-01", "2013-06-30") == counts
@@ -245,9 +226,10 @@ def test_corrupt_landed_file_is_rejected_with_its_reason_and_loads_nothing(proje
     proj, defs, root = project
     replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 1, 31))
     settle(root)
-    first = _tick(defs, None)
+    first, cursor = land(defs, None)
+    assert first is not None
     sources_only = [key for s in SOURCES for key in source_keys(s)]
-    request = dg.RunRequest(asset_selection=sources_only, tags=first.run_requests[0].tags)
+    request = dg.RunRequest(asset_selection=sources_only, tags=first.tags)
     assert _run(defs, request).success
     before = _counts(root, "flights", "2013-01-01", "2013-01-31")
 
@@ -256,8 +238,8 @@ def test_corrupt_landed_file_is_rejected_with_its_reason_and_loads_nothing(proje
     broken = landing / "flights_broken.csv"
     good.head(100).drop("distance").write_csv(broken)
     settle(root)
-    result = _tick(defs, first.cursor)
-    assert not result.run_requests
+    load, _ = land(defs, cursor)
+    assert load is None  # the intake rejected it: nothing to load
     with connect(warehouse_path(root)) as conn:
         rejected = ingest.ledger(conn, "flights").filter(pl.col("status") == "rejected")
     (reason,) = rejected.get_column("reason")
@@ -266,3 +248,58 @@ def test_corrupt_landed_file_is_rejected_with_its_reason_and_loads_nothing(proje
     # A run over January (e.g. a backfill) skips the rejected file; nothing loaded changes.
     assert _run(defs, request).success
     assert _counts(root, "flights", "2013-01-01", "2013-01-31") == before
+
+
+@pytest.mark.slow  # a whole run (2 min); test_landing_entries lands such a file through the source layers
+def test_nan_and_infinity_in_a_landed_file_are_quarantined_or_missing_and_the_run_succeeds(project, months):
+    proj, defs, root = project
+    replay.replay(proj, root, proj.pipelines["flight_delay"], dt.date(2013, 6, 30))
+    path = ingest.landing_dir(root, "flights") / "flights_2013-02-01_2013-02-28.csv"
+    rows = pl.read_csv(path, infer_schema=False).with_row_index("i", offset=1)
+    # Rows 1-10: a NaN arrival delay (the target's input); 11-15: +inf departure delay (no range: the
+    # finite rule); 16-18: -inf air time (below its min 0). Polars and DuckDB read all of them as floats.
+    rows.with_columns(
+        pl.when(pl.col("i") <= 10).then(pl.lit("NaN")).otherwise(pl.col("arr_delay")).alias("arr_delay"),
+        pl.when(pl.col("i").is_between(11, 15))
+        .then(pl.lit("inf"))
+        .otherwise(pl.col("dep_delay"))
+        .alias("dep_delay"),
+        pl.when(pl.col("i").is_between(16, 18))
+        .then(pl.lit("-inf"))
+        .otherwise(pl.col("air_time"))
+        .alias("air_time"),
+    ).drop("i").write_csv(path)
+    settle(root)
+    request, _ = land(defs, None)
+    assert request is not None
+    assert _run(defs, request).success  # training, plots, profile and monitors saw no NaN or infinity
+
+    with connect(warehouse_path(root)) as conn:
+        quarantined = conn.execute(
+            "SELECT _source_row, _rule, _column, _reasons FROM quarantine.flights WHERE _source_file = ? "
+            "AND _source_row <= 18 ORDER BY _source_row",
+            [str(path)],
+        ).fetchall()
+        nan_rows = conn.execute(
+            "SELECT count(*), count(v.arr_delay) FROM validated.flights v JOIN raw.flights r USING "
+            "(year, month, day, carrier, flight, origin) WHERE r._source_file = ? AND r._source_row <= 10",
+            [str(path)],
+        ).fetchone()
+        non_finite = conn.execute(
+            "SELECT count(*) FROM validated.flights WHERE isinf(dep_delay) OR isnan(dep_delay) "
+            "OR isinf(arr_delay) OR isnan(arr_delay) OR isinf(air_time) OR isnan(air_time)"
+        ).fetchone()[0]
+        trained_on = conn.execute(
+            "SELECT count(*) FROM flight_delay.modelling_table m JOIN raw.flights r USING "
+            "(year, month, day, carrier, flight, origin) WHERE r._source_file = ? AND r._source_row <= 10",
+            [str(path)],
+        ).fetchone()[0]
+    assert [(r, rule, column) for r, rule, column, _ in quarantined] == [
+        *((r, "finite", "dep_delay") for r in range(11, 16)),
+        *((r, "min", "air_time") for r in range(16, 19)),
+    ]
+    assert "dep_delay: inf is not a finite number (rule finite)" in quarantined[0][3]
+    assert "air_time: -inf is below min 0" in quarantined[-1][3]
+    # The NaN delays are missing values: the rows stay valid, and without a target they are not trained on.
+    assert nan_rows == (10, 0)
+    assert non_finite == 0 and trained_on == 0

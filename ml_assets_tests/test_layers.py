@@ -309,7 +309,7 @@ CORE_STAGES: list[tuple[str, ...]] = [
     # The monitors watch what serving produced (batch scores, the request log).
     ("drift", "performance", "retrain_policy"),
     # Tools of the CLI (`ml-assets init`, the report server).
-    ("scaffold", "report_server"),
+    ("scaffold", "leakage", "report_server"),
 ]
 
 

@@ -162,12 +162,12 @@ def test_a_trained_version_is_logged_with_metrics_plots_and_a_model_that_predict
     experiment = client.get_experiment_by_name(f"ml_assets/{NAME}")
     (run,) = client.search_runs([experiment.experiment_id], f"tags.`{VERSION_TAG}` = '{champion}'")
     manifest = model.manifest
-    assert run.data.metrics["test_roc_auc"] == pytest.approx(manifest["test_metrics"]["roc_auc"])
+    assert run.data.metrics["test_roc_auc"] == pytest.approx(manifest.test_metrics["roc_auc"])
     assert run.data.metrics["baseline_test_roc_auc"] == pytest.approx(
-        manifest["baseline_test_metrics"]["roc_auc"]
+        manifest.baseline_test_metrics["roc_auc"]
     )
-    assert run.data.params["best_iteration"] == str(manifest["best_iteration"])
-    assert run.data.tags["ml_assets.data_fingerprint"] == manifest["data_fingerprint"]
+    assert run.data.params["best_iteration"] == str(manifest.best_iteration)
+    assert run.data.tags["ml_assets.data_fingerprint"] == manifest.data_fingerprint
     assert (
         run.data.tags["dagster.run_id"]
         and run.data.tags["dagster.run_id"] in run.data.tags["dagster.run_url"]
@@ -182,7 +182,7 @@ def test_a_trained_version_is_logged_with_metrics_plots_and_a_model_that_predict
     loaded = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     assert loaded.metadata.get_input_schema() is not None
     rows = pl.read_parquet(found.path / registry.SAMPLE_FILE)
-    features = model.transform.apply(rows).select(manifest["features"]).to_pandas().astype("float64")
+    features = model.transform.apply(rows).select(manifest.features).to_pandas().astype("float64")
     assert np.allclose(np.asarray(loaded.predict(features)).ravel(), model.predict(rows), atol=1e-9)
     assert list(features.columns) == reference_features(found.path, manifest).columns
 

@@ -22,9 +22,12 @@ from ml_assets.core.spec import MonitoringSpec, PerformanceSpec
 from ml_assets.core.spec.load import deep_merge, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
+from ml_assets.orchestration.handoff import HandOffStore, SettledChampion
+from ml_assets.orchestration.partitions import all_partitions_tags
 from ml_assets.orchestration.resources import Warehouse
 from ml_assets.orchestration.sensors import EVENT_TAG, TRIGGER_TAG
-from ml_assets_tests.conftest import materialize_all
+from ml_assets_tests.conftest import materialize_all, run_metadata
+from ml_assets_tests.helpers import drift_run_rows, insert_drift_runs
 
 NUMERIC = [f"x{i}" for i in range(5)]
 
@@ -62,22 +65,6 @@ def test_a_quarter_sd_shift_is_always_detected_and_stationary_windows_rarely_ala
         assert column in result.drifted, (trial, column)
 
 
-def _runs(*windows: tuple[int, bool]) -> pl.DataFrame:
-    """drift_runs rows: (day of the window end, dataset drift?) in time order."""
-    base = dt.datetime(2013, 7, 1)
-    return pl.DataFrame(
-        {
-            "id": [f"r{i}" for i in range(len(windows))],
-            "champion": ["v1"] * len(windows),
-            "computed_at": [base + dt.timedelta(hours=i) for i in range(len(windows))],
-            "window_end": [base + dt.timedelta(days=d) for d, _ in windows],
-            "drift_share": [0.6 if drifted else 0.0 for _, drifted in windows],
-            "dataset_drift": [drifted for _, drifted in windows],
-            "drifted": [["wx_temp"] if drifted else [] for _, drifted in windows],
-        }
-    )
-
-
 def _periods(*degraded: bool | None, champion: str = "v1") -> pl.DataFrame:
     """performance_history rows, one week each: degraded (True/False) or too few rows to judge (None)."""
     base = dt.datetime(2013, 7, 1)
@@ -104,17 +91,17 @@ NO_PERIODS = _periods()
 @pytest.mark.parametrize(
     ("runs", "last_retrain", "trigger", "event", "reason"),
     [
-        (_runs(), None, False, None, "no drift results for the champion yet"),
-        (_runs((1, True)), None, False, None, "1 of the last 1 window"),
-        (_runs((1, False), (2, True)), None, False, None, "1 of the last 2 window"),
-        (_runs((1, True), (2, True)), None, True, "drift:r1", "drift in the last 2 windows"),
+        (drift_run_rows(), None, False, None, "no drift results for the champion yet"),
+        (drift_run_rows((1, True)), None, False, None, "1 of the last 1 window"),
+        (drift_run_rows((1, False), (2, True)), None, False, None, "1 of the last 2 window"),
+        (drift_run_rows((1, True), (2, True)), None, True, "drift:r1", "drift in the last 2 windows"),
         # The same window checked twice is one window, not two.
-        (_runs((1, True), (1, True)), None, False, None, "1 of the last 1 window"),
+        (drift_run_rows((1, True), (1, True)), None, False, None, "1 of the last 1 window"),
         # The latest result of a window counts: a re-check that found no drift clears it.
-        (_runs((1, True), (2, True), (2, False)), None, False, None, "1 of the last 2 window"),
-        (_runs((1, True), (2, True)), NOW - dt.timedelta(hours=2), False, "drift:r1", "cooldown"),
+        (drift_run_rows((1, True), (2, True), (2, False)), None, False, None, "1 of the last 2 window"),
+        (drift_run_rows((1, True), (2, True)), NOW - dt.timedelta(hours=2), False, "drift:r1", "cooldown"),
         (
-            _runs((1, True), (2, True)),
+            drift_run_rows((1, True), (2, True)),
             NOW - dt.timedelta(hours=30),
             True,
             "drift:r1",
@@ -129,7 +116,7 @@ def test_drift_decision(runs, last_retrain, trigger, event, reason):
 
 
 def test_only_the_current_champions_results_count_and_an_event_is_acted_on_once():
-    drifted = _runs((1, True), (2, True))
+    drifted = drift_run_rows((1, True), (2, True))
     # Drift measured against an earlier champion says nothing about the new one.
     assert not retrain_policy.retrain_decision("v2", drifted, NO_PERIODS, SPEC, None, NOW).trigger
     assert "no champion" in retrain_policy.retrain_decision(None, drifted, NO_PERIODS, SPEC, None, NOW).reason
@@ -151,7 +138,7 @@ def test_only_the_current_champions_results_count_and_an_event_is_acted_on_once(
     ],
 )
 def test_performance_decision(periods, event, reason):
-    decision = retrain_policy.retrain_decision("v1", _runs(), periods, SPEC, None, NOW)
+    decision = retrain_policy.retrain_decision("v1", drift_run_rows(), periods, SPEC, None, NOW)
     assert (decision.trigger, decision.event) == (event is not None, event)
     assert decision.kind == ("performance" if event else None)
     assert reason in decision.reason
@@ -159,11 +146,17 @@ def test_performance_decision(periods, event, reason):
 
 def test_drift_and_degradation_together_are_one_retrain():
     decision = retrain_policy.retrain_decision(
-        "v1", _runs((1, True), (2, True)), _periods(True, True), SPEC, None, NOW
+        "v1", drift_run_rows((1, True), (2, True)), _periods(True, True), SPEC, None, NOW
     )
     assert decision.trigger and decision.events == ("drift:r1", "performance:v1:2013-07-08")
     again = retrain_policy.retrain_decision(
-        "v1", _runs((1, True), (2, True)), _periods(True, True), SPEC, None, NOW, frozenset(decision.events)
+        "v1",
+        drift_run_rows((1, True), (2, True)),
+        _periods(True, True),
+        SPEC,
+        None,
+        NOW,
+        frozenset(decision.events),
     )
     assert not again.trigger
 
@@ -221,30 +214,6 @@ def _own_tags(request: dg.RunRequest) -> dict[str, str]:
     return {k: v for k, v in request.tags.items() if k.startswith("ml_assets/")}
 
 
-def _insert_runs(root, pipeline: str, windows: list[tuple[int, bool]]) -> None:
-    """Set-up for the sensor's own test: a champion alias 'v1' (no model behind it: the sensor reads only
-    the alias and the monitoring tables) and these drift results, measured against it."""
-    rows = _runs(*windows).with_columns(pl.lit(pipeline).alias("pipeline"))
-    with connect(warehouse_path(root)) as conn:
-        conn.execute(
-            "INSERT OR REPLACE INTO registry.aliases VALUES (?, 'champion', 'v1', now())", [pipeline]
-        )
-        conn.execute("DELETE FROM monitor.drift_runs WHERE pipeline = ?", [pipeline])
-        for r in rows.iter_rows(named=True):
-            conn.execute(
-                "INSERT INTO monitor.drift_runs VALUES (?, ?, ?, 'v1', NULL, ?, 1, 1, ?, ?, ?, '')",
-                [
-                    r["id"],
-                    r["pipeline"],
-                    r["computed_at"],
-                    r["window_end"],
-                    r["drift_share"],
-                    r["dataset_drift"],
-                    r["drifted"],
-                ],
-            )
-
-
 def test_sensor_requests_one_retrain_per_drift_event(sample_project, capsys):
     pipelines, root = sample_project
     defs = build_definitions(pipelines, root)
@@ -258,10 +227,10 @@ def test_sensor_requests_one_retrain_per_drift_event(sample_project, capsys):
     assert tick().skip_message == "no champion yet: nothing to monitor"
     # The reason is in the tick's log too, readable in the UI without hovering over the tick.
     assert "skipped: no champion yet: nothing to monitor" in capsys.readouterr().err
-    _insert_runs(root, DELAY, [(1, True)])
+    insert_drift_runs(root, DELAY, [(1, True)])
     one_window = "drift in 1 of the last 1 window(s); 2 consecutive needed"
     assert tick().skip_message == QUIET.format(drift=one_window, degraded=0, periods=0)
-    _insert_runs(root, DELAY, [(1, True), (2, True)])
+    insert_drift_runs(root, DELAY, [(1, True), (2, True)])
     result = tick()
     (request,) = result.run_requests
     reason = "drift in the last 2 windows (latest: share 0.60; wx_temp)"
@@ -277,7 +246,7 @@ def test_sensor_requests_one_retrain_per_drift_event(sample_project, capsys):
     # Without a cursor (e.g. a reset sensor) the same event gets the same run_key, which Dagster runs once.
     assert tick().run_requests[0].run_key == request.run_key
     # A new drifted window is a new event, but it waits for the cooldown.
-    _insert_runs(root, DELAY, [(1, True), (2, True), (3, True)])
+    insert_drift_runs(root, DELAY, [(1, True), (2, True), (3, True)])
     last = dt.datetime.fromisoformat(json.loads(result.cursor)["last_retrain_at"])
     assert tick(result.cursor).skip_message == (
         f"{reason}, but the last retrain was at {last:%Y-%m-%d %H:%M}; cooldown 24.0 h"
@@ -290,8 +259,8 @@ def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigge
     champion = _train_champion(pipelines, root)
     db = _db(root)
     for _ in range(2):  # the same window twice: one window for the sensor
-        result = materialize_all(pipelines, root, selection=[_key("drift_report")])
-    meta = result.get_asset_materialization_events()[0].materialization.metadata
+        result = materialize_all(pipelines, root, selection=[_key("champion"), _key("drift_report")])
+    meta = run_metadata(result, _key("drift_report"))
     assert meta["champion"].value == champion
     # The window is December; the reference is January to mid-September: the weather has drifted.
     assert meta["dataset_drift"].value is True
@@ -416,8 +385,8 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
     db = _db(root)
     perf_key = _key("performance")
     model = ServableModel.load(_champion_dir(db))
-    start = dt.datetime.fromisoformat(model.manifest["test_start"])
-    built_from = dt.datetime.fromisoformat(model.manifest["data_end"])
+    start = dt.datetime.fromisoformat(model.manifest.test_start)
+    built_from = dt.datetime.fromisoformat(model.manifest.data_end)
     # Labels arriving after the champion was built: its test quarter again, 13 weeks later.
     with db() as conn:
         conn.execute(
@@ -425,7 +394,7 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
             "FROM flight_delay.modelling_table WHERE time_hour >= ?",
             [start],
         )
-    assert materialize_all(pipelines, root, selection=[_key("drift_report")]).success
+    assert materialize_all(pipelines, root, selection=[_key("champion"), _key("drift_report")]).success
     for _ in range(2):  # scoring again replaces each period's row
         assert materialize_all(pipelines, root, selection=[perf_key]).success
     with db() as conn:
@@ -439,7 +408,7 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
     assert history.get_column("period_start").dt.weekday().unique().to_list() == [1]
     assert history.get_column("period_start").is_unique().all()
     assert history.get_column("period_start")[0] <= start < history.get_column("period_start")[1]
-    assert history.get_column("expected").unique().to_list() == [model.manifest["test_metrics"]["roc_auc"]]
+    assert history.get_column("expected").unique().to_list() == [model.manifest.test_metrics["roc_auc"]]
     # Its own test weeks are scored but not judged: they were known when it was promoted.
     judged = history.filter(pl.col("degraded").is_not_null())
     assert judged.height >= 10 and (judged.get_column("period_start") > built_from).all()
@@ -449,7 +418,7 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
         (pl.col("time_hour") >= week["period_start"])
         & (pl.col("time_hour") < week["period_start"] + dt.timedelta(weeks=1))
     )
-    y = (rows.get_column("late") == model.manifest["classes"][1]).to_numpy()
+    y = (rows.get_column("late") == model.manifest.classes[1]).to_numpy()
     assert week["score"] == pytest.approx(roc_auc_score(y, model.predict(rows)))
     assert not history.get_column("degraded").any()
 
@@ -478,7 +447,23 @@ def test_performance_scores_each_unseen_week_and_a_sustained_drop_triggers_a_ret
     assert "worse than the champion's test score" in request.tags["ml_assets/reason"]
 
 
-def test_monitors_in_a_run_with_a_rollback_judge_the_rolled_back_champion(sample_project):
+class RollbackAfterSettling(HandOffStore):
+    """The hand-off store, with an operator's manual rollback landing right after the champion step
+    stored what it settled: between `champion` and the steps after it, in the same run."""
+
+    pipelines: str
+    to: str
+
+    def handle_output(self, context: dg.OutputContext, obj: SettledChampion) -> None:
+        super().handle_output(context, obj)
+        project = load_project(Path(self.pipelines))
+        spec = project.pipelines[DELAY]
+        rollback.rollback(_db(Path(self.root).parent), spec, project.sources_of(spec), to=self.to)
+
+
+def test_monitors_judge_the_champion_the_run_settled_whatever_the_alias_says_after(sample_project):
+    """The champion step rolls back a bad champion, then an operator's manual rollback lands before the
+    steps after it: they judge what the champion step settled (the rolled-back-to version), not the alias."""
     pipelines, root = sample_project
     db = _db(root)
     previous = _train_champion(pipelines, root)
@@ -502,8 +487,13 @@ def test_monitors_in_a_run_with_a_rollback_judge_the_rolled_back_champion(sample
         conn.execute(f"DELETE FROM {store.MODELLING_BUILDS} WHERE pipeline = ?", [DELAY])
     assert materialize_all(pipelines, root, selection=[_key("modelling_table")]).success
 
-    result = materialize_all(
-        pipelines, root, selection=[_key("champion"), _key("drift_report"), _key("performance")]
+    defs = build_definitions(pipelines, root)
+    meanwhile = RollbackAfterSettling(root=str(root / "handoff"), pipelines=str(pipelines), to=worse)
+    result = dg.materialize(
+        list(defs.assets),
+        resources=defs.resources | {"handoff": meanwhile},
+        selection=[_key(n) for n in ("champion", "performance", "predictions", "drift_report")],
+        tags=all_partitions_tags(load_project(pipelines)),
     )
     assert result.success
     meta = {
@@ -513,19 +503,23 @@ def test_monitors_in_a_run_with_a_rollback_judge_the_rolled_back_champion(sample
     assert meta["champion"]["champion"].value == previous
     with db() as conn:
         champion = registry.alias_version(conn, DELAY, registry.CHAMPION)
-        last = registry.decisions(conn, DELAY).row(-1, named=True)
-        runs = drift.drift_runs(conn, DELAY)
-        scored = performance.performance_history(conn, DELAY)
-    assert champion == previous
-    assert (last["action"], last["champion_before"], last["champion_after"]) == (
+        auto, manual = registry.decisions(conn, DELAY).rows(named=True)[-2:]
+        drifts = conn.execute("SELECT champion, run_id FROM monitor.drift_runs").fetchall()
+        periods = conn.execute("SELECT DISTINCT champion, run_id FROM monitor.performance_history").fetchall()
+        scores = conn.execute(f"SELECT DISTINCT version, run_id FROM {DELAY}.predictions").fetchall()
+    assert (auto["action"], auto["champion_before"], auto["champion_after"]) == (
         "auto_rollback",
         worse,
         previous,
     )
-    assert f"champion {worse} trails previous champion {previous} on roc_auc" in last["reason"]
-    # Neither monitor had run before this run: every result it wrote names the champion the rollback
-    # restored, not the one that was champion when the run started.
-    assert runs.get_column("champion").to_list() == [previous]
+    assert f"champion {worse} trails previous champion {previous} on roc_auc" in auto["reason"]
+    # The operator's rollback landed mid-run, after the champion step settled.
+    assert (manual["action"], manual["champion_after"], champion) == ("rollback", worse, worse)
+    # No monitor or score had run before this run: every row it wrote names the champion the automatic
+    # rollback restored (not the one that was champion when the run started, nor the one serving after
+    # the manual rollback) and this run.
+    assert drifts == [(previous, result.run_id)]
     assert meta["drift_report"]["champion"].value == previous
-    assert scored.height > 0 and scored.get_column("champion").unique().to_list() == [previous]
+    assert periods == [(previous, result.run_id)]
     assert meta["performance"]["scored_champion"].value == previous
+    assert scores == [(previous, result.run_id)]

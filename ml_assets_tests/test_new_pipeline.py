@@ -69,15 +69,15 @@ def test_a_yaml_file_is_a_whole_new_pipeline(tmp_path):
         champion = registry.alias_version(conn, "items", registry.CHAMPION)
         (decision,) = registry.decisions(conn, "items").rows(named=True)
     manifest = read_manifest(path)
-    assert manifest["classes"] == ["high", "low", "mid"]
+    assert manifest.classes == ["high", "low", "mid"]
     assert abs(splits["test"] / n - 0.2) < 0.03
     # Far better than chance (a third, or log 3 nats): the pipeline really learned from the file.
-    assert manifest["test_metrics"]["accuracy"] > 0.6
-    assert manifest["test_metrics"]["log_loss"] < 0.7 * np.log(3)
+    assert manifest.test_metrics["accuracy"] > 0.6
+    assert manifest.test_metrics["log_loss"] < 0.7 * np.log(3)
     # The first run ends with a champion: whichever of constant, linear and LightGBM the ladder picked.
     assert champion is not None and decision["action"] == "promote_first"
     assert decision["champion_after"] == champion and decision["reason"].startswith("first champion: the ")
-    _every_class_probability_is_served(pipelines, root, manifest["classes"], champion)
+    _every_class_probability_is_served(pipelines, root, manifest.classes, champion)
     _new_id_columns_rebuild_the_predictions_table(pipelines, root)
 
 

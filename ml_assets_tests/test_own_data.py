@@ -89,8 +89,8 @@ def test_any_header_and_no_id_run_end_to_end_with_inferred_columns_and_features(
         rows = conn.execute("SELECT * FROM shop.modelling_table LIMIT 100").pl()
     assert ids == (data.height, data.height)
     model = ServableModel.from_registry(found)
-    assert model.manifest["classes"] == ["no", "yes"]
-    assert model.manifest["input_columns"] == sorted(["Age Group", "Select", "order", "x", "y"])
+    assert model.manifest.classes == ["no", "yes"]
+    assert model.manifest.input_columns == sorted(["Age Group", "Select", "order", "x", "y"])
     scores = model.predict(rows)
     assert scores.shape == (100,) and ((scores >= 0) & (scores <= 1)).all()
 
@@ -137,14 +137,18 @@ def test_first_run_ends_with_a_champion_judged_with_the_reports_numbers(shop_run
     assert decision["action"] == "promote_first" and decision["champion_after"] is not None
     assert decision["reason"].startswith("first champion: the ")
     manifest = ServableModel.from_registry(trained).manifest
-    metric = manifest["metric"]
-    test_metric = {k: v["test_metrics"][metric] for k, v in manifest["candidates"].items()}
-    test_metric["lightgbm"] = manifest["test_metrics"][metric]
+    metric = manifest.metric
+    test_metric = {k: v.test_metrics[metric] for k, v in manifest.candidates.items()}
+    test_metric["lightgbm"] = manifest.test_metrics[metric]
     assert [s["candidate"] for s in details["ladder"]] == ["linear", "lightgbm"]
     for step in details["ladder"]:
         gain = test_metric[step["candidate"]] - test_metric[step["against"]]
         assert step["bootstrap"]["improvement"] == pytest.approx(gain, abs=1e-12), step
     report = evaluate_version(trained.path, root / "reports", trained.manifest_sha256)
+    # LightGBM's defaults are a candidate the gate decision and the report show beside the others.
+    assert set(details["candidates"]) == {"constant", "linear", "lightgbm_defaults"}
+    assert details["candidates"]["lightgbm_defaults"] == test_metric["lightgbm_defaults"]
+    assert "lightgbm_defaults" in report.report_path.read_text()
     assert report.model[metric] - report.baseline[metric] == pytest.approx(
         test_metric["lightgbm"] - test_metric["linear"], abs=1e-12
     )
@@ -262,7 +266,7 @@ def test_a_lag_of_the_target_is_a_feature_and_the_pipeline_learns_from_it(tmp_pa
         rows = conn.execute("SELECT count(*) FROM level.modelling_table").fetchone()[0]
     test = ServableModel.from_registry(manifest).manifest
     # The random walk is predictable only from its last value: far better than the constant floor.
-    assert test["test_metrics"]["rmse"] < 0.5 * test["candidates"]["constant"]["test_metrics"]["rmse"]
+    assert test.test_metrics["rmse"] < 0.5 * test.candidates["constant"].test_metrics["rmse"]
     # One request carries no earlier rows, so the lag cannot be completed online: the pipeline is scored
     # in batch only (every row, by the champion), and the online path says why instead of serving skew.
     assert champion is not None and scored == (rows, 1)
@@ -456,7 +460,7 @@ def test_a_landing_source_without_replay_is_inferred_from_the_landed_files(tmp_p
 
 
 def test_a_budget_too_short_for_any_trial_still_registers_a_model(tmp_path):
-    """No time for a CV trial leaves no CV score: the model step registers the centre of the search space,
+    """No time for a CV trial leaves no CV score: the model step registers LightGBM's defaults,
     cut at the budget's end (its metadata has no CV score rather than failing on one)."""
     import dagster as dg
 

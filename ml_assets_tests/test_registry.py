@@ -7,15 +7,13 @@ import random
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from ml_assets.core import registry
-from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
-from ml_assets_tests.test_promotion import FLAGSHIP
+from ml_assets_tests.helpers import FLAGSHIP, assert_registry_consistent
 
 # Registers copies of a real version and makes each champion, as fast as it can, until killed.
 WRITER = """
@@ -27,29 +25,13 @@ db, source = sys.argv[1], Path(sys.argv[2])
 manifest = registry.read_manifest(source)
 for i in itertools.count():
     version = registry.new_version_id()
-    files = {name: source / name for name in manifest["files"]}
-    folder = registry.write_version(source.parent.parent, "flight_delay", version, files, manifest | {"version": version})
+    files = {name: source / name for name in manifest.files}
+    folder = registry.write_version(source.parent.parent, "flight_delay", version, files, manifest.model_copy(update={"version": version}))
     with connect(db) as conn:
         registry.register(conn, folder)
         registry.record_decision(conn, "flight_delay", "promote", f"crash test {i}", version, version)
     print(i, flush=True)
 """
-
-
-def _assert_consistent(root: Path) -> str:
-    """Every alias points at a registered, intact, loadable version; the log agrees with the alias."""
-    with connect(warehouse_path(root)) as conn:
-        champion = registry.alias_version(conn, "flight_delay", registry.CHAMPION)
-        challenger = registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
-        paths = [Path(p) for (p,) in conn.execute("SELECT path FROM registry.model_versions").fetchall()]
-        last = registry.decisions(conn, "flight_delay").row(-1, named=True)
-        champion_dir = registry.version_dir(conn, champion)
-        registry.version_dir(conn, challenger)
-    assert last["champion_after"] == champion
-    for path in paths:
-        registry.read_manifest(path)  # present and hash-verified
-    ServableModel.load(champion_dir)
-    return champion
 
 
 def test_kill_9_during_registration_and_alias_moves_leaves_a_loadable_champion(sample_project):
@@ -71,11 +53,11 @@ def test_kill_9_during_registration_and_alias_moves_leaves_a_loadable_champion(s
             assert proc.stdout.readline(), "the writer died on its own"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        champions.append(_assert_consistent(root))
+        champions.append(assert_registry_consistent(root))
     assert len(set(champions)) > 1
     # The next run recovers: it trains, registers and judges a new version as usual.
     assert materialize_all(pipelines, root, selection=FLAGSHIP).success
-    _assert_consistent(root)
+    assert_registry_consistent(root)
     assert not list((root / "models" / "flight_delay").glob(".tmp-*"))
 
 

@@ -208,18 +208,15 @@ def test_rescoring_a_partition_replaces_its_rows_and_the_sensor_rescores_after_a
     last_days = before.get_column("time_hour").dt.truncate("1d").unique().sort().tail(3)
     months = last_days.dt.strftime("%Y-%m-01").unique().sort().to_list()
     assert request.run_key == f"rescore-{DELAY}-{served.second}-{months[0]}-{months[-1]}"
-    result = dg.materialize(
-        list(defs.assets),
-        resources=defs.resources,
-        selection=dg.AssetSelection.assets(dg.AssetKey([DELAY, "predictions"])),
-        tags=request.tags,
-    )
+    # What the sensor launches: its job settles the champion, then scores with the version it settled.
+    result = defs.resolve_job_def(sensor.job_name).execute_in_process(tags=request.tags)
+    assert result.success
     after = _predictions(served)
     rescored = pl.col("time_hour") >= pl.lit(months[0]).str.to_datetime("%Y-%m-%d")
     assert after.height == before.height and after.select(served.spec()[1].id).is_duplicated().sum() == 0
     assert after.filter(rescored).get_column("version").unique().to_list() == [served.second]
     assert after.filter(~rescored).get_column("version").unique().to_list() == [served.first]
-    meta = run_metadata(result)
+    meta = run_metadata(result, dg.AssetKey([DELAY, "predictions"]))
     assert meta["rows_replaced"].value == meta["rows"].value == before.filter(rescored).height > 0
     # Each re-scored partition's Parquet file was replaced by the new scores; the others were not touched.
     for month in months:
@@ -234,10 +231,14 @@ def test_rescoring_a_partition_replaces_its_rows_and_the_sensor_rescores_after_a
 
 def test_predictions_without_a_champion_are_skipped_with_a_message(tmp_path, sample_sources):
     pipelines = write_pipelines(tmp_path / "pipelines", sample_sources, FAST_MODEL)
-    key = dg.AssetKey([DELAY, "predictions"])
-    result = materialize_all(pipelines, tmp_path / "data", selection=dg.AssetSelection.assets(key))
+    key, champion = dg.AssetKey([DELAY, "predictions"]), dg.AssetKey([DELAY, "champion"])
+    # Alone, before any champion step settled a version, there is nothing to judge: it says what to do.
+    alone = materialize_all(pipelines, tmp_path / "data", False, dg.AssetSelection.assets(key))
+    (failure,) = [e for e in alone.all_events if e.is_step_failure]
+    assert f"{DELAY}/champion has not been materialized yet" in failure.step_failure_data.error.message
+    result = materialize_all(pipelines, tmp_path / "data", selection=dg.AssetSelection.assets(champion, key))
     assert result.success
-    meta = run_metadata(result)
+    meta = run_metadata(result, key)
     assert meta["status"].value == "skipped: no champion yet"
 
 
@@ -671,7 +672,12 @@ def _drift(s: Served, **monitoring) -> dg.AssetMaterialization:
 
 
 def test_drift_reads_the_request_log_or_the_batch_scores_as_its_current_window(served, server):
-    # The server tests above sent requests; the poller writes them within a poll interval.
+    # Its own requests (the other server tests may not run in the same selection); the poller writes them
+    # within a poll interval.
+    answered = server.post(
+        f"/v1/{DELAY}/predict", json=request_parsing.request_rows(_test_rows(served, 20), _fields(served))
+    )
+    assert answered.status_code == 200, answered.text
     folder = log_dir(served.root, DELAY)
     deadline = time.monotonic() + DEADLINE_S
     files: list[Path] = []

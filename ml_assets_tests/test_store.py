@@ -13,44 +13,9 @@ import pytest
 
 from ml_assets.core import check_results, store
 from ml_assets.core.errors import StoreError
-
-PLATFORM_TABLES = {
-    "registry.model_versions",
-    "registry.aliases",
-    "registry.decision_log",
-    "monitor.drift_runs",
-    "monitor.drift_history",
-    "monitor.performance_history",
-    "monitor.check_results",
-    "ingest.landing_files",
-}
-
-
-def tables(conn: duckdb.DuckDBPyConnection) -> set[str]:
-    return {
-        f"{schema}.{name}"
-        for schema, name in conn.execute(
-            "SELECT table_schema, table_name FROM information_schema.tables"
-        ).fetchall()
-    }
-
-
-def columns(conn: duckdb.DuckDBPyConnection, qualified: str) -> list[str]:
-    schema, name = qualified.split(".")
-    return [
-        row[0]
-        for row in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
-            "ORDER BY ordinal_position",
-            [schema, name],
-        ).fetchall()
-    ]
-
-
-def version_rows(conn: duckdb.DuckDBPyConnection) -> list[tuple]:
-    return conn.execute(
-        f"SELECT version, description, applied_at FROM {store.SCHEMA_VERSION} ORDER BY version"
-    ).fetchall()
+from ml_assets.core.serving import batch_scores
+from ml_assets.core.spec.load import default_pipelines_dir, load_project
+from ml_assets_tests.store_helpers import PLATFORM_TABLES, columns, tables, version_rows
 
 
 def snapshot(path: Path) -> dict[str, list[tuple]]:
@@ -205,6 +170,58 @@ def test_failed_verdicts_under_the_old_source_keys_still_block_after_the_upgrade
         assert check_results.failed_checks(conn, ["validated/flights"]) == []
 
 
+def test_monitor_and_score_rows_gain_a_run_id_and_keep_their_rows_on_upgrade(warehouse, monkeypatch):
+    """Migrations 8 and 9: drift, drift column and performance rows, and every pipeline's batch scores
+    (a table per pipeline, written by the code before) get a `run_id`, NULL on the rows written before;
+    the scores table is then the one the current code writes, so scoring does not rebuild it."""
+    pipeline = load_project(default_pipelines_dir()).pipelines["flight_delay"]
+    entities = batch_scores.entity_columns(pipeline)
+    added = next(n for n, (description, _) in enumerate(store.MIGRATIONS, 1) if "monitor rows" in description)
+    old_row = {"pipeline": "flight_delay", "computed_at": dt.datetime(2013, 7, 1)}
+    with monkeypatch.context() as m:
+        m.setattr(store, "MIGRATIONS", store.MIGRATIONS[: added - 1])
+        m.setattr(store, "LATEST", added - 1)
+        with store.connect(warehouse) as conn:
+            store.insert(conn, store.DRIFT_RUNS, old_row | {"id": "d1", "champion": "v1"})
+            store.insert(
+                conn, store.DRIFT_HISTORY, {"drift_run": "d1", "pipeline": "flight_delay", "column_name": "x"}
+            )
+            store.insert(
+                conn,
+                store.PERFORMANCE_HISTORY,
+                old_row
+                | {
+                    "champion": "v1",
+                    "period_start": dt.datetime(2013, 6, 1),
+                    "period_end": dt.datetime(2013, 6, 30),
+                    "rows": 10,
+                    "metric": "roc_auc",
+                    "expected": 0.7,
+                },
+            )
+            # The modelling table's entity columns and the scores table as the code before created it.
+            conn.execute("CREATE SCHEMA flight_delay")
+            conn.execute(
+                f"CREATE TABLE flight_delay.modelling_table AS SELECT {', '.join(f'NULL::VARCHAR AS {c}' for c in entities[:-1])}, "
+                f"TIMESTAMP '2013-07-01' AS {entities[-1]}"
+            )
+            conn.execute(
+                "CREATE TABLE flight_delay.predictions AS SELECT *, 0.5::DOUBLE AS score, 'late' AS decision, "
+                "'v1' AS version, TIMESTAMP '2013-07-02' AS scored_at FROM flight_delay.modelling_table"
+            )
+    with store.connect(warehouse) as conn:
+        assert store.schema_version(conn) == store.LATEST
+        for table in (
+            store.DRIFT_RUNS,
+            store.DRIFT_HISTORY,
+            store.PERFORMANCE_HISTORY,
+            "flight_delay.predictions",
+        ):
+            assert conn.execute(f"SELECT count(*), count(run_id) FROM {table}").fetchone() == (1, 0), table
+        assert batch_scores._ensure_table(conn, pipeline, pipeline.task) is None  # not rebuilt: same columns
+        assert conn.execute("SELECT version FROM flight_delay.predictions").fetchall() == [("v1",)]
+
+
 # --- a data directory from a newer ml_assets ---------------------------------------------------------
 
 
@@ -355,12 +372,15 @@ def test_replace_upserts_on_the_primary_key(warehouse):
 def test_transaction_rolls_back_on_error(warehouse):
     row = {"pipeline": "p", "alias": "champion", "version": "v1", "updated_at": dt.datetime(2024, 1, 1)}
     with store.connect(warehouse) as conn:
-        with pytest.raises(RuntimeError), store.transaction(conn):
-            store.insert(conn, store.ALIASES, row)
-            raise RuntimeError("boom")
+        with pytest.raises(RuntimeError):
+            for attempt in store.transactions(conn, store.ALIASES):
+                with attempt:
+                    store.insert(conn, store.ALIASES, row)
+                    raise RuntimeError("boom")
         assert conn.execute(f"SELECT count(*) FROM {store.ALIASES}").fetchone()[0] == 0
-        with store.transaction(conn):
-            store.insert(conn, store.ALIASES, row)
+        for attempt in store.transactions(conn, store.ALIASES):
+            with attempt:
+                store.insert(conn, store.ALIASES, row)
         assert conn.execute(f"SELECT count(*) FROM {store.ALIASES}").fetchone()[0] == 1
 
 

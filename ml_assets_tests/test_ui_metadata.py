@@ -4,21 +4,14 @@ source launched without partitions. (The rendered pages themselves: test_ui_brow
 
 from __future__ import annotations
 
-import asyncio
 import re
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import dagster as dg
 import pytest
 import yaml
-from dagster._core.execution.api import create_execution_plan
-from dagster._core.loader import LoadingContextForTest
-from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionResolvedStatus
-from dagster._core.test_utils import instance_for_test
 
 from ml_assets.core import registry
 from ml_assets.core.errors import ConfigError
@@ -31,7 +24,6 @@ from ml_assets.orchestration.assets.training import verdict_markdown
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import layer_key, source_keys
 from ml_assets.orchestration.metadata import decisions_table, md_table, round_floats
-from ml_assets.orchestration.partitions import partition_range_tags
 from ml_assets_tests.conftest import materialize_all
 
 DELAY = "flight_delay"
@@ -63,8 +55,10 @@ def _copy(root: Path, source: Path) -> str:
     """Register a copy of a version under a new id (as test_registry's crash writer does)."""
     manifest = registry.read_manifest(source)
     version = registry.new_version_id()
-    files = {name: source / name for name in manifest["files"]}
-    folder = registry.write_version(root / "models", DELAY, version, files, manifest | {"version": version})
+    files = {name: source / name for name in manifest.files}
+    folder = registry.write_version(
+        root / "models", DELAY, version, files, manifest.model_copy(update={"version": version})
+    )
     with connect(warehouse_path(root)) as conn:
         registry.register(conn, folder)
     return version
@@ -79,7 +73,7 @@ def test_model_step_logs_each_trial_and_statuses_say_what_a_version_is_now(sampl
     trials = [m for m in messages if m.startswith("trial ")]
     # FAST_MODEL: two trials, each with the best score so far and what is left of the budget.
     assert [t.split(":")[0] for t in trials] == ["trial 1 of 2", "trial 2 of 2"], messages
-    # The search gets what the baselines and the centre's fit leave of the 600 s budget, minus one fit.
+    # The search gets what the baselines and the defaults' fit leave of the 600 s budget, minus one fit.
     assert all(re.search(r"best so far 0\.\d+; \d+ s of the 5\d\d s search budget left", t) for t in trials)
     raw = [e.message for e in instance.all_logs(result.run_id) if e.step_key == "raw__flights_raw"]
     assert any(m.startswith("loaded ") and "rows/s" in m for m in raw), raw
@@ -147,7 +141,9 @@ def test_every_asset_has_owners_and_a_code_version_that_follows_its_config(tmp_p
     pipelines, _ = sample_project
     graph = build_definitions(pipelines, tmp_path).resolve_asset_graph()
     nodes = {key: graph.get(key) for key in graph.get_all_asset_keys()}
-    assert all(n.owners == DEFAULT_OWNERS and n.code_version for n in nodes.values())
+    assert len(nodes) > 20
+    unowned = [key for key, n in nodes.items() if n.owners != DEFAULT_OWNERS or not n.code_version]
+    assert not unowned, unowned
     model, flights = dg.AssetKey([DELAY, "model"]), layer_key("raw", "flights")
     path = pipelines / f"{DELAY}.yaml"
     raw = yaml.safe_load(path.read_text())
@@ -193,54 +189,37 @@ def test_a_partitioned_source_launched_without_partitions_says_to_pick_them(samp
     assert "CheckError" not in message
 
 
-def _resolved(instance: dg.DagsterInstance, check: dg.AssetCheckKey) -> AssetCheckExecutionResolvedStatus:
-    (record,) = instance.event_log_storage.get_asset_check_execution_history(check, limit=1)
-    return asyncio.run(record.resolve_status(LoadingContextForTest(instance)))
-
-
-def test_a_launch_without_partitions_is_refused_before_it_starts_and_its_checks_are_skipped(
-    sample_project, monkeypatch
-):
-    """What the UI's launch goes through (the instance's run coordinator, dagster.yaml): refused runs
-    are canceled, so the checks they planned read "skipped", not "failed"."""
-    defs = build_definitions(*sample_project)
-    job = defs.resolve_implicit_global_asset_job_def()
-    keys = {*source_keys("flights"), *source_keys("planes")}
-    subset = job.get_subset(asset_selection=keys)
-    workspace = SimpleNamespace(asset_graph=defs.resolve_asset_graph())
-    check = dg.AssetCheckKey(layer_key("validated", "flights"), "unique_ids")
-    config = yaml.safe_load((Path(__file__).parents[1] / "dagster.yaml").read_text())
-    with instance_for_test(overrides={"run_coordinator": config["run_coordinator"]}) as instance:
-
-        def submit(tags: dict[str, str]) -> dg.DagsterRun:
-            run = instance.create_run_for_job(
-                subset,
-                execution_plan=create_execution_plan(subset, tags=tags),
-                asset_selection=frozenset(keys),
-                tags=tags,
-            )
-            return instance.run_coordinator.submit_run(SubmitRunContext(run, workspace))
-
-        refused = submit({})
-        assert refused.status == dg.DagsterRunStatus.CANCELED
-        message = [e.message for e in instance.all_logs(refused.run_id)][-1]
-        assert message.startswith(
-            "quarantine/flights_quarantine, raw/flights_raw, validated/flights_validated are"
+def test_a_launch_without_partitions_fails_at_its_first_partitioned_step_and_writes_nothing(sample_project):
+    """A launch of partitioned assets without partitions (the launchpad, Dagster's own run coordinator):
+    the run fails at its first partitioned step with our message, the steps after it are skipped, and
+    nothing partitioned is written (docs/design.md says what the old refusal at submission gave more)."""
+    pipelines, root = sample_project
+    defs = build_definitions(pipelines, root)
+    keys = [*source_keys("flights"), *source_keys("planes")]
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize(
+            list(defs.assets),
+            selection=keys,
+            resources=defs.resources,
+            instance=instance,
+            raise_on_error=False,
         )
-        assert "planes" not in message and "launch them with partitions" in message
-        assert _resolved(instance, check) == AssetCheckExecutionResolvedStatus.SKIPPED
-        # What Dagster reported before: the same planned check in a run that failed reads "failed".
-        failed = instance.create_run_for_job(
-            subset, execution_plan=create_execution_plan(subset), asset_selection=frozenset(keys)
-        )
-        instance.report_run_failed(failed)
-        assert _resolved(instance, check) == AssetCheckExecutionResolvedStatus.EXECUTION_FAILED
-
-        # A launch with partitions goes on to Dagster's queue (which needs a code server: stood in for).
-        queued = []
-        monkeypatch.setattr(QueuedRunCoordinator, "submit_run", lambda _, context: queued.append(context))
-        submit(partition_range_tags("2013-01-01", "2013-02-01"))
-        assert len(queued) == 1 and queued[0].dagster_run.status == dg.DagsterRunStatus.NOT_STARTED
+        assert not result.success
+        run = instance.get_run_by_id(result.run_id)
+        assert run is not None and run.status == dg.DagsterRunStatus.FAILURE
+        (failure,) = [e for e in result.all_events if e.is_step_failure]
+        assert failure.step_key == "raw__flights_raw"  # the first partitioned step
+        message = failure.step_failure_data.error.message
+        assert "raw/flights_raw is partitioned: launch it with partitions" in message, message
+        assert "planes" not in message
+        started = {e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START}
+        assert "raw__flights_raw" in started and "validate_flights" not in started
+        flights = set(source_keys("flights"))
+        assert not [e for e in result.get_asset_materialization_events() if e.asset_key in flights]
+    with connect(warehouse_path(root)) as conn:
+        assert not conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'flights'"
+        ).fetchone()[0]
 
 
 def test_a_run_over_many_partitions_writes_its_metadata_once_on_the_last_partition(sample_project):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from ml_assets.core.sql import table_exists
+from ml_assets.core.sql import lit, table_exists
 from ml_assets.core.store import MODELLING_BUILDS, VALIDATED_CHANGES, insert
 
 
@@ -44,10 +44,15 @@ def record(
     if not logging_enabled(conn):
         return
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    seq = latest(conn) + 1
+    # Two writers that read the same head would both take its next number (DuckLake has no key to refuse
+    # the second): altering the table in the same transaction makes them conflict, so one retries and
+    # numbers its change after the other's (an empty log included, which no row update would cover).
+    conn.execute(f"COMMENT ON TABLE {VALIDATED_CHANGES} IS {lit(f'last change: {seq}')}")
     insert(
         conn,
         VALIDATED_CHANGES,
-        {"seq": latest(conn) + 1, "source": source, "lo": lo, "hi": hi, "recorded_at": now},
+        {"seq": seq, "source": source, "lo": lo, "hi": hi, "recorded_at": now},
     )
 
 

@@ -17,7 +17,7 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.spec import PipelineSpec, SourceSpec
 from ml_assets.core.spec.schema import ROW_ID
 from ml_assets.core.sql import lit, q, table_exists
-from ml_assets.core.store import transaction
+from ml_assets.core.store import transactions
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,11 @@ def _joined_rows(
 
 
 def _order(pipeline: PipelineSpec) -> str:
-    return q(pipeline.timestamp) if pipeline.timestamp else ", ".join(q(c) for c in pipeline.row_id)
+    """The modelling table's row order, a total one: rows share timestamps (flights of one scheduled hour)
+    and DuckDB's parallel sort leaves ties in whatever order its threads finished, so a busy machine gave
+    the model its rows in another order (a different model, bench/scale.py's same_outputs=False)."""
+    ids = [q(c) for c in pipeline.row_id]
+    return ", ".join([q(pipeline.timestamp), *ids] if pipeline.timestamp else ids)
 
 
 def _build(
@@ -295,19 +299,22 @@ def _update(
     table = table_name(pipeline)
     try:
         _joined_rows(conn, pipeline, sources, where)
-        with transaction(conn):
-            conn.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT b.rowid FROM {table} b WHERE {where})")
-            conn.execute(
-                f"INSERT INTO {table} BY NAME SELECT *, NULL AS _split FROM __t "
-                f"WHERE {q(pipeline.target.name)} IS NOT NULL"
-            )
-            if pipeline.split.method == "random":
-                # Exact shares of the whole: every row's place in the seeded order may have moved.
-                conn.execute(f"""CREATE OR REPLACE TABLE {table} AS SELECT * REPLACE
-                    ({_split_expr(pipeline, table)} AS _split) FROM {table} ORDER BY {_order(pipeline)}""")
-            else:
-                split = _split_expr(pipeline, table)
-                conn.execute(f"UPDATE {table} SET _split = {split} WHERE _split IS DISTINCT FROM {split}")
+        for attempt in transactions(conn, table):
+            with attempt:
+                conn.execute(
+                    f"DELETE FROM {table} WHERE rowid IN (SELECT b.rowid FROM {table} b WHERE {where})"
+                )
+                conn.execute(
+                    f"INSERT INTO {table} BY NAME SELECT *, NULL AS _split FROM __t "
+                    f"WHERE {q(pipeline.target.name)} IS NOT NULL"
+                )
+                if pipeline.split.method == "random":
+                    # Exact shares of the whole: every row's place in the seeded order may have moved.
+                    conn.execute(f"""CREATE OR REPLACE TABLE {table} AS SELECT * REPLACE
+                        ({_split_expr(pipeline, table)} AS _split) FROM {table} ORDER BY {_order(pipeline)}""")
+                else:
+                    split = _split_expr(pipeline, table)
+                    conn.execute(f"UPDATE {table} SET _split = {split} WHERE _split IS DISTINCT FROM {split}")
     finally:
         conn.execute("DROP TABLE IF EXISTS __j")
         conn.execute("DROP TABLE IF EXISTS __t")

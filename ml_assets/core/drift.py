@@ -34,7 +34,7 @@ from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.serving.request_log import LOGGED_AT, read_window
 from ml_assets.core.spec import MonitoringSpec, PipelineSpec
 from ml_assets.core.sql import q, table_exists
-from ml_assets.core.store import DRIFT_HISTORY, DRIFT_RUNS, Connect, insert, insert_many, transaction
+from ml_assets.core.store import DRIFT_HISTORY, DRIFT_RUNS, Connect, insert, insert_many, transactions
 
 DEFAULT_BOUND = 50_000
 PREDICTION = "_prediction"
@@ -136,17 +136,17 @@ def drift_reference(pipeline: PipelineSpec, version_dir: Path) -> pl.DataFrame:
     return pl.read_parquet(reference_file)
 
 
-def watched_features(pipeline: PipelineSpec, manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+def watched_features(pipeline: PipelineSpec, manifest: registry.Manifest) -> tuple[list[str], list[str]]:
     """(numerical, categorical) features of a version that drift monitoring watches."""
     spec = pipeline.monitoring
-    watched = spec.columns or manifest["features"]
-    unknown = sorted((set(watched) | set(spec.column_thresholds)) - set(manifest["features"]))
+    watched = spec.columns or manifest.features
+    unknown = sorted((set(watched) | set(spec.column_thresholds)) - set(manifest.features))
     if unknown:
         raise ConfigError(
             f"pipeline '{pipeline.name}': monitoring columns {unknown} are not features of version "
-            f"{manifest['version']}; its features: {manifest['features']}"
+            f"{manifest.version}; its features: {manifest.features}"
         )
-    categorical = [c for c in manifest["categorical_features"] if c in watched]
+    categorical = [c for c in manifest.categorical_features if c in watched]
     return [c for c in watched if c not in categorical], categorical
 
 
@@ -190,12 +190,15 @@ class DriftRun:
 def run_drift(
     connect: Connect,
     pipeline: PipelineSpec,
+    champion: str | None,
+    run_id: str | None,
     reports_root: Path,
     request_log: Path | None = None,
     progress: Progress = silent,
 ) -> DriftRun | None:
     """Compare the champion's training reference with the current window, as the champion sees it (its
-    own saved transform), and append the result to the drift tables. None when there is no champion yet.
+    own saved transform), and append the result to the drift tables with the `run_id` that judged it.
+    `champion` is the version the caller's champion step settled; None: no champion yet, nothing to do.
 
     The current window is the latest `window_days` of the modelling table, or of the online API's request
     log in `request_log` (`monitoring.current: request_log`). When the champion's scores of the window
@@ -203,10 +206,9 @@ def run_drift(
     its reference too: recorded as the column `_prediction`, reported apart from the features' drift share
     (which alone triggers retraining)."""
     spec = pipeline.monitoring
+    if champion is None:
+        return None
     with connect() as conn:
-        champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
-        if champion is None:
-            return None
         version = registry.registered(conn, champion, pipeline.name)
         if spec.current == "request_log":
             rows, time_column = _logged_rows(pipeline, request_log), LOGGED_AT
@@ -226,11 +228,11 @@ def run_drift(
     numerical, categorical = comparable_columns(
         reference, current, *watched_features(pipeline, model.manifest)
     )
-    run_id = uuid.uuid4().hex[:12]
+    drift_id = uuid.uuid4().hex[:12]
     start = stamps.min() if stamps is not None else None
     end = stamps.max() if stamps is not None else None
     folder = reports_root / pipeline.name / "drift"
-    report, evidently_report = folder / f"{run_id}.html", folder / f"{run_id}_evidently.html"
+    report, evidently_report = folder / f"{drift_id}.html", folder / f"{drift_id}_evidently.html"
     progress(
         f"Evidently: {len(numerical) + len(categorical)} columns, reference {reference.height} rows vs "
         f"current {current.height} rows (window of {rows.height} rows, bounded to {spec.sample_rows})"
@@ -243,12 +245,12 @@ def run_drift(
     )
     prediction = _prediction_drift(spec, model, reference, scores)
     figure = figures.drift_scores(
-        [(c.column, c.score, c.threshold, c.drifted) for c in result.columns], folder / f"{run_id}.png"
+        [(c.column, c.score, c.threshold, c.drifted) for c in result.columns], folder / f"{drift_id}.png"
     )
     window = f"{start} to {end}" if start is not None else f"{current.height} logged requests"
     write_summary(report, pipeline.name, champion, window, result, prediction, evidently_report, figure)
-    _record(connect, pipeline, run_id, champion, (start, end), result, report, prediction)
-    return DriftRun(run_id, champion, start, end, result, report, evidently_report, figure, prediction)
+    _record(connect, pipeline, (drift_id, run_id), champion, (start, end), result, report, prediction)
+    return DriftRun(drift_id, champion, start, end, result, report, evidently_report, figure, prediction)
 
 
 def comparable_columns(
@@ -272,52 +274,57 @@ def comparable_columns(
 def _record(
     connect: Connect,
     pipeline: PipelineSpec,
-    run_id: str,
+    ids: tuple[str, str | None],
     champion: str,
     window: tuple[Any, Any],
     result: DriftResult,
     report: Path,
     prediction: ColumnDrift | None,
 ) -> None:
-    """Append the run and every column's verdict to the drift tables, in one transaction."""
-    start, end = window
+    """Append the drift run and every column's verdict to the drift tables, in one transaction; `ids`: the
+    drift run's own id and the Dagster run that judged it."""
+    (drift_id, run_id), (start, end) = ids, window
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    with connect() as conn, transaction(conn):
-        insert(
-            conn,
-            DRIFT_RUNS,
-            {
-                "id": run_id,
-                "pipeline": pipeline.name,
-                "computed_at": now,
-                "champion": champion,
-                "window_start": start,
-                "window_end": end,
-                "current_rows": result.current_rows,
-                "reference_rows": result.reference_rows,
-                "drift_share": result.drift_share,
-                "dataset_drift": result.dataset_drift,
-                "drifted": result.drifted,
-                "report": str(report),
-            },
-        )
-        insert_many(
-            conn,
-            DRIFT_HISTORY,
-            (
-                {
-                    "drift_run": run_id,
-                    "pipeline": pipeline.name,
-                    "window_end": end,
-                    "column_name": c.column,
-                    "method": c.method,
-                    "score": c.score,
-                    "threshold": c.threshold,
-                    "drifted": c.drifted,
-                }
-                for c in [*result.columns, *([prediction] if prediction else [])]
-            ),
-        )
+    with connect() as conn:
+        for attempt in transactions(conn, DRIFT_RUNS):
+            with attempt:
+                insert(
+                    conn,
+                    DRIFT_RUNS,
+                    {
+                        "id": drift_id,
+                        "pipeline": pipeline.name,
+                        "computed_at": now,
+                        "champion": champion,
+                        "window_start": start,
+                        "window_end": end,
+                        "current_rows": result.current_rows,
+                        "reference_rows": result.reference_rows,
+                        "drift_share": result.drift_share,
+                        "dataset_drift": result.dataset_drift,
+                        "drifted": result.drifted,
+                        "report": str(report),
+                        "run_id": run_id,
+                    },
+                )
+                insert_many(
+                    conn,
+                    DRIFT_HISTORY,
+                    (
+                        {
+                            "drift_run": drift_id,
+                            "pipeline": pipeline.name,
+                            "window_end": end,
+                            "column_name": c.column,
+                            "method": c.method,
+                            "score": c.score,
+                            "threshold": c.threshold,
+                            "drifted": c.drifted,
+                            "run_id": run_id,
+                        }
+                        for c in [*result.columns, *([prediction] if prediction else [])]
+                    ),
+                )
 
 
 def drift_table(result: DriftResult, prediction: ColumnDrift | None = None) -> pl.DataFrame:
@@ -409,7 +416,7 @@ def _batch_scores(conn: Any, pipeline: PipelineSpec, champion: str, rows: pl.Dat
 def _prediction_drift(
     spec: MonitoringSpec, model: ServableModel, reference: pl.DataFrame, scores: pl.Series | None
 ) -> ColumnDrift | None:
-    if scores is None or scores.len() == 0 or model.manifest["task"] == "multiclass":
+    if scores is None or scores.len() == 0 or model.manifest.task == "multiclass":
         return None
     ours = pl.DataFrame({PREDICTION: model.predict_features(reference)})
     theirs = bounded_sample(pl.DataFrame({PREDICTION: scores}), spec.sample_rows)

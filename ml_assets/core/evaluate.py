@@ -24,7 +24,7 @@ from ml_assets.core.figures import axes as _axes
 from ml_assets.core.figures import save as _save
 from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import all_metrics, expected_calibration_error
-from ml_assets.core.registry import MODEL_FILE, MODEL_JSON_FILE, PREDICTIONS_FILE, model_kind, read_manifest
+from ml_assets.core.registry import MODEL_FILE, MODEL_JSON_FILE, PREDICTIONS_FILE, Manifest, read_manifest
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,9 @@ def _scores(task: str, frame: pl.DataFrame, prefix: str) -> np.ndarray:
     return frame.get_column(prefix).to_numpy()
 
 
-def _importance(version_dir: Path, manifest: dict[str, Any]) -> tuple[list[tuple[str, float]], str]:
+def _importance(version_dir: Path, manifest: Manifest) -> tuple[list[tuple[str, float]], str]:
     """Features ranked by LightGBM's total gain, or by a linear model's |coefficients|."""
-    if model_kind(manifest) != "lightgbm":
+    if manifest.model_kind != "lightgbm":
         model = LinearModel.from_json((Path(version_dir) / MODEL_JSON_FILE).read_text())
         return model.importance(), "|coefficient| (standardised)"
     booster = lgb.Booster(model_file=str(Path(version_dir) / MODEL_FILE))
@@ -126,7 +126,7 @@ def _fmt(value: Any) -> str:
 
 def _write_html(
     path: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     ev_rows: list[list[Any]],
     extra: dict[str, Any],
     plots: dict[str, Path],
@@ -141,21 +141,43 @@ def _write_html(
         for k, v in extra.items()
         if k in ("confusion_matrix", "calibration", "decision_threshold")
     )
-    params = _table([[k, v] for k, v in sorted(manifest["params"].items())], ["parameter", "value"])
+    params = _table([[k, v] for k, v in sorted(manifest.params.items())], ["parameter", "value"])
+    candidates = _table(candidate_rows(manifest), ["candidate", f"test {manifest.metric}", "note"])
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8">
-<title>{html.escape(manifest["pipeline"])} {html.escape(manifest["version"])}</title>
+<title>{html.escape(manifest.pipeline)} {html.escape(manifest.version)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:8px}}</style>
 </head><body>
-<h1>{html.escape(manifest["pipeline"])}: evaluation of {html.escape(manifest["version"])}</h1>
-<p>Task: {manifest["task"]}. Primary metric: <b>{manifest["metric"]}</b>. Test rows: {manifest["rows"]["test"]}
-(train {manifest["rows"]["train"]}, validation {manifest["rows"]["valid"]}). Training window:
-{manifest["train_window"]["start"]} to {manifest["train_window"]["end"]}. Code: {html.escape(manifest["code_version"])}.</p>
-<h2>Test metrics</h2>{_table(ev_rows, ["metric", "model", manifest["baseline"], "difference"])}
+<h1>{html.escape(manifest.pipeline)}: evaluation of {html.escape(manifest.version)}</h1>
+<p>Task: {manifest.task}. Primary metric: <b>{manifest.metric}</b>. Test rows: {manifest.rows["test"]}
+(train {manifest.rows["train"]}, validation {manifest.rows["valid"]}). Training window:
+{manifest.train_window["start"]} to {manifest.train_window["end"]}. Code: {html.escape(manifest.code_version)}.</p>
+<h2>Test metrics</h2>{_table(ev_rows, ["metric", "model", manifest.baseline, "difference"])}
+<h2>Candidates</h2>{candidates}
 {extras}<h2>Plots</h2>{images}
-<h2>Parameters ({model_kind(manifest)}; best of {len(manifest["cv"]["trials"])} CV trials, CV
-{manifest["metric"]} {_fmt(manifest["cv"]["score"])})</h2>{params}
+<h2>Parameters ({manifest.model_kind}; best of {len(manifest.cv.trials)} CV trials, CV
+{manifest.metric} {_fmt(manifest.cv.score)})</h2>{params}
 </body></html>""")
+
+
+CANDIDATE_NOTES = {
+    "constant": "the training split's prior",
+    "linear": "the linear baseline",
+    "lightgbm_defaults": "LightGBM's defaults, early-stopped on the validation split",
+}
+
+
+def candidate_rows(manifest: Manifest) -> list[list[Any]]:
+    """The models fitted beside this one, with their test metric: a tuned model shown next to
+    LightGBM's defaults on the same split (the model is the defaults' fit when marked so)."""
+    metric = manifest.metric
+    rows = []
+    for kind, found in manifest.candidates.items():
+        note = CANDIDATE_NOTES.get(kind, kind)
+        if found.chosen:
+            note += " (this model: the tuned parameters did not beat it on validation)"
+        rows.append([kind, found.test_metrics[metric], note])
+    return rows + [["model", manifest.test_metrics[metric], manifest.model_kind]]
 
 
 def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str | None = None) -> Evaluation:
@@ -163,16 +185,16 @@ def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str
     registry recorded for its manifest (`registry.registered`), so its threshold and metrics are the ones
     registered."""
     manifest = read_manifest(version_dir, manifest_sha256=manifest_sha256)
-    task = manifest["task"]
+    task = manifest.task
     frame = pl.read_parquet(Path(version_dir) / PREDICTIONS_FILE)
     y = frame.get_column("y_true").to_numpy()
     model, baseline = _scores(task, frame, "model"), _scores(task, frame, "baseline")
-    out = reports_root / manifest["pipeline"] / manifest["version"]
+    out = reports_root / manifest.pipeline / manifest.version
     out.mkdir(parents=True, exist_ok=True)
-    threshold = manifest["decision_threshold"]
+    threshold = manifest.decision_threshold
     model_metrics = all_metrics(task, y, model, threshold)
-    baseline_metrics = manifest["baseline_test_metrics"]
-    extra: dict[str, Any] = {"greater_is_better": manifest["greater_is_better"]}
+    baseline_metrics = manifest.baseline_test_metrics
+    extra: dict[str, Any] = {"greater_is_better": manifest.greater_is_better}
     ranked, measure = _importance(Path(version_dir), manifest)
     importance_plot = _importance_plot(ranked, measure, out)
     extra["top_features"] = [n for n, _ in ranked[:10]]
@@ -180,9 +202,9 @@ def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str
         plots = _classification_plots(y, model, baseline, out)
         labels = (model >= threshold).astype(int)
         extra["decision_threshold"] = threshold
-        extra["baseline_threshold"] = manifest.get("baseline_threshold")
+        extra["baseline_threshold"] = manifest.baseline_threshold
         extra["confusion_matrix"] = {
-            "labels": manifest["classes"],
+            "labels": manifest.classes,
             "rows_actual_cols_predicted": skm.confusion_matrix(y, labels).tolist(),
         }
         model_metrics["ece"] = expected_calibration_error(y, model)
@@ -195,7 +217,7 @@ def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str
     elif task == "multiclass":
         plots = {}
         extra["confusion_matrix"] = {
-            "labels": manifest["classes"],
+            "labels": manifest.classes,
             "rows_actual_cols_predicted": skm.confusion_matrix(y, model.argmax(axis=1)).tolist(),
         }
     else:
@@ -211,7 +233,7 @@ def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str
         json.dumps({"model": model_metrics, "baseline": baseline_metrics, **extra}, indent=2)
     )
     return Evaluation(
-        manifest["version"], manifest["metric"], model_metrics, baseline_metrics, extra, report, plots
+        manifest.version, manifest.metric, model_metrics, baseline_metrics, extra, report, plots
     )
 
 

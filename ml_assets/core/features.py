@@ -23,7 +23,7 @@ from ml_assets.core.errors import ArtifactError, DatasetError
 from ml_assets.core.hashing import sha256_file
 from ml_assets.core.spec import FeatureSpec, PipelineSpec, resolve_function
 from ml_assets.core.sql import q
-from ml_assets.core.store import transaction
+from ml_assets.core.store import cursor, transactions
 
 MISSING = "__missing__"
 FORMAT_VERSION = 1
@@ -275,7 +275,7 @@ def build_features(
     # part-way leaves the previous features table, and one transaction over every chunk would hold all
     # of them in memory until it commits (10M rows: +4.5 GiB).
     try:
-        with conn.cursor() as reader:
+        with cursor(conn) as reader:
             chunks = reader.execute(f"SELECT * FROM {table_name(pipeline)}").to_arrow_reader(APPLY_ROWS)
             for chunk in chunks:
                 table = feature_table(pipeline, pl.from_arrow(chunk), transform)
@@ -286,9 +286,10 @@ def build_features(
                 finally:
                     conn.unregister("_features")
                 rows += table.height
-        with transaction(conn):
-            conn.execute(f"DROP TABLE IF EXISTS {target}")
-            conn.execute(f"ALTER TABLE {building} RENAME TO features")
+        for attempt in transactions(conn, target):
+            with attempt:
+                conn.execute(f"DROP TABLE IF EXISTS {target}")
+                conn.execute(f"ALTER TABLE {building} RENAME TO features")
     finally:
         conn.execute(f"DROP TABLE IF EXISTS {building}")
     return FeaturesResult(

@@ -7,13 +7,16 @@ regression, the predicted values.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn import metrics as skm
+
+# scikit-learn and scipy are imported by the functions that use them: the pipeline schema reads the
+# tables below, and a CLI command that only loads pipeline files should not pay for importing them.
 
 
 def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     """ROC-AUC as the Mann-Whitney statistic (average ranks for ties): equal to scikit-learn's, several
     times faster, which matters inside the promotion gate's bootstrap."""
+    from scipy.stats import rankdata
+
     positives = y == 1
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
     if n_pos == 0 or n_neg == 0:
@@ -28,6 +31,8 @@ def _labels(task: str, pred: np.ndarray, threshold: float) -> np.ndarray:
 
 def score(task: str, metric: str, y: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> float:
     """One metric, as the config names it."""
+    from sklearn import metrics as skm
+
     if task == "regression":
         return {
             "rmse": lambda: float(np.sqrt(skm.mean_squared_error(y, pred))),
@@ -88,6 +93,8 @@ def all_metrics(task: str, y: np.ndarray, pred: np.ndarray, threshold: float = 0
 
 def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """Decision threshold that maximises F1 (chosen on validation data, never on test)."""
+    from sklearn import metrics as skm
+
     precision, recall, thresholds = skm.precision_recall_curve(y, p)
     f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
     return float(thresholds[int(np.argmax(f1[:-1]))]) if len(thresholds) else 0.5
@@ -124,6 +131,8 @@ def choose_threshold(
         return best_f1_threshold(y, p)
     if len(np.unique(y)) < 2:
         return 0.5
+    from sklearn import metrics as skm
+
     fpr, tpr, thresholds = skm.roc_curve(y, p, drop_intermediate=False)
     # roc_curve starts at +inf (nothing predicted positive); above every probability says the same.
     thresholds = np.minimum(thresholds, 1.0 + 1e-9)

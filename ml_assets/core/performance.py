@@ -21,7 +21,7 @@ from ml_assets.core.metrics import improvement
 from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PerformanceSpec, PipelineSpec
 from ml_assets.core.sql import q
-from ml_assets.core.store import PERFORMANCE_HISTORY, Connect, insert_many, transaction
+from ml_assets.core.store import PERFORMANCE_HISTORY, Connect, insert_many, transactions
 
 TRUNCATE = {"day": "1d", "week": "1w", "month": "1mo"}
 
@@ -34,50 +34,55 @@ class PerformanceRun:
     periods: pl.DataFrame
 
 
-def run_performance(connect: Connect, pipeline: PipelineSpec) -> PerformanceRun | None:
-    """Score the champion on every labelled period from its own test split on (rows it never learned
-    from) and record each period's metric against the test score it was promoted on. Only periods that
-    begin after the data it was built from are judged: its test weeks were known when it was promoted,
-    and a seasonal dip inside them is no news. None when there is no champion yet."""
+def run_performance(
+    connect: Connect, pipeline: PipelineSpec, champion: str | None, run_id: str | None = None
+) -> PerformanceRun | None:
+    """Score the champion (the version the caller's champion step settled) on every labelled period from
+    its own test split on (rows it never learned from) and record each period's metric against the test
+    score it was promoted on, with the `run_id` that judged it. Only periods that begin after the data it
+    was built from are judged: its test weeks were known when it was promoted, and a seasonal dip inside
+    them is no news. None when there is no champion yet."""
     if not pipeline.timestamp:
         raise ConfigError(f"pipeline '{pipeline.name}': performance monitoring needs a timestamp column")
     ts = q(pipeline.timestamp)
+    if champion is None:
+        return None
     with connect() as conn:
-        champion = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
-        if champion is None:
-            return None
         model = ServableModel.from_registry(registry.registered(conn, champion, pipeline.name))
         manifest = model.manifest
-        start = manifest.get("test_start") or manifest["train_window"]["end"]
-        built_from = dt.datetime.fromisoformat(manifest.get("data_end") or start)
+        start = manifest.test_start or manifest.train_window["end"]
+        built_from = dt.datetime.fromisoformat(manifest.data_end or start)
         rows = conn.execute(
             f"SELECT * FROM {table_name(pipeline)} WHERE {ts} >= CAST(? AS TIMESTAMP) ORDER BY {ts}", [start]
         ).pl()
-    metric, expected = pipeline.metric, float(manifest["test_metrics"][pipeline.metric])
+    metric, expected = pipeline.metric, float(manifest.test_metrics[pipeline.metric])
     periods = score_periods(pipeline, rows, expected, built_from, lambda part: model.score(part, metric))
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    with connect() as conn, transaction(conn):
-        # A period is rescored as more of its labels arrive: its row is replaced, never duplicated.
-        conn.execute(
-            f"DELETE FROM {PERFORMANCE_HISTORY} WHERE pipeline = ? AND champion = ?",
-            [pipeline.name, champion],
-        )
-        insert_many(
-            conn,
-            PERFORMANCE_HISTORY,
-            (
-                r
-                | {
-                    "pipeline": pipeline.name,
-                    "champion": champion,
-                    "metric": metric,
-                    "expected": expected,
-                    "computed_at": now,
-                }
-                # The labelled days and the reason are for people (readable_periods), not the history.
-                for r in periods.drop("days", "why").iter_rows(named=True)
-            ),
-        )
+    with connect() as conn:
+        for attempt in transactions(conn, PERFORMANCE_HISTORY):
+            with attempt:
+                # A period is rescored as more of its labels arrive: its row is replaced, never duplicated.
+                conn.execute(
+                    f"DELETE FROM {PERFORMANCE_HISTORY} WHERE pipeline = ? AND champion = ?",
+                    [pipeline.name, champion],
+                )
+                insert_many(
+                    conn,
+                    PERFORMANCE_HISTORY,
+                    (
+                        r
+                        | {
+                            "pipeline": pipeline.name,
+                            "champion": champion,
+                            "metric": metric,
+                            "expected": expected,
+                            "computed_at": now,
+                            "run_id": run_id,
+                        }
+                        # The labelled days and the reason are for people (readable_periods), not the history.
+                        for r in periods.drop("days", "why").iter_rows(named=True)
+                    ),
+                )
     return PerformanceRun(champion, metric, expected, periods)
 
 
@@ -93,6 +98,8 @@ def score_periods(
     periods starting after `built_from` are judged)."""
     spec = pipeline.monitoring.performance
     metric = pipeline.metric
+    # A date (a daily series) is its day's midnight here: periods are datetimes, compared with built_from.
+    rows = rows.with_columns(pl.col(pipeline.timestamp).cast(pl.Datetime("us")))
     rows = rows.with_columns(pl.col(pipeline.timestamp).dt.truncate(TRUNCATE[spec.period]).alias("_period"))
     scored = []
     for (period,), part in rows.group_by("_period", maintain_order=True):

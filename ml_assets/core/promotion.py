@@ -234,7 +234,7 @@ def _first_champion(
 ) -> Decision:
     """No champion yet: climb the ladder on the holdout rows, every step judged by `decide` with each
     model's own decision threshold, so the pipeline always ends with a champion to serve and monitor."""
-    kinds = [k for k in LADDER if k == "lightgbm" or k in model.manifest.get("candidates", {})]
+    kinds = [k for k in LADDER if k == "lightgbm" or k in model.manifest.candidates]
     models = {k: model if k == "lightgbm" else model.candidate(k, trained.path) for k in kinds}
     y = model.labels(rows)
     scores = {k: m.predict(rows) for k, m in models.items()}
@@ -272,6 +272,8 @@ def _first_champion(
         reason = f"{infra}; {reason}"
     details = {
         "ladder": steps,
+        # Every model fitted beside LightGBM's, LightGBM's defaults among them, by its test metric.
+        "candidates": {k: c.test_metrics[pipeline.metric] for k, c in model.manifest.candidates.items()},
         "champion_kind": best,
         "rows": len(y),
         "infra_check": {"passed": infra_ok, "detail": infra},
@@ -329,18 +331,26 @@ def _register_candidate(
         frame.write_parquet(out)
         files[name] = out.getvalue()
     version = f"{registry.new_version_id()}-{kind}"
-    constant = model.manifest["candidates"]["constant"]["test_metrics"]
-    manifest = {k: v for k, v in model.manifest.items() if k not in ("files", "candidates")} | {
-        "version": version,
-        "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
-        "params": {},
-        "best_iteration": None,
-        "derived_from": trained.version,
-        "baseline": DESCRIBED["constant"],
-        "baseline_test_metrics": constant,
-        "baseline_threshold": model.manifest["candidates"]["constant"]["decision_threshold"],
-        "cv": {"score": None, "folds": 0, "trials": [], "note": f"{kind} models are not tuned"},
-    }
+    constant = model.manifest.candidates["constant"]
+    manifest = model.manifest.model_copy(
+        update={
+            # Written now: this code's schema, whatever the trained version's was.
+            "schema_version": registry.MANIFEST_SCHEMA_VERSION,
+            "files": {},
+            "candidates": {},
+            "version": version,
+            "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
+            "params": {},
+            "best_iteration": None,
+            "derived_from": trained.version,
+            "baseline": DESCRIBED["constant"],
+            "baseline_test_metrics": constant.test_metrics,
+            "baseline_threshold": constant.decision_threshold,
+            "cv": registry.CrossValidation(
+                score=None, folds=0, trials=[], note=f"{kind} models are not tuned"
+            ),
+        }
+    )
     models_root = parent.parent.parent
     folder = registry.write_version(models_root, trained.pipeline, version, files, manifest)
     with connect() as conn:

@@ -21,15 +21,16 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import duckdb
 import polars as pl
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 import ml_assets
 from ml_assets.core.errors import ArtifactError
 from ml_assets.core.hashing import sha256_file
-from ml_assets.core.store import ALIASES, DECISION_LOG, MODEL_VERSIONS, insert, transaction
+from ml_assets.core.store import ALIASES, DECISION_LOG, MODEL_VERSIONS, insert, transactions
 
 MODEL_FILE = "model.txt"
 TRANSFORM_FILE = "transform.json"
@@ -47,9 +48,114 @@ def candidate_file(kind: str) -> str:
     return f"candidate_{kind}.json"
 
 
-def model_kind(manifest: dict[str, Any]) -> str:
-    """lightgbm, linear or constant (versions from before candidates existed are LightGBM)."""
-    return manifest.get("model_kind", "lightgbm")
+# Version 1: manifests written before the model existed (no `schema_version` key), read as they are.
+MANIFEST_SCHEMA_VERSION = 2
+
+
+class CrossValidation(BaseModel):
+    """The tuning of a version: its best CV score (None when the budget cut the first trial short, or for
+    an untuned baseline), folds and trials; the timings beside them are kept as they were written."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    score: float | None
+    folds: int
+    trials: list[dict[str, Any]]
+    trials_cut_short: int = 0
+    model_step_s: float | None = None
+
+
+class Candidate(BaseModel):
+    """A simpler model trained beside a LightGBM version (its JSON is one of the version's files)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    decision_threshold: float
+    test_metrics: dict[str, float | None]
+    cut_short: bool = False
+    train_rows: int | None = None
+    # LightGBM's defaults (`lightgbm_defaults`): its rounds and validation score, and whether it is the
+    # version's model itself (the tuned parameters did not beat it on validation).
+    rounds: int | None = None
+    valid_score: float | None = None
+    chosen: bool = False
+
+
+class Manifest(BaseModel):
+    """A version's manifest.json: what it was trained on and for, how it scored, and the sha256 of each of
+    its files. Read only through `read_manifest`, which validates it against this model; every later
+    field has a default, so the manifests of older versions keep loading."""
+
+    # Keys an older ml_assets wrote and this one no longer reads are ignored, not refused: the file is
+    # never rewritten (its sha256 is registered), only read.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    # What this code writes; parse_manifest reads a file without the key as version 1.
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    version: str
+    pipeline: str
+    task: Literal["binary", "multiclass", "regression"]
+    created_at: str
+    metric: str
+    greater_is_better: bool
+    params: dict[str, Any]
+    best_iteration: int | None
+    features: list[str]
+    categorical_features: list[str]
+    input_columns: list[str]
+    id_columns: list[str]
+    target: str
+    classes: list[Any] | None = None
+    decision_threshold: float = 0.5
+    rows: dict[str, int]
+    train_rows_available: int | None = None
+    max_train_rows: int | None = None
+    train_window: dict[str, str | None]
+    test_start: str | None = None
+    data_end: str | None = None
+    data_fingerprint: str
+    code_version: str
+    cv: CrossValidation
+    # lightgbm, linear or constant (versions from before candidates existed are LightGBM).
+    model_kind: Literal["lightgbm", "linear", "constant"] = "lightgbm"
+    test_metrics: dict[str, float | None]
+    baseline: str
+    baseline_test_metrics: dict[str, float | None]
+    baseline_threshold: float | None = None
+    # The simpler models judged beside this one at a first promotion (candidate_file).
+    candidates: dict[str, Candidate] = {}
+    # A baseline registered as it became the first champion names the trained version it came from.
+    derived_from: str | None = None
+    # Artifact name -> sha256, added by write_version.
+    files: dict[str, str] = {}
+
+
+def parse_manifest(content: str | bytes, source: str | Path) -> Manifest:
+    """A manifest's JSON (a file's, or the registry's copy) validated into a Manifest: the one place a
+    manifest is read. One without `schema_version` is from before the model (version 1)."""
+    try:
+        raw = json.loads(content)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        found = raw.setdefault("schema_version", 1)
+        if isinstance(found, int) and found > MANIFEST_SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{source}: manifest schema version {found} was written by a newer ml_assets (this one reads "
+                f"up to {MANIFEST_SCHEMA_VERSION}); upgrade ml_assets to load this version"
+            )
+        return Manifest.model_validate(raw)
+    except (ValueError, ValidationError) as exc:
+        raise ArtifactError(
+            f"{source}: not a model manifest this ml_assets can read ({_first_problem(exc)}); restore the "
+            "file or train a new version"
+        ) from exc
+
+
+def _first_problem(exc: ValueError | ValidationError) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        return f"field {'.'.join(map(str, error['loc']))}: {error['msg']}"
+    return str(exc)
 
 
 def new_version_id(now: dt.datetime | None = None) -> str:
@@ -74,7 +180,7 @@ def code_version() -> str:
 
 
 def write_version(
-    root: Path, pipeline: str, version: str, files: dict[str, bytes | Path], manifest: dict[str, Any]
+    root: Path, pipeline: str, version: str, files: dict[str, bytes | Path], manifest: Manifest
 ) -> Path:
     """Write a version folder atomically; returns its final path. `files` maps artifact names to content."""
     final = root / pipeline / version
@@ -87,8 +193,9 @@ def write_version(
                 shutil.copyfile(content, tmp / name)
             else:
                 (tmp / name).write_bytes(content)
-        manifest = manifest | {"files": {name: sha256_file(tmp / name) for name in files}}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        hashes = {name: sha256_file(tmp / name) for name in files}
+        content = manifest.model_copy(update={"files": hashes}).model_dump(mode="json")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(content, indent=2, sort_keys=True))
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,9 +215,7 @@ def _remove_orphans(folder: Path) -> None:
             pass
 
 
-def read_manifest(
-    version_dir: Path, verify: bool = True, manifest_sha256: str | None = None
-) -> dict[str, Any]:
+def read_manifest(version_dir: Path, verify: bool = True, manifest_sha256: str | None = None) -> Manifest:
     """A version's manifest; `verify` checks every artifact against the sha256 the manifest lists, and
     `manifest_sha256` (what the registry recorded, see `registered`) checks the manifest itself first:
     the artifact hashes guard the files, only the registry guards the manifest holding them (and the
@@ -121,9 +226,9 @@ def read_manifest(
     content = path.read_bytes()
     if manifest_sha256 is not None:
         _refuse_modified(path, hashlib.sha256(content).hexdigest(), manifest_sha256, "the registry's")
-    manifest = json.loads(content)
+    manifest = parse_manifest(content, path)
     if verify:
-        for name, expected in manifest["files"].items():
+        for name, expected in manifest.files.items():
             file = Path(version_dir) / name
             if not file.exists():
                 raise ArtifactError(f"{file}: artifact is missing")
@@ -229,26 +334,27 @@ def record_decision(
     run_id: str | None = None,
 ) -> None:
     """Log a decision and, when `new_champion` is given, move the champion alias, in one transaction."""
-    with transaction(conn):
-        before = alias_version(conn, pipeline, CHAMPION)
-        if new_champion is not None:
-            version_dir(conn, new_champion, pipeline)  # never point the alias at another pipeline's model
-            _set_alias(conn, pipeline, CHAMPION, new_champion)
-        insert(
-            conn,
-            DECISION_LOG,
-            {
-                "decided_at": _now(),
-                "pipeline": pipeline,
-                "action": action,
-                "challenger": challenger,
-                "champion_before": before,
-                "champion_after": new_champion or before,
-                "reason": reason,
-                "details": json.dumps(details or {}, default=str),
-                "run_id": run_id,
-            },
-        )
+    for attempt in transactions(conn, ALIASES):
+        with attempt:
+            before = alias_version(conn, pipeline, CHAMPION)
+            if new_champion is not None:
+                version_dir(conn, new_champion, pipeline)  # never point the alias at another pipeline's model
+                _set_alias(conn, pipeline, CHAMPION, new_champion)
+            insert(
+                conn,
+                DECISION_LOG,
+                {
+                    "decided_at": _now(),
+                    "pipeline": pipeline,
+                    "action": action,
+                    "challenger": challenger,
+                    "champion_before": before,
+                    "champion_after": new_champion or before,
+                    "reason": reason,
+                    "details": json.dumps(details or {}, default=str),
+                    "run_id": run_id,
+                },
+            )
 
 
 def previous_champion(conn: duckdb.DuckDBPyConnection, pipeline: str) -> str | None:
@@ -274,7 +380,7 @@ def register(
     version_dir: Path,
     run_id: str | None = None,
     challenger: bool = True,
-) -> dict[str, Any]:
+) -> Manifest:
     """Register a version folder (stamped with the run that trained it) and, unless `challenger` is
     False (a baseline registered as it becomes champion), make it the challenger, atomically; returns
     its manifest. The manifest's sha256 is recorded from the very bytes registered,
@@ -283,32 +389,34 @@ def register(
     manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     # The artifacts are checked against the manifest now, and the manifest against this hash ever after.
     manifest = read_manifest(version_dir, manifest_sha256=manifest_sha256)
-    with transaction(conn):
-        insert(
-            conn,
-            MODEL_VERSIONS,
-            {
-                "version": manifest["version"],
-                "pipeline": manifest["pipeline"],
-                "created_at": manifest["created_at"],
-                "task": manifest["task"],
-                "metric": manifest["metric"],
-                "cv_score": manifest["cv"]["score"],
-                "test_score": manifest["test_metrics"][manifest["metric"]],
-                "baseline_test_score": manifest["baseline_test_metrics"][manifest["metric"]],
-                "train_start": manifest["train_window"]["start"],
-                "train_end": manifest["train_window"]["end"],
-                "data_fingerprint": manifest["data_fingerprint"],
-                "code_version": manifest["code_version"],
-                "model_sha256": manifest["files"].get(MODEL_FILE) or manifest["files"][MODEL_JSON_FILE],
-                "path": str(version_dir),
-                "manifest": json.dumps(manifest, default=str),
-                "manifest_sha256": manifest_sha256,
-                "run_id": run_id,
-            },
-        )
-        if challenger:
-            _set_alias(conn, manifest["pipeline"], CHALLENGER, manifest["version"])
+    for attempt in transactions(conn, MODEL_VERSIONS):
+        with attempt:
+            insert(
+                conn,
+                MODEL_VERSIONS,
+                {
+                    "version": manifest.version,
+                    "pipeline": manifest.pipeline,
+                    "created_at": manifest.created_at,
+                    "task": manifest.task,
+                    "metric": manifest.metric,
+                    "cv_score": manifest.cv.score,
+                    "test_score": manifest.test_metrics[manifest.metric],
+                    "baseline_test_score": manifest.baseline_test_metrics[manifest.metric],
+                    "train_start": manifest.train_window["start"],
+                    "train_end": manifest.train_window["end"],
+                    "data_fingerprint": manifest.data_fingerprint,
+                    "code_version": manifest.code_version,
+                    "model_sha256": manifest.files.get(MODEL_FILE) or manifest.files[MODEL_JSON_FILE],
+                    "path": str(version_dir),
+                    # The registered bytes as they are: what `manifest_sha256` hashes.
+                    "manifest": manifest_bytes.decode(),
+                    "manifest_sha256": manifest_sha256,
+                    "run_id": run_id,
+                },
+            )
+            if challenger:
+                _set_alias(conn, manifest.pipeline, CHALLENGER, manifest.version)
     return manifest
 
 

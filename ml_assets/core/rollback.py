@@ -6,7 +6,6 @@ a version that loads intact and fits the pipeline as configured now.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
 
 from ml_assets.core import registry
 from ml_assets.core.dataset import table_name
@@ -71,17 +70,17 @@ def check_champion(connect: Connect, pipeline: PipelineSpec, run_id: str | None 
 
 
 def serving_mismatch(
-    pipeline: PipelineSpec, columns: Collection[str], manifest: dict[str, Any]
+    pipeline: PipelineSpec, columns: Collection[str], manifest: registry.Manifest
 ) -> str | None:
     """Why a version cannot serve `pipeline` as it is configured now (trained for another task, or reading
     columns its modelling table, `columns`, no longer has), or None when it can."""
-    version = manifest["version"]
-    if manifest["task"] != pipeline.task:
+    version = manifest.version
+    if manifest.task != pipeline.task:
         return (
-            f"version {version} was trained for task '{manifest['task']}', but pipeline '{pipeline.name}' "
+            f"version {version} was trained for task '{manifest.task}', but pipeline '{pipeline.name}' "
             f"now has task '{pipeline.task}'"
         )
-    missing = sorted(set(manifest["input_columns"]) - set(columns))
+    missing = sorted(set(manifest.input_columns) - set(columns))
     if missing:
         return (
             f"version {version} reads columns {missing} that the modelling table of pipeline "

@@ -38,6 +38,12 @@ def cast_expr(ref: str, ctype: str) -> str:
     return f"TRY_CAST({ref} AS {DUCKDB_TYPES[ctype]})"
 
 
+def nan_as_missing(raw: str) -> str:
+    """SQL true when a raw value is a NaN (`NaN`, `nan`, a float NaN of a Parquet file): in a number
+    column it is a missing value, never a number that would reach training, plots or metrics."""
+    return f"coalesce(isnan(TRY_CAST({raw} AS DOUBLE)), false)"
+
+
 def table_exists(conn: duckdb.DuckDBPyConnection, schema: str, name: str) -> bool:
     return bool(
         conn.execute(

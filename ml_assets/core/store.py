@@ -10,24 +10,34 @@ with a message saying what to do.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.resources
 import os
 import random
+import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from ml_assets.core.errors import StoreError
-from ml_assets.core.sql import lit, table_exists
+from ml_assets.core.sql import lit, q, table_exists
 
 # What every stage that opens its own connections takes: a callable giving a connection for one `with`
 # block (`connect` bound to a data directory, the CLI's, or a Dagster resource's `get_connection`).
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
 DATA_DIR_ENV = "ML_ASSETS_DATA_DIR"
+# Where the tables live: unset, `<data dir>/warehouse.duckdb`; else a DuckDB file path or a DuckLake
+# catalog (`ducklake:postgres:dbname=... host=...`), whose Parquet files go under the shared root.
+WAREHOUSE_ENV = "ML_ASSETS_WAREHOUSE"
+SHARED_ROOT_ENV = "ML_ASSETS_SHARED_ROOT"
+DUCKLAKE_PREFIX = "ducklake:"
+# The attached catalog's name: unqualified `registry.model_versions` resolves into it after USE.
+LAKE_ALIAS = "warehouse"
 LOCK_WAIT_ENV = "ML_ASSETS_LOCK_WAIT_S"
 DUCKDB_MEMORY_ENV = "ML_ASSETS_DUCKDB_MEMORY"
 # DuckDB's own default is 80% of the machine's RAM per connection, which lets a big join or sort take the
@@ -47,6 +57,19 @@ CHECK_RESULTS = "monitor.check_results"
 VALIDATED_CHANGES = "ingest.validated_changes"
 MODELLING_BUILDS = "ingest.modelling_builds"
 SCHEMA_VERSION = "meta.schema_version"
+# The key of each platform table that is written by key (an upsert replaces the row with the same key).
+# A local file enforces it as a PRIMARY KEY; DuckLake has no key constraints, so `upsert` MERGEs on it.
+KEYS: dict[str, tuple[str, ...]] = {
+    MODEL_VERSIONS: ("version",),
+    ALIASES: ("pipeline", "alias"),
+    DRIFT_RUNS: ("id",),
+    PERFORMANCE_HISTORY: ("pipeline", "champion", "period_start"),
+    LANDING_FILES: ("source", "sha256"),
+    CHECK_RESULTS: ("asset", "check_name"),
+    VALIDATED_CHANGES: ("seq",),
+    MODELLING_BUILDS: ("pipeline",),
+    SCHEMA_VERSION: ("version",),
+}
 
 # Version 1 is the layout ml_assets had before this module existed (each stage created its own tables),
 # so a data directory from then is recognised as version 1 and migrated forward like any other.
@@ -134,8 +157,24 @@ CREATE TABLE IF NOT EXISTS {LANDING_FILES} (
 );
 """
 
-# Forward migrations, in order: MIGRATIONS[n - 1] brings a data directory from version n - 1 to n.
-MIGRATIONS: tuple[tuple[str, str], ...] = (
+
+def add_score_run_ids(conn: duckdb.DuckDBPyConnection) -> None:
+    """Add `run_id` to every pipeline's batch scores (`<pipeline>.predictions`, owned by
+    core.serving.batch_scores: one table per pipeline, so found by shape here rather than declared). Rows
+    scored before keep NULL."""
+    schemas = conn.execute(
+        "SELECT table_schema FROM information_schema.columns WHERE table_catalog = current_database() "
+        "AND table_name = 'predictions' GROUP BY table_schema "
+        "HAVING bool_or(column_name = 'scored_at') AND NOT bool_or(column_name = 'run_id')"
+    ).fetchall()
+    for (schema,) in schemas:
+        conn.execute(f"ALTER TABLE {q(schema)}.predictions ADD COLUMN run_id VARCHAR")
+
+
+Migration = str | Callable[[duckdb.DuckDBPyConnection], None]
+# Forward migrations, in order: MIGRATIONS[n - 1] brings a data directory from version n - 1 to n (SQL, or
+# a function where the tables to change are found in the warehouse).
+MIGRATIONS: tuple[tuple[str, Migration], ...] = (
     ("the registry, monitoring and landing-ledger tables", _V1),
     (
         "model versions record the run that trained them (stages hand off by run, not by 'latest')",
@@ -172,6 +211,19 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             WHERE regexp_matches(asset, '^(raw|validated|quarantine)/[^/]+$')
                 AND NOT ends_with(asset, '_' || split_part(asset, '/', 1))""",
     ),
+    (
+        "the landing ledger keeps each file's size and modification time when it was read, so a file that "
+        "changes after it was loaded is seen without hashing it (and loaded again whole)",
+        f"""ALTER TABLE {LANDING_FILES} ADD COLUMN IF NOT EXISTS size BIGINT;
+        ALTER TABLE {LANDING_FILES} ADD COLUMN IF NOT EXISTS mtime_ns BIGINT""",
+    ),
+    (
+        "monitor rows (drift runs and columns, performance periods) record the run that judged them",
+        f"""ALTER TABLE {DRIFT_RUNS} ADD COLUMN IF NOT EXISTS run_id VARCHAR;
+        ALTER TABLE {DRIFT_HISTORY} ADD COLUMN IF NOT EXISTS run_id VARCHAR;
+        ALTER TABLE {PERFORMANCE_HISTORY} ADD COLUMN IF NOT EXISTS run_id VARCHAR""",
+    ),
+    ("every pipeline's batch scores record the run that scored them", add_score_run_ids),
 )
 LATEST = len(MIGRATIONS)
 
@@ -182,6 +234,29 @@ def data_dir() -> Path:
 
 def warehouse_path(root: Path) -> Path:
     return root / "warehouse.duckdb"
+
+
+def warehouse(root: Path) -> str:
+    """The warehouse setting: $ML_ASSETS_WAREHOUSE (a DuckDB file or a `ducklake:` catalog), else the file
+    in the data directory."""
+    return os.environ.get(WAREHOUSE_ENV) or str(warehouse_path(root))
+
+
+def is_lake(database: str | Path) -> bool:
+    return str(database).startswith(DUCKLAKE_PREFIX)
+
+
+def lake_data_path(data_path: str | None = None) -> str:
+    """Where a DuckLake warehouse keeps its Parquet files: given, else `<shared root>/warehouse/`."""
+    if not data_path:
+        root = os.environ.get(SHARED_ROOT_ENV)
+        if not root:
+            raise StoreError(
+                f"a DuckLake warehouse needs a folder every worker sees for its data files: set {SHARED_ROOT_ENV} "
+                "(a shared mount) or the Warehouse resource's data_path"
+            )
+        data_path = str(Path(root) / "warehouse")
+    return data_path.rstrip("/") + "/"
 
 
 def schema_version(conn: duckdb.DuckDBPyConnection) -> int:
@@ -195,35 +270,51 @@ def schema_version(conn: duckdb.DuckDBPyConnection) -> int:
     )
 
 
+def _on_lake(conn: duckdb.DuckDBPyConnection) -> bool:
+    row = conn.execute(
+        "SELECT type FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone()
+    return bool(row) and row[0] == "ducklake"
+
+
+def _without_keys(ddl: str) -> str:
+    """The DDL as DuckLake accepts it: no PRIMARY KEY (it has no key constraints; `KEYS` keeps them)."""
+    return re.sub(r",\s*PRIMARY KEY\s*\([^)]*\)|\s+PRIMARY KEY\b", "", ddl)
+
+
 def migrate(conn: duckdb.DuckDBPyConnection, database: str | Path = "") -> int:
-    """Bring the platform's tables to the latest schema, in one transaction; returns the version found."""
-    versioned = table_exists(conn, "meta", "schema_version")
+    """Bring the platform's tables to the latest schema, in one transaction; returns the version found.
+
+    Retried as a whole when another process migrated the same warehouse at the same time (DuckLake)."""
     found = schema_version(conn)
-    if found > LATEST:
-        raise StoreError(
-            f"{database or 'the warehouse'}: written by a newer ml_assets (schema version {found}; this one "
-            f"knows up to {LATEST}). Upgrade ml_assets, or point {DATA_DIR_ENV} at another data directory"
-        )
     if found == LATEST:
         return found
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        conn.execute("CREATE SCHEMA IF NOT EXISTS meta")
-        conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION} "
-            "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMP)"
-        )
-        # A directory from before versioning gets the baseline too: CREATE IF NOT EXISTS adds what it lacks.
-        for version in range(found + 1 if versioned else 1, LATEST + 1):
-            description, ddl = MIGRATIONS[version - 1]
-            conn.execute(ddl)
-            insert(
-                conn, SCHEMA_VERSION, {"version": version, "description": description, "applied_at": _now()}
+    lake = _on_lake(conn)
+    for attempt in transactions(conn, SCHEMA_VERSION):
+        with attempt:
+            versioned = table_exists(conn, "meta", "schema_version")
+            found = schema_version(conn)
+            if found > LATEST:
+                raise StoreError(
+                    f"{_redacted(database) or 'the warehouse'}: written by a newer ml_assets (schema version "
+                    f"{found}; this one knows up to {LATEST}). Upgrade ml_assets, or point {DATA_DIR_ENV} at "
+                    "another data directory"
+                )
+            conn.execute("CREATE SCHEMA IF NOT EXISTS meta")
+            ddl = (
+                f"CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION} "
+                "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMP)"
             )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+            conn.execute(_without_keys(ddl) if lake else ddl)
+            # A directory from before versioning gets the baseline too: CREATE IF NOT EXISTS adds what it lacks.
+            for version in range(found + 1 if versioned else 1, LATEST + 1):
+                description, step = MIGRATIONS[version - 1]
+                if callable(step):
+                    step(conn)
+                else:
+                    conn.execute(_without_keys(step) if lake else step)
+                row = {"version": version, "description": description, "applied_at": _now()}
+                insert(conn, SCHEMA_VERSION, row)
     return found
 
 
@@ -241,26 +332,130 @@ def insert(
 def insert_many(
     conn: duckdb.DuckDBPyConnection, table: str, rows: Iterable[Mapping[str, Any]], replace: bool = False
 ) -> None:
+    """Insert rows by column name; `replace`: an upsert, each row replacing the one with its key (`KEYS`).
+
+    The upsert is a MERGE on the key on both backends (DuckLake has no key for INSERT OR REPLACE to find);
+    outside a transaction a write conflict with another process is retried here."""
     rows = list(rows)
     if not rows:
         return
     columns = list(rows[0])
-    verb = "INSERT OR REPLACE" if replace else "INSERT"
-    conn.executemany(
-        f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
-        [[r[c] for c in columns] for r in rows],
+    values = [[r[c] for c in columns] for r in rows]
+    if not replace:
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
+        _retrying(table, lambda: conn.executemany(sql, values))
+        return
+    key = KEYS[table]
+    source = ", ".join(f"? AS {c}" for c in columns)
+    update = ", ".join(f"{c} = s.{c}" for c in columns if c not in key)
+    sql = (
+        f"MERGE INTO {table} t USING (SELECT {source}) s ON {' AND '.join(f't.{k} = s.{k}' for k in key)} "
+        f"{f'WHEN MATCHED THEN UPDATE SET {update} ' if update else ''}"
+        f"WHEN NOT MATCHED THEN INSERT ({', '.join(columns)}) VALUES ({', '.join(f's.{c}' for c in columns)})"
+    )
+    # One row a statement: a later row with the same key wins, as INSERT OR REPLACE did.
+    _retrying(table, lambda: [conn.execute(sql, v) for v in values])
+
+
+def is_write_conflict(exc: BaseException) -> bool:
+    """Another writer committed a change to the same table first (DuckLake's optimistic concurrency)."""
+    return isinstance(exc, duckdb.TransactionException) and "conflict" in str(exc).lower()
+
+
+def _waits(what: str, reason: str) -> Iterator[None]:
+    """Sleeps with jittered exponential backoff until the wait budget is spent, then a StoreError."""
+    deadline = time.monotonic() + lock_wait_s()
+    delay = 0.05
+    while time.monotonic() <= deadline:
+        # Jitter keeps two waiting processes from retrying in lock-step.
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 1.0)
+        yield
+    raise StoreError(
+        f"{what}: {reason} for over {lock_wait_s():.0f} s; wait for it to finish, or raise {LOCK_WAIT_ENV}"
     )
 
 
-@contextmanager
-def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        yield conn
-    except BaseException:
+_CONFLICT = "another process kept writing the same table (write conflict)"
+
+
+def _retrying(table: str, write: Any) -> None:
+    """Run one autocommitted write, again while it conflicts with another process's commit."""
+    waits = _waits(table, _CONFLICT)
+    while True:
+        try:
+            write()
+            return
+        except duckdb.TransactionException as exc:
+            if not is_write_conflict(exc):
+                raise
+            try:
+                next(waits)
+            except StoreError as timeout:
+                raise timeout from exc
+
+
+class Attempt:
+    """One try of a transaction: commits on success; a write conflict (at any statement or the commit)
+    is rolled back and swallowed so that `transactions` runs the body again on a fresh snapshot."""
+
+    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+        self.conn = conn
+        self.conflict: BaseException | None = None
+
+    def __enter__(self) -> duckdb.DuckDBPyConnection:
+        self.conn.execute("BEGIN TRANSACTION")
+        return self.conn
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None:
+            try:
+                self.conn.execute("COMMIT")
+                return False
+            except duckdb.TransactionException as failed:
+                if not is_write_conflict(failed):
+                    raise
+                exc = failed
+        _rollback(self.conn)
+        if is_write_conflict(exc):
+            self.conflict = exc
+            return True
+        return False
+
+
+def _rollback(conn: duckdb.DuckDBPyConnection) -> None:
+    # A commit that failed has already ended its transaction; there is nothing left to roll back.
+    with suppress(duckdb.TransactionException):
         conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+
+
+def transactions(conn: duckdb.DuckDBPyConnection, table: str) -> Iterator[Attempt]:
+    """Attempts of one transaction writing `table` (named in the error once the wait is spent):
+
+        for attempt in transactions(conn, table):
+            with attempt:
+                ...  # all of it runs again after a write conflict, reading the other writer's rows
+
+    The body must only touch the warehouse: it may run more than once."""
+    waits = _waits(table, _CONFLICT)
+    while True:
+        attempt = Attempt(conn)
+        yield attempt
+        if attempt.conflict is None:
+            return
+        try:
+            next(waits)
+        except StoreError as timeout:
+            raise timeout from attempt.conflict
+
+
+def cursor(conn: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """Another connection to the same database (to stream a read while `conn` writes), resolving table
+    names as `conn` does: a plain cursor starts in DuckDB's default database, not in an attached lake."""
+    (database,) = conn.execute("SELECT current_database()").fetchone()
+    other = conn.cursor()
+    other.execute(f"USE {q(database)}")
+    return other
 
 
 def change_marker(database: str | Path) -> tuple:
@@ -281,32 +476,89 @@ def lock_wait_s() -> float:
     return float(os.environ.get(LOCK_WAIT_ENV) or DEFAULT_LOCK_WAIT_S)
 
 
-@contextmanager
-def connect(database: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A short-lived read-write connection with the platform's tables up to date, retried while another
-    process holds the file lock.
-
-    DuckDB allows one writing process per file, so connections are opened per step and closed promptly
-    (also on error) instead of held for a run.
-    """
+def _open_file(database: str | Path) -> duckdb.DuckDBPyConnection:
+    """DuckDB allows one writing process per file: wait while another holds its lock."""
     Path(database).parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + lock_wait_s()
-    delay = 0.05
+    waits = _waits(str(database), "another process has held the warehouse's lock")
     while True:
         try:
-            conn = duckdb.connect(str(database), read_only=False)
-            break
+            return duckdb.connect(str(database), read_only=False)
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower():
                 raise
-            if time.monotonic() > deadline:
-                raise StoreError(
-                    f"{database}: another process has held the warehouse's lock for over {lock_wait_s():.0f} s "
-                    f"({exc}); wait for it to finish, or raise {LOCK_WAIT_ENV}"
-                ) from exc
-            # Jitter keeps two waiting processes from retrying in lock-step.
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 1.0)
+            try:
+                next(waits)
+            except StoreError as timeout:
+                raise timeout from exc
+
+
+def _redacted(database: str | Path) -> str:
+    return re.sub(r"(password=)\S+", r"\1***", str(database))
+
+
+def _extension(package: str, name: str) -> str:
+    """The extension file a `duckdb-extension-*` package ships for this duckdb (DuckDB cannot INSTALL one
+    without the network; LOAD by path needs none)."""
+    try:
+        folder = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        folder = None
+    path = Path(str(folder)) / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    if folder is None or not path.is_file():
+        raise StoreError(
+            f"a DuckLake warehouse needs DuckDB's {name} extension for duckdb {duckdb.__version__}: "
+            f"pip install '{package.replace('_', '-')}=={duckdb.__version__}' (constraints.txt pins both)"
+        )
+    return str(path)
+
+
+# One attached DuckDB instance per catalog and process, handed out as cursors: loading the two extensions
+# (a signature check over ~80 MB) and attaching cost ~2 s, a cursor nothing. Each cursor has its own
+# transactions and temp tables; every transaction reads the catalog's latest snapshot.
+_LAKES: dict[tuple[str, str], duckdb.DuckDBPyConnection] = {}
+_LAKES_LOCK = threading.Lock()
+
+
+def _attached_lake(database: str, data_path: str) -> duckdb.DuckDBPyConnection:
+    conn = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    try:
+        if database.startswith(f"{DUCKLAKE_PREFIX}postgres:"):
+            conn.execute(f"LOAD {lit(_extension('duckdb_extension_postgres_scanner', 'postgres_scanner'))}")
+        conn.execute(f"LOAD {lit(_extension('duckdb_extension_ducklake', 'ducklake'))}")
+        try:
+            conn.execute(f"ATTACH {lit(database)} AS {LAKE_ALIAS} (DATA_PATH {lit(data_path)})")
+        except duckdb.Error as exc:
+            raise StoreError(
+                f"{_redacted(database)}: cannot attach the DuckLake catalog ({_redacted(str(exc).splitlines()[0])}); "
+                f"check the catalog database is up and {WAREHOUSE_ENV} names it"
+            ) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _open_lake(database: str, data_path: str | None) -> duckdb.DuckDBPyConnection:
+    """A connection to the DuckLake catalog, made the default database so that `registry.x` and every
+    pipeline table name resolve into it."""
+    key = (database, lake_data_path(data_path))
+    with _LAKES_LOCK:
+        if key not in _LAKES:
+            _LAKES[key] = _attached_lake(*key)
+        conn = _LAKES[key].cursor()
+    conn.execute(f"USE {LAKE_ALIAS}")
+    return conn
+
+
+@contextmanager
+def connect(database: str | Path, data_path: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short-lived read-write connection with the platform's tables up to date.
+
+    `database` is a DuckDB file (one writing process at a time: opening waits for its lock) or a
+    `ducklake:` catalog with its data under `data_path` (many writers: conflicting writes are retried,
+    see `transactions`). Connections are opened per step and closed promptly (also on error).
+    """
+    conn = _open_lake(str(database), data_path) if is_lake(database) else _open_file(database)
     try:
         # Timestamps are stored as naive UTC; a fixed session zone makes casts independent of the host.
         conn.execute("SET TimeZone = 'UTC'")

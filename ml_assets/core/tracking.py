@@ -106,7 +106,7 @@ def _guarded(tracker: Tracker, what: str, warn: Warn, action: Callable[[Any], An
 def log_version(
     pipeline: PipelineSpec,
     version_dir: Path,
-    manifest: dict[str, Any],
+    manifest: registry.Manifest,
     files: list[tuple[str, Path]],
     dagster_run_id: str,
     warn: Warn,
@@ -119,7 +119,7 @@ def log_version(
         return None
     return _guarded(
         tracker,
-        f"logging version {manifest['version']}",
+        f"logging version {manifest.version}",
         warn,
         lambda mlflow: _log_version(mlflow, tracker, Path(version_dir), manifest, files, dagster_run_id),
     )
@@ -129,7 +129,7 @@ def _log_version(
     mlflow: Any,
     tracker: Tracker,
     version_dir: Path,
-    manifest: dict[str, Any],
+    manifest: registry.Manifest,
     files: list[tuple[str, Path]],
     dagster_run_id: str,
 ) -> str:
@@ -138,15 +138,15 @@ def _log_version(
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(tracker.experiment)
     base = os.environ.get(DAGSTER_URL_ENV, DEFAULT_DAGSTER_URL).rstrip("/")
     tags = {
-        "mlflow.runName": manifest["version"],
-        VERSION_TAG: manifest["version"],
-        "ml_assets.pipeline": manifest["pipeline"],
-        "ml_assets.data_fingerprint": str(manifest.get("data_fingerprint")),
-        "ml_assets.code_version": str(manifest.get("code_version")),
+        "mlflow.runName": manifest.version,
+        VERSION_TAG: manifest.version,
+        "ml_assets.pipeline": manifest.pipeline,
+        "ml_assets.data_fingerprint": str(manifest.data_fingerprint),
+        "ml_assets.code_version": str(manifest.code_version),
         "dagster.run_id": dagster_run_id,
         "dagster.run_url": f"{base}/runs/{dagster_run_id}",
         "mlflow.note.content": f"Trained by Dagster run [{dagster_run_id}]({base}/runs/{dagster_run_id}); "
-        f"ml_assets version `{manifest['version']}`, registered in ml_assets' registry (the source of truth).",
+        f"ml_assets version `{manifest.version}`, registered in ml_assets' registry (the source of truth).",
     }
     run = client.create_run(experiment_id, tags=tags)
     run_id = run.info.run_id
@@ -156,42 +156,42 @@ def _log_version(
         for folder, path in files:
             mlflow.log_artifact(str(path), artifact_path=folder)
         mlflow.log_artifact(str(version_dir / registry.MANIFEST_FILE))
-        if registry.model_kind(manifest) == "lightgbm":
+        if manifest.model_kind == "lightgbm":
             _log_model(mlflow, tracker, version_dir, manifest, run_id)
     return run_id
 
 
-def _params(manifest: dict[str, Any]) -> dict[str, Any]:
+def _params(manifest: registry.Manifest) -> dict[str, Any]:
     return {
-        **manifest.get("params", {}),
-        "best_iteration": manifest.get("best_iteration"),
-        "task": manifest["task"],
-        "metric": manifest["metric"],
-        "features": ",".join(manifest["features"]),
-        "train_window": manifest.get("train_window"),
-        "rows_train": (manifest.get("rows") or {}).get("train"),
+        **manifest.params,
+        "best_iteration": manifest.best_iteration,
+        "task": manifest.task,
+        "metric": manifest.metric,
+        "features": ",".join(manifest.features),
+        "train_window": manifest.train_window,
+        "rows_train": manifest.rows.get("train"),
     }
 
 
-def _metrics(manifest: dict[str, Any]) -> dict[str, float]:
+def _metrics(manifest: registry.Manifest) -> dict[str, float]:
     found: dict[str, float] = {}
-    cv = (manifest.get("cv") or {}).get("score")
+    cv = manifest.cv.score
     if cv is not None:
-        found[f"cv_{manifest['metric']}"] = float(cv)
+        found[f"cv_{manifest.metric}"] = float(cv)
     for prefix, key in (("test", "test_metrics"), ("baseline_test", "baseline_test_metrics")):
-        for name, value in (manifest.get(key) or {}).items():
+        for name, value in getattr(manifest, key).items():
             if isinstance(value, int | float):
                 found[f"{prefix}_{name}"] = float(value)
     return found
 
 
-def reference_features(version_dir: Path, manifest: dict[str, Any]) -> pl.DataFrame:
+def reference_features(version_dir: Path, manifest: registry.Manifest) -> pl.DataFrame:
     """Transformed training rows saved with the version (what the booster reads), in model order."""
-    return pl.read_parquet(version_dir / registry.REFERENCE_FILE).select(manifest["features"])
+    return pl.read_parquet(version_dir / registry.REFERENCE_FILE).select(manifest.features)
 
 
 def _log_model(
-    mlflow: Any, tracker: Tracker, version_dir: Path, manifest: dict[str, Any], run_id: str
+    mlflow: Any, tracker: Tracker, version_dir: Path, manifest: registry.Manifest, run_id: str
 ) -> None:
     import lightgbm as lgb
     from mlflow.models import infer_signature
@@ -204,7 +204,7 @@ def _log_model(
         mlflow.lightgbm.save_model(booster, str(saved), signature=signature, input_example=sample.head(3))
         mlflow.log_artifacts(str(saved), artifact_path="model")
     mlflow.register_model(
-        f"runs:/{run_id}/model", tracker.registered_model, tags={VERSION_TAG: manifest["version"]}
+        f"runs:/{run_id}/model", tracker.registered_model, tags={VERSION_TAG: manifest.version}
     )
 
 

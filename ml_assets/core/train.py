@@ -1,10 +1,12 @@
 """Training: LightGBM tuned by time-aware cross-validation within a time budget, and a linear baseline.
 
-Within `time_budget_s`: the baselines (bounded), then the centre of the search space fitted on the whole
-training split with early stopping on the validation split (the model if nothing better fits the budget),
-then a seeded random search whose trials are scored by k-fold CV on the training split, folded as the
-split itself was made (tuning.py), and a refit of the best parameters if they are not the centre's.
-The test split is touched once, for the final metrics.
+Within `time_budget_s`: the baselines (bounded), then LightGBM's own defaults fitted on the whole training
+split with early stopping on the validation split (the model if nothing better fits the budget, so the
+model is never worse than a plain LightGBM script for want of time), then a seeded random search whose
+trials (the defaults first) are scored by k-fold CV on the training split, folded as the split itself was
+made (tuning.py), and a refit of the best parameters if they are not the defaults, kept only when it
+also scores at least as well on the validation split. The test split is touched once, for the final
+metrics; the defaults fit is recorded as a candidate (`lightgbm_defaults`) beside the model.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.features import TARGET, FeatureTransform, features_table_name, transform_of
 from ml_assets.core.hashing import frame_fingerprint
 from ml_assets.core.linear import LinearModel
-from ml_assets.core.metrics import all_metrics, choose_threshold
+from ml_assets.core.metrics import all_metrics, choose_threshold, improvement, score
 from ml_assets.core.progress import Progress, silent
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.store import Connect
@@ -40,7 +42,6 @@ from ml_assets.core.tuning import (
     base_params,
     fit_booster,
     predict,
-    sample_params,
     tune,
 )
 
@@ -199,6 +200,7 @@ class TrainedModel:
     threshold: float
     test_metrics: dict[str, float]
     candidates: dict[str, Candidate]
+    lightgbm_defaults: dict[str, Any]
     test_predictions: pl.DataFrame
     params: dict[str, Any] = field(default_factory=dict)
     final_fit_cut_at: int | None = None
@@ -209,6 +211,37 @@ class TrainedModel:
     @property
     def baseline_test_metrics(self) -> dict[str, float]:
         return self.candidates["linear"].test_metrics
+
+
+@dataclass
+class _Scored:
+    """A LightGBM fit scored once on the validation and test splits at its own decision threshold."""
+
+    booster: lgb.Booster
+    test_pred: np.ndarray
+    threshold: float
+    valid_score: float
+    test_metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, pipeline: PipelineSpec, data: TrainingData, booster: lgb.Booster) -> _Scored:
+        rounds = booster.best_iteration or booster.current_iteration()
+        valid_pred = predict(booster, data.valid.X, rounds)
+        test_pred = predict(booster, data.test.X, rounds)
+        threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
+        valid_score = score(pipeline.task, pipeline.metric, data.valid.y, valid_pred, threshold)
+        metrics = all_metrics(pipeline.task, data.test.y, test_pred, threshold)
+        return cls(booster, test_pred, threshold, valid_score, metrics)
+
+    def summary(self, chosen: bool) -> dict[str, Any]:
+        """What the manifest records of LightGBM's defaults as a candidate beside the model."""
+        return {
+            "rounds": self.booster.best_iteration or self.booster.current_iteration(),
+            "valid_score": self.valid_score,
+            "decision_threshold": self.threshold,
+            "test_metrics": self.test_metrics,
+            "chosen": chosen,
+        }
 
 
 def _as_columns(task: str, pred: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
@@ -235,51 +268,49 @@ def train_model(
     # The baselines come first, bounded, so the whole model step (they included) fits the budget.
     candidates = fit_candidates(pipeline, data, started + time_budget_s * BASELINE_SHARE)
     baselines_s = time.monotonic() - started
-    # Then the centre of the search space on the whole training split, stopped at the budget's end: on a
-    # machine too busy for even one CV trial, this is the model, trained as long as the budget allows
-    # (searching first left such a machine a cut trial and a final fit of a few rounds).
-    centre = base_params(pipeline, len(data.classes) if data.classes else None) | sample_params(
-        pipeline.model.search_space, None
-    )
-    progress(f"fitting the centre of the search space on {len(data.train.y)} training rows")
+    # Then LightGBM's own defaults on the whole training split, stopped at the budget's end: on a machine
+    # too busy for even one CV trial this is the model, trained as long as the budget allows, and no
+    # search can leave the model worse than what a plain LightGBM script gets on the same split.
+    defaults = base_params(pipeline, len(data.classes) if data.classes else None)
+    progress(f"fitting LightGBM's defaults on {len(data.train.y)} training rows")
     fitting = time.monotonic()
-    booster, cut_at = fit_final(pipeline, data, centre, deadline)
+    booster, cut_at = fit_final(pipeline, data, defaults, deadline)
     fit_s = time.monotonic() - fitting
+    defaults_fit = chosen = _Scored.of(pipeline, data, booster)
     # The search leaves time for one more fit like that one: the refit of the parameters it picks.
     search_budget_s = max(0.0, deadline - time.monotonic() - fit_s)
-    tuning = Tuning(centre, None)
+    tuning = Tuning(defaults, None)
     if search_budget_s > 0:
         progress(
             f"tuning: up to {max_trials} trials of {pipeline.model.cv_folds}-fold CV within "
             f"{search_budget_s:.0f} s of the {time_budget_s:.0f} s budget"
         )
         tuning = tune(pipeline, data, search_budget_s, max_trials, progress)
-    params = centre
-    if tuning.best_params != centre:
+    params = defaults
+    if tuning.best_params != defaults:
         progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; refitting the best parameters")
         refit, refit_cut = fit_final(pipeline, data, tuning.best_params, deadline)
-        # A refit the deadline stopped is not the model its CV score promised: the centre's stays.
-        if refit_cut is None:
-            booster, cut_at, params = refit, None, tuning.best_params
-    best_iteration = booster.best_iteration or booster.current_iteration()
-    valid_pred = predict(booster, data.valid.X, best_iteration)
-    test_pred = predict(booster, data.test.X, best_iteration)
-    threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
+        # A refit the deadline stopped is not the model its CV score promised, and one that scores worse
+        # than the defaults on the validation split won on CV by chance: the defaults' model stays.
+        tuned = _Scored.of(pipeline, data, refit) if refit_cut is None else None
+        if tuned and improvement(pipeline.metric, tuned.valid_score, defaults_fit.valid_score) >= 0:
+            chosen, cut_at, params = tuned, None, tuning.best_params
     predictions = pl.DataFrame(
         {
             "_key": data.test.key,
             "y_true": data.test.y,
-            **_as_columns(pipeline.task, test_pred, "model"),
+            **_as_columns(pipeline.task, chosen.test_pred, "model"),
             **_as_columns(pipeline.task, candidates["linear"].test_pred, "baseline"),
             **_as_columns(pipeline.task, candidates["constant"].test_pred, "constant"),
         }
     )
     return TrainedModel(
-        booster=booster,
+        booster=chosen.booster,
         tuning=tuning,
-        threshold=threshold,
-        test_metrics=all_metrics(pipeline.task, data.test.y, test_pred, threshold),
+        threshold=chosen.threshold,
+        test_metrics=chosen.test_metrics,
         candidates=candidates,
+        lightgbm_defaults=defaults_fit.summary(chosen is defaults_fit),
         test_predictions=predictions,
         params=params,
         final_fit_cut_at=cut_at,
@@ -317,7 +348,7 @@ def train_and_register(
     max_trials: int | None = None,
     run_id: str | None = None,
     progress: Progress = silent,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, registry.Manifest]:
     """Train on `<pipeline>.features`, write a new model version folder and register it, stamped with
     `run_id` so the later stages of the same run judge exactly this version.
 
@@ -382,60 +413,64 @@ def _manifest(
     budget: float,
     train_available: int,
     best_iteration: int,
-) -> dict[str, Any]:
+) -> registry.Manifest:
     """What a version records about itself: how it was trained, on what, and how it scored."""
     # Performance monitoring scores the model from its test split on, and judges it only on data that
     # arrived after the data it was built from.
     test_ts = frame.filter(pl.col("_split") == "test").get_column("_ts").drop_nulls()
-    return {
-        "version": version,
-        "pipeline": pipeline.name,
-        "task": pipeline.task,
-        "created_at": created.replace(tzinfo=None).isoformat(timespec="seconds"),
-        "metric": pipeline.metric,
-        "greater_is_better": pipeline.greater_is_better,
-        "params": trained.params,
-        "best_iteration": best_iteration,
-        "features": data.features,
-        "categorical_features": data.categorical,
-        "input_columns": transform.input_columns,
-        "id_columns": pipeline.row_id,
-        "target": pipeline.target.name,
-        "classes": data.classes,
-        "decision_threshold": trained.threshold,
-        "rows": {s: len(getattr(data, s).y) for s in ("train", "valid", "test")},
-        "train_rows_available": train_available,
-        "max_train_rows": pipeline.model.max_train_rows,
-        "train_window": data.time_window,
-        "test_start": str(test_ts.min()) if test_ts.len() else None,
-        "data_end": str(frame.get_column("_ts").max()) if test_ts.len() else None,
-        "data_fingerprint": frame_fingerprint(frame.filter(pl.col("_split") == "train")),
-        "code_version": registry.code_version(),
-        "cv": {
-            "score": trained.tuning.best_cv_score,
-            "folds": pipeline.model.cv_folds,
-            "trials": trained.tuning.trials,
-            "elapsed_s": round(trained.tuning.elapsed_s, 2),
-            "time_budget_s": budget,
-            "search_budget_s": round(trained.search_budget_s, 2),
-            "baselines_s": round(trained.baselines_s, 2),
-            "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
-            "final_fit_cut_at_round": trained.final_fit_cut_at,
-            "model_step_s": round(trained.elapsed_s, 2),
-        },
-        "model_kind": "lightgbm",
-        "test_metrics": trained.test_metrics,
-        "baseline": BASELINE_NAME[pipeline.task != "regression"],
-        "baseline_test_metrics": trained.baseline_test_metrics,
-        "baseline_threshold": trained.candidates["linear"].threshold,
-        # The simpler models judged beside this one at a first promotion (registry.candidate_file).
-        "candidates": {
-            kind: {
-                "decision_threshold": c.threshold,
-                "test_metrics": c.test_metrics,
-                "cut_short": c.cut_short,
-                "train_rows": c.train_rows,
+    return registry.Manifest.model_validate(
+        {
+            "version": version,
+            "pipeline": pipeline.name,
+            "task": pipeline.task,
+            "created_at": created.replace(tzinfo=None).isoformat(timespec="seconds"),
+            "metric": pipeline.metric,
+            "greater_is_better": pipeline.greater_is_better,
+            "params": trained.params,
+            "best_iteration": best_iteration,
+            "features": data.features,
+            "categorical_features": data.categorical,
+            "input_columns": transform.input_columns,
+            "id_columns": pipeline.row_id,
+            "target": pipeline.target.name,
+            "classes": data.classes,
+            "decision_threshold": trained.threshold,
+            "rows": {s: len(getattr(data, s).y) for s in ("train", "valid", "test")},
+            "train_rows_available": train_available,
+            "max_train_rows": pipeline.model.max_train_rows,
+            "train_window": data.time_window,
+            "test_start": str(test_ts.min()) if test_ts.len() else None,
+            "data_end": str(frame.get_column("_ts").max()) if test_ts.len() else None,
+            "data_fingerprint": frame_fingerprint(frame.filter(pl.col("_split") == "train")),
+            "code_version": registry.code_version(),
+            "cv": {
+                "score": trained.tuning.best_cv_score,
+                "folds": pipeline.model.cv_folds,
+                "trials": trained.tuning.trials,
+                "elapsed_s": round(trained.tuning.elapsed_s, 2),
+                "time_budget_s": budget,
+                "search_budget_s": round(trained.search_budget_s, 2),
+                "baselines_s": round(trained.baselines_s, 2),
+                "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
+                "final_fit_cut_at_round": trained.final_fit_cut_at,
+                "model_step_s": round(trained.elapsed_s, 2),
+            },
+            "model_kind": "lightgbm",
+            "test_metrics": trained.test_metrics,
+            "baseline": BASELINE_NAME[pipeline.task != "regression"],
+            "baseline_test_metrics": trained.baseline_test_metrics,
+            "baseline_threshold": trained.candidates["linear"].threshold,
+            # The simpler models judged beside this one at a first promotion (registry.candidate_file).
+            "candidates": {
+                kind: {
+                    "decision_threshold": c.threshold,
+                    "test_metrics": c.test_metrics,
+                    "cut_short": c.cut_short,
+                    "train_rows": c.train_rows,
+                }
+                for kind, c in trained.candidates.items()
             }
-            for kind, c in trained.candidates.items()
-        },
-    }
+            # LightGBM's defaults, early-stopped on the validation split: the model itself when `chosen`.
+            | {"lightgbm_defaults": trained.lightgbm_defaults},
+        }
+    )

@@ -62,12 +62,12 @@ def base_params(pipeline: PipelineSpec, n_classes: int | None) -> dict[str, Any]
     return params | pipeline.model.params
 
 
-def sample_params(space: dict[str, ParamRange], rng: np.random.Generator | None) -> dict[str, Any]:
-    """A random point of the space, or its centre (geometric for log ranges) when rng is None."""
+def sample_params(space: dict[str, ParamRange], rng: np.random.Generator) -> dict[str, Any]:
+    """A random point of the space (uniform, in log space for log ranges)."""
     out: dict[str, Any] = {}
     for name, r in space.items():
         lo, hi = (math.log(r.low), math.log(r.high)) if r.log else (r.low, r.high)
-        u = (lo + hi) / 2 if rng is None else rng.uniform(lo, hi)
+        u = rng.uniform(lo, hi)
         value = math.exp(u) if r.log else u
         out[name] = int(round(value)) if r.type == "int" else float(value)
     return out
@@ -143,9 +143,10 @@ def tune(
     max_trials: int,
     progress: Progress = silent,
 ) -> Tuning:
-    """Seeded random search within `time_budget_s`: the first trial is the centre of the search space;
-    every trial, the first included, is stopped when the deadline passes and recorded as cut short
-    (a cut trial's score is not comparable, so it never wins; with no complete trial the centre is used)."""
+    """Seeded random search within `time_budget_s`: the first trial is LightGBM's defaults (no searched
+    parameter); every trial, the first included, is stopped when the deadline passes and recorded as cut
+    short (a cut trial's score is not comparable, so it never wins; with no complete trial the defaults
+    are used)."""
     X, y = data.train.X, data.train.y
     fold_indices = cv_folds(pipeline, data.train)
     rng = np.random.default_rng(pipeline.model.seed)
@@ -160,7 +161,7 @@ def tune(
         # Never start a trial that is expected to overrun the budget.
         if trials and (not done or elapsed + elapsed / len(trials) > time_budget_s):
             break
-        sampled = sample_params(pipeline.model.search_space, None if not trials else rng)
+        sampled = sample_params(pipeline.model.search_space, rng) if trials else {}
         params = base | sampled
         fold_scores, rounds = [], []
         cut_short = False

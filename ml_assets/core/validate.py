@@ -1,8 +1,10 @@
 """Validation: `raw.<source>` -> typed `validated.<source>` + `quarantine.<source>`, and the data checks.
 
 Every configured column is coerced to its type; a row that fails any rule (wrong type, not-null, range,
-allowed values, pattern, timezone, duplicate id) goes to quarantine with the first failing rule and
-column, a readable reason for every failure, and its file and line. Both tables are replaced in one
+finite, allowed values, pattern, timezone, duplicate id) goes to quarantine with the first failing rule
+and column, a readable reason for every failure, and its file and line. In a number column NaN is a
+missing value (not_null and target.missing apply) and a float's ±inf breaks its range or, without one,
+the rule `finite`: every stage after validation reads finite numbers or NULL. Both tables are replaced in one
 transaction, so a failed validation never leaves a half-written pair.
 
 Datetimes are stored as naive UTC: a value with an offset (`-05:00`, `Z`) is converted to its UTC instant,
@@ -35,11 +37,21 @@ from ml_assets.core.sql import (
     cast_expr,
     drop_unpartitioned,
     lit,
+    nan_as_missing,
     q,
     replace_rows,
     table_columns,
 )
-from ml_assets.core.store import transaction
+from ml_assets.core.store import transactions
+
+NUMBER_TYPES = ("int", "float")
+
+
+def typed_sql(raw: str, ctype: str) -> str:
+    """A raw value as its config type; a number column's NaN as NULL (nan_as_missing)."""
+    if ctype not in NUMBER_TYPES:
+        return cast_expr(raw, ctype)
+    return f"CASE WHEN {nan_as_missing(raw)} THEN NULL ELSE {cast_expr(raw, ctype)} END"
 
 
 def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str, str, str]]:
@@ -47,7 +59,11 @@ def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str
     shown = f"coalesce(CAST({typed} AS VARCHAR), 'NULL')"
     out = []
     if spec.not_null:
-        out.append(("not_null", f"{typed} IS NULL", lit(f"{column}: value is missing (rule not_null)")))
+        # A number column's NaN is typed as missing (nan_as_missing), so it breaks this rule too.
+        missing = (
+            "value is missing (NaN counts as missing)" if spec.type in NUMBER_TYPES else "value is missing"
+        )
+        out.append(("not_null", f"{typed} IS NULL", lit(f"{column}: {missing} (rule not_null)")))
     if spec.min is not None:
         out.append(
             ("min", f"{typed} < {spec.min}", f"{lit(column + ': ')} || {shown} || ' is below min {spec.min}'")
@@ -55,6 +71,16 @@ def rule_conditions(column: str, spec: ColumnSpec, typed: str) -> list[tuple[str
     if spec.max is not None:
         out.append(
             ("max", f"{typed} > {spec.max}", f"{lit(column + ': ')} || {shown} || ' is above max {spec.max}'")
+        )
+    if spec.type == "float":
+        # After min/max, so a range names the rule an infinity breaks; without one, this rule does.
+        out.append(
+            (
+                "finite",
+                f"isinf({typed})",
+                f"{lit(column + ': ')} || {shown} || ' is not a finite number (rule finite); give a number or "
+                "leave the value empty'",
+            )
         )
     if spec.allowed is not None:
         values = ", ".join(lit(v) for v in spec.allowed)
@@ -157,7 +183,7 @@ def _typed_rows(spec: SourceSpec, source: str, raw_ref: Callable[[str], str], pa
     __z_), the row's partition (__p) and, under timezones: reject, each datetime's most common offset in
     that partition (__n_ counts, __m_)."""
     datetimes = _datetime_columns(spec)
-    added = [f"{cast_expr(raw_ref(c), s.type)} AS {q('__t_' + c)}" for c, s in spec.columns.items()]
+    added = [f"{typed_sql(raw_ref(c), s.type)} AS {q('__t_' + c)}" for c, s in spec.columns.items()]
     added += [part for c in datetimes for part in _offset_parts(raw_ref(c), c)]
     added.append(f"{partition_sql(spec) if partitioned else 'NULL'} AS __p")
     rows = f"SELECT *, {', '.join(added)} FROM {source}"
@@ -282,7 +308,7 @@ def _failure_list(spec: SourceSpec, raw_ref: Callable[[str], str], partitioned: 
             _failure(
                 "type",
                 column,
-                f"{raw_ref(column)} IS NOT NULL AND {typed} IS NULL",
+                f"{raw_ref(column)} IS NOT NULL AND {typed} IS NULL AND NOT {nan_as_missing(raw_ref(column))}",
                 f"{lit(column + ': ')} || {_quoted(raw_ref(column))} || ' is not a valid {cspec.type}'",
             )
         )
@@ -297,18 +323,19 @@ def _failure_list(spec: SourceSpec, raw_ref: Callable[[str], str], partitioned: 
 
 def _replace_tables(conn: duckdb.DuckDBPyConnection, name: str, where: str | None, partitioned: bool) -> None:
     """validated and quarantine from the temp tables, both in one transaction (whole, or the window)."""
-    with transaction(conn):
-        conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
-        conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
-        changed = _changed_range(conn, name, where, partitioned)
-        for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
-            if where:
-                drop_unpartitioned(conn, schema, name)
-                replace_rows(conn, f"{schema}.{q(name)}", temp, where)
-            else:
-                conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
-        if changed is not None:
-            changes.record(conn, name, *changed)
+    for attempt in transactions(conn, f"validated.{name}"):
+        with attempt:
+            conn.execute("CREATE SCHEMA IF NOT EXISTS validated")
+            conn.execute("CREATE SCHEMA IF NOT EXISTS quarantine")
+            changed = _changed_range(conn, name, where, partitioned)
+            for schema, temp in (("validated", "__valid"), ("quarantine", "__quarantined")):
+                if where:
+                    drop_unpartitioned(conn, schema, name)
+                    replace_rows(conn, f"{schema}.{q(name)}", temp, where)
+                else:
+                    conn.execute(f"CREATE OR REPLACE TABLE {schema}.{q(name)} AS SELECT * FROM {temp}")
+            if changed is not None:
+                changes.record(conn, name, *changed)
 
 
 def _result(

@@ -12,11 +12,19 @@ import dagster as dg
 
 from ml_assets.core.report_server import reports_url
 from ml_assets.core.spec.load import load_project
-from ml_assets.core.store import warehouse_path
+from ml_assets.core.store import warehouse
 from ml_assets.orchestration import jobs
 from ml_assets.orchestration.assets import build_assets
 from ml_assets.orchestration.assets.serving import predictions_partitions
-from ml_assets.orchestration.resources import ArtifactStore, TrainingOverrides, Warehouse
+from ml_assets.orchestration.handoff import HandOffStore
+from ml_assets.orchestration.intake import intake_job
+from ml_assets.orchestration.resources import (
+    PAUSE_SOCKET_ENV,
+    ArtifactStore,
+    RunPause,
+    TrainingOverrides,
+    Warehouse,
+)
 from ml_assets.orchestration.schedules import daily_drift_schedule, predictions_schedule
 from ml_assets.orchestration.sensors import landing_sensor, rescore_sensor, retrain_sensor
 
@@ -26,22 +34,25 @@ from ml_assets.orchestration.sensors import landing_sensor, rescore_sensor, retr
 # range. Dagster's trade-off: a run that fails does not mark each of its partitions failed; the run
 # and its steps still show failed. Read when a run is created, so it must be set in every process
 # that creates runs: those importing this module (the CLI, in-process runs) and, via the Makefile, the
-# webserver and daemon of `make dev`.
+# webserver and daemon of `make dev`. Undocumented in Dagster and with no public equivalent: a test
+# (test_public_dagster) fails when Dagster stops honouring it (docs/design.md, "The planned-events switch").
 PLANNED_EVENTS_ENV = "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"
 os.environ.setdefault(PLANNED_EVENTS_ENV, "1")
 
 
 def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
     return {
-        "warehouse": Warehouse(database=str(warehouse_path(root))),
+        "warehouse": Warehouse(database=warehouse(root)),
         "artifacts": ArtifactStore(root=str(root), reports_url=reports_url()),
         "training": TrainingOverrides(),
+        "handoff": HandOffStore(root=str(root / "handoff")),
+        "pause": RunPause(socket=os.environ.get(PAUSE_SOCKET_ENV, "")),
     }
 
 
 def build_definitions(pipelines: Path, root: Path) -> dg.Definitions:
     project = load_project(pipelines)
-    all_jobs: list[dg.UnresolvedAssetJobDefinition] = []
+    all_jobs: list[dg.UnresolvedAssetJobDefinition | dg.JobDefinition] = []
     sensors, schedules = [], []
     for pipeline in project.pipelines.values():
         retrain, drift = jobs.retrain_job(pipeline), jobs.drift_job(pipeline)
@@ -56,8 +67,9 @@ def build_definitions(pipelines: Path, root: Path) -> dg.Definitions:
             schedules.append(predictions_schedule(scoring))
     landing = jobs.landing_job(project)
     if landing is not None:
-        all_jobs.append(landing)
-        sensors.append(landing_sensor(project, root, landing))
+        intake = intake_job(project)
+        all_jobs += [landing, intake]
+        sensors.append(landing_sensor(project, root, landing, intake))
     return dg.Definitions(
         assets=build_assets(project),
         jobs=all_jobs,

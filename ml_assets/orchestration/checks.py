@@ -15,6 +15,7 @@ from ml_assets.core.check_results import CheckOutcome
 from ml_assets.core.serving import skew
 from ml_assets.core.spec import PipelineSpec, Project, SourceSpec
 from ml_assets.orchestration.failures import user_errors_as_failures
+from ml_assets.orchestration.handoff import SettledChampion
 from ml_assets.orchestration.keys import layer_key
 from ml_assets.orchestration.metadata import as_metadata
 from ml_assets.orchestration.resources import Warehouse
@@ -96,9 +97,10 @@ def modelling_checks(pipeline: PipelineSpec) -> list[dg.AssetChecksDefinition]:
 
 
 def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefinition:
-    """Online and batch scores of the champion agree (core.serving.skew.compare_paths), through the online
-    path every API request takes, in-process: blocking, so a champion served differently than it
-    batch-scores stops the run's predictions and monitors."""
+    """Online and batch scores of the champion the champion asset settled (its value, loaded as the check's
+    `champion` input) agree (core.serving.skew.compare_paths), through the online path every API request
+    takes, in-process: blocking, so a champion served differently than it batch-scores stops the run's
+    predictions and monitors."""
     key = dg.AssetKey([pipeline.name, "champion"])
     sources = project.sources_of(pipeline)
 
@@ -110,10 +112,13 @@ def skew_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefini
         "fields as JSON, completed from the API's lookups) and through the batch path give identical "
         "predictions (1e-9).",
     )
-    def _run(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
-        post = skew.online_path(warehouse.get_connection, pipeline, sources)
+    def _run(
+        context: dg.AssetCheckExecutionContext, warehouse: Warehouse, champion: SettledChampion
+    ) -> dg.AssetCheckResult:
+        # The online path serves the settled version too, whatever the alias says by now.
+        post = skew.online_path(warehouse.get_connection, pipeline, sources, pinned=champion.version)
         result = user_errors_as_failures(
-            lambda: skew.compare_paths(warehouse.get_connection, pipeline, sources, post)
+            lambda: skew.compare_paths(warehouse.get_connection, pipeline, sources, post, champion.version)
         )
         with warehouse.get_connection() as conn:
             check_results.record_check(

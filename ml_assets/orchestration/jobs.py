@@ -44,20 +44,28 @@ def retrain_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
     )
 
 
+def settled_and(pipeline: PipelineSpec, name: str) -> dg.AssetSelection:
+    """An asset after the champion with the champion asset itself: the run settles the champion (rollback
+    check) and the asset judges that version, not one settled by an earlier run before a manual rollback."""
+    return dg.AssetSelection.assets(
+        dg.AssetKey([pipeline.name, "champion"]), dg.AssetKey([pipeline.name, name])
+    )
+
+
 def drift_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
     return dg.define_asset_job(
         f"{pipeline.name}_drift_job",
-        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "drift_report"])),
-        description=f"Recompute the drift report of '{pipeline.name}'s champion.",
+        selection=settled_and(pipeline, "drift_report"),
+        description=f"Settle '{pipeline.name}'s champion and recompute its drift report.",
     )
 
 
 def predictions_job(pipeline: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
     return dg.define_asset_job(
         f"{pipeline.name}_predictions_job",
-        selection=dg.AssetSelection.assets(dg.AssetKey([pipeline.name, "predictions"])),
-        description=f"Score partitions of '{pipeline.name}' with its champion (what the rescore sensor and "
-        "the predictions schedule launch).",
+        selection=settled_and(pipeline, "predictions"),
+        description=f"Settle '{pipeline.name}'s champion and score partitions with it (what the rescore sensor "
+        "and the predictions schedule launch).",
     )
 
 

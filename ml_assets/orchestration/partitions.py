@@ -48,7 +48,7 @@ def range_tags_for(project: Project, first: dt.datetime, last: dt.datetime) -> d
 
 
 def pick_partitions_message(partitioned: list[str]) -> str:
-    """What a user launching partitioned assets without partitions reads, whichever way it is caught."""
+    """What a user launching partitioned assets without partitions reads (run_window)."""
     named = ", ".join(partitioned[:5]) + (f" and {len(partitioned) - 5} more" if len(partitioned) > 5 else "")
     return (
         f"{named} {'is' if len(partitioned) == 1 else 'are'} partitioned: launch {'it' if len(partitioned) == 1 else 'them'} "
@@ -60,10 +60,13 @@ def pick_partitions_message(partitioned: list[str]) -> str:
 def run_window(context: dg.AssetExecutionContext) -> TimeWindow:
     """The time window a partitioned step covers; one run may cover a range (single-run backfill)."""
     if not context.has_partition_key_range:
-        # Launched from the UI without choosing partitions, Dagster would fail deep inside with an
-        # internal CheckError ("Has a PartitionsDefinition..."): say what to do instead.
-        raise dg.Failure(
-            description=pick_partitions_message([context.asset_key.to_user_string()]), allow_retries=False
-        )
+        # A launch without partitions (the launchpad, `dagster asset materialize` without --partition)
+        # fails at its first partitioned step, before that step reads or writes anything; Dagster alone
+        # would fail deep inside with an internal CheckError. Public Dagster has no way to refuse the run
+        # before it starts (docs/design.md, "Launches without partitions"); the steps after this one are
+        # skipped. The message names this step's assets (a step cannot see the rest of the run's graph
+        # through public API) and how to launch them.
+        named = sorted(k.to_user_string() for k in context.selected_asset_keys)
+        raise dg.Failure(description=pick_partitions_message(named), allow_retries=False)
     tw = context.partition_time_window
     return TimeWindow(start=tw.start.replace(tzinfo=None), end=tw.end.replace(tzinfo=None))

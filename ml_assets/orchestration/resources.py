@@ -1,7 +1,9 @@
-"""Dagster resources: the DuckDB warehouse, the artifact store, and per-launch training overrides."""
+"""Dagster resources: the DuckDB warehouse, the artifact store, per-launch training overrides, and the
+point where a test can hold a run."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,15 +18,19 @@ from ml_assets.core.store import connect
 
 
 class Warehouse(DuckDBResource):
-    """The project's DuckDB file: raw, validated, quarantine, feature, registry and monitoring tables.
+    """The project's tables (raw, validated, quarantine, feature, registry, monitoring): `database` is a
+    DuckDB file, or a DuckLake catalog (`ducklake:postgres:...`) whose Parquet files live under
+    `data_path` (a folder every worker sees; unset: `$ML_ASSETS_SHARED_ROOT/warehouse`).
 
-    Connections are short-lived (opened per step, closed on error too) and wait while another process
-    holds the file's single write lock, with the platform's tables migrated on open.
+    Connections are short-lived (opened per step, closed on error too), with the platform's tables
+    migrated on open; a file's single write lock is waited for, a DuckLake write conflict retried.
     """
+
+    data_path: str | None = Field(None, description="DuckLake only: the folder of the warehouse's data files")
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with connect(self.database) as conn:
+        with connect(self.database, self.data_path) as conn:
             yield conn
 
 
@@ -63,3 +69,24 @@ class TrainingOverrides(ConfigurableResource):
 
     time_budget_s: float | None = Field(None, description="Seconds of hyper-parameter search per model")
     max_trials: int | None = Field(None, description="At most this many search trials per model")
+
+
+# A Unix socket where the model step of every run started with it set reports its version and waits.
+PAUSE_SOCKET_ENV = "ML_ASSETS_PAUSE_SOCKET"
+
+
+class RunPause(ConfigurableResource):
+    """Where a test holds a run to interleave it with another in a known order, without sleeps: with
+    `socket` set (from ML_ASSETS_PAUSE_SOCKET), the model step, once its version is registered, connects
+    to that Unix socket, sends `<run id> <version>` and waits until the other end answers or closes.
+    Unset (always, outside tests), it does nothing."""
+
+    socket: str = ""
+
+    def after_registering(self, run_id: str, version: str) -> None:
+        if not self.socket:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+            held.connect(self.socket)
+            held.sendall(f"{run_id} {version}\n".encode())
+            held.recv(1)

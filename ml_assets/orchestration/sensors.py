@@ -13,12 +13,14 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from ml_assets.core import drift, ingest, performance, registry, retrain_policy
-from ml_assets.core.ingest.ledger import FolderState, folder_states, scan_folder
+from ml_assets.core.ingest.ledger import FolderWatch, checked_rows, detect
 from ml_assets.core.serving import batch_scores
 from ml_assets.core.spec import PipelineSpec, Project
-from ml_assets.orchestration.jobs import landing_selection, landing_users
+from ml_assets.orchestration.intake import INTAKE_JOB, intake_run_config
+from ml_assets.orchestration.jobs import LANDING_JOB, landing_selection, landing_users
 from ml_assets.orchestration.partitions import partition_range_tags, range_tags_for
 from ml_assets.orchestration.resources import Warehouse
 
@@ -83,76 +85,89 @@ def retrain_sensor(pipeline: PipelineSpec, job: dg.UnresolvedAssetJobDefinition)
 LANDING_TRIGGER = "landing"
 
 
-def landing_sensor(project: Project, root: Path, job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
-    """New or changed files in the landing zones -> one ingestion run over the partitions they touch.
+def _watches(cursor: str | None, sources: list[str]) -> dict[str, FolderWatch]:
+    state = json.loads(cursor) if cursor else {}
+    return {name: FolderWatch.from_json(state.get(name)) for name in sources}
 
-    A file is known by its content (sha256), so a re-dropped or renamed copy ingests nothing (the copy is
-    recorded as ignored); the run_key names the batch, so a tick evaluated twice launches one run. A file is
-    read once it has settled (ledger.scan_folder). Every entry ends in the ledger once: a file that cannot
-    be read or checked as rejected with the reason (never loaded), anything else (a directory, a socket, an
-    unsupported extension) as ignored with the reason; batches still being written (`.name`, `*.tmp`,
-    `*.part`, `*~`) are left alone until renamed. The cursor holds ledger.FolderState per source; a cursor
-    of the first format ({source: [sha256, ...]}) is still read.
+
+def _load_request(project: Project, users: dict[str, list[str]], checked: pl.DataFrame) -> dg.RunRequest:
+    """The landing job over the partitions the checked contents touch; the run_key names the contents."""
+    sources = sorted(set(checked.get_column("source")))
+    tags = {
+        TRIGGER_TAG: LANDING_TRIGGER,
+        "ml_assets/files": ", ".join(Path(f).name for f in checked.get_column("file"))[:250],
+    }
+    if any(project.sources[n].partitions for n in sources):
+        tags |= range_tags_for(
+            project, checked.get_column("first_partition").min(), checked.get_column("last_partition").max()
+        )
+    batch = hashlib.sha256("".join(sorted(checked.get_column("sha256"))).encode()).hexdigest()[:16]
+    selection = landing_selection({n: users[n] for n in sources}, project)
+    return dg.RunRequest(
+        run_key=f"landing-{batch}", job_name=LANDING_JOB, asset_selection=selection, tags=tags
+    )
+
+
+def _intake_request(new: dict[str, dict[str, list[int] | None]]) -> dg.RunRequest:
+    """The intake of newly detected entries; the run_key names them by (name, size, mtime)."""
+    stamps = hashlib.sha256(json.dumps(new, sort_keys=True).encode()).hexdigest()[:16]
+    files = {name: sorted(entries) for name, entries in new.items()}
+    return dg.RunRequest(
+        run_key=f"intake-{stamps}",
+        job_name=INTAKE_JOB,
+        run_config=intake_run_config(files),
+        tags={
+            TRIGGER_TAG: LANDING_TRIGGER,
+            "ml_assets/files": ", ".join(n for names in files.values() for n in names)[:250],
+        },
+    )
+
+
+def landing_sensor(
+    project: Project, root: Path, job: dg.UnresolvedAssetJobDefinition, intake: dg.JobDefinition
+) -> dg.SensorDefinition:
+    """New files in the landing zones -> an intake run that checks them -> one ingestion run over the
+    partitions they touch.
+
+    A tick opens no file: it compares the folder's names, sizes and modification times with the names the
+    ledger holds. A new entry is handed to an intake run (intake.py) once it has settled (ledger.detect);
+    the intake hashes, reads and checks it and records it in the ledger (checked, rejected or ignored, with
+    the reason). Contents the ledger holds as checked are then loaded by the landing job over the
+    partitions they touch. Both run_keys name what they cover, so a tick evaluated twice launches nothing
+    twice. The ledger is the memory: the cursor holds only entries not yet in it (ledger.FolderWatch).
+    Batches still being written (`.name`, `*.tmp`, `*.part`, `*~`) are left alone until renamed.
     """
-    landing = {n: s for n, s in project.sources.items() if s.landing}
+    landing = sorted(n for n, s in project.sources.items() if s.landing)
     users = landing_users(project)
 
     @dg.sensor(
         name="landing_zone",
-        job=job,
+        jobs=[job, intake],
         minimum_interval_seconds=10,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Ingest new files dropped into {root / 'landing'}/<source>/ for sources {sorted(landing)}: "
-        "raw -> validated, then the modelling tables, batch scores, drift reports and champion performance that "
-        "read them.",
+        description=f"Ingest new files dropped into {root / 'landing'}/<source>/ for sources {landing}: "
+        "an intake run checks them, then raw -> validated, then the modelling tables, batch scores, drift "
+        "reports and champion performance that read them.",
     )
-    def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult | dg.SkipReason:
-        if context.cursor:
-            states = {n: FolderState.from_json(v) for n, v in json.loads(context.cursor).items()}
-        else:
-            # A fresh sensor (first start, reset cursor) must not re-ingest what `ml-assets run` or an
-            # earlier sensor already loaded, rejected or ignored: the ledger knows.
-            with warehouse.get_connection() as conn:
-                states = folder_states(conn, list(landing))
-        scans = {
-            name: scan_folder(
-                name, spec, ingest.landing_dir(root, name), states.setdefault(name, FolderState())
-            )
-            for name, spec in landing.items()
-        }
-        cursor = json.dumps({n: state.to_json() for n, state in states.items()})
-        recorded = [row for scan in scans.values() for row in scan.rows]
-        if recorded:
-            with warehouse.get_connection() as conn:
-                for name, scan in scans.items():
-                    ingest.record_files(conn, name, scan.rows, "sensor:landing_zone")
-        for row in recorded:  # a rejection's reason names the file
-            if row["status"] == "rejected":
-                context.log.warning(str(row["reason"]))
-            else:
-                context.log.info(f"ignored {row['file']}: {row['reason']}")
-        accepted = {name: scan.accepted for name, scan in scans.items() if scan.accepted}
-        if not accepted:
-            done = [f"{row['status']} {Path(str(row['file'])).name}" for row in recorded]
-            waiting = [f"waiting for {n} to settle" for scan in scans.values() for n in scan.settling]
-            # An idle tick (every 10 s) says so without writing a log.
-            reason = logged_skip(context, "; ".join(done + waiting)) if done or waiting else "no new files"
-            return dg.SensorResult(skip_reason=reason, cursor=cursor)
-        records = [r for rows in accepted.values() for r in rows]
-        tags = {
-            TRIGGER_TAG: LANDING_TRIGGER,
-            "ml_assets/files": ", ".join(Path(str(r["path"])).name for r in records)[:250],
-        }
-        if any(landing[n].partitions for n in accepted):
-            tags |= range_tags_for(
-                project,
-                min(r["first_partition"] for r in records),
-                max(r["last_partition"] for r in records),
-            )
-        selection = landing_selection({n: users[n] for n in accepted}, project)
-        batch = hashlib.sha256("".join(sorted(str(r["sha256"]) for r in records)).encode()).hexdigest()[:16]
-        request = dg.RunRequest(run_key=f"landing-{batch}", asset_selection=selection, tags=tags)
-        return dg.SensorResult(run_requests=[request], cursor=cursor)
+    def _sensor(context: dg.SensorEvaluationContext, warehouse: Warehouse) -> dg.SensorResult:
+        watches = _watches(context.cursor, landing)
+        with warehouse.get_connection() as conn:
+            known = {name: ingest.ledger_names(conn, name) for name in landing}
+            checked = checked_rows(conn, landing)
+        found = {name: detect(ingest.landing_dir(root, name), known[name], watches[name]) for name in landing}
+        cursor = json.dumps({name: watch.to_json() for name, watch in watches.items()})
+        requests = []
+        new = {name: d.new for name, d in found.items() if d.new}
+        if new:
+            requests.append(_intake_request(new))
+        if not checked.is_empty():
+            requests.append(_load_request(project, users, checked))
+        if requests:
+            return dg.SensorResult(run_requests=requests, cursor=cursor)
+        waiting = [f"waiting for {n} to settle" for d in found.values() for n in d.settling]
+        # An idle tick (every 10 s) says so without writing a log.
+        reason = logged_skip(context, "; ".join(waiting)) if waiting else "no new files"
+        return dg.SensorResult(skip_reason=reason, cursor=cursor)
 
     return _sensor
 

@@ -15,7 +15,14 @@ from ml_assets.core.ingest.files import (
     read_files,
     resolve_files,
 )
-from ml_assets.core.ingest.ledger import ledger, loaded_outside, record_files, rejected_sha256
+from ml_assets.core.ingest.ledger import (
+    changed_after_load,
+    ledger,
+    ledger_names,
+    loaded_outside,
+    record_files,
+    rejected_sha256,
+)
 from ml_assets.core.ingest.raw import IngestResult, load_raw, read_remote, watermark
 from ml_assets.core.ingest.window import TimeWindow, event_time_sql, window_condition
 
@@ -26,9 +33,11 @@ __all__ = [
     "RejectedFile",
     "SourceError",
     "TimeWindow",
+    "changed_after_load",
     "event_time_sql",
     "landing_dir",
     "ledger",
+    "ledger_names",
     "load_raw",
     "loaded_outside",
     "package_file",

@@ -15,7 +15,6 @@ from urllib.parse import unquote, urlsplit
 
 import duckdb
 import polars as pl
-import psycopg
 
 from ml_assets.core.errors import ConfigError, SourceError
 from ml_assets.core.ingest.window import TimeWindow
@@ -30,6 +29,9 @@ def read_database(
 ) -> tuple[pl.DataFrame, str]:
     """(rows of the window as strings plus `_source_row`, label of where they came from, no credentials);
     with `limit`, only the window's first rows in time order (a sample to infer the schema from)."""
+    # Imported by the reads that need it: every CLI command imports this module through the ingest package.
+    import psycopg
+
     db = spec.database
     if db is None or spec.timestamp is None:
         raise ConfigError(f"source '{name}': a database source needs database: and timestamp:")
@@ -82,6 +84,8 @@ def _first_line(exc: BaseException) -> str:
 def _read_postgres(
     url: str, source: str, ts: str, window: TimeWindow, timeout_s: float, limit: int | None
 ) -> tuple[list[str], list[tuple]]:
+    import psycopg
+
     password = urlsplit(url).password
     try:
         # libpq takes whole seconds (and treats anything below 2 as 2).

@@ -4,6 +4,7 @@ time axis before anything is written."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import glob
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import duckdb
 import polars as pl
@@ -118,9 +120,79 @@ def resolve_files(name: str, spec: SourceSpec, base_dir: Path, root: Path) -> li
     return files
 
 
+def _binary(data: Path | bytes) -> BinaryIO:
+    return io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")
+
+
 def _header(data: Path | bytes) -> list[str]:
-    with io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb") as raw:
+    with _binary(data) as raw:
         return next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")), [])
+
+
+def _not_text(byte: int, line: int, column: int, encoding: str) -> str:
+    fix = (
+        "save the file as UTF-8, or declare its encoding on the source (e.g. `encoding: latin-1` or `cp1252`)"
+        if codecs.lookup(encoding).name == "utf-8"
+        else f"save the file as {encoding}, or declare the encoding it has (`encoding:`)"
+    )
+    return f"line {line}: byte 0x{byte:02x} at column {column} is not valid {encoding} text; {fix}"
+
+
+def parse_problem(data: Path | bytes) -> str | None:
+    """The first line of a (UTF-8) CSV that polars cannot read, and what to do about it: a byte that is
+    not UTF-8, or a row with more fields than the header (polars names neither the line nor the fix).
+    None when no such line is found."""
+    with _binary(data) as raw:
+        for number, line in enumerate(raw, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return _not_text(line[exc.start], number, exc.start + 1, "utf-8")
+    with _binary(data) as raw:
+        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""))
+        fields = len(next(reader, []))
+        for record in reader:
+            if len(record) > fields:
+                return (
+                    f"line {reader.line_num} has {len(record)} fields, the header has {fields}: quote a value "
+                    'that holds a comma ("a,b"), or remove the extra field(s)'
+                )
+    return None
+
+
+def _as_utf8(name: str, label: str, data: Path | bytes, encoding: str) -> Path | bytes:
+    """What polars reads (UTF-8 only): the data itself, or its text decoded from the source's `encoding`
+    (in memory, like a gunzipped file)."""
+    if codecs.lookup(encoding).name == "utf-8":
+        return data
+    raw = data if isinstance(data, bytes) else data.read_bytes()
+    try:
+        return raw.decode(encoding).encode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, column = raw.count(b"\n", 0, exc.start) + 1, exc.start - raw.rfind(b"\n", 0, exc.start)
+        problem = _not_text(raw[exc.start], line, column, encoding)
+        raise SourceError(f"source '{name}': file {label}: {problem}; nothing was loaded") from exc
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One readable unit of a data file (the file, or a zip member): its lazy scan, and the UTF-8 bytes
+    behind it to name the line of a parser error (None: a Parquet file)."""
+
+    label: str
+    scan: pl.LazyFrame
+    data: Path | bytes | None = None
+
+    @contextmanager
+    def named_rows(self, name: str) -> Iterator[None]:
+        """A parser error as the source's one-line error naming the file, the line and what to do."""
+        try:
+            yield
+        except pl.exceptions.ComputeError as exc:
+            problem = parse_problem(self.data) if self.data is not None else None
+            if problem is None:
+                raise
+            raise SourceError(f"source '{name}': file {self.label}: {problem}; nothing was loaded") from exc
 
 
 def _scan_csv(name: str, label: str, data: Path | bytes, spec: SourceSpec, rows: int | None) -> pl.LazyFrame:
@@ -143,11 +215,14 @@ def _scan_csv(name: str, label: str, data: Path | bytes, spec: SourceSpec, rows:
     ).with_row_index("_source_row", offset=1)
 
 
-def _scan_file(name: str, path: Path, spec: SourceSpec, rows: int | None) -> list[tuple[str, pl.LazyFrame]]:
+def _scan_file(name: str, path: Path, spec: SourceSpec, rows: int | None) -> list[Piece]:
     suffix = data_suffix(path)
     if suffix == ".parquet" or (suffix is None and spec.resolved_format == "parquet"):
         return [
-            (str(path), pl.scan_parquet(path, row_index_name="_source_row", row_index_offset=1, n_rows=rows))
+            Piece(
+                str(path),
+                pl.scan_parquet(path, row_index_name="_source_row", row_index_offset=1, n_rows=rows),
+            )
         ]
     batches: list[tuple[str, Path | bytes]] = [(str(path), path)]
     if suffix == ".zip":
@@ -156,7 +231,8 @@ def _scan_file(name: str, path: Path, spec: SourceSpec, rows: int | None) -> lis
             batches = [(f"{path}!{m}", archive.read(m)) for m in members]
     elif suffix == ".csv.gz":
         batches = [(str(path), gzip.decompress(path.read_bytes()))]
-    return [(label, _scan_csv(name, label, data, spec, rows)) for label, data in batches]
+    texts = [(label, _as_utf8(name, label, data, spec.encoding)) for label, data in batches]
+    return [Piece(label, _scan_csv(name, label, text, spec, rows), text) for label, text in texts]
 
 
 @contextmanager
@@ -183,8 +259,12 @@ def read_file(
     """(label, frame) per data file, of its first `rows` rows if given; a zip archive yields one entry per
     member, a `.csv.gz` is gunzipped. A name without a known extension (a `path:` source) is read in the
     source's format."""
+    frames = []
     with _reading(name, path):
-        return [(label, scan.collect()) for label, scan in _scan_file(name, path, spec, rows)]
+        for piece in _scan_file(name, path, spec, rows):
+            with piece.named_rows(name):
+                frames.append((piece.label, piece.scan.collect()))
+    return frames
 
 
 def check_batch(name: str, spec: SourceSpec, label: str, columns: list[str], rows: int) -> dict[str, object]:
@@ -252,46 +332,77 @@ def content_key(name: str, path: Path) -> str:
         ) from exc
 
 
+def file_facts(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file as the ledger keeps them; None when it cannot be stat'ed."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
+def _stage(name: str, spec: SourceSpec, batch: Batch, path: Path) -> list[dict[str, object]]:
+    """Stage every piece of one file into the batch; a checked record per piece."""
+    records = []
+    with _reading(name, path):
+        for piece in _scan_file(name, path, spec, None):
+            # Streamed to disk: one file's values are never all in memory, let alone every file's.
+            part = batch.next_part()
+            with piece.named_rows(name):
+                piece.scan.with_columns(pl.lit(piece.label).alias("_source_file")).sink_parquet(part)
+            record = check_batch(name, spec, piece.label, *batch.add(part))
+            if spec.partitions:
+                first, last = file_time_range(name, spec, piece.label, part)
+                _within_partitions(name, spec, piece.label, first, last)
+                record["first_partition"], record["last_partition"] = first, last
+            records.append(record)
+    return records
+
+
 def read_files(
     name: str, spec: SourceSpec, files: list[Path], skip_sha256: set[str] = frozenset()
 ) -> tuple[Batch | None, list[dict[str, object]]]:
     """Every batch of a file source, checked and staged file by file (batch.Batch); a file whose content
     was already read (same sha256 under another name) or was rejected before is skipped, so re-dropping a
-    file never duplicates rows.
+    file never duplicates rows. Each record carries the file's size and mtime_ns as they were before it
+    was hashed; a file whose size or mtime changed while it was read is still being written: the read
+    fails and nothing of it is loaded (a later run reads it whole).
 
     `skip_sha256` holds ledger keys: rejected contents, and the `path:<name>` of entries set aside (an
     unreadable file, a copy): such a name is read only for content no other file holds."""
     batch = Batch()
     records: list[dict[str, object]] = []
     seen = set(skip_sha256)
-    keyed: list[tuple[Path, str]] = []
+    keyed: list[tuple[Path, str, tuple[int, int] | None]] = []
     for path in files:
+        facts = file_facts(path)
         try:
-            keyed.append((path, content_key(name, path)))
+            keyed.append((path, content_key(name, path), facts))
         except RejectedFile as exc:
             if exc.sha256 not in seen:  # unreadable, and not already rejected as such
                 raise
     # A content under several names keeps the name the ledger gave it: recorded copies come last (stable).
     keyed.sort(key=lambda entry: entry_key(entry[0]) in seen)
-    for path, sha in keyed:
+    for path, sha, facts in keyed:
         if sha in seen:
             continue
         seen.add(sha)
         try:
-            with _reading(name, path):
-                for label, scan in _scan_file(name, path, spec, None):
-                    # Streamed to disk: one file's values are never all in memory, let alone every file's.
-                    part = batch.next_part()
-                    scan.with_columns(pl.lit(label).alias("_source_file")).sink_parquet(part)
-                    record = check_batch(name, spec, label, *batch.add(part))
-                    if spec.partitions:
-                        first, last = file_time_range(name, spec, label, part)
-                        _within_partitions(name, spec, label, first, last)
-                        record["first_partition"], record["last_partition"] = first, last
-                    records.append({**record, "path": str(path), "sha256": sha})
+            staged = _stage(name, spec, batch, path)
         except SourceError as exc:
             batch.folder.cleanup()  # now, not whenever the traceback holding the batch is collected
             raise RejectedFile(str(exc), path, sha) from exc
+        if file_facts(path) != facts:
+            batch.folder.cleanup()
+            raise SourceError(
+                f"source '{name}': file {path} changed while it was read (still being written); nothing was "
+                "loaded. A later run reads it whole once it has settled; a writer that cannot finish in one "
+                "go should write .<name>.tmp and rename it when complete"
+            )
+        size, mtime_ns = facts or (None, None)
+        records += [
+            {**r, "path": str(path), "sha256": sha, "size": size, "mtime_ns": mtime_ns} for r in staged
+        ]
     return (batch if batch.parts else None), records
 
 

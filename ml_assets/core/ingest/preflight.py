@@ -13,7 +13,7 @@ import polars as pl
 from ml_assets.core.errors import SourceError
 from ml_assets.core.ingest.files import check_batch, read_file, resolve_files
 from ml_assets.core.spec.schema import SourceSpec
-from ml_assets.core.sql import cast_expr, q
+from ml_assets.core.sql import cast_expr, nan_as_missing, q
 
 SAMPLE_ROWS = 5000
 
@@ -26,9 +26,11 @@ def _unparsed(spec: SourceSpec, frame: pl.DataFrame) -> list[str]:
         conn.register("sample", sample.cast(pl.String).to_arrow())
         for column in sample.columns:
             ctype = spec.columns[column].type
+            # A number column's NaN is a missing value, not one that fails to parse (validate.typed_sql).
+            nan = f" AND NOT {nan_as_missing(q(column))}" if ctype in ("int", "float") else ""
             bad, example = conn.execute(
                 f"SELECT count(*), min({q(column)}) FROM sample WHERE {q(column)} IS NOT NULL "
-                f"AND {cast_expr(q(column), ctype)} IS NULL"
+                f"AND {cast_expr(q(column), ctype)} IS NULL{nan}"
             ).fetchone()
             if bad:
                 problems.append(

@@ -18,7 +18,7 @@ from ml_assets.core.ingest.files import check_batch
 from ml_assets.core.ingest.window import TimeWindow, event_time_sql, window_condition
 from ml_assets.core.spec.schema import SourceSpec
 from ml_assets.core.sql import EVENT_TIME, LINEAGE, drop_unpartitioned, q, replace_rows, table_exists
-from ml_assets.core.store import transaction
+from ml_assets.core.store import transactions
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,12 @@ def load_raw(
         else:
             conn.execute(f"CREATE OR REPLACE TEMP TABLE __batch AS {select}")
             rows = conn.execute("SELECT count(*) FROM __batch").fetchone()[0]
-            with transaction(conn):
-                drop_unpartitioned(conn, "raw", name)
-                replace_rows(
-                    conn, table, "__batch", None if window.after is not None else window_condition(window)
-                )
+            for attempt in transactions(conn, table):
+                with attempt:
+                    drop_unpartitioned(conn, "raw", name)
+                    replace_rows(
+                        conn, table, "__batch", None if window.after is not None else window_condition(window)
+                    )
     finally:
         conn.execute("DROP TABLE IF EXISTS __batch")
         conn.execute("DROP VIEW IF EXISTS _incoming")

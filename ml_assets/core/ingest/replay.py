@@ -160,12 +160,13 @@ class Resample:
         )
 
 
-def _history(name: str, spec: SourceSpec) -> pl.DataFrame:
-    """The source's whole recorded history with each row's event time (as partitioning computes it)."""
+def _history(name: str, spec: SourceSpec, base: Path) -> pl.DataFrame:
+    """The source's whole recorded history with each row's event time (as partitioning computes it); a
+    relative `replay.path` is read from beside the pipeline file, `base`, as every other path is."""
     path = _replay_spec(name, spec).path
-    frames = [
-        f for _, f in read_file(name, package_file(path) if path.startswith(PKG_SCHEME) else Path(path), spec)
-    ]
+    # base / path is path itself when path is absolute.
+    file = package_file(path) if path.startswith(PKG_SCHEME) else base / path
+    frames = [f for _, f in read_file(name, file, spec)]
     frame = pl.concat(frames, how="diagonal_relaxed").with_columns(pl.lit(path).alias("_source_file"))
     with duckdb.connect() as conn:
         conn.execute("SET TimeZone = 'UTC'")
@@ -202,8 +203,10 @@ def replay_source(
     batch: str = "month",
     shifts: tuple[Shift, ...] = (),
     resample: Resample | None = None,
+    base: Path = Path(),
 ) -> list[Path]:
-    """Drop the slices after the last replayed day up to `until` (inclusive) into the landing zone."""
+    """Drop the slices after the last replayed day up to `until` (inclusive) into the landing zone;
+    `base` is the folder of the source's pipeline file."""
     if spec.replay is None or spec.partitions is None:
         raise SourceError(f"source '{name}': replay needs `landing: true`, `replay:` and `partitions:`")
     start = replayed_until(root, name)
@@ -212,7 +215,7 @@ def replay_source(
         return []
     folder = landing_dir(root, name)
     folder.mkdir(parents=True, exist_ok=True)
-    history = _history(name, spec)
+    history = _history(name, spec, base)
     if resample is not None:
         history = resample.apply(
             name, spec, history, [first + dt.timedelta(days=i) for i in range((until - first).days + 1)]
@@ -282,6 +285,7 @@ def replay(
             batch,
             tuple(s for s in shifts if s.source in (None, name) and s.column in spec.columns),
             resample,
+            project.source_files[name].parent,
         )
         for name, spec in sources.items()
     }
@@ -292,5 +296,6 @@ def seed(project: Project, root: Path) -> dict[str, list[Path]]:
     out = {}
     for name, spec in project.sources.items():
         if spec.replay and spec.replay.initial_until and replayed_until(root, name) is None:
-            out[name] = replay_source(root, name, spec, spec.replay.initial_until)
+            base = project.source_files[name].parent
+            out[name] = replay_source(root, name, spec, spec.replay.initial_until, base=base)
     return out

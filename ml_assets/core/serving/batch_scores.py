@@ -4,7 +4,7 @@ asset (`<pipeline>.predictions`), the `ml-assets predict` command and the online
 Batch scores live in a per-pipeline table, beside the pipeline's modelling table: their columns are the
 pipeline's id columns, which differ from pipeline to pipeline, so they cannot be one platform table of
 store.py. Every row names the version that scored it and when. A partition window is re-scored by deleting
-its rows and inserting the new ones in one transaction, chunk by chunk, so memory stays bounded by
+its rows and inserting the new ones in one transactions, chunk by chunk, so memory stays bounded by
 `serving.chunk_rows` whatever the partition's size, and a reader sees the old scores or the new ones.
 
 The same rows are readable as Parquet: one file per partition, `<data>/predictions/<pipeline>/<partition>
@@ -31,9 +31,9 @@ from ml_assets.core.ingest import TimeWindow, window_condition
 from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.sql import lit, q, table_exists
-from ml_assets.core.store import transaction
+from ml_assets.core.store import cursor, transactions
 
-SCORE_COLUMNS = ("score", "decision", "version", "scored_at")
+SCORE_COLUMNS = ("score", "decision", "version", "scored_at", "run_id")
 
 
 class NoChampion(ArtifactError):
@@ -51,12 +51,10 @@ def entity_columns(pipeline: PipelineSpec) -> list[str]:
     return [*ids, *ts]
 
 
-def champion_version(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> str | None:
-    return registry.alias_version(conn, pipeline.name, registry.CHAMPION)
-
-
 def champion(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> registry.Registered:
-    version = champion_version(conn, pipeline)
+    """The champion as the alias names it now: for the doors (`ml-assets predict`), not for assets after
+    `<pipeline>/champion`, which score the version it settled."""
+    version = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
     if version is None:
         raise NoChampion(
             f"pipeline '{pipeline.name}' has no champion yet: materialize its model and promotion "
@@ -77,7 +75,7 @@ def score_columns(model: ServableModel, rows: pl.DataFrame, version: str) -> pl.
     (regression); decision: the class at the champion's threshold (binary) or the most likely class,
     None for regression."""
     predicted = np.asarray(model.predict(rows), dtype=np.float64)
-    task = model.manifest["task"]
+    task = model.manifest.task
     decision: pl.Series
     extra: list[pl.Series] = []
     if task == "regression":
@@ -152,6 +150,8 @@ def _ensure_table(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, task:
     ]
     if task == "multiclass":
         scores.append((PROBABILITIES, 'STRUCT("class" VARCHAR, probability DOUBLE)[]'))
+    # Last: where the migration to schema version 9 (store.add_score_run_ids) added it to older tables.
+    scores.append(("run_id", "VARCHAR"))
     table = predictions_table(pipeline)
     rebuilt = None
     if table_exists(conn, pipeline.name, "predictions"):
@@ -179,13 +179,18 @@ def _window_sql(pipeline: PipelineSpec, window: TimeWindow | None) -> str:
 
 
 def score_window(
-    conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, window: TimeWindow | None
+    conn: duckdb.DuckDBPyConnection,
+    pipeline: PipelineSpec,
+    window: TimeWindow | None,
+    version: str,
+    run_id: str | None = None,
 ) -> ScoreRun:
-    """Score the modelling table's rows in `window` with the champion and replace that window's rows of
-    `<pipeline>.predictions`, in one transaction. Raises NoChampion when there is none."""
-    found = champion(conn, pipeline)
+    """Score the modelling table's rows in `window` with `version` (the champion the caller's champion
+    step settled) and replace that window's rows of `<pipeline>.predictions`, in one transaction; every
+    row names the version and the `run_id` that scored it."""
+    found = registry.registered(conn, version, pipeline.name)
     model = ServableModel.from_registry(found)
-    rebuilt = _ensure_table(conn, pipeline, model.manifest["task"])
+    rebuilt = _ensure_table(conn, pipeline, model.manifest.task)
     where = _window_sql(pipeline, window)
     needed = sorted({*model.transform.input_columns, *entity_columns(pipeline)})
     # Functions of features may read any column, so only a transform without them reads fewer columns.
@@ -196,7 +201,7 @@ def score_window(
     # statement in a transaction: inserting every chunk inside the transaction would hold them all in
     # memory until it commits (10M rows: +4 GiB).
     try:
-        with conn.cursor() as reader:
+        with cursor(conn) as reader:
             batches = reader.execute(
                 f"SELECT {select} FROM {table_name(pipeline)} WHERE {where}"
             ).to_arrow_reader(pipeline.serving.chunk_rows)
@@ -206,7 +211,7 @@ def score_window(
                 if not isinstance(chunk, pl.DataFrame) or chunk.height == 0:
                     continue
                 scored = score_frame(model, pipeline, chunk, found.version).with_columns(
-                    pl.lit(now).alias("scored_at")
+                    pl.lit(now).alias("scored_at"), pl.lit(run_id, dtype=pl.String).alias("run_id")
                 )
                 conn.register("__scores", scored.to_arrow())
                 try:
@@ -215,9 +220,10 @@ def score_window(
                 finally:
                     conn.unregister("__scores")
                 rows += chunk.height
-        with transaction(conn):
-            replaced = conn.execute(f"DELETE FROM {table} WHERE {where}").fetchone()[0]
-            conn.execute(f"INSERT INTO {table} SELECT * FROM __scored")
+        for attempt in transactions(conn, table):
+            with attempt:
+                replaced = conn.execute(f"DELETE FROM {table} WHERE {where}").fetchone()[0]
+                conn.execute(f"INSERT INTO {table} SELECT * FROM __scored")
     finally:
         conn.execute("DROP TABLE IF EXISTS __scored")
     return ScoreRun(found.version, rows, replaced, window, score_summary(conn, pipeline, where), rebuilt)

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -28,9 +28,9 @@ from ml_assets.core.registry import (
     MODEL_JSON_FILE,
     SAMPLE_FILE,
     TRANSFORM_FILE,
+    Manifest,
     Registered,
     candidate_file,
-    model_kind,
     read_manifest,
 )
 
@@ -39,10 +39,10 @@ class Predictor(Protocol):
     def predict(self, features: pl.DataFrame | np.ndarray) -> np.ndarray: ...
 
 
-def load_predictor(version_dir: Path, manifest: dict[str, Any]) -> Predictor:
+def load_predictor(version_dir: Path, manifest: Manifest) -> Predictor:
     """The model of a (hash-verified) version folder: LightGBM's text model, or a JSON linear/constant
     model."""
-    if model_kind(manifest) == "lightgbm":
+    if manifest.model_kind == "lightgbm":
         return lgb.Booster(model_file=str(Path(version_dir) / MODEL_FILE))
     return LinearModel.from_json((Path(version_dir) / MODEL_JSON_FILE).read_text())
 
@@ -52,7 +52,7 @@ class ServableModel:
     """A registered version ready to score modelling-table rows, whatever its model: LightGBM, or a
     linear / constant baseline (both saved as text, never pickled)."""
 
-    manifest: dict[str, Any]
+    manifest: Manifest
     transform: FeatureTransform
     model: Predictor
 
@@ -69,18 +69,20 @@ class ServableModel:
     def candidate(self, kind: str, version_dir: Path) -> ServableModel:
         """A simpler candidate trained beside this LightGBM version (its JSON is one of the version's
         hash-verified files), served with the same transform and its own decision threshold."""
-        found = self.manifest["candidates"][kind]
+        found = self.manifest.candidates[kind]
         model = LinearModel.from_json((Path(version_dir) / candidate_file(kind)).read_text())
-        manifest = self.manifest | {
-            "model_kind": kind,
-            "decision_threshold": found["decision_threshold"],
-            "test_metrics": found["test_metrics"],
-        }
+        manifest = self.manifest.model_copy(
+            update={
+                "model_kind": kind,
+                "decision_threshold": found.decision_threshold,
+                "test_metrics": found.test_metrics,
+            }
+        )
         return ServableModel(manifest, self.transform, model)
 
     @property
     def kind(self) -> str:
-        return model_kind(self.manifest)
+        return self.manifest.model_kind
 
     @property
     def booster(self) -> lgb.Booster | None:
@@ -94,7 +96,7 @@ class ServableModel:
 
     def predict_features(self, features: pl.DataFrame) -> np.ndarray:
         # Indexing, not select: the same columns without a query (a fifth of the cost on one row).
-        selected = features[self.manifest["features"]]
+        selected = features[self.manifest.features]
         if self.booster is None:
             return self.model.predict(selected)
         # A float matrix, not pandas: the features are numbers already (categories are their codes), and
@@ -110,23 +112,23 @@ class ServableModel:
     def class_names(self) -> pl.Series:
         """The classes as the decisions name them (strings), in the model's order; built once per loaded
         model, as a request of one row pays for it otherwise."""
-        return pl.Series("decision", self.manifest["classes"]).cast(pl.String)
+        return pl.Series("decision", self.manifest.classes).cast(pl.String)
 
     @property
     def threshold(self) -> float:
         """The decision threshold chosen at training time (binary); 0.5 otherwise."""
-        return float(self.manifest.get("decision_threshold", 0.5))
+        return float(self.manifest.decision_threshold)
 
     def labels(self, rows: pl.DataFrame) -> np.ndarray:
         """The rows' targets encoded as the model predicts them (class index, or the value)."""
-        target = rows.get_column(self.manifest["target"])
-        if self.manifest["task"] == "regression":
+        target = rows.get_column(self.manifest.target)
+        if self.manifest.task == "regression":
             return target.cast(pl.Float64).to_numpy()
-        mapping = {c: i for i, c in enumerate(self.manifest["classes"])}
+        mapping = {c: i for i, c in enumerate(self.manifest.classes)}
         return target.replace_strict(mapping, default=-1, return_dtype=pl.Int32).to_numpy()
 
     def score(self, rows: pl.DataFrame, metric: str) -> float:
-        return score(self.manifest["task"], metric, self.labels(rows), self.predict(rows), self.threshold)
+        return score(self.manifest.task, metric, self.labels(rows), self.predict(rows), self.threshold)
 
 
 def reproduces_training_predictions(

@@ -51,6 +51,8 @@ class OnlineModel:
     # When given, a cheap reading that changes whenever the warehouse does (store.change_marker): a poll
     # that finds it unchanged skips the connection and the queries.
     marker: Callable[[], Hashable] | None = None
+    # A version served instead of the champion alias's: the skew check tests the one its run settled.
+    pinned: str | None = None
     _refused: str | None = None
     _seen: Hashable = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -83,7 +85,7 @@ class OnlineModel:
     def _refresh(self) -> bool:
         current = self.served
         with self.connect() as conn:
-            version = registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
+            version = self.pinned or registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
             if version is None:
                 self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
                 self.problem = f"pipeline '{self.pipeline.name}' has no champion yet"

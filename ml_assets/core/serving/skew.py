@@ -26,12 +26,15 @@ SKEW_SINGLE_ROWS = 20
 
 
 def online_path(
-    connect: Connect, pipeline: PipelineSpec, sources: Mapping[str, SourceSpec]
+    connect: Connect,
+    pipeline: PipelineSpec,
+    sources: Mapping[str, SourceSpec],
+    pinned: str | None = None,
 ) -> Callable[[Any], dict[str, Any]]:
-    """`post` for compare_paths without a server: the champion loaded now as the API loads it, and each
-    request and answer passed through JSON text as over HTTP (an unusable request, or no model, answers
-    {"error": ...} as the API's 4xx and 5xx do)."""
-    model = OnlineModel(pipeline, sources, connect)
+    """`post` for compare_paths without a server: the champion (or the `pinned` version) loaded now as the
+    API loads it, and each request and answer passed through JSON text as over HTTP (an unusable request,
+    or no model, answers {"error": ...} as the API's 4xx and 5xx do)."""
+    model = OnlineModel(pipeline, sources, connect, pinned=pinned)
     try:
         model.refresh()
     except ArtifactError as exc:
@@ -52,20 +55,21 @@ def compare_paths(
     pipeline: PipelineSpec,
     sources: Mapping[str, SourceSpec],
     post: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    version: str | None,
     tolerance: float = 1e-9,
 ) -> CheckOutcome:
     """The skew check: a sample of the champion's test rows scored by the batch path (modelling-table
     rows) and by the online path (`post`: their request-time fields sent to the API, which completes them
-    from its lookups) must agree to `tolerance`, decision and version included."""
+    from its lookups) must agree to `tolerance`, decision and version included. `version` is the champion
+    the caller's champion step settled (None: none yet); an online path serving another one fails."""
     offline = not_servable_online(pipeline)
     if offline:
         # Nothing is served online, so nothing online can disagree with the batch scores.
         return CheckOutcome(True, f"{offline}: nothing to compare", {"rows": 0})
     n = pipeline.serving.skew_sample_rows
+    if version is None:
+        return CheckOutcome(True, "no champion yet: nothing to compare", {"rows": 0})
     with connect() as conn:
-        version = registry.alias_version(conn, pipeline.name, registry.CHAMPION)
-        if version is None:
-            return CheckOutcome(True, "no champion yet: nothing to compare", {"rows": 0})
         found = registry.registered(conn, version, pipeline.name)
         # Sampled from the test rows: USING SAMPLE applies before the WHERE of its own SELECT.
         sample = conn.execute(

@@ -8,6 +8,7 @@ between runs), and by `ml-assets init`, which writes the same inference out as a
 
 from __future__ import annotations
 
+import codecs
 import glob
 import io
 import json
@@ -46,8 +47,11 @@ def resolve_paths(pattern: str, base_dir: Path) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(full)) if glob.has_magic(full) else [Path(full)]
 
 
-def sample_frame(paths: list[Path], null_values: list[str], rows: int = SAMPLE_ROWS) -> pl.DataFrame:
-    """The first `rows` rows of the first file, each CSV column typed from all of its sampled values."""
+def sample_frame(
+    paths: list[Path], null_values: list[str], rows: int = SAMPLE_ROWS, encoding: str = "utf-8"
+) -> pl.DataFrame:
+    """The first `rows` rows of the first file, each CSV column typed from all of its sampled values (a
+    CSV decoded from the source's `encoding`)."""
     existing = [p for p in paths if p.exists()]
     if not existing:
         raise SourceError(f"no data file found at {', '.join(map(str, paths)) or '(empty glob)'}")
@@ -58,6 +62,8 @@ def sample_frame(paths: list[Path], null_values: list[str], rows: int = SAMPLE_R
     if path.name.lower().endswith(".zip"):
         with zipfile.ZipFile(path) as archive:
             data = archive.read(next(n for n in archive.namelist() if not n.endswith("/")))
+    if codecs.lookup(encoding).name != "utf-8":  # polars reads UTF-8 only
+        data = (data if isinstance(data, bytes) else data.read_bytes()).decode(encoding, "replace").encode()
     # Read as text and type each column from every value: polars' own inference over all rows is ten
     # times slower, and over the first rows only it can miss a later value of another type.
     text = pl.read_csv(
@@ -183,12 +189,12 @@ def _typed_sample(spec: SourceSpec, name: str, pipeline_file: Path) -> tuple[pl.
     base = pipeline_file.parent
     if spec.path or spec.replay:
         paths = resolve_paths(spec.path or spec.replay.path, base)
-        return sample_frame(paths, spec.null_values), [str(p) for p in paths[:5]]
+        return sample_frame(paths, spec.null_values, encoding=spec.encoding), [str(p) for p in paths[:5]]
     if spec.landing:
         paths = resolve_files(name, spec, base, data_dir())
         if not paths:
             raise SourceError(f"landing zone {landing_dir(data_dir(), name)} holds no data file yet")
-        return sample_frame(paths, spec.null_values), [str(p) for p in paths[:5]]
+        return sample_frame(paths, spec.null_values, encoding=spec.encoding), [str(p) for p in paths[:5]]
     reader = database.read_database if spec.database else http.read_http
     text, label = reader(name, spec, TimeWindow(), limit=SAMPLE_ROWS)
     text = text.drop("_source_row")

@@ -6,6 +6,7 @@ sources of other files live in `checks`, and reading files (with `extends`) in `
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import functools
 import importlib
@@ -247,6 +248,11 @@ class SourceSpec(_Strict):
     """Time partitions (Dagster partitions) of the source's assets"""
     null_values: list[str] = Field(default_factory=lambda: ["", "NA"])
     """Strings read as missing"""
+    encoding: str = Field(
+        "utf-8",
+        description="Text encoding of the source's CSV files (e.g. latin-1, cp1252: any Python codec name); "
+        "a file in another encoding is rejected with the first line that does not decode",
+    )
     columns: dict[str, ColumnSpec] | None = Field(
         None,
         description="Omitted: inferred from a sample when the pipeline loads (the files; a landing zone's "
@@ -269,6 +275,17 @@ class SourceSpec(_Strict):
         description="An id in two partitions (within one partition, later rows are quarantined). block: "
         "the unique_ids check fails and consumers refuse the table; warn: it only warns",
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(
+                f"unknown encoding {value!r}; give a Python codec name such as latin-1 or cp1252"
+            ) from None
+        return value
 
     @model_validator(mode="after")
     def _keys_are_columns(self) -> SourceSpec:

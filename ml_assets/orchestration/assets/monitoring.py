@@ -1,7 +1,7 @@
 """Monitoring assets of a pipeline, in lineage order: `<pipeline>/champion` (the rollback check: which
 version serves now), then `performance` (its real metric per labelled period) and `drift_report` (its
-inputs' and scores' drift, after the run's batch scores). Both monitors read the champion the champion
-asset settled on, in the same run."""
+inputs' and scores' drift, after the run's batch scores). Both monitors judge the version the champion
+asset settled, taken as its value (orchestration.handoff), never the alias as it is when they run."""
 
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from ml_assets.core.spec import PipelineSpec
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.figures import figure_metadata, report_metadata
+from ml_assets.orchestration.handoff import SettledChampion, settled_in
 from ml_assets.orchestration.metadata import decision_metadata, md_table, shorten
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
@@ -23,21 +24,28 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         key=pipeline_key(pipeline, "champion"),
         deps=[pipeline_key(pipeline, "modelling_table"), pipeline_key(pipeline, "promotion")],
         kinds={"lightgbm"},
+        io_manager_key="handoff",
         **common(pipeline),
         description=f"The serving champion after the rollback check: it is compared with the previous champion "
         f"on the last {pipeline.gate.monitor_days} days of labelled data and rolled back when it trails by "
-        f"more than {pipeline.gate.rollback_margin}. Upstream of both monitors, so they judge the champion "
-        "that serves.",
+        f"more than {pipeline.gate.rollback_margin}. Its value, the version it settled, is what the monitors, "
+        "batch scores and skew check after it judge.",
     )
-    def champion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+    def champion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.Output[SettledChampion]:
         decision = user_errors_as_failures(
-            lambda: rollback.check_champion(warehouse.get_connection, pipeline, context.run_id)
+            lambda: rollback.check_champion(warehouse.get_connection, pipeline, context.run.run_id)
         )
         tracking.sync_champion(pipeline, warehouse.get_connection, context.log.warning)
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)
+        settled = SettledChampion(
+            pipeline=pipeline.name, version=decision.champion_after, run_id=context.run_id
+        )
         # The check's verdict first: the UI lists metadata in the order given.
-        return dg.MaterializeResult(metadata={"rollback_check": decision.reason, **meta})
+        return dg.Output(
+            settled,
+            metadata={"rollback_check": decision.reason, "settled": settled.version or "(none)", **meta},
+        )
 
     return champion
 
@@ -45,17 +53,27 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
 def performance_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=pipeline_key(pipeline, "performance"),
-        deps=[pipeline_key(pipeline, "modelling_table"), pipeline_key(pipeline, "champion")],
+        deps=[pipeline_key(pipeline, "modelling_table")],
+        ins=settled_in(pipeline.name),
         kinds={"lightgbm"},
         **common(pipeline),
         description=f"The champion's real {pipeline.metric} per {pipeline.monitoring.performance.period} of "
         "labelled data it never learned from, against its test score (monitor.performance_history, which the "
         "retraining sensor reads).",
     )
-    def performance_report(warehouse: Warehouse, artifacts: ArtifactStore) -> dg.MaterializeResult:
+    def performance_report(
+        context: dg.AssetExecutionContext,
+        warehouse: Warehouse,
+        artifacts: ArtifactStore,
+        champion: SettledChampion,
+    ) -> dg.MaterializeResult:
         if not pipeline.timestamp:
             return dg.MaterializeResult(metadata={"status": "no timestamp: no labelled periods to score"})
-        run = user_errors_as_failures(lambda: performance.run_performance(warehouse.get_connection, pipeline))
+        run = user_errors_as_failures(
+            lambda: performance.run_performance(
+                warehouse.get_connection, pipeline, champion.version, context.run_id
+            )
+        )
         if run is None or run.periods.height == 0:
             return dg.MaterializeResult(metadata={"status": "no champion or no labelled rows yet"})
         latest = run.periods.row(-1, named=True)
@@ -99,7 +117,8 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=pipeline_key(pipeline, "drift_report"),
         # After the predictions: a run's drift report compares the scores that run wrote.
-        deps=[pipeline_key(pipeline, n) for n in ("modelling_table", "champion", "predictions")],
+        deps=[pipeline_key(pipeline, n) for n in ("modelling_table", "predictions")],
+        ins=settled_in(pipeline.name),
         kinds={"evidently"},
         **common(pipeline),
         description=f"Evidently drift of the champion's inputs (and of its scores, once batch scores or logged "
@@ -108,12 +127,21 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         "monitor.drift_history, which the retraining sensor reads.",
     )
     def drift_report(
-        context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
+        context: dg.AssetExecutionContext,
+        warehouse: Warehouse,
+        artifacts: ArtifactStore,
+        champion: SettledChampion,
     ) -> dg.MaterializeResult:
         logged = log_dir(Path(artifacts.root), pipeline.name)
         run = user_errors_as_failures(
             lambda: drift.run_drift(
-                warehouse.get_connection, pipeline, artifacts.reports, logged, context.log.info
+                warehouse.get_connection,
+                pipeline,
+                champion.version,
+                context.run_id,
+                artifacts.reports,
+                logged,
+                context.log.info,
             )
         )
         if run is None:

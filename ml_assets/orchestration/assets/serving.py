@@ -12,6 +12,7 @@ from ml_assets.core.serving import batch_scores
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
+from ml_assets.orchestration.handoff import SettledChampion, settled_in
 from ml_assets.orchestration.metadata import once_per_range, round_floats
 from ml_assets.orchestration.partitions import partitions_def, run_window
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
@@ -28,26 +29,33 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
 
     @dg.asset(
         key=pipeline_key(pipeline, "predictions"),
-        deps=[pipeline_key(pipeline, "modelling_table"), pipeline_key(pipeline, "champion")],
+        deps=[pipeline_key(pipeline, "modelling_table")],
+        ins=settled_in(pipeline.name),
         kinds={"lightgbm", "duckdb"},
         partitions_def=partitions,
         **common(pipeline),
         description=f"The champion's scores of the modelling table's rows, one per {pipeline.row_id}: score, "
-        f"decision at the champion's threshold, and the version that scored it ({pipeline.name}.predictions). "
+        f"decision at the champion's threshold, and the version and run that scored it "
+        f"({pipeline.name}.predictions). "
         "Re-scoring a partition replaces its rows; a promotion or rollback re-scores the latest "
         f"{pipeline.serving.rescore_partitions} days (the {pipeline.name}_rescore sensor).",
     )
     def predictions(
-        context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
+        context: dg.AssetExecutionContext,
+        warehouse: Warehouse,
+        artifacts: ArtifactStore,
+        champion: SettledChampion,
     ) -> dg.MaterializeResult:
         window = run_window(context) if partitions is not None else None
+        version = champion.version
+        if version is None:
+            # Not an error: the landing runs before the first model is trained refresh this asset too.
+            context.log.warning(f"{pipeline.name}: no champion yet, nothing scored")
+            return dg.MaterializeResult(metadata={"status": "skipped: no champion yet", "rows": 0})
         with warehouse.get_connection() as conn:
-            champion = batch_scores.champion_version(conn, pipeline)
-            if champion is None:
-                # Not an error: the landing runs before the first model is trained refresh this asset too.
-                context.log.warning(f"{pipeline.name}: no champion yet, nothing scored")
-                return dg.MaterializeResult(metadata={"status": "skipped: no champion yet", "rows": 0})
-            run = user_errors_as_failures(lambda: batch_scores.score_window(conn, pipeline, window))
+            run = user_errors_as_failures(
+                lambda: batch_scores.score_window(conn, pipeline, window, version, context.run_id)
+            )
             files = _export(context, conn, pipeline, partitions, Path(artifacts.root))
         if run.rebuilt:
             context.log.warning(run.rebuilt)

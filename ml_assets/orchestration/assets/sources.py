@@ -99,6 +99,11 @@ def raw_asset(name: str, spec: SourceSpec, base_dir: Path) -> dg.AssetsDefinitio
         context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
     ) -> dg.MaterializeResult:
         window = run_window(context) if spec.partitions else None
+        if spec.landing:
+            with warehouse.get_connection() as conn:
+                files = ingest.resolve_files(name, spec, base_dir, Path(artifacts.root))
+                for change in ingest.changed_after_load(conn, name, files):
+                    context.log.info(f"changed after it was loaded, read again whole: {change}")
         started = time.monotonic()
         batch, records, window = user_errors_as_failures(
             lambda: read_batch(name, spec, base_dir, Path(artifacts.root), warehouse, window)
@@ -110,7 +115,9 @@ def raw_asset(name: str, spec: SourceSpec, base_dir: Path) -> dg.AssetsDefinitio
                 lambda: ingest.load_raw(conn, name, spec, batch, records, window)
             )
             if spec.landing:
-                ingest.record_files(conn, name, [r | {"status": "loaded"} for r in records], context.run_id)
+                ingest.record_files(
+                    conn, name, [r | {"status": "loaded"} for r in records], context.run.run_id
+                )
             meta = table_metadata(conn, f"raw.{q(name)}")
         context.log.info(f"loaded {_rate(batch, started)} into raw.{name}")
         files = pl.DataFrame(result.files).drop("path", strict=False) if result.files else pl.DataFrame()

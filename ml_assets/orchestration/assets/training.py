@@ -17,7 +17,7 @@ from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.figures import figure_metadata, report_metadata
 from ml_assets.orchestration.metadata import decision_metadata, shorten, versions_table
-from ml_assets.orchestration.resources import ArtifactStore, TrainingOverrides, Warehouse
+from ml_assets.orchestration.resources import ArtifactStore, RunPause, TrainingOverrides, Warehouse
 
 VERDICT = {"promote": "PROMOTED", "promote_first": "PROMOTED (first champion)", "refuse": "REFUSED"}
 # Under 1,000 characters the UI renders markdown inline; longer, it hides it behind a button.
@@ -72,6 +72,7 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         warehouse: Warehouse,
         artifacts: ArtifactStore,
         training: TrainingOverrides,
+        pause: RunPause,
     ) -> dg.MaterializeResult:
         version_dir, manifest = user_errors_as_failures(
             lambda: train_and_register(
@@ -81,31 +82,32 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 artifacts.models,
                 training.time_budget_s,
                 training.max_trials,
-                context.run_id,
+                context.run.run_id,
                 progress=context.log.info,
             )
         )
-        metric, cv = manifest["metric"], manifest["cv"]
-        # No CV score when the budget cut the first trial short (the centre of the space was refitted).
-        cv_score = {} if cv["score"] is None else {f"cv_{metric}": round(cv["score"], 4)}
+        pause.after_registering(context.run_id, manifest.version)
+        metric, cv = manifest.metric, manifest.cv
+        # No CV score when the budget cut the first trial short (LightGBM's defaults are the model).
+        cv_score = {} if cv.score is None else {f"cv_{metric}": round(cv.score, 4)}
         return dg.MaterializeResult(
             metadata={
-                "version": manifest["version"],
-                f"test_{metric}": round(manifest["test_metrics"][metric], 4),
-                f"baseline_test_{metric}": round(manifest["baseline_test_metrics"][metric], 4),
+                "version": manifest.version,
+                f"test_{metric}": round(manifest.test_metrics[metric], 4),
+                f"baseline_test_{metric}": round(manifest.baseline_test_metrics[metric], 4),
                 **cv_score,
-                "trials": len(cv["trials"]),
-                "trials_cut_short": cv["trials_cut_short"],
-                "model_step_s": cv["model_step_s"],
+                "trials": len(cv.trials),
+                "trials_cut_short": cv.trials_cut_short,
+                "model_step_s": cv.model_step_s,
                 # Below the available rows when model.max_train_rows capped the training split.
-                "train_rows": manifest["rows"]["train"],
-                "train_rows_available": manifest["train_rows_available"],
+                "train_rows": manifest.rows["train"],
+                "train_rows_available": manifest.train_rows_available,
                 "path": dg.MetadataValue.path(str(version_dir)),
-                "best_iteration": manifest["best_iteration"],
-                "params": dg.MetadataValue.json(manifest["params"]),
-                "train_window": dg.MetadataValue.json(manifest["train_window"]),
-                "data_fingerprint": manifest["data_fingerprint"],
-                "code_version": manifest["code_version"],
+                "best_iteration": manifest.best_iteration,
+                "params": dg.MetadataValue.json(manifest.params),
+                "train_window": dg.MetadataValue.json(manifest.train_window),
+                "data_fingerprint": manifest.data_fingerprint,
+                "code_version": manifest.code_version,
             }
         )
 
@@ -124,7 +126,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
     def evaluation(
         context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
     ) -> dg.MaterializeResult:
-        version = version_under_judgement(warehouse, pipeline, context.run_id)
+        version = version_under_judgement(warehouse, pipeline, context.run.run_id)
         with warehouse.get_connection() as conn:
             found = user_errors_as_failures(lambda: registry.registered(conn, version, pipeline.name))
             history = registry.versions(conn, pipeline.name)
@@ -137,7 +139,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
             found.path,
             registry.read_manifest(found.path, manifest_sha256=found.manifest_sha256),
             [("plots", p) for p in (*ev.plots.values(), versions_plot)] + [("report", ev.report_path)],
-            context.run_id,
+            context.run.run_id,
             context.log.warning,
         )
         # Only the primary metric as numbers: the UI plots each number across materializations, and
@@ -170,12 +172,12 @@ def promotion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         "regresses, and it reproduces its predictions in a fresh process. The verdict is logged either way.",
     )
     def promotion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
-        version = version_under_judgement(warehouse, pipeline, context.run_id)
+        version = version_under_judgement(warehouse, pipeline, context.run.run_id)
         # What launched this run (e.g. the drift result behind a sensor's retrain) goes into the log.
         trigger = {k: v for k, v in context.run.tags.items() if k.startswith("ml_assets/")}
         decision = user_errors_as_failures(
             lambda: gate.promote_or_refuse(
-                warehouse.get_connection, pipeline, version, context.run_id, trigger
+                warehouse.get_connection, pipeline, version, context.run.run_id, trigger
             )
         )
         tracking.sync_champion(pipeline, warehouse.get_connection, context.log.warning)
