@@ -28,7 +28,7 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.spec import PipelineSpec, SourceSpec
 from ml_assets.core.spec.schema import ColumnSpec, HistoryFamily, HistorySpec, JoinSpec, duration_minutes
 from ml_assets.core.sql import q, table_exists
-from ml_assets.core.store import MODELLING_BUILDS, transaction
+from ml_assets.core.store import MODELLING_BUILDS, transactions
 
 BUILD_VERSION = 1
 # Values are summed exactly (see the module docstring); a value beyond 10^12 does not fit.
@@ -321,8 +321,9 @@ def build_history(
         for temp in ("__hq", "__hf"):
             conn.execute(f"DROP TABLE IF EXISTS {temp}")
     if recomputed or lo is None:
-        with transaction(conn):
-            changes.record(conn, consumer(pipeline), lo, hi)
+        for attempt in transactions(conn, table_name(pipeline)):
+            with attempt:
+                changes.record(conn, consumer(pipeline), lo, hi)
     changes.mark_built(conn, consumer(pipeline), fingerprint, upto)
     return _result(conn, pipeline, recomputed, full_rebuild=lo is None and hi is None)
 
@@ -423,23 +424,28 @@ def _update(
     """Recompute the rows the changes reach, in one transaction; returns (rows recomputed, and the base
     timestamps they span)."""
     table = table_name(pipeline)
-    with transaction(conn):
-        conditions = _replace_events(conn, pipeline, sources, since)
-        if not conditions:
-            return 0, dt.datetime.min, dt.datetime.min
-        stored = " OR ".join(c.format(at="_at", as_of="_as_of", ts="_ts") for c in conditions)
-        history = spec_of(pipeline)
-        base_ts = f"b.{q(sources[pipeline.base].timestamp)}" if sources[pipeline.base].timestamp else "NULL"
-        fresh = " OR ".join(
-            c.format(at=f"CAST(({history.at}) AS TIMESTAMP)", as_of=as_of_expr(history), ts=base_ts)
-            for c in conditions
-        )
-        lo_old, hi_old = conn.execute(f"SELECT min(_ts), max(_ts) FROM {table} WHERE {stored}").fetchone()
-        conn.execute(f"DELETE FROM {table} WHERE {stored}")
-        conn.execute(f"CREATE OR REPLACE TEMP TABLE __hq AS {query_select(pipeline, sources, fresh)}")
-        compute(conn, pipeline)
-        conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM __hf")
-        recomputed, lo_new, hi_new = conn.execute("SELECT count(*), min(_ts), max(_ts) FROM __hf").fetchone()
+    for attempt in transactions(conn, table):
+        with attempt:
+            conditions = _replace_events(conn, pipeline, sources, since)
+            if not conditions:
+                return 0, dt.datetime.min, dt.datetime.min
+            stored = " OR ".join(c.format(at="_at", as_of="_as_of", ts="_ts") for c in conditions)
+            history = spec_of(pipeline)
+            base_ts = (
+                f"b.{q(sources[pipeline.base].timestamp)}" if sources[pipeline.base].timestamp else "NULL"
+            )
+            fresh = " OR ".join(
+                c.format(at=f"CAST(({history.at}) AS TIMESTAMP)", as_of=as_of_expr(history), ts=base_ts)
+                for c in conditions
+            )
+            lo_old, hi_old = conn.execute(f"SELECT min(_ts), max(_ts) FROM {table} WHERE {stored}").fetchone()
+            conn.execute(f"DELETE FROM {table} WHERE {stored}")
+            conn.execute(f"CREATE OR REPLACE TEMP TABLE __hq AS {query_select(pipeline, sources, fresh)}")
+            compute(conn, pipeline)
+            conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM __hf")
+            recomputed, lo_new, hi_new = conn.execute(
+                "SELECT count(*), min(_ts), max(_ts) FROM __hf"
+            ).fetchone()
     stamps = [t for t in (lo_old, hi_old, lo_new, hi_new) if t is not None]
     if not stamps:
         return recomputed, dt.datetime.min, dt.datetime.min
