@@ -39,7 +39,7 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)
         settled = SettledChampion(
-            pipeline=pipeline.name, version=decision.champion_after, run_id=context.run_id
+            pipeline=pipeline.name, version=decision.champion_after, run_id=context.run.run_id
         )
         # The check's verdict first: the UI lists metadata in the order given.
         return dg.Output(
@@ -71,7 +71,7 @@ def performance_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
             return dg.MaterializeResult(metadata={"status": "no timestamp: no labelled periods to score"})
         run = user_errors_as_failures(
             lambda: performance.run_performance(
-                warehouse.get_connection, pipeline, champion.version, context.run_id
+                warehouse.get_connection, pipeline, champion.version, context.run.run_id
             )
         )
         if run is None or run.periods.height == 0:
@@ -138,7 +138,7 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 warehouse.get_connection,
                 pipeline,
                 champion.version,
-                context.run_id,
+                context.run.run_id,
                 artifacts.reports,
                 logged,
                 context.log.info,

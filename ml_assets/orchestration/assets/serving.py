@@ -54,7 +54,7 @@ def predictions_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefi
             return dg.MaterializeResult(metadata={"status": "skipped: no champion yet", "rows": 0})
         with warehouse.get_connection() as conn:
             run = user_errors_as_failures(
-                lambda: batch_scores.score_window(conn, pipeline, window, version, context.run_id)
+                lambda: batch_scores.score_window(conn, pipeline, window, version, context.run.run_id)
             )
             files = _export(context, conn, pipeline, partitions, Path(artifacts.root))
         if run.rebuilt:

@@ -88,7 +88,7 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 progress=context.log.info,
             )
         )
-        pause.after_registering(context.run_id, manifest.version)
+        pause.after_registering(context.run.run_id, manifest.version)
         metric, cv = manifest.metric, manifest.cv
         # No CV score when the budget cut the first trial short (LightGBM's defaults are the model).
         cv_score = {} if cv.score is None else {f"cv_{metric}": round(cv.score, 4)}
