@@ -7,9 +7,12 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+import httpx
 import polars as pl
 
 from ml_assets.core import registry
@@ -94,3 +97,20 @@ def insert_drift_runs(root, pipeline: str, windows: list[tuple[int, bool]]) -> N
                     r["drifted"],
                 ],
             )
+
+
+def wait_until_answers(
+    proc: subprocess.Popen, answers: Callable[[], bool], deadline_s: float, what: str
+) -> None:
+    """Poll a server a test started until `answers()` (a transport error counts as not yet), failing at
+    once if the process exits and after `deadline_s` seconds if it never answers."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        assert proc.poll() is None, f"{what} exited with {proc.returncode}"
+        try:
+            if answers():
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not answer within {deadline_s} s"
+        time.sleep(0.2)

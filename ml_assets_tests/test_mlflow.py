@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -30,6 +29,7 @@ from ml_assets.core.spec.load import PIPELINES_DIR_ENV
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.core.tracking import VERSION_TAG, reference_features
 from ml_assets_tests.conftest import materialize_all
+from ml_assets_tests.helpers import wait_until_answers
 from ml_assets_tests.postgres_server import free_port
 
 NAME = "xor"
@@ -72,17 +72,11 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory):
         start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_DEADLINE_S
     try:
-        while True:
-            assert proc.poll() is None, f"mlflow server exited with {proc.returncode}"
-            try:
-                if httpx.get(f"{uri}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not answer in time"
-            time.sleep(0.5)
+        health = f"{uri}/health"
+        wait_until_answers(
+            proc, lambda: httpx.get(health, timeout=5).status_code == 200, START_DEADLINE_S, "mlflow server"
+        )
         yield uri
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

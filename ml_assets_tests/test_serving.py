@@ -41,6 +41,7 @@ from ml_assets.core.store import DATA_DIR_ENV, change_marker, connect, warehouse
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.resources import Warehouse
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, run_metadata, stop_process, write_pipelines
+from ml_assets_tests.helpers import wait_until_answers
 
 DELAY, ARR = "flight_delay", "flight_arr_delay"
 MAX_BATCH, MAX_BODY = 50, 64 * 1024
@@ -467,17 +468,10 @@ def server(served: Served):
         text=True,
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    deadline = time.monotonic() + DEADLINE_S
     try:
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if client.get("/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server was not ready in time"
-            time.sleep(0.2)
+        wait_until_answers(
+            proc, lambda: client.get("/ready").status_code == 200, DEADLINE_S, "ml-assets serve"
+        )
         yield client
     finally:
         client.close()
