@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ml_assets.core import registry, store
-from ml_assets.core.spec import default_pipelines_dir
+from ml_assets.core.spec.load import default_pipelines_dir
 from ml_assets_tests.conftest import materialize_all
 
 # Differ between two runs by design (times, run and version ids, file paths) or follow from one that does.
