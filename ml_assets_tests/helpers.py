@@ -86,7 +86,9 @@ def insert_drift_runs(root, pipeline: str, windows: list[tuple[int, bool]]) -> N
         conn.execute("DELETE FROM monitor.drift_runs WHERE pipeline = ?", [pipeline])
         for r in rows.iter_rows(named=True):
             conn.execute(
-                "INSERT INTO monitor.drift_runs VALUES (?, ?, ?, 'v1', NULL, ?, 1, 1, ?, ?, ?, '')",
+                "INSERT INTO monitor.drift_runs (id, pipeline, computed_at, champion, window_start, window_end, "
+                "current_rows, reference_rows, drift_share, dataset_drift, drifted, report) "
+                "VALUES (?, ?, ?, 'v1', NULL, ?, 1, 1, ?, ?, ?, '')",
                 [
                     r["id"],
                     r["pipeline"],

@@ -275,7 +275,7 @@ def test_drift_report_feeds_the_sensor_and_the_retrain_is_logged_with_its_trigge
         ).fetchone()
     assert runs.height == 2 and history[1] == 2
     assert runs.get_column("champion").to_list() == [champion, champion]
-    assert history[0] == 2 * len(registry.read_manifest(_champion_dir(db))["features"])
+    assert history[0] == 2 * len(registry.read_manifest(_champion_dir(db)).features)
 
     resources = {"warehouse": Warehouse(database=str(warehouse_path(root)))}
     sensor = build_definitions(pipelines, root).resolve_sensor_def("flight_delay_retrain")
