@@ -397,7 +397,7 @@ def test_validation_rules_work_on_any_column_name():
     assert (result.valid_rows, result.quarantined_rows) == (1, 2)
     assert reasons == [
         (odd, f"{odd}: 50.0 is above max 10.0"),
-        ("x", "x: 'zz' is not a valid int; x: value is missing (rule not_null)"),
+        ("x", "x: 'zz' is not a valid int; x: value is missing (NaN counts as missing) (rule not_null)"),
     ]
     assert rules.passed and rules.metadata["rules_checked"] == 4
 
