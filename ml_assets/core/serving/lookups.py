@@ -19,6 +19,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from ml_assets.core import history
 from ml_assets.core.dataset import derived_columns, joined_select
 from ml_assets.core.serving.request_parsing import request_fields
 from ml_assets.core.spec import ColumnSpec, JoinSpec, PipelineSpec, SourceSpec
@@ -33,9 +34,11 @@ def _joined_sources(pipeline: PipelineSpec) -> list[str]:
 
 def lookup_fingerprint(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> tuple:
     """Changes whenever a joined validated table changes (rows added, replaced or re-validated)."""
+    tables = [f"validated.{q(s)}" for s in _joined_sources(pipeline)]
+    tables += [history.table_name(pipeline)] if pipeline.history else []
     return tuple(
-        conn.execute(f"SELECT count(*), coalesce(sum(hash(t)), 0) FROM validated.{q(s)} t").fetchone()
-        for s in _joined_sources(pipeline)
+        conn.execute(f"SELECT count(*), coalesce(sum(hash(t)), 0) FROM {table} t").fetchone()
+        for table in tables
     )
 
 
@@ -87,7 +90,11 @@ class Lookups:
         tables = {}
         for name in _joined_sources(pipeline):
             tables[name] = conn.execute(f"SELECT * FROM validated.{q(name)}").fetch_arrow_table()
-        lookups = cls(pipeline, sources, tables, lookup_fingerprint(conn, pipeline))
+        fingerprint = lookup_fingerprint(conn, pipeline)
+        if pipeline.history is not None:
+            tables[history.LOOKUP_SOURCE] = conn.execute(history.lookup_select(pipeline)).fetch_arrow_table()
+            pipeline, sources = history.as_lookup_join(pipeline, dict(sources))
+        lookups = cls(pipeline, sources, tables, fingerprint)
         if lookups.keyed is not None:
             lookups.keyed.warm(conn)
         return lookups
