@@ -52,7 +52,7 @@ def test_metric(db: Path, root: Path, pipeline, drop: set[str]) -> float:
     _, manifest = train_and_register(
         functools.partial(connect, db), kept, root / "features" / kept.name, root / "models"
     )
-    return manifest["test_metrics"][kept.metric]
+    return manifest.test_metrics[kept.metric]
 
 
 def main() -> None:
