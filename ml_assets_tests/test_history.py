@@ -4,14 +4,18 @@ point-in-time guard passing on a correct build and failing on one that sees valu
 from __future__ import annotations
 
 import datetime as dt
+import random
 from pathlib import Path
 
+import duckdb
 import pytest
 import yaml
 
 from ml_assets.core import dataset, history, history_guard, ingest, validate
 from ml_assets.core.errors import ConfigError, DatasetError
+from ml_assets.core.serving.history_state import HistoryState, decimal_to_double
 from ml_assets.core.spec.load import load_project
+from ml_assets.core.spec.schema import HistoryFamily
 from ml_assets.core.store import connect
 from ml_assets_tests.conftest import write_pipelines
 
@@ -153,3 +157,68 @@ def test_a_pipeline_with_the_same_history_copies_its_twin(landed, monkeypatch):
         ]
     assert result.rows == tables[0].height > 0
     assert tables[1].equals(tables[0])
+
+
+def _variant(project):
+    """The flagship's feature set plus a family using every function, a fallback and a fractional prior,
+    and a schedule family over all rows that looks ahead; under another name (its own tables)."""
+    pipeline = project.pipelines[PIPELINE]
+    every = HistoryFamily(
+        keys=["carrier", "origin"],
+        value="dep_delay",
+        condition="dep_delay > 0",
+        known_at="time_hour + to_minutes(coalesce(minute, 0) + CAST(dep_delay AS BIGINT))",
+        functions=["mean", "sum", "count", "std", "min", "max", "share", "last"],
+        windows=["3h", "2d"],
+        min_count=3,
+        fallback=["carrier"],
+        prior=2.5,
+    )
+    scheduled = HistoryFamily(
+        value="distance", functions=["count", "sum", "max"], windows=["30m"], ahead="15m"
+    )
+    families = {**pipeline.history.families, "every": every, "scheduled": scheduled}
+    spec = pipeline.history.model_copy(update={"families": families})
+    return pipeline.model_copy(update={"name": "history_variant", "history": spec})
+
+
+def test_the_online_state_gives_every_stored_feature_bit_for_bit(landed):
+    """What the API computes for a request (core/serving/history_state.py: running totals kept by the
+    refresh, two bisections per window) equals the stored feature set exactly, for every function,
+    fallback and shrinkage; the guard passes on the same build."""
+    project, path = landed
+    pipeline = _variant(project)
+    sources = project.sources_of(project.pipelines[PIPELINE])
+    ids = ", ".join(pipeline.row_id)
+    with connect(path) as conn:
+        history.build_history(conn, pipeline, sources)
+        outcome = history_guard.check_point_in_time(conn, pipeline, sources, sample_rows=40, seed=3)
+        state = HistoryState.load(conn, pipeline)
+        rows = conn.execute(
+            f"SELECT *, epoch_us(CAST(({pipeline.history.at}) AS TIMESTAMP)) AS _at_us FROM validated.flights "
+            f"ORDER BY {ids}"
+        ).pl()
+        stored = conn.execute(f"SELECT * FROM {history.table_name(pipeline)} ORDER BY {ids}").pl()
+    assert outcome.passed, outcome.description
+    online = state.features({c: rows.get_column(c).to_list() for c in rows.columns}, rows["_at_us"].to_list())
+    expected = stored.select(list(pipeline.history.columns()))
+    assert online.columns == expected.columns and online.height == rows.height > 10_000
+    assert online.equals(expected)
+    # Not vacuous: sparse groups fell back, windows were empty, every function has values.
+    assert (stored["_n__every_3h"] < 3).any() and (stored["_n__every_3h"] >= 3).any()
+    assert all(online[c].drop_nulls().len() > 0 for c in online.columns)
+
+
+def test_decimal_sums_convert_to_double_as_duckdb_casts_them():
+    rng = random.Random(5)
+    values = [rng.randint(-(10**30), 10**30) for _ in range(300)] + [2**53 + 1, -(2**53) - 1, 0, 7]
+    for scale in (6, 12):
+        texts = [
+            f"{'-' if v < 0 else ''}{abs(v) // 10**scale}.{abs(v) % 10**scale:0{scale}d}" for v in values
+        ]
+        with duckdb.connect() as conn:
+            cast = conn.execute(
+                f"SELECT CAST(CAST(t AS DECIMAL(38, {scale})) AS DOUBLE) FROM (SELECT unnest(?) AS t)",
+                [texts],
+            ).fetchall()
+        assert [decimal_to_double(v, scale) for v in values] == [r[0] for r in cast]

@@ -26,11 +26,12 @@ from ml_assets.core import changes
 from ml_assets.core.dataset import history_consumer
 from ml_assets.core.errors import DatasetError
 from ml_assets.core.spec import PipelineSpec, SourceSpec
-from ml_assets.core.spec.schema import ColumnSpec, HistoryFamily, HistorySpec, JoinSpec, duration_minutes
+from ml_assets.core.spec.schema import HistoryFamily, HistorySpec, duration_minutes
 from ml_assets.core.sql import q, table_exists
 from ml_assets.core.store import MODELLING_BUILDS, transactions
 
-BUILD_VERSION = 1
+# 2: the shrinkage multiplies the parent's value, not its sum (a last-bit difference, stored rows rebuilt).
+BUILD_VERSION = 2
 # Values are summed exactly (see the module docstring); a value beyond 10^12 does not fit.
 VALUE_TYPE = "DECIMAL(18, 6)"
 
@@ -128,8 +129,9 @@ def _feature_expr(family: HistoryFamily, fn: str, own: str, parent: str | None) 
     if fn in ("count", "sum"):
         return value
     if parent is not None and family.prior and fn in ("mean", "share"):
+        # Parenthesized: the prior multiplies the parent's value (online repeats this arithmetic).
         n, p = f"{own}_n", _function_value(fn, parent)
-        value = f"(coalesce({value} * {n}, 0) + {family.prior} * {p}) / ({n} + {family.prior})"
+        value = f"(coalesce(({value}) * {n}, 0) + {family.prior} * ({p})) / ({n} + {family.prior})"
     if family.min_count > 1 or parent is not None:
         fallback = _function_value(fn, parent) if parent is not None else "NULL"
         value = f"CASE WHEN {own}_n < {family.min_count} THEN {fallback} ELSE {value} END"
@@ -487,27 +489,3 @@ def _result(
 
 def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat()
-
-
-# The feature set as the online lookups see it: one more table, joined by row id.
-LOOKUP_SOURCE = "history__features"
-
-
-def as_lookup_join(
-    pipeline: PipelineSpec, sources: dict[str, SourceSpec]
-) -> tuple[PipelineSpec, dict[str, SourceSpec]]:
-    """The pipeline with its stored feature set as one more key join on the row id (last, as the
-    modelling table adds it): the online API completes a request's history features by looking up the
-    rows the refresh has built. A row not built yet (not landed) finds none: its features are null."""
-    if pipeline.history is None or not set(pipeline.row_id) <= set(sources[pipeline.base].columns):
-        return pipeline, sources
-    columns = {c: sources[pipeline.base].columns[c] for c in pipeline.row_id}
-    columns |= {name: ColumnSpec(type=kind) for name, kind in pipeline.history.columns().items()}
-    spec = SourceSpec(path=f"{pipeline.name}.history", id=pipeline.row_id, columns=columns)
-    join = JoinSpec(source=LOOKUP_SOURCE, keys=pipeline.row_id, columns=list(pipeline.history.columns()))
-    return pipeline.model_copy(update={"joins": [*pipeline.joins, join]}), {**sources, LOOKUP_SOURCE: spec}
-
-
-def lookup_select(pipeline: PipelineSpec) -> str:
-    columns = [*pipeline.row_id, *spec_of(pipeline).columns()]
-    return f"SELECT {', '.join(map(q, columns))} FROM {table_name(pipeline)}"

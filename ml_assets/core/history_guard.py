@@ -59,7 +59,7 @@ def _value(fn: str, a: dict[str, Any]) -> float | None:
     if fn == "count":
         return float(n)
     if fn == "sum":
-        return float(a["s"] or Decimal(0)) if n else None
+        return float(a["s"] or Decimal(0))  # an empty window sums to 0, as the build's
     if not n:
         return None
     if fn == "mean":
