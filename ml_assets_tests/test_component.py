@@ -23,7 +23,7 @@ import yaml
 
 from ml_assets.core import registry
 from ml_assets.core.errors import ConfigError
-from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_pipeline_attributes, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse
 from ml_assets.orchestration import deployments
 from ml_assets.orchestration.build import build_definitions, project_definitions
@@ -191,3 +191,15 @@ def test_a_broken_attribute_is_the_one_line_error_of_a_pipeline_file(scaffolded,
     check = run_dg(project, dg_env(tmp_path / "home", tmp_path / "data"), "check", "defs")
     assert check.returncode == 1
     assert f"ConfigError: {one_line}" in (check.stdout + check.stderr).splitlines()
+
+
+def test_a_component_is_one_whole_pipeline(tmp_path):
+    defs_yaml = tmp_path / "defs.yaml"
+    with pytest.raises(ConfigError) as no_parent:
+        load_pipeline_attributes({"extends": "flight_delay", "name": "late"}, defs_yaml)
+    assert str(no_parent.value) == (
+        f"{defs_yaml}: extends: a component holds one whole pipeline; copy the fields it should share"
+    )
+    with pytest.raises(ConfigError) as empty:
+        load_pipeline_attributes(None, defs_yaml)
+    assert str(empty.value) == f"{defs_yaml}: attributes: required (the fields of a pipeline file)"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import dagster as dg
 
-import ml_assets.defs
 from ml_assets.core.spec.load import load_project, pipelines_dir
 from ml_assets.orchestration import jobs
 from ml_assets.orchestration.build import (
@@ -28,12 +27,23 @@ from ml_assets.orchestration.build import (
 
 __all__ = ["all_assets_job", "build_definitions", "defs", "resources"]
 
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def defs_folder_components() -> dg.Definitions:
+    """The components of ml_assets/defs/ in a checkout of this repository (a dg project). An installed
+    package has no project around it; one looked for above site-packages could be another project."""
+    if not (REPOSITORY / "pyproject.toml").exists():
+        return dg.Definitions()
+    return dg.load_from_defs_folder(path_within_project=REPOSITORY)
+
+
 # The components share the pipeline files' resource objects (build.current_deployment): Dagster merges
 # definitions only if their resources are the same objects.
 defs = dg.Definitions.merge(
     project_definitions(load_project(pipelines_dir()), *current_deployment()),
     run_job_definitions(),
-    dg.load_defs(ml_assets.defs, project_root=Path(__file__).resolve().parents[2]),
+    defs_folder_components(),
 )
 
 
