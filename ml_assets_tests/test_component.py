@@ -23,7 +23,12 @@ import yaml
 
 from ml_assets.core import registry
 from ml_assets.core.errors import ConfigError
-from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_pipeline_attributes, load_project
+from ml_assets.core.spec.load import (
+    PIPELINES_DIR_ENV,
+    default_pipelines_dir,
+    load_pipeline_attributes,
+    load_project,
+)
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse
 from ml_assets.orchestration import deployments
 from ml_assets.orchestration.build import build_definitions, project_definitions
@@ -31,8 +36,8 @@ from ml_assets_tests.helpers import ROOT
 
 DG = Path(sys.executable).with_name("dg")
 COMPONENT = "ml_assets.MlPipelineComponent"
-# A new dg project as `create-dagster project` lays it out (flat, so dg imports it from its folder without
-# an install): its definitions are whatever its defs folder holds.
+# A new dg project like the one `create-dagster project` makes, laid out flat (no src/) so that dg imports
+# it from its folder without an install: its definitions are whatever its defs folder holds.
 PROJECT_FILES = {
     "pyproject.toml": """\
 [project]
@@ -139,7 +144,7 @@ def test_the_repository_is_a_dg_project_of_its_pipeline_files(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
     assert "All definitions loaded successfully." in check.stdout
     shown = listed(ROOT, env)
-    assert shown == expected(build_definitions(ROOT / "ml_assets" / "pipelines", tmp_path / "data"))
+    assert shown == expected(build_definitions(default_pipelines_dir(), tmp_path / "data"))
     assert {"flight_delay/model", "raw/flights_raw"} <= shown["assets"]
     assert {"landing_zone", "flight_delay_retrain"} <= shown["sensors"]
 

@@ -55,6 +55,10 @@ class PipelineScaffolder(dg.Scaffolder[ScaffoldParams]):
         return ScaffoldParams
 
     def scaffold(self, request: dg.ScaffoldRequest[ScaffoldParams]) -> None:
+        if request.scaffold_format != "yaml":
+            raise ConfigError(
+                "dg scaffold: --format: an ml_assets pipeline is a defs.yaml (use --format yaml)"
+            )
         params, folder = request.params or ScaffoldParams(), request.target_path
         folder.mkdir(parents=True, exist_ok=True)
         if params.data is None:
