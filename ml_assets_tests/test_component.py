@@ -171,20 +171,22 @@ def test_a_scaffolded_pipeline_is_checked_listed_and_materialized(scaffolded, tm
         assert registry.alias_version(conn, "churn", registry.CHAMPION) is not None
 
 
-@pytest.mark.parametrize(
-    ("line", "broken"),
-    [
-        ("  leakage: []", "  leakge: []"),
-        (
-            "{name: support_calls, type: numeric}",
-            "{name: support_calls, type: numeric, column: support_call}",
-        ),
-    ],
-    ids=["unknown field", "missing column"],
-)
-def test_a_broken_attribute_is_the_one_line_error_of_a_pipeline_file(scaffolded, tmp_path, line, broken):
+# (line of the scaffolded defs.yaml, what breaks it): a field the schema refuses, a column no source has.
+BROKEN = {
+    "unknown field": ("  leakage: []", "  leakge: []"),
+    "missing column": (
+        "{name: support_calls, type: numeric}",
+        "{name: support_calls, type: numeric, column: support_call}",
+    ),
+}
+
+
+def broken_project(scaffolded: Path, tmp_path: Path, kind: str) -> tuple[Path, Path, str]:
+    """A copy of the scaffolded project with one defect: (project, its defs.yaml, the one line that
+    `ml-assets validate` reports for the same fields in a pipeline file, naming defs.yaml instead)."""
     project = shutil.copytree(scaffolded, tmp_path / "project")
     defs_yaml = project / "churn_project" / "defs" / "churn" / "defs.yaml"
+    line, broken = BROKEN[kind]
     assert line in defs_yaml.read_text()
     defs_yaml.write_text(defs_yaml.read_text().replace(line, broken))
     as_file = as_pipeline_file(defs_yaml, tmp_path / "pipelines")
@@ -192,10 +194,24 @@ def test_a_broken_attribute_is_the_one_line_error_of_a_pipeline_file(scaffolded,
         load_project(as_file.parent)
     one_line = str(today.value).replace(str(as_file), str(defs_yaml))
     assert "\n" not in one_line and one_line.startswith(f"{defs_yaml}: ")
+    return project, defs_yaml, one_line
 
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_a_broken_attribute_is_the_error_of_a_pipeline_file(scaffolded, tmp_path, kind):
+    _, defs_yaml, one_line = broken_project(scaffolded, tmp_path, kind)
+    with pytest.raises(ConfigError) as component:
+        load_pipeline_attributes(yaml.safe_load(defs_yaml.read_text())["attributes"], defs_yaml)
+    assert str(component.value) == one_line
+
+
+def test_dg_check_defs_reports_a_broken_attribute_in_one_line(scaffolded, tmp_path):
+    project, _, one_line = broken_project(scaffolded, tmp_path, "missing column")
     check = run_dg(project, dg_env(tmp_path / "home", tmp_path / "data"), "check", "defs")
     assert check.returncode == 1
-    assert f"ConfigError: {one_line}" in (check.stdout + check.stderr).splitlines()
+    # Alone on its line in Dagster's report, after the exception's name.
+    error = f"{ConfigError.__module__}.{ConfigError.__name__}: {one_line}"
+    assert error in (check.stdout + check.stderr).splitlines(), check.stdout + check.stderr
 
 
 def test_a_component_is_one_whole_pipeline(tmp_path):
