@@ -295,7 +295,8 @@ CORE_STAGES: list[tuple[str, ...]] = [
     ("validate",),
     ("dataset", "profile"),
     ("features",),
-    ("tuning",),
+    # The search and one fit; a fit on a Dask cluster (LightGBM's Dask interface) beside it.
+    ("tuning", "dask_fit"),
     ("train",),
     ("evaluate",),
     # Everything a prediction needs; the gate below loads a version with its loader.
