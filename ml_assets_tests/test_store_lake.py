@@ -8,6 +8,7 @@ import datetime as dt
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import duckdb
@@ -195,3 +196,30 @@ def test_the_warehouse_setting_defaults_to_the_data_directorys_file(monkeypatch,
     assert store.warehouse(tmp_path) == "ducklake:postgres:dbname=x"
     monkeypatch.setenv(store.SHARED_ROOT_ENV, str(tmp_path / "shared"))
     assert store.lake_data_path() == f"{tmp_path}/shared/warehouse/"
+
+
+def test_processes_attaching_a_new_catalog_at_once_all_get_it(new_lake):
+    """The first attach of an empty catalog database creates DuckLake's tables; several at once (a fresh
+    cluster's workers) collide on PostgreSQL's unique names, and the losers attach again."""
+    url, data = new_lake()
+    go, attached, failed = threading.Barrier(4), [], []
+
+    def attach() -> None:
+        go.wait()
+        try:
+            attached.append(store._attached_lake(url, store.lake_data_path(data)))
+        except Exception as exc:  # collected for the assertion's message
+            failed.append(exc)
+
+    threads = [threading.Thread(target=attach) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not failed and len(attached) == 4, failed
+    for conn in attached:
+        found = conn.execute(
+            "SELECT type FROM duckdb_databases() WHERE database_name = ?", [store.LAKE_ALIAS]
+        ).fetchall()
+        assert found == [("ducklake",)]
+        conn.close()
