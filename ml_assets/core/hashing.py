@@ -1,8 +1,9 @@
-"""Content fingerprints: files by sha256 (landing files, model artifacts), frames by their values."""
+"""Content fingerprints: files by sha256 (landing files, model artifacts), frames by their Arrow bytes."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import polars as pl
@@ -17,10 +18,6 @@ def sha256_file(path: Path) -> str:
 
 
 def frame_fingerprint(frame: pl.DataFrame) -> str:
-    """The sha256 of a frame's schema and its rows' values, in order. Not of its Arrow bytes: those follow
-    how the frame was read (its chunks, its string buffers), so the same rows read from a DuckDB file and
-    from DuckLake's Parquet files hashed apart. Row hashes are Polars' own, stable within one version of
-    Polars (a Polars upgrade changes fingerprints of new versions, not whether two runs agree)."""
-    digest = hashlib.sha256(repr(frame.schema).encode())
-    digest.update(frame.hash_rows(seed=0, seed_1=1, seed_2=2, seed_3=3).to_numpy().tobytes())
-    return digest.hexdigest()
+    buffer = io.BytesIO()
+    frame.write_ipc(buffer, compression="uncompressed")
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
