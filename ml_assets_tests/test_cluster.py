@@ -297,14 +297,22 @@ def test_concurrent_runs_of_one_job_both_execute(cluster: Cluster, run_scoped_ke
         assert any(k.startswith(f"{RUN_JOB}.{run_id}.") for k in keys), sorted(keys)
 
 
-def champion_model(tables) -> str:
-    """The champion's model file, read through the registry of a warehouse (`tables`: store.connect)."""
+def models(tables) -> dict[str, str]:
+    """The champion's model file and the latest LightGBM model's, read through the registry of a
+    warehouse (`tables`: store.connect). The gate may crown a simpler candidate (a `-linear` version
+    holding model.json) over the LightGBM model."""
     with tables as conn:
-        version = registry.alias_version(conn, "flight_delay", registry.CHAMPION)
-        path = conn.execute(
-            f"SELECT path FROM {store.MODEL_VERSIONS} WHERE version = ?", [version]
-        ).fetchone()[0]
-    return (Path(path) / registry.MODEL_FILE).read_text()
+        champion = registry.alias_version(conn, "flight_delay", registry.CHAMPION)
+        paths = dict(conn.execute(f"SELECT version, path FROM {store.MODEL_VERSIONS}").fetchall())
+    latest = max(v for v in paths if not v.endswith("-linear"))  # this run's: ids sort by time
+    folder = Path(paths[champion])
+    champion_file = folder / registry.MODEL_FILE
+    if not champion_file.exists():
+        champion_file = folder / registry.MODEL_JSON_FILE
+    return {
+        "champion": champion_file.read_text(),
+        "lightgbm": (Path(paths[latest]) / registry.MODEL_FILE).read_text(),
+    }
 
 
 def local_run(cluster: Cluster, root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -346,7 +354,7 @@ def test_flagship_on_the_cluster_matches_local(
     assert all(ours[t] for t in ("validated.flights", store.MODEL_VERSIONS, store.DECISION_LOG))
     differ = differing(ours, theirs)
     assert not differ, f"tables whose contents differ between cluster and local: {differ}"
-    assert champion_model(cluster.tables()) == champion_model(store.connect(local_file))
+    assert models(cluster.tables()) == models(store.connect(local_file))
 
     base = cluster.root.parent
     assert local_database_files(base) == [] and not (base / UNUSED_LOCAL).exists()
