@@ -49,6 +49,7 @@ def run(
     max_trials: int | None,
     pipelines: list[str] | None = None,
     retrain: bool = False,
+    dask_fit_rows: int | None = None,
 ) -> int:
     """Materialize every asset, or only these pipelines' assets and the sources they read, or (retrain)
     one pipeline from its modelling table on; then print the summary."""
@@ -75,7 +76,9 @@ def run(
     if tags:
         print(f"partitions {tags[RANGE_START]}...{tags[RANGE_END]} (everything landed so far)")
     started = time.monotonic()
-    overrides = TrainingOverrides(time_budget_s=time_budget_s, max_trials=max_trials)
+    overrides = TrainingOverrides(
+        time_budget_s=time_budget_s, max_trials=max_trials, dask_fit_rows=dask_fit_rows
+    )
     with _instance() as instance:
         if deployment.name == "cluster":
             result = execute.on_cluster(instance, selection, tags, overrides)
@@ -303,6 +306,12 @@ def _parser() -> argparse.ArgumentParser:
     for p in (run_p, retrain_p):
         p.add_argument("--time-budget", type=float, help="seconds the model step may take per model")
         p.add_argument("--max-trials", type=int, help="at most this many search trials per model")
+        p.add_argument(
+            "--dask-fit-rows",
+            type=int,
+            help="cluster only: fit with LightGBM's Dask interface from this many training rows "
+            "(over ML_ASSETS_DASK_FIT_ROWS)",
+        )
     validate_p = sub.add_parser("validate", help="check pipeline files and their data sources; no training")
     validate_p.add_argument("pipeline", nargs="?")
     init_p = sub.add_parser("init", help="write a complete, commented pipeline file from a data file")
@@ -371,9 +380,9 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        return run(args.time_budget, args.max_trials, args.pipelines)
+        return run(args.time_budget, args.max_trials, args.pipelines, dask_fit_rows=args.dask_fit_rows)
     if args.command == "retrain":
-        return run(args.time_budget, args.max_trials, [args.pipeline], retrain=True)
+        return run(args.time_budget, args.max_trials, [args.pipeline], True, args.dask_fit_rows)
     if args.command == "validate":
         return validate(args.pipeline)
     if args.command == "init":

@@ -24,17 +24,37 @@ START_DEADLINE_S = 180.0
 @dataclass
 class DaskCluster:
     address: str
+    base_dir: Path
+    env: Mapping[str, str]
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def client(self) -> Client:
         return Client(self.address, timeout=START_DEADLINE_S)
 
     def worker_pids(self) -> set[int]:
-        return {p.pid for p in self.workers.values()}
+        return {p.pid for p in self.workers.values() if p.poll() is None}
+
+    def start_worker(self, name: str) -> None:
+        """A single-threaded worker process (no nanny: a killed worker stays dead) offering one unit of
+        the `training` resource (wait_for_workers waits for it to join)."""
+        self.workers[name] = _dask(
+            "worker", self.address, "--name", name, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+            "--resources", "training=1", "--local-directory", str(self.base_dir / name),
+            log=self.base_dir / f"{name}.log", env=self.env,
+        )  # fmt: skip
+
+    def wait_for_workers(self) -> None:
+        """Until every live worker process has joined the scheduler."""
+        with self.client() as client:
+            client.wait_for_workers(len(self.worker_pids()), timeout=START_DEADLINE_S)
 
     def kill(self, name: str) -> None:
         self.workers[name].send_signal(signal.SIGKILL)
         self.workers[name].wait(timeout=60)
+
+    def stop(self) -> None:
+        for process in self.workers.values():
+            _stop(process)
 
 
 def _dask(*args: str, log: Path, env: Mapping[str, str]) -> subprocess.Popen:
@@ -77,17 +97,11 @@ def running_dask(base_dir: Path, workers: int, env: Mapping[str, str]) -> Iterat
             log=base_dir / "scheduler.log", env=env,
         )  # fmt: skip
         stack.callback(_stop, scheduler)
-        cluster = DaskCluster(address)
+        cluster = DaskCluster(address, base_dir, env)
+        stack.callback(cluster.stop)
         for i in range(workers):
-            name = f"worker-{i}"
-            cluster.workers[name] = _dask(
-                "worker", address, "--name", name, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                "--resources", "training=1", "--local-directory", str(base_dir / name),
-                log=base_dir / f"{name}.log", env=env,
-            )  # fmt: skip
-            stack.callback(_stop, cluster.workers[name])
-        with cluster.client() as client:
-            client.wait_for_workers(workers, timeout=START_DEADLINE_S)
+            cluster.start_worker(f"worker-{i}")
+        cluster.wait_for_workers()
         yield cluster
 
 
@@ -109,6 +123,19 @@ def queued_wants(prefix: str):
     def count(dask_scheduler) -> int:
         return sum(
             len(ts.who_wants or ()) for key, ts in dask_scheduler.tasks.items() if str(key).startswith(prefix)
+        )
+
+    return count
+
+
+def processing(prefix: str):
+    """A scheduler function: how many tasks whose key starts with `prefix` are running on a worker."""
+
+    def count(dask_scheduler) -> int:
+        return sum(
+            1
+            for key, ts in dask_scheduler.tasks.items()
+            if str(key).startswith(prefix) and ts.state == "processing"
         )
 
     return count

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import dagster as dg
 import httpx
+import numpy as np
+import pandas as pd
 import polars as pl
 
-from ml_assets.core import registry
+from ml_assets.core import registry, tuning
 from ml_assets.core.serving.loader import ServableModel
+from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.spec.load import PIPELINES_DIR_ENV
 from ml_assets.core.store import connect, warehouse_path
 
@@ -116,3 +119,50 @@ def wait_until_answers(
             pass
         assert time.monotonic() < deadline, f"{what} did not answer within {deadline_s} s"
         time.sleep(0.2)
+
+
+def synthetic_frame(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Features a (numeric), b (numeric, 10% missing), c (4 categories as codes); a binary label and
+    the value it thresholds, from a noisy linear rule."""
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(
+        {
+            "a": rng.normal(size=n),
+            "b": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n)),
+            "c": rng.integers(0, 4, size=n).astype(np.int32),
+        }
+    )
+    z = X["a"] - 0.5 * X["b"].fillna(0) + 0.7 * (X["c"] == 2) + rng.normal(scale=0.5, size=n)
+    return X, (z > 0).astype(int).to_numpy(), z.to_numpy()
+
+
+def synthetic_spec(model: dict, task: str = "binary", **fields: object) -> PipelineSpec:
+    """A pipeline over synthetic rows, with these model settings (and other fields: split, timestamp)."""
+    return PipelineSpec.model_validate(
+        {
+            "name": "synthetic",
+            "task": task,
+            "base": "s",
+            "target": {"name": "y"},
+            "features": [{"name": "a", "type": "numeric"}],
+            "split": {"method": "random"},
+            "model": model,
+        }
+        | fields
+    )
+
+
+def synthetic_training_data(n: int) -> tuning.TrainingData:
+    """n synthetic rows split in halves and quarters: train, valid, test."""
+    X, y, _ = synthetic_frame(n, 7)
+    parts = {}
+    for name, idx in (
+        ("train", slice(0, n // 2)),
+        ("valid", slice(n // 2, 3 * n // 4)),
+        ("test", slice(3 * n // 4, n)),
+    ):
+        keys = np.arange(n)[idx].astype(str)
+        parts[name] = tuning.Split(X.iloc[idx].reset_index(drop=True), y[idx], keys, keys)
+    return tuning.TrainingData(
+        **parts, features=["a", "b", "c"], categorical=["c"], classes=[0, 1], time_window={}
+    )

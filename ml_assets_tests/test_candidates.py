@@ -22,24 +22,12 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import choose_threshold, score
 from ml_assets.core.spec import PipelineSpec
-
-
-def _frame(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    X = pd.DataFrame(
-        {
-            "a": rng.normal(size=n),
-            "b": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n)),
-            "c": rng.integers(0, 4, size=n).astype(np.int32),
-        }
-    )
-    z = X["a"] - 0.5 * X["b"].fillna(0) + 0.7 * (X["c"] == 2) + rng.normal(scale=0.5, size=n)
-    return X, (z > 0).astype(int).to_numpy(), z.to_numpy()
+from ml_assets_tests.helpers import synthetic_frame, synthetic_spec, synthetic_training_data
 
 
 @pytest.mark.parametrize("task", ["binary", "regression"])
 def test_the_json_baseline_predicts_exactly_what_scikit_learn_fitted(task, monkeypatch):
-    X, labels, values = _frame(800, 1)
+    X, labels, values = synthetic_frame(800, 1)
     y = labels if task == "binary" else values
     prep = ColumnTransformer(
         [
@@ -52,7 +40,7 @@ def test_the_json_baseline_predicts_exactly_what_scikit_learn_fitted(task, monke
     fitted, cut_short = LinearModel.fit_linear(task, X, y, ["c"])
     assert not cut_short
     ours = LinearModel.from_json(fitted.to_json())
-    X_new, _, _ = _frame(300, 2)
+    X_new, _, _ = synthetic_frame(300, 2)
     X_new.loc[0, "c"] = 9  # a code never seen in training: all one-hot columns zero, as scikit-learn
     expected = reference.predict_proba(X_new)[:, 1] if task == "binary" else reference.predict(X_new)
     np.testing.assert_allclose(ours.predict(X_new), expected, rtol=1e-6, atol=1e-8)
@@ -110,40 +98,11 @@ def test_cost_and_recall_thresholds():
 
 def test_the_pipeline_threshold_rule_follows_the_metric():
     y, p = _scores()
-    spec = _spec({"metric": "accuracy"})
+    spec = synthetic_spec({"metric": "accuracy"})
     assert train.decision_threshold(spec, y, p) == choose_threshold(y, p, "accuracy")
-    assert train.decision_threshold(_spec({}), y, p) == choose_threshold(y, p, "f1")  # roc_auc: F1
-    costly = _spec({"decision_threshold": {"optimise": "cost", "false_negative_cost": 10}})
+    assert train.decision_threshold(synthetic_spec({}), y, p) == choose_threshold(y, p, "f1")  # roc_auc: F1
+    costly = synthetic_spec({"decision_threshold": {"optimise": "cost", "false_negative_cost": 10}})
     assert train.decision_threshold(costly, y, p) == choose_threshold(y, p, "cost", 1.0, 10.0)
-
-
-def _spec(model: dict) -> PipelineSpec:
-    return PipelineSpec.model_validate(
-        {
-            "name": "synthetic",
-            "task": "binary",
-            "base": "s",
-            "target": {"name": "y"},
-            "features": [{"name": "a", "type": "numeric"}],
-            "split": {"method": "random"},
-            "model": model,
-        }
-    )
-
-
-def _data(n: int) -> tuning.TrainingData:
-    X, y, _ = _frame(n, 7)
-    parts = {}
-    for name, idx in (
-        ("train", slice(0, n // 2)),
-        ("valid", slice(n // 2, 3 * n // 4)),
-        ("test", slice(3 * n // 4, n)),
-    ):
-        keys = np.arange(n)[idx].astype(str)
-        parts[name] = tuning.Split(X.iloc[idx].reset_index(drop=True), y[idx], keys, keys)
-    return tuning.TrainingData(
-        **parts, features=["a", "b", "c"], categorical=["c"], classes=[0, 1], time_window={}
-    )
 
 
 ROUND_S = 0.02
@@ -189,8 +148,8 @@ def test_the_time_budget_bounds_the_whole_model_step(monkeypatch, budget):
     it, and the whole model step ends within the budget (plus a busy machine's delays)."""
     _slow(monkeypatch)
     # 5000 rounds of 20 ms: longer than either budget, and early stopping never ends them.
-    spec = _spec({"max_rounds": 5000, "early_stopping_rounds": 5000, "max_trials": 5, "cv_folds": 2})
-    trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
+    spec = synthetic_spec({"max_rounds": 5000, "early_stopping_rounds": 5000, "max_trials": 5, "cv_folds": 2})
+    trained = train.train_model(spec, synthetic_training_data(1200), budget, spec.model.max_trials)
     assert trained.candidates["linear"].cut_short and not trained.candidates["constant"].cut_short
     assert trained.baselines_s <= budget * train.BASELINE_SHARE + BUSY_S
     assert trained.final_fit_cut_at is not None and 0 < trained.final_fit_cut_at < 5000
@@ -212,8 +171,8 @@ def test_the_final_fit_leaves_time_to_score_the_splits(monkeypatch):
 
     monkeypatch.setattr(lgb.Booster, "predict", slow_predict)
     budget = 3.0
-    spec = _spec({"max_rounds": 5000, "early_stopping_rounds": 5000, "max_trials": 5, "cv_folds": 2})
-    trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
+    spec = synthetic_spec({"max_rounds": 5000, "early_stopping_rounds": 5000, "max_trials": 5, "cv_folds": 2})
+    trained = train.train_model(spec, synthetic_training_data(1200), budget, spec.model.max_trials)
     assert trained.final_fit_cut_at is not None
     assert trained.elapsed_s <= budget + BUSY_S
 
@@ -225,8 +184,8 @@ def test_a_trial_the_budget_cuts_is_recorded_and_never_wins(monkeypatch):
     with c the fit's time, a search and a cut need 1/12 < c / budget < 1/2, idle or busy.)"""
     _slow(monkeypatch, baseline=False)
     budget = 6.0
-    spec = _spec({"max_rounds": 40, "early_stopping_rounds": 1000, "max_trials": 5, "cv_folds": 10})
-    trained = train.train_model(spec, _data(1200), budget, spec.model.max_trials)
+    spec = synthetic_spec({"max_rounds": 40, "early_stopping_rounds": 1000, "max_trials": 5, "cv_folds": 10})
+    trained = train.train_model(spec, synthetic_training_data(1200), budget, spec.model.max_trials)
     assert trained.final_fit_cut_at is None and 0 < trained.booster.current_iteration() <= 40
     (first,) = trained.tuning.trials
     assert first["cut_short"] is True and first["cv_score"] is None
@@ -238,8 +197,8 @@ def test_a_trial_the_budget_cuts_is_recorded_and_never_wins(monkeypatch):
 
 
 def test_a_budget_that_never_binds_completes_every_trial():
-    spec = _spec({"max_rounds": 50, "early_stopping_rounds": 10, "max_trials": 3, "cv_folds": 2})
-    trained = train.train_model(spec, _data(1200), 600.0, 3)
+    spec = synthetic_spec({"max_rounds": 50, "early_stopping_rounds": 10, "max_trials": 3, "cv_folds": 2})
+    trained = train.train_model(spec, synthetic_training_data(1200), 600.0, 3)
     assert [t["cut_short"] for t in trained.tuning.trials] == [False, False, False]
     assert trained.params == trained.tuning.best_params  # the best CV parameters are the model's
     assert trained.final_fit_cut_at is None
@@ -250,8 +209,8 @@ def test_lightgbm_defaults_are_the_first_fit_a_candidate_and_never_beaten_on_val
     """The first fit is LightGBM's own defaults with early stopping on the validation split, exactly, and
     recorded as the candidate `lightgbm_defaults`; the model is either that fit or a tuned refit that
     scores at least as well on the validation split."""
-    spec = _spec({"max_rounds": 300, "early_stopping_rounds": 20, "max_trials": 4, "cv_folds": 2})
-    data = _data(1600)
+    spec = synthetic_spec({"max_rounds": 300, "early_stopping_rounds": 20, "max_trials": 4, "cv_folds": 2})
+    data = synthetic_training_data(1600)
     trained = train.train_model(spec, data, 600.0, 4)
     assert trained.tuning.trials[0]["params"] == {}  # the first trial searched nothing: the defaults
     defaults = trained.lightgbm_defaults
@@ -270,19 +229,8 @@ def test_lightgbm_defaults_are_the_first_fit_a_candidate_and_never_beaten_on_val
         assert trained.test_metrics == defaults["test_metrics"]
 
 
-def _split_spec(split: dict, task: str = "binary") -> PipelineSpec:
-    return PipelineSpec.model_validate(
-        {
-            "name": "synthetic",
-            "task": task,
-            "base": "s",
-            "target": {"name": "y"},
-            "timestamp": "t",
-            "features": [{"name": "a", "type": "numeric"}],
-            "split": split,
-            "model": {"cv_folds": 3},
-        }
-    )
+def _split_spec(split: dict) -> PipelineSpec:
+    return synthetic_spec({"cv_folds": 3}, split=split, timestamp="t")
 
 
 def _train_split(n: int, groups: int, positive_share: float) -> tuning.Split:
@@ -326,7 +274,7 @@ def test_fewer_groups_than_folds_is_a_one_line_error():
 def test_the_linear_baseline_fits_on_a_bounded_seeded_sample_and_predicts_in_chunks(monkeypatch):
     """Beyond LINEAR_MAX_ROWS training rows the baseline fits on a seeded sample of that many (recorded),
     the constant floor still on every row; predicting chunk by chunk gives the one-piece numbers."""
-    data, spec = _data(1200), _spec({"seed": 3})
+    data, spec = synthetic_training_data(1200), synthetic_spec({"seed": 3})
     whole = train.fit_candidates(spec, data)
     monkeypatch.setattr(train, "LINEAR_MAX_ROWS", 200)
     capped = train.fit_candidates(spec, data)

@@ -1,9 +1,11 @@
-"""The `cluster` deployment for real: a PostgreSQL server and a Dask scheduler with two worker processes on
-loopback, runs launched the way a user launches them (`ml-assets run`, or a job run from another process).
+"""The `cluster` deployment for real: a PostgreSQL server (the Dagster instance and the DuckLake catalog of
+the shared tables) and a Dask scheduler with two worker processes on loopback, runs launched the way a
+user launches them (`ml-assets run`, or a job run from another process).
 
 Fast: deployment selection and its errors, definitions under `cluster`, the cluster dagster.yaml on
-PostgreSQL, and two concurrent runs of one job on Dask. Slow: the flagship under `cluster` against `local`,
-and a worker killed mid-run.
+PostgreSQL, two concurrent runs of one job on Dask, and a LightGBM fit on both workers. Slow: the flagship
+under `cluster` against `local`, a worker killed mid-run, the flagship trained on both workers and
+served, and a worker lost mid-fit.
 """
 
 from __future__ import annotations
@@ -19,21 +21,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-import duckdb
-import polars as pl
+import lightgbm as lgb
 import pytest
 from dagster_dask.executor import DASK_RESOURCE_REQUIREMENTS_KEY
 
+from ml_assets.core import registry, store, train
+from ml_assets.core.dask_fit import DaskFit, DistributedFitError
 from ml_assets.core.errors import UsageError
+from ml_assets.core.metrics import score
+from ml_assets.core.serving.loader import reproduces_training_predictions
+from ml_assets.core.tuning import base_params
 from ml_assets.orchestration import deployments
 from ml_assets.orchestration.build import build_definitions
 from ml_assets.orchestration.jobs import RUN_JOB
 from ml_assets.orchestration.keys import source_keys
-from ml_assets_tests.conftest import FAST_MODEL, write_pipelines
-from ml_assets_tests.dask_cluster import DaskCluster, running_dask, wait_until, workers_held
+from ml_assets_tests.conftest import FAST_MODEL, catalog_url, write_pipelines
+from ml_assets_tests.dask_cluster import DaskCluster, processing, running_dask, wait_until, workers_held
+from ml_assets_tests.helpers import synthetic_spec, synthetic_training_data
 from ml_assets_tests.postgres_server import postgres_unavailable_reason, running_postgres
+from ml_assets_tests.store_helpers import differing, table_contents
 
 REPO = Path(__file__).resolve().parents[1]
+ML_ASSETS = str(Path(sys.executable).parent / "ml-assets")
+# A folder the cluster's processes name as their local data directory, which none of them may create.
+UNUSED_LOCAL = "unused-local-data"
 CLUSTER_YAML = REPO / "deploy" / "cluster" / "dagster.yaml"
 CLUSTER_VARS = (deployments.PG_URL_ENV, deployments.SHARED_ROOT_ENV, deployments.SCHEDULER_ENV)
 RUN_DEADLINE_S = 1200
@@ -158,10 +169,10 @@ def test_cluster_instance_is_shared_postgres(monkeypatch: pytest.MonkeyPatch, tm
             assert conn.execute("SELECT count(*) FROM event_logs").fetchone()[0] > 0
 
 
-def psycopg_connect(url: str):
+def psycopg_connect(url: str, autocommit: bool = False):
     import psycopg
 
-    return psycopg.connect(url)
+    return psycopg.connect(url, autocommit=autocommit)
 
 
 class Cluster:
@@ -173,6 +184,14 @@ class Cluster:
     @property
     def root(self) -> Path:
         return Path(self.env[deployments.SHARED_ROOT_ENV])
+
+    @property
+    def warehouse(self) -> tuple[str, str]:
+        """The DuckLake catalog and its data folder, as every process of the cluster names them."""
+        return self.env[store.WAREHOUSE_ENV], str(self.root / "warehouse")
+
+    def tables(self):
+        return store.connect(*self.warehouse)
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -207,10 +226,16 @@ def _cluster(base: Path, sample_sources: Path) -> Iterator[Cluster]:
     home.mkdir()
     shutil.copy(CLUSTER_YAML, home / "dagster.yaml")
     with running_postgres(base / "pg") as url:
+        with psycopg_connect(url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE lake")
         env = {
             deployments.DEPLOYMENT_ENV: "cluster",
             deployments.PG_URL_ENV: url.replace("postgresql://", deployments.PG_SCHEME),
             deployments.SHARED_ROOT_ENV: str(base / "shared"),
+            # The shared tables: a DuckLake catalog in the same server, its Parquet files under the root.
+            store.WAREHOUSE_ENV: catalog_url(url, "lake"),
+            # Where a process that wrongly fell back to the local deployment would write (never created).
+            store.DATA_DIR_ENV: str(base / UNUSED_LOCAL),
             "ML_ASSETS_PIPELINES_DIR": str(pipelines),
             "DAGSTER_HOME": str(home),
             "DO_NOT_TRACK": "1",
@@ -249,7 +274,7 @@ def test_concurrent_runs_of_one_job_both_execute(cluster: Cluster, run_scoped_ke
         release_when_wanted(RUN_JOB, len(months))
     for t in threads:
         t.join()
-    with duckdb.connect(str(cluster.root / "warehouse.duckdb"), read_only=True) as conn:
+    with cluster.tables() as conn:
         ingested = {
             m: conn.execute(
                 "SELECT count(*) FROM raw.flights WHERE date_trunc('month', _event_time) = ?::TIMESTAMP", [m]
@@ -272,79 +297,68 @@ def test_concurrent_runs_of_one_job_both_execute(cluster: Cluster, run_scoped_ke
         assert any(k.startswith(f"{RUN_JOB}.{run_id}.") for k in keys), sorted(keys)
 
 
-DATA_TABLES = [
-    "raw.flights",
-    "raw.weather",
-    "raw.planes",
-    "validated.flights",
-    "validated.weather",
-    "validated.planes",
-    "quarantine.weather",
-    "flight_delay.modelling_table",
-    "flight_delay.features",
-]
-# Without data_fingerprint: it hashes the training frame's Arrow bytes, which follow how the frame was
-# read (its chunks), not only its values; the tables themselves are compared whole.
-REGISTRY = (
-    "SELECT model_sha256, cv_score, test_score, baseline_test_score, train_start, train_end "
-    "FROM registry.model_versions ORDER BY version"
-)
+def models(tables) -> dict[str, str]:
+    """The champion's model file and the latest LightGBM model's, read through the registry of a
+    warehouse (`tables`: store.connect). The gate may crown a simpler candidate (a `-linear` version
+    holding model.json) over the LightGBM model."""
+    with tables as conn:
+        champion = registry.alias_version(conn, "flight_delay", registry.CHAMPION)
+        paths = dict(conn.execute(f"SELECT version, path FROM {store.MODEL_VERSIONS}").fetchall())
+    latest = max(v for v in paths if not v.endswith("-linear"))  # this run's: ids sort by time
+    folder = Path(paths[champion])
+    champion_file = folder / registry.MODEL_FILE
+    if not champion_file.exists():
+        champion_file = folder / registry.MODEL_JSON_FILE
+    return {
+        "champion": champion_file.read_text(),
+        "lightgbm": (Path(paths[latest]) / registry.MODEL_FILE).read_text(),
+    }
 
 
-def warehouse_state(root: Path) -> dict[str, object]:
-    """What two runs on the same data must agree on: tables, registry rows (without names and times
-    that belong to a run), the gate's decision and the champion's model file."""
-    with duckdb.connect(str(root / "warehouse.duckdb"), read_only=True) as conn:
-        state: dict[str, object] = {
-            t: conn.sql(f"SELECT * FROM {t}").pl().sort(pl.all()) for t in DATA_TABLES
-        }
-        state["registry"] = conn.execute(REGISTRY).fetchall()
-        state["decision"] = conn.execute("SELECT action, reason FROM registry.decision_log").fetchall()
-        model = conn.execute(
-            "SELECT path FROM registry.model_versions WHERE NOT version LIKE '%-linear'"
-        ).fetchone()[0]
-    state["decision"] = [(a, r.split(" registered as ")[0]) for a, r in state["decision"]]
-    state["model.txt"] = (Path(model) / "model.txt").read_text()
-    return state
+def local_run(cluster: Cluster, root: Path, *args: str) -> subprocess.CompletedProcess:
+    """`ml-assets run` under `local` on the cluster's pipelines and sources, into `root`."""
+    home = root / "home"
+    home.mkdir(parents=True)
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    local_env = {
+        deployments.DEPLOYMENT_ENV: "local",
+        store.WAREHOUSE_ENV: "",
+        store.DATA_DIR_ENV: str(root / "data"),
+        "DAGSTER_HOME": str(home),
+    }
+    return cluster.run(ML_ASSETS, "run", *args, env=local_env)
+
+
+def local_database_files(*folders: Path) -> list[Path]:
+    return [p for f in folders for p in f.rglob("*") if p.suffix in (".duckdb", ".wal")]
 
 
 @pytest.mark.slow
 def test_flagship_on_the_cluster_matches_local(
     cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`ml-assets run` under `cluster` and under `local` on the same pipeline and data: the same tables,
-    registry rows, gate decision and model; the cluster run's steps ran in both worker processes, its run
-    and events are in PostgreSQL, and nothing was written to a local data directory."""
-    unused_local = tmp_path / "unused-local-data"
-    ml_assets = str(Path(sys.executable).parent / "ml-assets")
-    on_cluster = cluster.run(
-        ml_assets, "run", "--max-trials", "2", env={"ML_ASSETS_DATA_DIR": str(unused_local)}
-    )
+    """`ml-assets run` under `cluster` (DuckLake tables, steps on two Dask workers, the instance in
+    PostgreSQL) and under `local` (one DuckDB file, one process) on the same pipeline and data: every
+    table holds the same rows (registry, gate decisions and monitoring included; times, run and version
+    ids aside), the champion is the same model; the cluster run's steps ran in both worker processes, its
+    run and events are in PostgreSQL, and no DuckDB database file was written anywhere for it."""
+    on_cluster = cluster.run(ML_ASSETS, "run", "--max-trials", "2")
     assert on_cluster.returncode == 0, on_cluster.stdout[-3000:] + on_cluster.stderr[-3000:]
-    local_home = tmp_path / "local-home"
-    local_home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", local_home / "dagster.yaml")
-    local = cluster.run(
-        ml_assets,
-        "run",
-        "--max-trials",
-        "2",
-        env={
-            deployments.DEPLOYMENT_ENV: "local",
-            "ML_ASSETS_DATA_DIR": str(tmp_path / "local"),
-            "DAGSTER_HOME": str(local_home),
-        },
-    )
+    local = local_run(cluster, tmp_path / "local", "--max-trials", "2")
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
-    assert not unused_local.exists()
 
-    ours, theirs = warehouse_state(cluster.root), warehouse_state(tmp_path / "local")
-    for table in DATA_TABLES:
-        assert ours[table].height > 0 or table.startswith("quarantine"), table
-        assert ours[table].equals(theirs[table]), table
-    for what in ("registry", "decision", "model.txt"):
-        assert ours[what] == theirs[what], what
+    local_file = str(store.warehouse_path(tmp_path / "local" / "data"))
+    ours, theirs = table_contents(*cluster.warehouse), table_contents(local_file)
+    assert {"raw.flights", "flight_delay.features", store.MODEL_VERSIONS, store.DRIFT_HISTORY} <= set(ours)
+    assert ours.keys() == theirs.keys()
+    assert all(ours[t] for t in ("validated.flights", store.MODEL_VERSIONS, store.DECISION_LOG))
+    differ = differing(ours, theirs)
+    assert not differ, f"tables whose contents differ between cluster and local: {differ}"
+    assert models(cluster.tables()) == models(store.connect(local_file))
 
+    base = cluster.root.parent
+    assert local_database_files(base) == [] and not (base / UNUSED_LOCAL).exists()
+    assert list((cluster.root / "warehouse").rglob("*.parquet"))
     run_id = on_cluster.stdout.split("ml_assets run ")[1].split(":")[0]
     monkeypatch.setenv("DAGSTER_HOME", cluster.env["DAGSTER_HOME"])
     monkeypatch.setenv(deployments.PG_URL_ENV, cluster.env[deployments.PG_URL_ENV])
@@ -352,7 +366,7 @@ def test_flagship_on_the_cluster_matches_local(
         starts = list(instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START))
         assert instance.get_run_by_id(run_id).is_success
     step_pids = {e.dagster_event.pid for e in starts}
-    assert len(starts) > 10 and step_pids == cluster.dask.worker_pids(), (
+    assert len(starts) > 10 and len(step_pids) >= 2 and step_pids <= cluster.dask.worker_pids(), (
         step_pids,
         cluster.dask.worker_pids(),
     )
@@ -361,23 +375,30 @@ def test_flagship_on_the_cluster_matches_local(
     assert stored >= len(starts)
 
 
+def registry_state(cluster: Cluster) -> tuple[dict[str, list[tuple]], list[str]]:
+    """The registry's tables and the model folders on the shared root (hidden ones included: a version
+    being written is a `.tmp-` folder)."""
+    tables = table_contents(*cluster.warehouse)
+    registry_tables = {t: rows for t, rows in tables.items() if t.startswith("registry.")}
+    models = cluster.root / "models"
+    folders = sorted(str(p.relative_to(models)) for p in models.glob("*/*")) if models.exists() else []
+    return registry_tables, folders
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_fails_the_run_and_a_rerun_succeeds(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killing the worker that trains fails the run (the scheduler does not hand the step to another
-    worker, and Dagster's retries are off on Dask), registers no model version, and the next run
-    succeeds on the surviving worker."""
+    worker, and Dagster's retries are off on Dask), leaves the registry and the model folders as they
+    were (no version row, no half-written folder), and the next run succeeds on the surviving worker."""
     monkeypatch.setenv("DAGSTER_HOME", cluster.env["DAGSTER_HOME"])
     monkeypatch.setenv(deployments.PG_URL_ENV, cluster.env[deployments.PG_URL_ENV])
-    ml_assets = str(Path(sys.executable).parent / "ml-assets")
-    with duckdb.connect(str(cluster.root / "warehouse.duckdb"), read_only=True) as conn:
-        exists = conn.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'registry'"
-        ).fetchone()[0]
-        before = conn.execute("SELECT count(*) FROM registry.model_versions").fetchone()[0] if exists else 0
+    before = registry_state(cluster)
+    with dg.DagsterInstance.get() as instance:
+        earlier_runs = {r.run_id for r in instance.get_runs()}
     launched = subprocess.Popen(
-        [ml_assets, "run", "--max-trials", "2"],
+        [ML_ASSETS, "run", "--max-trials", "2"],
         env={**os.environ, **cluster.env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -388,9 +409,9 @@ def test_a_worker_killed_mid_run_fails_the_run_and_a_rerun_succeeds(
 
     def training_started() -> bool:
         with dg.DagsterInstance.get() as instance:
-            runs = instance.get_runs(limit=1)
+            runs = [r for r in instance.get_runs(limit=1) if r.run_id not in earlier_runs]
             if not runs:
-                return False
+                return launched.poll() is not None
             for entry in instance.all_logs(runs[0].run_id, of_type=dg.DagsterEventType.STEP_START):
                 if entry.step_key and entry.step_key.endswith("model"):
                     pid_of_training.append(entry.dagster_event.pid)
@@ -400,11 +421,138 @@ def test_a_worker_killed_mid_run_fails_the_run_and_a_rerun_succeeds(
     wait_until(training_started, "the model step to start", deadline_s=RUN_DEADLINE_S)
     assert pid_of_training, launched.communicate()[0][-3000:]
     name = next(n for n, p in cluster.dask.workers.items() if p.pid == pid_of_training[0])
-    cluster.dask.kill(name)
-    output = launched.communicate(timeout=RUN_DEADLINE_S)[0]
-    assert launched.returncode == 1 and "FAILURE" in output, output[-3000:]
-    with duckdb.connect(str(cluster.root / "warehouse.duckdb"), read_only=True) as conn:
-        assert conn.execute("SELECT count(*) FROM registry.model_versions").fetchone()[0] == before
+    try:
+        cluster.dask.kill(name)
+        output = launched.communicate(timeout=RUN_DEADLINE_S)[0]
+        assert launched.returncode == 1 and "FAILURE" in output, output[-3000:]
+        assert registry_state(cluster) == before
 
-    rerun = cluster.run(ml_assets, "run", "--max-trials", "2")
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        rerun = cluster.run(ML_ASSETS, "run", "--max-trials", "2")
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        registry_tables, folders = registry_state(cluster)
+        assert len(registry_tables[store.MODEL_VERSIONS]) > len(before[0].get(store.MODEL_VERSIONS, []))
+        assert not [f for f in folders if "/.tmp-" in f]
+    finally:  # the next test of the module gets two workers again
+        cluster.dask.start_worker(name)
+        cluster.dask.wait_for_workers()
+
+
+def test_dask_fit_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A fit goes to Dask only on a cluster, from the rows the run or the workers set, within a timeout."""
+    for name in (deployments.DEPLOYMENT_ENV, deployments.DASK_FIT_ROWS_ENV, deployments.DASK_FIT_TIMEOUT_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(deployments.DASK_FIT_ROWS_ENV, "1000")
+    assert deployments.dask_fit() is None and deployments.dask_fit(5) is None  # local: never
+    cluster_env(monkeypatch, tmp_path, scheduler="tcp://10.1.2.3:8786")
+    monkeypatch.delenv(deployments.DASK_FIT_ROWS_ENV)
+    assert deployments.dask_fit() is None
+    assert deployments.dask_fit(5) == DaskFit(
+        "tcp://10.1.2.3:8786", 5, deployments.DEFAULT_DASK_FIT_TIMEOUT_S
+    )
+    monkeypatch.setenv(deployments.DASK_FIT_ROWS_ENV, "1000")
+    monkeypatch.setenv(deployments.DASK_FIT_TIMEOUT_ENV, "90")
+    fit = deployments.dask_fit()
+    assert (fit.min_rows, fit.timeout_s, fit.applies(999), fit.applies(1000)) == (1000, 90, False, True)
+    monkeypatch.setenv(deployments.DASK_FIT_TIMEOUT_ENV, "soon")
+    with pytest.raises(UsageError, match=deployments.DASK_FIT_TIMEOUT_ENV):
+        deployments.dask_fit()
+
+
+# LightGBM on two workers merges histograms from two halves of the rows, so its trees differ a little
+# from a fit on all rows in one process: the test AUC may differ by this much.
+DISTRIBUTED_AUC_TOLERANCE = 0.01
+
+
+def test_a_fit_on_two_dask_workers_scores_as_the_local_fit(cluster: Cluster) -> None:
+    """The final fit with LightGBM's Dask interface on both workers (one thread each) yields an ordinary
+    text model, stopped at the round early stopping would pick, scoring within the tolerance of the same
+    fit in one process."""
+    pipeline = synthetic_spec({"max_rounds": 300, "early_stopping_rounds": 20})
+    data = synthetic_training_data(20_000)
+    params = base_params(pipeline, None)
+    local, _, how_local = train.fit_final(pipeline, data, params)
+    on_dask = DaskFit(cluster.dask.address, min_rows=1, timeout_s=600)
+    distributed, cut, how = train.fit_final(pipeline, data, params, on_dask=on_dask)
+    assert how_local == train.LOCAL_FIT and cut is None
+    assert how["engine"] == "lightgbm.dask" and how["workers"] == 2
+    assert 1 <= distributed.best_iteration < how["rounds_trained"] == pipeline.model.max_rounds
+    text = distributed.model_to_string(num_iteration=distributed.best_iteration)
+    # Trained data-parallel on two machines, one thread each (never more threads than the worker has).
+    assert all(p in text for p in ("[tree_learner: data]", "[num_machines: 2]", "[num_threads: 1]"))
+    reloaded = lgb.Booster(model_str=text)
+    scores = {
+        name: score("binary", "roc_auc", data.test.y, b.predict(data.test.X, num_iteration=b.best_iteration))
+        for name, b in (("local", local), ("distributed", distributed))
+    }
+    assert abs(scores["distributed"] - scores["local"]) <= DISTRIBUTED_AUC_TOLERANCE, scores
+    assert (
+        reloaded.predict(data.test.X)
+        == distributed.predict(data.test.X, num_iteration=distributed.best_iteration)
+    ).all()
+
+
+def registered_versions(cluster: Cluster) -> dict[str, registry.Manifest]:
+    with cluster.tables() as conn:
+        rows = conn.execute(
+            f"SELECT version, manifest FROM {store.MODEL_VERSIONS} ORDER BY version"
+        ).fetchall()
+    return {v: registry.parse_manifest(m, v) for v, m in rows if not v.endswith("-linear")}
+
+
+@pytest.mark.slow
+def test_the_flagship_trains_on_two_workers_and_serves(cluster: Cluster) -> None:
+    """`ml-assets retrain --dask-fit-rows 1` on the cluster: the model step fits with LightGBM's Dask
+    interface on both workers; the version is registered like any other (text model, manifest), reloads
+    in a fresh process and reproduces its training-time predictions (what serving loads), and scores
+    within the tolerance of the same pipeline's local fit on the same rows (the run before it)."""
+    first = cluster.run(ML_ASSETS, "run", "--max-trials", "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    before = registered_versions(cluster)
+    again = cluster.run(ML_ASSETS, "retrain", "flight_delay", "--max-trials", "1", "--dask-fit-rows", "1")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    after = registered_versions(cluster)
+    (new,) = set(after) - set(before)
+    local = max(before)  # the first run's fit, on the same features
+    assert before[local].cv.final_fit == train.LOCAL_FIT
+    assert after[new].cv.final_fit["engine"] == "lightgbm.dask" and after[new].cv.final_fit["workers"] == 2
+    assert after[new].rows == before[local].rows
+    metric = after[new].metric
+    gap = after[new].test_metrics[metric] - before[local].test_metrics[metric]
+    assert abs(gap) <= DISTRIBUTED_AUC_TOLERANCE, (metric, gap)
+    with cluster.tables() as conn:
+        version = registry.registered(conn, new, "flight_delay")
+    assert "[num_machines: 2]" in (version.path / registry.MODEL_FILE).read_text()
+    ok, why = reproduces_training_predictions(version.path, version.manifest_sha256)
+    assert ok, why
+
+
+@pytest.mark.slow
+def test_a_worker_lost_mid_fit_fails_the_distributed_fit(cluster: Cluster) -> None:
+    """Killing a worker while LightGBM trains on both fails the fit within its timeout instead of leaving
+    it waiting on the lost worker's sockets."""
+    pipeline = synthetic_spec({"max_rounds": 100_000, "early_stopping_rounds": 20})
+    data = synthetic_training_data(200_000)
+    on_dask = DaskFit(cluster.dask.address, min_rows=1, timeout_s=240)
+    failed: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            on_dask.fit(base_params(pipeline, None), pipeline, data)
+        except DistributedFitError as exc:
+            failed.append(exc)
+
+    fitting = threading.Thread(target=fit)
+    fitting.start()
+    try:
+        with cluster.dask.client() as client:
+            wait_until(
+                lambda: client.run_on_scheduler(processing("_train_part")) == 2, "both workers to train"
+            )
+        cluster.dask.kill("worker-1")
+        fitting.join(on_dask.timeout_s + 60)
+        assert not fitting.is_alive() and failed, "the fit neither failed nor timed out"
+    finally:  # fresh workers for the next test (the survivor may still wait on the lost one's sockets)
+        cluster.dask.kill("worker-0")
+        for name in ("worker-0", "worker-1"):
+            cluster.dask.start_worker(name)
+        cluster.dask.wait_for_workers()

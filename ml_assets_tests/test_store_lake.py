@@ -8,13 +8,16 @@ import datetime as dt
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import duckdb
+import polars as pl
 import pytest
 
 from ml_assets.core import changes, store
 from ml_assets.core.errors import StoreError
+from ml_assets.core.hashing import frame_fingerprint
 from ml_assets_tests.store_helpers import PLATFORM_TABLES, columns, tables, version_rows
 
 
@@ -195,3 +198,53 @@ def test_the_warehouse_setting_defaults_to_the_data_directorys_file(monkeypatch,
     assert store.warehouse(tmp_path) == "ducklake:postgres:dbname=x"
     monkeypatch.setenv(store.SHARED_ROOT_ENV, str(tmp_path / "shared"))
     assert store.lake_data_path() == f"{tmp_path}/shared/warehouse/"
+
+
+def test_processes_attaching_a_new_catalog_at_once_all_get_it(new_lake):
+    """The first attach of an empty catalog database creates DuckLake's tables; several at once (a fresh
+    cluster's workers) collide on PostgreSQL's unique names, and the losers attach again."""
+    url, data = new_lake()
+    go, attached, failed = threading.Barrier(4), [], []
+
+    def attach() -> None:
+        go.wait()
+        try:
+            attached.append(store._attached_lake(url, store.lake_data_path(data)))
+        except Exception as exc:  # collected for the assertion's message
+            failed.append(exc)
+
+    threads = [threading.Thread(target=attach) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not failed and len(attached) == 4, failed
+    for conn in attached:
+        found = conn.execute(
+            "SELECT type FROM duckdb_databases() WHERE database_name = ?", [store.LAKE_ALIAS]
+        ).fetchall()
+        assert found == [("ducklake",)]
+        conn.close()
+
+
+def test_the_same_rows_from_a_file_and_a_lake_have_one_fingerprint(new_lake, tmp_path):
+    """A version's data fingerprint follows the rows and their order, not how the warehouse handed them
+    over (a lake's Parquet files arrive in other pieces than a file's blocks); the model step puts the
+    rows in one order before it fingerprints them."""
+    url, data = new_lake()
+    frames = []
+    for database, data_path in ((str(tmp_path / "w.duckdb"), None), (url, data)):
+        with store.connect(database, data_path) as conn:
+            conn.execute("CREATE TABLE main.rows (i BIGINT, s VARCHAR, x DOUBLE)")
+            for part in range(3):  # three inserts: three data files on the lake
+                conn.execute(
+                    "INSERT INTO main.rows SELECT range, 'a fairly long text ' || range, range / 7 "
+                    f"FROM range({part * 1000}, {(part + 1) * 1000})"
+                )
+            frames.append(conn.execute("SELECT * FROM main.rows ORDER BY i").pl())
+    on_file, on_lake = frames
+    # As a reader may hand them over: in pieces (one per data file, or per batch of a stream).
+    pieces = pl.concat([on_lake.slice(0, 1000), on_lake.slice(1000)], rechunk=False)
+    assert on_file.equals(on_lake) and pieces.n_chunks() == 2
+    assert frame_fingerprint(on_file) == frame_fingerprint(on_lake) == frame_fingerprint(pieces)
+    assert frame_fingerprint(on_file) != frame_fingerprint(on_file.reverse())

@@ -378,7 +378,9 @@ def _window_rows(conn: Any, pipeline: PipelineSpec) -> pl.DataFrame:
         if ts
         else "_split = 'test'"
     )
-    return conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE {window}").pl()
+    # In one order whatever the warehouse's scan order: the bounded sample drawn from it is by position.
+    order = ", ".join([*([ts] if ts else []), *(q(c) for c in pipeline.row_id)])
+    return conn.execute(f"SELECT * FROM {table_name(pipeline)} WHERE {window} ORDER BY {order}").pl()
 
 
 def _logged_rows(pipeline: PipelineSpec, folder: Path | None) -> pl.DataFrame:
@@ -403,7 +405,7 @@ def _batch_scores(conn: Any, pipeline: PipelineSpec, champion: str, rows: pl.Dat
         return (
             conn.execute(
                 f"SELECT score FROM {predictions_table(pipeline)} JOIN __window_keys USING ({using}) "
-                "WHERE version = ?",
+                f"WHERE version = ? ORDER BY {using}",
                 [champion],
             )
             .pl()

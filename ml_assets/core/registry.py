@@ -63,6 +63,9 @@ class CrossValidation(BaseModel):
     trials: list[dict[str, Any]]
     trials_cut_short: int = 0
     model_step_s: float | None = None
+    # How the model was fitted: {"engine": "lightgbm"} in the step's process, or "lightgbm.dask" with its
+    # workers and rounds trained (core/dask_fit.py); None for versions from before it was recorded.
+    final_fit: dict[str, Any] | None = None
 
 
 class Candidate(BaseModel):

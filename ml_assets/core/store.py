@@ -532,7 +532,26 @@ _LAKES: dict[tuple[str, str], duckdb.DuckDBPyConnection] = {}
 _LAKES_LOCK = threading.Lock()
 
 
+class _CatalogInitRace(Exception):
+    """Creating a new DuckLake catalog's tables collided with another process creating them."""
+
+
 def _attached_lake(database: str, data_path: str) -> duckdb.DuckDBPyConnection:
+    """The lake attached in a connection of its own. The first processes to attach an empty catalog
+    database all create its tables; all but one fail on PostgreSQL's unique names (two workers' first
+    steps of a fresh cluster do), and attach again once the winner's tables are there."""
+    waits = _waits(_redacted(database), "another process kept initializing the DuckLake catalog")
+    while True:
+        try:
+            return _attach_once(database, data_path)
+        except _CatalogInitRace as race:
+            try:
+                next(waits)
+            except StoreError as timeout:
+                raise timeout from race
+
+
+def _attach_once(database: str, data_path: str) -> duckdb.DuckDBPyConnection:
     conn = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     try:
         if database.startswith(f"{DUCKLAKE_PREFIX}postgres:"):
@@ -541,8 +560,13 @@ def _attached_lake(database: str, data_path: str) -> duckdb.DuckDBPyConnection:
         try:
             conn.execute(f"ATTACH {lit(database)} AS {LAKE_ALIAS} (DATA_PATH {lit(data_path)})")
         except duckdb.Error as exc:
+            first_line = _redacted(str(exc).splitlines()[0])
+            if "Failed to initialize DuckLake" in first_line and any(
+                clash in first_line for clash in ("duplicate key", "already exists")
+            ):
+                raise _CatalogInitRace(first_line) from None
             raise StoreError(
-                f"{_redacted(database)}: cannot attach the DuckLake catalog ({_redacted(str(exc).splitlines()[0])}); "
+                f"{_redacted(database)}: cannot attach the DuckLake catalog ({first_line}); "
                 f"check the catalog database is up and {WAREHOUSE_ENV} names it"
             ) from None
     except BaseException:

@@ -26,6 +26,7 @@ import pandas as pd
 import polars as pl
 
 from ml_assets.core import registry
+from ml_assets.core.dask_fit import DaskFit
 from ml_assets.core.dataset import bounded_sample, capped_train_rows, table_name
 from ml_assets.core.errors import DatasetError
 from ml_assets.core.features import TARGET, FeatureTransform, features_table_name, transform_of
@@ -34,6 +35,7 @@ from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import all_metrics, choose_threshold, improvement, score
 from ml_assets.core.progress import Progress, silent
 from ml_assets.core.spec import PipelineSpec
+from ml_assets.core.sql import q
 from ml_assets.core.store import Connect
 from ml_assets.core.tuning import (
     Split,
@@ -111,11 +113,22 @@ def _finish_at(
 BASELINE_SHARE = 0.25
 
 
+LOCAL_FIT = {"engine": "lightgbm"}
+
+
 def fit_final(
-    pipeline: PipelineSpec, data: TrainingData, params: dict[str, Any], deadline: float | None = None
-) -> tuple[lgb.Booster, int | None]:
+    pipeline: PipelineSpec,
+    data: TrainingData,
+    params: dict[str, Any],
+    deadline: float | None = None,
+    on_dask: DaskFit | None = None,
+) -> tuple[lgb.Booster, int | None, dict[str, Any]]:
     """The chosen parameters refitted on the whole training split; stopped so that scoring the validation
-    and test splits ends by `deadline` (returns the round it was cut at, else None)."""
+    and test splits ends by `deadline` (returns the round it was cut at, else None), and how it was fitted.
+    On a Dask cluster (`on_dask`) when the split is large enough for it: never cut (dask_fit.py)."""
+    if on_dask is not None and on_dask.applies(len(data.train.y)):
+        booster, how = on_dask.fit(params, pipeline, data)
+        return booster, None, how
     half = SCORING_SAMPLE_ROWS // 2
     scored = pd.concat([data.valid.X.head(half), data.test.X.head(half)], ignore_index=True)
     cut: list[int] = []
@@ -129,7 +142,7 @@ def fit_final(
         if deadline is not None
         else None,
     )
-    return booster, (cut[0] if cut else None)
+    return booster, (cut[0] if cut else None), LOCAL_FIT
 
 
 def decision_threshold(pipeline: PipelineSpec, y_valid: np.ndarray, p_valid: np.ndarray) -> float:
@@ -204,6 +217,7 @@ class TrainedModel:
     test_predictions: pl.DataFrame
     params: dict[str, Any] = field(default_factory=dict)
     final_fit_cut_at: int | None = None
+    final_fit: dict[str, Any] = field(default_factory=lambda: LOCAL_FIT)
     elapsed_s: float = 0.0
     baselines_s: float = 0.0
     search_budget_s: float = 0.0
@@ -256,6 +270,7 @@ def train_model(
     time_budget_s: float,
     max_trials: int,
     progress: Progress = silent,
+    on_dask: DaskFit | None = None,
 ) -> TrainedModel:
     for name in ("train", "valid", "test"):
         if len(getattr(data, name).y) == 0:
@@ -274,7 +289,7 @@ def train_model(
     defaults = base_params(pipeline, len(data.classes) if data.classes else None)
     progress(f"fitting LightGBM's defaults on {len(data.train.y)} training rows")
     fitting = time.monotonic()
-    booster, cut_at = fit_final(pipeline, data, defaults, deadline)
+    booster, cut_at, how = fit_final(pipeline, data, defaults, deadline, on_dask)
     fit_s = time.monotonic() - fitting
     defaults_fit = chosen = _Scored.of(pipeline, data, booster)
     # The search leaves time for one more fit like that one: the refit of the parameters it picks.
@@ -289,12 +304,12 @@ def train_model(
     params = defaults
     if tuning.best_params != defaults:
         progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; refitting the best parameters")
-        refit, refit_cut = fit_final(pipeline, data, tuning.best_params, deadline)
+        refit, refit_cut, refit_how = fit_final(pipeline, data, tuning.best_params, deadline, on_dask)
         # A refit the deadline stopped is not the model its CV score promised, and one that scores worse
         # than the defaults on the validation split won on CV by chance: the defaults' model stays.
         tuned = _Scored.of(pipeline, data, refit) if refit_cut is None else None
         if tuned and improvement(pipeline.metric, tuned.valid_score, defaults_fit.valid_score) >= 0:
-            chosen, cut_at, params = tuned, None, tuning.best_params
+            chosen, cut_at, params, how = tuned, None, tuning.best_params, refit_how
     predictions = pl.DataFrame(
         {
             "_key": data.test.key,
@@ -314,6 +329,7 @@ def train_model(
         test_predictions=predictions,
         params=params,
         final_fit_cut_at=cut_at,
+        final_fit=how,
         elapsed_s=time.monotonic() - started,
         baselines_s=baselines_s,
         search_budget_s=search_budget_s,
@@ -348,6 +364,7 @@ def train_and_register(
     max_trials: int | None = None,
     run_id: str | None = None,
     progress: Progress = silent,
+    on_dask: DaskFit | None = None,
 ) -> tuple[Path, registry.Manifest]:
     """Train on `<pipeline>.features`, write a new model version folder and register it, stamped with
     `run_id` so the later stages of the same run judge exactly this version.
@@ -357,15 +374,22 @@ def train_and_register(
     """
     with connect() as conn:
         frame, train_available = features_for_training(conn, pipeline)
-        # Input rows kept with the version, so a fresh process can prove it reproduces these predictions.
+        # Input rows kept with the version, so a fresh process can prove it reproduces these predictions:
+        # ranked by a seeded hash of their id, the same rows whatever order the warehouse reads them in
+        # (a reservoir sample follows the scan order, which differs between a DuckDB file and DuckLake).
+        ids = ", ".join(q(c) for c in pipeline.row_id)
         sample = conn.execute(
-            f"SELECT * FROM (SELECT * FROM {table_name(pipeline)} WHERE _split = 'test') "
-            f"USING SAMPLE reservoir({SAMPLE_ROWS} ROWS) REPEATABLE ({pipeline.model.seed})"
+            f"SELECT * FROM {table_name(pipeline)} WHERE _split = 'test' "
+            f"ORDER BY hash({ids}, {pipeline.model.seed}), {ids} LIMIT {SAMPLE_ROWS}"
         ).pl()
+    # One row order whatever the warehouse's scan order: the drift reference sample and the data
+    # fingerprint below are drawn from it.
+    frame = frame.sort(["_ts", "_key"])
     transform, transform_path = transform_of(frame, transforms_dir)
     data = training_data(pipeline, frame, transform)
     budget = time_budget_s if time_budget_s is not None else pipeline.model.time_budget_s
-    trained = train_model(pipeline, data, budget, max_trials or pipeline.model.max_trials, progress)
+    trials = max_trials or pipeline.model.max_trials
+    trained = train_model(pipeline, data, budget, trials, progress, on_dask)
     created = dt.datetime.now(dt.UTC)
     version = registry.new_version_id(created)
     best_iteration = trained.booster.best_iteration or trained.booster.current_iteration()
@@ -453,6 +477,7 @@ def _manifest(
                 "baselines_s": round(trained.baselines_s, 2),
                 "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
                 "final_fit_cut_at_round": trained.final_fit_cut_at,
+                "final_fit": trained.final_fit,
                 "model_step_s": round(trained.elapsed_s, 2),
             },
             "model_kind": "lightgbm",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from ml_assets.core.dask_fit import DaskFit
 from ml_assets.core.errors import UsageError
 from ml_assets.core.report_server import reports_url
 from ml_assets.core.spec import PipelineSpec
@@ -38,6 +39,11 @@ PG_URL_ENV = "ML_ASSETS_PG_URL"
 PG_SCHEME = "postgresql+psycopg2://"
 # Set on a worker: LightGBM threads of each fit it runs, over the pipeline's model.num_threads.
 FIT_THREADS_ENV = "ML_ASSETS_FIT_THREADS"
+# Cluster only: training splits of at least this many rows are fitted with LightGBM's Dask interface on
+# every worker (core/dask_fit.py), within the timeout (seconds) below. Unset: every fit is local.
+DASK_FIT_ROWS_ENV = "ML_ASSETS_DASK_FIT_ROWS"
+DASK_FIT_TIMEOUT_ENV = "ML_ASSETS_DASK_FIT_TIMEOUT_S"
+DEFAULT_DASK_FIT_TIMEOUT_S = 3600
 # A training step asks its Dask worker for one unit of `training` (dagster-dask's tag, spelled out so
 # that a local run imports no Dask): a worker started with `--resources training=1` runs one fit at a
 # time, however many threads it has. Ignored by the local in-process executor.
@@ -123,10 +129,29 @@ def current() -> Deployment:
 
 def with_fit_threads(pipeline: PipelineSpec) -> PipelineSpec:
     """The pipeline with this worker's threads per fit (ML_ASSETS_FIT_THREADS), if the worker sets them."""
-    raw = os.environ.get(FIT_THREADS_ENV, "").strip()
-    if not raw:
+    threads = _whole_number(FIT_THREADS_ENV, None)
+    if threads is None:
         return pipeline
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"{FIT_THREADS_ENV}={raw!r}: expected a whole number of threads, 1 or more")
-    model = pipeline.model.model_copy(update={"num_threads": int(raw)})
+    model = pipeline.model.model_copy(update={"num_threads": threads})
     return pipeline.model_copy(update={"model": model})
+
+
+def _whole_number(name: str, default: int | None) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"{name}={raw!r}: expected a whole number, 1 or more")
+    return int(raw)
+
+
+def dask_fit(min_rows: int | None = None) -> DaskFit | None:
+    """How this worker's model steps fit on the Dask cluster: only under `cluster`, and only when the run
+    (`min_rows`) or ML_ASSETS_DASK_FIT_ROWS sets the training rows from which a fit is distributed."""
+    if deployment_name() != "cluster":
+        return None
+    min_rows = min_rows or _whole_number(DASK_FIT_ROWS_ENV, None)
+    if min_rows is None:
+        return None
+    timeout_s = _whole_number(DASK_FIT_TIMEOUT_ENV, DEFAULT_DASK_FIT_TIMEOUT_S)
+    return DaskFit(cluster_setting(SCHEDULER_ENV), min_rows, float(timeout_s))

@@ -65,10 +65,16 @@ class ArtifactStore(ConfigurableResource):
 
 class TrainingOverrides(ConfigurableResource):
     """Overrides of every pipeline's tuning budget for one launch (the CLI's --time-budget/--max-trials,
-    or the launchpad's resource config); unset, each pipeline's model settings apply."""
+    or the launchpad's resource config); unset, each pipeline's model settings apply. Also, on a cluster,
+    the rows from which a fit goes to Dask (--dask-fit-rows; unset, the workers' setting applies)."""
 
     time_budget_s: float | None = Field(None, description="Seconds of hyper-parameter search per model")
     max_trials: int | None = Field(None, description="At most this many search trials per model")
+    dask_fit_rows: int | None = Field(
+        None,
+        description="Cluster only: fit with LightGBM's Dask interface when the training split has at least "
+        "this many rows (over the workers' ML_ASSETS_DASK_FIT_ROWS)",
+    )
 
 
 # A Unix socket where the model step of every run started with it set reports its version and waits.

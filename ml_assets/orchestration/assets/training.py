@@ -14,7 +14,7 @@ from ml_assets.core.evaluate import evaluate_version, markdown_summary
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.train import train_and_register
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
-from ml_assets.orchestration.deployments import TRAINING_STEP_TAGS, with_fit_threads
+from ml_assets.orchestration.deployments import TRAINING_STEP_TAGS, dask_fit, with_fit_threads
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.figures import figure_metadata, report_metadata
 from ml_assets.orchestration.metadata import decision_metadata, shorten, versions_table
@@ -86,6 +86,7 @@ def model_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 training.max_trials,
                 context.run.run_id,
                 progress=context.log.info,
+                on_dask=dask_fit(training.dask_fit_rows),
             )
         )
         pause.after_registering(context.run.run_id, manifest.version)
