@@ -119,8 +119,8 @@ def outputs(root: Path) -> dict[str, Any]:
             "modelling_table": digest(f"{pipeline.name}.modelling_table"),
             "features": digest(f"{pipeline.name}.features"),
             "models": [list(m) for m in model],
-            # Without when and by which version id (a timestamp) each side scored.
-            "predictions": digest(predictions_table(pipeline), "scored_at, version"),
+            # Without when, by which version id (a timestamp) and in which run each side scored.
+            "predictions": digest(predictions_table(pipeline), "scored_at, version, run_id"),
         }
 
 

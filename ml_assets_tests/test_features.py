@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import hashlib
 import json
+import math
+import random
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -19,6 +22,7 @@ from ml_assets.core import features
 from ml_assets.core.errors import ArtifactError
 from ml_assets.core.features import META_COLUMNS, MISSING, FeatureTransform, feature_table
 from ml_assets.core.spec import PipelineSpec
+from ml_assets.pipelines import flight_features
 
 HOLIDAY_FN = "ml_assets.pipelines.flight_features:days_to_us_holiday"
 
@@ -282,6 +286,69 @@ def test_days_to_us_holiday_function_feature() -> None:
 
     assert dict(zip(cases, out.to_list(), strict=True)) == cases
     assert transform.input_columns == []
+
+
+def _holiday_reference(frame: pl.DataFrame) -> list[float | None]:
+    """Days to the nearest holiday by the obvious route: polars' own time-zone conversion of every
+    stamp to a New York date, then the nearest of the holidays around it (None for no stamp)."""
+    days = frame.select(
+        pl.col("time_hour")
+        .dt.replace_time_zone("UTC")
+        .dt.convert_time_zone("America/New_York")
+        .dt.date()
+        .cast(pl.Int32)
+    ).to_series()
+    epoch = dt.date(1970, 1, 1)
+    holidays = sorted((h - epoch).days for y in range(2011, 2017) for h in flight_features.us_holidays(y))
+    out: list[float | None] = []
+    for day in days.to_list():
+        if day is None:
+            out.append(None)
+            continue
+        i = bisect.bisect_left(holidays, day)
+        out.append(float(min(abs(day - holidays[j]) for j in (i - 1, i) if 0 <= j < len(holidays))))
+    return out
+
+
+def _nan_as_none(series: pl.Series) -> list[float | None]:
+    return [None if v is None or math.isnan(v) else v for v in series.to_list()]
+
+
+@pytest.mark.parametrize("unit", ["us", "ns", "ms"])
+def test_days_to_us_holiday_equals_the_time_zone_conversion_over_two_years(unit: str) -> None:
+    # Every hour of 2013 and 2014 (UTC), at its start, a random instant inside it and its last
+    # microsecond, the DST switches and New York's midnights either side of them, and nulls: the
+    # midnight table must give each stamp the date polars' own conversion gives it.
+    rng = random.Random(7)
+    stamps: list[dt.datetime | None] = []
+    for h in range(24 * 365 * 2 + 24):
+        start = dt.datetime(2012, 12, 31, 12) + dt.timedelta(hours=h)
+        inside = dt.timedelta(seconds=rng.randrange(3600), microseconds=rng.randrange(10**6))
+        stamps += [start, start + inside, start + dt.timedelta(hours=1, microseconds=-1)]
+    for switch in (dt.datetime(2013, 3, 10, 7), dt.datetime(2013, 11, 3, 6), dt.datetime(2014, 3, 9, 7)):
+        for hours in (-3, -2, -1, 0, 1, 2, 3, 4, 5):  # the local midnights around it (04:00 / 05:00 UTC)
+            at = switch + dt.timedelta(hours=hours)
+            stamps += [at, at - dt.timedelta(microseconds=1)]
+    stamps += [None] * 40
+    rng.shuffle(stamps)
+    frame = pl.DataFrame({"time_hour": stamps}, schema={"time_hour": pl.Datetime(unit)})
+
+    out = flight_features.days_to_us_holiday(frame)
+
+    assert out.dtype == pl.Float64 and out.len() == frame.height
+    assert _nan_as_none(out) == _holiday_reference(frame)
+    # An unknown stamp beside known ones is NaN, as it always was (the transform imputes it).
+    assert out.is_nan().sum() == 40 and out.null_count() == 0
+    # One row at a time (an online request) answers as the whole frame does.
+    for i in range(0, frame.height, 97):
+        row = frame.slice(i, 1)
+        assert _nan_as_none(flight_features.days_to_us_holiday(row)) == _holiday_reference(row)
+
+
+def test_days_to_us_holiday_without_any_stamp_is_null() -> None:
+    frame = pl.DataFrame({"time_hour": [None, None]}, schema={"time_hour": pl.Datetime("us")})
+
+    assert flight_features.days_to_us_holiday(frame).to_list() == [None, None]
 
 
 # --- feature table -----------------------------------------------------------------------------------

@@ -784,17 +784,19 @@ def test_the_request_log_holds_at_most_max_rows_between_flushes(tmp_path):
     assert pl.read_parquet(log.flush()).height == 2
 
 
-def test_request_times_and_dates_parse_to_the_values_polars_holds_and_answer_as_its_text():
-    """parse_rows builds times from integers and _records formats them in Python: the same values and
-    the same text as polars' own conversion and cast, before the epoch, with offsets and nulls too."""
+def test_request_rows_parse_to_the_values_polars_holds_and_answer_as_its_text():
+    """parse_rows builds one typed frame from the rows and _records formats times in Python: the same
+    values and types as polars' own, at the extremes of each type, before the epoch, with offsets and
+    nulls too, and the same text as polars' cast."""
     from ml_assets.core.spec import ColumnSpec
 
-    fields = {"at": ColumnSpec(type="datetime"), "on": ColumnSpec(type="date"), "n": ColumnSpec(type="int")}
+    kinds = {"at": "datetime", "on": "date", "n": "int", "x": "float", "b": "bool", "s": "str"}
+    fields = {name: ColumnSpec(type=kind) for name, kind in kinds.items()}
     payload = [
-        {"at": "2013-01-01T05:00:00.000120", "on": "2013-01-02", "n": 1},
-        {"at": "1969-12-31T23:59:59.999999", "on": "1901-03-04", "n": 2},
-        {"at": "2013-06-01T12:30:00+02:00", "on": None, "n": None},
-        {"at": None, "on": "2024-02-29", "n": 3},
+        {"at": "2013-01-01T05:00:00.000120", "on": "2013-01-02", "n": 1, "x": 1.5, "b": True, "s": "JFK"},
+        {"at": "1969-12-31T23:59:59.999999", "on": "1901-03-04", "n": -(2**63), "x": 5e-324, "b": False},
+        {"at": "2013-06-01T12:30:00+02:00", "on": None, "n": 2**63 - 1, "x": -1e308, "s": "é"},
+        {"at": None, "on": "2024-02-29", "n": None, "x": 3, "s": ""},
     ]
     parsed = request_parsing.parse_rows(fields, payload, 10)
     expected = pl.DataFrame(
@@ -806,10 +808,21 @@ def test_request_times_and_dates_parse_to_the_values_polars_holds_and_answer_as_
                 None,
             ],
             "on": [dt.date(2013, 1, 2), dt.date(1901, 3, 4), None, dt.date(2024, 2, 29)],
-            "n": [1, 2, None, 3],
+            "n": [1, -(2**63), 2**63 - 1, None],
+            "x": [1.5, 5e-324, -1e308, 3.0],
+            "b": [True, False, None, None],
+            "s": ["JFK", None, "é", ""],
         },
-        schema={"at": pl.Datetime("us"), "on": pl.Date, "n": pl.Int64},
+        schema={
+            "at": pl.Datetime("us"),
+            "on": pl.Date,
+            "n": pl.Int64,
+            "x": pl.Float64,
+            "b": pl.Boolean,
+            "s": pl.String,
+        },
     )
+    assert parsed.schema == expected.schema
     assert parsed.equals(expected)
     as_text = expected.with_columns(pl.col("at", "on").cast(pl.String)).to_dicts()
     assert request_parsing.request_rows(parsed, list(fields)) == as_text

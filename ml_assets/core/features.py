@@ -148,10 +148,11 @@ class FeatureTransform:
         # One select of expressions rather than a Series operation per feature: the same values, and an
         # online request of one row pays polars' per-call overhead once instead of ~100 times.
         computed: list[pl.Series] = []
+        columns = set(frame.columns)
         for i, spec in enumerate(self.features):
             if spec.get("function"):
                 computed.append(_input(spec, frame).alias(f"__function_{i}"))
-            elif spec["column"] not in frame.columns:
+            elif spec["column"] not in columns:
                 _input(spec, frame)  # raises, naming the feature
         # hstack, not with_columns: the same frame without a query of its own.
         return frame.hstack(computed).select(self._expressions)

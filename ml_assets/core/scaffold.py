@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from ml_assets.core.errors import UsageError
@@ -111,8 +112,10 @@ def scaffold(
     task: str | None = None,
     time: str | None = None,
     id_columns: list[str] | None = None,
+    written_by: str | None = None,
 ) -> str:
-    """The text of a pipeline file named after `out`, reading `pattern` (a file or glob)."""
+    """The text of a pipeline file named after `out`, reading `pattern` (a file or glob); its header
+    names the command that wrote it (default: `ml-assets init`)."""
     paths = resolve_paths(pattern, Path.cwd())
     frame = sample_frame(paths, ["", "NA"], rows=1_000_000)
     if target not in frame.columns:
@@ -141,7 +144,8 @@ def scaffold(
     lines = [
         # Editors that speak the YAML language server validate and complete the file against it.
         f"{SCHEMA_COMMENT}{SCHEMA_FILE}",
-        f"# Written by `ml-assets init {pattern} --target {target}` from {frame.height} rows of {paths[0].name}.",
+        f"# Written by {written_by or f'`ml-assets init {pattern} --target {target}`'} from {frame.height} rows "
+        f"of {paths[0].name}.",
         "# Every value below was read from the data: check the types, the rules (ranges have headroom), the",
         "# features, and the columns flagged LEAKAGE? (move those known only after the outcome to leakage:).",
         f"name: {name}",
@@ -197,3 +201,39 @@ def _split_and_model(task: str, time: str | None) -> list[str]:
         f"model: {{metric: {DEFAULT_METRIC[task]}, time_budget_s: 60, max_trials: 10}}",
         "",
     ]
+
+
+SAMPLE_TARGET = "churned"
+SAMPLE_ID = "customer_id"
+
+
+def write_churn_sample(path: Path, rows: int = 3000, seed: int = 0) -> Path:
+    """A made-up customer table to start a pipeline from without data of one's own (`dg scaffold defs`):
+    one row per customer, a signup date (a time split), numbers and categories with a known relation to
+    whether the customer left, and nothing that is known only afterwards. Seeded: the same file every time."""
+    rng = np.random.default_rng(seed)
+    plans = np.array(["basic", "standard", "premium"])
+    plan = rng.choice(plans, rows, p=[0.5, 0.3, 0.2])
+    tenure = rng.integers(1, 72, rows)
+    calls = rng.poisson(1.5, rows)
+    charges = np.round(rng.normal(40, 8, rows) + 25 * (plan == "standard") + 45 * (plan == "premium"), 2)
+    region = rng.choice(np.array(["north", "south", "east", "west"]), rows)
+    signup = np.datetime64("2023-01-01") + rng.integers(0, 730, rows).astype("timedelta64[D]")
+    # Short tenure, many support calls and a high bill make leaving likelier; the basic plan a little too.
+    logit = -1.2 - 0.04 * tenure + 0.6 * calls + 0.02 * (charges - 60) + 0.4 * (plan == "basic")
+    churned = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(int)
+    frame = pl.DataFrame(
+        {
+            SAMPLE_ID: np.arange(1, rows + 1),
+            "signup_date": np.sort(signup),
+            "region": region,
+            "plan": plan,
+            "tenure_months": tenure,
+            "monthly_charges": charges,
+            "support_calls": calls,
+            SAMPLE_TARGET: churned,
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_csv(path)
+    return path

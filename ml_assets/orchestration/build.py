@@ -5,12 +5,14 @@ project itself and report a broken pipeline file as one line (definitions.py bui
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import dagster as dg
 
 from ml_assets.core.spec.load import load_project
+from ml_assets.core.spec.schema import Project
 from ml_assets.orchestration import deployments, jobs
 from ml_assets.orchestration.assets import build_assets
 from ml_assets.orchestration.assets.serving import predictions_partitions
@@ -36,12 +38,35 @@ def resources(root: Path) -> dict[str, dg.ConfigurableResource]:
     return deployments.local(root).resources()
 
 
+@functools.cache
+def current_deployment() -> tuple[Deployment, dict[str, dg.ConfigurableResource]]:
+    """The deployment ML_ASSETS_DEPLOYMENT names, with one set of its resources per process: the pipeline
+    files and every component of a code location share them (Dagster merges definitions only if their
+    resources are the same objects)."""
+    deployment = deployments.current()
+    return deployment, deployment.resources()
+
+
 def build_definitions(pipelines: Path, root: Path | Deployment) -> dg.Definitions:
     """Definitions over the pipelines of a directory, with the resources and executor of a deployment (a
     data directory: the local deployment over it)."""
     deployment = root if isinstance(root, Deployment) else deployments.local(root)
-    project = load_project(pipelines)
-    all_jobs: list[dg.UnresolvedAssetJobDefinition | dg.JobDefinition] = [jobs.run_job()]
+    project = project_definitions(load_project(pipelines), deployment, deployment.resources())
+    return dg.Definitions.merge(project, run_job_definitions())
+
+
+def run_job_definitions() -> dg.Definitions:
+    """The job `ml-assets run` launches over every asset of the code location: once per code location, so
+    not part of a component's definitions (Dagster refuses a job name twice, even for the same object)."""
+    return dg.Definitions(jobs=[jobs.run_job()])
+
+
+def project_definitions(
+    project: Project, deployment: Deployment, resources: dict[str, dg.ConfigurableResource]
+) -> dg.Definitions:
+    """The assets, checks, jobs, sensors and schedules of a loaded project, with the deployment's executor
+    and these resources."""
+    all_jobs: list[dg.UnresolvedAssetJobDefinition | dg.JobDefinition] = []
     sensors, schedules = [], []
     for pipeline in project.pipelines.values():
         retrain, drift = jobs.retrain_job(pipeline), jobs.drift_job(pipeline)
@@ -64,6 +89,6 @@ def build_definitions(pipelines: Path, root: Path | Deployment) -> dg.Definition
         jobs=all_jobs,
         sensors=sensors,
         schedules=schedules,
-        resources=deployment.resources(),
+        resources=resources,
         executor=deployment.executor,
     )

@@ -12,6 +12,8 @@ import functools
 import numpy as np
 import polars as pl
 
+NEW_YORK = "America/New_York"
+
 
 def _nth_weekday(year: int, month: int, weekday: int, n: int) -> dt.date:
     """n-th given weekday (0=Monday) of a month; n=-1 for the last one."""
@@ -40,8 +42,7 @@ def us_holidays(year: int) -> list[dt.date]:
 
 @functools.lru_cache(maxsize=64)
 def _holiday_days(years: frozenset[int]) -> np.ndarray:
-    """Days since 1970 of the holidays of `years` and the years either side, sorted. Remembered: an
-    online request of one flight would otherwise rebuild them on every call."""
+    """Days since 1970 of the holidays of `years` and the years either side, sorted."""
     return np.array(
         sorted(
             (h - dt.date(1970, 1, 1)).days for y in years for yy in (y - 1, y, y + 1) for h in us_holidays(yy)
@@ -49,24 +50,48 @@ def _holiday_days(years: frozenset[int]) -> np.ndarray:
     )
 
 
-def days_to_us_holiday(frame: pl.DataFrame) -> pl.Series:
-    """Days from the scheduled departure date (New York time) to the nearest US holiday, either side."""
-    # One polars query, the rest in numpy: a chain of Series operations costs polars' per-call overhead
-    # each time, which is most of this function on the one row of an online request.
-    days = frame.select(
-        pl.col("time_hour")
-        .dt.replace_time_zone("UTC")
-        .dt.convert_time_zone("America/New_York")
-        .dt.date()
-        .cast(pl.Int32)
-    ).to_series()
-    known = days.drop_nulls().to_numpy().astype("datetime64[D]")
-    years = frozenset((known.astype("datetime64[Y]").astype(np.int64) + 1970).tolist())
-    if not years:  # no timestamps at all (e.g. one online request without one): no answer, not a crash
-        return pl.Series("days_to_holiday", [None] * frame.height, dtype=pl.Float64)
-    days = days.to_numpy()
-    holidays = _holiday_days(years)
+@functools.lru_cache(maxsize=64)
+def _local_days(first: int, last: int, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """New York's midnights from 1 January of the year before `first` to 1 January two years after
+    `last`, as naive UTC ticks of `unit`, and the days from each of those dates to the nearest holiday.
+    Remembered: a time-zone conversion per call was most of this feature's cost on an online request."""
+    dates = pl.date_range(dt.date(first - 1, 1, 1), dt.date(last + 2, 1, 1), "1d", closed="left", eager=True)
+    midnights = (
+        dates.cast(pl.Datetime(unit))
+        .dt.replace_time_zone(NEW_YORK)
+        .dt.convert_time_zone("UTC")
+        .dt.replace_time_zone(None)
+        .to_physical()
+        .to_numpy()
+    )
+    days = dates.cast(pl.Int32).to_numpy()
+    holidays = _holiday_days(frozenset(range(first - 1, last + 2)))
     after = np.clip(np.searchsorted(holidays, days), 0, len(holidays) - 1)
     before = np.clip(after - 1, 0, len(holidays) - 1)
     nearest = np.minimum(np.abs(holidays[after] - days), np.abs(days - holidays[before]))
-    return pl.Series("days_to_holiday", nearest, dtype=pl.Float64)
+    return midnights, nearest.astype(np.float64)
+
+
+def days_to_us_holiday(frame: pl.DataFrame) -> pl.Series:
+    """Days from the scheduled departure date (New York time) to the nearest US holiday, either side."""
+    stamps = frame.get_column("time_hour")
+    if stamps.dtype.time_zone:  # type: ignore[union-attr]
+        stamps = stamps.dt.replace_time_zone(None)  # its wall time is taken as UTC, as a naive stamp's
+    unit = stamps.dtype.time_unit  # type: ignore[union-attr]
+    # numpy's view of the column, not to_physical: a polars Series operation is a query of its own, most
+    # of this function's cost on one row. A null is NaT there.
+    instants = stamps.to_numpy()
+    missing = np.isnat(instants) if stamps.has_nulls() else None
+    ticks = instants.view(np.int64)
+    known = ticks if missing is None else ticks[~missing]
+    if not len(known):  # no timestamps at all (e.g. one online request without one): no answer, not a crash
+        return pl.Series("days_to_holiday", [None] * frame.height, dtype=pl.Float64)
+    # A date is the number of New York midnights at or before the instant: numpy on the raw ticks, the
+    # time-zone rules applied once per range of years (polars' own conversion, in _local_days).
+    bounds = np.array([known.min(), known.max()]).astype(f"datetime64[{unit}]").astype("datetime64[Y]")
+    first, last = (int(y) + 1970 for y in bounds.astype(np.int64))
+    midnights, nearest = _local_days(first, last, unit)
+    values = nearest[np.searchsorted(midnights, ticks, side="right") - 1]
+    if missing is not None:
+        values[missing] = np.nan  # as the unknown dates always were: NaN beside known ones
+    return pl.Series("days_to_holiday", values, dtype=pl.Float64)

@@ -177,7 +177,7 @@ class _JoinIndex:
         keys = zip(*(request[k] for k in self.keys), strict=True)
         if self.asof_left is None:
             # A NULL key matches nothing in SQL, so it is never looked up (no row is keyed by None).
-            return self.table[[none if None in key else self.rows.get(key, none) for key in keys]]
+            return self._rows([none if None in key else self.rows.get(key, none) for key in keys])
         found: list[int] = []
         for key, at in zip(keys, request[self.asof_left], strict=True):
             series = None if at is None or None in key else self.rows.get(key)
@@ -188,7 +188,11 @@ class _JoinIndex:
             # The latest time at or before `at` (an exact match included), as ASOF's `>=`.
             i = bisect.bisect_right(times, at) - 1
             found.append(rows[i] if i >= 0 else none)
-        return self.table[found]
+        return self._rows(found)
+
+    def _rows(self, found: list[int]) -> pl.DataFrame:
+        # A single request's one row is a slice, which copies nothing and costs a twentieth of a gather.
+        return self.table.slice(found[0], 1) if len(found) == 1 else self.table[found]
 
 
 class KeyedCompletion:
@@ -227,10 +231,8 @@ class KeyedCompletion:
         self._memos: dict[str, tuple[list[str], dict[tuple, Any]]] | None = (
             {n: (expression_reads[n], {}) for n in self._derived_schema} if remembered else None
         )
-        self._base = [
-            pl.col(c) if c in lookups.fields else pl.lit(None, dtype=schema[c]).alias(c)
-            for c, _ in lookups._columns
-        ]
+        # The base source's columns: a request's own, or (those known only later) null of the SQL's type.
+        self._base = [(c, None if c in lookups.fields else schema[c]) for c, _ in lookups._columns]
         self._base_columns = [c for c, _ in lookups._columns]
 
     @classmethod
@@ -266,7 +268,12 @@ class KeyedCompletion:
 
     def complete(self, rows: pl.DataFrame) -> pl.DataFrame:
         data = {c: rows.get_column(c).to_list() for c in self._base_columns if c in rows.columns}
-        parts = [rows.select(self._base), *(index.lookup(data) for index in self._indexes)]
+        # Columns gathered and null ones made, not a select: the same frame without a query.
+        base = [
+            rows.get_column(c) if dtype is None else pl.Series(c, [None] * rows.height, dtype=dtype)
+            for c, dtype in self._base
+        ]
+        parts = [pl.DataFrame(base), *(index.lookup(data) for index in self._indexes)]
         if self._derived_sql is not None:
             completed = pl.concat(parts, how="horizontal")
             parts = [completed, self._derived(completed)]
@@ -280,7 +287,9 @@ class KeyedCompletion:
                 for n, (reads, memo) in self._memos.items()
             }
             if all(v is not None for v in found.values()):
-                return pl.DataFrame(found, schema=self._derived_schema)
+                # Built from rows: a quarter of the cost of the column-wise constructor on one row.
+                rows = [dict(zip(found, values, strict=True)) for values in zip(*found.values(), strict=True)]
+                return pl.from_dicts(rows, schema=self._derived_schema)
         return self._compute(values, completed.height)
 
     @staticmethod

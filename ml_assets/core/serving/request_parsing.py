@@ -107,7 +107,7 @@ def parse_rows(fields: Mapping[str, ColumnSpec], payload: Any, max_rows: int) ->
             [(None, "body", f"{len(rows)} rows, more than the limit of {max_rows} per request")]
         )
     problems: list[tuple[int | None, str, str]] = []
-    columns: dict[str, list[Any]] = {name: [] for name in fields}
+    records: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
         at = i if isinstance(payload, list) else None
         if not isinstance(row, dict):
@@ -118,36 +118,24 @@ def parse_rows(fields: Mapping[str, ColumnSpec], payload: Any, max_rows: int) ->
             for k in row
             if k not in fields
         ]
+        record: dict[str, Any] = {}
         for name, spec in fields.items():
             value = row.get(name)
             if value is None:
                 if spec.not_null:
                     problems.append((at, name, "missing" if name not in row else "must not be null"))
-                columns[name].append(None)
+                record[name] = None
                 continue
             parsed, problem = _value(spec, value)
             if problem:
                 problems.append((at, name, problem))
-            columns[name].append(parsed)
+            record[name] = parsed
+        records.append(record)
     if problems:
         raise RequestError(problems)
-    return pl.DataFrame([_series(name, spec.type, columns[name]) for name, spec in fields.items()])
-
-
-_EPOCH = dt.datetime(1970, 1, 1)
-_MICROSECOND = dt.timedelta(microseconds=1)
-
-
-def _series(name: str, kind: str, values: list[Any]) -> pl.Series:
-    # Polars converts Python datetimes one by one, five times slower than integers on a request's row:
-    # the same values as microseconds (days) since the epoch, cast.
-    if kind == "datetime":
-        ticks = [None if v is None else (v - _EPOCH) // _MICROSECOND for v in values]
-        return pl.Series(name, ticks, dtype=pl.Int64).cast(POLARS_TYPES[kind])
-    if kind == "date":
-        days = [None if v is None else (v - _EPOCH.date()).days for v in values]
-        return pl.Series(name, days, dtype=pl.Int32).cast(POLARS_TYPES[kind])
-    return pl.Series(name, values, dtype=POLARS_TYPES[kind])
+    # One constructor over the rows, typed by the fields: a Series per field (and a cast per time) cost
+    # four times as much on a request's one row.
+    return pl.from_dicts(records, schema={name: POLARS_TYPES[spec.type] for name, spec in fields.items()})
 
 
 def cast_frame(fields: Mapping[str, ColumnSpec], frame: pl.DataFrame, origin: str) -> pl.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +137,17 @@ def _with_inferred_features(spec: PipelineSpec, sources: dict[str, SourceSpec], 
     return spec.model_copy(update={"features": features})
 
 
-def load_pipeline_file(path: Path) -> PipelineSpec:
-    raw = _with_inferred_columns(_with_parent(_read_yaml(path), path), path)
+def _pipeline(raw: dict[str, Any], path: Path) -> PipelineSpec:
+    """A pipeline's fields (as read from `path`) validated, its parent merged and its columns inferred."""
+    raw = _with_inferred_columns(_with_parent(raw, path), path)
     try:
-        spec = PipelineSpec.model_validate(raw)
+        return PipelineSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_pydantic(path, exc)) from exc
+
+
+def load_pipeline_file(path: Path) -> PipelineSpec:
+    spec = _pipeline(_read_yaml(path), path)
     if spec.name != path.stem:
         raise ConfigError(f"{path}: name: must match the file name '{path.stem}' (got {spec.name!r})")
     return spec
@@ -167,12 +173,30 @@ def load_project(directory: Path) -> Project:
     files = _parents_first(sorted(directory.glob("*.yaml")))
     if not files:
         raise ConfigError(f"{directory}: no pipeline files (*.yaml) found")
+    # Lazily, so that a broken file is reported before a clash with a later file is looked for.
+    return _cross_checked(directory, ((path, load_pipeline_file(path)) for path in files))
+
+
+def load_pipeline_attributes(raw: dict[str, Any] | None, path: Path) -> Project:
+    """One pipeline given as a mapping of a pipeline file's fields (the attributes of a Dagster component
+    declared in `path`), loaded and checked exactly as a pipeline file is: a project of that one pipeline,
+    whose relative paths and stored inferred columns live beside `path`."""
+    if not raw:
+        raise ConfigError(f"{path}: attributes: required (the fields of a pipeline file)")
+    if "extends" in raw:
+        raise ConfigError(
+            f"{path}: extends: a component holds one whole pipeline; copy the fields it should share"
+        )
+    return _cross_checked(path.parent, [(path, _pipeline(raw, path))])
+
+
+def _cross_checked(directory: Path, loaded: Iterable[tuple[Path, PipelineSpec]]) -> Project:
+    """The project of the loaded pipelines, after the checks that need several blocks or files."""
     pipelines: dict[str, PipelineSpec] = {}
     sources: dict[str, SourceSpec] = {}
     source_files: dict[str, Path] = {}
     pipeline_files: dict[str, Path] = {}
-    for path in files:
-        spec = load_pipeline_file(path)
+    for path, spec in loaded:
         if spec.name in pipelines:
             raise ConfigError(
                 f"{path}: name: pipeline '{spec.name}' is also defined in {pipeline_files[spec.name]}"
