@@ -24,6 +24,7 @@ from ml_assets.core.spec.load import default_pipelines_dir, load_project
 from ml_assets.core.store import connect, warehouse
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.partitions import all_partitions_tags
+from ml_assets_tests.helpers import FLAGSHIP_MODEL, GatedChampion, gate_chooses_champion
 from ml_assets_tests.postgres_server import postgres_unavailable_reason, running_postgres
 
 # Small enough for seconds per run. A fixed number of trials with a budget that never binds keeps the
@@ -83,6 +84,19 @@ def sample_project(tmp_path: Path, sample_sources: Path) -> tuple[Path, Path]:
     for f in sample_sources.iterdir():
         (sources / f.name).write_bytes(f.read_bytes())
     return write_pipelines(tmp_path / "pipelines", sources, FAST_MODEL), tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def gated_sample(
+    tmp_path_factory: pytest.TempPathFactory, sample_sources: Path
+) -> tuple[Path, GatedChampion]:
+    """(data dir, champion) of flight_delay trained once on the sample, its champion chosen by the gate
+    (helpers.gate_chooses_champion). Read-only: a test that writes copies its warehouse (copy_warehouse)."""
+    base = tmp_path_factory.mktemp("gated")
+    pipelines = write_pipelines(base / "pipelines", sample_sources, FAST_MODEL)
+    root = base / "data"
+    assert materialize_all(pipelines, root, selection=FLAGSHIP_MODEL).success
+    return root, gate_chooses_champion(pipelines, root)
 
 
 @pytest.fixture

@@ -4,11 +4,14 @@ another test module)."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -17,15 +20,21 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from ml_assets.core import registry, tuning
+from ml_assets.core import promotion, registry, tuning
 from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PipelineSpec
-from ml_assets.core.spec.load import PIPELINES_DIR_ENV
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import connect, warehouse_path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The flagship pipeline and the sources it reads.
 FLAGSHIP = dg.AssetSelection.groups("flight_delay").upstream().required_multi_asset_neighbors()
+# Its sources -> modelling table -> features -> model: a registered version, not yet judged by the gate.
+FLAGSHIP_MODEL = (
+    dg.AssetSelection.assets(dg.AssetKey(["flight_delay", "model"]))
+    .upstream()
+    .required_multi_asset_neighbors()
+)
 
 
 def validate_definitions(pipelines_dir: Path | None, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -62,6 +71,56 @@ def assert_registry_consistent(root: Path) -> str:
     return champion
 
 
+@dataclass(frozen=True)
+class GatedChampion:
+    """The champion the gate chose (`gate_chooses_champion`) and the first champion it replaced."""
+
+    champion: str  # the trained LightGBM version
+    previous: str  # the constant baseline derived from it, registered as its own version
+
+
+def gate_chooses_champion(pipelines: Path, root: Path, pipeline: str = "flight_delay") -> GatedChampion:
+    """Set-up for tests that need a champion: the real gate (core/promotion.py) picks it between two models
+    whose order is known by construction, instead of a test moving the alias by hand.
+
+    The pipeline's latest trained version (LightGBM, registered by a run without the gate) and the constant
+    baseline trained beside it (the training split's prior: every row scores the same, ROC-AUC exactly 0.5)
+    are the two models. First the gate judges the version with a margin no model can reach (1.0 of
+    ROC-AUC), so the first-champion ladder keeps its floor: the constant baseline becomes champion,
+    registered as its own version (test_e2e proves that outcome). Then the pipeline's own gate judges the
+    LightGBM version against that champion and promotes it: on the sample it ranks flights far better
+    than a constant (ROC-AUC about 0.6-0.7, the bootstrap interval far above the 0.0005 margin).
+    Both verdicts are asserted, so a gate that judged otherwise fails the set-up, not a later assert."""
+    project = load_project(pipelines)
+    spec = project.pipelines[pipeline]
+    db = functools.partial(connect, warehouse_path(root))
+    with db() as conn:
+        assert registry.alias_version(conn, pipeline, registry.CHAMPION) is None, "a champion exists already"
+        trained = registry.latest_version(conn, pipeline)
+    unreachable = spec.model_copy(update={"gate": spec.gate.model_copy(update={"margin": 1.0})})
+    first = promotion.promote_or_refuse(db, unreachable, trained)
+    assert first.action == "promote_first" and first.details["champion_kind"] == "constant", first.reason
+    second = promotion.promote_or_refuse(db, spec, trained)
+    assert (second.action, second.champion_before, second.champion_after) == (
+        "promote",
+        first.champion_after,
+        trained,
+    ), second.reason
+    return GatedChampion(trained, first.champion_after)
+
+
+def copy_warehouse(source_root: Path, root: Path) -> None:
+    """Put a copy of `source_root`'s warehouse at `root` (whose registry rows then point at the model
+    folders under `source_root`: for tests that read the registry and write only monitoring rows)."""
+    root.mkdir(parents=True, exist_ok=True)
+    source, dest = warehouse_path(source_root), warehouse_path(root)
+    for name in (source.name, source.name + ".wal"):
+        # A write-ahead log left beside the destination would be replayed onto the copy.
+        dest.with_name(name).unlink(missing_ok=True)
+        if source.with_name(name).exists():
+            shutil.copyfile(source.with_name(name), dest.with_name(name))
+
+
 def drift_run_rows(*windows: tuple[int, bool]) -> pl.DataFrame:
     """monitor.drift_runs rows (as drift.drift_runs returns them): (day of the window end, dataset drift?) in time order."""
     base = dt.datetime(2013, 7, 1)
@@ -78,30 +137,32 @@ def drift_run_rows(*windows: tuple[int, bool]) -> pl.DataFrame:
     )
 
 
-def insert_drift_runs(root, pipeline: str, windows: list[tuple[int, bool]]) -> None:
-    """Set-up for the retrain sensor's tests: a champion alias 'v1' (no model behind it: the sensor reads only
-    the alias and the monitoring tables) and these drift results, measured against it."""
+def insert_drift_runs(root, pipeline: str, windows: list[tuple[int, bool]]) -> str:
+    """Set-up for the retrain sensor's tests: these drift results, measured against the pipeline's
+    champion (which the gate chose: see `gate_chooses_champion` and the `gated_sample` fixture), in place
+    of any earlier ones; returns the champion."""
     rows = drift_run_rows(*windows).with_columns(pl.lit(pipeline).alias("pipeline"))
     with connect(warehouse_path(root)) as conn:
-        conn.execute(
-            "INSERT OR REPLACE INTO registry.aliases VALUES (?, 'champion', 'v1', now())", [pipeline]
-        )
+        champion = registry.alias_version(conn, pipeline, registry.CHAMPION)
+        assert champion is not None, f"pipeline '{pipeline}' has no champion to measure drift against"
         conn.execute("DELETE FROM monitor.drift_runs WHERE pipeline = ?", [pipeline])
         for r in rows.iter_rows(named=True):
             conn.execute(
                 "INSERT INTO monitor.drift_runs (id, pipeline, computed_at, champion, window_start, window_end, "
                 "current_rows, reference_rows, drift_share, dataset_drift, drifted, report) "
-                "VALUES (?, ?, ?, 'v1', NULL, ?, 1, 1, ?, ?, ?, '')",
+                "VALUES (?, ?, ?, ?, NULL, ?, 1, 1, ?, ?, ?, '')",
                 [
                     r["id"],
                     r["pipeline"],
                     r["computed_at"],
+                    champion,
                     r["window_end"],
                     r["drift_share"],
                     r["dataset_drift"],
                     r["drifted"],
                 ],
             )
+    return champion
 
 
 def wait_until_answers(

@@ -49,7 +49,7 @@ from ml_assets.orchestration.assets.sources import SOURCES_GROUP
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.intake import INTAKE_JOB
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, release, write_pipelines
-from ml_assets_tests.helpers import assert_registry_consistent, insert_drift_runs
+from ml_assets_tests.helpers import assert_registry_consistent, copy_warehouse, insert_drift_runs
 from ml_assets_tests.landing_helpers import run_intake
 
 PIPELINE = "flight_delay"
@@ -546,9 +546,10 @@ def test_a_failed_landing_tick_keeps_its_cursor_and_the_next_tick_ingests_each_f
 
 @pytest.mark.parametrize("fault", ["locked", "read_error"])
 def test_a_failed_retrain_tick_keeps_its_cursor_and_the_next_tick_retrains_once(
-    sample_project, fault, hold, monkeypatch
+    sample_project, gated_sample, fault, hold, monkeypatch
 ):
     pipelines, root = sample_project
+    copy_warehouse(gated_sample[0], root)  # a champion the gate chose
     insert_drift_runs(root, PIPELINE, [(1, True), (2, True)])  # two drifted windows: one retrain event
     defs = build_definitions(pipelines, root)
     sensor = defs.resolve_sensor_def(f"{PIPELINE}_retrain")

@@ -35,7 +35,7 @@ from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
 from ml_assets.core.store import DATA_DIR_ENV, LATEST, MIGRATIONS, connect, schema_version, warehouse_path
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
-from ml_assets_tests.helpers import FLAGSHIP
+from ml_assets_tests.helpers import FLAGSHIP, FLAGSHIP_MODEL, gate_chooses_champion
 
 DELAY = "flight_delay"
 TIMEOUT_S = 600
@@ -93,10 +93,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> T
     base = tmp_path_factory.mktemp("integrity")
     pipelines = write_pipelines(base / "pipelines", sample_sources, FAST_MODEL)
     root = base / "data"
-    assert materialize_all(pipelines, root, selection=FLAGSHIP).success
+    assert materialize_all(pipelines, root, selection=FLAGSHIP_MODEL).success
+    # The gate makes the trained model champion (over the constant baseline: a known outcome).
+    first = gate_chooses_champion(pipelines, root).champion
     db = functools.partial(connect, warehouse_path(root))
     with db() as conn:
-        first = registry.latest_version(conn, DELAY)
         source = registry.version_dir(conn, first, DELAY)
     copies = {
         "foreign": _register_copy(source, db, "flight_arr_delay"),
@@ -107,13 +108,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> T
         "second": _register_copy(source, db, DELAY),
     }
     result = Trained(pipelines, root, load_project(pipelines), first, **copies)
-    # Whatever the gate said about the first model on the sample: `first` serves, `second` served before.
+    # `first` serves and `second` served before it: the operator rolled back to the copy and back again.
     result.rollback(to=result.second)
     result.rollback(to=first)
     assert result.state()[0] == first
-    # The champion step settles `first` (it keeps it: `second` is a copy of it), so the monitors
-    # materialized alone below judge `first`.
-    assert materialize_all(pipelines, root, selection=_asset_keys("champion")).success
+    # The rest of the flagship's assets, the gate's step aside (it has judged): the champion step settles
+    # `first` (it keeps it: `second` is a copy of it), so the monitors materialized alone below judge `first`.
+    rest = FLAGSHIP - FLAGSHIP_MODEL - dg.AssetSelection.assets(*_asset_keys("promotion"))
+    assert materialize_all(pipelines, root, selection=rest).success
     assert result.state()[0] == first
     with db() as conn:
         assert registry.alias_version(conn, DELAY, registry.CHALLENGER) == result.second

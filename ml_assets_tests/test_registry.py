@@ -13,7 +13,12 @@ import pytest
 from ml_assets.core import registry
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets_tests.conftest import materialize_all
-from ml_assets_tests.helpers import FLAGSHIP, assert_registry_consistent
+from ml_assets_tests.helpers import (
+    FLAGSHIP,
+    FLAGSHIP_MODEL,
+    assert_registry_consistent,
+    gate_chooses_champion,
+)
 
 # Registers copies of a real version and makes each champion, as fast as it can, until killed.
 WRITER = """
@@ -36,11 +41,10 @@ for i in itertools.count():
 
 def test_kill_9_during_registration_and_alias_moves_leaves_a_loadable_champion(sample_project):
     pipelines, root = sample_project
-    assert materialize_all(pipelines, root, selection=FLAGSHIP).success
+    assert materialize_all(pipelines, root, selection=FLAGSHIP_MODEL).success
+    first = gate_chooses_champion(pipelines, root).champion
     with connect(warehouse_path(root)) as conn:
-        first = registry.alias_version(conn, "flight_delay", registry.CHALLENGER)
         source = registry.version_dir(conn, first)
-        registry.record_decision(conn, "flight_delay", "promote_first", "test set-up", first, first)
     rng = random.Random(0)
     champions = []
     for _ in range(6):

@@ -4,6 +4,7 @@ source launched without partitions. (The rendered pages themselves: test_ui_brow
 
 from __future__ import annotations
 
+import functools
 import re
 import urllib.error
 import urllib.request
@@ -13,7 +14,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from ml_assets.core import registry
+from ml_assets.core import promotion, registry
 from ml_assets.core.errors import ConfigError
 from ml_assets.core.promotion import Decision
 from ml_assets.core.report_server import serve_in_thread, url_of
@@ -25,9 +26,9 @@ from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.keys import layer_key, source_keys
 from ml_assets.orchestration.metadata import decisions_table, md_table, round_floats
 from ml_assets_tests.conftest import materialize_all
+from ml_assets_tests.helpers import FLAGSHIP_MODEL, gate_chooses_champion
 
 DELAY = "flight_delay"
-TRAIN = dg.AssetSelection.assets(dg.AssetKey([DELAY, "model"])).upstream().required_multi_asset_neighbors()
 
 
 def test_report_server_serves_the_reports_folder_and_nothing_else(tmp_path):
@@ -67,7 +68,7 @@ def _copy(root: Path, source: Path) -> str:
 def test_model_step_logs_each_trial_and_statuses_say_what_a_version_is_now(sample_project):
     pipelines, root = sample_project
     instance = dg.DagsterInstance.ephemeral()
-    result = materialize_all(pipelines, root, selection=TRAIN, instance=instance)
+    result = materialize_all(pipelines, root, selection=FLAGSHIP_MODEL, instance=instance)
     assert result.success
     messages = [e.message for e in instance.all_logs(result.run_id) if e.step_key == f"{DELAY}__model"]
     trials = [m for m in messages if m.startswith("trial ")]
@@ -79,15 +80,22 @@ def test_model_step_logs_each_trial_and_statuses_say_what_a_version_is_now(sampl
     assert any(m.startswith("loaded ") and "rows/s" in m for m in raw), raw
 
     with connect(warehouse_path(root)) as conn:
-        first = registry.version_of_run(conn, DELAY, result.run_id)
-        source = registry.version_dir(conn, first)
-    second, third = _copy(root, source), _copy(root, source)
+        trained = registry.version_of_run(conn, DELAY, result.run_id)
+        source = registry.version_dir(conn, trained)
+    # The gate's own decisions: the constant baseline first, then the trained model promoted over it, then a
+    # copy of the champion refused (the same scores: no gain).
+    gated = gate_chooses_champion(pipelines, root)
+    copy = _copy(root, source)
+    spec = load_project(pipelines).pipelines[DELAY]
+    db = functools.partial(connect, warehouse_path(root))
+    assert promotion.promote_or_refuse(db, spec).action == "refuse"
     with connect(warehouse_path(root)) as conn:
-        registry.record_decision(conn, DELAY, "promote_first", "test", first, first)
-        registry.record_decision(conn, DELAY, "promote", "test", second, second)
-        registry.record_decision(conn, DELAY, "refuse", "test", third, None)
         statuses = dict(registry.versions(conn, DELAY).select("version", "status").iter_rows())
-    assert statuses == {first: "previous champion", second: "champion", third: "refused+challenger"}
+    assert statuses == {
+        gated.previous: "previous champion",
+        trained: "champion",
+        copy: "refused+challenger",
+    }
 
 
 def test_verdicts_read_well():

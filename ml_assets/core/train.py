@@ -5,8 +5,9 @@ split with early stopping on the validation split (the model if nothing better f
 model is never worse than a plain LightGBM script for want of time), then a seeded random search whose
 trials (the defaults first) are scored by k-fold CV on the training split, folded as the split itself was
 made (tuning.py), and a refit of the best parameters if they are not the defaults, kept only when it
-also scores at least as well on the validation split. The test split is touched once, for the final
-metrics; the defaults fit is recorded as a candidate (`lightgbm_defaults`) beside the model.
+also scores at least as well on the validation split, in the metric and in every metric the gate guards.
+The test split is touched once, for the final metrics; the defaults fit is recorded as a candidate
+(`lightgbm_defaults`) beside the model.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ SCORING_SAMPLE_ROWS = 2000
 
 
 def _finish_at(
-    deadline: float, cut: list[int], scored: pd.DataFrame, scored_rows: int
+    deadline: float, cut: list[int], scored: pd.DataFrame, scored_rows: int, threads: int
 ) -> Callable[[Any], None]:
     """Stop boosting when the deadline, less the estimated time to score `scored_rows` rows with the trees
     so far, has passed, keeping the rounds so far (the final fit must yield a model, scored within the
@@ -99,7 +100,10 @@ def _finish_at(
         rounds = env.iteration + 1
         if len(scored) and rounds & (rounds - 1) == 0:
             began = time.monotonic()
-            env.model.predict(scored)
+            # With the fit's own thread count: a prediction sets OpenMP's for the whole process, and
+            # LightGBM's default (every core) left the rest of this fit contending for the cores,
+            # 3-4 times slower on a busy machine (bench/RESULTS.md).
+            env.model.predict(scored, num_threads=threads)
             per_round[0] = (time.monotonic() - began) / rounds * scored_rows / len(scored)
         if time.monotonic() + per_round[0] * rounds > deadline:
             cut.append(rounds)
@@ -138,7 +142,7 @@ def fit_final(
         (data.train.X, data.train.y),
         (data.valid.X, data.valid.y),
         data.categorical,
-        _finish_at(deadline, cut, scored, len(data.valid.y) + len(data.test.y))
+        _finish_at(deadline, cut, scored, len(data.valid.y) + len(data.test.y), params["num_threads"])
         if deadline is not None
         else None,
     )
@@ -234,7 +238,7 @@ class _Scored:
     booster: lgb.Booster
     test_pred: np.ndarray
     threshold: float
-    valid_score: float
+    valid_metrics: dict[str, float]  # the pipeline's metric and the gate's guarded metrics
     test_metrics: dict[str, float]
 
     @classmethod
@@ -243,9 +247,22 @@ class _Scored:
         valid_pred = predict(booster, data.valid.X, rounds)
         test_pred = predict(booster, data.test.X, rounds)
         threshold = decision_threshold(pipeline, data.valid.y, valid_pred)
-        valid_score = score(pipeline.task, pipeline.metric, data.valid.y, valid_pred, threshold)
+        valid = {
+            m: score(pipeline.task, m, data.valid.y, valid_pred, threshold)
+            for m in (pipeline.metric, *pipeline.gate.guarded_metrics)
+        }
         metrics = all_metrics(pipeline.task, data.test.y, test_pred, threshold)
-        return cls(booster, test_pred, threshold, valid_score, metrics)
+        return cls(booster, test_pred, threshold, valid, metrics)
+
+    @property
+    def valid_score(self) -> float:
+        return next(iter(self.valid_metrics.values()))
+
+    def at_least_as_good_as(self, other: _Scored) -> bool:
+        """At least as good on the validation split in the pipeline's metric and in every metric the gate
+        guards: a refit that ranks better but is worse calibrated (log loss) than the defaults' fit is not
+        kept, as the gate would refuse it against a baseline the defaults' fit beats."""
+        return all(improvement(m, v, other.valid_metrics[m]) >= 0 for m, v in self.valid_metrics.items())
 
     def summary(self, chosen: bool) -> dict[str, Any]:
         """What the manifest records of LightGBM's defaults as a candidate beside the model."""
@@ -306,9 +323,10 @@ def train_model(
         progress(f"{len(tuning.trials)} trials in {tuning.elapsed_s:.0f} s; refitting the best parameters")
         refit, refit_cut, refit_how = fit_final(pipeline, data, tuning.best_params, deadline, on_dask)
         # A refit the deadline stopped is not the model its CV score promised, and one that scores worse
-        # than the defaults on the validation split won on CV by chance: the defaults' model stays.
+        # than the defaults on the validation split (in the metric or a guarded one) won on CV by chance:
+        # the defaults' model stays.
         tuned = _Scored.of(pipeline, data, refit) if refit_cut is None else None
-        if tuned and improvement(pipeline.metric, tuned.valid_score, defaults_fit.valid_score) >= 0:
+        if tuned and tuned.at_least_as_good_as(defaults_fit):
             chosen, cut_at, params, how = tuned, None, tuning.best_params, refit_how
     predictions = pl.DataFrame(
         {
