@@ -659,10 +659,14 @@ def _drift(s: Served, **monitoring) -> dg.AssetMaterialization:
     raw["monitoring"] = raw["monitoring"] | monitoring
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
-        result = materialize_all(s.pipelines, s.root, selection=[dg.AssetKey([DELAY, "drift_report"])])
+        # With the champion step, as every run that monitors: drift judges the version the step settles
+        # now (the one the server serves), not one an earlier test's run left settled before a rollback.
+        keys = [dg.AssetKey([DELAY, "champion"]), dg.AssetKey([DELAY, "drift_report"])]
+        result = materialize_all(s.pipelines, s.root, selection=keys)
     finally:
         path.write_text(original)
-    return result.get_asset_materialization_events()[0].materialization
+    (event,) = (e for e in result.get_asset_materialization_events() if e.asset_key == keys[1])
+    return event.materialization
 
 
 def test_drift_reads_the_request_log_or_the_batch_scores_as_its_current_window(served, server):
