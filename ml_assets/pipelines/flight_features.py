@@ -40,7 +40,6 @@ def us_holidays(year: int) -> list[dt.date]:
     ]
 
 
-@functools.lru_cache(maxsize=64)
 def _holiday_days(years: frozenset[int]) -> np.ndarray:
     """Days since 1970 of the holidays of `years` and the years either side, sorted."""
     return np.array(
