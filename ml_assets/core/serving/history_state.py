@@ -92,45 +92,63 @@ class _Grouping:
         return {"min": float(self.lowest[i:j].min()), "max": float(self.highest[i:j].max())}
 
 
-def _exact(column: pl.Series) -> np.ndarray:
-    """A column of integral totals (HUGEINT, read as DECIMAL(38, 0)) as int64, or as Python ints when a
-    total does not fit."""
-    if column.is_empty() or max(abs(column.min()), abs(column.max())) < 2**63:
+def _running(column: pl.Series, starts: np.ndarray) -> np.ndarray:
+    """Running totals of a column of integral per-time totals (HUGEINT, read as DECIMAL(38, 0)), restarted
+    at each key's first row (`starts`): int64 when no total can outgrow it, else Python ints (exact)."""
+    if column.is_empty():
         return column.cast(pl.Int64).to_numpy()
-    return np.array([int(v) for v in column.to_list()], dtype=object)
+    bound = max(abs(column.min()), abs(column.max())) * column.len()
+    values = (
+        column.cast(pl.Int64).to_numpy()
+        if bound < 2**63
+        else np.array([int(v) for v in column.to_list()], dtype=object)
+    )
+    running = np.cumsum(values)
+    # Each row's key's total before its first row, subtracted: the key's own running total.
+    before = np.where(starts > 0, running[np.maximum(starts - 1, 0)], 0)
+    return running - before
 
 
 def _grouping(
     conn: duckdb.DuckDBPyConnection, events: str, family: HistoryFamily, keys: Sequence[str]
 ) -> _Grouping:
-    """Per key and distinct time of the family's stored events: running totals of what the build sums."""
+    """Per key and distinct time of the family's stored events: running totals of what the build sums.
+    DuckDB sums per time (exactly, in units of the DECIMAL scale); the running totals are taken here, one
+    cumulative sum, which costs a fraction of DuckDB's window pass on the same rows."""
     cols = "".join(f"{q(k)}, " for k in keys)
     wide = "CAST(_v AS DECIMAL(38, 6))"
-    parts = {"n": "count(*)", "s": f"sum({wide}) * 1000000"}
+    # A value of DECIMAL(18, 6) times 10^6 is an integer that fits BIGINT; DuckDB sums BIGINTs into a
+    # HUGEINT, exactly, several times faster than it sums DECIMAL(38, 6).
+    parts = {"n": "count(*)", "s": "sum(CAST(_v * 1000000 AS BIGINT))"}
     if "std" in family.functions:
         parts["ss"] = f"sum({wide} * {wide}) * 1000000000000"
     if "share" in family.functions:
-        parts["c"] = "sum(_c) * 1000000"
-    window = f"OVER (PARTITION BY {', '.join(map(q, keys))} " if keys else "OVER ("
-    window += "ORDER BY _t ROWS UNBOUNDED PRECEDING)"
-    running = ", ".join(
-        f"CAST(sum(CAST({agg} AS HUGEINT)) {window} AS HUGEINT) AS _{p}" for p, agg in parts.items()
-    )
+        parts["c"] = "sum(CAST(_c * 1000000 AS BIGINT))"
+    totals = ", ".join(f"CAST({agg} AS HUGEINT) AS _{p}" for p, agg in parts.items())
     sql = (
         f"SELECT {cols}epoch_us(_t) AS _time, CAST(max(_v) AS DOUBLE) AS _last, CAST(min(_v) AS DOUBLE) AS "
-        f"_lowest, {running} FROM {events} WHERE _v IS NOT NULL GROUP BY {cols}_t ORDER BY {cols}_t"
+        f"_lowest, {totals} FROM {events} WHERE _v IS NOT NULL GROUP BY {cols}_t ORDER BY {cols}_t"
     )
     frame = conn.execute(sql).pl()
-    spans: dict[tuple, tuple[int, int]] = {}
-    lists = [frame.get_column(k).to_list() for k in keys]
-    for i, key in enumerate(zip(*lists, strict=True) if keys else [()] * frame.height):
-        first, _ = spans.get(key, (i, i))
-        spans[key] = (first, i + 1)
+    # Rows are sorted by key, so each key's rows are one span: its first rows found without a Python loop.
+    changed = [pl.col(k).ne_missing(pl.col(k).shift(1)) for k in keys]
+    firsts = (
+        frame.with_row_index("_i")
+        .filter(pl.any_horizontal(changed) | (pl.col("_i") == 0) if keys else pl.col("_i") == 0)
+        .select("_i", *keys)
+    )
+    bounds = [*firsts.get_column("_i").to_list(), frame.height]
+    named = (
+        zip(*(firsts.get_column(k).to_list() for k in keys), strict=True) if keys else [()] * firsts.height
+    )
+    spans = {key: (bounds[j], bounds[j + 1]) for j, key in enumerate(named)}
+    # Per row, the first row of its key.
+    starts = np.repeat(np.array(bounds[:-1], dtype=np.int64), np.diff(bounds))
     extremes = {"min", "max"} & set(family.functions)
     return _Grouping(
         spans,
         frame.get_column("_time").to_numpy(),
-        {p: _exact(frame.get_column(f"_{p}")) for p in parts},
+        {p: _running(frame.get_column(f"_{p}"), starts) for p in parts},
         frame.get_column("_last").to_numpy(),
         frame.get_column("_lowest").to_numpy() if extremes else None,
         frame.get_column("_last").to_numpy() if extremes else None,
