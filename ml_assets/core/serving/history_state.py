@@ -30,6 +30,8 @@ from ml_assets.core.sql import q
 MINUTE_US = 60_000_000
 # Scales of the build's sums: values are DECIMAL(_, 6), sums of squares DECIMAL(38, 12).
 SCALE, SQUARES_SCALE = 6, 12
+# Up to this many rows, the features' frame is built row-wise (faster for few rows, slower for many).
+FEW_ROWS = 32
 
 
 def _hugeint_to_double(value: int) -> float:
@@ -251,6 +253,9 @@ class HistoryState:
                     )
                     for fn in family.functions:
                         out[f"{name}_{fn}_{window}"].append(_feature(family, fn, a, p))
+        if len(at) <= FEW_ROWS:
+            # A request's few rows: one row-wise frame costs a quarter of ~20 one-value columns (measured).
+            return pl.DataFrame(list(zip(*out.values(), strict=True)), schema=self.schema, orient="row")
         return pl.DataFrame(out, schema=self.schema)
 
 
