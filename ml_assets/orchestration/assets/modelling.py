@@ -138,5 +138,5 @@ def history_guard_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChe
         "point_in_time",
         "A random sample of rows recomputed from scratch, from only the source rows known before each "
         "row's as_of (one plain filter per row), equals the stored features.",
-        lambda c: history_guard.check_point_in_time(c, pipeline, sources),
+        lambda c, _: history_guard.check_point_in_time(c, pipeline, sources),
     )
