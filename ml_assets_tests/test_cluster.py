@@ -131,6 +131,36 @@ def test_cluster_definitions_run_steps_on_dask(monkeypatch: pytest.MonkeyPatch, 
     assert Path(warehouse.database).parent == (tmp_path / "shared").resolve()
 
 
+def test_report_links_use_the_deployments_base_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The event log links reports and plots under the deployment's base URL (ML_ASSETS_REPORTS_URL),
+    files written under the shared root; a cluster without one links by path, never to the loopback
+    report server, which stays the default of `local` only."""
+    from ml_assets.core.report_server import DEFAULT_URL, URL_ENV
+    from ml_assets.orchestration.figures import figure_metadata, report_metadata
+
+    shared = (tmp_path / "shared").resolve()
+    plot = shared / "reports" / "flight_delay" / "v1" / "roc.png"
+    plot.parent.mkdir(parents=True)
+    plot.write_bytes(b"not really a png")
+
+    def links() -> dict:
+        artifacts = deployments.current().resources()["artifacts"]
+        assert artifacts.reports == shared / "reports"
+        return {**figure_metadata(artifacts, {"roc": plot}), **report_metadata(artifacts, plot)}
+
+    cluster_env(monkeypatch, shared)
+    monkeypatch.delenv(URL_ENV, raising=False)
+    unlinked = links()
+    assert set(unlinked) == {"plots_embedded", "report_path"} and "127.0.0.1" not in str(unlinked)
+    monkeypatch.setenv(URL_ENV, "https://reports.example.org/ml/")
+    linked = links()
+    assert linked["report"].value == "https://reports.example.org/ml/flight_delay/v1/roc.png"
+    assert linked["plot_roc"].value == "![roc](https://reports.example.org/ml/flight_delay/v1/roc.png)"
+    monkeypatch.setenv(deployments.DEPLOYMENT_ENV, "local")
+    monkeypatch.delenv(URL_ENV)
+    assert deployments.current().resources()["artifacts"].reports_url == DEFAULT_URL
+
+
 def test_fit_threads_come_from_the_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from ml_assets.core.spec.load import load_project
 
