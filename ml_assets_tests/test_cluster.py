@@ -29,7 +29,9 @@ from ml_assets.core import registry, store, train
 from ml_assets.core.dask_fit import DaskFit, DistributedFitError
 from ml_assets.core.errors import UsageError
 from ml_assets.core.metrics import score
+from ml_assets.core.serving import bundle
 from ml_assets.core.serving.loader import reproduces_training_predictions
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.tuning import base_params
 from ml_assets.orchestration import deployments
 from ml_assets.orchestration.build import build_definitions
@@ -162,8 +164,6 @@ def test_report_links_use_the_deployments_base_url(monkeypatch: pytest.MonkeyPat
 
 
 def test_fit_threads_come_from_the_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from ml_assets.core.spec.load import load_project
-
     pipeline = load_project(write_pipelines(tmp_path / "p", None)).pipelines["flight_delay"]
     monkeypatch.delenv(deployments.FIT_THREADS_ENV, raising=False)
     assert deployments.with_fit_threads(pipeline).model.num_threads == pipeline.model.num_threads
@@ -389,6 +389,13 @@ def test_flagship_on_the_cluster_matches_local(
     base = cluster.root.parent
     assert local_database_files(base) == [] and not (base / UNUSED_LOCAL).exists()
     assert list((cluster.root / "warehouse").rglob("*.parquet"))
+    # What an API on another host serves: the champion's bundle on the shared root, loaded without the tables.
+    project = load_project(Path(cluster.env["ML_ASSETS_PIPELINES_DIR"]))
+    spec = project.pipelines["flight_delay"]
+    published = bundle.current(cluster.root / bundle.BUNDLES_DIR, spec.name)
+    loaded = bundle.load(cluster.root / bundle.BUNDLES_DIR, spec, project.sources_of(spec), published)
+    with cluster.tables() as conn:
+        assert loaded.manifest.version == registry.alias_version(conn, spec.name, registry.CHAMPION)
     run_id = on_cluster.stdout.split("ml_assets run ")[1].split(":")[0]
     monkeypatch.setenv("DAGSTER_HOME", cluster.env["DAGSTER_HOME"])
     monkeypatch.setenv(deployments.PG_URL_ENV, cluster.env[deployments.PG_URL_ENV])
