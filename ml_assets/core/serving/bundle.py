@@ -203,7 +203,7 @@ def point(root: Path, pipeline: str, bundle_id: str) -> None:
     folder = pipeline_folder(root, pipeline)
     if not (folder / bundle_id / MANIFEST).is_file():
         raise ArtifactError(f"{folder / bundle_id}: not a published bundle (no {MANIFEST})")
-    tmp = folder / f".{POINTER}.{os.getpid()}.tmp"
+    tmp = folder / f".{POINTER}.{bundle_id}.{os.getpid()}.tmp"  # unique: publishers may race
     tmp.write_text(bundle_id + "\n")
     tmp.replace(folder / POINTER)
 
