@@ -709,6 +709,16 @@ def test_a_broken_bundle_is_refused_naming_the_file_and_the_last_good_one_keeps_
         assert named in model.problem and f"bundle {pointer} refused" in model.problem, model.problem
         assert model.served.version == version and model.served.bundle == good
         assert model.predict(request)["version"] == version
+    # Published by a pipeline file that completes requests differently (one more derived column): a new
+    # bundle, which this API (the old file) refuses by name rather than completing requests otherwise.
+    project, spec = served.spec()
+    altered = spec.model_copy(update={"derived": {**spec.derived, "twice_the_distance": "distance * 2"}})
+    changed = bundle.publish(served.db, altered, project.sources_of(spec), root)
+    assert changed not in (good, tampered) and not model.refresh()
+    assert (
+        str(folder / changed / bundle.MANIFEST) in model.problem and "completion_sql_sha256" in model.problem
+    )
+    assert model.predict(request)["version"] == version
     bundle.point(root, DELAY, good)
     assert not model.refresh() and model.problem is None and model.served.bundle == good
 

@@ -12,8 +12,8 @@ shared root, so that an API on another host never opens the warehouse.
 
 A bundle is written under a temporary name and renamed into place, then CURRENT is replaced by a
 rename: a reader never sees half a bundle or half a pointer. `publish` is called where a champion is
-settled (the champion step, a manual rollback) and writes a new bundle only when the champion or the
-joined tables changed. `load` verifies every file against the manifest and refuses, naming the file, a
+settled (the champion step, a manual rollback) and writes a new bundle only when the champion, the
+joined tables or the pipeline file's joins, derived columns and source columns changed. `load` verifies every file against the manifest and refuses, naming the file, a
 bundle published for another pipeline file. No pickle: text, JSON and Parquet only.
 """
 
@@ -86,6 +86,9 @@ class BundleManifest(BaseModel):
     request_fields: dict[str, dict[str, Any]]
     features: list[str]
     completion_sql_sha256: str
+    # What the publisher's pipeline file said about completing a request: a bundle is published again
+    # when it changes, even if the champion and the joined tables did not.
+    spec_sha256: str
     lookup_fingerprint: list[list[Any]]
     files: dict[str, str]
 
@@ -124,6 +127,17 @@ def _contract(lookups: Lookups, model: ServableModel) -> dict[str, Any]:
     }
 
 
+def _spec_sha256(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> str:
+    read = [pipeline.base, *sorted({j.source for j in pipeline.joins})]
+    spec = {
+        "base": pipeline.base,
+        "joins": [j.model_dump(mode="json") for j in pipeline.joins],
+        "derived": pipeline.derived,
+        "columns": {n: {c: v.model_dump(mode="json") for c, v in sources[n].columns.items()} for n in read},
+    }
+    return _sha256_text(json.dumps(spec, sort_keys=True, default=str))
+
+
 def _json_fingerprint(fingerprint: tuple) -> list[list[Any]]:
     # Through JSON and back: what the manifest will hold, so that the comparison is of equal types.
     return json.loads(json.dumps([list(part) for part in fingerprint]))
@@ -145,11 +159,13 @@ def publish(
             return None
         found = registry.registered(conn, version, pipeline.name)
         fingerprint = _json_fingerprint(lookup_fingerprint(conn, pipeline))
+        spec_sha256 = _spec_sha256(pipeline, sources)
         published = _current_manifest(root, pipeline.name)
-        if published is not None and (published.version, published.lookup_fingerprint) == (
-            version,
-            fingerprint,
-        ):
+        if published is not None and (
+            published.version,
+            published.lookup_fingerprint,
+            published.spec_sha256,
+        ) == (version, fingerprint, spec_sha256):
             return current(root, pipeline.name)
         tables = lookup_tables(conn, pipeline)
         lookups = Lookups(pipeline, sources, tables, tuple(map(tuple, fingerprint)))
@@ -168,6 +184,7 @@ def publish(
             version=version,
             published_at=at.isoformat(),
             run_id=run_id,
+            spec_sha256=spec_sha256,
             lookup_fingerprint=fingerprint,
             files={
                 p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
