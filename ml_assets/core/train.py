@@ -311,10 +311,11 @@ def train_model(
     defaults_fit = chosen = _Scored.of(pipeline, data, booster)
     # The search leaves time for one more fit like that one: the refit of the parameters it picks.
     search_budget_s = max(0.0, deadline - time.monotonic() - fit_s)
-    tuning = Tuning(defaults, None)
+    tuning = Tuning(defaults, None, method=pipeline.model.tuning.method)
     if search_budget_s > 0:
         progress(
-            f"tuning: up to {max_trials} trials of {pipeline.model.cv_folds}-fold CV within "
+            f"tuning ({pipeline.model.tuning.method}): up to {max_trials} trials of "
+            f"{pipeline.model.cv_folds}-fold CV within "
             f"{search_budget_s:.0f} s of the {time_budget_s:.0f} s budget"
         )
         tuning = tune(pipeline, data, search_budget_s, max_trials, progress)
@@ -494,6 +495,8 @@ def _manifest(
                 "search_budget_s": round(trained.search_budget_s, 2),
                 "baselines_s": round(trained.baselines_s, 2),
                 "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
+                "method": trained.tuning.method,
+                "trials_pruned": sum(t["pruned"] for t in trained.tuning.trials),
                 "final_fit_cut_at_round": trained.final_fit_cut_at,
                 "final_fit": trained.final_fit,
                 "model_step_s": round(trained.elapsed_s, 2),

@@ -490,6 +490,18 @@ def _default_search_space() -> dict[str, ParamRange]:
     }
 
 
+class TuningSpec(_Strict):
+    """How the search picks each trial's parameters."""
+
+    method: Literal["optuna", "random"] = Field(
+        "random",
+        description="optuna: Optuna's TPE sampler (seeded), each trial pruned after a fold when its "
+        "running CV mean is worse than the median of earlier trials at that fold; random: uniform random "
+        "points of search_space. Both start with LightGBM's defaults and share folds, metric and budget "
+        "(compared in bench/tuning.py)",
+    )
+
+
 class DecisionSpec(_Strict):
     """How a binary model's decision threshold is chosen on the validation split."""
 
@@ -547,6 +559,8 @@ class ModelSpec(_Strict):
     """How a binary model's decision threshold is chosen"""
     search_space: dict[str, ParamRange] = Field(default_factory=_default_search_space)
     """LightGBM parameter -> range searched"""
+    tuning: TuningSpec = Field(default_factory=TuningSpec)
+    """How the search picks each trial's parameters"""
 
 
 class GateSpec(_Strict):
