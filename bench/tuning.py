@@ -1,7 +1,7 @@
 """The hand-written random search against Optuna (TPE, median pruning on CV folds) under the same time
 budget, on the same folds and metric (`core.tuning.tune` with `method` random or optuna).
 
-    .venv/bin/python bench/tuning.py [--budget 60] [--flagship-budget 120] [--repeats 2]
+    .venv/bin/python bench/tuning.py [--budget 60] [--flagship-budget 120] [--repeats 2] [--max-trials N]
         [--datasets flight_delay imbalanced wide_categorical] [--keep DIR]
 
 Datasets: the flagship `flight_delay` on the whole recorded year (its training split, test = the last 92
@@ -9,12 +9,14 @@ days; sources read from their origin as bench/e2e.py does) and `ml-assets init` 
 bench/own_data.py (default: `imbalanced`, binary with 3% positives; `wide_categorical`, regression on
 twelve text columns), written unedited by `init`. Each is ingested up to its features once.
 
-Per dataset and repeat (seed = the pipeline's seed + repeat), each method searches within the budget with
-no trial cap; the two alternate which goes first, so the load of a shared machine hits both. The best
-parameters are then refitted on the whole training split (early stopping on validation, as the model
-step does) and scored on the test split. One line per run, then per dataset the mean test metric of each
-and a verdict: a win needs a mean lead larger than the noise (the larger of the two methods' standard
-deviations over the repeats, and 0.1% of the metric), else a tie. Last line: `optuna_wins_or_ties=k/n`.
+Per dataset and repeat (seed = the pipeline's seed + repeat), each method searches within the same budget
+and trial cap (default: the pipeline's own `model.max_trials`, as a run applies it, which also sets
+Optuna's warm-up; `--max-trials 0`: no cap, the budget alone ends each search); the two alternate which
+goes first, so the load of a shared machine hits both. The best parameters are then refitted on the
+whole training split (early stopping on validation, as the model step does) and scored on the test
+split. One line per search, then per dataset the mean test metric of each and a verdict: a win needs a
+mean lead larger than the noise (the larger of the two methods' standard deviations over the repeats,
+and 0.1% of the metric), else a tie. Last line: `optuna_wins_or_ties=k/n`.
 """
 
 from __future__ import annotations
@@ -31,22 +33,22 @@ from bench.own_data import SOURCES, WRITTEN, cli
 from ml_assets.core import metrics
 from ml_assets.core.features import transform_of
 from ml_assets.core.spec import PipelineSpec
-from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
+from ml_assets.core.spec.load import PIPELINES_DIR_ENV, default_pipelines_dir, load_project
 from ml_assets.core.store import DATA_DIR_ENV, connect, warehouse_path
 from ml_assets.core.train import features_for_training, fit_final, training_data
 from ml_assets.core.tuning import TrainingData, tune
 
 FLAGSHIP = "flight_delay"
 METHODS = ("random", "optuna")
-# No trial cap: the budget alone ends each search.
-MAX_TRIALS = 100_000
+# `--max-trials 0`: no trial cap, the budget alone ends each search.
+UNCAPPED = 100_000
 
 
 def prepared(work: Path, name: str) -> tuple[PipelineSpec, TrainingData]:
     """Pipeline `name` and its training data, built from its sources in `work`."""
     root, pipelines = work / name / "data", work / name / "pipelines"
     if name == FLAGSHIP:
-        pipelines_with(MAX_TRIALS, pipelines)
+        pipelines_with(UNCAPPED, pipelines)
     else:
         if name in WRITTEN:
             WRITTEN[name]().to_csv(work / f"{name}.csv", index=False)
@@ -57,6 +59,12 @@ def prepared(work: Path, name: str) -> tuple[PipelineSpec, TrainingData]:
         cli("init", source.format(dir=work), "--target", target, "--out", out, env=env)
     transforms = up_to_features(pipelines, root, name)
     pipeline = load_project(pipelines).pipelines[name]
+    if name == FLAGSHIP:
+        # pipelines_with replaced its trial cap: the shipped file's is the one a run applies.
+        shipped = load_project(default_pipelines_dir()).pipelines[name].model.max_trials
+        pipeline = pipeline.model_copy(
+            update={"model": pipeline.model.model_copy(update={"max_trials": shipped})}
+        )
     with connect(warehouse_path(root)) as conn:
         frame, _ = features_for_training(conn, pipeline)
     frame = frame.sort(["_ts", "_key"])
@@ -64,8 +72,8 @@ def prepared(work: Path, name: str) -> tuple[PipelineSpec, TrainingData]:
     return pipeline, training_data(pipeline, frame, transform)
 
 
-def one_search(pipeline: PipelineSpec, data: TrainingData, method: str, budget: float) -> dict:
-    tuning = tune(pipeline, data, budget, MAX_TRIALS, method=method)
+def one_search(pipeline: PipelineSpec, data: TrainingData, method: str, budget: float, cap: int) -> dict:
+    tuning = tune(pipeline, data, budget, cap, method=method)
     booster, _, _ = fit_final(pipeline, data, tuning.best_params)
     pred = booster.predict(data.test.X, num_iteration=booster.best_iteration)
     return {
@@ -101,6 +109,11 @@ def main() -> int:
     parser.add_argument("--flagship-budget", type=float, default=120.0, help="seconds per search, flagship")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
+        "--max-trials",
+        type=int,
+        help="trial cap per search (default: the pipeline's own model.max_trials; 0: none, the budget alone)",
+    )
+    parser.add_argument(
         "--datasets",
         nargs="+",
         default=[FLAGSHIP, "imbalanced", "wide_categorical"],
@@ -114,9 +127,10 @@ def main() -> int:
     for name in args.datasets:
         pipeline, data = prepared(work, name)
         budget = args.flagship_budget if name == FLAGSHIP else args.budget
+        cap = pipeline.model.max_trials if args.max_trials is None else args.max_trials or UNCAPPED
         print(
             f"{name}: train={len(data.train.y)} valid={len(data.valid.y)} test={len(data.test.y)} "
-            f"budget_s={budget:.0f}",
+            f"budget_s={budget:.0f} max_trials={cap}",
             flush=True,
         )
         runs: dict[str, list[dict]] = {m: [] for m in METHODS}
@@ -125,7 +139,7 @@ def main() -> int:
                 update={"model": pipeline.model.model_copy(update={"seed": pipeline.model.seed + repeat})}
             )
             for method in METHODS[:: 1 if repeat % 2 == 0 else -1]:
-                run = one_search(seeded, data, method, budget)
+                run = one_search(seeded, data, method, budget, cap)
                 runs[method].append(run)
                 print(
                     f"  repeat {repeat} {method}: test_{pipeline.metric}={run['test']:.4f} "

@@ -2,10 +2,11 @@
 
 Within `time_budget_s`: the baselines (bounded), then LightGBM's own defaults fitted on the whole training
 split with early stopping on the validation split (the model if nothing better fits the budget, so the
-model is never worse than a plain LightGBM script for want of time), then a seeded random search whose
-trials (the defaults first) are scored by k-fold CV on the training split, folded as the split itself was
-made (tuning.py), and a refit of the best parameters if they are not the defaults, kept only when it
-also scores at least as well on the validation split, in the metric and in every metric the gate guards.
+model is never worse than a plain LightGBM script for want of time), then a seeded search (random or
+Optuna's TPE, `model.tuning.method`) whose trials (the defaults first) are scored by k-fold CV on the
+training split, folded as the split itself was made (tuning.py), and a refit of the best parameters if
+they are not the defaults, kept only when it also scores at least as well on the validation split, in
+the metric and in every metric the gate guards.
 The test split is touched once, for the final metrics; the defaults fit is recorded as a candidate
 (`lightgbm_defaults`) beside the model.
 """
