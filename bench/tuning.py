@@ -1,8 +1,10 @@
 """The hand-written random search against Optuna (TPE, median pruning on CV folds) under the same time
 budget, on the same folds and metric (`core.tuning.tune` with `method` random or optuna).
 
-    .venv/bin/python bench/tuning.py [--budget 60] [--flagship-budget 120] [--repeats 2] [--max-trials N]
+    .venv/bin/python -m bench.tuning [--budget 60] [--flagship-budget 120] [--repeats 2] [--max-trials N]
         [--datasets flight_delay imbalanced wide_categorical] [--keep DIR]
+
+(Run from the repository's root as a module: it reuses bench/e2e.py's and bench/own_data.py's set-up.)
 
 Datasets: the flagship `flight_delay` on the whole recorded year (its training split, test = the last 92
 days; sources read from their origin as bench/e2e.py does) and `ml-assets init` pipelines on datasets of
