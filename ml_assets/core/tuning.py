@@ -163,7 +163,7 @@ class RandomSearch:
 
     method = "random"
 
-    def __init__(self, pipeline: PipelineSpec, max_trials: int) -> None:
+    def __init__(self, pipeline: PipelineSpec) -> None:
         self._space = pipeline.model.search_space
         self._rng = np.random.default_rng(pipeline.model.seed)
 
@@ -178,14 +178,15 @@ class RandomSearch:
 
 
 def searcher_for(pipeline: PipelineSpec, max_trials: int, method: str | None = None) -> Searcher:
-    """The pipeline's `model.tuning.method` (or `method`, to compare them)."""
+    """The pipeline's `model.tuning.method` (or `method`, to compare them); `max_trials` sets Optuna's
+    warm-up."""
     if (method or pipeline.model.tuning.method) == "optuna":
         # Imported here, so a pipeline tuned by random search never loads it (about 1 s alone, mostly
         # SciPy; 40 ms once LightGBM and scikit-learn are loaded: measured under load, 2026-12-07).
         from ml_assets.core.tuning_optuna import OptunaSearch
 
         return OptunaSearch(pipeline, max_trials)
-    return RandomSearch(pipeline, max_trials)
+    return RandomSearch(pipeline)
 
 
 def _cv_trial(
