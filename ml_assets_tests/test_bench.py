@@ -88,3 +88,34 @@ def test_quick_scale_bench_prints_its_line_and_both_sides_agree():
     # Same modelling table, features, model scores and batch scores on both sides.
     assert measured["same_outputs"] == "True"
     assert float(measured["rss_gib"]) > 0 and float(measured["incremental_share"]) > 0
+
+
+@pytest.mark.slow
+def test_quick_tuning_bench_prints_both_methods_and_a_verdict(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.tuning",
+            "--datasets",
+            "breast_cancer",
+            "--budget",
+            "3",
+            "--repeats",
+            "1",
+            "--keep",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    *runs, verdict, last = out.splitlines()
+    assert re.fullmatch(r"optuna_wins_or_ties=[01]/1", last), last
+    assert re.search(
+        r"^breast_cancer: roc_auc random=0\.\d+ optuna=0\.\d+ .* verdict=(optuna|random|tie)$", verdict
+    )
+    searched = [line.split(":")[0].split()[-1] for line in runs if line.startswith("  repeat 0")]
+    assert searched == ["random", "optuna"], out
