@@ -37,7 +37,7 @@ from ml_assets.orchestration.jobs import RUN_JOB
 from ml_assets.orchestration.keys import source_keys
 from ml_assets_tests.conftest import FAST_MODEL, catalog_url, write_pipelines
 from ml_assets_tests.dask_cluster import DaskCluster, processing, running_dask, wait_until, workers_held
-from ml_assets_tests.helpers import synthetic_spec, synthetic_training_data
+from ml_assets_tests.helpers import local_deployment, synthetic_spec, synthetic_training_data
 from ml_assets_tests.postgres_server import postgres_unavailable_reason, running_postgres
 from ml_assets_tests.store_helpers import differing, table_contents
 
@@ -330,16 +330,7 @@ def models(tables) -> dict[str, str]:
 
 def local_run(cluster: Cluster, root: Path, *args: str) -> subprocess.CompletedProcess:
     """`ml-assets run` under `local` on the cluster's pipelines and sources, into `root`."""
-    home = root / "home"
-    home.mkdir(parents=True)
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    local_env = {
-        deployments.DEPLOYMENT_ENV: "local",
-        store.WAREHOUSE_ENV: "",
-        store.DATA_DIR_ENV: str(root / "data"),
-        "DAGSTER_HOME": str(home),
-    }
-    return cluster.run(ML_ASSETS, "run", *args, env=local_env)
+    return cluster.run(ML_ASSETS, "run", *args, env=local_deployment(root))
 
 
 def local_database_files(*folders: Path) -> list[Path]:
