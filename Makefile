@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 # ml_assets/orchestration/build.py): read by whichever process creates the run.
 export DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS := 1
 
-.PHONY: setup browser run replay test test-slow test-ui test-all dev serve lint bench bench-serve clean
+.PHONY: setup browser run replay test test-slow test-ui test-all dev serve lint bench bench-serve bench-tuning clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,9 @@ bench: setup ## Dagster vs plain-Python end-to-end timing
 
 bench-serve: setup ## online latency and batch throughput of the flagship's champion
 	$(BIN)/python bench/serve.py
+
+bench-tuning: setup ## random search vs Optuna under the same time budget (about 25 min)
+	$(BIN)/python -m bench.tuning
 
 clean:
 	rm -rf data .dagster_home

@@ -67,13 +67,14 @@ def run_dagster(pipelines: Path, root: Path) -> None:
     assert result.success
 
 
-def run_plain(pipelines: Path, root: Path) -> None:
+def up_to_features(pipelines: Path, root: Path, name: str) -> Path:
+    """Pipeline `name`'s sources ingested and validated, its modelling table and features built, as the
+    assets do (their blocking checks asserted); returns its transforms folder."""
     project = load_project(pipelines)
-    pipeline = project.pipelines[PIPELINE]
-    db = warehouse_path(root)
-    with connect(db) as conn:
-        for name, spec in project.sources_of(pipeline).items():
-            files = ingest.resolve_files(name, spec, project.source_files[name].parent, root)
+    pipeline = project.pipelines[name]
+    with connect(warehouse_path(root)) as conn:
+        for source, spec in project.sources_of(pipeline).items():
+            files = ingest.resolve_files(source, spec, project.source_files[source].parent, root)
             window = (
                 ingest.TimeWindow(
                     dt.datetime.combine(spec.partitions.start, dt.time()),
@@ -83,16 +84,24 @@ def run_plain(pipelines: Path, root: Path) -> None:
                 else None
             )
             # The read batch is passed, not kept: it is freed once loaded, as the Dagster asset frees it.
-            ingest.load_raw(conn, name, spec, *ingest.read_files(name, spec, files), window)
-            validate.validate_source(conn, name, spec, ingest.window_condition(window) if window else None)
-            assert validate.check_row_conservation(conn, name).passed
+            ingest.load_raw(conn, source, spec, *ingest.read_files(source, spec, files), window)
+            validate.validate_source(conn, source, spec, ingest.window_condition(window) if window else None)
+            assert validate.check_row_conservation(conn, source).passed
             for check in SOURCE_CHECKS:
-                assert check(conn, name, spec).passed
+                assert check(conn, source, spec).passed
         dataset.build_modelling_table(conn, pipeline, project.sources_of(pipeline))
         assert dataset.check_target_not_null(conn, pipeline).passed
         assert dataset.check_splits_populated(conn, pipeline).passed
-        transforms = root / "features" / PIPELINE
+        transforms = root / "features" / name
         build_features(conn, pipeline, transforms)
+    return transforms
+
+
+def run_plain(pipelines: Path, root: Path) -> None:
+    project = load_project(pipelines)
+    pipeline = project.pipelines[PIPELINE]
+    db = warehouse_path(root)
+    transforms = up_to_features(pipelines, root, PIPELINE)
     warehouse = functools.partial(connect, db)
     version_dir, manifest = train_and_register(warehouse, pipeline, transforms, root / "models")
     evaluate_version(version_dir, root / "reports")

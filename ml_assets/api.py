@@ -4,6 +4,8 @@ Routes: `POST /v1/<pipeline>/predict` (one object or a list), `GET /v1/<pipeline
 `GET /ready`, `GET /metrics` (Prometheus, see api_metrics), OpenAPI at `/docs`. The scoring itself is core.serving's; this module only speaks HTTP: a bad
 request is a 4xx whose JSON names the field and the problem, never a 500 with a traceback. A poller thread
 refreshes every served pipeline every `serving.poll_s` seconds (hot swap; see core.serving.online_model).
+Given a bundle root, the API serves the published bundles (core.serving.bundle) and never opens the
+warehouse: what an API on another host than the pipelines does.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def _model_info(model: OnlineModel) -> dict[str, Any]:
         "test_metrics": manifest.test_metrics,
         "train_window": manifest.train_window,
         "loaded_at": str(served.loaded_at),
+        # The published bundle it came from (None: loaded from the warehouse).
+        "bundle": served.bundle,
         # How requests are completed: per-key lookups, or the SQL (and why the joins need it).
         "completion": "per-key lookups"
         if served.lookups.keyed is not None
@@ -118,25 +122,33 @@ def _poll(
                         "%s now serves %s", model.pipeline.name, model.served and model.served.version
                     )
             except Exception as exc:  # keep serving what is loaded; a later poll retries
-                model.problem = f"refreshing from the warehouse failed: {exc}"
+                source = "the bundles" if model.bundles is not None else "the warehouse"
+                model.problem = f"refreshing from {source} failed: {exc}"
                 log.warning("%s: %s", model.pipeline.name, model.problem)
         watch_monitors()
 
 
 def create_app(
     project: Project,
-    connect: Connect,
+    connect: Connect | None,
     pipelines: Sequence[str] | None = None,
     poll: bool = True,
     log_root: Path | None = None,
     marker: Callable[[], Hashable] | None = None,
+    bundles: Path | None = None,
 ) -> FastAPI:
     """The API over `pipelines` (default: all), each loaded once now; with `poll`, a thread keeps them
     current while the app runs (and flushes the request logs under `log_root`, when given). `marker`
-    (store.change_marker of the warehouse) lets a poll that finds nothing changed skip the warehouse."""
-    models = _online_models(project, connect, pipelines, log_root, marker)
+    (store.change_marker of the warehouse) lets a poll that finds nothing changed skip the warehouse.
+    With `bundles` (a bundle root), the models come from the published bundles and `connect` is not
+    used: the monitors' numbers, which live in the warehouse only, are then not in /metrics."""
+    models = _online_models(project, connect, pipelines, log_root, marker, bundles)
     metrics = ApiMetrics(lambda: {n: m.served.version if m.served else None for n, m in models.items()})
-    watch_monitors = monitor_watcher(connect, list(models), metrics, marker)
+    watch_monitors = (
+        monitor_watcher(connect, list(models), metrics, marker)
+        if bundles is None and connect is not None
+        else _nothing
+    )
     watch_monitors()
     app = FastAPI(
         title="ml_assets",
@@ -152,12 +164,17 @@ def create_app(
     return app
 
 
+def _nothing() -> None:
+    return None
+
+
 def _online_models(
     project: Project,
-    connect: Connect,
+    connect: Connect | None,
     pipelines: Sequence[str] | None,
     log_root: Path | None,
     marker: Callable[[], Hashable] | None,
+    bundles: Path | None,
 ) -> dict[str, OnlineModel]:
     """The served pipelines, each loaded once now (a problem is kept to report, not raised)."""
     names = list(pipelines or project.pipelines)
@@ -165,7 +182,13 @@ def _online_models(
     if unknown:
         raise UsageError(f"unknown pipeline(s) {unknown}; pipelines: {', '.join(sorted(project.pipelines))}")
     models = {
-        n: OnlineModel(project.pipelines[n], project.sources_of(project.pipelines[n]), connect, marker=marker)
+        n: OnlineModel(
+            project.pipelines[n],
+            project.sources_of(project.pipelines[n]),
+            connect,
+            marker=marker,
+            bundles=bundles,
+        )
         for n in names
     }
     for name, model in models.items():

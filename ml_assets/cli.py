@@ -270,18 +270,28 @@ def predict(pipeline: PipelineSpec, project: Project, file: Path, output: Path |
     print(f"{scored.height} rows scored by {pipeline.name} champion {model.served.version} -> {output}")
 
 
-def serve(pipelines: list[str], host: str, port: int) -> None:
+def serve(pipelines: list[str], host: str, port: int, bundles: Path | None) -> None:
     import uvicorn
 
     from ml_assets.api import create_app
+    from ml_assets.core.serving.bundle import served_from
 
     project = load_default_project()
     names = [_pipeline(project, p).name for p in pipelines] or None
-    database = warehouse(data_root())
-    # A DuckLake warehouse has no local file whose changes could be watched: every poll reads it.
-    marker = None if is_lake(database) else functools.partial(change_marker, database)
-    app = create_app(project, _connect, names, log_root=data_root(), marker=marker)
-    print(f"serving {', '.join(app.state.models)} on http://{host}:{port} (docs: http://{host}:{port}/docs)")
+    bundles = bundles.resolve() if bundles is not None else served_from()
+    if bundles is not None:
+        # The published bundles only: this host may not even see the warehouse.
+        app = create_app(project, None, names, log_root=data_root(), bundles=bundles)
+    else:
+        database = warehouse(data_root())
+        # A DuckLake warehouse has no local file whose changes could be watched: every poll reads it.
+        marker = None if is_lake(database) else functools.partial(change_marker, database)
+        app = create_app(project, _connect, names, log_root=data_root(), marker=marker)
+    source = f"the bundles under {bundles}" if bundles is not None else "the warehouse"
+    print(
+        f"serving {', '.join(app.state.models)} from {source} on http://{host}:{port} "
+        f"(docs: http://{host}:{port}/docs)"
+    )
     # The poller's thread (refreshing lookups, flushing the request log) runs Python beside the event
     # loop: a request then waits for the GIL up to the switch interval, 5 ms by default.
     sys.setswitchinterval(0.001)
@@ -362,6 +372,12 @@ def _parser() -> argparse.ArgumentParser:
     serve_p.add_argument("pipelines", nargs="*", help="pipelines to serve (default: all)")
     serve_p.add_argument("--host", default="127.0.0.1")
     serve_p.add_argument("--port", type=int, default=8000)
+    serve_p.add_argument(
+        "--bundles",
+        type=Path,
+        help="serve the published bundles under this folder, never opening the warehouse (default: "
+        "$ML_ASSETS_BUNDLES; under the cluster deployment, <shared root>/bundles; else the warehouse)",
+    )
     return parser
 
 
@@ -394,7 +410,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         predict(_pipeline(project, args.pipeline), project, args.file, args.output)
         return 0
     if args.command == "serve":
-        serve(args.pipelines, args.host, args.port)
+        serve(args.pipelines, args.host, args.port, args.bundles)
         return 0
     if args.command == "landing":
         # Whole reasons and paths: a cut would hide the rule and the column a rejection names (65,535 is the
@@ -416,6 +432,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ml_assets.core.tracking import sync_champion
 
         sync_champion(pipeline, _connect, lambda message: print(message, file=sys.stderr))
+        from ml_assets.core.serving import bundle
+
+        published = bundle.publish(
+            _connect, pipeline, project.sources_of(pipeline), bundle.bundle_root(data_root())
+        )
+        print(f"published bundle {published} for the API (core.serving.bundle)")
     else:
         summary(load_default_project())
     return 0

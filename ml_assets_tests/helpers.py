@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 import httpx
+import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -210,6 +211,20 @@ def synthetic_frame(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray, np.nda
     )
     z = X["a"] - 0.5 * X["b"].fillna(0) + 0.7 * (X["c"] == 2) + rng.normal(scale=0.5, size=n)
     return X, (z > 0).astype(int).to_numpy(), z.to_numpy()
+
+
+def slow_boosting(monkeypatch, round_s: float) -> None:
+    """Every LightGBM boosting round sleeps `round_s`: fits long enough for a deadline to cut them."""
+    real_train = lgb.train
+
+    def slow_train(*args, **kwargs):
+        def sleep(env):
+            time.sleep(round_s)
+
+        kwargs["callbacks"] = [sleep, *kwargs.get("callbacks", [])]
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(lgb, "train", slow_train)
 
 
 def synthetic_spec(model: dict, task: str = "binary", **fields: object) -> PipelineSpec:

@@ -110,3 +110,34 @@ def test_cluster_bench_on_three_weeks_prints_its_ratios():
         (line,) = [x for x in lines if x.startswith(f"{side}: ")]
         rates = re.search(r"ingest (\d+) rows/s, training (\d+) rows/s", line)
         assert rates and all(int(r) > 0 for r in rates.groups()), line
+
+
+@pytest.mark.slow
+def test_quick_tuning_bench_prints_both_methods_and_a_verdict(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.tuning",
+            "--datasets",
+            "breast_cancer",
+            "--budget",
+            "3",
+            "--repeats",
+            "1",
+            "--keep",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    *runs, verdict, last = out.splitlines()
+    assert re.fullmatch(r"optuna_wins_or_ties=[01]/1", last), last
+    assert re.search(
+        r"^breast_cancer: roc_auc random=0\.\d+ optuna=0\.\d+ .* verdict=(optuna|random|tie)$", verdict
+    )
+    searched = [line.split(":")[0].split()[-1] for line in runs if line.startswith("  repeat 0")]
+    assert searched == ["random", "optuna"], out

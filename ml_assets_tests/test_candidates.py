@@ -22,7 +22,7 @@ from ml_assets.core.errors import DatasetError
 from ml_assets.core.linear import LinearModel
 from ml_assets.core.metrics import choose_threshold, score
 from ml_assets.core.spec import PipelineSpec
-from ml_assets_tests.helpers import synthetic_frame, synthetic_spec, synthetic_training_data
+from ml_assets_tests.helpers import slow_boosting, synthetic_frame, synthetic_spec, synthetic_training_data
 
 
 @pytest.mark.parametrize("task", ["binary", "regression"])
@@ -125,16 +125,7 @@ class _SlowLogisticRegression(LogisticRegression):
 def _slow(monkeypatch, baseline: bool = True) -> None:
     """Every boosting round sleeps, and (`baseline`) every solver chunk of the linear baseline sleeps and
     never converges."""
-    real_train = lgb.train
-
-    def slow_train(*args, **kwargs):
-        def sleep(env):
-            time.sleep(ROUND_S)
-
-        kwargs["callbacks"] = [sleep, *kwargs.get("callbacks", [])]
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(train.lgb, "train", slow_train)
+    slow_boosting(monkeypatch, ROUND_S)
     if baseline:
         monkeypatch.setattr(linear, "LogisticRegression", _SlowLogisticRegression)
         monkeypatch.setattr(linear, "CHUNK_ITER", 1)

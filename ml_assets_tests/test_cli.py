@@ -23,6 +23,7 @@ import pytest
 from ml_assets.core import registry, rollback
 from ml_assets.core.ingest import landing_dir
 from ml_assets.core.ingest.replay import STATE_FILE
+from ml_assets.core.serving import bundle
 from ml_assets.core.spec.load import default_pipelines_dir, load_project
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.definitions import build_definitions
@@ -204,7 +205,14 @@ def test_rollback_moves_the_champion_back_to_the_previous_champion(trained):
     assert champion == trained.second  # and trained.first was the champion before it
     result = cli("rollback", "flight_delay", env=trained.env)
     assert result.returncode == 0, str(result)
-    assert result.stdout.strip() == f"manual rollback from {trained.second} to {trained.first}"
+    moved, published = result.stdout.strip().splitlines()
+    assert moved == f"manual rollback from {trained.second} to {trained.first}"
+    # The API serving from bundles follows: the rollback published the new champion's bundle.
+    bundle_id = bundle.current(bundle.bundle_root(trained.root), "flight_delay")
+    assert published == f"published bundle {bundle_id} for the API (core.serving.bundle)"
+    assert bundle.read_manifest(bundle.bundle_root(trained.root) / "flight_delay" / bundle_id).version == (
+        trained.first
+    )
     champion, after = _state(trained)
     assert champion == trained.first
     assert after.head(log.height).equals(log) and after.height == log.height + 1

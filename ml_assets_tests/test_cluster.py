@@ -29,7 +29,9 @@ from ml_assets.core import registry, store, train
 from ml_assets.core.dask_fit import DaskFit, DistributedFitError
 from ml_assets.core.errors import UsageError
 from ml_assets.core.metrics import score
+from ml_assets.core.serving import bundle
 from ml_assets.core.serving.loader import reproduces_training_predictions
+from ml_assets.core.spec.load import load_project
 from ml_assets.core.tuning import base_params
 from ml_assets.orchestration import deployments
 from ml_assets.orchestration.build import build_definitions
@@ -131,9 +133,37 @@ def test_cluster_definitions_run_steps_on_dask(monkeypatch: pytest.MonkeyPatch, 
     assert Path(warehouse.database).parent == (tmp_path / "shared").resolve()
 
 
-def test_fit_threads_come_from_the_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from ml_assets.core.spec.load import load_project
+def test_report_links_use_the_deployments_base_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The event log links reports and plots under the deployment's base URL (ML_ASSETS_REPORTS_URL),
+    files written under the shared root; a cluster without one links by path, never to the loopback
+    report server, which stays the default of `local` only."""
+    from ml_assets.core.report_server import DEFAULT_URL, URL_ENV
+    from ml_assets.orchestration.figures import figure_metadata, report_metadata
 
+    shared = (tmp_path / "shared").resolve()
+    plot = shared / "reports" / "flight_delay" / "v1" / "roc.png"
+    plot.parent.mkdir(parents=True)
+    plot.write_bytes(b"not really a png")
+
+    def links() -> dict:
+        artifacts = deployments.current().resources()["artifacts"]
+        assert artifacts.reports == shared / "reports"
+        return {**figure_metadata(artifacts, {"roc": plot}), **report_metadata(artifacts, plot)}
+
+    cluster_env(monkeypatch, shared)
+    monkeypatch.delenv(URL_ENV, raising=False)
+    unlinked = links()
+    assert set(unlinked) == {"plots_embedded", "report_path"} and "127.0.0.1" not in str(unlinked)
+    monkeypatch.setenv(URL_ENV, "https://reports.example.org/ml/")
+    linked = links()
+    assert linked["report"].value == "https://reports.example.org/ml/flight_delay/v1/roc.png"
+    assert linked["plot_roc"].value == "![roc](https://reports.example.org/ml/flight_delay/v1/roc.png)"
+    monkeypatch.setenv(deployments.DEPLOYMENT_ENV, "local")
+    monkeypatch.delenv(URL_ENV)
+    assert deployments.current().resources()["artifacts"].reports_url == DEFAULT_URL
+
+
+def test_fit_threads_come_from_the_worker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     pipeline = load_project(write_pipelines(tmp_path / "p", None)).pipelines["flight_delay"]
     monkeypatch.delenv(deployments.FIT_THREADS_ENV, raising=False)
     assert deployments.with_fit_threads(pipeline).model.num_threads == pipeline.model.num_threads
@@ -363,6 +393,13 @@ def test_flagship_on_the_cluster_matches_local(
     base = fresh_cluster.root.parent
     assert local_database_files(base) == [] and not (base / UNUSED_LOCAL).exists()
     assert list((fresh_cluster.root / "warehouse").rglob("*.parquet"))
+    # What an API on another host serves: the champion's bundle on the shared root, loaded without the tables.
+    project = load_project(Path(fresh_cluster.env["ML_ASSETS_PIPELINES_DIR"]))
+    spec = project.pipelines["flight_delay"]
+    published = bundle.current(fresh_cluster.root / bundle.BUNDLES_DIR, spec.name)
+    loaded = bundle.load(fresh_cluster.root / bundle.BUNDLES_DIR, spec, project.sources_of(spec), published)
+    with fresh_cluster.tables() as conn:
+        assert loaded.manifest.version == registry.alias_version(conn, spec.name, registry.CHAMPION)
     run_id = on_cluster.stdout.split("ml_assets run ")[1].split(":")[0]
     monkeypatch.setenv("DAGSTER_HOME", fresh_cluster.env["DAGSTER_HOME"])
     monkeypatch.setenv(deployments.PG_URL_ENV, fresh_cluster.env[deployments.PG_URL_ENV])

@@ -121,6 +121,10 @@ def unknown_model_field(raw):
     raw["model"]["time_budget"] = raw["model"].pop("time_budget_s")
 
 
+def unknown_tuning_method(raw):
+    raw["model"]["tuning"] = {"method": "grid"}
+
+
 def metric_of_another_task(raw):
     raw["model"]["metric"] = "rmse"
 
@@ -254,6 +258,7 @@ CASES = [
     # (id, case, field named in the message, fragments saying what was expected)
     ("unknown_top_level_field", edit(misspelled_top_level_field), "modle", ["unknown field"]),
     ("unknown_model_field", edit(unknown_model_field), "model.time_budget", ["unknown field"]),
+    ("unknown_tuning_method", edit(unknown_tuning_method), "model.tuning.method", ["'grid'", "'optuna'"]),
     (
         "metric_does_not_fit_task",
         edit(metric_of_another_task),
@@ -382,6 +387,13 @@ def test_defect_of_a_parent_is_reported_against_the_parent(tmp_path, case, field
     inherits the defect, but the error names the flagship, the file to fix."""
     shutil.copy(SHIPPED / f"{CHILD}.yaml", tmp_path)
     assert_precise_error(tmp_path, case, field, expected)
+
+
+def test_unknown_tuning_method_is_one_line_naming_file_and_field(tmp_path):
+    bad_file = edit(unknown_tuning_method)(tmp_path)
+    message = load_error(tmp_path)
+    assert "\n" not in message.strip(), message
+    assert message.startswith(f"{bad_file}: model.tuning.method: "), message
 
 
 def test_defect_of_a_child_is_reported_against_the_child(tmp_path):

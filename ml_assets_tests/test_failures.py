@@ -3,6 +3,7 @@ batches and blocking checks, run through Dagster on a small sample of the real d
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.store import connect, warehouse_path
 from ml_assets.orchestration.assets import PIPELINE_ASSETS
 from ml_assets.orchestration.keys import layer_key
-from ml_assets_tests.conftest import materialize_all
+from ml_assets_tests.conftest import FAST_MODEL, materialize_all, write_pipelines
 
 DOWNSTREAM = [dg.AssetKey([p, a]) for p in ("flight_delay", "flight_arr_delay") for a in PIPELINE_ASSETS]
 
@@ -71,11 +72,23 @@ def _set_flight_values(sources: Path, column: str, value: str, where: pl.Expr) -
 EVERY_TENTH_ROW = pl.int_range(pl.len()) % 10 == 0
 
 
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory, sample_sources: Path) -> Path:
+    """The data directory of one successful run of everything on the sample; tests work on copies."""
+    base = tmp_path_factory.mktemp("first_run")
+    root = base / "data"
+    assert materialize_all(write_pipelines(base / "pipelines", sample_sources, FAST_MODEL), root).success
+    return root
+
+
 @pytest.fixture
-def good_run(sample_project):
-    pipelines, root = sample_project
-    assert materialize_all(pipelines, root).success
-    return pipelines, root, pipelines.parent / "sources"
+def good_run(first_run: Path, tmp_path: Path, sample_sources: Path) -> tuple[Path, Path, Path]:
+    """(pipelines, data dir, sources) after a successful run: a copy of `first_run`'s data directory (its
+    registry still names the first run's model folders, which no test here writes) and private sources."""
+    sources = tmp_path / "sources"
+    shutil.copytree(sample_sources, sources)
+    shutil.copytree(first_run, tmp_path / "data")
+    return write_pipelines(tmp_path / "pipelines", sources, FAST_MODEL), tmp_path / "data", sources
 
 
 def test_running_twice_replaces_tables_and_adds_a_model_version(good_run):
@@ -174,9 +187,9 @@ def test_a_later_run_does_not_build_on_data_whose_check_failed(sample_project):
     assert materialize_all(pipelines, root, instance=instance).success
 
 
-def test_tampered_model_artifact_is_refused(good_run):
-    _, root, _ = good_run
-    version_dir = Path(_versions(root)[-1])
+def test_tampered_model_artifact_is_refused(first_run, tmp_path):
+    version_dir = tmp_path / "version"
+    shutil.copytree(_versions(first_run)[-1], version_dir)
     read_manifest(version_dir)
     with open(version_dir / MODEL_FILE, "a") as fh:
         fh.write("\n# tampered\n")

@@ -295,8 +295,9 @@ CORE_STAGES: list[tuple[str, ...]] = [
     ("validate",),
     ("dataset", "profile"),
     ("features",),
-    # The search and one fit; a fit on a Dask cluster (LightGBM's Dask interface) beside it.
-    ("tuning", "dask_fit"),
+    # The search (its Optuna method beside it) and one fit; a fit on a Dask cluster (LightGBM's Dask
+    # interface) beside them.
+    ("tuning", "tuning_optuna", "dask_fit"),
     ("train",),
     ("evaluate",),
     # Everything a prediction needs; the gate below loads a version with its loader.

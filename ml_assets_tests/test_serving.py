@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,11 +34,18 @@ from ml_assets.api import create_app
 from ml_assets.core import registry, rollback
 from ml_assets.core.dataset import table_name
 from ml_assets.core.registry import MODEL_FILE
-from ml_assets.core.serving import online_model, request_parsing, skew
+from ml_assets.core.serving import bundle, online_model, request_parsing, skew
 from ml_assets.core.serving.lookups import Lookups
 from ml_assets.core.serving.request_log import RequestLog, log_dir, read_window
 from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
-from ml_assets.core.store import DATA_DIR_ENV, change_marker, connect, warehouse_path
+from ml_assets.core.store import (
+    DATA_DIR_ENV,
+    DEPLOYMENT_ENV,
+    SHARED_ROOT_ENV,
+    change_marker,
+    connect,
+    warehouse_path,
+)
 from ml_assets.orchestration.definitions import build_definitions
 from ml_assets.orchestration.resources import Warehouse
 from ml_assets_tests.conftest import FAST_MODEL, materialize_all, run_metadata, stop_process, write_pipelines
@@ -629,6 +637,125 @@ def test_a_champion_failing_its_hash_check_is_never_loaded(served, server):
         model_file.write_bytes(original)
         with served.db() as conn:
             registry.record_decision(conn, DELAY, "manual", "test: restored", new_champion=served.first)
+
+
+# --- bundles: serving off the warehouse file -------------------------------------------------------------
+
+
+def _publish(s: Served, root: Path) -> str | None:
+    project, spec = s.spec()
+    return bundle.publish(s.db, spec, project.sources_of(spec), root)
+
+
+def _from_bundles(s: Served, root: Path) -> online_model.OnlineModel:
+    """What an API on another host serves: no warehouse connection at all (None), only the bundles."""
+    project, spec = s.spec()
+    return online_model.OnlineModel(spec, project.sources_of(spec), None, bundles=root)
+
+
+def _answers(model: online_model.OnlineModel, body: list[dict]) -> dict:
+    return {k: v for k, v in model.predict(body).items() if k != "latency_ms"}
+
+
+def test_a_published_bundle_answers_as_the_warehouse_and_a_new_champion_swaps_it(served, tmp_path):
+    root = tmp_path / "bundles"
+    body = request_parsing.request_rows(_test_rows(served, 40), _fields(served))
+    project, spec = served.spec()
+    from_warehouse = online_model.OnlineModel(spec, project.sources_of(spec), served.db)
+    first = _publish(served, root)
+    assert _publish(served, root) == first  # same champion, same joined tables: the same bundle
+    files = [p for p in (root / DELAY / first).rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} <= {".json", ".txt", ".parquet"}  # text, JSON and Parquet: no pickle
+    assert (root / DELAY / bundle.POINTER).read_text().strip() == first
+    model = _from_bundles(served, root)
+    assert model.refresh() and from_warehouse.refresh()
+    assert model.served.bundle == first and model.served.lookups.keyed is not None
+    assert _answers(model, body) == _answers(from_warehouse, body)
+    assert not model.refresh()  # the pointer did not move: nothing reloaded
+    before = served.champion()
+    other = served.second if before == served.first else served.first
+    served.make_champion(other)
+    try:
+        second = _publish(served, root)
+        assert second != first and bundle.read_manifest(root / DELAY / second).version == other
+        assert model.refresh() and from_warehouse.refresh()
+        assert model.served.version == other and model.served.bundle == second
+        assert _answers(model, body) == _answers(from_warehouse, body)
+    finally:
+        served.make_champion(before)
+
+
+def test_a_broken_bundle_is_refused_naming_the_file_and_the_last_good_one_keeps_serving(served, tmp_path):
+    root = tmp_path / "bundles"
+    good = _publish(served, root)
+    model = _from_bundles(served, root)
+    assert model.refresh()
+    version, request = model.served.version, _request(served)
+    folder = root / DELAY
+    before = served.champion()
+    served.make_champion(served.second if before == served.first else served.first)
+    try:
+        tampered = _publish(served, root)
+    finally:
+        served.make_champion(before)
+    weather = folder / tampered / bundle.LOOKUPS_DIR / "weather.parquet"
+    weather.write_bytes(weather.read_bytes() + b"tampered")
+    # And one a writer left without its manifest (the pointer written by hand, as a broken publisher might).
+    incomplete = folder / "20990101T000000000000Z-incomplete"
+    shutil.copytree(folder / good / bundle.MODEL_DIR, incomplete / bundle.MODEL_DIR)
+    for pointer, named in ((tampered, str(weather)), (incomplete.name, str(incomplete / bundle.MANIFEST))):
+        (folder / bundle.POINTER).write_text(pointer)
+        assert not model.refresh()
+        assert named in model.problem and f"bundle {pointer} refused" in model.problem, model.problem
+        assert model.served.version == version and model.served.bundle == good
+        assert model.predict(request)["version"] == version
+    # Published by a pipeline file that completes requests differently (one more derived column): a new
+    # bundle, which this API (the old file) refuses by name rather than completing requests otherwise.
+    project, spec = served.spec()
+    altered = spec.model_copy(update={"derived": {**spec.derived, "twice_the_distance": "distance * 2"}})
+    changed = bundle.publish(served.db, altered, project.sources_of(spec), root)
+    assert changed not in (good, tampered) and not model.refresh()
+    assert (
+        str(folder / changed / bundle.MANIFEST) in model.problem and "completion_sql_sha256" in model.problem
+    )
+    assert model.predict(request)["version"] == version
+    bundle.point(root, DELAY, good)
+    assert not model.refresh() and model.problem is None and model.served.bundle == good
+
+
+def test_the_api_serves_the_bundles_on_a_host_without_the_warehouse(served, tmp_path):
+    """`ml-assets serve` under the cluster deployment on a machine that sees the shared root but no
+    warehouse (nor PostgreSQL, nor Dask): it serves the published bundle, answers as the batch scores, and
+    never creates a warehouse file."""
+    shared = tmp_path / "shared"
+    published = _publish(served, bundle.bundle_root(shared))
+    port = _free_port()
+    env = _env(served) | {DEPLOYMENT_ENV: "cluster", SHARED_ROOT_ENV: str(shared)}
+    env.pop(DATA_DIR_ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ml_assets.cli", "serve", DELAY, "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        wait_until_answers(proc, lambda: client.get("/ready").status_code == 200, DEADLINE_S, "serve")
+        rows = _test_rows(served, 10)
+        answer = client.post(f"/v1/{DELAY}/predict", json=request_parsing.request_rows(rows, _fields(served)))
+        info = client.get(f"/v1/{DELAY}/model").json()
+    finally:
+        client.close()
+        stop_process(proc, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["version"] == served.champion() and info["bundle"] == published
+    spec = served.spec()[1]
+    answered = pl.DataFrame(answer.json()["predictions"])
+    batch = rows.select(spec.id).join(_predictions(served), on=spec.id, how="left")
+    assert (answered["score"] - batch["score"]).abs().max() <= 1e-9
+    assert not list(tmp_path.rglob("*.duckdb")), "the API created a warehouse file"
 
 
 # --- the request log and drift -------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def write_version(
 ) -> Path:
     """Write a version folder atomically; returns its final path. `files` maps artifact names to content."""
     final = root / pipeline / version
-    _remove_orphans(root / pipeline)
+    remove_orphans(root / pipeline)
     tmp = root / pipeline / f".tmp-{version}-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
@@ -206,7 +206,7 @@ def write_version(
     return final
 
 
-def _remove_orphans(folder: Path) -> None:
+def remove_orphans(folder: Path) -> None:
     """Delete half-written version folders left by writers that died (a kill -9 mid-write)."""
     for tmp in folder.glob(".tmp-*"):
         pid = int(tmp.name.rsplit("-", 1)[1])

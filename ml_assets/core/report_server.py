@@ -25,13 +25,17 @@ URL_ENV = "ML_ASSETS_REPORTS_URL"
 DEFAULT_URL = "http://127.0.0.1:3001"
 
 
-def reports_url() -> str:
-    """Where the browser finds `<data>/reports` (no trailing slash)."""
-    return os.environ.get(URL_ENV, DEFAULT_URL).rstrip("/")
+def reports_url(default: str | None = DEFAULT_URL) -> str | None:
+    """Where the browser finds `<data>/reports` (no trailing slash): $ML_ASSETS_REPORTS_URL, else
+    `default` (the loopback report server for `local`; a cluster has no default, see deployments)."""
+    url = os.environ.get(URL_ENV, "").strip() or default
+    return url.rstrip("/") if url else None
 
 
-def url_of(base_url: str, reports_root: Path, path: Path) -> str:
-    """The browser's URL of a file under the reports folder."""
+def url_of(base_url: str | None, reports_root: Path, path: Path) -> str | None:
+    """The browser's URL of a file under the reports folder; None without a base URL."""
+    if not base_url:
+        return None
     relative = Path(path).resolve().relative_to(Path(reports_root).resolve())
     return f"{base_url.rstrip('/')}/{quote(relative.as_posix())}"
 
@@ -62,7 +66,7 @@ def serve_in_thread(root: Path, host: str = "127.0.0.1", port: int = 0) -> Threa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed = urlsplit(reports_url())
+    parsed = urlsplit(reports_url() or DEFAULT_URL)
     parser = argparse.ArgumentParser(description="Serve <data>/reports read-only for the Dagster UI.")
     parser.add_argument("--root", type=Path, default=data_dir() / "reports")
     parser.add_argument("--host", default=parsed.hostname or "127.0.0.1")

@@ -2,10 +2,11 @@
 
 Within `time_budget_s`: the baselines (bounded), then LightGBM's own defaults fitted on the whole training
 split with early stopping on the validation split (the model if nothing better fits the budget, so the
-model is never worse than a plain LightGBM script for want of time), then a seeded random search whose
-trials (the defaults first) are scored by k-fold CV on the training split, folded as the split itself was
-made (tuning.py), and a refit of the best parameters if they are not the defaults, kept only when it
-also scores at least as well on the validation split, in the metric and in every metric the gate guards.
+model is never worse than a plain LightGBM script for want of time), then a seeded search (random or
+Optuna's TPE, `model.tuning.method`) whose trials (the defaults first) are scored by k-fold CV on the
+training split, folded as the split itself was made (tuning.py), and a refit of the best parameters if
+they are not the defaults, kept only when it also scores at least as well on the validation split, in
+the metric and in every metric the gate guards.
 The test split is touched once, for the final metrics; the defaults fit is recorded as a candidate
 (`lightgbm_defaults`) beside the model.
 """
@@ -311,10 +312,11 @@ def train_model(
     defaults_fit = chosen = _Scored.of(pipeline, data, booster)
     # The search leaves time for one more fit like that one: the refit of the parameters it picks.
     search_budget_s = max(0.0, deadline - time.monotonic() - fit_s)
-    tuning = Tuning(defaults, None)
+    tuning = Tuning(defaults, None, method=pipeline.model.tuning.method)
     if search_budget_s > 0:
         progress(
-            f"tuning: up to {max_trials} trials of {pipeline.model.cv_folds}-fold CV within "
+            f"tuning ({pipeline.model.tuning.method}): up to {max_trials} trials of "
+            f"{pipeline.model.cv_folds}-fold CV within "
             f"{search_budget_s:.0f} s of the {time_budget_s:.0f} s budget"
         )
         tuning = tune(pipeline, data, search_budget_s, max_trials, progress)
@@ -494,6 +496,8 @@ def _manifest(
                 "search_budget_s": round(trained.search_budget_s, 2),
                 "baselines_s": round(trained.baselines_s, 2),
                 "trials_cut_short": sum(t["cut_short"] for t in trained.tuning.trials),
+                "method": trained.tuning.method,
+                "trials_pruned": sum(t["pruned"] for t in trained.tuning.trials),
                 "final_fit_cut_at_round": trained.final_fit_cut_at,
                 "final_fit": trained.final_fit,
                 "model_step_s": round(trained.elapsed_s, 2),

@@ -10,24 +10,32 @@ from collections.abc import Callable
 import dagster as dg
 import duckdb
 
-from ml_assets.core import check_results, dataset, validate
+from ml_assets.core import check_results, dataset, ingest, validate
 from ml_assets.core.check_results import CheckOutcome
 from ml_assets.core.serving import skew
-from ml_assets.core.spec import PipelineSpec, Project, SourceSpec
+from ml_assets.core.spec import PartitionSpec, PipelineSpec, Project, SourceSpec
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.handoff import SettledChampion
 from ml_assets.orchestration.keys import layer_key
 from ml_assets.orchestration.metadata import as_metadata
+from ml_assets.orchestration.partitions import tagged_window
 from ml_assets.orchestration.resources import Warehouse
 
-Outcome = Callable[[duckdb.DuckDBPyConnection], CheckOutcome]
+# A rule gets the connection and the checking run's partitions as a condition on _event_time (None: the
+# run names none, or the table is not partitioned); rules that judge one table whole ignore it.
+Outcome = Callable[[duckdb.DuckDBPyConnection, str | None], CheckOutcome]
 
 
-def table_check(key: dg.AssetKey, name: str, description: str, outcome: Outcome) -> dg.AssetChecksDefinition:
+def table_check(
+    key: dg.AssetKey, name: str, description: str, outcome: Outcome, partitions: PartitionSpec | None = None
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=key, name=name, description=description, blocking=True)
     def _run(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
+        # Checks are not partitioned (partitioned checks are a Dagster preview): the run's tags say which
+        # partitions its steps wrote.
+        window = tagged_window(context.run.tags, partitions) if partitions else None
         with warehouse.get_connection() as conn:
-            result = outcome(conn)
+            result = outcome(conn, ingest.window_condition(window) if window else None)
             check_results.record_check(conn, key.to_user_string(), name, result, context.run.run_id)
         return dg.AssetCheckResult(
             passed=result.passed,
@@ -46,12 +54,12 @@ def source_checks(name: str, spec: SourceSpec) -> list[dg.AssetChecksDefinition]
         (
             "schema_matches_config",
             "Columns and types equal the config.",
-            lambda c: validate.check_schema(c, name, spec),
+            lambda c, _: validate.check_schema(c, name, spec),
         ),
         (
             "row_conservation",
             "raw rows = validated + quarantined rows.",
-            lambda c: validate.check_row_conservation(c, name),
+            lambda c, where: validate.check_row_conservation(c, name, where),
         ),
         (
             "unique_ids",
@@ -61,21 +69,21 @@ def source_checks(name: str, spec: SourceSpec) -> list[dg.AssetChecksDefinition]
                 if spec.duplicate_ids == "warn"
                 else "blocks (duplicate_ids: block)."
             ),
-            lambda c: validate.check_unique_ids(c, name, spec),
+            lambda c, _: validate.check_unique_ids(c, name, spec),
         ),
         (
             "value_rules_hold",
             "Ranges, allowed values, not-null and patterns hold on every row.",
-            lambda c: validate.check_rules(c, name, spec),
+            lambda c, _: validate.check_rules(c, name, spec),
         ),
         (
             "quarantine_share",
             f"At most max_quarantine_share = {spec.max_quarantine_share:.1%} of rows quarantined: "
             "more means a broken batch, which must not reach training.",
-            lambda c: validate.check_quarantine_share(c, name, spec),
+            lambda c, _: validate.check_quarantine_share(c, name, spec),
         ),
     ]
-    return [table_check(key, n, d, o) for n, d, o in rules]
+    return [table_check(key, n, d, o, spec.partitions) for n, d, o in rules]
 
 
 def modelling_checks(pipeline: PipelineSpec) -> list[dg.AssetChecksDefinition]:
@@ -85,13 +93,13 @@ def modelling_checks(pipeline: PipelineSpec) -> list[dg.AssetChecksDefinition]:
             key,
             "target_not_null",
             f"Every row has a target '{pipeline.target.name}'.",
-            lambda c: dataset.check_target_not_null(c, pipeline),
+            lambda c, _: dataset.check_target_not_null(c, pipeline),
         ),
         table_check(
             key,
             "splits_populated",
             "Train, validation and test splits all have rows.",
-            lambda c: dataset.check_splits_populated(c, pipeline),
+            lambda c, _: dataset.check_splits_populated(c, pipeline),
         ),
     ]
 

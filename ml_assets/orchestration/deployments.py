@@ -67,11 +67,14 @@ class Deployment:
     root: Path
     warehouse: str
     executor: dg.ExecutorDefinition
+    # The base URL of `<root>/reports` in the event log's links: a local convenience (the loopback report
+    # server) by default for `local` only; a cluster's is ML_ASSETS_REPORTS_URL or none (paths only).
+    reports_url: str | None = None
 
     def resources(self) -> dict[str, dg.ConfigurableResource]:
         return {
             "warehouse": Warehouse(database=self.warehouse),
-            "artifacts": ArtifactStore(root=str(self.root), reports_url=reports_url()),
+            "artifacts": ArtifactStore(root=str(self.root), reports_url=self.reports_url),
             "training": TrainingOverrides(),
             "handoff": HandOffStore(root=str(self.root / "handoff")),
             "pause": RunPause(socket=os.environ.get(PAUSE_SOCKET_ENV, "")),
@@ -100,7 +103,7 @@ def local(root: Path | None = None) -> Deployment:
     root = data_dir() if root is None else root
     # One process per run: steps are short compared with a fresh process each (~1.5 s), and DuckDB has one
     # writer per file anyway. Training uses LightGBM's own threads.
-    return Deployment("local", root, warehouse(root), dg.in_process_executor)
+    return Deployment("local", root, warehouse(root), dg.in_process_executor, reports_url())
 
 
 def cluster() -> Deployment:
@@ -119,7 +122,7 @@ def cluster() -> Deployment:
     executor = run_scoped_dask_executor.configured(
         {"cluster": {"existing": {"address": scheduler}}}, name="dask"
     )
-    return Deployment("cluster", root, warehouse(root), executor)
+    return Deployment("cluster", root, warehouse(root), executor, reports_url(default=None))
 
 
 def current() -> Deployment:

@@ -22,9 +22,10 @@ MAX_EMBEDDED_BYTES = 600_000
 
 
 def figure_metadata(artifacts: ArtifactStore, plots: dict[str, Path]) -> dict[str, Any]:
+    # Inline images need a URL: without the deployment's base URL only the embedded copies are shown.
+    urls = {name: artifacts.url_of(path) for name, path in plots.items()}
     meta: dict[str, Any] = {
-        f"plot_{name}": dg.MetadataValue.md(f"![{name}]({artifacts.url_of(path)})")
-        for name, path in plots.items()
+        f"plot_{name}": dg.MetadataValue.md(f"![{name}]({url})") for name, url in urls.items() if url
     }
     embedded, size = [], 0
     for name, path in plots.items():
@@ -39,9 +40,11 @@ def figure_metadata(artifacts: ArtifactStore, plots: dict[str, Path]) -> dict[st
     return meta
 
 
-def report_metadata(artifacts: ArtifactStore, path: Path) -> dict[str, Any]:
-    """A link the browser opens (the report server's URL) and the file's path on disk."""
+def report_metadata(artifacts: ArtifactStore, path: Path, name: str = "report") -> dict[str, Any]:
+    """A link the browser opens (under the deployment's reports URL, when it has one) and the file's path
+    on disk."""
+    url = artifacts.url_of(path)
     return {
-        "report": dg.MetadataValue.url(artifacts.url_of(path)),
-        "report_path": dg.MetadataValue.path(str(path)),
+        **({name: dg.MetadataValue.url(url)} if url else {}),
+        f"{name}_path": dg.MetadataValue.path(str(path)),
     }

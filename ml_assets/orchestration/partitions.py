@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 import dagster as dg
 
@@ -10,6 +11,7 @@ from ml_assets.core.ingest import TimeWindow
 from ml_assets.core.spec import PartitionSpec, Project
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+PARTITION = "dagster/partition"
 
 
 def partitions_def(spec: PartitionSpec) -> dg.TimeWindowPartitionsDefinition:
@@ -54,6 +56,19 @@ def pick_partitions_message(partitioned: list[str]) -> str:
         f"{named} {'is' if len(partitioned) == 1 else 'are'} partitioned: launch {'it' if len(partitioned) == 1 else 'them'} "
         "with partitions (in the UI: Materialize, then pick a partition range, e.g. all; on the command line: "
         "`ml-assets run`, which covers every partition landed so far)"
+    )
+
+
+def tagged_window(tags: Mapping[str, str], spec: PartitionSpec) -> TimeWindow | None:
+    """The time window of the partitions a run's tags name (one partition or a range); None: the run names
+    none. For steps that are not partitioned themselves (asset checks) and so have no partition context."""
+    first, last = tags.get(RANGE_START, tags.get(PARTITION)), tags.get(RANGE_END, tags.get(PARTITION))
+    if first is None or last is None:
+        return None
+    pdef = partitions_def(spec)
+    return TimeWindow(
+        start=pdef.time_window_for_partition_key(first).start.replace(tzinfo=None),
+        end=pdef.time_window_for_partition_key(last).end.replace(tzinfo=None),
     )
 
 

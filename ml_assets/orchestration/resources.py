@@ -14,6 +14,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from ml_assets.core.report_server import DEFAULT_URL, url_of
+from ml_assets.core.serving.bundle import bundle_root
 from ml_assets.core.store import connect
 
 
@@ -35,11 +36,14 @@ class Warehouse(DuckDBResource):
 
 
 class ArtifactStore(ConfigurableResource):
-    """Root folder for files: model versions, feature transforms and reports; `reports_url` is where the
-    browser finds the reports folder (the project's report server, see core.report_server)."""
+    """Root folder for files: model versions, feature transforms, reports and serving bundles;
+    `reports_url` is where the browser finds the reports folder (the deployment's: the project's loopback
+    report server for `local`, see core.report_server; None: metadata links reports by path only)."""
 
     root: str
-    reports_url: str = DEFAULT_URL
+    reports_url: str | None = Field(
+        DEFAULT_URL, description="Base URL of the reports folder (ML_ASSETS_REPORTS_URL); unset: paths only"
+    )
 
     def path(self, *parts: str) -> Path:
         out = Path(self.root).joinpath(*parts)
@@ -58,8 +62,13 @@ class ArtifactStore(ConfigurableResource):
     def reports(self) -> Path:
         return Path(self.root) / "reports"
 
-    def url_of(self, path: Path) -> str:
-        """The browser's URL of a file under the reports folder."""
+    @property
+    def bundles(self) -> Path:
+        """Where the champions' serving bundles are published (core.serving.bundle)."""
+        return bundle_root(Path(self.root))
+
+    def url_of(self, path: Path) -> str | None:
+        """The browser's URL of a file under the reports folder; None without a base URL."""
         return url_of(self.reports_url, self.reports, path)
 
 

@@ -39,6 +39,15 @@ def lookup_fingerprint(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) 
     )
 
 
+def lookup_tables(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> dict[str, pa.Table]:
+    """The validated tables a pipeline joins, copied out of the warehouse."""
+    # Read one by one: a result left unread when the next query runs on the connection is lost.
+    return {
+        name: conn.execute(f"SELECT * FROM validated.{q(name)}").fetch_arrow_table()
+        for name in _joined_sources(pipeline)
+    }
+
+
 class Lookups:
     """An in-memory DuckDB holding copies of the validated tables a pipeline joins; completes request
     rows into modelling-table rows with the modelling table's own SQL."""
@@ -83,14 +92,25 @@ class Lookups:
         cls, conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: Mapping[str, SourceSpec]
     ) -> Lookups:
         """Copy the joined tables out of the warehouse (the caller closes the connection right after)."""
-        # Read one by one: a result left unread when the next query runs on the connection is lost.
-        tables = {}
-        for name in _joined_sources(pipeline):
-            tables[name] = conn.execute(f"SELECT * FROM validated.{q(name)}").fetch_arrow_table()
-        lookups = cls(pipeline, sources, tables, lookup_fingerprint(conn, pipeline))
-        if lookups.keyed is not None:
-            lookups.keyed.warm(conn)
+        lookups = cls(pipeline, sources, lookup_tables(conn, pipeline), lookup_fingerprint(conn, pipeline))
+        lookups.warm(lookups.warm_inputs(conn))
         return lookups
+
+    def warm_inputs(self, conn: duckdb.DuckDBPyConnection) -> list[pl.DataFrame]:
+        """What `warm` takes, read from the warehouse (none when requests are completed by the SQL)."""
+        return self.keyed.warm_inputs(conn) if self.keyed is not None else []
+
+    def warm(self, inputs: list[pl.DataFrame]) -> None:
+        """Remember the derived values of `inputs` (`warm_inputs`), so requests like them never wait for
+        DuckDB."""
+        if self.keyed is not None:
+            self.keyed.warm(inputs)
+
+    @property
+    def completion_sql(self) -> str:
+        """The SQL that completes request rows: a function of the joins, the derived columns and the
+        sources' columns and types, so its text names what the completion depends on."""
+        return self._sql
 
     def complete(self, rows: pl.DataFrame) -> pl.DataFrame:
         """Modelling-table rows (joins and derived columns; no target) for request rows, in their order.
@@ -310,25 +330,35 @@ class KeyedCompletion:
             memo.update(zip(keys, derived.get_column(name).to_list(), strict=True))
         return derived
 
-    def warm(self, conn: duckdb.DuckDBPyConnection) -> None:
-        """Remember the derived values of every distinct input the base source holds (up to the memo's
-        bound), so that requests like the rows trained on never wait for DuckDB: one query per expression
-        over the warehouse's validated base table, each computed by the same SQL as a request's (the
-        modelling table has computed them on these inputs already, so none fails here)."""
+    def warm_inputs(self, conn: duckdb.DuckDBPyConnection) -> list[pl.DataFrame]:
+        """Every distinct input the base source holds (up to the memo's bound) of each remembered
+        expression: one query per expression over the warehouse's validated base table."""
         if self._memos is None:
-            return
+            return []
         table = f"validated.{q(self._lookups.pipeline.base)}"
+        found = []
         for reads, _ in self._memos.values():
             # Only expressions of base columns: a joined column's values are not in the base table.
             if not reads or not set(reads) <= set(self._base_columns):
                 continue
-            inputs = conn.execute(
-                f"SELECT DISTINCT {', '.join(map(q, reads))} FROM {table} LIMIT {_MEMO_SIZE}"
-            ).pl()
-            none = [None] * inputs.height
+            found.append(
+                conn.execute(
+                    f"SELECT DISTINCT {', '.join(map(q, reads))} FROM {table} LIMIT {_MEMO_SIZE}"
+                ).pl()
+            )
+        return found
+
+    def warm(self, inputs: list[pl.DataFrame]) -> None:
+        """Remember the derived values of `inputs` (`warm_inputs`), each computed by the same SQL as a
+        request's (the modelling table has computed them on the base table's inputs already, so none
+        fails here)."""
+        if self._memos is None:
+            return
+        for frame in inputs:
+            none = [None] * frame.height
             self._compute(
-                {c: inputs.get_column(c).to_list() if c in reads else none for c in self._reads},
-                inputs.height,
+                {c: frame.get_column(c).to_list() if c in frame.columns else none for c in self._reads},
+                frame.height,
             )
 
 

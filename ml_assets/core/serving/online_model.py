@@ -2,21 +2,25 @@
 lookups, replaced as one object when the registry's champion or a joined table changes (`refresh`, called
 by a poller). A request reads that reference once, so a swap never fails a request in flight. The
 warehouse is only ever touched by `refresh`, through short-lived connections that copy what they need and
-close.
+close; with `bundles` set, never: `refresh` reads the published bundles' pointer (core.serving.bundle) and
+loads a bundle when it moves.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from ml_assets.core import registry
 from ml_assets.core.errors import ArtifactError
+from ml_assets.core.serving import bundle
 from ml_assets.core.serving.batch_scores import score_frame
 from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.serving.lookups import Lookups, lookup_fingerprint
@@ -24,6 +28,8 @@ from ml_assets.core.serving.request_log import RequestLog
 from ml_assets.core.serving.request_parsing import json_rows, not_servable_online, parse_rows, request_fields
 from ml_assets.core.spec import ColumnSpec, PipelineSpec, SourceSpec
 from ml_assets.core.store import Connect
+
+log = logging.getLogger("ml_assets.serving")
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,8 @@ class Served:
     model: ServableModel
     lookups: Lookups
     loaded_at: dt.datetime
+    # The bundle it came from (None: loaded from the warehouse).
+    bundle: str | None = None
 
 
 @dataclass
@@ -42,7 +50,8 @@ class OnlineModel:
 
     pipeline: PipelineSpec
     sources: Mapping[str, SourceSpec]
-    connect: Connect
+    # The warehouse; None when the model is served from `bundles`.
+    connect: Connect | None
     served: Served | None = None
     # Why the latest champion is not what serves (none yet, its files fail their hash check, ...).
     problem: str | None = None
@@ -53,6 +62,8 @@ class OnlineModel:
     marker: Callable[[], Hashable] | None = None
     # A version served instead of the champion alias's: the skew check tests the one its run settled.
     pinned: str | None = None
+    # The bundle root (core.serving.bundle): when set, what serves is the bundle its pointer names.
+    bundles: Path | None = None
     _refused: str | None = None
     _seen: Hashable = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -73,6 +84,8 @@ class OnlineModel:
             self.problem = self.offline_only
             return False
         with self._lock:
+            if self.bundles is not None:
+                return self._refresh_bundle(self.bundles)
             # Read before the connection: a write committed during this refresh makes the next one look.
             marker = self.marker() if self.marker else None
             if marker is not None and marker == self._seen:
@@ -82,8 +95,36 @@ class OnlineModel:
             self._seen = marker
             return changed
 
+    def _refresh_bundle(self, root: Path) -> bool:
+        """Load the bundle the pointer names if it moved; a broken bundle is refused once (logged) and
+        the one loaded before keeps serving."""
+        name = self.pipeline.name
+        pointer = bundle.current(root, name)
+        self.last_refresh = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        current = self.served
+        if pointer is None:
+            self.problem = f"{bundle.pipeline_folder(root, name) / bundle.POINTER}: no bundle published yet"
+            return False
+        if current is not None and pointer == current.bundle:
+            self.problem = None  # back to what serves: an earlier refusal is history
+            return False
+        if pointer == self._refused:
+            return False
+        try:
+            found = bundle.load(root, self.pipeline, dict(self.sources), pointer)
+        except ArtifactError as exc:
+            self._refused = pointer
+            self.problem = f"bundle {pointer} refused: {exc}"
+            kept = f"; {current.version} keeps serving" if current else ""
+            log.warning("%s: %s%s", name, self.problem, kept)
+            return False
+        self.problem = None
+        self.served = Served(found.manifest.version, found.model, found.lookups, self.last_refresh, pointer)
+        return True
+
     def _refresh(self) -> bool:
         current = self.served
+        assert self.connect is not None  # bundles unset: the warehouse is what serves
         with self.connect() as conn:
             version = self.pinned or registry.alias_version(conn, self.pipeline.name, registry.CHAMPION)
             if version is None:

@@ -490,6 +490,19 @@ def _default_search_space() -> dict[str, ParamRange]:
     }
 
 
+class TuningSpec(_Strict):
+    """How the search picks each trial's parameters."""
+
+    method: Literal["optuna", "random"] = Field(
+        "optuna",
+        description="optuna: Optuna's TPE sampler (seeded; random for its first max_trials/4 trials, 2 to "
+        "10), each trial pruned after a fold when its running CV mean is worse than the median of the "
+        "completed trials at that fold; random: uniform random points of search_space, never pruned. "
+        "Both start with LightGBM's defaults and share folds, metric and budget. Optuna is the default: "
+        "it won or tied on 3 of 3 datasets in bench/tuning.py (bench/RESULTS.md)",
+    )
+
+
 class DecisionSpec(_Strict):
     """How a binary model's decision threshold is chosen on the validation split."""
 
@@ -547,6 +560,8 @@ class ModelSpec(_Strict):
     """How a binary model's decision threshold is chosen"""
     search_space: dict[str, ParamRange] = Field(default_factory=_default_search_space)
     """LightGBM parameter -> range searched"""
+    tuning: TuningSpec = Field(default_factory=TuningSpec)
+    """How the search picks each trial's parameters"""
 
 
 class GateSpec(_Strict):

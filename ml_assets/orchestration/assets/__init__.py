@@ -48,7 +48,7 @@ def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
         model_asset(pipeline),
         evaluation_asset(pipeline),
         promotion_asset(pipeline),
-        champion_asset(pipeline),
+        champion_asset(pipeline, project),
         performance_asset(pipeline),
         drift_asset(pipeline),
         predictions_asset(pipeline, project),

@@ -9,8 +9,9 @@ import dagster as dg
 import polars as pl
 
 from ml_assets.core import drift, figures, performance, rollback, tracking
+from ml_assets.core.serving import bundle
 from ml_assets.core.serving.request_log import log_dir
-from ml_assets.core.spec import PipelineSpec
+from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.figures import figure_metadata, report_metadata
@@ -19,7 +20,9 @@ from ml_assets.orchestration.metadata import decision_metadata, md_table, shorte
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
 
 
-def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
+def champion_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefinition:
+    sources = project.sources_of(pipeline)
+
     @dg.asset(
         key=pipeline_key(pipeline, "champion"),
         deps=[pipeline_key(pipeline, "modelling_table"), pipeline_key(pipeline, "promotion")],
@@ -29,13 +32,21 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         description=f"The serving champion after the rollback check: it is compared with the previous champion "
         f"on the last {pipeline.gate.monitor_days} days of labelled data and rolled back when it trails by "
         f"more than {pipeline.gate.rollback_margin}. Its value, the version it settled, is what the monitors, "
-        "batch scores and skew check after it judge.",
+        "batch scores and skew check after it judge. What serves is published as a bundle for the API "
+        "(model, transform, lookup tables) when it or the joined tables changed.",
     )
-    def champion(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.Output[SettledChampion]:
+    def champion(
+        context: dg.AssetExecutionContext, warehouse: Warehouse, artifacts: ArtifactStore
+    ) -> dg.Output[SettledChampion]:
         decision = user_errors_as_failures(
             lambda: rollback.check_champion(warehouse.get_connection, pipeline, context.run.run_id)
         )
         tracking.sync_champion(pipeline, warehouse.get_connection, context.log.warning)
+        published = user_errors_as_failures(
+            lambda: bundle.publish(
+                warehouse.get_connection, pipeline, sources, artifacts.bundles, context.run.run_id
+            )
+        )
         with warehouse.get_connection() as conn:
             meta = decision_metadata(decision, conn, pipeline)
         settled = SettledChampion(
@@ -44,7 +55,20 @@ def champion_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         # The check's verdict first: the UI lists metadata in the order given.
         return dg.Output(
             settled,
-            metadata={"rollback_check": decision.reason, "settled": settled.version or "(none)", **meta},
+            metadata={
+                "rollback_check": decision.reason,
+                "settled": settled.version or "(none)",
+                **(
+                    {
+                        "bundle": dg.MetadataValue.path(
+                            str(bundle.pipeline_folder(artifacts.bundles, pipeline.name) / published)
+                        )
+                    }
+                    if published
+                    else {}
+                ),
+                **meta,
+            },
         )
 
     return champion
@@ -163,7 +187,7 @@ def drift_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "drifted_columns": ", ".join(run.result.drifted) or "(none)",
                 **figure_metadata(artifacts, {"drift_scores": run.figure}),
                 **report_metadata(artifacts, run.report),
-                "evidently_report": dg.MetadataValue.url(artifacts.url_of(run.evidently_report)),
+                **report_metadata(artifacts, run.evidently_report, "evidently_report"),
                 "columns": md_table(drift.drift_table(run.result), limit=40),
                 "champion": run.champion,
                 "window": f"{run.window_start} to {run.window_end}",
