@@ -25,7 +25,8 @@ from ml_assets.core import promotion, registry, tuning
 from ml_assets.core.serving.loader import ServableModel
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.spec.load import PIPELINES_DIR_ENV, load_project
-from ml_assets.core.store import connect, warehouse_path
+from ml_assets.core.store import DATA_DIR_ENV, WAREHOUSE_ENV, connect, warehouse_path
+from ml_assets.orchestration.deployments import DEPLOYMENT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # The flagship pipeline and the sources it reads.
@@ -36,6 +37,20 @@ FLAGSHIP_MODEL = (
     .upstream()
     .required_multi_asset_neighbors()
 )
+
+
+def local_deployment(root: Path) -> dict[str, str]:
+    """The environment of a `local` deployment writing under `root`: a DAGSTER_HOME of its own with the
+    project's dagster.yaml (SQLite), its data folder, no shared tables."""
+    home = root / "home"
+    home.mkdir(parents=True)
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    return {
+        DEPLOYMENT_ENV: "local",
+        WAREHOUSE_ENV: "",
+        DATA_DIR_ENV: str(root / "data"),
+        "DAGSTER_HOME": str(home),
+    }
 
 
 def validate_definitions(pipelines_dir: Path | None, tmp_path: Path) -> subprocess.CompletedProcess[str]:

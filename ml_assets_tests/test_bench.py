@@ -91,6 +91,28 @@ def test_quick_scale_bench_prints_its_line_and_both_sides_agree():
 
 
 @pytest.mark.slow
+def test_cluster_bench_on_three_weeks_prints_its_ratios():
+    """bench/cluster.py on three weeks of flights (local, then the cluster with 1 and 2 workers, each
+    a whole flagship run, and the bookkeeping runs): several minutes, hence slow."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cluster.py"), "--until", "2013-01-22", "--max-trials", "1"]
+        + ["--partitions", "20"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=True,
+    ).stdout.strip()
+    lines = out.splitlines()
+    number = r"[\d.]+"
+    fields = ("cluster1_vs_local", "cluster2_vs_cluster1", "partitions_pg_vs_sqlite")
+    assert re.fullmatch(" ".join(f"{f}={number}" for f in fields), lines[-1]), lines[-1]
+    for side in ("local", "cluster1", "cluster2"):
+        (line,) = [x for x in lines if x.startswith(f"{side}: ")]
+        rates = re.search(r"ingest (\d+) rows/s, training (\d+) rows/s", line)
+        assert rates and all(int(r) > 0 for r in rates.groups()), line
+
+
+@pytest.mark.slow
 def test_quick_tuning_bench_prints_both_methods_and_a_verdict(tmp_path):
     out = subprocess.run(
         [
