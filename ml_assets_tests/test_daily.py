@@ -165,7 +165,10 @@ def test_a_date_typed_series_takes_a_second_batch_a_retrain_and_a_rollback(daily
 
     other = next(v for v in versions if v != champion)
     out = _cli(daily, "rollback", "daily", "--to", other)
-    assert out.strip() == f"manual rollback from {champion} to {other}"
+    rolled, published = out.strip().splitlines()
+    assert rolled == f"manual rollback from {champion} to {other}"
+    # The API serves the version rolled back to from its own bundle (core.serving.bundle).
+    assert published.startswith("published bundle ") and published.split()[2].endswith(f"-{other}")
     _serve_a_date(pipelines, root, other)
 
 
