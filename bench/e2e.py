@@ -22,7 +22,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from ml_assets.core import dataset, drift, ingest, performance, rollback, validate
+from ml_assets.core import dataset, drift, history, history_guard, ingest, performance, rollback, validate
 from ml_assets.core import promotion as gate
 from ml_assets.core.evaluate import evaluate_version
 from ml_assets.core.features import build_features
@@ -89,6 +89,9 @@ def up_to_features(pipelines: Path, root: Path, name: str) -> Path:
             assert validate.check_row_conservation(conn, source).passed
             for check in SOURCE_CHECKS:
                 assert check(conn, source, spec).passed
+        if pipeline.history is not None:
+            history.build_history(conn, pipeline, project.sources_of(pipeline))
+            assert history_guard.check_point_in_time(conn, pipeline, project.sources_of(pipeline)).passed
         dataset.build_modelling_table(conn, pipeline, project.sources_of(pipeline))
         assert dataset.check_target_not_null(conn, pipeline).passed
         assert dataset.check_splits_populated(conn, pipeline).passed

@@ -69,7 +69,7 @@ def measure_incremental_share(
     spec = project.pipelines[pipeline]
     partitioned = {name: [pipeline] for name, s in project.sources_of(spec).items() if s.partitions}
     incremental_s, steps = _timed_run(
-        job, partition_range_tags(new_day, new_day), asset_selection=landing_selection(partitioned)
+        job, partition_range_tags(new_day, new_day), asset_selection=landing_selection(partitioned, project)
     )
     table_step = f"{pipeline}__modelling_table"
     slowest = sorted(steps.items(), key=lambda kv: -kv[1])[:8]

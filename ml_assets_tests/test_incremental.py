@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ml_assets.core import dataset, ingest, validate
+from ml_assets.core import dataset, history, ingest, validate
 from ml_assets.core.ingest.batch import batch_of
 from ml_assets.core.spec.load import load_project
 from ml_assets.core.store import connect
@@ -46,15 +46,17 @@ def land(conn, project, frames, name: str, start: dt.datetime | None = None, end
 
 def build(conn, project) -> pl.DataFrame:
     pipeline = project.pipelines[PIPELINE]
+    history.build_history(conn, pipeline, project.sources_of(pipeline))
     dataset.build_modelling_table(conn, pipeline, project.sources_of(pipeline))
     return conn.execute(f"SELECT * FROM {dataset.table_name(pipeline)}").pl().sort(pipeline.row_id)
 
 
-def full_build(tmp: Path, project, frames) -> pl.DataFrame:
+def full_build(tmp: Path, project, frames) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(modelling table, history feature set) built in one go over every row."""
     with connect(tmp / "full.duckdb") as conn:
         for name in frames:
             land(conn, project, frames, name, JAN, NEXT_YEAR)
-        return build(conn, project)
+        return build(conn, project), stored_history(conn, project)
 
 
 @pytest.fixture
@@ -62,13 +64,22 @@ def incremental_only(monkeypatch):
     """From now on a build that falls back to a full rebuild fails the test."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the modelling table was rebuilt in full, not incrementally")
+        raise AssertionError("the modelling table or the history was rebuilt in full, not incrementally")
 
-    return lambda: monkeypatch.setattr(dataset, "_build", refuse)
+    def arm():
+        monkeypatch.setattr(dataset, "_build", refuse)
+        monkeypatch.setattr(history, "_build", refuse)
+
+    return arm
+
+
+def stored_history(conn, project) -> pl.DataFrame:
+    pipeline = project.pipelines[PIPELINE]
+    return conn.execute(f"SELECT * FROM {history.table_name(pipeline)}").pl().sort(pipeline.row_id)
 
 
 def test_batches_in_any_order_give_the_full_rebuild(tmp_path, project, frames, incremental_only):
-    expected = full_build(tmp_path, project, frames)
+    expected, expected_history = full_build(tmp_path, project, frames)
     with connect(tmp_path / "batches.duckdb") as conn:
         land(conn, project, frames, "planes")
         land(conn, project, frames, "flights", JAN, JUL)
@@ -81,7 +92,10 @@ def test_batches_in_any_order_give_the_full_rebuild(tmp_path, project, frames, i
         land(conn, project, frames, "weather", JUL, NEXT_YEAR)
         land(conn, project, frames, "flights", dt.datetime(2013, 10, 1), NEXT_YEAR)
         result = build(conn, project)
+        result_history = stored_history(conn, project)
     assert first_half.height < early.height < result.height
+    # Late weather, flights landed in three steps: the feature set equals one built over every row.
+    assert result_history.equals(expected_history)
     july = pl.col("time_hour").dt.month() == 7
     assert early.filter(july)["wx_temp"].n_unique() < result.filter(july)["wx_temp"].n_unique()
     assert result.equals(expected)
@@ -112,7 +126,7 @@ def test_a_corrected_partition_landed_again_gives_the_full_rebuild(
     tmp_path, project, frames, incremental_only
 ):
     fixed = corrected(frames)
-    expected = full_build(tmp_path, project, fixed)
+    expected, expected_history = full_build(tmp_path, project, fixed)
     with connect(tmp_path / "corrected.duckdb") as conn:
         for name in frames:
             land(conn, project, frames, name, JAN, NEXT_YEAR)
@@ -121,8 +135,11 @@ def test_a_corrected_partition_landed_again_gives_the_full_rebuild(
         land(conn, project, fixed, "weather", dt.datetime(2013, 3, 5), dt.datetime(2013, 3, 6))
         land(conn, project, fixed, "flights", dt.datetime(2013, 8, 20), dt.datetime(2013, 8, 21))
         result = build(conn, project)
+        result_history = stored_history(conn, project)
     assert not result.equals(before)
     assert result.equals(expected)
+    # The corrected arrival delays of Aug 20 reach the route and carrier history of the days after.
+    assert result_history.equals(expected_history)
 
 
 def test_a_partition_run_skips_only_landed_files_wholly_outside_its_window(tmp_path):

@@ -294,6 +294,8 @@ CORE_STAGES: list[tuple[str, ...]] = [
     ("spec.load", "spec.infer"),
     ("validate",),
     ("dataset", "profile"),
+    # Point-in-time history features, joined into the modelling table, and their guard.
+    ("history", "history_guard"),
     ("features",),
     # The search (its Optuna method beside it) and one fit; a fit on a Dask cluster (LightGBM's Dask
     # interface) beside them.

@@ -369,6 +369,34 @@ def test_derived_values_of_the_base_sources_inputs_are_ready_before_the_first_re
     assert len(queries) == 1  # remembered
 
 
+def test_online_history_features_are_computed_as_of_each_request_and_equal_the_batch_ones(served):
+    """The API computes a request's history features from the state the refresh loaded, not by finding
+    its row: a flight that was never landed (a flight number no row has) gets the very values the batch
+    feature set gave the landed flight with the same route, carrier, aircraft and time, and a request
+    one day later sees a day more of history."""
+    project, spec = served.spec()
+    model = online_model.OnlineModel(spec, project.sources_of(spec), served.db)
+    model.refresh()
+    lookups = model.served.lookups
+    columns = list(spec.history.columns())
+    with served.db() as conn:
+        rows = conn.execute(
+            f"SELECT * FROM {table_name(spec)} WHERE _split = 'test' USING SAMPLE reservoir(200 ROWS) "
+            "REPEATABLE (3) ORDER BY ALL"
+        ).pl()
+    request = request_parsing.parse_rows(
+        model.fields, request_parsing.request_rows(rows, list(model.fields)), 500
+    )
+    never_landed = request.with_columns(flight=pl.lit(99_999, dtype=request.schema["flight"]))
+    # Both completions: the per-key one every API request takes, the SQL one of large files.
+    assert lookups.keyed is not None
+    for complete in (lookups.keyed.complete, lookups.complete_sql):
+        assert complete(never_landed).select(columns).equals(rows.select(columns))
+    later = never_landed.with_columns(time_hour=pl.col("time_hour") + pl.duration(days=1))
+    moved = lookups.keyed.complete(later).get_column("route_count_28d") - rows.get_column("route_count_28d")
+    assert (moved != 0).any()
+
+
 def test_keyed_completion_steps_aside_for_duplicate_keys(served):
     project, spec = served.spec()
     sources = project.sources_of(spec)

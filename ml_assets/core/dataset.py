@@ -135,6 +135,7 @@ def definition(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> str:
         derived_columns(pipeline),
         pipeline.target.model_dump_json(),
         pipeline.split.model_dump_json(),
+        pipeline.history.model_dump_json() if pipeline.history else "",
         *(sources[s].model_dump_json() for s in sorted(sources)),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -163,7 +164,8 @@ def affected_rows(
         if change.lo is None or change.hi is None:
             return None
         lo, hi = _ts_lit(change.lo), _ts_lit(change.hi)
-        if change.source == pipeline.base:
+        # The history feature set logs the base timestamps of the rows it rewrote.
+        if change.source in (pipeline.base, history_consumer(pipeline)):
             if base.partitions is None or base.timestamp is None:
                 return None
             conditions.append(f"b.{q(base.timestamp)} BETWEEN {lo} AND {hi}")
@@ -186,10 +188,15 @@ def build_modelling_table(
     """Build `<pipeline>.modelling_table`: in full the first time (or after a change of config, or of a
     whole source table), else only the rows the validated tables' changes since the last build affect
     (`affected_rows`); either way the split is then recomputed over all rows. Both give the same rows."""
+    if pipeline.history is not None and not table_exists(conn, pipeline.name, "history"):
+        raise DatasetError(
+            f"pipeline '{pipeline.name}': its history feature set is not built yet; materialize "
+            f"{pipeline.name}/history first (core.history.build_history)"
+        )
     fingerprint = definition(pipeline, sources)
     done = changes.built_up_to(conn, pipeline.name, fingerprint)
     upto = changes.latest(conn) if changes.logging_enabled(conn) else 0
-    used = [pipeline.base, *(j.source for j in pipeline.joins)]
+    used = [pipeline.base, *(j.source for j in pipeline.joins), history_consumer(pipeline)]
     where = (
         affected_rows(pipeline, sources, changes.since(conn, done, used))
         if done is not None
@@ -200,6 +207,21 @@ def build_modelling_table(
     result = _build(conn, pipeline, sources) if where is None else _update(conn, pipeline, sources, where)
     changes.mark_built(conn, pipeline.name, fingerprint, upto)
     return result
+
+
+def history_consumer(pipeline: PipelineSpec) -> str:
+    """The history feature set's name in the change log (see core.history.consumer)."""
+    return f"{pipeline.name}.history"
+
+
+def _with_history(pipeline: PipelineSpec, joined: str) -> str:
+    """The joined rows with the history feature set's columns (by row id): the feature set is built
+    first, as its own asset."""
+    if pipeline.history is None:
+        return joined
+    columns = "".join(f", h.{q(c)}" for c in pipeline.history.columns())
+    on = " AND ".join(f"j.{q(c)} = h.{q(c)}" for c in pipeline.row_id)
+    return f"SELECT j.*{columns} FROM ({joined}) j LEFT JOIN {q(pipeline.name)}.history h ON {on}"
 
 
 def _joined_rows(
@@ -214,7 +236,7 @@ def _joined_rows(
     base_rows = conn.execute(f"SELECT count(*) FROM {base}").fetchone()[0]
     try:
         joined = joined_select(pipeline, sources, base=base, carry=carry)
-        conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {joined}")
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE __j AS {_with_history(pipeline, joined)}")
         conn.execute(
             f"CREATE OR REPLACE TEMP TABLE __t AS SELECT *{derived_columns(pipeline)}{target_col} FROM __j"
         )

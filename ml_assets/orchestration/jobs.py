@@ -87,11 +87,17 @@ def landing_users(project: Project) -> dict[str, list[str]]:
     }
 
 
-def landing_selection(users: dict[str, list[str]]) -> list[dg.AssetKey]:
+def landing_selection(users: dict[str, list[str]], project: Project) -> list[dg.AssetKey]:
     """What landed files of these sources refresh: their source tables and profiles (what changed is news
-    after a landing), then each reader's monitors."""
+    after a landing), then each reader's history feature set (if it has one) and monitors."""
     keys = [key for name in users for key in (*source_keys(name), layer_key("profile", name))]
-    keys += [dg.AssetKey([p, a]) for readers in users.values() for p in readers for a in LANDING_REFRESH]
+    keys += [
+        dg.AssetKey([p, a])
+        for readers in users.values()
+        for p in readers
+        for a in LANDING_REFRESH
+        if a != "history" or project.pipelines[p].history is not None
+    ]
     return sorted(set(keys))
 
 
@@ -101,7 +107,7 @@ def landing_job(project: Project) -> dg.UnresolvedAssetJobDefinition | None:
         return None
     return dg.define_asset_job(
         LANDING_JOB,
-        selection=dg.AssetSelection.assets(*landing_selection(users)),
+        selection=dg.AssetSelection.assets(*landing_selection(users, project)),
         description="Ingest landed files (the partitions they touch) and re-profile their sources, then refresh "
         "the modelling tables, champion checks, batch scores, performance and drift reports that read them. "
         "Launched by the landing_zone sensor.",

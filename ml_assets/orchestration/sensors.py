@@ -102,7 +102,7 @@ def _load_request(project: Project, users: dict[str, list[str]], checked: pl.Dat
             project, checked.get_column("first_partition").min(), checked.get_column("last_partition").max()
         )
     batch = hashlib.sha256("".join(sorted(checked.get_column("sha256"))).encode()).hexdigest()[:16]
-    selection = landing_selection({n: users[n] for n in sources})
+    selection = landing_selection({n: users[n] for n in sources}, project)
     return dg.RunRequest(
         run_key=f"landing-{batch}", job_name=LANDING_JOB, asset_selection=selection, tags=tags
     )

@@ -35,13 +35,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ml_assets.core import registry
+from ml_assets.core import history, registry
 from ml_assets.core.errors import ArtifactError
 from ml_assets.core.features import FeatureTransform
 from ml_assets.core.hashing import sha256_file
+from ml_assets.core.serving.history_state import HistoryState
 from ml_assets.core.serving.loader import ServableModel, load_predictor
 from ml_assets.core.serving.lookups import Lookups, lookup_fingerprint, lookup_tables
 from ml_assets.core.spec import PipelineSpec, SourceSpec
+from ml_assets.core.sql import q
 from ml_assets.core.store import DEPLOYMENT_ENV, Connect, data_root
 
 # Where the API reads bundles (and the pipelines publish them) when it is not `<data root>/bundles`.
@@ -49,7 +51,7 @@ BUNDLES_ENV = "ML_ASSETS_BUNDLES"
 BUNDLES_DIR = "bundles"
 MANIFEST = "bundle.json"
 POINTER = "CURRENT"
-MODEL_DIR, LOOKUPS_DIR, WARM_DIR = "model", "lookups", "warm"
+MODEL_DIR, LOOKUPS_DIR, WARM_DIR, HISTORY_DIR = "model", "lookups", "warm", "history"
 SCHEMA_VERSION = 1
 # Bundles kept per pipeline besides the current one: an API that read the pointer a moment ago still
 # finds its bundle, and a rollback by hand has the recent ones at hand.
@@ -168,7 +170,9 @@ def publish(
         ) == (version, fingerprint, spec_sha256):
             return current(root, pipeline.name)
         tables = lookup_tables(conn, pipeline)
-        lookups = Lookups(pipeline, sources, tables, tuple(map(tuple, fingerprint)))
+        events = _history_events(conn, pipeline)
+        state = HistoryState.load(conn, pipeline) if pipeline.history is not None else None
+        lookups = Lookups(pipeline, sources, tables, tuple(map(tuple, fingerprint)), state)
         warm = lookups.warm_inputs(conn)
     # Loaded as the registry checks it: a bundle is born from a version whose files are intact.
     model = ServableModel.from_registry(found)
@@ -177,7 +181,7 @@ def publish(
     registry.remove_orphans(folder)
     tmp = folder / f".tmp-{bundle_id}-{os.getpid()}"
     try:
-        _write_files(tmp, found.path, model, tables, warm)
+        _write_files(tmp, found.path, model, tables, warm, events)
         manifest = BundleManifest(
             schema_version=SCHEMA_VERSION,
             pipeline=pipeline.name,
@@ -202,9 +206,14 @@ def publish(
 
 
 def _write_files(
-    tmp: Path, version_dir: Path, model: ServableModel, tables: dict[str, Any], warm: list[pl.DataFrame]
+    tmp: Path,
+    version_dir: Path,
+    model: ServableModel,
+    tables: dict[str, Any],
+    warm: list[pl.DataFrame],
+    events: dict[str, pa.Table],
 ) -> None:
-    for sub in (MODEL_DIR, LOOKUPS_DIR, WARM_DIR):
+    for sub in (MODEL_DIR, LOOKUPS_DIR, WARM_DIR, HISTORY_DIR):
         (tmp / sub).mkdir(parents=True)
     model_file = registry.MODEL_FILE if model.kind == "lightgbm" else registry.MODEL_JSON_FILE
     for name in (registry.MANIFEST_FILE, registry.TRANSFORM_FILE, model_file):
@@ -213,6 +222,33 @@ def _write_files(
         pq.write_table(table, tmp / LOOKUPS_DIR / f"{name}.parquet")
     for i, frame in enumerate(warm):
         frame.write_parquet(tmp / WARM_DIR / f"{i}.parquet")
+    for family, table in events.items():
+        pq.write_table(table, tmp / HISTORY_DIR / f"{family}.parquet")
+
+
+def _history_events(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> dict[str, pa.Table]:
+    """The stored events of each history family (none without a history block): the online state is
+    made from them, so a bundle carries them."""
+    if pipeline.history is None:
+        return {}
+    return {
+        f: conn.execute(f"SELECT * FROM {history.events_table(pipeline, f)}").fetch_arrow_table()
+        for f in pipeline.history.families
+    }
+
+
+def _bundled_state(folder: Path, pipeline: PipelineSpec) -> HistoryState | None:
+    """The history state from the bundle's events, by the state's own loader over an in-memory DuckDB."""
+    if pipeline.history is None:
+        return None
+    with duckdb.connect(":memory:") as mem:
+        mem.execute(f"CREATE SCHEMA {q(pipeline.name)}")
+        for f in pipeline.history.families:
+            path = str(folder / HISTORY_DIR / f"{f}.parquet")
+            mem.execute(
+                f"CREATE TABLE {history.events_table(pipeline, f)} AS SELECT * FROM read_parquet(?)", [path]
+            )
+        return HistoryState.load(mem, pipeline)
 
 
 def point(root: Path, pipeline: str, bundle_id: str) -> None:
@@ -293,7 +329,8 @@ def load(root: Path, pipeline: PipelineSpec, sources: dict[str, SourceSpec], bun
         transform = FeatureTransform.load(model_dir / registry.TRANSFORM_FILE)
         model = ServableModel(version, transform, load_predictor(model_dir, version))
         tables = {p.stem: pq.read_table(p) for p in sorted((folder / LOOKUPS_DIR).glob("*.parquet"))}
-        lookups = Lookups(pipeline, sources, tables, tuple(map(tuple, manifest.lookup_fingerprint)))
+        state = _bundled_state(folder, pipeline)
+        lookups = Lookups(pipeline, sources, tables, tuple(map(tuple, manifest.lookup_fingerprint)), state)
     except (OSError, ValueError, duckdb.Error, pa.ArrowException, lgb.basic.LightGBMError) as exc:
         raise ArtifactError(f"{folder}: the bundle does not load ({type(exc).__name__}: {exc})") from exc
     contract = _contract(lookups, model)

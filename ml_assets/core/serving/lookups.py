@@ -4,7 +4,8 @@
 request with `dataset.joined_select` and the derived columns, the very SQL that builds the modelling table
 (as-of joins included: the latest weather at or before the scheduled departure). Batch and online rows
 therefore cannot be completed differently. `KeyedCompletion` answers the same from per-key dictionaries,
-without a query per request.
+without a query per request. A pipeline's history feature set is computed for each request row as of its
+own as_of from the state the refresh loads (`history_state`), by both paths.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from ml_assets.core import history
 from ml_assets.core.dataset import derived_columns, joined_select
+from ml_assets.core.serving.history_state import HistoryState
 from ml_assets.core.serving.request_parsing import request_fields
 from ml_assets.core.spec import ColumnSpec, JoinSpec, PipelineSpec, SourceSpec
 from ml_assets.core.sql import DUCKDB_TYPES, q
@@ -33,9 +36,11 @@ def _joined_sources(pipeline: PipelineSpec) -> list[str]:
 
 def lookup_fingerprint(conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec) -> tuple:
     """Changes whenever a joined validated table changes (rows added, replaced or re-validated)."""
+    tables = [f"validated.{q(s)}" for s in _joined_sources(pipeline)]
+    tables += [history.table_name(pipeline)] if pipeline.history else []
     return tuple(
-        conn.execute(f"SELECT count(*), coalesce(sum(hash(t)), 0) FROM validated.{q(s)} t").fetchone()
-        for s in _joined_sources(pipeline)
+        conn.execute(f"SELECT count(*), coalesce(sum(hash(t)), 0) FROM {table} t").fetchone()
+        for table in tables
     )
 
 
@@ -58,8 +63,10 @@ class Lookups:
         sources: Mapping[str, SourceSpec],
         tables: Mapping[str, pa.Table],
         fingerprint: tuple,
+        history_state: HistoryState | None = None,
     ) -> None:
         self.pipeline, self.fingerprint = pipeline, fingerprint
+        self.history = history_state
         self._db = duckdb.connect(":memory:")
         self._db.execute("SET TimeZone = 'UTC'")
         # Requests are a few rows: one thread per query, no coordination cost (requests run in parallel).
@@ -78,10 +85,21 @@ class Lookups:
             for i, (name, spec) in enumerate(self._columns)
         )
         base = f"(SELECT {unnested}, unnest(range(len($1::{DUCKDB_TYPES[self._columns[0][1].type]}[]))) AS {ROW})"
-        self._sql = (
-            f"SELECT *{derived_columns(pipeline)} FROM "
-            f"({joined_select(pipeline, dict(sources), base=base, carry=(ROW,))}) ORDER BY {ROW}"
-        )
+        joined = joined_select(pipeline, dict(sources), base=base, carry=(ROW,))
+        self._at = _HistoryTime(self, pipeline) if history_state else None
+        if history_state is not None:
+            # The history features (computed from the state, see history_state) as more list parameters,
+            # after the joins' columns and before the derived ones, as the modelling table has them.
+            first = len(self._columns) + 1
+            features = ", ".join(
+                f"unnest(${first + i}::{'BIGINT' if kind == pl.Int64 else 'DOUBLE'}[]) AS {q(name)}"
+                for i, (name, kind) in enumerate(history_state.schema.items())
+            )
+            joined = (
+                f"SELECT j.*, h.* EXCLUDE ({ROW}) FROM ({joined}) j JOIN (SELECT {features}, "
+                f"unnest(range(len($1::{DUCKDB_TYPES[self._columns[0][1].type]}[]))) AS {ROW}) h USING ({ROW})"
+            )
+        self._sql = f"SELECT *{derived_columns(pipeline)} FROM ({joined}) ORDER BY {ROW}"
         # What the SQL answers for no rows: the completed frame's columns and types, which the per-key
         # path reproduces exactly.
         self.schema = self.complete_sql(pl.DataFrame()).schema
@@ -92,7 +110,13 @@ class Lookups:
         cls, conn: duckdb.DuckDBPyConnection, pipeline: PipelineSpec, sources: Mapping[str, SourceSpec]
     ) -> Lookups:
         """Copy the joined tables out of the warehouse (the caller closes the connection right after)."""
-        lookups = cls(pipeline, sources, lookup_tables(conn, pipeline), lookup_fingerprint(conn, pipeline))
+        # The history feature set's state (None without a history block), loaded with the joined tables.
+        state = HistoryState.load(conn, pipeline) if pipeline.history is not None else None
+        lookups = cls(
+            pipeline, sources, lookup_tables(conn, pipeline), lookup_fingerprint(conn, pipeline), state
+        )
+        if lookups._at is not None:
+            lookups._at.warm(conn)
         lookups.warm(lookups.warm_inputs(conn))
         return lookups
 
@@ -128,7 +152,16 @@ class Lookups:
 
     def _params(self, rows: pl.DataFrame) -> list[list[Any]]:
         none = [None] * rows.height
-        return [rows.get_column(c).to_list() if c in rows.columns else none for c, _ in self._columns]
+        base = {c: rows.get_column(c).to_list() if c in rows.columns else none for c, _ in self._columns}
+        features = self.history_features(base, rows.height)
+        return [*base.values(), *(features.get_column(c).to_list() for c in features.columns)]
+
+    def history_features(self, base: Mapping[str, list[Any]], height: int) -> pl.DataFrame:
+        """The history feature set of rows given by their base columns, as of each row's own as_of, from
+        the state the refresh loaded (no columns without a history block)."""
+        if self.history is None or self._at is None:
+            return pl.DataFrame()
+        return self.history.features(base, self._at.values(base, height))
 
     def _run(self, sql: str, params: list[Any]) -> pl.DataFrame:
         cursor = self._db.cursor()  # one per call: requests may come from several threads
@@ -274,7 +307,7 @@ class KeyedCompletion:
         analysed = {n: _expression_reads(db, e) for n, e in pipeline.derived.items()}
         read = set().union(*(columns for columns, _ in analysed.values()))
         reads = [c for c in lookups.schema if c in read and c not in pipeline.derived]
-        empty = [[] for _ in lookups._columns]
+        empty = lookups._params(pl.DataFrame())
         types = {d[0]: str(d[1]) for d in db.execute(f"{lookups._sql} LIMIT 0", empty).description}
         unnested = "".join(f"unnest(${j + 1}::{types[c]}[]) AS {q(c)}, " for j, c in enumerate(reads))
         numbers = f"unnest(range(${len(reads) + 1}::BIGINT)) AS {ROW}"
@@ -294,6 +327,10 @@ class KeyedCompletion:
             for c, dtype in self._base
         ]
         parts = [pl.DataFrame(base), *(index.lookup(data) for index in self._indexes)]
+        if self._lookups.history is not None:
+            none = [None] * rows.height
+            values = {c: data.get(c, none) for c in self._base_columns}
+            parts.append(self._lookups.history_features(values, rows.height))
         if self._derived_sql is not None:
             completed = pl.concat(parts, how="horizontal")
             parts = [completed, self._derived(completed)]
@@ -360,6 +397,53 @@ class KeyedCompletion:
                 {c: frame.get_column(c).to_list() if c in frame.columns else none for c in self._reads},
                 frame.height,
             )
+
+
+class _HistoryTime:
+    """`history.at` of request rows, in microseconds since the epoch, by DuckDB (the build's own
+    expression), remembered per value of the base columns it reads when it is a function of them."""
+
+    def __init__(self, lookups: Lookups, pipeline: PipelineSpec) -> None:
+        self._run, self._table = lookups._run, f"validated.{q(pipeline.base)}"
+        at = history.spec_of(pipeline).at
+        read, pure = _expression_reads(lookups._db, at)
+        types = dict(lookups._columns)
+        self._reads = [c for c in types if c in read]
+        unnested = "".join(
+            f"unnest(${i + 1}::{DUCKDB_TYPES[types[c].type]}[]) AS {q(c)}, "
+            for i, c in enumerate(self._reads)
+        )
+        self._sql = (
+            f"SELECT epoch_us(CAST(({at}) AS TIMESTAMP)) FROM (SELECT {unnested}"
+            f"unnest(range(${len(self._reads) + 1}::BIGINT)) AS {ROW}) ORDER BY {ROW}"
+        )
+        self._memo: dict[tuple, int | None] | None = {} if pure else None
+
+    def _compute(self, inputs: list[tuple], height: int) -> list[int | None]:
+        lists = [list(c) for c in zip(*inputs, strict=True)] if inputs else [[] for _ in self._reads]
+        found = self._run(self._sql, [*lists, height]).to_series(0).to_list()
+        if self._memo is not None:
+            if len(self._memo) > _MEMO_SIZE:
+                self._memo.clear()  # bounded, as the derived columns' memo
+            self._memo.update(zip(inputs, found, strict=True))
+        return found
+
+    def values(self, base: Mapping[str, list[Any]], height: int) -> list[int | None]:
+        inputs = list(zip(*(base[c] for c in self._reads), strict=True)) if self._reads else [()] * height
+        if self._memo is not None:
+            known = [self._memo.get(k, _UNKNOWN) for k in inputs]
+            if _UNKNOWN not in known:
+                return known  # type: ignore[return-value]
+        return self._compute(inputs, height)
+
+    def warm(self, conn: duckdb.DuckDBPyConnection) -> None:
+        """Remember the times of the inputs the base table holds (up to the memo's bound)."""
+        if self._memo is None or not self._reads:
+            return
+        rows = conn.execute(
+            f"SELECT DISTINCT {', '.join(map(q, self._reads))} FROM {self._table} LIMIT {_MEMO_SIZE}"
+        ).fetchall()
+        self._compute([tuple(r) for r in rows], len(rows))
 
 
 def _base_reads(analysed: Mapping[str, tuple[set[str], bool]]) -> dict[str, list[str]]:

@@ -44,6 +44,10 @@ def modelling_columns(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) ->
                     f"joins: column '{out}' from source '{join.source}' clashes with {columns[out]}; set a prefix"
                 )
             columns[out] = f"join with '{join.source}'"
+    for name in pipeline.history.columns() if pipeline.history else {}:
+        if name in columns:
+            raise ConfigError(f"history: feature '{name}' clashes with {columns[name]}; rename the family")
+        columns[name] = "history"
     for name in pipeline.derived:
         if name in columns:
             # DuckDB would rename the new column (name_1) and the old one would silently win.
@@ -69,6 +73,7 @@ def column_types(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> dict
         right_keys = {*join.keys, *([join.asof.right] if join.asof else [])}
         for col in join.columns or [c for c in spec.columns if c not in right_keys]:
             types[join.prefix + col] = spec.columns[col].type
+    types |= pipeline.history.columns() if pipeline.history else {}
     if not pipeline.derived:
         return types
     back = {"BIGINT": "int", "INTEGER": "int", "DOUBLE": "float", "BOOLEAN": "bool", "DATE": "date"}
@@ -112,10 +117,52 @@ def _check_expressions(pipeline: PipelineSpec) -> None:
     snippets = {f"derived.{name}": expr for name, expr in pipeline.derived.items()}
     if pipeline.target.expr is not None:
         snippets["target.expr"] = pipeline.target.expr
+    snippets |= _history_snippets(pipeline)
     for field_name, expr in snippets.items():
         problem = expression_problem(expr)
         if problem:
             raise ConfigError(f"{field_name}: {problem}; got {shorten(expr)!r}")
+
+
+def _history_snippets(pipeline: PipelineSpec) -> dict[str, str]:
+    if pipeline.history is None:
+        return {}
+    snippets = {"history.at": pipeline.history.at}
+    for name, family in pipeline.history.families.items():
+        for part in ("value", "condition", "known_at", "time"):
+            if getattr(family, part) is not None:
+                snippets[f"history.families.{name}.{part}"] = getattr(family, part)
+    return snippets
+
+
+def _check_history(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> None:
+    """Every family reads a known source by keys both sides hold, and a family that aggregates what is
+    known only later (the target, what it is computed from, leakage) says when it becomes known."""
+    if pipeline.history is None:
+        return
+    later = {c.lower() for c in [*pipeline.leakage, *pipeline.target.source_columns, pipeline.target.name]}
+    for name, family in pipeline.history.families.items():
+        where = f"history.families.{name}"
+        source = family.source or pipeline.base
+        if source not in sources:
+            raise ConfigError(f"{where}.source: unknown source {source!r}; known: {sorted(sources)}")
+        for key in family.keys:
+            if key not in sources[pipeline.base].columns or key not in sources[source].columns:
+                raise ConfigError(
+                    f"{where}.keys: key '{key}' must be a column of both '{pipeline.base}' and '{source}'"
+                )
+        if family.schedule and family.time is None and sources[source].timestamp is None:
+            raise ConfigError(f"{where}.time: source '{source}' has no timestamp; give the rows' event time")
+        reads = set()
+        for part in (family.value, family.condition):
+            reads |= current_column_refs(part, None) if part else set()
+        labels = sorted(reads & later)
+        if family.known_at is None and labels:
+            raise ConfigError(
+                f"{where}.known_at: missing, but the family aggregates {labels}, known only after a row is "
+                "predicted (target, its source columns or leakage); give known_at: when a value becomes "
+                "known (e.g. the actual arrival time)"
+            )
 
 
 def _check_metrics(pipeline: PipelineSpec) -> None:
@@ -226,6 +273,7 @@ def check_pipeline(pipeline: PipelineSpec, sources: dict[str, SourceSpec]) -> No
     _check_expressions(pipeline)
     _check_metrics(pipeline)
     _check_joins(pipeline, sources)
+    _check_history(pipeline, sources)
     columns = modelling_columns(pipeline, sources)
     _check_columns_exist(pipeline, columns)
     _check_features(pipeline, columns)

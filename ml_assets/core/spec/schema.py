@@ -405,6 +405,113 @@ class FeatureSpec(_Strict):
         return self
 
 
+# A span of time: minutes, hours or days ("30m", "2h", "7d").
+DURATION = r"^-?[0-9]+(m|h|d)$"
+Duration = Annotated[str, StringConstraints(pattern=DURATION)]
+
+
+def duration_minutes(text: str) -> int:
+    """Minutes of a duration ("2h" -> 120)."""
+    return int(text[:-1]) * {"m": 1, "h": 60, "d": 1440}[text[-1]]
+
+
+class HistoryFamily(_Strict):
+    """Aggregates of earlier source rows sharing a row's keys, over windows ending when it is predicted."""
+
+    source: str | None = Field(None, description="Source of the aggregated rows (default: the base)")
+    keys: list[str] = Field(
+        default_factory=list, description="Columns of the base and the source grouping rows ([]: all rows)"
+    )
+    value: str = Field("1", description="Column or SQL expression over a source row that is aggregated")
+    condition: str | None = Field(
+        None, description="SQL condition over a source row: `share` is the share of rows where it holds"
+    )
+    functions: list[Literal["mean", "sum", "count", "std", "min", "max", "share", "last"]] = Field(
+        min_length=1,
+        description="Aggregates per window: one feature <family>_<function>_<window> each (`last`: the "
+        "value of the latest row known)",
+    )
+    windows: list[Duration] = Field(
+        min_length=1, description="Spans before the prediction time (as_of) whose rows are aggregated"
+    )
+    known_at: str | None = Field(
+        None,
+        description="SQL expression: when a source row's value becomes known (a row counts only if known "
+        "before as_of). Omitted: known in advance (a schedule); then the windows are on `time` around the "
+        "row's own time, and `ahead` may look forward",
+    )
+    time: str | None = Field(
+        None, description="Schedule families: the source rows' event time (default: its timestamp column)"
+    )
+    ahead: Duration | None = Field(
+        None, description="Schedule families: the windows also cover this span after the row's own time"
+    )
+    min_count: int = Field(1, ge=1, description="Fewer rows in a window: the fallback's value is used")
+    fallback: list[str] | None = Field(
+        None,
+        description="Parent keys (a subset of keys; []: all rows) whose value a sparse group takes; "
+        "omitted: a sparse group's value is null",
+    )
+    prior: float = Field(
+        0.0,
+        ge=0,
+        description="Shrinkage: mean and share are pulled to the fallback's as if by this many rows",
+    )
+
+    @property
+    def schedule(self) -> bool:
+        return self.known_at is None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> HistoryFamily:
+        if "share" in self.functions and self.condition is None:
+            raise ValueError("function 'share' needs a condition (the share of rows where it holds)")
+        if self.fallback is not None and not set(self.fallback) < set(self.keys):
+            raise ValueError(f"fallback {self.fallback} must be a strict subset of keys {self.keys}")
+        if self.prior and self.fallback is None:
+            raise ValueError("prior (shrinkage) needs a fallback group to shrink to")
+        if any(w.startswith("-") or duration_minutes(w) == 0 for w in self.windows):
+            raise ValueError("a window is a positive span before as_of (e.g. 2h, 7d)")
+        if self.known_at is not None and self.ahead is not None:
+            raise ValueError(
+                f"ahead: {self.ahead} reaches the future: only a schedule (no known_at) may look forward"
+            )
+        if self.known_at is not None and self.time is not None:
+            raise ValueError("time applies to schedule families (no known_at); the windows are on known_at")
+        return self
+
+
+class HistorySpec(_Strict):
+    """Point-in-time aggregates of earlier rows (feature families), as of when a row is predicted."""
+
+    at: str = Field(description="SQL expression over a base row: its own event time (a scheduled departure)")
+    horizon: Duration = Field(
+        "0m", description="Rows are predicted this long before `at`: as_of = at - horizon"
+    )
+    families: dict[ColumnName, HistoryFamily] = Field(
+        min_length=1, description="Feature families by name: the features' prefix"
+    )
+
+    def columns(self) -> dict[str, str]:
+        """The feature set's columns, `<family>_<function>_<window>`, with their config types."""
+        return {
+            f"{name}_{function}_{window}": "int" if function == "count" else "float"
+            for name, family in self.families.items()
+            for window in family.windows
+            for function in family.functions
+        }
+
+    @field_validator("horizon")
+    @classmethod
+    def _not_after_the_row(cls, horizon: str) -> str:
+        if horizon.startswith("-"):
+            raise ValueError(
+                f"{horizon} is negative: as_of would come after the row's own time and its windows would "
+                "reach the future"
+            )
+        return horizon
+
+
 class SplitSpec(_Strict):
     """How the modelling table is split into train, validation (early stopping, threshold) and test."""
 
@@ -699,6 +806,9 @@ class PipelineSpec(_Strict):
     """Time column of the modelling table: time splits, partitions, performance periods, drift windows"""
     target: TargetSpec
     """What the model predicts"""
+    history: HistorySpec | None = Field(
+        None, description="Point-in-time aggregates of earlier rows, joined to the modelling table"
+    )
     features: list[FeatureSpec] = Field(
         default_factory=list,
         description="Omitted: every modelling-table column but the target, ids and leakage, typed from the data",

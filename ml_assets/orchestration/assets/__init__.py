@@ -17,7 +17,12 @@ from typing import Any
 import dagster as dg
 
 from ml_assets.core.spec import PipelineSpec, Project
-from ml_assets.orchestration.assets.modelling import features_asset, modelling_table_asset
+from ml_assets.orchestration.assets.modelling import (
+    features_asset,
+    history_asset,
+    history_guard_check,
+    modelling_table_asset,
+)
 from ml_assets.orchestration.assets.monitoring import champion_asset, drift_asset, performance_asset
 from ml_assets.orchestration.assets.profiles import profile_asset
 from ml_assets.orchestration.assets.serving import predictions_asset
@@ -27,6 +32,7 @@ from ml_assets.orchestration.checks import modelling_checks, skew_check, source_
 
 # The assets of every pipeline's group, in lineage order (keys: <pipeline>/<name>).
 PIPELINE_ASSETS = (
+    "history",
     "modelling_table",
     "features",
     "model",
@@ -38,11 +44,15 @@ PIPELINE_ASSETS = (
     "drift_report",
 )
 # What a landed batch refreshes in each pipeline that reads it (training stays with the retrain sensor).
-LANDING_REFRESH = ("modelling_table", "champion", "performance", "drift_report", "predictions")
+LANDING_REFRESH = ("history", "modelling_table", "champion", "performance", "drift_report", "predictions")
 
 
 def pipeline_assets(pipeline: PipelineSpec, project: Project) -> list[Any]:
+    history = (
+        [history_asset(pipeline, project), history_guard_check(pipeline, project)] if pipeline.history else []
+    )
     return [
+        *history,
         modelling_table_asset(pipeline, project),
         features_asset(pipeline),
         model_asset(pipeline),

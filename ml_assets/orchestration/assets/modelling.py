@@ -5,11 +5,11 @@ from typing import Any
 
 import dagster as dg
 
-from ml_assets.core import dataset
+from ml_assets.core import dataset, history, history_guard
 from ml_assets.core.features import build_features
 from ml_assets.core.spec import PipelineSpec, Project
 from ml_assets.core.sql import q
-from ml_assets.orchestration.checks import require_passing_checks
+from ml_assets.orchestration.checks import require_passing_checks, table_check
 from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.keys import layer_key
 from ml_assets.orchestration.metadata import definition_version, table_metadata
@@ -38,6 +38,8 @@ def modelling_table_asset(pipeline: PipelineSpec, project: Project) -> dg.Assets
     upstream = [
         layer_key("validated", s) for s in sorted({pipeline.base, *(j.source for j in pipeline.joins)})
     ]
+    if pipeline.history is not None:
+        upstream.append(pipeline_key(pipeline, "history"))
 
     @dg.asset(
         key=pipeline_key(pipeline, "modelling_table"),
@@ -94,3 +96,47 @@ def features_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
         )
 
     return features
+
+
+def history_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefinition:
+    sources = project.sources_of(pipeline)
+    upstream = [layer_key("validated", s) for s in history.used_sources(pipeline)]
+    spec = history.spec_of(pipeline)
+
+    @dg.asset(
+        key=pipeline_key(pipeline, "history"),
+        deps=upstream,
+        kinds={"duckdb"},
+        **common(pipeline),
+        description=f"Point-in-time history features of every '{pipeline.base}' row as of {spec.horizon} "
+        f"before its own time: families {sorted(spec.families)} (the pipeline file's history block), "
+        "refreshed from the validated tables' change log.",
+    )
+    def history_features(warehouse: Warehouse) -> dg.MaterializeResult:
+        with warehouse.get_connection() as conn:
+            require_passing_checks(conn, upstream)
+            result = user_errors_as_failures(lambda: history.build_history(conn, pipeline, sources))
+            meta = table_metadata(conn, history.table_name(pipeline))
+        return dg.MaterializeResult(
+            metadata={
+                **meta,
+                "recomputed_rows": result.recomputed,
+                "full_rebuild": result.full_rebuild,
+                "coverage_per_window": dg.MetadataValue.json(result.coverage),
+                "fallback_share": dg.MetadataValue.json(result.fallback_share),
+                "latest_known_at": dg.MetadataValue.json(result.latest_known),
+            }
+        )
+
+    return history_features
+
+
+def history_guard_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChecksDefinition:
+    sources = project.sources_of(pipeline)
+    return table_check(
+        pipeline_key(pipeline, "history"),
+        "point_in_time",
+        "A random sample of rows recomputed from scratch, from only the source rows known before each "
+        "row's as_of (one plain filter per row), equals the stored features.",
+        lambda c, _: history_guard.check_point_in_time(c, pipeline, sources),
+    )
