@@ -255,6 +255,13 @@ def test_evaluation_report_and_metadata(full_run):
         assert (report.parent / plot).stat().st_size > 1000
     metrics = json.loads((report.parent / "metrics.json").read_text())
     matrix = metrics["confusion_matrix"]["rows_actual_cols_predicted"]
+    # The ablation: the model's parameters refitted without each history family, and without them all
+    # (the budget never binds here, so every refit was measured).
+    ablated = {r["without"]: r for r in metrics["ablation"]["families"]}
+    families = {"route", "carrier", "origin_hour", "origin_today", "congestion", "tail", "all families"}
+    assert set(ablated) == families and metrics["ablation"]["not_measured"] == []
+    assert ablated["all families"]["difference"] > 0
+    assert "Ablation: history feature families" in html and "| all families |" in meta["ablation"].value
     (test_rows,) = _sql(root, "SELECT count(*) FROM flight_delay.features WHERE _split = 'test'")[0]
     assert sum(map(sum, matrix)) == test_rows
 

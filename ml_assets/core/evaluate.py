@@ -143,6 +143,12 @@ def _write_html(
     )
     params = _table([[k, v] for k, v in sorted(manifest.params.items())], ["parameter", "value"])
     candidates = _table(candidate_rows(manifest), ["candidate", f"test {manifest.metric}", "note"])
+    ablation = ""
+    if manifest.ablation:
+        ablation = f"""<h2>Ablation: history feature families</h2><p>The model's parameters refitted without
+each family's features (early-stopped on the validation split, as the model was); difference = the
+model's test {manifest.metric} minus that refit's.</p>
+{_table(ablation_rows(manifest.ablation), ["without", f"test {manifest.metric}", "difference", "features"])}"""
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>{html.escape(manifest.pipeline)} {html.escape(manifest.version)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
@@ -154,6 +160,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:i
 {manifest.train_window["start"]} to {manifest.train_window["end"]}. Code: {html.escape(manifest.code_version)}.</p>
 <h2>Test metrics</h2>{_table(ev_rows, ["metric", "model", manifest.baseline, "difference"])}
 <h2>Candidates</h2>{candidates}
+{ablation}
 {extras}<h2>Plots</h2>{images}
 <h2>Parameters ({manifest.model_kind}; best of {len(manifest.cv.trials)} CV trials, CV
 {manifest.metric} {_fmt(manifest.cv.score)})</h2>{params}
@@ -180,6 +187,17 @@ def candidate_rows(manifest: Manifest) -> list[list[Any]]:
     return rows + [["model", manifest.test_metrics[metric], manifest.model_kind]]
 
 
+def ablation_rows(ablation: dict[str, Any]) -> list[list[Any]]:
+    """One row per refit without a family (or the whole history set), and the families the model step's
+    budget left unmeasured."""
+    rows = [
+        [r["without"], r["test"], r["difference"], ", ".join(r["features"])] for r in ablation["families"]
+    ]
+    return rows + [
+        [f, "not measured", "", "the model step's time budget ran out"] for f in ablation["not_measured"]
+    ]
+
+
 def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str | None = None) -> Evaluation:
     """Report on a version folder, every artifact hash-verified; a registered version passes the sha256 the
     registry recorded for its manifest (`registry.registered`), so its threshold and metrics are the ones
@@ -198,6 +216,8 @@ def evaluate_version(version_dir: Path, reports_root: Path, manifest_sha256: str
     ranked, measure = _importance(Path(version_dir), manifest)
     importance_plot = _importance_plot(ranked, measure, out)
     extra["top_features"] = [n for n, _ in ranked[:10]]
+    if manifest.ablation:
+        extra["ablation"] = manifest.ablation
     if task == "binary":
         plots = _classification_plots(y, model, baseline, out)
         labels = (model >= threshold).astype(int)
@@ -249,3 +269,13 @@ def markdown_summary(ev: Evaluation, pipeline: str) -> str:
         f"The model {verdict} the baseline on {ev.metric}. Top features: {', '.join(ev.extra['top_features'][:5])}.",
     ]
     return "\n".join(lines)
+
+
+def markdown_ablation(ev: Evaluation) -> str | None:
+    """The ablation as a markdown table for the UI (None without history features)."""
+    if "ablation" not in ev.extra:
+        return None
+    lines = [f"| without | test {ev.metric} | difference |", "|---|---|---|"]
+    return "\n".join(
+        lines + [f"| {r[0]} | {_fmt(r[1])} | {_fmt(r[2])} |" for r in ablation_rows(ev.extra["ablation"])]
+    )

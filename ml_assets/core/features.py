@@ -135,27 +135,44 @@ class FeatureTransform:
         return cls([_fit_one(f, train) for f in pipeline.features])
 
     @cached_property
-    def _expressions(self) -> list[pl.Expr]:
+    def _expressions(self) -> list[list[pl.Expr]]:
         # Built once per loaded transform: building ~25 expressions (the category mappings among them)
         # costs more than running them on the one row of an online request.
-        expressions: list[pl.Expr] = []
-        for i, spec in enumerate(self.features):
-            source = pl.col(f"__function_{i}") if spec.get("function") else pl.col(spec["column"])
-            expressions += _apply_one(spec, source)
-        return expressions
+        return [
+            _apply_one(spec, pl.col(f"__function_{i}") if spec.get("function") else pl.col(spec["column"]))
+            for i, spec in enumerate(self.features)
+        ]
 
     def apply(self, frame: pl.DataFrame) -> pl.DataFrame:
         # One select of expressions rather than a Series operation per feature: the same values, and an
         # online request of one row pays polars' per-call overhead once instead of ~100 times.
         computed: list[pl.Series] = []
-        columns = set(frame.columns)
+        # Float columns a feature takes as they are (no imputation) skip the select: its cost grows
+        # with the expressions in it, ~25 us each on a request's row, and a history feature set adds
+        # a dozen such columns. Casting a Float64 to Float64 is the identity, so the values are the same.
+        kept: dict[str, pl.Series] = {}
+        schema = frame.schema
         for i, spec in enumerate(self.features):
             if spec.get("function"):
                 computed.append(_input(spec, frame).alias(f"__function_{i}"))
-            elif spec["column"] not in columns:
+            elif spec["column"] not in schema:
                 _input(spec, frame)  # raises, naming the feature
+            elif (
+                spec["type"] == "numeric" and spec["impute"] is None and schema[spec["column"]] == pl.Float64
+            ):
+                kept[spec["name"]] = frame.get_column(spec["column"]).alias(spec["name"])
+        expressions = [
+            e
+            for spec, es in zip(self.features, self._expressions, strict=True)
+            if spec["name"] not in kept
+            for e in es
+        ]
         # hstack, not with_columns: the same frame without a query of its own.
-        return frame.hstack(computed).select(self._expressions)
+        selected = frame.hstack(computed).select(expressions)
+        if not kept:
+            return selected
+        # Indexing by name, not select: the columns in the transform's order without a query.
+        return selected.hstack(list(kept.values()))[self.output_columns]
 
     @property
     def input_columns(self) -> list[str]:

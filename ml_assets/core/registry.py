@@ -122,6 +122,8 @@ class Manifest(BaseModel):
     # lightgbm, linear or constant (versions from before candidates existed are LightGBM).
     model_kind: Literal["lightgbm", "linear", "constant"] = "lightgbm"
     test_metrics: dict[str, float | None]
+    # The model's parameters refitted without each history feature family (core/ablation.py).
+    ablation: dict[str, Any] | None = None
     baseline: str
     baseline_test_metrics: dict[str, float | None]
     baseline_threshold: float | None = None

@@ -7,8 +7,9 @@ Optuna's TPE, `model.tuning.method`) whose trials (the defaults first) are score
 training split, folded as the split itself was made (tuning.py), and a refit of the best parameters if
 they are not the defaults, kept only when it also scores at least as well on the validation split, in
 the metric and in every metric the gate guards.
-The test split is touched once, for the final metrics; the defaults fit is recorded as a candidate
-(`lightgbm_defaults`) beside the model.
+The test split is touched once, for the final metrics and the ablation (the chosen parameters refitted
+without each history feature family, ablation.py, within the same budget); the defaults fit is recorded
+as a candidate (`lightgbm_defaults`) beside the model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from ml_assets.core import registry
+from ml_assets.core import ablation, registry
 from ml_assets.core.dask_fit import DaskFit
 from ml_assets.core.dataset import bounded_sample, capped_train_rows, table_name
 from ml_assets.core.errors import DatasetError
@@ -226,6 +227,7 @@ class TrainedModel:
     elapsed_s: float = 0.0
     baselines_s: float = 0.0
     search_budget_s: float = 0.0
+    ablation: dict[str, Any] | None = None
 
     @property
     def baseline_test_metrics(self) -> dict[str, float]:
@@ -310,8 +312,10 @@ def train_model(
     booster, cut_at, how = fit_final(pipeline, data, defaults, deadline, on_dask)
     fit_s = time.monotonic() - fitting
     defaults_fit = chosen = _Scored.of(pipeline, data, booster)
-    # The search leaves time for one more fit like that one: the refit of the parameters it picks.
-    search_budget_s = max(0.0, deadline - time.monotonic() - fit_s)
+    # The search leaves time for more fits like that one: the refit of the parameters it picks, and the
+    # ablation's refits without each history family (ablation.py).
+    refits = 1 + ablation.fits(pipeline, data.features)
+    search_budget_s = max(0.0, deadline - time.monotonic() - fit_s * refits)
     tuning = Tuning(defaults, None, method=pipeline.model.tuning.method)
     if search_budget_s > 0:
         progress(
@@ -330,6 +334,7 @@ def train_model(
         tuned = _Scored.of(pipeline, data, refit) if refit_cut is None else None
         if tuned and tuned.at_least_as_good_as(defaults_fit):
             chosen, cut_at, params, how = tuned, None, tuning.best_params, refit_how
+    ablated = ablation.ablate(pipeline, data, params, chosen.test_metrics[pipeline.metric], deadline)
     predictions = pl.DataFrame(
         {
             "_key": data.test.key,
@@ -353,6 +358,7 @@ def train_model(
         elapsed_s=time.monotonic() - started,
         baselines_s=baselines_s,
         search_budget_s=search_budget_s,
+        ablation=ablated,
     )
 
 
@@ -504,6 +510,7 @@ def _manifest(
             },
             "model_kind": "lightgbm",
             "test_metrics": trained.test_metrics,
+            "ablation": trained.ablation,
             "baseline": BASELINE_NAME[pipeline.task != "regression"],
             "baseline_test_metrics": trained.baseline_test_metrics,
             "baseline_threshold": trained.candidates["linear"].threshold,

@@ -79,14 +79,14 @@ def predict(booster: lgb.Booster, X: pd.DataFrame, num_iteration: int | None = N
     return booster.predict(X, num_iteration=num_iteration)
 
 
-class _OverBudget(Exception):
+class OverBudget(Exception):
     """Raised from inside LightGBM's boosting loop when the tuning deadline has passed."""
 
 
-def _stop_at(deadline: float) -> Callable[[Any], None]:
+def stop_at(deadline: float) -> Callable[[Any], None]:
     def callback(env: Any) -> None:
         if time.monotonic() > deadline:
-            raise _OverBudget
+            raise OverBudget
 
     return callback
 
@@ -210,7 +210,7 @@ def _cv_trial(
                 (X.iloc[tr], y[tr]),
                 (X.iloc[va], y[va]),
                 data.categorical,
-                _stop_at(deadline),
+                stop_at(deadline),
             )
             pred = predict(booster, X.iloc[va], booster.best_iteration)
             fold_scores.append(score(pipeline.task, pipeline.metric, y[va], pred))
@@ -219,7 +219,7 @@ def _cv_trial(
             if not last and searcher and not searcher.keep_going(i, float(np.mean(fold_scores))):
                 pruned = True
                 break
-    except _OverBudget:
+    except OverBudget:
         cut_short = True
     complete = bool(fold_scores) and not cut_short and not pruned
     return {

@@ -10,7 +10,7 @@ import dagster as dg
 
 from ml_assets.core import figures, registry, tracking
 from ml_assets.core import promotion as gate
-from ml_assets.core.evaluate import evaluate_version, markdown_summary
+from ml_assets.core.evaluate import evaluate_version, markdown_ablation, markdown_summary
 from ml_assets.core.spec import PipelineSpec
 from ml_assets.core.train import train_and_register
 from ml_assets.orchestration.assets.modelling import common, pipeline_key
@@ -145,6 +145,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
             context.run.run_id,
             context.log.warning,
         )
+        ablation = markdown_ablation(ev)
         # Only the primary metric as numbers: the UI plots each number across materializations, and
         # two series (model, baseline) say more than eighteen; every metric is in the summary table.
         return dg.MaterializeResult(
@@ -158,6 +159,7 @@ def evaluation_asset(pipeline: PipelineSpec) -> dg.AssetsDefinition:
                 "beats_baseline": ev.beats_baseline,
                 "model_versions": versions_table(history),
                 **({"mlflow_run_id": mlflow_run} if mlflow_run else {}),
+                **({"ablation": dg.MetadataValue.md(ablation)} if ablation else {}),
             }
         )
 
