@@ -38,7 +38,8 @@ def family_features(pipeline: PipelineSpec, features: list[str]) -> dict[str, li
         if family is not None and feature.name in features:
             found.setdefault(family, []).append(feature.name)
     if len(found) > 1:
-        found[ALL_HISTORY] = [c for columns in found.values() for c in columns]
+        # First: when the budget allows only some refits, the feature set as a whole is measured.
+        return {ALL_HISTORY: [c for columns in found.values() for c in columns]} | found
     return found
 
 

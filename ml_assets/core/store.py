@@ -599,6 +599,11 @@ def connect(database: str | Path, data_path: str | None = None) -> Iterator[duck
     try:
         # Timestamps are stored as naive UTC; a fixed session zone makes casts independent of the host.
         conn.execute("SET TimeZone = 'UTC'")
+        # Inside a transaction DuckDB has no row estimate for the tables it wrote there, and an ASOF join
+        # on such a small-looking left side becomes a nested loop: the history feature set's incremental
+        # update (one transaction) took minutes instead of seconds on half a year of flights. A threshold
+        # of 0 keeps the sort-based ASOF join whatever the estimate.
+        conn.execute("SET asof_loop_join_threshold = 0")
         memory = os.environ.get(DUCKDB_MEMORY_ENV, DEFAULT_DUCKDB_MEMORY)
         try:
             conn.execute(f"SET memory_limit = {lit(memory)}")

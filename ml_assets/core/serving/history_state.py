@@ -12,6 +12,7 @@ compares the scores of both paths on the champion's test rows.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -64,20 +65,27 @@ class _Grouping:
     lowest: np.ndarray | None
     highest: np.ndarray | None
 
-    def window(self, key: tuple, start: int, end: int) -> dict[str, Any]:
-        """The raw aggregates of the events with start <= time < end (as the build's as-of joins)."""
+    def windows(self, key: tuple, bounds: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+        """The raw aggregates of the events with start <= time < end (as the build's as-of joins), per
+        (start, end) of `bounds`: the key's span found once and every bound bisected in one call."""
         span = None if None in key else self.spans.get(key)
-        found: dict[str, Any] = dict.fromkeys(self.totals, 0) | {"last": None}
         if span is None:
-            return found | self._extremes(key, start, end)
+            return [self._empty() | self._extremes(key, start, end) for start, end in bounds]
         lo, hi = span
-        times = self.times[lo:hi]
-        i, j = lo + int(times.searchsorted(start)), lo + int(times.searchsorted(end))
-        for part, running in self.totals.items():
-            found[part] = (int(running[j - 1]) if j > lo else 0) - (int(running[i - 1]) if i > lo else 0)
-        if j > lo and self.times[j - 1] >= start:
-            found["last"] = float(self.last[j - 1])
-        return found | self._extremes(key, start, end)
+        edges = (self.times[lo:hi].searchsorted([b for pair in bounds for b in pair]) + lo).tolist()
+        found = []
+        for k, (start, end) in enumerate(bounds):
+            i, j = edges[2 * k], edges[2 * k + 1]
+            one = {
+                part: (int(running[j - 1]) if j > lo else 0) - (int(running[i - 1]) if i > lo else 0)
+                for part, running in self.totals.items()
+            }
+            one["last"] = float(self.last[j - 1]) if j > lo and self.times[j - 1] >= start else None
+            found.append(one | self._extremes(key, start, end))
+        return found
+
+    def _empty(self) -> dict[str, Any]:
+        return dict.fromkeys(self.totals, 0) | {"last": None}
 
     def _extremes(self, key: tuple, start: int, end: int) -> dict[str, Any]:
         """min and max (the build's RANGE window: a NULL key is a group of its own there)."""
@@ -157,6 +165,7 @@ def _grouping(
     )
 
 
+@functools.cache
 def _prior(prior: float) -> tuple[float, int, int] | None:
     """The shrinkage prior as the build's SQL reads its literal: (as a DOUBLE, unscaled, scale) of the
     DECIMAL literal, or None when it is written in exponent form (then a DOUBLE)."""
@@ -216,6 +225,14 @@ class HistoryState:
         self.spec = history.spec_of(pipeline)
         self._groupings = groupings
         self._horizon = duration_minutes(self.spec.horizon) * MINUTE_US
+        # Per family: its windows' lengths and how far it looks ahead, in microseconds.
+        self._spans = {
+            name: (
+                [duration_minutes(w) * MINUTE_US for w in family.windows],
+                duration_minutes(family.ahead) * MINUTE_US if family.ahead else 0,
+            )
+            for name, family in self.spec.families.items()
+        }
         self.schema = {
             name: pl.Int64 if kind == "int" else pl.Float64 for name, kind in self.spec.columns().items()
         }
@@ -236,21 +253,21 @@ class HistoryState:
         out: dict[str, list[Any]] = {name: [] for name in self.schema}
         for name, family in self.spec.families.items():
             own, parent = self._groupings[name]
-            ahead = duration_minutes(family.ahead) * MINUTE_US if family.ahead else 0
+            spans, ahead = self._spans[name]
             own_keys = list(zip(*(rows[k] for k in family.keys), strict=True)) if family.keys else None
             parent_keys = (
                 list(zip(*(rows[k] for k in family.fallback), strict=True)) if family.fallback else None
             )
             for i, when in enumerate(at):
                 anchor = None if when is None else when - (0 if family.schedule else self._horizon)
-                for window in family.windows:
-                    span = duration_minutes(window) * MINUTE_US
-                    a = _aggregates(own, own_keys[i] if own_keys else (), anchor, span, ahead)
-                    p = (
-                        _aggregates(parent, parent_keys[i] if parent_keys else (), anchor, span, ahead)
-                        if parent is not None
-                        else None
-                    )
+                bounds = [] if anchor is None else [(anchor - span, anchor + ahead) for span in spans]
+                mine = _aggregates(own, own_keys[i] if own_keys else (), bounds, len(spans))
+                theirs = (
+                    _aggregates(parent, parent_keys[i] if parent_keys else (), bounds, len(spans))
+                    if parent is not None
+                    else [None] * len(spans)
+                )
+                for window, a, p in zip(family.windows, mine, theirs, strict=True):
                     for fn in family.functions:
                         out[f"{name}_{fn}_{window}"].append(_feature(family, fn, a, p))
         if len(at) <= FEW_ROWS:
@@ -259,7 +276,10 @@ class HistoryState:
         return pl.DataFrame(out, schema=self.schema)
 
 
-def _aggregates(grouping: _Grouping, key: tuple, anchor: int | None, span: int, ahead: int) -> dict[str, Any]:
-    if anchor is None:
-        return dict.fromkeys(grouping.totals, 0) | {"last": None, "min": None, "max": None}
-    return grouping.window(key, anchor - span, anchor + ahead)
+def _aggregates(
+    grouping: _Grouping, key: tuple, bounds: list[tuple[int, int]], windows: int
+) -> list[dict[str, Any]]:
+    """Per window, the raw aggregates of a row's key (`bounds` empty: the row has no time)."""
+    if not bounds:
+        return [grouping._empty() | {"min": None, "max": None} for _ in range(windows)]
+    return grouping.windows(key, bounds)
