@@ -300,7 +300,7 @@ CORE_STAGES: list[tuple[str, ...]] = [
     # The search (its Optuna method beside it) and one fit; a fit on a Dask cluster (LightGBM's Dask
     # interface) beside them.
     ("tuning", "tuning_optuna", "dask_fit"),
-    ("train",),
+    ("train", "ablation"),
     ("evaluate",),
     # Everything a prediction needs; the gate below loads a version with its loader.
     ("serving",),

@@ -167,12 +167,13 @@ class FeatureTransform:
             if spec["name"] not in kept
             for e in es
         ]
-        # hstack, not with_columns: the same frame without a query of its own.
-        selected = frame.hstack(computed).select(expressions)
         if not kept:
-            return selected
+            # hstack, not with_columns: the same frame without a query of its own.
+            return frame.hstack(computed).select(expressions)
+        passed = pl.DataFrame(list(kept.values()))
+        selected = passed.hstack(frame.hstack(computed).select(expressions)) if expressions else passed
         # Indexing by name, not select: the columns in the transform's order without a query.
-        return selected.hstack(list(kept.values()))[self.output_columns]
+        return selected[self.output_columns]
 
     @property
     def input_columns(self) -> list[str]:

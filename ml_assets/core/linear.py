@@ -147,7 +147,7 @@ class LinearModel:
         z = (
             np.concatenate(
                 [
-                    self._design(_rows(features, i, PREDICT_ROWS)) @ coef
+                    _scores(self._design(_rows(features, i, PREDICT_ROWS)), coef)
                     for i in range(0, max(n, 1), PREDICT_ROWS)
                 ]
             )
@@ -184,3 +184,11 @@ class LinearModel:
         if data.pop("format_version", None) != FORMAT_VERSION:
             raise ValueError("unsupported baseline model format")
         return cls(**data)
+
+
+def _scores(design: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """design @ coef, each row summed in one fixed order: BLAS picks its kernel by the number of rows, so a
+    row scored alone and the same row in a batch differed in the last bit (an API request of one object
+    against a list); products summed along each row's contiguous axis do not."""
+    design = np.ascontiguousarray(design, dtype=float)
+    return np.stack([(design * coef[:, k]).sum(axis=1) for k in range(coef.shape[1])], axis=1)
