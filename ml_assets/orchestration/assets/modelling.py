@@ -1,7 +1,9 @@
 """Modelling assets of a pipeline: `<pipeline>/modelling_table` (validated sources joined, derived
-columns, target, split) and `<pipeline>/features` (the config's transform, fitted on train only)."""
+columns, target, split), `<pipeline>/history` (its point-in-time history feature set, with the guard) and
+`<pipeline>/features` (the config's transform, fitted on train only)."""
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import dagster as dg
 
@@ -14,6 +16,8 @@ from ml_assets.orchestration.failures import user_errors_as_failures
 from ml_assets.orchestration.keys import layer_key
 from ml_assets.orchestration.metadata import definition_version, table_metadata
 from ml_assets.orchestration.resources import ArtifactStore, Warehouse
+
+T = TypeVar("T")
 
 
 def pipeline_key(pipeline: PipelineSpec, name: str) -> dg.AssetKey:
@@ -50,10 +54,12 @@ def modelling_table_asset(pipeline: PipelineSpec, project: Project) -> dg.Assets
         f"columns, the target '{pipeline.target.name}' and the time split (_split).",
     )
     def modelling_table(warehouse: Warehouse) -> dg.MaterializeResult:
-        with warehouse.get_connection() as conn:
-            require_passing_checks(conn, upstream)
-            result = user_errors_as_failures(lambda: dataset.build_modelling_table(conn, pipeline, sources))
-            meta = table_metadata(conn, dataset.table_name(pipeline))
+        result, meta = _built(
+            warehouse,
+            upstream,
+            lambda c: dataset.build_modelling_table(c, pipeline, sources),
+            dataset.table_name(pipeline),
+        )
         return dg.MaterializeResult(
             metadata={
                 **meta,
@@ -113,10 +119,12 @@ def history_asset(pipeline: PipelineSpec, project: Project) -> dg.AssetsDefiniti
         "refreshed from the validated tables' change log.",
     )
     def history_features(warehouse: Warehouse) -> dg.MaterializeResult:
-        with warehouse.get_connection() as conn:
-            require_passing_checks(conn, upstream)
-            result = user_errors_as_failures(lambda: history.build_history(conn, pipeline, sources))
-            meta = table_metadata(conn, history.table_name(pipeline))
+        result, meta = _built(
+            warehouse,
+            upstream,
+            lambda c: history.build_history(c, pipeline, sources),
+            history.table_name(pipeline),
+        )
         return dg.MaterializeResult(
             metadata={
                 **meta,
@@ -140,3 +148,14 @@ def history_guard_check(pipeline: PipelineSpec, project: Project) -> dg.AssetChe
         "row's as_of (one plain filter per row), equals the stored features.",
         lambda c, _: history_guard.check_point_in_time(c, pipeline, sources),
     )
+
+
+def _built(
+    warehouse: Warehouse, upstream: list[dg.AssetKey], build: Callable[[Any], T], table: str
+) -> tuple[T, dict[str, Any]]:
+    """A table built once its upstream's blocking checks passed (a user error fails the step with its
+    message), and the table's metadata."""
+    with warehouse.get_connection() as conn:
+        require_passing_checks(conn, upstream)
+        result = user_errors_as_failures(lambda: build(conn))
+        return result, table_metadata(conn, table)
