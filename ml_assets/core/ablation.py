@@ -2,9 +2,9 @@
 stopping on the validation split, as the model was) without one family's features at a time, and without
 the whole history feature set, each scored on the test split in the pipeline's metric.
 
-The fits run inside the model step's time budget: train.py reserves time for them before the search, and a
-fit that would end after the deadline is not started (the families left are recorded as not measured),
-so the step never runs over its budget for the report's sake.
+The fits run inside the model step's time budget: train.py reserves time for them before the search; no
+fit starts after the deadline and a fit running at it is stopped (those families are recorded as not
+measured), so the step never runs over its budget for the report's sake.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def ablate(
 def _without(
     pipeline: PipelineSpec, data: TrainingData, params: dict[str, Any], dropped: list[str], deadline: float
 ) -> float | None:
-    keep = [c for c in data.features if c not in set(dropped)]
+    left_out = set(dropped)
+    keep = [c for c in data.features if c not in left_out]
     categorical = [c for c in data.categorical if c in keep]
     try:
         booster = fit_booster(
